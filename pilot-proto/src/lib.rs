@@ -1,0 +1,41 @@
+//! Sans-IO core of pilot-tun.
+//!
+//! Nothing in this crate opens a socket, reads the clock or makes a system
+//! call of its own (the only exceptions are the ephemeral keys `snow` draws for
+//! every handshake). Time is always an argument, randomness for long-term keys
+//! is passed in by the caller, and every parser of network bytes returns an
+//! error instead of panicking. That makes every rule here unit-testable on a
+//! simulated clock.
+//!
+//! Modules:
+//! - [`wire`]: the tunnel datagram formats (handshake, data) as checked views.
+//! - [`stun`]: RFC 8489 Binding requests and responses.
+//! - [`replay`]: the sliding anti-replay window.
+//! - [`session`]: per-direction data keys (AES-256-GCM or ChaCha20-Poly1305).
+//! - [`handshake`]: the Noise IK handshake (through `snow`) and the cheap MAC
+//!   that guards it.
+//! - [`timers`]: rekey, keepalive and handshake-retry rules.
+//! - [`identity`]: Ed25519 identities, node ids, the X25519 binding.
+//! - [`messages`]: the registry control protocol and signed trust statements.
+//! - [`trust`]: the local trust store and its transitions.
+//! - [`packet`]: the few IPv4 facts the data plane needs, and ICMP errors.
+
+pub mod handshake;
+pub mod hex;
+pub mod identity;
+pub mod messages;
+pub mod packet;
+pub mod replay;
+pub mod session;
+pub mod stun;
+pub mod timers;
+pub mod trust;
+pub mod wire;
+
+/// Overlay MTU on a 1500-byte underlay: 1500 - 20 (IPv4) - 8 (UDP) - 16 (our
+/// header) - 16 (AEAD tag) = 1440, with 20 bytes left for an IPv6 underlay or
+/// a relay header.
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// Default overlay network handed out by a registry.
+pub const DEFAULT_NETWORK: &str = "10.77.0.0/16";

@@ -1,0 +1,464 @@
+//! The registry control protocol.
+//!
+//! Control messages travel inside an ordinary tunnel session between a node
+//! and the registry (Noise IK towards the registry's pinned key), so they are
+//! encrypted, authenticated and replay-protected like data. On top of that,
+//! everything that changes state is signed by the node's identity and carries
+//! a sequence number that must grow ([`Signed`]): the registry stores and
+//! forwards trust statements, but it cannot forge one, and an old statement
+//! replayed later is refused by the registry and by the receiving node.
+//!
+//! Encoding is `postcard`; [`decode`] never panics on hostile bytes.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{self, Identity, NodeId, PublicIdentity};
+
+/// Longest note on a trust request, in bytes.
+pub const MAX_NOTE: usize = 256;
+/// Most endpoints a node lists or a registry returns.
+pub const MAX_ENDPOINTS: usize = 8;
+/// Largest control message, so one always fits one datagram.
+pub const MAX_MESSAGE: usize = 1200;
+
+const STATEMENT_DOMAIN: &[u8] = b"pilot-tun/v1/statement";
+const REGISTRATION_DOMAIN: &[u8] = b"pilot-tun/v1/registration";
+
+/// A control message could not be decoded or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Malformed bytes.
+    #[error("malformed control message: {0}")]
+    Decode(#[from] postcard::Error),
+    /// Encoded message too large for one datagram.
+    #[error("control message too large ({0} bytes)")]
+    TooLarge(usize),
+}
+
+/// Decodes a control message; trailing bytes are refused.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    let (v, rest) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        return Err(CodecError::Decode(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(v)
+}
+
+/// Encodes a control message.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let v = postcard::to_allocvec(msg)?;
+    if v.len() > MAX_MESSAGE {
+        return Err(CodecError::TooLarge(v.len()));
+    }
+    Ok(v)
+}
+
+/// A value and its signer's signature over its encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed<T> {
+    /// The signed value.
+    pub body: T,
+    /// Ed25519 signature over the domain and `postcard(body)`.
+    pub sig: Vec<u8>,
+}
+
+/// A value that knows its signature domain and signer.
+pub trait Signable: Serialize {
+    /// Signature domain of this kind of value.
+    const DOMAIN: &'static [u8];
+    /// The identity that must have signed it.
+    fn signer(&self) -> &PublicIdentity;
+}
+
+impl<T: Signable> Signed<T> {
+    /// Signs `body` with `id`. The caller makes sure `body.signer()` is `id`.
+    pub fn sign(body: T, id: &Identity) -> Self {
+        // postcard encoding of our own plain structs cannot fail.
+        let bytes = postcard::to_allocvec(&body).expect("encode own message");
+        let sig = id.sign(T::DOMAIN, &bytes);
+        Signed { body, sig }
+    }
+
+    /// True if the signature is the signer's and the signer's tunnel key is
+    /// bound to it.
+    pub fn verify(&self) -> bool {
+        let Ok(bytes) = postcard::to_allocvec(&self.body) else {
+            return false;
+        };
+        let signer = self.body.signer();
+        signer.binding_valid() && identity::verify(&signer.ed_public, T::DOMAIN, &bytes, &self.sig)
+    }
+}
+
+/// What a trust statement says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StatementKind {
+    /// "I approve you, and ask you to approve me", with a note for the
+    /// operator on the other side.
+    Request {
+        /// Free text shown in `trust pending`.
+        note: String,
+    },
+    /// "I approve you" (answer to a request).
+    Approve,
+    /// "I refuse your request."
+    Deny,
+    /// "I no longer trust you." Ends any session at once.
+    Revoke,
+}
+
+impl StatementKind {
+    /// True for the statements that grant trust.
+    pub fn approves(&self) -> bool {
+        matches!(self, StatementKind::Request { .. } | StatementKind::Approve)
+    }
+    /// A short name for logs and the CLI.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StatementKind::Request { .. } => "request",
+            StatementKind::Approve => "approve",
+            StatementKind::Deny => "deny",
+            StatementKind::Revoke => "revoke",
+        }
+    }
+}
+
+/// A trust decision of one node about another, signed by the first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    /// What is said.
+    pub kind: StatementKind,
+    /// Who says it (must be the signer).
+    pub from: PublicIdentity,
+    /// About whom.
+    pub to: NodeId,
+    /// Grows with every statement `from` makes; a receiver refuses one that
+    /// is not newer than the last it accepted from the same signer.
+    pub seq: u64,
+}
+
+impl Signable for Statement {
+    const DOMAIN: &'static [u8] = STATEMENT_DOMAIN;
+    fn signer(&self) -> &PublicIdentity {
+        &self.from
+    }
+}
+
+/// A node's registration: proves it holds both keys, names it, lists where
+/// it can be reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The node's public identity.
+    pub identity: PublicIdentity,
+    /// Hostname to claim (first come), if any.
+    pub hostname: Option<String>,
+    /// Grows with every registration; an older one is refused.
+    pub seq: u64,
+    /// UDP endpoints on the node's own interfaces (candidates for peers).
+    pub local_endpoints: Vec<SocketAddr>,
+}
+
+impl Signable for Registration {
+    const DOMAIN: &'static [u8] = REGISTRATION_DOMAIN;
+    fn signer(&self) -> &PublicIdentity {
+        &self.identity
+    }
+}
+
+/// How a CLI user names a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRef {
+    /// A node id.
+    Id(NodeId),
+    /// An overlay address.
+    Addr(Ipv4Addr),
+    /// A hostname.
+    Name(String),
+}
+
+impl std::str::FromStr for PeerRef {
+    type Err = std::convert::Infallible;
+    /// Node id if it is 32 hex digits, address if it parses as IPv4,
+    /// hostname otherwise.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(id) = s.parse::<NodeId>() {
+            Ok(PeerRef::Id(id))
+        } else if let Ok(a) = s.parse::<Ipv4Addr>() {
+            Ok(PeerRef::Addr(a))
+        } else {
+            Ok(PeerRef::Name(s.to_ascii_lowercase()))
+        }
+    }
+}
+
+impl std::fmt::Display for PeerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerRef::Id(id) => write!(f, "{id}"),
+            PeerRef::Addr(a) => write!(f, "{a}"),
+            PeerRef::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// What the registry tells about a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Keys (the node checks the binding itself).
+    pub identity: PublicIdentity,
+    /// Permanent overlay address.
+    pub address: Ipv4Addr,
+    /// Claimed hostname.
+    pub hostname: Option<String>,
+    /// Where it can be reached; empty unless that node approved the asker.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Node to registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToRegistry {
+    /// Register (first message of every control session).
+    Register {
+        /// Request id, echoed in the answer.
+        req: u32,
+        /// The signed registration.
+        reg: Signed<Registration>,
+    },
+    /// Look up a peer.
+    Lookup {
+        /// Request id.
+        req: u32,
+        /// Whom.
+        peer: PeerRef,
+    },
+    /// Hand a signed trust statement to the registry for delivery.
+    Statement {
+        /// Request id.
+        req: u32,
+        /// The statement.
+        statement: Signed<Statement>,
+    },
+    /// A pushed item was received and stored; the registry may forget it.
+    Ack {
+        /// The push id.
+        push: u64,
+    },
+    /// Liveness check (and NAT keepalive).
+    Ping {
+        /// Request id.
+        req: u32,
+    },
+}
+
+/// Why the registry refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or badly signed.
+    Invalid,
+    /// Sequence number not newer than one already seen.
+    Replayed,
+    /// No such node.
+    NotFound,
+    /// Send `Register` first.
+    NotRegistered,
+    /// The address pool is exhausted.
+    PoolExhausted,
+    /// Registry storage failed.
+    Internal,
+}
+
+/// Registry to node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromRegistry {
+    /// Registration accepted.
+    Registered {
+        /// Request id.
+        req: u32,
+        /// The node's permanent address.
+        address: Ipv4Addr,
+        /// The overlay network's prefix length.
+        prefix_len: u8,
+        /// The hostname now bound to the node, if any.
+        hostname: Option<String>,
+        /// Why the requested hostname was not granted, if it was not.
+        hostname_refused: Option<String>,
+        /// The node's endpoint as the registry sees it.
+        observed: SocketAddr,
+    },
+    /// Answer to a lookup.
+    Peer {
+        /// Request id.
+        req: u32,
+        /// The peer.
+        info: PeerInfo,
+    },
+    /// Request done.
+    Ok {
+        /// Request id.
+        req: u32,
+    },
+    /// Request refused.
+    Error {
+        /// Request id.
+        req: u32,
+        /// Why.
+        code: ErrorCode,
+        /// For humans.
+        message: String,
+    },
+    /// Something for the node, kept by the registry until acknowledged.
+    Push {
+        /// Id to acknowledge.
+        id: u64,
+        /// What.
+        item: PushItem,
+    },
+    /// Answer to a ping.
+    Pong {
+        /// Request id.
+        req: u32,
+        /// The node's endpoint as the registry sees it.
+        observed: SocketAddr,
+    },
+}
+
+/// What the registry pushes to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PushItem {
+    /// A trust statement another node made about this one, with the
+    /// address and hostname the registry knows the signer by.
+    Statement {
+        /// The signed statement.
+        statement: Signed<Statement>,
+        /// The signer's overlay address.
+        address: Ipv4Addr,
+        /// The signer's hostname.
+        hostname: Option<String>,
+    },
+}
+
+/// Checks a hostname: 1-63 of `a-z`, `0-9`, `-`, not starting or ending
+/// with `-`, and not parseable as an address or a node id.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name.parse::<Ipv4Addr>().is_err()
+        && name.parse::<NodeId>().is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> Identity {
+        Identity::from_bytes(&[n; 64])
+    }
+
+    #[test]
+    fn statement_signature_binds_every_field() {
+        let a = id(1);
+        let b = id(2);
+        let st = Statement {
+            kind: StatementKind::Request {
+                note: "build agent".into(),
+            },
+            from: a.public(),
+            to: b.node_id(),
+            seq: 7,
+        };
+        let signed = Signed::sign(st, &a);
+        assert!(signed.verify());
+
+        let mut forged = signed.clone();
+        forged.body.kind = StatementKind::Approve;
+        assert!(!forged.verify(), "kind changed");
+        let mut forged = signed.clone();
+        forged.body.seq = 8;
+        assert!(!forged.verify(), "seq changed");
+        let mut forged = signed.clone();
+        forged.body.to = a.node_id();
+        assert!(!forged.verify(), "recipient changed");
+        // A registry that signs with its own key cannot pass as `a`.
+        let mut forged = signed.clone();
+        forged.sig = b.sign(STATEMENT_DOMAIN, &postcard::to_allocvec(&forged.body).unwrap());
+        assert!(!forged.verify(), "signed by someone else");
+    }
+
+    #[test]
+    fn registration_signature_is_not_a_statement_signature() {
+        let a = id(1);
+        let reg = Signed::sign(
+            Registration {
+                identity: a.public(),
+                hostname: Some("alpha".into()),
+                seq: 1,
+                local_endpoints: vec!["192.0.2.1:5000".parse().unwrap()],
+            },
+            &a,
+        );
+        assert!(reg.verify());
+        let bytes = encode(&ToRegistry::Register { req: 1, reg }).unwrap();
+        let back: ToRegistry = decode(&bytes).unwrap();
+        let ToRegistry::Register { reg, .. } = back else {
+            panic!("wrong variant")
+        };
+        assert!(reg.verify());
+    }
+
+    #[test]
+    fn encoding_fixture() {
+        // The wire bytes are part of the protocol: pin a small one.
+        let bytes = encode(&ToRegistry::Ping { req: 300 }).unwrap();
+        assert_eq!(bytes, vec![4, 0xac, 0x02]);
+        let bytes = encode(&ToRegistry::Ack { push: 1 }).unwrap();
+        assert_eq!(bytes, vec![3, 1]);
+    }
+
+    #[test]
+    fn hostile_bytes_are_errors() {
+        assert!(decode::<ToRegistry>(&[]).is_err());
+        assert!(decode::<ToRegistry>(&[99]).is_err());
+        assert!(decode::<ToRegistry>(&[4, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode::<ToRegistry>(&[4, 1, 0]).is_err(), "trailing byte");
+        assert!(decode::<FromRegistry>(&vec![0u8; 5000]).is_err());
+    }
+
+    #[test]
+    fn peer_ref_parsing() {
+        let a = id(1);
+        assert_eq!(
+            a.node_id().to_string().parse::<PeerRef>().unwrap(),
+            PeerRef::Id(a.node_id())
+        );
+        assert_eq!(
+            "10.77.0.5".parse::<PeerRef>().unwrap(),
+            PeerRef::Addr(Ipv4Addr::new(10, 77, 0, 5))
+        );
+        assert_eq!(
+            "Builder-1".parse::<PeerRef>().unwrap(),
+            PeerRef::Name("builder-1".into())
+        );
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(valid_hostname("agent-7"));
+        assert!(!valid_hostname(""));
+        assert!(!valid_hostname("-x"));
+        assert!(!valid_hostname("UPPER"));
+        assert!(!valid_hostname("10.0.0.1"));
+        assert!(!valid_hostname(&"a".repeat(64)));
+        assert!(!valid_hostname("a.b"));
+    }
+}

@@ -1,0 +1,310 @@
+//! The timing rules of a tunnel, as pure functions of `now`.
+//!
+//! One [`PeerTimers`] per peer records the few instants the rules need; the
+//! event loop asks [`PeerTimers::poll`] what to do and
+//! [`PeerTimers::next_deadline`] when to ask again.
+
+use std::time::{Duration, Instant};
+
+/// Start a new handshake once the current session is this old.
+pub const REKEY_AFTER: Duration = Duration::from_secs(120);
+/// The responder of a session waits a little longer before rekeying itself,
+/// so the two sides do not both start a handshake at the same moment.
+pub const RESPONDER_REKEY_AFTER: Duration = Duration::from_secs(130);
+/// Never use a session key after this age.
+pub const REJECT_AFTER: Duration = Duration::from_secs(180);
+/// Resend an unanswered initiation after this (plus jitter).
+pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
+/// Stop trying to reach a peer after this long without an answer.
+pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
+/// Send something at least this often, so NAT mappings stay open.
+pub const KEEPALIVE: Duration = Duration::from_secs(25);
+/// A session that heard nothing for this long is not worth rekeying.
+pub const PEER_SILENT: Duration = Duration::from_secs(60);
+
+/// What a peer's timers ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerAction {
+    /// Nothing is due.
+    Idle,
+    /// Send a (new) handshake initiation.
+    Handshake,
+    /// Send an empty data packet.
+    Keepalive,
+    /// The current session is too old to use: drop its keys.
+    ExpireSession,
+    /// The handshake went unanswered too long: stop, drop queued packets.
+    GiveUp,
+}
+
+/// The instants the rules depend on.
+#[derive(Clone, Debug, Default)]
+pub struct PeerTimers {
+    session_started: Option<Instant>,
+    session_initiator: bool,
+    last_sent: Option<Instant>,
+    last_received: Option<Instant>,
+    handshake_started: Option<Instant>,
+    handshake_sent: Option<Instant>,
+    retry_jitter: Duration,
+}
+
+impl PeerTimers {
+    /// A new session was established.
+    pub fn on_session(&mut self, now: Instant, initiator: bool) {
+        self.session_started = Some(now);
+        self.session_initiator = initiator;
+        self.handshake_started = None;
+        self.handshake_sent = None;
+        self.last_received = Some(now);
+    }
+    /// The session was dropped (revocation, expiry).
+    pub fn clear_session(&mut self) {
+        self.session_started = None;
+    }
+    /// Anything was sent to the peer.
+    pub fn on_sent(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+    }
+    /// An authenticated packet came from the peer.
+    pub fn on_received(&mut self, now: Instant) {
+        self.last_received = Some(now);
+    }
+    /// An initiation was sent; `jitter` (0..=333 ms, the caller's randomness)
+    /// spreads retries.
+    pub fn on_handshake_sent(&mut self, now: Instant, jitter: Duration) {
+        if self.handshake_started.is_none() {
+            self.handshake_started = Some(now);
+        }
+        self.handshake_sent = Some(now);
+        self.retry_jitter = jitter;
+    }
+    /// Stop any handshake in progress.
+    pub fn cancel_handshake(&mut self) {
+        self.handshake_started = None;
+        self.handshake_sent = None;
+    }
+    /// True while an initiation is unanswered.
+    pub fn handshake_in_flight(&self) -> bool {
+        self.handshake_started.is_some()
+    }
+    /// Age of the current session.
+    pub fn session_age(&self, now: Instant) -> Option<Duration> {
+        self.session_started.map(|s| now.saturating_duration_since(s))
+    }
+
+    fn rekey_after(&self) -> Duration {
+        if self.session_initiator {
+            REKEY_AFTER
+        } else {
+            RESPONDER_REKEY_AFTER
+        }
+    }
+
+    /// What is due now. Call again after acting on the answer.
+    pub fn poll(&self, now: Instant) -> TimerAction {
+        if let Some(started) = self.handshake_started {
+            // Why: a peer that never answers must not be retried forever.
+            if now.saturating_duration_since(started) >= HANDSHAKE_GIVE_UP {
+                return TimerAction::GiveUp;
+            }
+        }
+        if let Some(age) = self.session_age(now) {
+            // Why: a key is never used past its reject age (forward secrecy
+            // bound, and the peer refuses it anyway).
+            if age >= REJECT_AFTER {
+                return TimerAction::ExpireSession;
+            }
+        }
+        if let Some(sent) = self.handshake_sent {
+            // Why: initiations and responses can be lost; retry with jitter.
+            if now.saturating_duration_since(sent) >= HANDSHAKE_RETRY + self.retry_jitter {
+                return TimerAction::Handshake;
+            }
+            return self.keepalive_due(now);
+        }
+        if let Some(age) = self.session_age(now) {
+            let alive = self
+                .last_received
+                .is_some_and(|r| now.saturating_duration_since(r) < PEER_SILENT);
+            // Why: fresh keys every two minutes bound what one key protects;
+            // only for a peer that is still talking.
+            if age >= self.rekey_after() && alive {
+                return TimerAction::Handshake;
+            }
+        }
+        self.keepalive_due(now)
+    }
+
+    fn keepalive_due(&self, now: Instant) -> TimerAction {
+        if self.session_started.is_none() {
+            return TimerAction::Idle;
+        }
+        // Why: NAT mappings close after ~30 s of silence.
+        match self.last_sent {
+            Some(s) if now.saturating_duration_since(s) < KEEPALIVE => TimerAction::Idle,
+            _ => TimerAction::Keepalive,
+        }
+    }
+
+    /// The earliest instant at which [`poll`](Self::poll) may answer
+    /// something other than `Idle`.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut d: Option<Instant> = None;
+        let mut add = |t: Instant| d = Some(d.map_or(t, |d: Instant| d.min(t)));
+        if let Some(s) = self.handshake_started {
+            add(s + HANDSHAKE_GIVE_UP);
+        }
+        if let Some(s) = self.handshake_sent {
+            add(s + HANDSHAKE_RETRY + self.retry_jitter);
+        }
+        if let Some(s) = self.session_started {
+            add(s + REJECT_AFTER);
+            if self.handshake_sent.is_none() {
+                add(s + self.rekey_after());
+            }
+            add(self.last_sent.map_or(s, |l| l + KEEPALIVE));
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated clock that jumps from deadline to deadline, acting as the
+    /// event loop would (a handshake "completes" when `answer` says so).
+    fn run(
+        t: &mut PeerTimers,
+        start: Instant,
+        until: Duration,
+        answer: impl Fn(Instant) -> bool,
+    ) -> Vec<(u64, TimerAction)> {
+        let mut now = start;
+        let mut log = vec![];
+        for _ in 0..10_000 {
+            let Some(next) = t.next_deadline() else { break };
+            now = next.max(now);
+            if now > start + until {
+                break;
+            }
+            let action = t.poll(now);
+            let secs = now.duration_since(start).as_secs();
+            match action {
+                TimerAction::Idle => {
+                    // A deadline whose condition is not met (a silent
+                    // peer is not rekeyed): step on by the clock tick.
+                    now += Duration::from_secs(1);
+                    continue;
+                }
+                TimerAction::Handshake => {
+                    t.on_handshake_sent(now, Duration::ZERO);
+                    t.on_sent(now);
+                    if answer(now) {
+                        t.on_session(now, true);
+                    }
+                }
+                TimerAction::Keepalive => t.on_sent(now),
+                TimerAction::ExpireSession => t.clear_session(),
+                TimerAction::GiveUp => t.cancel_handshake(),
+            }
+            log.push((secs, action));
+        }
+        log
+    }
+
+    #[test]
+    fn rekeys_every_120s_while_peer_talks() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        t.on_sent(start);
+        // The peer keeps talking: receive something every time we look.
+        let mut now = start;
+        let mut rekeys = vec![];
+        while now < start + Duration::from_secs(400) {
+            now += Duration::from_secs(1);
+            t.on_received(now);
+            match t.poll(now) {
+                TimerAction::Handshake => {
+                    rekeys.push(now.duration_since(start).as_secs());
+                    t.on_session(now, true);
+                }
+                TimerAction::Keepalive => t.on_sent(now),
+                TimerAction::Idle => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(rekeys, vec![120, 240, 360]);
+    }
+
+    #[test]
+    fn responder_rekeys_later_than_initiator() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, false);
+        t.on_sent(start);
+        t.on_received(start + Duration::from_secs(125));
+        assert_eq!(
+            t.poll(start + Duration::from_secs(125)),
+            TimerAction::Keepalive
+        );
+        t.on_sent(start + Duration::from_secs(125));
+        assert_eq!(t.poll(start + Duration::from_secs(126)), TimerAction::Idle);
+        assert_eq!(
+            t.poll(start + Duration::from_secs(130)),
+            TimerAction::Handshake
+        );
+    }
+
+    #[test]
+    fn silent_session_expires_at_180s_and_is_not_rekeyed() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        let log = run(&mut t, start, Duration::from_secs(200), |_| false);
+        assert!(
+            !log.iter().any(|(_, a)| *a == TimerAction::Handshake),
+            "no rekey for a silent peer: {log:?}"
+        );
+        assert!(log.contains(&(180, TimerAction::ExpireSession)), "{log:?}");
+        // keepalives every 25 s until expiry
+        let ka: Vec<u64> = log
+            .iter()
+            .filter(|(_, a)| *a == TimerAction::Keepalive)
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(ka, vec![0, 25, 50, 75, 100, 125, 150, 175]);
+    }
+
+    #[test]
+    fn unanswered_handshake_retries_every_5s_then_gives_up_at_90s() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_handshake_sent(start, Duration::ZERO);
+        let log = run(&mut t, start, Duration::from_secs(120), |_| false);
+        let retries: Vec<u64> = log
+            .iter()
+            .filter(|(_, a)| *a == TimerAction::Handshake)
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(retries.first(), Some(&5));
+        assert_eq!(retries.last(), Some(&85));
+        assert_eq!(retries.len(), 17);
+        assert!(log.contains(&(90, TimerAction::GiveUp)));
+        assert!(!t.handshake_in_flight());
+    }
+
+    #[test]
+    fn jitter_delays_retry() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_handshake_sent(start, Duration::from_millis(300));
+        assert_eq!(t.poll(start + Duration::from_secs(5)), TimerAction::Idle);
+        assert_eq!(
+            t.poll(start + Duration::from_millis(5300)),
+            TimerAction::Handshake
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Tunnel datagram formats.
+//!
+//! Every datagram starts with a type byte chosen far from STUN's (whose first
+//! two bits are zero), so one UDP port can carry STUN, handshakes, data and
+//! relayed packets and tell them apart from the first bytes.
+//!
+//! ```text
+//! handshake init  (136 B) | A1 | 0 0 0 | sender idx u32le | noise msg1 (112) | mac1 (16) |
+//! handshake resp  ( 92 B) | A2 | 0 0 0 | sender idx u32le | receiver idx u32le | noise msg2 (64) | mac1 (16) |
+//! data     (32 B + inner) | A4 | 0 0 0 | receiver idx u32le | counter u64le | ciphertext | tag (16) |
+//! ```
+//! The whole 16-byte data header is the AEAD's associated data.
+
+use crate::stun;
+
+/// Type byte of a handshake initiation.
+pub const MSG_HANDSHAKE_INIT: u8 = 0xA1;
+/// Type byte of a handshake response.
+pub const MSG_HANDSHAKE_RESP: u8 = 0xA2;
+/// Type byte of a data packet.
+pub const MSG_DATA: u8 = 0xA4;
+
+/// Length of the handshake payload each side encrypts inside Noise.
+pub const HANDSHAKE_PAYLOAD_LEN: usize = 16;
+/// Noise IK message 1: e (32) + encrypted s (32+16) + encrypted payload.
+pub const NOISE_INIT_LEN: usize = 32 + 48 + HANDSHAKE_PAYLOAD_LEN + 16;
+/// Noise IK message 2: e (32) + encrypted payload.
+pub const NOISE_RESP_LEN: usize = 32 + HANDSHAKE_PAYLOAD_LEN + 16;
+/// Length of the cheap MAC that guards handshakes.
+pub const MAC_LEN: usize = 16;
+/// Total length of a handshake initiation.
+pub const INIT_LEN: usize = 8 + NOISE_INIT_LEN + MAC_LEN;
+/// Total length of a handshake response.
+pub const RESP_LEN: usize = 12 + NOISE_RESP_LEN + MAC_LEN;
+/// Length of the data header (type, reserved, index, counter).
+pub const DATA_HEADER_LEN: usize = 16;
+/// Length of the AEAD tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes a data packet adds to its inner packet.
+pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
+
+/// What a datagram claims to be, from its first bytes alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An RFC 8489 STUN message.
+    Stun,
+    /// [`HandshakeInit`].
+    HandshakeInit,
+    /// [`HandshakeResp`].
+    HandshakeResp,
+    /// [`DataHeader`].
+    Data,
+    /// Anything else: drop it.
+    Unknown,
+}
+
+/// Classifies a datagram by its first bytes (and, for STUN, its magic cookie).
+pub fn classify(buf: &[u8]) -> Kind {
+    match buf.first() {
+        Some(&MSG_HANDSHAKE_INIT) => Kind::HandshakeInit,
+        Some(&MSG_HANDSHAKE_RESP) => Kind::HandshakeResp,
+        Some(&MSG_DATA) => Kind::Data,
+        Some(_) if stun::looks_like_stun(buf) => Kind::Stun,
+        _ => Kind::Unknown,
+    }
+}
+
+/// Why a datagram was refused by a checked constructor.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The datagram is shorter or longer than its type allows.
+    #[error("bad length {0}")]
+    Length(usize),
+    /// The type byte or the reserved bytes are wrong.
+    #[error("bad type or reserved bytes")]
+    Type,
+}
+
+fn check_prefix(buf: &[u8], ty: u8) -> Result<(), WireError> {
+    if buf[0] != ty || buf[1..4] != [0, 0, 0] {
+        return Err(WireError::Type);
+    }
+    Ok(())
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+/// A checked view of a handshake initiation.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeInit<'a>(&'a [u8]);
+
+impl<'a> HandshakeInit<'a> {
+    /// Checks length, type and reserved bytes. After this no accessor panics.
+    pub fn new_checked(buf: &'a [u8]) -> Result<Self, WireError> {
+        if buf.len() != INIT_LEN {
+            return Err(WireError::Length(buf.len()));
+        }
+        check_prefix(buf, MSG_HANDSHAKE_INIT)?;
+        Ok(Self(buf))
+    }
+    /// The initiator's session index.
+    pub fn sender_index(&self) -> u32 {
+        u32_at(self.0, 4)
+    }
+    /// The Noise message.
+    pub fn noise(&self) -> &'a [u8] {
+        &self.0[8..8 + NOISE_INIT_LEN]
+    }
+    /// The bytes the MAC covers.
+    pub fn mac_covered(&self) -> &'a [u8] {
+        &self.0[..INIT_LEN - MAC_LEN]
+    }
+    /// The MAC.
+    pub fn mac(&self) -> &'a [u8] {
+        &self.0[INIT_LEN - MAC_LEN..]
+    }
+}
+
+/// A checked view of a handshake response.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeResp<'a>(&'a [u8]);
+
+impl<'a> HandshakeResp<'a> {
+    /// Checks length, type and reserved bytes. After this no accessor panics.
+    pub fn new_checked(buf: &'a [u8]) -> Result<Self, WireError> {
+        if buf.len() != RESP_LEN {
+            return Err(WireError::Length(buf.len()));
+        }
+        check_prefix(buf, MSG_HANDSHAKE_RESP)?;
+        Ok(Self(buf))
+    }
+    /// The responder's session index.
+    pub fn sender_index(&self) -> u32 {
+        u32_at(self.0, 4)
+    }
+    /// The initiator's session index, echoed.
+    pub fn receiver_index(&self) -> u32 {
+        u32_at(self.0, 8)
+    }
+    /// The Noise message.
+    pub fn noise(&self) -> &'a [u8] {
+        &self.0[12..12 + NOISE_RESP_LEN]
+    }
+    /// The bytes the MAC covers.
+    pub fn mac_covered(&self) -> &'a [u8] {
+        &self.0[..RESP_LEN - MAC_LEN]
+    }
+    /// The MAC.
+    pub fn mac(&self) -> &'a [u8] {
+        &self.0[RESP_LEN - MAC_LEN..]
+    }
+}
+
+/// The header of a data packet, parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    /// The receiver's session index.
+    pub receiver_index: u32,
+    /// The sender's packet counter (the AEAD nonce).
+    pub counter: u64,
+}
+
+impl DataHeader {
+    /// Parses the header of a data datagram. A datagram shorter than header
+    /// plus tag is refused.
+    pub fn parse(buf: &[u8]) -> Result<Self, WireError> {
+        if buf.len() < DATA_OVERHEAD {
+            return Err(WireError::Length(buf.len()));
+        }
+        check_prefix(buf, MSG_DATA)?;
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&buf[8..16]);
+        Ok(DataHeader {
+            receiver_index: u32_at(buf, 4),
+            counter: u64::from_le_bytes(c),
+        })
+    }
+
+    /// Writes the header into the first 16 bytes of `out`.
+    pub fn emit(&self, out: &mut [u8; DATA_HEADER_LEN]) {
+        out[0] = MSG_DATA;
+        out[1..4].fill(0);
+        out[4..8].copy_from_slice(&self.receiver_index.to_le_bytes());
+        out[8..16].copy_from_slice(&self.counter.to_le_bytes());
+    }
+}
+
+/// Writes the fixed part of a handshake initiation; the caller fills the
+/// Noise message and the MAC.
+pub(crate) fn emit_init_prefix(out: &mut [u8; INIT_LEN], sender_index: u32) {
+    out[0] = MSG_HANDSHAKE_INIT;
+    out[1..4].fill(0);
+    out[4..8].copy_from_slice(&sender_index.to_le_bytes());
+}
+
+/// Writes the fixed part of a handshake response.
+pub(crate) fn emit_resp_prefix(out: &mut [u8; RESP_LEN], sender_index: u32, receiver_index: u32) {
+    out[0] = MSG_HANDSHAKE_RESP;
+    out[1..4].fill(0);
+    out[4..8].copy_from_slice(&sender_index.to_le_bytes());
+    out[8..12].copy_from_slice(&receiver_index.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_header_fixture() {
+        let h = DataHeader {
+            receiver_index: 0x0403_0201,
+            counter: 0x0c0b_0a09_0807_0605,
+        };
+        let mut out = [0u8; DATA_HEADER_LEN];
+        h.emit(&mut out);
+        assert_eq!(
+            out,
+            [0xA4, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+            "fixed byte layout"
+        );
+        let mut pkt = out.to_vec();
+        pkt.extend_from_slice(&[0u8; TAG_LEN]);
+        assert_eq!(DataHeader::parse(&pkt), Ok(h));
+        assert_eq!(
+            DataHeader::parse(&pkt[..31]),
+            Err(WireError::Length(31)),
+            "shorter than header + tag"
+        );
+        pkt[2] = 1;
+        assert_eq!(DataHeader::parse(&pkt), Err(WireError::Type));
+    }
+
+    #[test]
+    fn handshake_fixtures() {
+        let mut init = [0u8; INIT_LEN];
+        emit_init_prefix(&mut init, 0xdead_beef);
+        assert_eq!(init[..8], [0xA1, 0, 0, 0, 0xef, 0xbe, 0xad, 0xde]);
+        let v = HandshakeInit::new_checked(&init).unwrap();
+        assert_eq!(v.sender_index(), 0xdead_beef);
+        assert_eq!(v.noise().len(), NOISE_INIT_LEN);
+        assert_eq!(v.mac().len(), MAC_LEN);
+        assert_eq!(INIT_LEN, 136);
+        assert!(HandshakeInit::new_checked(&init[..135]).is_err());
+
+        let mut resp = [0u8; RESP_LEN];
+        emit_resp_prefix(&mut resp, 7, 9);
+        assert_eq!(resp[..12], [0xA2, 0, 0, 0, 7, 0, 0, 0, 9, 0, 0, 0]);
+        let v = HandshakeResp::new_checked(&resp).unwrap();
+        assert_eq!((v.sender_index(), v.receiver_index()), (7, 9));
+        assert_eq!(RESP_LEN, 92);
+        assert!(HandshakeResp::new_checked(&init).is_err());
+    }
+
+    #[test]
+    fn classify_by_first_bytes() {
+        assert_eq!(classify(&[0xA1]), Kind::HandshakeInit);
+        assert_eq!(classify(&[0xA2]), Kind::HandshakeResp);
+        assert_eq!(classify(&[0xA4]), Kind::Data);
+        assert_eq!(classify(&[]), Kind::Unknown);
+        assert_eq!(classify(&[0x45, 0, 0]), Kind::Unknown);
+        let req = crate::stun::binding_request(&[1; 12]);
+        assert_eq!(classify(&req), Kind::Stun);
+    }
+}
