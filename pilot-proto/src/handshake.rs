@@ -274,9 +274,17 @@ mod tests {
         let (init_state, init) =
             initiate(a.static_secret(), &b.static_public(), 11, 1000, suite).unwrap();
         let b_mac = MacKey::for_static(&b.static_public());
-        let r = respond(b.static_secret(), &b_mac, HandshakeInit::new_checked(&init).unwrap())
-            .unwrap();
-        assert_eq!(r.remote_static(), &a.static_public(), "responder learns who");
+        let r = respond(
+            b.static_secret(),
+            &b_mac,
+            HandshakeInit::new_checked(&init).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.remote_static(),
+            &a.static_public(),
+            "responder learns who"
+        );
         assert_eq!(r.timestamp(), 1000);
         let (sb, resp) = r.accept(22, now).unwrap();
         let a_mac = MacKey::for_static(&a.static_public());
@@ -307,18 +315,31 @@ mod tests {
         let (_, b2) = handshake(CipherSuite::Aes256Gcm);
         let mut buf = vec![0u8; DATA_HEADER_LEN + 1 + TAG_LEN];
         a1.sender.seal(&mut buf, 1).unwrap();
-        assert!(b2.open(&mut buf).is_err(), "ephemeral keys differ per session");
+        assert!(
+            b2.open(&mut buf).is_err(),
+            "ephemeral keys differ per session"
+        );
     }
 
     #[test]
     fn wrong_mac_is_refused_before_dh() {
         let (a, b) = ids();
-        let (_, mut init) =
-            initiate(a.static_secret(), &b.static_public(), 1, 1, CipherSuite::Aes256Gcm).unwrap();
+        let (_, mut init) = initiate(
+            a.static_secret(),
+            &b.static_public(),
+            1,
+            1,
+            CipherSuite::Aes256Gcm,
+        )
+        .unwrap();
         init[INIT_LEN - 1] ^= 1;
         let b_mac = MacKey::for_static(&b.static_public());
         assert!(matches!(
-            respond(b.static_secret(), &b_mac, HandshakeInit::new_checked(&init).unwrap()),
+            respond(
+                b.static_secret(),
+                &b_mac,
+                HandshakeInit::new_checked(&init).unwrap()
+            ),
             Err(HandshakeError::Mac)
         ));
     }
@@ -328,24 +349,44 @@ mod tests {
         let (a, b) = ids();
         let c = Identity::from_bytes(&[3; 64]);
         // Sent to b's key, delivered to c.
-        let (_, init) =
-            initiate(a.static_secret(), &b.static_public(), 1, 1, CipherSuite::Aes256Gcm).unwrap();
+        let (_, init) = initiate(
+            a.static_secret(),
+            &b.static_public(),
+            1,
+            1,
+            CipherSuite::Aes256Gcm,
+        )
+        .unwrap();
         let c_mac = MacKey::for_static(&c.static_public());
-        assert!(respond(c.static_secret(), &c_mac, HandshakeInit::new_checked(&init).unwrap())
-            .is_err());
+        assert!(respond(
+            c.static_secret(),
+            &c_mac,
+            HandshakeInit::new_checked(&init).unwrap()
+        )
+        .is_err());
     }
 
     #[test]
     fn tampered_noise_is_refused_even_with_valid_mac() {
         let (a, b) = ids();
-        let (_, mut init) =
-            initiate(a.static_secret(), &b.static_public(), 1, 1, CipherSuite::Aes256Gcm).unwrap();
+        let (_, mut init) = initiate(
+            a.static_secret(),
+            &b.static_public(),
+            1,
+            1,
+            CipherSuite::Aes256Gcm,
+        )
+        .unwrap();
         init[50] ^= 0x80;
         let b_mac = MacKey::for_static(&b.static_public());
         let mac = b_mac.compute(&init[..INIT_LEN - MAC_LEN]);
         init[INIT_LEN - MAC_LEN..].copy_from_slice(&mac);
         assert!(matches!(
-            respond(b.static_secret(), &b_mac, HandshakeInit::new_checked(&init).unwrap()),
+            respond(
+                b.static_secret(),
+                &b_mac,
+                HandshakeInit::new_checked(&init).unwrap()
+            ),
             Err(HandshakeError::Noise(_))
         ));
     }
@@ -354,11 +395,21 @@ mod tests {
     fn response_to_other_index_is_refused() {
         let (a, b) = ids();
         let now = Instant::now();
-        let (st, init) =
-            initiate(a.static_secret(), &b.static_public(), 5, 1, CipherSuite::Aes256Gcm).unwrap();
+        let (st, init) = initiate(
+            a.static_secret(),
+            &b.static_public(),
+            5,
+            1,
+            CipherSuite::Aes256Gcm,
+        )
+        .unwrap();
         let b_mac = MacKey::for_static(&b.static_public());
-        let r = respond(b.static_secret(), &b_mac, HandshakeInit::new_checked(&init).unwrap())
-            .unwrap();
+        let r = respond(
+            b.static_secret(),
+            &b_mac,
+            HandshakeInit::new_checked(&init).unwrap(),
+        )
+        .unwrap();
         let (_, mut resp) = r.accept(6, now).unwrap();
         resp[8] = 99; // receiver index no longer ours
         let a_mac = MacKey::for_static(&a.static_public());

@@ -23,8 +23,10 @@
 pub mod handshake;
 pub mod hex;
 pub mod identity;
+pub mod join;
 pub mod messages;
 pub mod packet;
+pub mod ratelimit;
 pub mod replay;
 pub mod session;
 pub mod stun;

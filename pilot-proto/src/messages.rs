@@ -391,7 +391,10 @@ mod tests {
         assert!(!forged.verify(), "recipient changed");
         // A registry that signs with its own key cannot pass as `a`.
         let mut forged = signed.clone();
-        forged.sig = b.sign(STATEMENT_DOMAIN, &postcard::to_allocvec(&forged.body).unwrap());
+        forged.sig = b.sign(
+            STATEMENT_DOMAIN,
+            &postcard::to_allocvec(&forged.body).unwrap(),
+        );
         assert!(!forged.verify(), "signed by someone else");
     }
 

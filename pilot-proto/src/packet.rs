@@ -94,7 +94,9 @@ mod tests {
         let mut p = vec![
             0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0, 10, 77, 0, 1, 10, 77, 0, 2,
         ];
-        p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff]);
+        p.extend_from_slice(&[
+            0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff,
+        ]);
         p.extend_from_slice(&[0, 0, 0, 0]);
         p
     }
@@ -115,7 +117,10 @@ mod tests {
     #[test]
     fn checksum_rfc1071_example() {
         // RFC 1071 section 3 example bytes sum to 0xddf2 (before complement).
-        assert_eq!(checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
     }
 
     #[test]
@@ -125,7 +130,11 @@ mod tests {
         let n = icmp_admin_prohibited(&p, &mut out).unwrap();
         let icmp = &out[..n];
         assert_eq!(n, 20 + 8 + 28);
-        assert_eq!(&icmp[12..16], &[10, 77, 0, 2], "from the refused destination");
+        assert_eq!(
+            &icmp[12..16],
+            &[10, 77, 0, 2],
+            "from the refused destination"
+        );
         assert_eq!(&icmp[16..20], &[10, 77, 0, 1], "to the sender");
         assert_eq!((icmp[20], icmp[21]), (3, 13));
         assert_eq!(checksum(&icmp[..20]), 0, "valid IP header checksum");

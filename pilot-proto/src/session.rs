@@ -240,7 +240,10 @@ pub(crate) mod tests {
             let mut p = packet(&a, b"hello over the overlay");
             assert_eq!(p[0], crate::wire::MSG_DATA);
             assert_eq!(&p[4..8], &20u32.to_le_bytes(), "carries the peer's index");
-            assert!(!p.windows(5).any(|w| w == b"hello"), "no plaintext on the wire");
+            assert!(
+                !p.windows(5).any(|w| w == b"hello"),
+                "no plaintext on the wire"
+            );
             let n = b.open(&mut p).unwrap();
             assert_eq!(&p[16..16 + n], b"hello over the overlay");
             let mut back = packet(&b, b"reply");

@@ -90,7 +90,8 @@ impl PeerTimers {
     }
     /// Age of the current session.
     pub fn session_age(&self, now: Instant) -> Option<Duration> {
-        self.session_started.map(|s| now.saturating_duration_since(s))
+        self.session_started
+            .map(|s| now.saturating_duration_since(s))
     }
 
     fn rekey_after(&self) -> Duration {

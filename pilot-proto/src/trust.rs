@@ -240,7 +240,12 @@ mod tests {
         Identity::from_bytes(&[n; 64])
     }
 
-    fn statement(from: &Identity, to: &Identity, kind: StatementKind, seq: u64) -> Signed<Statement> {
+    fn statement(
+        from: &Identity,
+        to: &Identity,
+        kind: StatementKind,
+        seq: u64,
+    ) -> Signed<Statement> {
         Signed::sign(
             Statement {
                 kind,
@@ -337,7 +342,13 @@ mod tests {
     fn json_round_trip() {
         let (a, b) = (id(1), id(2));
         let mut s = TrustStore::default();
-        s.decide(&b.public(), ADDR, Some("bee".into()), &StatementKind::Approve, 9);
+        s.decide(
+            &b.public(),
+            ADDR,
+            Some("bee".into()),
+            &StatementKind::Approve,
+            9,
+        );
         let _ = a;
         let text = serde_json_like(&s);
         assert!(text.len() > 10);

@@ -1,0 +1,297 @@
+//! Writes the seed corpus in `fuzz/seeds/<target>/`: a few valid messages of
+//! every format, so each fuzz target starts past its length and type checks
+//! instead of having to discover a 136-byte handshake or a signed postcard
+//! message from nothing.
+//!
+//! ```text
+//! cd fuzz && cargo run --example seeds    # then commit fuzz/seeds/
+//! ```
+//! Handshake seeds carry fresh ephemeral keys, so they differ on every run;
+//! everything else is deterministic.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::Identity;
+use pilot_proto::messages::{
+    encode, ErrorCode, FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement,
+    StatementKind, ToRegistry,
+};
+use pilot_proto::session::{CipherSuite, Session};
+use pilot_proto::stun;
+use pilot_proto::wire::{HandshakeInit, DATA_HEADER_LEN, TAG_LEN};
+
+fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex literal"))
+        .collect()
+}
+
+struct Out(PathBuf);
+
+impl Out {
+    fn put(&self, target: &str, name: &str, bytes: &[u8]) {
+        let dir = self.0.join(target);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let path = dir.join(name);
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+}
+
+/// A sealed data packet under the fixed keys the `handshake` target uses.
+fn data_packet(suite: CipherSuite, payload: &[u8]) -> Vec<u8> {
+    let s = Session::new(suite, 10, 20, &[1; 32], &[2; 32], true, Instant::now());
+    let mut buf = vec![0u8; DATA_HEADER_LEN + payload.len() + TAG_LEN];
+    buf[DATA_HEADER_LEN..DATA_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    let n = s.sender.seal(&mut buf, payload.len()).expect("room");
+    buf.truncate(n);
+    buf
+}
+
+/// RFC 5769 section 2.1 sample request and 2.2 sample IPv4 response.
+const RFC5769_REQUEST: &str = "0001 0058 2112a442 b7e7a701 bc34d686 fa87dfae
+    8022 0010 5354554e 20746573 7420636c 69656e74  0024 0004 6e0001ff
+    8029 0008 932ff9b1 51263b36  0006 0009 6576746a 3a683659 59202020
+    0008 0014 9aeaa70c bfd8cb56 781ef2b5 b2d3f249 c1b571a2  8028 0004 e57a3bcf";
+const RFC5769_RESPONSE: &str = "0101 003c 2112a442 b7e7a701 bc34d686 fa87dfae
+    8022 000b 74657374 20766563 746f7220  0020 0008 0001 a147 e112a643
+    0008 0014 2b91f599 fd9e9011 46384a09 2a55e6a0 95a4c5cb  8028 0004 c07d4c96";
+
+fn ipv4(proto: u8, flags_frag: u16, ihl: u8, l4: &[u8]) -> Vec<u8> {
+    let hl = usize::from(ihl) * 4;
+    let mut p = vec![0u8; hl];
+    p[0] = 0x40 | ihl;
+    p[2..4].copy_from_slice(&((hl + l4.len()) as u16).to_be_bytes());
+    p[6..8].copy_from_slice(&flags_frag.to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&[10, 77, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 77, 0, 2]);
+    let c = pilot_proto::packet::checksum(&p[..hl]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(l4);
+    p
+}
+
+fn main() {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds"));
+    let out = Out(dir);
+
+    // The identities the `handshake` target uses.
+    let responder = Identity::from_bytes(&[7; 64]);
+    let initiator = Identity::from_bytes(&[8; 64]);
+    let mut wire = Vec::new();
+    for (suite, name) in [
+        (CipherSuite::Aes256Gcm, "aes"),
+        (CipherSuite::ChaCha20Poly1305, "chacha"),
+    ] {
+        let (_, init) = handshake::initiate(
+            initiator.static_secret(),
+            &responder.static_public(),
+            0x1111_1111,
+            1,
+            suite,
+        )
+        .expect("initiate");
+        let r = handshake::respond(
+            responder.static_secret(),
+            &MacKey::for_static(&responder.static_public()),
+            HandshakeInit::new_checked(&init).expect("own init"),
+        )
+        .expect("respond to own init");
+        let (_, resp) = r.accept(42, Instant::now()).expect("accept");
+        let data = data_packet(suite, b"E\0\0\x1c payload of a data packet");
+        let empty = data_packet(suite, b"");
+        for (kind, bytes) in [
+            ("init", &init[..]),
+            ("resp", &resp[..]),
+            ("data", &data[..]),
+            ("data-empty", &empty[..]),
+        ] {
+            out.put("handshake", &format!("{kind}-{name}"), bytes);
+            wire.push((format!("{kind}-{name}"), bytes.to_vec()));
+        }
+    }
+    let tid = [0x5a; 12];
+    wire.push(("stun-request".into(), stun::binding_request(&tid).to_vec()));
+    for (name, bytes) in &wire {
+        out.put("wire", name, bytes);
+    }
+
+    let v4: SocketAddr = "192.0.2.1:32853".parse().expect("literal");
+    let v6: SocketAddr = "[2001:db8::1]:3478".parse().expect("literal");
+    out.put("stun", "request", &stun::binding_request(&tid));
+    out.put("stun", "response-v4", &stun::binding_response(&tid, v4));
+    out.put("stun", "response-v6", &stun::binding_response(&tid, v6));
+    out.put("stun", "rfc5769-request", &unhex(RFC5769_REQUEST));
+    out.put("stun", "rfc5769-response", &unhex(RFC5769_RESPONSE));
+    // Tid first, then the message: the layout of the third check in `stun`.
+    let mut tagged = tid.to_vec();
+    tagged.extend_from_slice(&stun::binding_response(&tid, v4));
+    out.put("stun", "tid-then-response-v4", &tagged);
+
+    let a = Identity::from_bytes(&[1; 64]);
+    let b = Identity::from_bytes(&[2; 64]);
+    let statement = |kind, seq| {
+        Signed::sign(
+            Statement {
+                kind,
+                from: a.public(),
+                to: b.node_id(),
+                seq,
+            },
+            &a,
+        )
+    };
+    let reg = Signed::sign(
+        Registration {
+            identity: a.public(),
+            hostname: Some("alpha".into()),
+            seq: 1,
+            local_endpoints: vec![v4, v6],
+        },
+        &a,
+    );
+    let to = [
+        ("register", ToRegistry::Register { req: 1, reg }),
+        (
+            "lookup-id",
+            ToRegistry::Lookup {
+                req: 2,
+                peer: PeerRef::Id(b.node_id()),
+            },
+        ),
+        (
+            "lookup-addr",
+            ToRegistry::Lookup {
+                req: 3,
+                peer: PeerRef::Addr(Ipv4Addr::new(10, 77, 0, 2)),
+            },
+        ),
+        (
+            "lookup-name",
+            ToRegistry::Lookup {
+                req: 4,
+                peer: PeerRef::Name("beta".into()),
+            },
+        ),
+        (
+            "statement-request",
+            ToRegistry::Statement {
+                req: 5,
+                statement: statement(
+                    StatementKind::Request {
+                        note: "build agent".into(),
+                    },
+                    7,
+                ),
+            },
+        ),
+        (
+            "statement-revoke",
+            ToRegistry::Statement {
+                req: 6,
+                statement: statement(StatementKind::Revoke, 8),
+            },
+        ),
+        ("ack", ToRegistry::Ack { push: 300 }),
+        ("ping", ToRegistry::Ping { req: 70000 }),
+    ];
+    for (name, m) in to {
+        out.put(
+            "control",
+            &format!("to-{name}"),
+            &encode(&m).expect("encode"),
+        );
+    }
+    let from = [
+        (
+            "registered",
+            FromRegistry::Registered {
+                req: 1,
+                address: Ipv4Addr::new(10, 77, 0, 1),
+                prefix_len: 16,
+                hostname: Some("alpha".into()),
+                hostname_refused: None,
+                observed: v4,
+            },
+        ),
+        (
+            "peer",
+            FromRegistry::Peer {
+                req: 2,
+                info: PeerInfo {
+                    identity: b.public(),
+                    address: Ipv4Addr::new(10, 77, 0, 2),
+                    hostname: Some("beta".into()),
+                    endpoints: vec![v4, v6],
+                },
+            },
+        ),
+        ("ok", FromRegistry::Ok { req: 3 }),
+        (
+            "error",
+            FromRegistry::Error {
+                req: 4,
+                code: ErrorCode::Replayed,
+                message: "sequence number not newer".into(),
+            },
+        ),
+        (
+            "push",
+            FromRegistry::Push {
+                id: 9,
+                item: PushItem::Statement {
+                    statement: statement(StatementKind::Approve, 9),
+                    address: Ipv4Addr::new(10, 77, 0, 1),
+                    hostname: None,
+                },
+            },
+        ),
+        (
+            "pong",
+            FromRegistry::Pong {
+                req: 5,
+                observed: v6,
+            },
+        ),
+    ];
+    for (name, m) in from {
+        out.put(
+            "control",
+            &format!("from-{name}"),
+            &encode(&m).expect("encode"),
+        );
+    }
+
+    let tcp_syn = [
+        0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+    out.put("packet", "tcp-syn", &ipv4(6, 0x4000, 5, &tcp_syn));
+    out.put(
+        "packet",
+        "udp",
+        &ipv4(17, 0, 5, &[0x30, 0x39, 0, 53, 0, 9, 0, 0, 0x42]),
+    );
+    out.put(
+        "packet",
+        "icmp-echo",
+        &ipv4(1, 0, 5, &[8, 0, 0, 0, 0, 1, 0, 1]),
+    );
+    out.put(
+        "packet",
+        "icmp-error",
+        &ipv4(1, 0, 5, &[3, 1, 0, 0, 0, 0, 0, 0]),
+    );
+    out.put("packet", "fragment", &ipv4(17, 0x2001, 5, &[0; 8]));
+    out.put("packet", "options-ihl15", &ipv4(6, 0, 15, &tcp_syn));
+    out.put("packet", "header-only", &ipv4(6, 0, 5, &[]));
+}

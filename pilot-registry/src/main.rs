@@ -1,0 +1,113 @@
+//! `pilot-registry`: the rendezvous server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ipnet::Ipv4Net;
+use pilot_proto::join::JoinUrl;
+use pilot_registry::{server, state, Config, Registry, SqliteStorage};
+
+/// The rendezvous server of a pilot-tun network.
+///
+/// It gives every node a permanent overlay address, answers STUN on its UDP
+/// port, carries trust requests and decisions between nodes (keeping them on
+/// disk for nodes that are offline), and tells a node where a peer is only if
+/// that peer approved it. It holds no key that could read tunnel traffic.
+///
+/// On start it prints `join: pilot://<key>@<ip:port>`; give that URL to
+/// `pilot-tun up --registry`. The same URL is written to <state-dir>/join-url.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// UDP address to serve on (STUN, control, relay all share it).
+    #[arg(long, default_value = "0.0.0.0:7946")]
+    listen: SocketAddr,
+    /// Address nodes should use, for the join URL. Needed when --listen is
+    /// 0.0.0.0 (the registry cannot guess which of its addresses is public).
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Where the key and the database live.
+    #[arg(long, default_value = "/var/lib/pilot-registry")]
+    state_dir: PathBuf,
+    /// The overlay network addresses are handed out from.
+    #[arg(long, default_value = pilot_proto::DEFAULT_NETWORK)]
+    network: Ipv4Net,
+    /// Log filter (tracing syntax), e.g. `info` or `pilot_registry=debug`.
+    #[arg(long, env = "PILOT_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("pilot-registry: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    if !cli.network.network().is_private() || cli.network.prefix_len() > 30 {
+        bail!(
+            "--network {} must be a private IPv4 range (such as 10.77.0.0/16) with room for at least two nodes",
+            cli.network
+        );
+    }
+    let advertise = match (cli.advertise, cli.listen.ip().is_unspecified()) {
+        (Some(a), _) => a,
+        (None, false) => cli.listen,
+        (None, true) => bail!(
+            "--listen {} does not say which address nodes should use; add --advertise <public-ip>:{}",
+            cli.listen,
+            cli.listen.port()
+        ),
+    };
+    let secret = state::load_or_create_key(&cli.state_dir)?;
+    let db = cli.state_dir.join("registry.db");
+    let storage = SqliteStorage::open(&db)
+        .with_context(|| format!("cannot open the registry database {}", db.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let socket = tokio::net::UdpSocket::bind(cli.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind UDP {} (is another registry running there, or is the address not on this host?)",
+                    cli.listen
+                )
+            })?;
+        let join = JoinUrl {
+            key: server::public_key(&secret),
+            addr: advertise,
+        };
+        state::write_private(&cli.state_dir.join("join-url"), format!("{join}\n").as_bytes())?;
+        println!("join: {join}");
+        println!("network: {}  state: {}", cli.network, cli.state_dir.display());
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: cli.network,
+            },
+            storage,
+        );
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        registry.run(shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,201 @@
+//! The packet path, in two loops that run in parallel:
+//!
+//! - [`tun_loop`]: TUN → seal → UDP. A batch read from the TUN (one TSO
+//!   super-packet is split into segments by the device layer) is sealed
+//!   packet by packet straight into one send buffer, and runs of equal-sized
+//!   packets to one peer leave in one GSO send.
+//! - [`udp_loop`]: UDP → open → TUN. A batch of datagrams (GRO-coalesced by
+//!   the kernel) is opened in place and written to the TUN in one batch,
+//!   where equal-flow segments are coalesced again (GRO towards the kernel).
+//!
+//! Both read the peer table under a read lock once per batch. Anything that
+//! is not data for a live session goes to the control side.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pilot_proto::packet;
+use pilot_proto::session::OpenError;
+use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN};
+use quinn_udp::RecvMeta;
+use tracing::warn;
+
+use crate::node::{Inner, Slow};
+use crate::peers::bump;
+use crate::tun::{Tun, BATCH, TUN_OFFSET};
+use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
+
+/// Reads local packets from the TUN and sends them to peers.
+pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
+    let Some(tun) = inner.tun.get() else { return };
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; TUN_OFFSET + 65_535]).collect();
+    let mut sizes = vec![0usize; BATCH];
+    let mut batch = SendBatch::with_capacity(BATCH);
+    let mut icmp: Vec<Vec<u8>> = Vec::with_capacity(8);
+    let network = inner.network();
+    let me = inner.address();
+    loop {
+        let n = match tun.recv_batch(&mut bufs, &mut sizes).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("TUN read: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let now_ms = inner.now_ms(now);
+        icmp.clear();
+        {
+            let table = inner.table.read();
+            for i in 0..n {
+                let pkt = &bufs[i][TUN_OFFSET..TUN_OFFSET + sizes[i]];
+                let Some(dst) = packet::ipv4_dst(pkt) else {
+                    continue;
+                };
+                let Some(peer) = table.by_addr.get(&dst) else {
+                    // Not a trusted peer: refuse at once so the program does
+                    // not hang (unless it is outside the overlay or us).
+                    if dst != me && network.is_some_and(|n| n.contains(&dst)) {
+                        bump(&inner.drops.refused_local);
+                        let mut out = vec![0u8; TUN_OFFSET + 128];
+                        if let Some(len) =
+                            packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])
+                        {
+                            out.truncate(TUN_OFFSET + len);
+                            icmp.push(out);
+                        }
+                    }
+                    continue;
+                };
+                let (Some(session), Some(to)) = (peer.current(now), peer.endpoint()) else {
+                    let _ = inner
+                        .slow_tx
+                        .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
+                    continue;
+                };
+                let start = batch.buf.len();
+                let len = pkt.len();
+                batch.buf.resize(start + DATA_HEADER_LEN + len + TAG_LEN, 0);
+                batch.buf[start + DATA_HEADER_LEN..start + DATA_HEADER_LEN + len]
+                    .copy_from_slice(pkt);
+                match session.sender.seal(&mut batch.buf[start..], len) {
+                    Ok(total) => {
+                        batch.packets.push((to, start, total));
+                        peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        batch.buf.truncate(start);
+                        let _ = inner
+                            .slow_tx
+                            .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
+                    }
+                }
+            }
+        }
+        if let Err(e) = batch.flush(&inner.udp).await {
+            tracing::debug!("UDP send: {e}");
+        }
+        if !icmp.is_empty() {
+            let _ = tun.send_batch(&mut icmp).await;
+        }
+    }
+}
+
+/// Receives datagrams: data for live sessions goes to the TUN, the rest to
+/// the control side.
+pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
+    let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF]).collect();
+    let mut metas = vec![RecvMeta::default(); RECV_BATCH];
+    // One output buffer per segment a full receive batch can hold, so the
+    // loop never has to stop mid-batch.
+    let mut out: Vec<Vec<u8>> = (0..RECV_BATCH * 64)
+        .map(|_| Vec::with_capacity(TUN_OFFSET + 2048))
+        .collect();
+    loop {
+        let n = match inner.udp.recv_batch(&mut bufs, &mut metas).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("UDP receive: {e}");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let now_ms = inner.now_ms(now);
+        let me = inner.address();
+        let mut k = 0;
+        {
+            let table = inner.table.read();
+            for (buf, meta) in bufs.iter().zip(metas.iter()).take(n) {
+                let stride = meta.stride.max(1);
+                for seg in buf[..meta.len].chunks(stride) {
+                    if k == out.len() {
+                        break; // cannot happen: GRO carries at most 64 segments
+                    }
+                    if wire::classify(seg) != Kind::Data || seg.len() < DATA_OVERHEAD {
+                        let _ = inner
+                            .slow_tx
+                            .try_send(Slow::Datagram(seg.to_vec(), meta.addr));
+                        continue;
+                    }
+                    let Ok(h) = wire::DataHeader::parse(seg) else {
+                        bump(&inner.drops.malformed);
+                        continue;
+                    };
+                    let Some((peer, session)) = table.by_index.get(&h.receiver_index) else {
+                        // The registry session, or no session at all.
+                        let _ = inner
+                            .slow_tx
+                            .try_send(Slow::Datagram(seg.to_vec(), meta.addr));
+                        continue;
+                    };
+                    let o = &mut out[k];
+                    o.clear();
+                    o.extend_from_slice(seg);
+                    let plain = match session.open(o) {
+                        Ok(p) => p,
+                        Err(OpenError::Replay) => {
+                            bump(&inner.drops.replay);
+                            continue;
+                        }
+                        Err(_) => {
+                            bump(&inner.drops.auth);
+                            continue;
+                        }
+                    };
+                    // Authenticated: now it may move state.
+                    peer.last_rx_ms.store(now_ms, Ordering::Relaxed);
+                    if peer.endpoint() != Some(meta.addr) {
+                        peer.set_endpoint(meta.addr);
+                    }
+                    if !session.initiator {
+                        peer.promote(session);
+                    }
+                    if plain == 0 {
+                        continue; // keepalive
+                    }
+                    let inner_pkt = &o[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
+                    match packet::ipv4_addrs(inner_pkt) {
+                        Some((src, dst)) if src == peer.address && dst == me => {}
+                        _ => {
+                            bump(&inner.drops.inner_address);
+                            continue;
+                        }
+                    }
+                    peer.rx_bytes.fetch_add(plain as u64, Ordering::Relaxed);
+                    o.truncate(DATA_HEADER_LEN + plain);
+                    k += 1;
+                }
+            }
+        }
+        if k > 0 {
+            if let Some(tun) = inner.tun.get() {
+                if let Err(e) = tun.send_batch(&mut out[..k]).await {
+                    tracing::debug!("TUN write: {e}");
+                }
+            }
+        }
+    }
+}

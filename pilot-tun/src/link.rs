@@ -1,0 +1,251 @@
+//! The node's control session with the registry: a Noise IK session towards
+//! the pinned registry key, request/response with retries, and pushes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use pilot_proto::handshake::{Initiator, MacKey};
+use pilot_proto::join::JoinUrl;
+use pilot_proto::messages::{self, ErrorCode, FromRegistry, ToRegistry};
+use pilot_proto::session::Session;
+use pilot_proto::wire::{DATA_HEADER_LEN, TAG_LEN};
+use tokio::sync::oneshot;
+
+use crate::udp::Udp;
+
+/// How long one request waits for its answer before it is sent again.
+const CALL_RETRY: Duration = Duration::from_millis(700);
+/// How many times a request is sent.
+const CALL_TRIES: u32 = 3;
+
+/// A registry request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// No session with the registry right now.
+    #[error("the registry at {0} is unreachable (no answer); try again when it is up")]
+    Unreachable(SocketAddr),
+    /// The registry refused.
+    #[error("the registry refused: {message}")]
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its words.
+        message: String,
+    },
+    /// An unexpected answer.
+    #[error("unexpected answer from the registry")]
+    Protocol,
+}
+
+/// The registry session and the requests waiting on it.
+pub struct RegistryLink {
+    /// The pinned registry key and address.
+    pub join: JoinUrl,
+    session: RwLock<Option<Arc<Session>>>,
+    pending_handshake: Mutex<Option<(Initiator, oneshot::Sender<Arc<Session>>)>>,
+    calls: Mutex<HashMap<u32, oneshot::Sender<FromRegistry>>>,
+    next_req: AtomicU32,
+    reachable: AtomicBool,
+    last_contact: Mutex<Option<Instant>>,
+    observed: Mutex<Option<SocketAddr>>,
+}
+
+impl RegistryLink {
+    /// A link with no session yet.
+    pub fn new(join: JoinUrl) -> Self {
+        RegistryLink {
+            join,
+            session: RwLock::new(None),
+            pending_handshake: Mutex::new(None),
+            calls: Mutex::new(HashMap::new()),
+            next_req: AtomicU32::new(1),
+            reachable: AtomicBool::new(false),
+            last_contact: Mutex::new(None),
+            observed: Mutex::new(None),
+        }
+    }
+
+    /// The current session, if any.
+    pub fn session(&self) -> Option<Arc<Session>> {
+        self.session.read().clone()
+    }
+
+    /// Forgets the session (it stopped answering).
+    pub fn drop_session(&self) {
+        *self.session.write() = None;
+        self.reachable.store(false, Ordering::Relaxed);
+    }
+
+    /// True if the last exchange with the registry worked.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// When we last heard from the registry.
+    pub fn last_contact(&self) -> Option<Instant> {
+        *self.last_contact.lock()
+    }
+
+    /// Our endpoint as the registry sees it.
+    pub fn observed(&self) -> Option<SocketAddr> {
+        *self.observed.lock()
+    }
+
+    /// Records our endpoint as seen by the registry.
+    pub fn set_observed(&self, a: SocketAddr) {
+        *self.observed.lock() = Some(a);
+    }
+
+    /// True if `index` is our index of the registry session or of the
+    /// handshake towards it.
+    pub fn owns_index(&self, index: u32) -> bool {
+        self.session
+            .read()
+            .as_ref()
+            .is_some_and(|s| s.local_index == index)
+            || self
+                .pending_handshake
+                .lock()
+                .as_ref()
+                .is_some_and(|(i, _)| i.local_index() == index)
+    }
+
+    /// Runs a handshake with the registry. `make_init` builds the initiation
+    /// (it needs the node's keys and a fresh index).
+    pub async fn handshake(
+        &self,
+        udp: &Udp,
+        make_init: impl Fn() -> Option<(Initiator, [u8; pilot_proto::wire::INIT_LEN])>,
+    ) -> Result<Arc<Session>, LinkError> {
+        for _ in 0..CALL_TRIES {
+            let Some((init, msg)) = make_init() else {
+                return Err(LinkError::Protocol);
+            };
+            let (tx, rx) = oneshot::channel();
+            *self.pending_handshake.lock() = Some((init, tx));
+            let _ = udp.send_to(&msg, self.join.addr).await;
+            if let Ok(Ok(s)) = tokio::time::timeout(CALL_RETRY * 2, rx).await {
+                *self.session.write() = Some(s.clone());
+                self.contact();
+                return Ok(s);
+            }
+        }
+        *self.pending_handshake.lock() = None;
+        self.reachable.store(false, Ordering::Relaxed);
+        Err(LinkError::Unreachable(self.join.addr))
+    }
+
+    /// Completes the handshake with the registry's response, if it is ours.
+    pub fn on_handshake_response(
+        &self,
+        own_mac: &MacKey,
+        resp: pilot_proto::wire::HandshakeResp<'_>,
+        now: Instant,
+    ) -> bool {
+        let mut pending = self.pending_handshake.lock();
+        let ours = pending
+            .as_ref()
+            .is_some_and(|(i, _)| i.local_index() == resp.receiver_index());
+        if !ours {
+            return false;
+        }
+        let Some((init, tx)) = pending.take() else {
+            return false;
+        };
+        match init.finish(own_mac, resp, now) {
+            Ok(s) => {
+                let _ = tx.send(Arc::new(s));
+            }
+            Err(e) => tracing::debug!("registry handshake response refused: {e}"),
+        }
+        true
+    }
+
+    fn contact(&self) {
+        self.reachable.store(true, Ordering::Relaxed);
+        *self.last_contact.lock() = Some(Instant::now());
+    }
+
+    /// Sends a request built by `make` (given its request id) and waits for
+    /// the answer, resending a few times.
+    pub async fn call(
+        &self,
+        udp: &Udp,
+        make: impl Fn(u32) -> ToRegistry,
+    ) -> Result<FromRegistry, LinkError> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let msg = make(req);
+        let bytes = messages::encode(&msg).map_err(|_| LinkError::Protocol)?;
+        let (tx, mut rx) = oneshot::channel();
+        self.calls.lock().insert(req, tx);
+        let result = async {
+            for _ in 0..CALL_TRIES {
+                let Some(session) = self.session() else {
+                    return Err(LinkError::Unreachable(self.join.addr));
+                };
+                self.send_sealed(udp, &session, &bytes).await;
+                match tokio::time::timeout(CALL_RETRY, &mut rx).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(_)) => return Err(LinkError::Protocol),
+                    Err(_) => continue,
+                }
+            }
+            Err(LinkError::Unreachable(self.join.addr))
+        }
+        .await;
+        self.calls.lock().remove(&req);
+        match result {
+            Ok(FromRegistry::Error { code, message, .. }) => {
+                Err(LinkError::Refused { code, message })
+            }
+            other => other,
+        }
+    }
+
+    /// Sends a message that expects no answer (acknowledgements).
+    pub async fn send(&self, udp: &Udp, msg: &ToRegistry) {
+        let (Some(session), Ok(bytes)) = (self.session(), messages::encode(msg)) else {
+            return;
+        };
+        self.send_sealed(udp, &session, &bytes).await;
+    }
+
+    async fn send_sealed(&self, udp: &Udp, session: &Session, bytes: &[u8]) {
+        let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
+        out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(bytes);
+        if let Ok(n) = session.sender.seal(&mut out, bytes.len()) {
+            let _ = udp.send_to(&out[..n], self.join.addr).await;
+        }
+    }
+
+    /// Decrypts a datagram on the registry session. Returns the decoded
+    /// message if it is not an answer to a waiting request (pushes).
+    pub fn on_data(&self, datagram: &mut [u8]) -> Option<FromRegistry> {
+        let session = self.session()?;
+        let n = session.open(datagram).ok()?;
+        self.contact();
+        let msg: FromRegistry =
+            messages::decode(&datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).ok()?;
+        let req = match &msg {
+            FromRegistry::Registered { req, .. }
+            | FromRegistry::Peer { req, .. }
+            | FromRegistry::Ok { req }
+            | FromRegistry::Error { req, .. }
+            | FromRegistry::Pong { req, .. } => Some(*req),
+            FromRegistry::Push { .. } => None,
+        };
+        match req {
+            Some(r) => {
+                if let Some(tx) = self.calls.lock().remove(&r) {
+                    let _ = tx.send(msg);
+                }
+                None
+            }
+            None => Some(msg),
+        }
+    }
+}

@@ -1,0 +1,1307 @@
+//! The node: startup, the control side (handshakes, timers, the registry
+//! session, trust changes) and the requests of the control socket. The
+//! packet path is in [`crate::dataplane`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use parking_lot::{Mutex, RwLock};
+use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::{Identity, NodeId};
+use pilot_proto::join::JoinUrl;
+use pilot_proto::messages::{
+    FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
+    ToRegistry,
+};
+use pilot_proto::ratelimit::RateLimiter;
+use pilot_proto::session::{CipherSuite, Session};
+use pilot_proto::timers::{TimerAction, REJECT_AFTER, REKEY_AFTER};
+use pilot_proto::trust::{Change, TrustStore};
+use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, INIT_LEN, TAG_LEN};
+use serde_json::json;
+use std::collections::HashMap;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::control::{Request, Response};
+use crate::link::{LinkError, RegistryLink};
+use crate::peers::{bump, Drops, PeerData, PeerRuntime, PeerTable};
+use crate::state::{NodeState, StateDir, StateError};
+use crate::tun::Tun;
+use crate::udp::Udp;
+
+/// How the node is configured.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The state directory.
+    pub state: StateDir,
+    /// The registry (None: use the one remembered in the state directory).
+    pub registry: Option<JoinUrl>,
+    /// Hostname to claim.
+    pub hostname: Option<String>,
+    /// UDP address to listen on (None: last port, or any).
+    pub listen: Option<SocketAddr>,
+    /// Data cipher for sessions we initiate.
+    pub suite: CipherSuite,
+    /// Use UDP GSO/GRO and TUN offloads where the kernel allows.
+    pub offload: bool,
+    /// How long start-up waits for the registry before using the cached
+    /// address.
+    pub register_timeout: Duration,
+}
+
+/// Start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A state file.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// No registry given and none remembered.
+    #[error("no registry given: pass --registry pilot://<key>@<ip:port> (printed by pilot-registry) on the first `up`")]
+    NoRegistry,
+    /// The remembered registry URL does not parse.
+    #[error(
+        "the registry URL remembered in node.json does not parse ({0}); pass --registry again"
+    )]
+    BadRegistry(String),
+    /// UDP socket.
+    #[error("cannot bind UDP {addr}: {source} (is another pilot-tun using the port? choose one with --listen)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The registry could not be reached and there is no cached address.
+    #[error("{0}; this node has no cached address yet, so it needs the registry once (check the join URL and that UDP to it is open)")]
+    Registry(LinkError),
+    /// The TUN device.
+    #[error("{0}")]
+    Tun(String),
+}
+
+/// An item for the control side.
+pub enum Slow {
+    /// A datagram that is not data for a peer session.
+    Datagram(Vec<u8>, SocketAddr),
+    /// A packet for a trusted peer that has no session.
+    NeedSession(NodeId, Vec<u8>),
+}
+
+/// The control side's state, behind one lock (never held across an await).
+pub struct Brain {
+    /// The trust store.
+    pub trust: TrustStore,
+    /// node.json.
+    pub node_state: NodeState,
+    /// Trusted peers.
+    pub peers: HashMap<NodeId, PeerRuntime>,
+    /// Trusted peers by static key, for answering handshakes.
+    pub by_static: HashMap<[u8; 32], NodeId>,
+    last_timestamp: u64,
+    limiter: RateLimiter<std::net::IpAddr>,
+}
+
+/// Everything a running node shares between its tasks.
+pub struct Inner<T: Tun> {
+    /// Our keys.
+    pub identity: Identity,
+    /// Our node id.
+    pub id: NodeId,
+    /// MAC key for handshakes addressed to us.
+    pub own_mac: MacKey,
+    /// Configuration.
+    pub cfg: NodeConfig,
+    /// The registry session.
+    pub link: RegistryLink,
+    /// Our address and the overlay network, once known.
+    pub net: OnceLock<(Ipv4Addr, Ipv4Net)>,
+    /// The TUN device, once created.
+    pub tun: OnceLock<T>,
+    /// The UDP socket.
+    pub udp: Udp,
+    /// What the data plane reads.
+    pub table: RwLock<PeerTable>,
+    /// What the control side owns.
+    pub brain: Mutex<Brain>,
+    /// Drop counters.
+    pub drops: Drops,
+    /// Items for the control side.
+    pub slow_tx: mpsc::Sender<Slow>,
+    /// Reference instant for the peers' millisecond clocks.
+    pub epoch: Instant,
+    /// Signals `down`.
+    pub stop: Notify,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    started: SystemTime,
+}
+
+/// A running node.
+pub struct Node<T: Tun> {
+    /// Shared state (public for tests and the data plane).
+    pub inner: Arc<Inner<T>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // The system generator does not fail on Linux; a zero index is still valid.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u32::from_le_bytes(b)
+}
+
+impl<T: Tun> Node<T> {
+    /// Starts a node: state, UDP, registry, then the TUN (from `make_tun`,
+    /// given our address and the overlay network), then the packet loops.
+    pub async fn start(
+        cfg: NodeConfig,
+        make_tun: impl FnOnce(Ipv4Addr, Ipv4Net) -> Result<T, String>,
+    ) -> Result<Self, StartError> {
+        cfg.state.create()?;
+        let (identity, new) = cfg.state.load_or_create_identity()?;
+        let mut node_state = cfg.state.load_node()?;
+        let trust = cfg.state.load_trust()?;
+        let join: JoinUrl = match (&cfg.registry, &node_state.registry) {
+            (Some(j), _) => *j,
+            (None, Some(s)) => s.parse().map_err(|_| StartError::BadRegistry(s.clone()))?,
+            (None, None) => return Err(StartError::NoRegistry),
+        };
+        if new {
+            info!(id = %identity.node_id(), "created a new identity");
+        }
+        if node_state.registry.as_deref() != Some(&join.to_string()) {
+            if node_state.registry.is_some() && node_state.address.is_some() {
+                warn!("registry changed; the cached address belongs to the old network");
+                node_state.address = None;
+                node_state.prefix_len = None;
+            }
+            node_state.registry = Some(join.to_string());
+            cfg.state.save_node(&node_state)?;
+        }
+
+        let socket = bind_udp(cfg.listen, node_state.port)?;
+        let udp = Udp::new(socket, cfg.offload).map_err(|e| StartError::Bind {
+            addr: cfg
+                .listen
+                .unwrap_or_else(|| "0.0.0.0:0".parse().expect("literal")),
+            source: e,
+        })?;
+        let port = udp.local_addr().map(|a| a.port()).ok();
+        if port.is_some() && node_state.port != port {
+            node_state.port = port;
+            cfg.state.save_node(&node_state)?;
+        }
+
+        let (slow_tx, slow_rx) = mpsc::channel(4096);
+        let id = identity.node_id();
+        let own_mac = MacKey::for_static(&identity.static_public());
+        let inner = Arc::new(Inner {
+            id,
+            own_mac,
+            identity,
+            link: RegistryLink::new(join),
+            net: OnceLock::new(),
+            tun: OnceLock::new(),
+            udp,
+            table: RwLock::new(PeerTable::default()),
+            brain: Mutex::new(Brain {
+                trust,
+                node_state,
+                peers: HashMap::new(),
+                by_static: HashMap::new(),
+                last_timestamp: 0,
+                limiter: RateLimiter::new(20, 5),
+            }),
+            drops: Drops::default(),
+            slow_tx,
+            epoch: Instant::now(),
+            stop: Notify::new(),
+            tasks: Mutex::new(vec![]),
+            started: SystemTime::now(),
+            cfg,
+        });
+        {
+            let mut tasks = inner.tasks.lock();
+            tasks.push(tokio::spawn(crate::dataplane::udp_loop(inner.clone())));
+            tasks.push(tokio::spawn(slow_loop(inner.clone(), slow_rx)));
+        }
+
+        // Register, or fall back to the cached address.
+        let registered =
+            tokio::time::timeout(inner.cfg.register_timeout, inner.connect_registry()).await;
+        let cached = {
+            let b = inner.brain.lock();
+            b.node_state
+                .address
+                .zip(b.node_state.prefix_len)
+                .and_then(|(a, p)| Ipv4Net::new(a, p).ok().map(|n| (a, n.trunc())))
+        };
+        match (registered, cached) {
+            (Ok(Ok(())), _) => {}
+            (r, Some((a, n))) => {
+                let why = match r {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".into(),
+                };
+                warn!("registry not reachable ({why}); coming up on cached address {a}");
+                let _ = inner.net.set((a, n));
+            }
+            (Ok(Err(e)), None) => {
+                inner.shutdown().await;
+                return Err(StartError::Registry(e));
+            }
+            (Err(_), None) => {
+                inner.shutdown().await;
+                return Err(StartError::Registry(LinkError::Unreachable(
+                    inner.link.join.addr,
+                )));
+            }
+        }
+        let (address, network) = *inner.net.get().expect("address set above");
+        let tun = match make_tun(address, network) {
+            Ok(t) => t,
+            Err(e) => {
+                inner.shutdown().await;
+                return Err(StartError::Tun(e));
+            }
+        };
+        let _ = inner.tun.set(tun);
+        {
+            let mut brain = inner.brain.lock();
+            let trusted: Vec<_> = brain
+                .trust
+                .iter()
+                .filter(|(_, r)| r.trusted())
+                .map(|(id, r)| (id, r.address, r.identity.static_public))
+                .collect();
+            let mut table = inner.table.write();
+            for (pid, addr, st) in trusted {
+                add_peer(&mut brain, &mut table, pid, addr, st);
+            }
+        }
+        {
+            let mut tasks = inner.tasks.lock();
+            tasks.push(tokio::spawn(crate::dataplane::tun_loop(inner.clone())));
+            tasks.push(tokio::spawn(tick_loop(inner.clone())));
+            tasks.push(tokio::spawn(registry_keeper(inner.clone())));
+        }
+        // Find the endpoints of trusted peers in the background.
+        let ids: Vec<NodeId> = inner.brain.lock().peers.keys().copied().collect();
+        for pid in ids {
+            spawn_lookup(&inner, pid);
+        }
+        Ok(Node { inner })
+    }
+
+    /// Handles one control request.
+    pub async fn request(&self, req: Request) -> Response {
+        self.inner.request(req).await
+    }
+
+    /// Stops every task of the node and waits until they are gone (the UDP
+    /// port and the TUN device are released when the last handle drops).
+    pub async fn shutdown(self) {
+        self.inner.shutdown().await;
+    }
+
+    /// Our overlay address.
+    pub fn address(&self) -> Ipv4Addr {
+        self.inner
+            .net
+            .get()
+            .map(|n| n.0)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+fn bind_udp(
+    listen: Option<SocketAddr>,
+    last_port: Option<u16>,
+) -> Result<std::net::UdpSocket, StartError> {
+    let bind = |a: SocketAddr| {
+        std::net::UdpSocket::bind(a).map_err(|e| StartError::Bind { addr: a, source: e })
+    };
+    match (listen, last_port) {
+        (Some(a), _) => bind(a),
+        (None, Some(p)) => bind(SocketAddr::from(([0, 0, 0, 0], p)))
+            .or_else(|_| bind(SocketAddr::from(([0, 0, 0, 0], 0)))),
+        (None, None) => bind(SocketAddr::from(([0, 0, 0, 0], 0))),
+    }
+}
+
+/// Adds a trusted peer to the control state and the data plane's table.
+fn add_peer(
+    brain: &mut Brain,
+    table: &mut PeerTable,
+    id: NodeId,
+    address: Ipv4Addr,
+    static_public: [u8; 32],
+) {
+    if brain.peers.contains_key(&id) {
+        return;
+    }
+    let data = Arc::new(PeerData::new(id, address));
+    table.by_addr.insert(address, data.clone());
+    brain.by_static.insert(static_public, id);
+    brain
+        .peers
+        .insert(id, PeerRuntime::new(data, static_public));
+}
+
+/// Removes a peer from the data plane at once: its sessions and its address.
+fn remove_peer(brain: &mut Brain, table: &mut PeerTable, id: &NodeId) {
+    if let Some(rt) = brain.peers.remove(id) {
+        table.by_addr.remove(&rt.data.address);
+        for s in &rt.sessions {
+            table.by_index.remove(&s.local_index);
+        }
+        rt.data.clear_session();
+        brain.by_static.remove(&rt.static_public);
+    }
+}
+
+impl<T: Tun> Inner<T> {
+    /// Milliseconds since the node's epoch.
+    pub fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn instant_of(&self, ms: u64) -> Option<Instant> {
+        (ms > 0).then(|| self.epoch + Duration::from_millis(ms))
+    }
+
+    /// Our overlay address (unspecified before start-up finished).
+    pub fn address(&self) -> Ipv4Addr {
+        self.net.get().map(|n| n.0).unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Our overlay network.
+    pub fn network(&self) -> Option<Ipv4Net> {
+        self.net.get().map(|n| n.1)
+    }
+
+    async fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock());
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn next_seq(&self, brain: &mut Brain) -> Result<u64, StateError> {
+        let seq = (brain.node_state.seq + 1).max(unix_micros());
+        brain.node_state.seq = seq;
+        // Written before use, so a crash can never make us reuse a number.
+        self.cfg.state.save_node(&brain.node_state)?;
+        Ok(seq)
+    }
+
+    fn next_timestamp(brain: &mut Brain) -> u64 {
+        let ts = (brain.last_timestamp + 1).max(unix_micros() * 1000);
+        brain.last_timestamp = ts;
+        ts
+    }
+
+    fn fresh_index(&self) -> u32 {
+        loop {
+            let i = random_u32();
+            if !self.table.read().by_index.contains_key(&i) && !self.link.owns_index(i) {
+                return i;
+            }
+        }
+    }
+
+    /// Handshake with the registry, then register.
+    async fn connect_registry(&self) -> Result<(), LinkError> {
+        let make_init = || {
+            let ts = Self::next_timestamp(&mut self.brain.lock());
+            handshake::initiate(
+                self.identity.static_secret(),
+                &self.link.join.key,
+                self.fresh_index(),
+                ts,
+                CipherSuite::Aes256Gcm,
+            )
+            .ok()
+        };
+        self.link.handshake(&self.udp, make_init).await?;
+        let (seq, hostname) = {
+            let mut b = self.brain.lock();
+            let seq = self.next_seq(&mut b).map_err(|_| LinkError::Protocol)?;
+            let host = self
+                .cfg
+                .hostname
+                .clone()
+                .or_else(|| b.node_state.hostname.clone());
+            (seq, host)
+        };
+        let locals = local_endpoints(self.udp.local_addr().map(|a| a.port()).unwrap_or(0));
+        let reg = Signed::sign(
+            Registration {
+                identity: self.identity.public(),
+                hostname: hostname.clone(),
+                seq,
+                local_endpoints: locals,
+            },
+            &self.identity,
+        );
+        let answer = self
+            .link
+            .call(&self.udp, |req| ToRegistry::Register {
+                req,
+                reg: reg.clone(),
+            })
+            .await?;
+        let FromRegistry::Registered {
+            address,
+            prefix_len,
+            hostname: granted,
+            hostname_refused,
+            observed,
+            ..
+        } = answer
+        else {
+            return Err(LinkError::Protocol);
+        };
+        if let Some(why) = hostname_refused {
+            warn!("hostname not granted: {why}");
+        }
+        self.link.set_observed(observed);
+        let network = Ipv4Net::new(address, prefix_len)
+            .map_err(|_| LinkError::Protocol)?
+            .trunc();
+        if let Some((a, _)) = self.net.get() {
+            if *a != address {
+                warn!(cached = %a, assigned = %address, "registry assigned a different address than the cached one; keeping the interface as is until restart");
+            }
+        } else {
+            let _ = self.net.set((address, network));
+        }
+        let mut b = self.brain.lock();
+        let changed = b.node_state.address != Some(address)
+            || b.node_state.prefix_len != Some(prefix_len)
+            || b.node_state.hostname != granted;
+        if changed {
+            b.node_state.address = Some(address);
+            b.node_state.prefix_len = Some(prefix_len);
+            b.node_state.hostname = granted;
+            if let Err(e) = self.cfg.state.save_node(&b.node_state) {
+                warn!("cannot save node state: {e}");
+            }
+        }
+        info!(%address, %observed, "registered");
+        Ok(())
+    }
+
+    /// Looks a peer up at the registry and checks what it says.
+    async fn lookup(&self, peer: &PeerRef) -> Result<PeerInfo, String> {
+        let answer = self
+            .link
+            .call(&self.udp, |req| ToRegistry::Lookup {
+                req,
+                peer: peer.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let FromRegistry::Peer { info, .. } = answer else {
+            return Err("unexpected answer from the registry".into());
+        };
+        if !info.identity.binding_valid() {
+            return Err(format!(
+                "the registry returned keys for {peer} that do not belong together; refusing them"
+            ));
+        }
+        if let PeerRef::Id(id) = peer {
+            if info.identity.node_id() != *id {
+                return Err(format!(
+                    "the registry returned another node's keys for {peer}; refusing them"
+                ));
+            }
+        }
+        if let Some(net) = self.network() {
+            if !net.contains(&info.address) {
+                return Err(format!(
+                    "the registry returned address {} outside the overlay {net}",
+                    info.address
+                ));
+            }
+        }
+        Ok(info)
+    }
+
+    /// Applies a trust change to the data plane.
+    fn apply_change(self: &Arc<Self>, brain: &mut Brain, id: NodeId, change: Change) {
+        if change.now_trusted && !change.was_trusted {
+            if let Some(r) = brain.trust.get(&id) {
+                let (addr, st) = (r.address, r.identity.static_public);
+                let mut table = self.table.write();
+                add_peer(brain, &mut table, id, addr, st);
+            }
+            spawn_lookup_locked(self, brain, id);
+            info!(peer = %id, "peer trusted");
+        } else if change.was_trusted && !change.now_trusted {
+            let mut table = self.table.write();
+            remove_peer(brain, &mut table, &id);
+            info!(peer = %id, "peer no longer trusted; sessions dropped");
+        }
+    }
+
+    /// Starts (or restarts) a handshake with a trusted peer. Returns the
+    /// datagrams to send.
+    fn start_handshake(
+        &self,
+        brain: &mut Brain,
+        id: &NodeId,
+        now: Instant,
+    ) -> Vec<(Vec<u8>, SocketAddr)> {
+        let index = self.fresh_index();
+        let ts = Self::next_timestamp(brain);
+        let Some(rt) = brain.peers.get_mut(id) else {
+            return vec![];
+        };
+        let dests = rt.destinations();
+        if dests.is_empty() {
+            return vec![];
+        }
+        let Ok((init, msg)) = handshake::initiate(
+            self.identity.static_secret(),
+            &rt.static_public,
+            index,
+            ts,
+            self.cfg.suite,
+        ) else {
+            return vec![];
+        };
+        rt.initiator = Some(init);
+        let jitter = Duration::from_millis((random_u32() % 334) as u64);
+        rt.timers.on_handshake_sent(now, jitter);
+        rt.timers.on_sent(now);
+        dests.into_iter().map(|d| (msg.to_vec(), d)).collect()
+    }
+
+    /// Seals the queued packets (or a keepalive) for a peer with a session.
+    fn drain_queue(
+        rt: &mut PeerRuntime,
+        session: &Session,
+        to: SocketAddr,
+        keepalive: bool,
+    ) -> Vec<(Vec<u8>, SocketAddr)> {
+        let mut out = vec![];
+        let mut pkts: Vec<Vec<u8>> = rt.queue.drain(..).collect();
+        if pkts.is_empty() && keepalive {
+            pkts.push(vec![]);
+        }
+        for p in pkts {
+            let mut buf = vec![0u8; DATA_HEADER_LEN + p.len() + TAG_LEN];
+            buf[DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()].copy_from_slice(&p);
+            if let Ok(n) = session.sender.seal(&mut buf, p.len()) {
+                buf.truncate(n);
+                rt.data
+                    .tx_bytes
+                    .fetch_add(p.len() as u64, Ordering::Relaxed);
+                out.push((buf, to));
+            }
+        }
+        out
+    }
+
+    /// Installs a new session for a peer.
+    fn install(
+        &self,
+        brain: &mut Brain,
+        id: &NodeId,
+        session: Session,
+        from: SocketAddr,
+        now: Instant,
+    ) -> Option<Arc<Session>> {
+        let rt = brain.peers.get_mut(id)?;
+        let session = Arc::new(session);
+        let initiator = session.initiator;
+        self.table
+            .write()
+            .by_index
+            .insert(session.local_index, (rt.data.clone(), session.clone()));
+        rt.sessions.push(session.clone());
+        // The initiator knows the responder has the keys; the responder waits
+        // for the first packet on the new session before switching to it,
+        // unless it has nothing else.
+        if initiator || !rt.data.has_session() {
+            rt.data.promote(&session);
+        }
+        rt.data.set_endpoint(from);
+        rt.timers.on_session(now, initiator);
+        rt.last_handshake = Some(SystemTime::now());
+        Some(session)
+    }
+
+    async fn send_all(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
+        for (buf, to) in out {
+            let _ = self.udp.send_to(&buf, to).await;
+        }
+    }
+
+    async fn on_slow(self: &Arc<Self>, item: Slow) {
+        let now = Instant::now();
+        match item {
+            Slow::NeedSession(id, pkt) => {
+                let out = {
+                    let mut brain = self.brain.lock();
+                    let Some(rt) = brain.peers.get_mut(&id) else {
+                        return;
+                    };
+                    rt.enqueue(pkt);
+                    if rt.timers.handshake_in_flight() {
+                        return;
+                    }
+                    if rt.destinations().is_empty() {
+                        if !rt.lookup_in_flight {
+                            drop(brain);
+                            spawn_lookup(self, id);
+                        }
+                        return;
+                    }
+                    self.start_handshake(&mut brain, &id, now)
+                };
+                self.send_all(out).await;
+            }
+            Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
+                Kind::HandshakeInit => self.on_init(&buf, from, now).await,
+                Kind::HandshakeResp => self.on_resp(&buf, from, now).await,
+                Kind::Data => {
+                    if let Some(msg) = self.link.on_data(&mut buf) {
+                        self.on_registry_push(msg).await;
+                    } else {
+                        // Either an answer routed to its caller, or data for
+                        // no session of ours.
+                    }
+                }
+                Kind::Stun | Kind::Unknown => bump(&self.drops.malformed),
+            },
+        }
+    }
+
+    async fn on_init(self: &Arc<Self>, buf: &[u8], from: SocketAddr, now: Instant) {
+        let Ok(init) = wire::HandshakeInit::new_checked(buf) else {
+            bump(&self.drops.malformed);
+            return;
+        };
+        if !self.own_mac.verify(init.mac_covered(), init.mac()) {
+            bump(&self.drops.bad_handshake);
+            return;
+        }
+        if !self.brain.lock().limiter.allow(&from.ip(), now) {
+            bump(&self.drops.rate_limited);
+            return;
+        }
+        let resp = match handshake::respond(self.identity.static_secret(), &self.own_mac, init) {
+            Ok(r) => r,
+            Err(_) => {
+                bump(&self.drops.bad_handshake);
+                return;
+            }
+        };
+        let index = self.fresh_index();
+        let out = {
+            let mut brain = self.brain.lock();
+            // Only the local trust store decides: an unknown or untrusted key
+            // gets no answer at all.
+            let Some(id) = brain.by_static.get(resp.remote_static()).copied() else {
+                bump(&self.drops.untrusted_handshake);
+                debug!(%from, "handshake from an untrusted key ignored");
+                return;
+            };
+            let Some(rt) = brain.peers.get_mut(&id) else {
+                return;
+            };
+            if resp.timestamp() <= rt.last_init_timestamp {
+                bump(&self.drops.bad_handshake);
+                return;
+            }
+            rt.last_init_timestamp = resp.timestamp();
+            let Ok((session, msg)) = resp.accept(index, now) else {
+                bump(&self.drops.bad_handshake);
+                return;
+            };
+            let Some(_session) = self.install(&mut brain, &id, session, from, now) else {
+                return;
+            };
+            debug!(peer = %id, %from, "handshake answered");
+            vec![(msg.to_vec(), from)]
+        };
+        self.send_all(out).await;
+    }
+
+    async fn on_resp(self: &Arc<Self>, buf: &[u8], from: SocketAddr, now: Instant) {
+        let Ok(resp) = wire::HandshakeResp::new_checked(buf) else {
+            bump(&self.drops.malformed);
+            return;
+        };
+        if self.link.on_handshake_response(&self.own_mac, resp, now) {
+            return;
+        }
+        let out = {
+            let mut brain = self.brain.lock();
+            let Some(id) = brain
+                .peers
+                .iter()
+                .find(|(_, rt)| {
+                    rt.initiator
+                        .as_ref()
+                        .is_some_and(|i| i.local_index() == resp.receiver_index())
+                })
+                .map(|(id, _)| *id)
+            else {
+                bump(&self.drops.bad_handshake);
+                return;
+            };
+            let Some(init) = brain.peers.get_mut(&id).and_then(|rt| rt.initiator.take()) else {
+                return;
+            };
+            let session = match init.finish(&self.own_mac, resp, now) {
+                Ok(s) => s,
+                Err(_) => {
+                    bump(&self.drops.bad_handshake);
+                    return;
+                }
+            };
+            let Some(session) = self.install(&mut brain, &id, session, from, now) else {
+                return;
+            };
+            info!(peer = %id, %from, "session established");
+            let Some(rt) = brain.peers.get_mut(&id) else {
+                return;
+            };
+            rt.timers.on_sent(now);
+            // Send what waited, or a keepalive so the responder switches.
+            Self::drain_queue(rt, &session, from, true)
+        };
+        self.send_all(out).await;
+    }
+
+    async fn on_registry_push(self: &Arc<Self>, msg: FromRegistry) {
+        let FromRegistry::Push { id: push, item } = msg else {
+            return;
+        };
+        let PushItem::Statement {
+            statement,
+            address,
+            hostname,
+        } = item;
+        let from = statement.body.from.node_id();
+        let ack = {
+            let mut brain = self.brain.lock();
+            match brain
+                .trust
+                .receive(&self.id, &statement, address, hostname, unix_now())
+            {
+                Ok(change) => match self.cfg.state.save_trust(&brain.trust) {
+                    Ok(()) => {
+                        info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
+                        self.apply_change(&mut brain, from, change);
+                        true
+                    }
+                    Err(e) => {
+                        // Not acknowledged: the registry will deliver it again.
+                        warn!("cannot save trust store: {e}");
+                        false
+                    }
+                },
+                Err(e) => {
+                    warn!(peer = %from, "trust statement refused: {e}");
+                    true
+                }
+            }
+        };
+        if ack {
+            self.link.send(&self.udp, &ToRegistry::Ack { push }).await;
+        }
+    }
+
+    async fn tick(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut out = vec![];
+        let mut lookups = vec![];
+        {
+            let mut brain = self.brain.lock();
+            let ids: Vec<NodeId> = brain.peers.keys().copied().collect();
+            for id in ids {
+                let Some(rt) = brain.peers.get_mut(&id) else {
+                    continue;
+                };
+                if let Some(t) = self.instant_of(rt.data.last_rx_ms.load(Ordering::Relaxed)) {
+                    rt.timers.on_received(t);
+                }
+                if let Some(t) = self.instant_of(rt.data.last_tx_ms.load(Ordering::Relaxed)) {
+                    rt.timers.on_sent(t);
+                }
+                // Forget sessions past their reject age.
+                let (old, live): (Vec<_>, Vec<_>) = rt
+                    .sessions
+                    .drain(..)
+                    .partition(|s| now.saturating_duration_since(s.created) >= REJECT_AFTER);
+                rt.sessions = live;
+                if !old.is_empty() {
+                    let mut table = self.table.write();
+                    for s in &old {
+                        table.by_index.remove(&s.local_index);
+                        rt.data.clear_if(s);
+                    }
+                }
+                match rt.timers.poll(now) {
+                    TimerAction::Idle => {}
+                    TimerAction::Handshake => {
+                        if rt.destinations().is_empty() {
+                            rt.timers.cancel_handshake();
+                            lookups.push(id);
+                        } else {
+                            out.extend(self.start_handshake(&mut brain, &id, now));
+                        }
+                    }
+                    TimerAction::Keepalive => {
+                        if let (Some(s), Some(to)) = (rt.data.current(now), rt.data.endpoint()) {
+                            rt.timers.on_sent(now);
+                            rt.data
+                                .last_tx_ms
+                                .store(self.now_ms(now), Ordering::Relaxed);
+                            out.extend(Self::drain_queue(rt, &s, to, true));
+                        } else {
+                            rt.timers.on_sent(now);
+                        }
+                    }
+                    TimerAction::ExpireSession => {
+                        rt.data.clear_session();
+                        rt.timers.clear_session();
+                    }
+                    TimerAction::GiveUp => {
+                        rt.timers.cancel_handshake();
+                        rt.initiator = None;
+                        rt.queue.clear();
+                        // Maybe it moved: ask the registry next time.
+                        lookups.push(id);
+                    }
+                }
+            }
+        }
+        self.send_all(out).await;
+        for id in lookups {
+            spawn_lookup(self, id);
+        }
+    }
+
+    /// Resolves a CLI peer name: the trust store first, then the registry.
+    async fn resolve(&self, name: &str) -> Result<PeerInfo, String> {
+        let r: PeerRef = name.parse().unwrap_or(PeerRef::Name(name.into()));
+        let local = {
+            let b = self.brain.lock();
+            let found = b
+                .trust
+                .iter()
+                .find(|(id, rec)| match &r {
+                    PeerRef::Id(x) => id == x,
+                    PeerRef::Addr(a) => rec.address == *a,
+                    PeerRef::Name(n) => rec.hostname.as_deref() == Some(n.as_str()),
+                })
+                .map(|(_, rec)| PeerInfo {
+                    identity: rec.identity.clone(),
+                    address: rec.address,
+                    hostname: rec.hostname.clone(),
+                    endpoints: vec![],
+                });
+            found
+        };
+        match local {
+            Some(i) => Ok(i),
+            None => self.lookup(&r).await,
+        }
+    }
+
+    async fn trust_statement(self: &Arc<Self>, peer: &str, kind: StatementKind) -> Response {
+        let info = match self.resolve(peer).await {
+            Ok(i) => i,
+            Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+        };
+        let pid = info.identity.node_id();
+        if pid == self.id {
+            return Response::err("that is this node itself");
+        }
+        let seq = match self.next_seq(&mut self.brain.lock()) {
+            Ok(s) => s,
+            Err(e) => return Response::err(e.to_string()),
+        };
+        let statement = Signed::sign(
+            Statement {
+                kind: kind.clone(),
+                from: self.identity.public(),
+                to: pid,
+                seq,
+            },
+            &self.identity,
+        );
+        let grants = kind.approves();
+        let record_local = |this: &Arc<Self>| -> Result<Change, String> {
+            let mut brain = this.brain.lock();
+            let change = brain.trust.decide(
+                &info.identity,
+                info.address,
+                info.hostname.clone(),
+                &kind,
+                unix_now(),
+            );
+            this.cfg
+                .state
+                .save_trust(&brain.trust)
+                .map_err(|e| e.to_string())?;
+            this.apply_change(&mut brain, pid, change);
+            Ok(change)
+        };
+        // Withdrawing trust takes effect locally first, whatever the registry
+        // does; granting it is recorded only once the registry has it.
+        let mut change = None;
+        if !grants {
+            match record_local(self) {
+                Ok(c) => change = Some(c),
+                Err(e) => return Response::err(e),
+            }
+        }
+        let sent = self
+            .link
+            .call(&self.udp, |req| ToRegistry::Statement {
+                req,
+                statement: statement.clone(),
+            })
+            .await;
+        let delivered = match sent {
+            Ok(FromRegistry::Ok { .. }) => Ok(()),
+            Ok(_) => Err("unexpected answer from the registry".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if grants {
+            if let Err(e) = delivered {
+                return Response::err(format!("{} not sent, nothing changed: {e}", kind.name()));
+            }
+            match record_local(self) {
+                Ok(c) => change = Some(c),
+                Err(e) => return Response::err(e),
+            }
+        }
+        let trusted = change.is_some_and(|c| c.now_trusted);
+        let rec = self
+            .brain
+            .lock()
+            .trust
+            .get(&pid)
+            .map(|r| r.state())
+            .unwrap_or("none");
+        Response::ok(json!({
+            "peer": pid.to_string(),
+            "hostname": info.hostname,
+            "address": info.address.to_string(),
+            "state": rec,
+            "trusted": trusted,
+            "delivered": delivered.is_ok(),
+            "delivery_error": delivered.err(),
+        }))
+    }
+
+    /// Handles one control request.
+    pub async fn request(self: &Arc<Self>, req: Request) -> Response {
+        match req {
+            Request::Status => Response::ok(self.status()),
+            Request::Peers => Response::ok(self.peers_json()),
+            Request::TrustRequest { peer, note } => {
+                if note.len() > pilot_proto::messages::MAX_NOTE {
+                    return Response::err(format!(
+                        "the note is longer than {} bytes",
+                        pilot_proto::messages::MAX_NOTE
+                    ));
+                }
+                self.trust_statement(&peer, StatementKind::Request { note })
+                    .await
+            }
+            Request::TrustApprove { peer } => {
+                self.trust_statement(&peer, StatementKind::Approve).await
+            }
+            Request::TrustDeny { peer } => self.trust_statement(&peer, StatementKind::Deny).await,
+            Request::TrustRevoke { peer } => {
+                self.trust_statement(&peer, StatementKind::Revoke).await
+            }
+            Request::TrustPending => {
+                let b = self.brain.lock();
+                let list: Vec<_> = b
+                    .trust
+                    .iter()
+                    .filter(|(_, r)| r.pending())
+                    .map(|(id, r)| {
+                        json!({
+                            "node_id": id.to_string(),
+                            "hostname": r.hostname,
+                            "address": r.address.to_string(),
+                            "note": r.note_in,
+                        })
+                    })
+                    .collect();
+                Response::ok(json!(list))
+            }
+            Request::TrustList => {
+                let b = self.brain.lock();
+                let list: Vec<_> = b
+                    .trust
+                    .iter()
+                    .map(|(id, r)| {
+                        json!({
+                            "node_id": id.to_string(),
+                            "hostname": r.hostname,
+                            "address": r.address.to_string(),
+                            "state": r.state(),
+                            "ours": format!("{:?}", r.ours).to_lowercase(),
+                            "theirs": format!("{:?}", r.theirs).to_lowercase(),
+                        })
+                    })
+                    .collect();
+                Response::ok(json!(list))
+            }
+            Request::Down => {
+                self.stop.notify_one();
+                Response::ok(json!({"stopping": true}))
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let b = self.brain.lock();
+        let now = Instant::now();
+        let connected = b
+            .peers
+            .values()
+            .filter(|p| p.data.current(now).is_some())
+            .count();
+        let trusted = b.peers.len();
+        json!({
+            "address": self.address().to_string(),
+            "network": self.network().map(|n| n.to_string()),
+            "node_id": self.id.to_string(),
+            "hostname": b.node_state.hostname,
+            "listen": self.udp.local_addr().map(|a| a.to_string()).ok(),
+            "registry": {
+                "url": self.link.join.to_string(),
+                "reachable": self.link.reachable(),
+                "last_contact_secs": self.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
+                "observed_endpoint": self.link.observed().map(|a| a.to_string()),
+            },
+            "peers": { "known": b.trust.iter().count(), "trusted": trusted, "connected": connected },
+            "pending_requests": b.trust.iter().filter(|(_, r)| r.pending()).count(),
+            "cipher": match self.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
+            "offload": { "udp_gso": self.udp.gso() },
+            "pid": std::process::id(),
+            "uptime_secs": SystemTime::now().duration_since(self.started).map(|d| d.as_secs()).unwrap_or(0),
+            "drops": self.drops.snapshot(),
+        })
+    }
+
+    fn peers_json(&self) -> serde_json::Value {
+        let b = self.brain.lock();
+        let now = Instant::now();
+        let list: Vec<_> = b
+            .trust
+            .iter()
+            .map(|(id, r)| {
+                let rt = b.peers.get(&id);
+                json!({
+                    "node_id": id.to_string(),
+                    "hostname": r.hostname,
+                    "address": r.address.to_string(),
+                    "trust": r.state(),
+                    "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
+                    "session": rt.is_some_and(|p| p.data.current(now).is_some()),
+                    "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
+                    "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
+                    "tx_bytes": rt.map(|p| p.data.tx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
+                })
+            })
+            .collect();
+        json!(list)
+    }
+}
+
+/// UDP endpoints on this host's own interfaces, as candidates for peers.
+fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+    let mut out = vec![];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+                continue;
+            };
+            let ip = sin.ip();
+            if ip.is_loopback() || ip.is_unspecified() || ip.is_link_local() {
+                continue;
+            }
+            let e = SocketAddr::from((ip, port));
+            if !out.contains(&e) && out.len() < pilot_proto::messages::MAX_ENDPOINTS - 1 {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+fn spawn_lookup<T: Tun>(inner: &Arc<Inner<T>>, id: NodeId) {
+    spawn_lookup_locked(inner, &mut inner.brain.lock(), id);
+}
+
+/// Asks the registry where a trusted peer is, then handshakes if there is
+/// traffic waiting. Called with the brain locked; the task locks it later.
+fn spawn_lookup_locked<T: Tun>(inner: &Arc<Inner<T>>, brain: &mut Brain, id: NodeId) {
+    let Some(rt) = brain.peers.get_mut(&id) else {
+        return;
+    };
+    if rt.lookup_in_flight {
+        return;
+    }
+    rt.lookup_in_flight = true;
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let r = inner.lookup(&PeerRef::Id(id)).await;
+        let now = Instant::now();
+        let out = {
+            let mut brain = inner.brain.lock();
+            let Some(rt) = brain.peers.get_mut(&id) else {
+                return;
+            };
+            rt.lookup_in_flight = false;
+            match r {
+                Ok(info) => {
+                    rt.candidates = info.endpoints;
+                    let wants = !rt.queue.is_empty() || !rt.data.has_session();
+                    if wants && !rt.timers.handshake_in_flight() && !rt.destinations().is_empty() {
+                        inner.start_handshake(&mut brain, &id, now)
+                    } else {
+                        vec![]
+                    }
+                }
+                Err(e) => {
+                    debug!(peer = %id, "lookup failed: {e}");
+                    vec![]
+                }
+            }
+        };
+        inner.send_all(out).await;
+    });
+}
+
+async fn slow_loop<T: Tun>(inner: Arc<Inner<T>>, mut rx: mpsc::Receiver<Slow>) {
+    while let Some(item) = rx.recv().await {
+        inner.on_slow(item).await;
+    }
+}
+
+async fn tick_loop<T: Tun>(inner: Arc<Inner<T>>) {
+    let mut t = tokio::time::interval(Duration::from_millis(250));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        inner.tick().await;
+    }
+}
+
+/// Keeps the registry session alive: pings every 10 s, reconnects with
+/// backoff when it stops answering, and renews the session before its keys
+/// grow old.
+async fn registry_keeper<T: Tun>(inner: Arc<Inner<T>>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let stale = inner
+            .link
+            .session()
+            .is_none_or(|s| s.created.elapsed() >= REKEY_AFTER);
+        if stale {
+            match inner.connect_registry().await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    debug!("registry: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        match inner
+            .link
+            .call(&inner.udp, |req| ToRegistry::Ping { req })
+            .await
+        {
+            Ok(FromRegistry::Pong { observed, .. }) => inner.link.set_observed(observed),
+            _ => {
+                warn!("registry stopped answering; reconnecting");
+                inner.link.drop_session();
+            }
+        }
+    }
+}
+
+/// Runs the control socket server until the node stops.
+pub async fn serve_control<T: Tun>(inner: Arc<Inner<T>>, listener: tokio::net::UnixListener) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut reader = BufReader::new(r);
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => inner.request(req).await,
+                Err(e) => Response::err(format!("bad request: {e}")),
+            };
+            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+            out.push(b'\n');
+            let _ = w.write_all(&out).await;
+        });
+    }
+}
+
+impl<T: Tun> Node<T> {
+    /// Serves the control socket at the state directory's socket path.
+    pub fn serve_control(&self) -> std::io::Result<()> {
+        let path = self.inner.cfg.state.socket();
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        let _ =
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        let t = tokio::spawn(serve_control(self.inner.clone(), listener));
+        self.inner.tasks.lock().push(t);
+        Ok(())
+    }
+
+    /// Waits for a `down` request.
+    pub async fn stopped(&self) {
+        self.inner.stop.notified().await;
+    }
+}
+
+/// The INIT_LEN constant, re-exported for tests that forge initiations.
+pub const HANDSHAKE_INIT_LEN: usize = INIT_LEN;

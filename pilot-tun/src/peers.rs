@@ -1,0 +1,222 @@
+//! Peers: the table the data plane reads on every packet, and the slower
+//! per-peer state (timers, handshakes, queued packets) the control side owns.
+//!
+//! Only trusted peers are in [`PeerTable`]. Removing a peer from it is what
+//! makes a revocation take effect: the next packet either way finds nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use pilot_proto::handshake::Initiator;
+use pilot_proto::identity::NodeId;
+use pilot_proto::session::Session;
+use pilot_proto::timers::{PeerTimers, REJECT_AFTER};
+
+/// Packets kept per peer while its handshake is under way.
+pub const QUEUE_LIMIT: usize = 64;
+
+/// What the data plane needs about one trusted peer.
+pub struct PeerData {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its overlay address: inner packets from it must carry this source.
+    pub address: Ipv4Addr,
+    current: RwLock<Option<Arc<Session>>>,
+    endpoint: Mutex<Option<SocketAddr>>,
+    /// Inner bytes received.
+    pub rx_bytes: AtomicU64,
+    /// Inner bytes sent.
+    pub tx_bytes: AtomicU64,
+    /// Milliseconds since the node's epoch of the last authenticated packet.
+    pub last_rx_ms: AtomicU64,
+    /// Milliseconds since the node's epoch of the last packet sent.
+    pub last_tx_ms: AtomicU64,
+}
+
+impl PeerData {
+    /// A peer with no session yet.
+    pub fn new(id: NodeId, address: Ipv4Addr) -> Self {
+        PeerData {
+            id,
+            address,
+            current: RwLock::new(None),
+            endpoint: Mutex::new(None),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(0),
+            last_tx_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The session to send with, if it is still young enough.
+    pub fn current(&self, now: Instant) -> Option<Arc<Session>> {
+        let cur = self.current.read();
+        cur.as_ref()
+            .filter(|s| now.saturating_duration_since(s.created) < REJECT_AFTER)
+            .cloned()
+    }
+
+    /// True if a session is current.
+    pub fn has_session(&self) -> bool {
+        self.current.read().is_some()
+    }
+
+    /// Makes `s` current if it is newer than the current one. Returns true if
+    /// it changed.
+    pub fn promote(&self, s: &Arc<Session>) -> bool {
+        let mut cur = self.current.write();
+        match cur.as_ref() {
+            Some(c) if Arc::ptr_eq(c, s) || c.created >= s.created => false,
+            _ => {
+                *cur = Some(s.clone());
+                true
+            }
+        }
+    }
+
+    /// Drops the current session.
+    pub fn clear_session(&self) {
+        *self.current.write() = None;
+    }
+
+    /// Drops the current session if it is `s`.
+    pub fn clear_if(&self, s: &Arc<Session>) {
+        let mut cur = self.current.write();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, s)) {
+            *cur = None;
+        }
+    }
+
+    /// Where we send to.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.lock()
+    }
+
+    /// Records where authenticated packets come from (roaming).
+    pub fn set_endpoint(&self, e: SocketAddr) {
+        let mut ep = self.endpoint.lock();
+        if *ep != Some(e) {
+            *ep = Some(e);
+        }
+    }
+}
+
+/// The data plane's view: trusted peers by address, live sessions by index.
+#[derive(Default)]
+pub struct PeerTable {
+    /// Trusted peers by overlay address.
+    pub by_addr: HashMap<Ipv4Addr, Arc<PeerData>>,
+    /// Live sessions by our local index.
+    pub by_index: HashMap<u32, (Arc<PeerData>, Arc<Session>)>,
+}
+
+/// The control side's state of one trusted peer.
+pub struct PeerRuntime {
+    /// Shared with the table.
+    pub data: Arc<PeerData>,
+    /// Its X25519 static key.
+    pub static_public: [u8; 32],
+    /// Rekey, retry and keepalive rules.
+    pub timers: PeerTimers,
+    /// Our initiation in flight.
+    pub initiator: Option<Initiator>,
+    /// Packets waiting for a session.
+    pub queue: VecDeque<Vec<u8>>,
+    /// Endpoints the registry told us.
+    pub candidates: Vec<SocketAddr>,
+    /// Highest initiation timestamp accepted from it.
+    pub last_init_timestamp: u64,
+    /// Every live session (current, previous, not yet promoted).
+    pub sessions: Vec<Arc<Session>>,
+    /// Wall-clock time of the last completed handshake.
+    pub last_handshake: Option<SystemTime>,
+    /// A registry lookup for it is under way.
+    pub lookup_in_flight: bool,
+}
+
+impl PeerRuntime {
+    /// A freshly trusted peer.
+    pub fn new(data: Arc<PeerData>, static_public: [u8; 32]) -> Self {
+        PeerRuntime {
+            data,
+            static_public,
+            timers: PeerTimers::default(),
+            initiator: None,
+            queue: VecDeque::new(),
+            candidates: vec![],
+            last_init_timestamp: 0,
+            sessions: vec![],
+            last_handshake: None,
+            lookup_in_flight: false,
+        }
+    }
+
+    /// Queues a packet for when the session is up; the oldest goes first
+    /// when full.
+    pub fn enqueue(&mut self, pkt: Vec<u8>) {
+        if self.queue.len() >= QUEUE_LIMIT {
+            self.queue.pop_front();
+        }
+        self.queue.push_back(pkt);
+    }
+
+    /// Where to send an initiation: the endpoint that last worked, then the
+    /// registry's candidates.
+    pub fn destinations(&self) -> Vec<SocketAddr> {
+        let mut d: Vec<SocketAddr> = self.data.endpoint().into_iter().collect();
+        for c in &self.candidates {
+            if !d.contains(c) {
+                d.push(*c);
+            }
+        }
+        d.truncate(pilot_proto::messages::MAX_ENDPOINTS);
+        d
+    }
+}
+
+/// Counters for `status`.
+#[derive(Default)]
+pub struct Drops {
+    /// Data packets that failed authentication or named no session.
+    pub auth: AtomicU64,
+    /// Data packets replayed or too old.
+    pub replay: AtomicU64,
+    /// Inner packets whose addresses were not the peer's and ours.
+    pub inner_address: AtomicU64,
+    /// Handshakes from keys we do not trust.
+    pub untrusted_handshake: AtomicU64,
+    /// Handshakes refused: bad MAC, Noise failure, replayed timestamp.
+    pub bad_handshake: AtomicU64,
+    /// Handshakes over the per-source rate limit.
+    pub rate_limited: AtomicU64,
+    /// Local packets to untrusted or unknown addresses (answered with ICMP).
+    pub refused_local: AtomicU64,
+    /// Datagrams of no known kind.
+    pub malformed: AtomicU64,
+}
+
+impl Drops {
+    /// (name, value) pairs.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "auth": l(&self.auth),
+            "replay": l(&self.replay),
+            "inner_address": l(&self.inner_address),
+            "untrusted_handshake": l(&self.untrusted_handshake),
+            "bad_handshake": l(&self.bad_handshake),
+            "rate_limited": l(&self.rate_limited),
+            "refused_local": l(&self.refused_local),
+            "malformed": l(&self.malformed),
+        })
+    }
+}
+
+/// Adds one to a counter.
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}

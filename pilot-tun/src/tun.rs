@@ -1,0 +1,218 @@
+//! The TUN side, behind a narrow trait: the kernel device (with
+//! `IFF_VNET_HDR` offloads when the kernel allows them) and a channel-backed
+//! fake for in-process tests.
+
+use std::future::Future;
+use std::io;
+use std::net::Ipv4Addr;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+/// Room every buffer handed to [`Tun::send_batch`] keeps before the packet.
+/// It is at least the virtio-net header the kernel device prepends, and
+/// exactly our data header, so a datagram decrypted in place is written to
+/// the TUN without moving it.
+pub const TUN_OFFSET: usize = pilot_proto::wire::DATA_HEADER_LEN;
+
+/// Most packets one read or write batch carries.
+pub const BATCH: usize = 128;
+
+/// A TUN device: reads and writes IPv4 packets in batches.
+pub trait Tun: Send + Sync + 'static {
+    /// Waits for packets and reads as many as are ready (at most
+    /// `bufs.len()`). Packet `i` is `bufs[i][TUN_OFFSET..TUN_OFFSET + sizes[i]]`;
+    /// each buffer must be at least `TUN_OFFSET + 65535` long... or the MTU
+    /// when offloads are off. Returns how many packets were read.
+    fn recv_batch<'a>(
+        &'a self,
+        bufs: &'a mut [Vec<u8>],
+        sizes: &'a mut [usize],
+    ) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+
+    /// Writes packets; each is `bufs[i][TUN_OFFSET..]` (the buffers may be
+    /// merged and grown by receive offload).
+    fn send_batch<'a>(
+        &'a self,
+        bufs: &'a mut [Vec<u8>],
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+}
+
+/// The kernel TUN device.
+pub struct KernelTun {
+    dev: tun_rs::AsyncDevice,
+    name: String,
+    offload: bool,
+    read_scratch: Mutex<Vec<u8>>,
+    gro: Mutex<tun_rs::GROTable>,
+}
+
+/// How a TUN device is set up.
+#[derive(Clone, Debug)]
+pub struct TunConfig {
+    /// Interface name, e.g. `pilot0`.
+    pub name: String,
+    /// Our overlay address.
+    pub address: Ipv4Addr,
+    /// Overlay prefix length (the kernel adds the route for the prefix).
+    pub prefix_len: u8,
+    /// Interface MTU.
+    pub mtu: u16,
+    /// Try TSO/GSO offloads (`IFF_VNET_HDR`); falls back when refused.
+    pub offload: bool,
+}
+
+impl KernelTun {
+    /// Creates and configures the device. With `offload`, asks for
+    /// `IFF_VNET_HDR` and TSO; if the kernel refuses, retries without.
+    pub fn create(cfg: &TunConfig) -> io::Result<Self> {
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&cfg.name)
+                .ipv4(cfg.address, cfg.prefix_len, None)
+                .mtu(cfg.mtu)
+                .offload(offload)
+                .build_async()
+        };
+        let (dev, offload) = if cfg.offload {
+            match build(true) {
+                Ok(d) => (d, true),
+                Err(e) => {
+                    tracing::warn!("TUN offloads refused ({e}); using one packet per read");
+                    (build(false)?, false)
+                }
+            }
+        } else {
+            (build(false)?, false)
+        };
+        Ok(KernelTun {
+            name: dev.name().unwrap_or_else(|_| cfg.name.clone()),
+            dev,
+            offload,
+            read_scratch: Mutex::new(vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535]),
+            gro: Mutex::new(tun_rs::GROTable::new()),
+        })
+    }
+
+    /// The interface name the kernel gave.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True if TSO/GSO offloads are on.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+}
+
+impl Tun for KernelTun {
+    async fn recv_batch<'a>(
+        &'a self,
+        bufs: &'a mut [Vec<u8>],
+        sizes: &'a mut [usize],
+    ) -> io::Result<usize> {
+        // Only the TUN reader task calls this, so the lock is uncontended;
+        // it is held across the await on purpose (one reader).
+        let mut scratch = std::mem::take(&mut *self.read_scratch.lock());
+        let r = async {
+            let mut n = self
+                .dev
+                .recv_multiple(&mut scratch, bufs, sizes, TUN_OFFSET)
+                .await?;
+            // Drain what else is ready, so one wake-up serves a batch.
+            while bufs.len() - n >= 64 {
+                match self.dev.try_recv_multiple(
+                    &mut scratch,
+                    &mut bufs[n..],
+                    &mut sizes[n..],
+                    TUN_OFFSET,
+                ) {
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(n)
+        }
+        .await;
+        *self.read_scratch.lock() = scratch;
+        r
+    }
+
+    async fn send_batch<'a>(&'a self, bufs: &'a mut [Vec<u8>]) -> io::Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        let mut gro = std::mem::take(&mut *self.gro.lock());
+        let r = self.dev.send_multiple(&mut gro, bufs, TUN_OFFSET).await;
+        *self.gro.lock() = gro;
+        r.map(|_| ())
+    }
+}
+
+/// A fake TUN for in-process tests: packets the node writes come out of
+/// [`FakeTunHandle::from_node`]; packets pushed into
+/// [`FakeTunHandle::to_node`] are what the node reads.
+pub struct FakeTun {
+    rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+/// The test's end of a [`FakeTun`].
+pub struct FakeTunHandle {
+    /// Inject packets as if a local program sent them.
+    pub to_node: mpsc::Sender<Vec<u8>>,
+    /// Packets the node delivered to "local programs".
+    pub from_node: mpsc::Receiver<Vec<u8>>,
+}
+
+impl FakeTun {
+    /// A fake device and the test's handle to it.
+    pub fn new() -> (Self, FakeTunHandle) {
+        let (to_node, rx) = mpsc::channel(1024);
+        let (tx, from_node) = mpsc::channel(1024);
+        (
+            FakeTun {
+                rx: tokio::sync::Mutex::new(rx),
+                tx,
+            },
+            FakeTunHandle { to_node, from_node },
+        )
+    }
+}
+
+impl Tun for FakeTun {
+    async fn recv_batch<'a>(
+        &'a self,
+        bufs: &'a mut [Vec<u8>],
+        sizes: &'a mut [usize],
+    ) -> io::Result<usize> {
+        let mut rx = self.rx.lock().await;
+        let Some(first) = rx.recv().await else {
+            // The test dropped its handle: behave like a device that is gone.
+            std::future::pending::<()>().await;
+            unreachable!()
+        };
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(p) = next {
+            let len = p.len().min(bufs[n].len() - TUN_OFFSET);
+            bufs[n][TUN_OFFSET..TUN_OFFSET + len].copy_from_slice(&p[..len]);
+            sizes[n] = len;
+            n += 1;
+            next = if n < bufs.len() {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        Ok(n)
+    }
+
+    async fn send_batch<'a>(&'a self, bufs: &'a mut [Vec<u8>]) -> io::Result<()> {
+        for b in bufs.iter() {
+            let _ = self.tx.send(b[TUN_OFFSET..].to_vec()).await;
+        }
+        Ok(())
+    }
+}
