@@ -23,6 +23,8 @@ pass() { printf '[%s] PASS: %s\n' "$SCENARIO" "$*" >&2; }
 
 # on NS CMD...: run CMD inside namespace NS, echoing it like a lab notebook.
 on() { local ns=$1; shift; printf '  (%s)$ %s\n' "$ns" "$*" >&2; ip netns exec "$PFX-$ns" "$@"; }
+# on_to FILE NS CMD...: like `on`, with CMD's stdout and stderr going to FILE.
+on_to() { local f=$1 ns=$2; shift 2; printf '  (%s)$ %s  >%s\n' "$ns" "$*" "${f##*/}" >&2; ip netns exec "$PFX-$ns" "$@" >"$f" 2>&1; }
 # quiet variant for polling loops
 onq() { local ns=$1; shift; ip netns exec "$PFX-$ns" "$@"; }
 
@@ -46,6 +48,7 @@ dump_logs() {
 cleanup() {
   local rc=$?
   set +e
+  trap - ERR
   # Daemons started with `pilot-tun up` (background) record their pid via status.
   for f in "$WORK"/*/daemon.pid; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
@@ -57,7 +60,7 @@ cleanup() {
   done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
   for ns in "${NSES[@]}"; do ip netns del "$PFX-$ns" 2>/dev/null; done
-  rm -rf "$WORK"
+  if [ -n "${NETNS_KEEP:-}" ]; then echo "[$SCENARIO] kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc
 }
 
@@ -80,7 +83,8 @@ switch() {
 # plug HOST SWITCH ADDR/LEN [IFNAME]: veth from HOST to SWITCH's bridge.
 plug() {
   local host=$1 sw=$2 addr=$3 ifn=${4:-eth0}
-  local peer="v${RANDOM}"
+  PLUG_SEQ=$(( ${PLUG_SEQ:-0} + 1 ))
+  local peer="v${PLUG_SEQ}-${host:0:10}"
   ip link add "$peer" netns "$PFX-$sw" type veth peer name "$ifn" netns "$PFX-$host"
   ip -n "$PFX-$sw" link set "$peer" master br0 up
   ip -n "$PFX-$host" addr add "$addr" dev "$ifn"
@@ -118,9 +122,21 @@ start_registry() {
 restart_registry() {
   local ns=$1 ip=$2
   kill "$(cat "$WORK/registry.pid")"; wait "$(cat "$WORK/registry.pid")" 2>/dev/null || true
+  rm -f "$WORK/registry/join-url"
   bg "$ns" registry "$BIN/pilot-registry" --listen "$ip:7946" --state-dir "$WORK/registry"
-  wait_for 10 "registry answers STUN" true
+  wait_for 10 "restarted registry writes its join URL" test -s "$WORK/registry/join-url"
   sleep 0.5
+}
+
+# stop_registry: kill the registry (by its recorded pid) and wait until it is gone.
+# `start_registry` brings it back on the same state dir (same key, same JOIN).
+stop_registry() {
+  local pid; pid=$(cat "$WORK/registry.pid")
+  log "stopping registry (pid $pid)"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  # so that a later start_registry waits for the new process's URL
+  rm -f "$WORK/registry/join-url"
 }
 
 # node NS NAME [extra up args...]: `pilot-tun up` (background) in NS with its
@@ -137,6 +153,16 @@ node_up() {
 node_down() {
   local ns=$1 name=$2
   on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" down >&2
+}
+
+# node_restart NS NAME [up args...]: `down`, wait until the old daemon process
+# has exited (by its recorded pid), then `up` again on the same state dir.
+node_restart() {
+  local ns=$1 name=$2; shift 2
+  local old; old=$(cat "$WORK/$name/daemon.pid")
+  node_down "$ns" "$name"
+  wait_for 10 "$name's old daemon (pid $old) exits" sh -c "! kill -0 $old"
+  node_up "$ns" "$name" "$@"
 }
 
 # pt NS NAME ARGS...: run a pilot-tun command against NAME's daemon.
@@ -164,3 +190,41 @@ trust_pair() {
 }
 
 need() { command -v "$1" >/dev/null 2>&1 || fail "missing tool: $1 (scripts/test.sh installs it)"; }
+
+# trap_errors: any unexpected failing command fails the scenario (with its
+# line, and the logs) instead of ending it silently through `set -e`.
+trap_errors() {
+  set -E
+  trap '_err_trap $? "$BASH_COMMAND" "$LINENO"' ERR
+}
+_err_trap() {
+  local rc=$1 cmd=$2 line=$3 i where=""
+  # Inside $(...) just hand the status up: the outer command reports it.
+  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"
+  trap - ERR
+  # The innermost frame that belongs to the scenario file itself.
+  for ((i = 1; i < ${#BASH_SOURCE[@]}; i++)); do
+    if [ "${BASH_SOURCE[i]}" = "$0" ]; then where="$0:${BASH_LINENO[i-1]}"; break; fi
+  done
+  fail "unexpected exit status $rc at ${where:-line $line}: $cmd"
+}
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+# wait_listen SECONDS NS PORT: poll until a TCP listener on PORT exists in NS.
+wait_listen() {
+  wait_for "$1" "TCP listener on port $3 in $2" \
+    sh -c "ip netns exec $PFX-$2 ss -Hltn 'sport = :$3' | grep -q LISTEN"
+}
+
+# tcp_blocked_fast NS ADDR PORT: a TCP connect from NS to ADDR:PORT must fail,
+# and within 2 s (the refusal is an ICMP error, not a timeout). Sets ELAPSED_MS.
+tcp_blocked_fast() {
+  local ns=$1 addr=$2 port=$3 t0 rc=0
+  t0=$(now_ms)
+  on "$ns" timeout 3 nc -z -w 2 "$addr" "$port" || rc=$?
+  ELAPSED_MS=$(( $(now_ms) - t0 ))
+  [ "$rc" -ne 0 ] || fail "TCP connect $ns -> $addr:$port succeeded; it must be refused"
+  [ "$ELAPSED_MS" -lt 2000 ] || fail "TCP connect $ns -> $addr:$port took ${ELAPSED_MS} ms to fail (must fail fast, < 2000 ms)"
+  log "TCP connect $ns -> $addr:$port refused after ${ELAPSED_MS} ms (exit $rc)"
+}

@@ -6,7 +6,7 @@
 //! plane consults only this store.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,10 @@ pub struct TrustRecord {
     pub note_out: Option<String>,
     /// Unix seconds of the last change.
     pub updated: u64,
+    /// Where its last session came from, so the two can find each other
+    /// again without the registry.
+    #[serde(default)]
+    pub last_endpoint: Option<SocketAddr>,
 }
 
 impl TrustRecord {
@@ -149,6 +153,7 @@ impl TrustStore {
             note_in: None,
             note_out: None,
             updated: 0,
+            last_endpoint: None,
         });
         if rec.identity.ed_public != identity.ed_public {
             return Err(TrustError::KeyMismatch);
@@ -223,6 +228,18 @@ impl TrustStore {
             was_trusted: was,
             now_trusted: rec.trusted(),
         })
+    }
+
+    /// Remembers where a peer's session came from. Returns true if that is
+    /// new (the caller saves the store).
+    pub fn set_endpoint(&mut self, id: &NodeId, endpoint: SocketAddr) -> bool {
+        match self.records.get_mut(&id.to_string()) {
+            Some(r) if r.last_endpoint != Some(endpoint) => {
+                r.last_endpoint = Some(endpoint);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drops a record entirely (used only by tests and `forget`).

@@ -289,11 +289,14 @@ impl<T: Tun> Node<T> {
                 .trust
                 .iter()
                 .filter(|(_, r)| r.trusted())
-                .map(|(id, r)| (id, r.address, r.identity.static_public))
+                .map(|(id, r)| (id, r.address, r.identity.static_public, r.last_endpoint))
                 .collect();
             let mut table = inner.table.write();
-            for (pid, addr, st) in trusted {
+            for (pid, addr, st, last) in trusted {
                 add_peer(&mut brain, &mut table, pid, addr, st);
+                if let Some(rt) = brain.peers.get_mut(&pid) {
+                    rt.candidates.extend(last);
+                }
             }
         }
         {
@@ -302,11 +305,10 @@ impl<T: Tun> Node<T> {
             tasks.push(tokio::spawn(tick_loop(inner.clone())));
             tasks.push(tokio::spawn(registry_keeper(inner.clone())));
         }
-        // Find the endpoints of trusted peers in the background.
-        let ids: Vec<NodeId> = inner.brain.lock().peers.keys().copied().collect();
-        for pid in ids {
-            spawn_lookup(&inner, pid);
-        }
+        // Reconnect to trusted peers now: from their cached endpoints at
+        // once (works while the registry is down), and from what the
+        // registry says.
+        inner.reconnect_all().await;
         Ok(Node { inner })
     }
 
@@ -650,6 +652,11 @@ impl<T: Tun> Inner<T> {
         rt.data.set_endpoint(from);
         rt.timers.on_session(now, initiator);
         rt.last_handshake = Some(SystemTime::now());
+        if brain.trust.set_endpoint(id, from) {
+            if let Err(e) = self.cfg.state.save_trust(&brain.trust) {
+                warn!("cannot save trust store: {e}");
+            }
+        }
         Some(session)
     }
 
@@ -905,6 +912,28 @@ impl<T: Tun> Inner<T> {
         for id in lookups {
             spawn_lookup(self, id);
         }
+    }
+
+    /// Starts handshakes with every trusted peer that has no session, and
+    /// asks the registry where they are.
+    async fn reconnect_all(self: &Arc<Self>) {
+        let now = Instant::now();
+        let out = {
+            let mut brain = self.brain.lock();
+            let ids: Vec<NodeId> = brain
+                .peers
+                .iter()
+                .filter(|(_, rt)| !rt.data.has_session() && !rt.timers.handshake_in_flight())
+                .map(|(id, _)| *id)
+                .collect();
+            let mut out = vec![];
+            for id in ids {
+                out.extend(self.start_handshake(&mut brain, &id, now));
+                spawn_lookup_locked(self, &mut brain, id);
+            }
+            out
+        };
+        self.send_all(out).await;
     }
 
     /// Resolves a CLI peer name: the trust store first, then the registry.
@@ -1234,7 +1263,11 @@ async fn registry_keeper<T: Tun>(inner: Arc<Inner<T>>) {
             .is_none_or(|s| s.created.elapsed() >= REKEY_AFTER);
         if stale {
             match inner.connect_registry().await {
-                Ok(()) => backoff = Duration::from_secs(1),
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    // Peers may have moved while we could not ask.
+                    inner.reconnect_all().await;
+                }
                 Err(e) => {
                     debug!("registry: {e}");
                     tokio::time::sleep(backoff).await;
