@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests, the demo and the benchmark use,
+# only where they are missing (Debian/Ubuntu, as root).
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have ip       || need+=(iproute2)
+have ping     || need+=(iputils-ping)
+have iperf3   || need+=(iperf3)
+have nft      || need+=(nftables)
+have tcpdump  || need+=(tcpdump)
+have nc       || need+=(netcat-openbsd)
+have python3  || need+=(python3)
+have curl     || need+=(curl)
+for extra in "$@"; do
+  case "$extra" in
+    wireguard-go) have wireguard-go || need+=(wireguard-go) ;;
+    wg)           have wg || need+=(wireguard-tools) ;;
+    *)            have "$extra" || need+=("$extra") ;;
+  esac
+done
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need[*]} (run as root, or install them: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it:
+#   1. formatting and lints,
+#   2. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
+#      lab (pilot-tests: registry + nodes over fake TUN devices),
+#   3. the netns scenarios (real TUN, real kernel TCP, real processes; root),
+#   4. a short smoke run of every fuzz target.
+# Usage: sudo scripts/test.sh            (everything)
+#        FUZZ_SECONDS=60 scripts/test.sh (longer fuzzing)
+#        SKIP_NETNS=1 scripts/test.sh    (no root: steps 1, 2 and 4)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "${SKIP_NETNS:-0}" != 1 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "the netns scenarios need root: run 'sudo scripts/test.sh' (or SKIP_NETNS=1 for the rest)" >&2; exit 1; }
+  step "system packages"
+  scripts/deps.sh
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --locked --release --all-targets -- -D warnings
+
+step "build"
+cargo build --locked --release --workspace --bins
+
+step "unit and in-process tests"
+cargo test --locked --release --workspace
+
+if [ "${SKIP_NETNS:-0}" != 1 ]; then
+  step "netns scenarios"
+  netns-tests/run.sh
+fi
+
+step "fuzz smoke (${FUZZ_SECONDS:-10} s per target)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} fuzz/smoke.sh
+
+printf '\nall tests passed\n'
