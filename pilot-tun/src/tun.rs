@@ -6,7 +6,6 @@ use std::future::Future;
 use std::io;
 use std::net::Ipv4Addr;
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 /// Room every buffer handed to [`Tun::send_batch`] keeps before the packet.
@@ -43,8 +42,11 @@ pub struct KernelTun {
     dev: tun_rs::AsyncDevice,
     name: String,
     offload: bool,
-    read_scratch: Mutex<Vec<u8>>,
-    gro: Mutex<tun_rs::GROTable>,
+    // Async mutexes: each is used by one task only (the reader, the writer),
+    // and the guard is held across the device await, so the buffers and the
+    // GRO table (about a megabyte of pooled vectors) are reused, never rebuilt.
+    read_scratch: tokio::sync::Mutex<Vec<u8>>,
+    gro: tokio::sync::Mutex<tun_rs::GROTable>,
 }
 
 /// How a TUN device is set up.
@@ -89,8 +91,8 @@ impl KernelTun {
             name: dev.name().unwrap_or_else(|_| cfg.name.clone()),
             dev,
             offload,
-            read_scratch: Mutex::new(vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535]),
-            gro: Mutex::new(tun_rs::GROTable::new()),
+            read_scratch: tokio::sync::Mutex::new(vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535]),
+            gro: tokio::sync::Mutex::new(tun_rs::GROTable::new()),
         })
     }
 
@@ -111,18 +113,17 @@ impl Tun for KernelTun {
         bufs: &'a mut [Vec<u8>],
         sizes: &'a mut [usize],
     ) -> io::Result<usize> {
-        // Only the TUN reader task calls this, so the lock is uncontended;
-        // it is held across the await on purpose (one reader).
-        let mut scratch = std::mem::take(&mut *self.read_scratch.lock());
-        let r = async {
+        let mut scratch = self.read_scratch.lock().await;
+        let scratch = &mut *scratch;
+        async {
             let mut n = self
                 .dev
-                .recv_multiple(&mut scratch, bufs, sizes, TUN_OFFSET)
+                .recv_multiple(scratch, bufs, sizes, TUN_OFFSET)
                 .await?;
             // Drain what else is ready, so one wake-up serves a batch.
             while bufs.len() - n >= 64 {
                 match self.dev.try_recv_multiple(
-                    &mut scratch,
+                    scratch,
                     &mut bufs[n..],
                     &mut sizes[n..],
                     TUN_OFFSET,
@@ -134,19 +135,18 @@ impl Tun for KernelTun {
             }
             Ok(n)
         }
-        .await;
-        *self.read_scratch.lock() = scratch;
-        r
+        .await
     }
 
     async fn send_batch<'a>(&'a self, bufs: &'a mut [Vec<u8>]) -> io::Result<()> {
         if bufs.is_empty() {
             return Ok(());
         }
-        let mut gro = std::mem::take(&mut *self.gro.lock());
-        let r = self.dev.send_multiple(&mut gro, bufs, TUN_OFFSET).await;
-        *self.gro.lock() = gro;
-        r.map(|_| ())
+        let mut gro = self.gro.lock().await;
+        self.dev
+            .send_multiple(&mut gro, bufs, TUN_OFFSET)
+            .await
+            .map(|_| ())
     }
 }
 
