@@ -109,6 +109,18 @@ wait_for() {
   fail "timed out after ${secs}s waiting for: $what"
 }
 
+# wait_for_ok SECONDS CMD...: like wait_for, but returns 1 on timeout instead
+# of failing, so the caller can say more about what it saw.
+wait_for_ok() {
+  local secs=$1; shift
+  local end=$(( $(date +%s%N) + secs * 1000000000 ))
+  while [ "$(date +%s%N)" -lt $end ]; do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
 # registry NS IP: start pilot-registry on IP:7946 in NS; sets JOIN.
 start_registry() {
   local ns=$1 ip=$2
@@ -193,9 +205,11 @@ need() { command -v "$1" >/dev/null 2>&1 || fail "missing tool: $1 (scripts/test
 
 # trap_errors: any unexpected failing command fails the scenario (with its
 # line, and the logs) instead of ending it silently through `set -e`.
+# Also: killed by a time limit (TERM/INT) shows the logs before cleaning up.
 trap_errors() {
   set -E
   trap '_err_trap $? "$BASH_COMMAND" "$LINENO"' ERR
+  trap 'trap - ERR; printf "[%s] FAIL: terminated by a signal\n" "$SCENARIO" >&2; dump_logs; exit 143' TERM INT
 }
 _err_trap() {
   local rc=$1 cmd=$2 line=$3 i where=""

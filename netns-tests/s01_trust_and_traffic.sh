@@ -37,7 +37,8 @@ log "alpha=$A beta=$B"
 # --- before trust -------------------------------------------------------
 # beta really listens on 8080, so a refused connect means "blocked by the
 # overlay", not "nobody home".
-bg b http python3 -m http.server 8080 --bind "$B" --directory "$WORK"
+mkdir -p "$WORK/www"   # an empty directory to serve (not the state dirs)
+bg b http python3 -m http.server 8080 --bind "$B" --directory "$WORK/www"
 wait_listen 5 b 8080
 tcp_blocked_fast a "$B" 8080
 if on_to "$WORK/ping-untrusted.txt" a ping -c1 -W2 "$B"; then

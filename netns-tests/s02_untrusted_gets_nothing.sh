@@ -47,7 +47,8 @@ wait_for 5 "alpha sees charlie's request in trust pending" \
   || fail "charlie's trust list should show alpha as 'requested'"
 
 # alpha serves TCP on its 10.x address; beta can connect (positive control).
-bg a http python3 -m http.server 8080 --bind "$A" --directory "$WORK"
+mkdir -p "$WORK/www"   # an empty directory to serve (not the state dirs)
+bg a http python3 -m http.server 8080 --bind "$A" --directory "$WORK/www"
 wait_listen 5 a 8080
 wait_for 5 "beta connects to alpha:8080" onq b nc -z -w 2 "$A" 8080
 
@@ -70,8 +71,7 @@ case "$sess" in "[]"|"[False]") ;; *) fail "alpha has a session with charlie: $s
 
 # --- a hostile charlie: forged handshakes straight at alpha's UDP port -----
 port=$(json_get a alpha 'd["listen"].rsplit(":",1)[1]' status)
-before_u=$(json_get a alpha 'd["drops"]["untrusted_handshake"]' status)
-before_b=$(json_get a alpha 'd["drops"]["bad_handshake"]' status)
+drops_before=$(json_get a alpha 'd["drops"]' status)
 rc=0
 on_to "$WORK/forge.out" c "$BIN/forge-handshake" "$WORK/charlie" "$WORK/alpha" "192.0.2.11:$port" || rc=$?
 cat "$WORK/forge.out" >&2
@@ -79,20 +79,29 @@ cat "$WORK/forge.out" >&2
   || fail "alpha answered charlie's forged handshake (exit $rc): $(cat "$WORK/forge.out")"
 # The packets did arrive: alpha counted them. (So "no answer" cannot come
 # from a wrong address or port.)
-wait_for 3 "alpha counts the untrusted and the broken handshakes" sh -c "
-  d=\$(ip netns exec $PFX-a $BIN/pilot-tun --state-dir $WORK/alpha --json status) &&
-  echo \"\$d\" | python3 -c 'import json,sys; x=json.load(sys.stdin)[\"drops\"]; sys.exit(0 if x[\"untrusted_handshake\"] > $before_u and x[\"bad_handshake\"] > $before_b else 1)'"
-drops=$(json_get a alpha 'd["drops"]' status)
-log "alpha drops after forge: $drops"
+counted() {
+  json_get a alpha "d['drops']['untrusted_handshake'] > $drops_before['untrusted_handshake'] and d['drops']['bad_handshake'] > $drops_before['bad_handshake'] or sys.exit(1)" status
+}
+# (polled for up to 10 s: a daemon stalled by a loaded machine is slow, not wrong)
+if ! wait_for_ok 10 counted; then
+  fail "alpha did not count charlie's handshakes: drops before $drops_before, after $(json_get a alpha 'd["drops"]' status)"
+fi
+log "alpha's drops before: $drops_before"
+log "alpha's drops after:  $(json_get a alpha 'd["drops"]' status)"
 pass "forged handshakes from charlie: no answer, counted by alpha"
 
 # Positive control: the same tool with beta's (trusted) identity IS answered,
 # so "no answer" above is alpha's refusal, not a tool that cannot hear.
+# (Up to 3 tries: the tool listens 2 s only, a loaded machine may be slower.)
 rc=0
-on_to "$WORK/forge-beta.out" b "$BIN/forge-handshake" "$WORK/beta" "$WORK/alpha" "192.0.2.11:$port" || rc=$?
-cat "$WORK/forge-beta.out" >&2
+for try in 1 2 3; do
+  rc=0
+  on_to "$WORK/forge-beta.out" b "$BIN/forge-handshake" "$WORK/beta" "$WORK/alpha" "192.0.2.11:$port" || rc=$?
+  cat "$WORK/forge-beta.out" >&2
+  [ "$rc" -eq 1 ] && grep -q "^ANSWERED" "$WORK/forge-beta.out" && break
+done
 [ "$rc" -eq 1 ] && grep -q "^ANSWERED" "$WORK/forge-beta.out" \
-  || fail "control: alpha did not answer a handshake made with trusted beta's identity (exit $rc)"
+  || fail "control: alpha did not answer a handshake made with trusted beta's identity (exit $rc, 3 tries)"
 pass "control: the same initiation from beta's identity is answered"
 
 # --- alpha <-> beta unaffected ---------------------------------------------

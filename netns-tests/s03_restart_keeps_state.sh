@@ -80,20 +80,23 @@ log "ping alpha -> beta across the registry restart: $stats"
 [ "$tx" -ge 20 ] && [ "$rx" -eq "$tx" ] || fail "pings lost while the registry restarted: $stats"
 ping_works b "$A" || fail "beta -> alpha ping failed after the registry restart"
 
-# Both nodes find the registry again and keep their addresses.
-reachable() { [ "$(json_get "$1" "$2" 'd["registry"]["reachable"]' status)" = True ]; }
-wait_for 15 "alpha reaches the restarted registry" reachable a alpha
-wait_for 15 "beta reaches the restarted registry" reachable b beta
-[ "$(addr_of a alpha)" = "$A" ] && [ "$(addr_of b beta)" = "$B" ] || fail "addresses changed after the registry restart"
-
-# A new node joins the restarted registry and reaches alpha by name.
+# A new node joins the restarted registry and reaches alpha and beta by name:
+# their requests arrive only once both have registered again with the new
+# registry process, which must still know their names and addresses.
 node_up d delta --registry "$JOIN"
 D=$(addr_of d delta)
 [ "$D" != "$A" ] && [ "$D" != "$B" ] || fail "delta was given an address already in use: $D"
 pt d delta trust request alpha --note "after the registry restart" >&2
-wait_for 5 "alpha sees delta's request" \
-  sh -c "ip netns exec $PFX-a $BIN/pilot-tun --state-dir $WORK/alpha --json trust pending | grep -q '\"delta\"'"
-pass "registry restarted: same key, 0/$tx pings lost, addresses kept, delta ($D) joined and asked alpha"
+pt d delta trust request beta --note "after the registry restart" >&2
+for nb in "a alpha" "b beta"; do
+  set -- $nb
+  wait_for 20 "$2 sees delta's request" \
+    sh -c "ip netns exec $PFX-$1 $BIN/pilot-tun --state-dir $WORK/$2 --json trust pending | grep -q '\"delta\"'"
+done
+reachable() { [ "$(json_get "$1" "$2" 'd["registry"]["reachable"]' status)" = True ]; }
+reachable a alpha && reachable b beta || fail "a node reports the restarted registry unreachable"
+[ "$(addr_of a alpha)" = "$A" ] && [ "$(addr_of b beta)" = "$B" ] || fail "addresses changed after the registry restart"
+pass "registry restarted: same key, 0/$tx pings lost, addresses kept, delta ($D) joined and asked alpha and beta"
 
 # --- 3. registry down, restart beta ----------------------------------------
 stop_registry

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Run the netns scenarios: every netns-tests/s*.sh, or the ones named.
+#
+#   sudo netns-tests/run.sh                 # all scenarios, in order
+#   sudo netns-tests/run.sh s02 s05_revoke_stops_traffic.sh
+#
+# Each scenario runs in its own shell with its own namespace prefix (PFX),
+# under a time limit; its output goes to a log file, shown when it fails
+# (NETNS_VERBOSE=1 shows it always). The last line is
+# `netns: N passed, M failed`; the exit status is non-zero if any failed.
+#
+# Environment: PILOT_BIN (default <repo>/target/release), NETNS_TIMEOUT
+# (seconds per scenario, default 120), NETNS_KEEP=1 keeps each scenario's
+# work directory, NETNS_LOGS (where the per-scenario logs go).
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+export PILOT_BIN=${PILOT_BIN:-$ROOT/target/release}
+TIMEOUT=${NETNS_TIMEOUT:-120}
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "netns-tests/run.sh: needs root (network namespaces, TUN devices, tcpdump): run it with sudo" >&2
+  exit 2
+fi
+for b in pilot-registry pilot-tun forge-handshake; do
+  if [ ! -x "$PILOT_BIN/$b" ]; then
+    echo "netns-tests/run.sh: $PILOT_BIN/$b not found: run \`cargo build --release\` in $ROOT first (or set PILOT_BIN)" >&2
+    exit 2
+  fi
+done
+missing=()
+for t in ip ping nc iperf3 tcpdump python3 ss timeout sha256sum od; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "netns-tests/run.sh: missing tools: ${missing[*]} (scripts/test.sh installs them:" \
+    "iproute2 iputils-ping netcat-openbsd iperf3 tcpdump python3 coreutils)" >&2
+  exit 2
+fi
+
+# Which scenarios: all s*.sh, or the given names (with or without .sh, or a prefix like s03).
+scenarios=()
+if [ $# -eq 0 ]; then
+  for f in "$HERE"/s*.sh; do scenarios+=("$f"); done
+else
+  for name in "$@"; do
+    name=${name##*/}; name=${name%.sh}
+    matches=("$HERE/$name".sh)
+    [ -f "${matches[0]}" ] || matches=("$HERE/$name"_*.sh)
+    if [ ! -f "${matches[0]}" ]; then
+      echo "netns-tests/run.sh: no scenario named '$name' in $HERE" >&2
+      exit 2
+    fi
+    scenarios+=("${matches[@]}")
+  done
+fi
+
+own_logs=no   # a log dir we made ourselves is removed when all passed
+[ -n "${NETNS_LOGS:-}" ] || own_logs=yes
+LOGS=${NETNS_LOGS:-$(mktemp -d /tmp/netns-logs.XXXX)}
+mkdir -p "$LOGS"
+
+# 10.x routes in the root namespace before the run: none may be added by a test.
+root_ten_routes() { ip -4 route show table all 2>/dev/null | grep -E '(^|[^0-9.])10\.' | sort; }
+ten_before=$(root_ten_routes)
+
+# Leftovers of a scenario that was killed: its own namespaces (by its prefix),
+# and the processes inside them (by pid), then the namespaces themselves.
+reap() {
+  local pfx=$1 ns pid
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$pfx-" || true); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null && echo "  (cleaned up leftover namespace $ns)" >&2
+  done
+  [ -n "${NETNS_KEEP:-}" ] || rm -rf /tmp/"$pfx".????
+  return 0
+}
+
+passed=0; failed=0; failed_names=()
+run_id=$$
+for script in "${scenarios[@]}"; do
+  name=$(basename "$script" .sh)
+  pfx="nt${run_id}${name%%_*}"          # e.g. nt4242s01: short, unique per run
+  log="$LOGS/$name.log"
+  t0=$(date +%s%N)
+  PFX=$pfx timeout -k 15 "$TIMEOUT" bash "$script" >"$log" 2>&1
+  rc=$?
+  secs=$(awk -v d=$(( $(date +%s%N) - t0 )) 'BEGIN { printf "%.1f", d / 1e9 }')
+  reap "$pfx"
+  [ "$rc" -eq 124 ] && echo "[$name] FAIL: timed out after ${TIMEOUT}s" >>"$log"
+  if [ "$rc" -eq 0 ]; then
+    passed=$((passed + 1))
+    printf 'PASS  %-36s %6ss\n' "$name" "$secs"
+    [ -n "${NETNS_VERBOSE:-}" ] && cat "$log"
+  else
+    failed=$((failed + 1)); failed_names+=("$name")
+    printf 'FAIL  %-36s %6ss  (exit %s, log %s)\n' "$name" "$secs" "$rc" "$log"
+    echo "----- $name: last 150 lines of $log" >&2
+    tail -n 150 "$log" | sed 's/\x1b\[[0-9;]*m//g' >&2
+    echo "----- end of $name" >&2
+  fi
+done
+
+ten_after=$(root_ten_routes)
+if [ "$ten_before" != "$ten_after" ]; then
+  echo "NETWORK SAFETY: the root namespace's 10.x routes changed during the run:" >&2
+  diff <(echo "$ten_before") <(echo "$ten_after") >&2
+  failed=$((failed + 1)); failed_names+=("root-namespace-10.x-routes")
+fi
+
+if [ "$failed" -eq 0 ]; then
+  [ "$own_logs" = yes ] && [ -z "${NETNS_VERBOSE:-}" ] && rm -rf "$LOGS"
+else
+  echo "failed: ${failed_names[*]}  (logs in $LOGS)"
+fi
+echo "netns: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
