@@ -26,6 +26,7 @@ pub mod identity;
 pub mod join;
 pub mod messages;
 pub mod packet;
+pub mod path;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;

@@ -162,6 +162,36 @@ pub struct Registration {
     pub seq: u64,
     /// UDP endpoints on the node's own interfaces (candidates for peers).
     pub local_endpoints: Vec<SocketAddr>,
+    /// How the node's NAT maps, as far as it could tell.
+    pub nat: NatType,
+}
+
+/// How a node's NAT (if any) maps its UDP socket to public endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatType {
+    /// Not measured (yet).
+    #[default]
+    Unknown,
+    /// No NAT: the public endpoint is one of the node's own.
+    None,
+    /// One public endpoint for every destination ("easy" NAT): hole
+    /// punching works.
+    EndpointIndependent,
+    /// A different public port per destination ("hard", symmetric NAT):
+    /// hole punching towards it rarely works; relay.
+    PerDestination,
+}
+
+impl NatType {
+    /// A short name for the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatType::Unknown => "unknown",
+            NatType::None => "none",
+            NatType::EndpointIndependent => "endpoint-independent",
+            NatType::PerDestination => "per-destination (hard)",
+        }
+    }
 }
 
 impl Signable for Registration {
@@ -218,6 +248,8 @@ pub struct PeerInfo {
     pub hostname: Option<String>,
     /// Where it can be reached; empty unless that node approved the asker.
     pub endpoints: Vec<SocketAddr>,
+    /// Its NAT type, as it reported it.
+    pub nat: NatType,
 }
 
 /// Node to registry.
@@ -319,6 +351,16 @@ pub enum FromRegistry {
         /// What.
         item: PushItem,
     },
+    /// A peer is trying to reach this node right now: send handshakes to
+    /// these endpoints at once, so both NATs open (hole punching).
+    Punch {
+        /// The peer (this node approved it).
+        peer: NodeId,
+        /// Its endpoints.
+        endpoints: Vec<SocketAddr>,
+        /// Its NAT type.
+        nat: NatType,
+    },
     /// Answer to a ping.
     Pong {
         /// Request id.
@@ -407,6 +449,7 @@ mod tests {
                 hostname: Some("alpha".into()),
                 seq: 1,
                 local_endpoints: vec!["192.0.2.1:5000".parse().unwrap()],
+                nat: NatType::EndpointIndependent,
             },
             &a,
         );

@@ -26,6 +26,12 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// Takes a token for `key` if one is available.
     pub fn allow(&mut self, key: &K, now: Instant) -> bool {
+        self.allow_n(key, 1, now)
+    }
+
+    /// Takes `n` tokens (bytes, say) for `key` if that many are available.
+    pub fn allow_n(&mut self, key: &K, n: u32, now: Instant) -> bool {
+        let n = n as f64;
         if self.buckets.len() >= self.max_entries {
             // Forget sources that have been quiet long enough to be full.
             let full_after = Duration::from_secs_f64(self.burst / self.rate);
@@ -39,8 +45,8 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let elapsed = now.saturating_duration_since(*last).as_secs_f64();
         *tokens = (*tokens + elapsed * self.rate).min(self.burst);
         *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        if *tokens >= n {
+            *tokens -= n;
             true
         } else {
             false
@@ -66,5 +72,14 @@ mod tests {
         let later = t + Duration::from_secs(1);
         let allowed = (0..10).filter(|_| r.allow(&1u32, later)).count();
         assert_eq!(allowed, 5, "refills to the burst, not beyond");
+    }
+
+    #[test]
+    fn byte_budget() {
+        let mut r = RateLimiter::new(1000, 1500);
+        let t = Instant::now();
+        assert!(r.allow_n(&1u8, 1400, t));
+        assert!(!r.allow_n(&1u8, 1400, t), "budget spent");
+        assert!(r.allow_n(&1u8, 1400, t + Duration::from_millis(1300)));
     }
 }

@@ -21,6 +21,12 @@ pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
 pub const KEEPALIVE: Duration = Duration::from_secs(25);
 /// A session that heard nothing for this long is not worth rekeying.
 pub const PEER_SILENT: Duration = Duration::from_secs(60);
+/// Answer data with a keepalive if we have sent nothing for this long, so
+/// the peer knows the session still works.
+pub const PASSIVE_KEEPALIVE: Duration = Duration::from_secs(10);
+/// Data sent and nothing heard back for this long: the peer probably lost
+/// the session (it restarted): start a new handshake.
+pub const NO_REPLY: Duration = Duration::from_secs(15);
 
 /// What a peer's timers ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +53,8 @@ pub struct PeerTimers {
     handshake_started: Option<Instant>,
     handshake_sent: Option<Instant>,
     retry_jitter: Duration,
+    last_data_sent: Option<Instant>,
+    last_data_received: Option<Instant>,
 }
 
 impl PeerTimers {
@@ -68,6 +76,15 @@ impl PeerTimers {
     }
     /// An authenticated packet came from the peer.
     pub fn on_received(&mut self, now: Instant) {
+        self.last_received = Some(now);
+    }
+    /// A data packet (not a keepalive) was sent.
+    pub fn on_data_sent(&mut self, now: Instant) {
+        self.last_data_sent = Some(now);
+    }
+    /// A data packet (not a keepalive) was received.
+    pub fn on_data_received(&mut self, now: Instant) {
+        self.last_data_received = Some(now);
         self.last_received = Some(now);
     }
     /// An initiation was sent; `jitter` (0..=333 ms, the caller's randomness)
@@ -124,6 +141,24 @@ impl PeerTimers {
             }
             return self.keepalive_due(now);
         }
+        if self.session_started.is_some() {
+            // Why: data went out and nothing came back for 15 s although the
+            // peer answers data within 10 s (below): it lost the session.
+            if let Some(sent) = self.last_data_sent {
+                let unanswered = self.last_received.is_none_or(|r| r < sent);
+                if unanswered && now.saturating_duration_since(sent) >= NO_REPLY {
+                    return TimerAction::Handshake;
+                }
+            }
+            // Why: the peer sent data and we said nothing for 10 s; tell it
+            // the session works (keepalives themselves are not answered).
+            if let Some(r) = self.last_data_received {
+                let quiet = self.last_sent.is_none_or(|s| s < r);
+                if quiet && now.saturating_duration_since(r) >= PASSIVE_KEEPALIVE {
+                    return TimerAction::Keepalive;
+                }
+            }
+        }
         if let Some(age) = self.session_age(now) {
             let alive = self
                 .last_received
@@ -158,6 +193,16 @@ impl PeerTimers {
         }
         if let Some(s) = self.handshake_sent {
             add(s + HANDSHAKE_RETRY + self.retry_jitter);
+        }
+        if let (Some(_), Some(d)) = (self.session_started, self.last_data_sent) {
+            if self.last_received.is_none_or(|r| r < d) {
+                add(d + NO_REPLY);
+            }
+        }
+        if let (Some(_), Some(r)) = (self.session_started, self.last_data_received) {
+            if self.last_sent.is_none_or(|s| s < r) {
+                add(r + PASSIVE_KEEPALIVE);
+            }
         }
         if let Some(s) = self.session_started {
             add(s + REJECT_AFTER);
@@ -295,6 +340,42 @@ mod tests {
         assert_eq!(retries.len(), 17);
         assert!(log.contains(&(90, TimerAction::GiveUp)));
         assert!(!t.handshake_in_flight());
+    }
+
+    #[test]
+    fn data_without_reply_starts_a_new_handshake_after_15s() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        t.on_sent(start);
+        let s = start + Duration::from_secs(30);
+        t.on_received(s - Duration::from_secs(1));
+        t.on_sent(s);
+        t.on_data_sent(s);
+        assert_eq!(t.poll(s + Duration::from_secs(14)), TimerAction::Idle);
+        assert_eq!(t.next_deadline(), Some(s + NO_REPLY));
+        assert_eq!(t.poll(s + NO_REPLY), TimerAction::Handshake);
+        // An answer in time means nothing is wrong.
+        t.on_received(s + Duration::from_secs(3));
+        assert_eq!(t.poll(s + NO_REPLY), TimerAction::Idle);
+    }
+
+    #[test]
+    fn received_data_is_answered_within_10s() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, false);
+        t.on_sent(start);
+        let r = start + Duration::from_secs(5);
+        t.on_data_received(r);
+        assert_eq!(t.poll(r + Duration::from_secs(9)), TimerAction::Idle);
+        assert_eq!(t.poll(r + PASSIVE_KEEPALIVE), TimerAction::Keepalive);
+        t.on_sent(r + PASSIVE_KEEPALIVE);
+        assert_eq!(t.poll(r + Duration::from_secs(11)), TimerAction::Idle);
+        // A keepalive received (on_received only) is not answered.
+        let k = r + Duration::from_secs(12);
+        t.on_received(k);
+        assert_eq!(t.poll(k + Duration::from_secs(11)), TimerAction::Idle);
     }
 
     #[test]

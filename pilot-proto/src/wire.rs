@@ -8,7 +8,10 @@
 //! handshake init  (136 B) | A1 | 0 0 0 | sender idx u32le | noise msg1 (112) | mac1 (16) |
 //! handshake resp  ( 92 B) | A2 | 0 0 0 | sender idx u32le | receiver idx u32le | noise msg2 (64) | mac1 (16) |
 //! data     (32 B + inner) | A4 | 0 0 0 | receiver idx u32le | counter u64le | ciphertext | tag (16) |
+//! relay to       (20 B + d) | A5 | 0 0 0 | destination node id (16) | tunnel datagram d |
+//! relay from     (20 B + d) | A6 | 0 0 0 | source node id (16)      | tunnel datagram d |
 //! ```
+//! A relay forwards the tunnel datagram untouched: it holds no key to it.
 //! The whole 16-byte data header is the AEAD's associated data.
 
 use crate::stun;
@@ -19,6 +22,12 @@ pub const MSG_HANDSHAKE_INIT: u8 = 0xA1;
 pub const MSG_HANDSHAKE_RESP: u8 = 0xA2;
 /// Type byte of a data packet.
 pub const MSG_DATA: u8 = 0xA4;
+/// Type byte of a datagram a node hands the relay for another node.
+pub const MSG_RELAY_TO: u8 = 0xA5;
+/// Type byte of a datagram the relay delivers from another node.
+pub const MSG_RELAY_FROM: u8 = 0xA6;
+/// Length of the relay header: type, reserved, the other node's id.
+pub const RELAY_HEADER_LEN: usize = 4 + 16;
 
 /// Length of the handshake payload each side encrypts inside Noise.
 pub const HANDSHAKE_PAYLOAD_LEN: usize = 16;
@@ -50,6 +59,10 @@ pub enum Kind {
     HandshakeResp,
     /// [`DataHeader`].
     Data,
+    /// [`RelayHeader`] towards the relay.
+    RelayTo,
+    /// [`RelayHeader`] from the relay.
+    RelayFrom,
     /// Anything else: drop it.
     Unknown,
 }
@@ -60,6 +73,8 @@ pub fn classify(buf: &[u8]) -> Kind {
         Some(&MSG_HANDSHAKE_INIT) => Kind::HandshakeInit,
         Some(&MSG_HANDSHAKE_RESP) => Kind::HandshakeResp,
         Some(&MSG_DATA) => Kind::Data,
+        Some(&MSG_RELAY_TO) => Kind::RelayTo,
+        Some(&MSG_RELAY_FROM) => Kind::RelayFrom,
         Some(_) if stun::looks_like_stun(buf) => Kind::Stun,
         _ => Kind::Unknown,
     }
@@ -189,6 +204,44 @@ impl DataHeader {
     }
 }
 
+/// The header of a relayed datagram: who it is for (towards the relay) or
+/// from (from the relay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayHeader {
+    /// [`MSG_RELAY_TO`] or [`MSG_RELAY_FROM`].
+    pub ty: u8,
+    /// The other node.
+    pub node: crate::identity::NodeId,
+}
+
+impl RelayHeader {
+    /// Parses the header; the tunnel datagram is `buf[RELAY_HEADER_LEN..]`
+    /// and must not be empty.
+    pub fn parse(buf: &[u8]) -> Result<Self, WireError> {
+        if buf.len() <= RELAY_HEADER_LEN {
+            return Err(WireError::Length(buf.len()));
+        }
+        let ty = buf[0];
+        if !(ty == MSG_RELAY_TO || ty == MSG_RELAY_FROM) {
+            return Err(WireError::Type);
+        }
+        check_prefix(buf, ty)?;
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&buf[4..RELAY_HEADER_LEN]);
+        Ok(RelayHeader {
+            ty,
+            node: crate::identity::NodeId(id),
+        })
+    }
+
+    /// Writes the header into the first 20 bytes of `out`.
+    pub fn emit(&self, out: &mut [u8]) {
+        out[0] = self.ty;
+        out[1..4].fill(0);
+        out[4..RELAY_HEADER_LEN].copy_from_slice(&self.node.0);
+    }
+}
+
 /// Writes the fixed part of a handshake initiation; the caller fills the
 /// Noise message and the MAC.
 pub(crate) fn emit_init_prefix(out: &mut [u8; INIT_LEN], sender_index: u32) {
@@ -253,6 +306,28 @@ mod tests {
         assert_eq!((v.sender_index(), v.receiver_index()), (7, 9));
         assert_eq!(RESP_LEN, 92);
         assert!(HandshakeResp::new_checked(&init).is_err());
+    }
+
+    #[test]
+    fn relay_header_fixture() {
+        let h = RelayHeader {
+            ty: MSG_RELAY_TO,
+            node: crate::identity::NodeId([7; 16]),
+        };
+        let mut out = vec![0u8; RELAY_HEADER_LEN + 1];
+        h.emit(&mut out);
+        assert_eq!(out[..4], [0xA5, 0, 0, 0]);
+        assert_eq!(out[4..20], [7; 16]);
+        assert_eq!(RelayHeader::parse(&out), Ok(h));
+        assert_eq!(
+            RelayHeader::parse(&out[..20]),
+            Err(WireError::Length(20)),
+            "empty payload"
+        );
+        out[0] = MSG_DATA;
+        assert_eq!(RelayHeader::parse(&out), Err(WireError::Type));
+        assert_eq!(classify(&[0xA5]), Kind::RelayTo);
+        assert_eq!(classify(&[0xA6]), Kind::RelayFrom);
     }
 
     #[test]

@@ -34,6 +34,14 @@ struct Cli {
     /// The overlay network addresses are handed out from.
     #[arg(long, default_value = pilot_proto::DEFAULT_NETWORK)]
     network: Ipv4Net,
+    /// Relay bandwidth per node, in megabits per second (relayed traffic is
+    /// opaque ciphertext between two nodes that approved each other).
+    #[arg(long, default_value_t = 400)]
+    relay_mbps: u32,
+    /// Second UDP port that answers STUN only, so nodes can tell whether
+    /// their NAT maps per destination (default: --listen's port + 1; 0: off).
+    #[arg(long)]
+    stun_alt_port: Option<u16>,
     /// Log filter (tracing syntax), e.g. `info` or `pilot_registry=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -91,14 +99,25 @@ fn run() -> Result<()> {
         state::write_private(&cli.state_dir.join("join-url"), format!("{join}\n").as_bytes())?;
         println!("join: {join}");
         println!("network: {}  state: {}", cli.network, cli.state_dir.display());
-        let registry = Registry::new(
+        let mut registry = Registry::new(
             socket,
             Config {
                 secret,
                 network: cli.network,
+                relay_rate: cli.relay_mbps.saturating_mul(125_000),
             },
             storage,
         );
+        let alt_port = cli
+            .stun_alt_port
+            .unwrap_or_else(|| cli.listen.port().wrapping_add(1));
+        if alt_port != 0 {
+            let alt = SocketAddr::new(cli.listen.ip(), alt_port);
+            let s = tokio::net::UdpSocket::bind(alt)
+                .await
+                .with_context(|| format!("cannot bind the second STUN port {alt} (choose one with --stun-alt-port, or 0 for none)"))?;
+            registry = registry.with_alt_stun(s);
+        }
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("install SIGTERM handler");

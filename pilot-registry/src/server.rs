@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{
-    self, ErrorCode, FromRegistry, PeerInfo, PeerRef, PushItem, ToRegistry,
+    self, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, ToRegistry,
 };
 use pilot_proto::ratelimit::RateLimiter;
 use pilot_proto::session::Session;
@@ -44,6 +44,12 @@ pub struct Stats {
     pub dropped_auth: AtomicU64,
     /// Control messages that did not decode, or were badly signed, or replays.
     pub refused: AtomicU64,
+    /// Datagrams relayed.
+    pub relayed: AtomicU64,
+    /// Relay requests refused: unknown sender, offline or unapproved pair.
+    pub relay_refused: AtomicU64,
+    /// Relay requests over the sender's bandwidth limit.
+    pub relay_limited: AtomicU64,
 }
 
 impl Stats {
@@ -59,6 +65,9 @@ impl Stats {
             ("dropped_rate", l(&self.dropped_rate)),
             ("dropped_auth", l(&self.dropped_auth)),
             ("refused", l(&self.refused)),
+            ("relayed", l(&self.relayed)),
+            ("relay_refused", l(&self.relay_refused)),
+            ("relay_limited", l(&self.relay_limited)),
         ]
     }
 }
@@ -74,6 +83,8 @@ pub struct Config {
     pub secret: [u8; 32],
     /// The overlay network addresses come from.
     pub network: Ipv4Net,
+    /// Relay bandwidth each node may use, in bytes per second.
+    pub relay_rate: u32,
 }
 
 struct Conn {
@@ -82,6 +93,7 @@ struct Conn {
     node: Option<NodeId>,
     addr: SocketAddr,
     last_seen: Instant,
+    nat: NatType,
 }
 
 /// The rendezvous server.
@@ -96,6 +108,10 @@ pub struct Registry<S: Storage> {
     last_timestamp: HashMap<[u8; 32], u64>,
     mail: HashSet<NodeId>,
     limiter: RateLimiter<IpAddr>,
+    alt_stun: Option<UdpSocket>,
+    by_addr: HashMap<SocketAddr, NodeId>,
+    approvals: HashMap<(NodeId, NodeId), bool>,
+    relay_limiter: RateLimiter<NodeId>,
     stats: Arc<Stats>,
     rng: ring::rand::SystemRandom,
 }
@@ -127,9 +143,20 @@ impl<S: Storage> Registry<S> {
             last_timestamp: HashMap::new(),
             mail: HashSet::new(),
             limiter: RateLimiter::new(20, 5),
+            alt_stun: None,
+            by_addr: HashMap::new(),
+            approvals: HashMap::new(),
+            relay_limiter: RateLimiter::new(config.relay_rate, config.relay_rate.max(1 << 20) / 4),
             stats: Arc::new(Stats::default()),
             rng: ring::rand::SystemRandom::new(),
         }
+    }
+
+    /// Also answers STUN on a second socket (another port), so nodes can
+    /// tell whether their NAT maps per destination.
+    pub fn with_alt_stun(mut self, socket: UdpSocket) -> Self {
+        self.alt_stun = Some(socket);
+        self
     }
 
     /// The counters (shared; keep a clone to read them while it runs).
@@ -141,11 +168,25 @@ impl<S: Storage> Registry<S> {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; 65_536];
+        let mut alt_buf = vec![0u8; 1500];
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let alt = self.alt_stun.take();
+        let alt_recv = async |b: &mut [u8]| match &alt {
+            Some(s) => s.recv_from(b).await,
+            None => std::future::pending().await,
+        };
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
+                r = alt_recv(&mut alt_buf) => {
+                    if let (Ok((n, from)), Some(s)) = (r, &alt) {
+                        if let Some(tid) = stun::parse_binding_request(&alt_buf[..n]) {
+                            bump(&self.stats.stun);
+                            let _ = s.send_to(&stun::binding_response(&tid, from), from).await;
+                        }
+                    }
+                }
                 r = self.socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => self.on_datagram(&mut buf[..n], from, Instant::now()).await,
                     // ICMP errors from earlier sends surface here; keep serving.
@@ -169,8 +210,61 @@ impl<S: Storage> Registry<S> {
             }
             Kind::HandshakeInit => self.on_handshake(buf, from, now).await,
             Kind::Data => self.on_data(buf, from, now).await,
-            Kind::HandshakeResp | Kind::Unknown => bump(&self.stats.dropped_malformed),
+            Kind::RelayTo => self.on_relay(buf, from, now).await,
+            Kind::HandshakeResp | Kind::RelayFrom | Kind::Unknown => {
+                bump(&self.stats.dropped_malformed)
+            }
         }
+    }
+
+    /// Forwards a tunnel datagram to another node, unread, if the two
+    /// approved each other. The sender is known by the address of its
+    /// control session: a datagram from anywhere else is dropped.
+    async fn on_relay(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        let Ok(h) = wire::RelayHeader::parse(buf) else {
+            bump(&self.stats.dropped_malformed);
+            return;
+        };
+        let Some(&src) = self.by_addr.get(&from) else {
+            bump(&self.stats.relay_refused);
+            return;
+        };
+        let dst = h.node;
+        let Some(to) = self
+            .online
+            .get(&dst)
+            .and_then(|i| self.conns.get(i))
+            .map(|c| c.addr)
+        else {
+            bump(&self.stats.relay_refused);
+            return;
+        };
+        if !(self.approved(&src, &dst) && self.approved(&dst, &src)) {
+            bump(&self.stats.relay_refused);
+            return;
+        }
+        if !self.relay_limiter.allow_n(&src, buf.len() as u32, now) {
+            bump(&self.stats.relay_limited);
+            return;
+        }
+        wire::RelayHeader {
+            ty: wire::MSG_RELAY_FROM,
+            node: src,
+        }
+        .emit(buf);
+        bump(&self.stats.relayed);
+        let _ = self.socket.send_to(buf, to).await;
+    }
+
+    /// Does `from` approve `to`? Cached; the cache is dropped whenever a
+    /// statement is stored.
+    fn approved(&mut self, from: &NodeId, to: &NodeId) -> bool {
+        if let Some(&a) = self.approvals.get(&(*from, *to)) {
+            return a;
+        }
+        let a = self.storage.approves(from, to).unwrap_or(false);
+        self.approvals.insert((*from, *to), a);
+        a
     }
 
     fn random_index(&self) -> u32 {
@@ -235,6 +329,7 @@ impl<S: Storage> Registry<S> {
                 node: None,
                 addr: from,
                 last_seen: now,
+                nat: NatType::Unknown,
             },
         );
         let _ = self.socket.send_to(&out, from).await;
@@ -274,6 +369,8 @@ impl<S: Storage> Registry<S> {
         bump(&self.stats.messages);
         if roamed {
             if let Some(id) = node {
+                self.by_addr.retain(|_, n| *n != id);
+                self.by_addr.insert(from, id);
                 if let Err(e) = self.storage.set_observed(&id, from) {
                     warn!("storage: {e}");
                 }
@@ -306,7 +403,10 @@ impl<S: Storage> Registry<S> {
                             let id = reg.body.identity.node_id();
                             if let Some(c) = self.conns.get_mut(&index) {
                                 c.node = Some(id);
+                                c.nat = reg.body.nat;
                             }
+                            self.by_addr.retain(|_, n| *n != id);
+                            self.by_addr.insert(from, id);
                             if let Some(old) = self.online.insert(id, index) {
                                 if old != index {
                                     debug!(%id, "node reconnected");
@@ -351,7 +451,13 @@ impl<S: Storage> Registry<S> {
                 error(req, ErrorCode::NotRegistered, "register first")
             }
             (ToRegistry::Ack { .. }, None) => return,
-            (ToRegistry::Lookup { req, peer }, Some(me)) => self.lookup(req, &peer, &me),
+            (ToRegistry::Lookup { req, peer }, Some(me)) => {
+                let (reply, punch) = self.lookup(req, &peer, &me);
+                if let Some((to, msg)) = punch {
+                    self.send(to, &msg).await;
+                }
+                reply
+            }
             (ToRegistry::Statement { req, statement }, Some(me)) => {
                 if statement.body.from.node_id() != me || !statement.verify() {
                     bump(&self.stats.refused);
@@ -365,6 +471,7 @@ impl<S: Storage> Registry<S> {
                         }
                         Ok(Some(_)) => match self.storage.put_statement(&statement) {
                             Ok(StatementOutcome::Stored(_)) => {
+                                self.approvals.clear();
                                 info!(from = %me, to = %statement.body.to, kind = statement.body.kind.name(), "trust statement");
                                 self.mail.insert(statement.body.to);
                                 let to = statement.body.to;
@@ -403,7 +510,15 @@ impl<S: Storage> Registry<S> {
         }
     }
 
-    fn lookup(&mut self, req: u32, peer: &PeerRef, me: &NodeId) -> FromRegistry {
+    /// Answers a lookup. When the peer approved the asker and is online, also
+    /// returns a punch request for the peer (its session index and the
+    /// message), so both sides probe each other at the same time.
+    fn lookup(
+        &mut self,
+        req: u32,
+        peer: &PeerRef,
+        me: &NodeId,
+    ) -> (FromRegistry, Option<(u32, FromRegistry)>) {
         let row = match peer {
             PeerRef::Id(id) => self.storage.node(id),
             PeerRef::Addr(a) => self.storage.node_by_address(*a),
@@ -411,15 +526,23 @@ impl<S: Storage> Registry<S> {
         };
         let row: NodeRow = match row {
             Ok(Some(r)) => r,
-            Ok(None) => return error(req, ErrorCode::NotFound, &format!("no node named {peer}")),
+            Ok(None) => {
+                return (
+                    error(req, ErrorCode::NotFound, &format!("no node named {peer}")),
+                    None,
+                )
+            }
             Err(e) => {
                 warn!("storage: {e}");
-                return error(req, ErrorCode::Internal, "registry storage failed");
+                return (
+                    error(req, ErrorCode::Internal, "registry storage failed"),
+                    None,
+                );
             }
         };
         let their_id = row.identity.node_id();
         // Endpoints are revealed only to nodes the peer approved.
-        let approved = self.storage.approves(&their_id, me).unwrap_or(false);
+        let approved = self.approved(&their_id, me);
         let mut endpoints = if approved { row.endpoints } else { vec![] };
         // The live session's address beats the stored one.
         if approved {
@@ -429,15 +552,50 @@ impl<S: Storage> Registry<S> {
                 endpoints.truncate(messages::MAX_ENDPOINTS);
             }
         }
-        FromRegistry::Peer {
-            req,
-            info: PeerInfo {
-                identity: row.identity,
-                address: row.address,
-                hostname: row.hostname,
-                endpoints,
+        let their_conn = self.online.get(&their_id).copied();
+        let nat = their_conn
+            .and_then(|i| self.conns.get(&i))
+            .map_or(NatType::Unknown, |c| c.nat);
+        // Punching needs both sides to send at once: tell the peer to probe
+        // the asker now, if the peer approved it and both are online.
+        let punch = match (
+            approved,
+            their_conn,
+            self.online.get(me).and_then(|i| self.conns.get(i)),
+        ) {
+            (true, Some(their_index), Some(mine)) => {
+                let mut eps = vec![mine.addr];
+                if let Ok(Some(row)) = self.storage.node(me) {
+                    for e in row.endpoints {
+                        if !eps.contains(&e) && eps.len() < messages::MAX_ENDPOINTS {
+                            eps.push(e);
+                        }
+                    }
+                }
+                Some((
+                    their_index,
+                    FromRegistry::Punch {
+                        peer: *me,
+                        endpoints: eps,
+                        nat: mine.nat,
+                    },
+                ))
+            }
+            _ => None,
+        };
+        (
+            FromRegistry::Peer {
+                req,
+                info: PeerInfo {
+                    identity: row.identity,
+                    address: row.address,
+                    hostname: row.hostname,
+                    endpoints,
+                    nat,
+                },
             },
-        }
+            punch,
+        )
     }
 
     /// Sends a node everything waiting in its inbox, if it is online.
@@ -503,6 +661,8 @@ impl<S: Storage> Registry<S> {
         });
         let conns = &self.conns;
         self.online.retain(|_, i| conns.contains_key(i));
+        let online = &self.online;
+        self.by_addr.retain(|_, n| online.contains_key(n));
         // Redeliver unacknowledged pushes (lost datagrams).
         let waiting: Vec<NodeId> = self
             .mail

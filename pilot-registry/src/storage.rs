@@ -474,6 +474,7 @@ mod tests {
             hostname: host.map(str::to_string),
             seq,
             local_endpoints: vec!["192.0.2.10:4000".parse().unwrap()],
+            nat: Default::default(),
         }
     }
 

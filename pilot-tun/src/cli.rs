@@ -68,6 +68,15 @@ enum Command {
     /// Ask for, grant, refuse and withdraw trust.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Measure round trips through the tunnel to a trusted peer, and show the
+    /// path (direct endpoint or relay, and why).
+    Ping {
+        /// Hostname, 10.x address or node id.
+        peer: String,
+        /// How many echoes (200 ms apart).
+        #[arg(short, long, default_value_t = 3)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,6 +198,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
+        Command::Ping { peer, count } => Request::Ping { peer, count },
         Command::Trust(t) => match t {
             TrustCommand::Request { peer, note } => Request::TrustRequest { peer, note },
             TrustCommand::Pending => Request::TrustPending,
@@ -264,20 +274,30 @@ fn print_response(req: &Request, resp: &Response, json: bool) -> Result<ExitCode
                 println!("no peers yet: `pilot-tun trust request <peer>` asks one");
             } else {
                 println!(
-                    "{:<16} {:<15} {:<16} {:<22} {:>9} {:>12} {:>12}",
-                    "NAME", "ADDRESS", "TRUST", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+                    "{:<16} {:<15} {:<16} {:<22} {:>8} {:>9} {:>12} {:>12}",
+                    "NAME", "ADDRESS", "TRUST", "PATH", "RTT", "HANDSHAKE", "RX", "TX"
                 );
                 for p in list {
                     let hs = p["last_handshake_secs"]
                         .as_u64()
                         .map(|x| format!("{x}s ago"))
                         .unwrap_or_else(|| "-".into());
+                    let rtt = p["rtt_ms"]
+                        .as_f64()
+                        .map(|x| format!("{x:.2}ms"))
+                        .unwrap_or_else(|| "-".into());
+                    let path = match (p["endpoint"].as_str(), p["relay_reason"].as_str()) {
+                        (Some("relay"), Some(why)) => format!("relay ({why})"),
+                        (Some(e), _) => e.to_string(),
+                        _ => "-".into(),
+                    };
                     println!(
-                        "{:<16} {:<15} {:<16} {:<22} {:>9} {:>12} {:>12}",
+                        "{:<16} {:<15} {:<16} {:<22} {:>8} {:>9} {:>12} {:>12}",
                         s(&p["hostname"]),
                         s(&p["address"]),
                         s(&p["trust"]),
-                        s(&p["endpoint"]),
+                        path,
+                        rtt,
                         hs,
                         human_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
                         human_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
@@ -327,6 +347,30 @@ fn print_response(req: &Request, resp: &Response, json: bool) -> Result<ExitCode
             println!("{who} ({}): {}", s(&d["address"]), s(&d["state"]));
             if let Some(e) = d["delivery_error"].as_str() {
                 println!("warning: applied here, but the peer was not told yet: {e}");
+            }
+        }
+        Request::Ping { .. } => {
+            let who = d["hostname"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s(&d["address"]));
+            let path = match (d["path"].as_str(), d["relay_reason"].as_str()) {
+                (Some("relay"), Some(why)) => format!("relay ({why})"),
+                (Some(p), _) => format!("direct {p}"),
+                _ => "-".into(),
+            };
+            let rtts = d["rtt_ms"].as_array().cloned().unwrap_or_default();
+            for (i, r) in rtts.iter().enumerate() {
+                match r.as_f64() {
+                    Some(ms) => println!(
+                        "{who} ({}) seq={i} time={ms:.3} ms via {path}",
+                        s(&d["address"])
+                    ),
+                    None => println!("{who} ({}) seq={i} no answer", s(&d["address"])),
+                }
+            }
+            if rtts.iter().all(|r| r.is_null()) {
+                return Ok(ExitCode::from(exit::FAILED));
             }
         }
         Request::Down => println!("stopped"),

@@ -42,6 +42,13 @@ pub enum Request {
     },
     /// All trust records.
     TrustList,
+    /// Round trips through the tunnel to a trusted peer.
+    Ping {
+        /// Hostname, address or node id.
+        peer: String,
+        /// How many echoes.
+        count: u32,
+    },
     /// Stop the daemon.
     Down,
 }

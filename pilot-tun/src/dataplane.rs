@@ -17,12 +17,15 @@ use std::time::Instant;
 
 use pilot_proto::packet;
 use pilot_proto::session::OpenError;
-use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, DATA_OVERHEAD, TAG_LEN};
+use pilot_proto::wire::{
+    self, Kind, RelayHeader, DATA_HEADER_LEN, DATA_OVERHEAD, MSG_RELAY_TO, RELAY_HEADER_LEN,
+    TAG_LEN,
+};
 use quinn_udp::RecvMeta;
 use tracing::warn;
 
 use crate::node::{Inner, Slow};
-use crate::peers::bump;
+use crate::peers::{bump, Endpoint};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 
@@ -35,6 +38,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
     let mut icmp: Vec<Vec<u8>> = Vec::with_capacity(8);
     let network = inner.network();
     let me = inner.address();
+    let relay = inner.link.join.addr;
     loop {
         let n = match tun.recv_batch(&mut bufs, &mut sizes).await {
             Ok(n) => n,
@@ -77,12 +81,27 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
                 };
                 let start = batch.buf.len();
                 let len = pkt.len();
-                batch.buf.resize(start + DATA_HEADER_LEN + len + TAG_LEN, 0);
-                batch.buf[start + DATA_HEADER_LEN..start + DATA_HEADER_LEN + len]
-                    .copy_from_slice(pkt);
-                match session.sender.seal(&mut batch.buf[start..], len) {
+                // Through the relay, the datagram is prefixed with the
+                // relay header naming the peer.
+                let (dest, pre) = match to {
+                    Endpoint::Direct(a) => (a, 0),
+                    Endpoint::Relay => (relay, RELAY_HEADER_LEN),
+                };
+                batch
+                    .buf
+                    .resize(start + pre + DATA_HEADER_LEN + len + TAG_LEN, 0);
+                if pre > 0 {
+                    RelayHeader {
+                        ty: MSG_RELAY_TO,
+                        node: peer.id,
+                    }
+                    .emit(&mut batch.buf[start..]);
+                }
+                let at = start + pre;
+                batch.buf[at + DATA_HEADER_LEN..at + DATA_HEADER_LEN + len].copy_from_slice(pkt);
+                match session.sender.seal(&mut batch.buf[at..], len) {
                     Ok(total) => {
-                        batch.packets.push((to, start, total));
+                        batch.packets.push((dest, start, pre + total));
                         peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
                         peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
                     }
@@ -125,6 +144,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now = Instant::now();
         let now_ms = inner.now_ms(now);
         let me = inner.address();
+        let relay = inner.link.join.addr;
         let mut k = 0;
         {
             let table = inner.table.read();
@@ -134,10 +154,24 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     if k == out.len() {
                         break; // cannot happen: GRO carries at most 64 segments
                     }
+                    // A datagram from the relay carries another node's
+                    // tunnel datagram; it is authenticated like any other.
+                    let (seg, via, relayed_from) = match wire::classify(seg) {
+                        Kind::RelayFrom if meta.addr == relay => match RelayHeader::parse(seg) {
+                            Ok(h) => (&seg[RELAY_HEADER_LEN..], Endpoint::Relay, Some(h.node)),
+                            Err(_) => {
+                                bump(&inner.drops.malformed);
+                                continue;
+                            }
+                        },
+                        _ => (seg, Endpoint::Direct(meta.addr), None),
+                    };
+                    let slow = |seg: &[u8]| match relayed_from {
+                        Some(src) => Slow::Relayed(src, seg.to_vec()),
+                        None => Slow::Datagram(seg.to_vec(), meta.addr),
+                    };
                     if wire::classify(seg) != Kind::Data || seg.len() < DATA_OVERHEAD {
-                        let _ = inner
-                            .slow_tx
-                            .try_send(Slow::Datagram(seg.to_vec(), meta.addr));
+                        let _ = inner.slow_tx.try_send(slow(seg));
                         continue;
                     }
                     let Ok(h) = wire::DataHeader::parse(seg) else {
@@ -146,11 +180,13 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     };
                     let Some((peer, session)) = table.by_index.get(&h.receiver_index) else {
                         // The registry session, or no session at all.
-                        let _ = inner
-                            .slow_tx
-                            .try_send(Slow::Datagram(seg.to_vec(), meta.addr));
+                        let _ = inner.slow_tx.try_send(slow(seg));
                         continue;
                     };
+                    if relayed_from.is_some_and(|src| src != peer.id) {
+                        bump(&inner.drops.auth);
+                        continue;
+                    }
                     let o = &mut out[k];
                     o.clear();
                     o.extend_from_slice(seg);
@@ -165,18 +201,25 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                             continue;
                         }
                     };
-                    // Authenticated: now it may move state.
+                    // Authenticated: now it may move state (roaming, the
+                    // switch from relay to direct, the new session).
                     peer.last_rx_ms.store(now_ms, Ordering::Relaxed);
-                    if peer.endpoint() != Some(meta.addr) {
-                        peer.set_endpoint(meta.addr);
-                    }
+                    peer.set_endpoint(via);
                     if !session.initiator {
                         peer.promote(session);
                     }
                     if plain == 0 {
                         continue; // keepalive
                     }
+                    peer.last_data_rx_ms.store(now_ms, Ordering::Relaxed);
                     let inner_pkt = &o[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
+                    if inner_pkt[0] >> 4 != 4 {
+                        // Not an IP packet: an in-tunnel control message.
+                        let _ = inner
+                            .slow_tx
+                            .try_send(Slow::Control(peer.id, inner_pkt.to_vec()));
+                        continue;
+                    }
                     match packet::ipv4_addrs(inner_pkt) {
                         Some((src, dst)) if src == peer.address && dst == me => {}
                         _ => {

@@ -10,6 +10,7 @@ pub mod node;
 pub mod peers;
 pub mod state;
 pub mod tun;
+pub mod tunnels;
 pub mod udp;
 
 pub use node::{Node, NodeConfig, StartError};

@@ -236,7 +236,7 @@ impl RegistryLink {
             | FromRegistry::Ok { req }
             | FromRegistry::Error { req, .. }
             | FromRegistry::Pong { req, .. } => Some(*req),
-            FromRegistry::Push { .. } => None,
+            FromRegistry::Push { .. } | FromRegistry::Punch { .. } => None,
         };
         match req {
             Some(r) => {

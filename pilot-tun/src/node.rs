@@ -13,14 +13,13 @@ use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::{
-    FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
-    ToRegistry,
+    FromRegistry, PeerInfo, PeerRef, Registration, Signed, Statement, StatementKind, ToRegistry,
 };
 use pilot_proto::ratelimit::RateLimiter;
-use pilot_proto::session::{CipherSuite, Session};
-use pilot_proto::timers::{TimerAction, REJECT_AFTER, REKEY_AFTER};
+use pilot_proto::session::CipherSuite;
+use pilot_proto::timers::REKEY_AFTER;
 use pilot_proto::trust::{Change, TrustStore};
-use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, INIT_LEN, TAG_LEN};
+use pilot_proto::wire::INIT_LEN;
 use serde_json::json;
 use std::collections::HashMap;
 use tokio::sync::{mpsc, Notify};
@@ -29,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::control::{Request, Response};
 use crate::link::{LinkError, RegistryLink};
-use crate::peers::{bump, Drops, PeerData, PeerRuntime, PeerTable};
+use crate::peers::{Drops, PeerData, PeerRuntime, PeerTable};
 use crate::state::{NodeState, StateDir, StateError};
 use crate::tun::Tun;
 use crate::udp::Udp;
@@ -88,8 +87,12 @@ pub enum StartError {
 pub enum Slow {
     /// A datagram that is not data for a peer session.
     Datagram(Vec<u8>, SocketAddr),
+    /// A tunnel datagram the relay delivered from this node.
+    Relayed(NodeId, Vec<u8>),
     /// A packet for a trusted peer that has no session.
     NeedSession(NodeId, Vec<u8>),
+    /// An authenticated in-tunnel control message (not an IP packet).
+    Control(NodeId, Vec<u8>),
 }
 
 /// The control side's state, behind one lock (never held across an await).
@@ -102,8 +105,8 @@ pub struct Brain {
     pub peers: HashMap<NodeId, PeerRuntime>,
     /// Trusted peers by static key, for answering handshakes.
     pub by_static: HashMap<[u8; 32], NodeId>,
-    last_timestamp: u64,
-    limiter: RateLimiter<std::net::IpAddr>,
+    pub(crate) last_timestamp: u64,
+    pub(crate) limiter: RateLimiter<std::net::IpAddr>,
 }
 
 /// Everything a running node shares between its tasks.
@@ -136,6 +139,12 @@ pub struct Inner<T: Tun> {
     pub epoch: Instant,
     /// Signals `down`.
     pub stop: Notify,
+    /// Our NAT type, as last measured.
+    pub nat: Mutex<pilot_proto::messages::NatType>,
+    /// STUN transactions waiting for an answer.
+    pub stun_pending: Mutex<HashMap<[u8; 12], tokio::sync::oneshot::Sender<SocketAddr>>>,
+    /// In-tunnel pings waiting for their echo.
+    pub pings: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Instant>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     started: SystemTime,
 }
@@ -146,7 +155,7 @@ pub struct Node<T: Tun> {
     pub inner: Arc<Inner<T>>,
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -233,6 +242,9 @@ impl<T: Tun> Node<T> {
             slow_tx,
             epoch: Instant::now(),
             stop: Notify::new(),
+            nat: Mutex::new(pilot_proto::messages::NatType::Unknown),
+            stun_pending: Mutex::new(HashMap::new()),
+            pings: Mutex::new(HashMap::new()),
             tasks: Mutex::new(vec![]),
             started: SystemTime::now(),
             cfg,
@@ -385,7 +397,7 @@ impl<T: Tun> Inner<T> {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    fn instant_of(&self, ms: u64) -> Option<Instant> {
+    pub(crate) fn instant_of(&self, ms: u64) -> Option<Instant> {
         (ms > 0).then(|| self.epoch + Duration::from_millis(ms))
     }
 
@@ -417,13 +429,13 @@ impl<T: Tun> Inner<T> {
         Ok(seq)
     }
 
-    fn next_timestamp(brain: &mut Brain) -> u64 {
+    pub(crate) fn next_timestamp(brain: &mut Brain) -> u64 {
         let ts = (brain.last_timestamp + 1).max(unix_micros() * 1000);
         brain.last_timestamp = ts;
         ts
     }
 
-    fn fresh_index(&self) -> u32 {
+    pub(crate) fn fresh_index(&self) -> u32 {
         loop {
             let i = random_u32();
             if !self.table.read().by_index.contains_key(&i) && !self.link.owns_index(i) {
@@ -457,12 +469,14 @@ impl<T: Tun> Inner<T> {
             (seq, host)
         };
         let locals = local_endpoints(self.udp.local_addr().map(|a| a.port()).unwrap_or(0));
+        let nat = self.detect_nat().await;
         let reg = Signed::sign(
             Registration {
                 identity: self.identity.public(),
                 hostname: hostname.clone(),
                 seq,
                 local_endpoints: locals,
+                nat,
             },
             &self.identity,
         );
@@ -515,7 +529,7 @@ impl<T: Tun> Inner<T> {
     }
 
     /// Looks a peer up at the registry and checks what it says.
-    async fn lookup(&self, peer: &PeerRef) -> Result<PeerInfo, String> {
+    pub(crate) async fn lookup(&self, peer: &PeerRef) -> Result<PeerInfo, String> {
         let answer = self
             .link
             .call(&self.udp, |req| ToRegistry::Lookup {
@@ -551,389 +565,20 @@ impl<T: Tun> Inner<T> {
     }
 
     /// Applies a trust change to the data plane.
-    fn apply_change(self: &Arc<Self>, brain: &mut Brain, id: NodeId, change: Change) {
+    pub(crate) fn apply_change(self: &Arc<Self>, brain: &mut Brain, id: NodeId, change: Change) {
         if change.now_trusted && !change.was_trusted {
             if let Some(r) = brain.trust.get(&id) {
                 let (addr, st) = (r.address, r.identity.static_public);
                 let mut table = self.table.write();
                 add_peer(brain, &mut table, id, addr, st);
             }
-            spawn_lookup_locked(self, brain, id);
+            crate::tunnels::spawn_lookup_locked(self, brain, id);
             info!(peer = %id, "peer trusted");
         } else if change.was_trusted && !change.now_trusted {
             let mut table = self.table.write();
             remove_peer(brain, &mut table, &id);
             info!(peer = %id, "peer no longer trusted; sessions dropped");
         }
-    }
-
-    /// Starts (or restarts) a handshake with a trusted peer. Returns the
-    /// datagrams to send.
-    fn start_handshake(
-        &self,
-        brain: &mut Brain,
-        id: &NodeId,
-        now: Instant,
-    ) -> Vec<(Vec<u8>, SocketAddr)> {
-        let index = self.fresh_index();
-        let ts = Self::next_timestamp(brain);
-        let Some(rt) = brain.peers.get_mut(id) else {
-            return vec![];
-        };
-        let dests = rt.destinations();
-        if dests.is_empty() {
-            return vec![];
-        }
-        let Ok((init, msg)) = handshake::initiate(
-            self.identity.static_secret(),
-            &rt.static_public,
-            index,
-            ts,
-            self.cfg.suite,
-        ) else {
-            return vec![];
-        };
-        rt.initiator = Some(init);
-        let jitter = Duration::from_millis((random_u32() % 334) as u64);
-        rt.timers.on_handshake_sent(now, jitter);
-        rt.timers.on_sent(now);
-        dests.into_iter().map(|d| (msg.to_vec(), d)).collect()
-    }
-
-    /// Seals the queued packets (or a keepalive) for a peer with a session.
-    fn drain_queue(
-        rt: &mut PeerRuntime,
-        session: &Session,
-        to: SocketAddr,
-        keepalive: bool,
-    ) -> Vec<(Vec<u8>, SocketAddr)> {
-        let mut out = vec![];
-        let mut pkts: Vec<Vec<u8>> = rt.queue.drain(..).collect();
-        if pkts.is_empty() && keepalive {
-            pkts.push(vec![]);
-        }
-        for p in pkts {
-            let mut buf = vec![0u8; DATA_HEADER_LEN + p.len() + TAG_LEN];
-            buf[DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()].copy_from_slice(&p);
-            if let Ok(n) = session.sender.seal(&mut buf, p.len()) {
-                buf.truncate(n);
-                rt.data
-                    .tx_bytes
-                    .fetch_add(p.len() as u64, Ordering::Relaxed);
-                out.push((buf, to));
-            }
-        }
-        out
-    }
-
-    /// Installs a new session for a peer.
-    fn install(
-        &self,
-        brain: &mut Brain,
-        id: &NodeId,
-        session: Session,
-        from: SocketAddr,
-        now: Instant,
-    ) -> Option<Arc<Session>> {
-        let rt = brain.peers.get_mut(id)?;
-        let session = Arc::new(session);
-        let initiator = session.initiator;
-        self.table
-            .write()
-            .by_index
-            .insert(session.local_index, (rt.data.clone(), session.clone()));
-        rt.sessions.push(session.clone());
-        // The initiator knows the responder has the keys; the responder waits
-        // for the first packet on the new session before switching to it,
-        // unless it has nothing else.
-        if initiator || !rt.data.has_session() {
-            rt.data.promote(&session);
-        }
-        rt.data.set_endpoint(from);
-        rt.timers.on_session(now, initiator);
-        rt.last_handshake = Some(SystemTime::now());
-        if brain.trust.set_endpoint(id, from) {
-            if let Err(e) = self.cfg.state.save_trust(&brain.trust) {
-                warn!("cannot save trust store: {e}");
-            }
-        }
-        Some(session)
-    }
-
-    async fn send_all(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
-        for (buf, to) in out {
-            let _ = self.udp.send_to(&buf, to).await;
-        }
-    }
-
-    async fn on_slow(self: &Arc<Self>, item: Slow) {
-        let now = Instant::now();
-        match item {
-            Slow::NeedSession(id, pkt) => {
-                let out = {
-                    let mut brain = self.brain.lock();
-                    let Some(rt) = brain.peers.get_mut(&id) else {
-                        return;
-                    };
-                    rt.enqueue(pkt);
-                    if rt.timers.handshake_in_flight() {
-                        return;
-                    }
-                    if rt.destinations().is_empty() {
-                        if !rt.lookup_in_flight {
-                            drop(brain);
-                            spawn_lookup(self, id);
-                        }
-                        return;
-                    }
-                    self.start_handshake(&mut brain, &id, now)
-                };
-                self.send_all(out).await;
-            }
-            Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
-                Kind::HandshakeInit => self.on_init(&buf, from, now).await,
-                Kind::HandshakeResp => self.on_resp(&buf, from, now).await,
-                Kind::Data => {
-                    if let Some(msg) = self.link.on_data(&mut buf) {
-                        self.on_registry_push(msg).await;
-                    } else {
-                        // Either an answer routed to its caller, or data for
-                        // no session of ours.
-                    }
-                }
-                Kind::Stun | Kind::Unknown => bump(&self.drops.malformed),
-            },
-        }
-    }
-
-    async fn on_init(self: &Arc<Self>, buf: &[u8], from: SocketAddr, now: Instant) {
-        let Ok(init) = wire::HandshakeInit::new_checked(buf) else {
-            bump(&self.drops.malformed);
-            return;
-        };
-        if !self.own_mac.verify(init.mac_covered(), init.mac()) {
-            bump(&self.drops.bad_handshake);
-            return;
-        }
-        if !self.brain.lock().limiter.allow(&from.ip(), now) {
-            bump(&self.drops.rate_limited);
-            return;
-        }
-        let resp = match handshake::respond(self.identity.static_secret(), &self.own_mac, init) {
-            Ok(r) => r,
-            Err(_) => {
-                bump(&self.drops.bad_handshake);
-                return;
-            }
-        };
-        let index = self.fresh_index();
-        let out = {
-            let mut brain = self.brain.lock();
-            // Only the local trust store decides: an unknown or untrusted key
-            // gets no answer at all.
-            let Some(id) = brain.by_static.get(resp.remote_static()).copied() else {
-                bump(&self.drops.untrusted_handshake);
-                debug!(%from, "handshake from an untrusted key ignored");
-                return;
-            };
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            if resp.timestamp() <= rt.last_init_timestamp {
-                bump(&self.drops.bad_handshake);
-                return;
-            }
-            rt.last_init_timestamp = resp.timestamp();
-            let Ok((session, msg)) = resp.accept(index, now) else {
-                bump(&self.drops.bad_handshake);
-                return;
-            };
-            let Some(_session) = self.install(&mut brain, &id, session, from, now) else {
-                return;
-            };
-            debug!(peer = %id, %from, "handshake answered");
-            vec![(msg.to_vec(), from)]
-        };
-        self.send_all(out).await;
-    }
-
-    async fn on_resp(self: &Arc<Self>, buf: &[u8], from: SocketAddr, now: Instant) {
-        let Ok(resp) = wire::HandshakeResp::new_checked(buf) else {
-            bump(&self.drops.malformed);
-            return;
-        };
-        if self.link.on_handshake_response(&self.own_mac, resp, now) {
-            return;
-        }
-        let out = {
-            let mut brain = self.brain.lock();
-            let Some(id) = brain
-                .peers
-                .iter()
-                .find(|(_, rt)| {
-                    rt.initiator
-                        .as_ref()
-                        .is_some_and(|i| i.local_index() == resp.receiver_index())
-                })
-                .map(|(id, _)| *id)
-            else {
-                bump(&self.drops.bad_handshake);
-                return;
-            };
-            let Some(init) = brain.peers.get_mut(&id).and_then(|rt| rt.initiator.take()) else {
-                return;
-            };
-            let session = match init.finish(&self.own_mac, resp, now) {
-                Ok(s) => s,
-                Err(_) => {
-                    bump(&self.drops.bad_handshake);
-                    return;
-                }
-            };
-            let Some(session) = self.install(&mut brain, &id, session, from, now) else {
-                return;
-            };
-            info!(peer = %id, %from, "session established");
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            rt.timers.on_sent(now);
-            // Send what waited, or a keepalive so the responder switches.
-            Self::drain_queue(rt, &session, from, true)
-        };
-        self.send_all(out).await;
-    }
-
-    async fn on_registry_push(self: &Arc<Self>, msg: FromRegistry) {
-        let FromRegistry::Push { id: push, item } = msg else {
-            return;
-        };
-        let PushItem::Statement {
-            statement,
-            address,
-            hostname,
-        } = item;
-        let from = statement.body.from.node_id();
-        let ack = {
-            let mut brain = self.brain.lock();
-            match brain
-                .trust
-                .receive(&self.id, &statement, address, hostname, unix_now())
-            {
-                Ok(change) => match self.cfg.state.save_trust(&brain.trust) {
-                    Ok(()) => {
-                        info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
-                        self.apply_change(&mut brain, from, change);
-                        true
-                    }
-                    Err(e) => {
-                        // Not acknowledged: the registry will deliver it again.
-                        warn!("cannot save trust store: {e}");
-                        false
-                    }
-                },
-                Err(e) => {
-                    warn!(peer = %from, "trust statement refused: {e}");
-                    true
-                }
-            }
-        };
-        if ack {
-            self.link.send(&self.udp, &ToRegistry::Ack { push }).await;
-        }
-    }
-
-    async fn tick(self: &Arc<Self>) {
-        let now = Instant::now();
-        let mut out = vec![];
-        let mut lookups = vec![];
-        {
-            let mut brain = self.brain.lock();
-            let ids: Vec<NodeId> = brain.peers.keys().copied().collect();
-            for id in ids {
-                let Some(rt) = brain.peers.get_mut(&id) else {
-                    continue;
-                };
-                if let Some(t) = self.instant_of(rt.data.last_rx_ms.load(Ordering::Relaxed)) {
-                    rt.timers.on_received(t);
-                }
-                if let Some(t) = self.instant_of(rt.data.last_tx_ms.load(Ordering::Relaxed)) {
-                    rt.timers.on_sent(t);
-                }
-                // Forget sessions past their reject age.
-                let (old, live): (Vec<_>, Vec<_>) = rt
-                    .sessions
-                    .drain(..)
-                    .partition(|s| now.saturating_duration_since(s.created) >= REJECT_AFTER);
-                rt.sessions = live;
-                if !old.is_empty() {
-                    let mut table = self.table.write();
-                    for s in &old {
-                        table.by_index.remove(&s.local_index);
-                        rt.data.clear_if(s);
-                    }
-                }
-                match rt.timers.poll(now) {
-                    TimerAction::Idle => {}
-                    TimerAction::Handshake => {
-                        if rt.destinations().is_empty() {
-                            rt.timers.cancel_handshake();
-                            lookups.push(id);
-                        } else {
-                            out.extend(self.start_handshake(&mut brain, &id, now));
-                        }
-                    }
-                    TimerAction::Keepalive => {
-                        if let (Some(s), Some(to)) = (rt.data.current(now), rt.data.endpoint()) {
-                            rt.timers.on_sent(now);
-                            rt.data
-                                .last_tx_ms
-                                .store(self.now_ms(now), Ordering::Relaxed);
-                            out.extend(Self::drain_queue(rt, &s, to, true));
-                        } else {
-                            rt.timers.on_sent(now);
-                        }
-                    }
-                    TimerAction::ExpireSession => {
-                        rt.data.clear_session();
-                        rt.timers.clear_session();
-                    }
-                    TimerAction::GiveUp => {
-                        rt.timers.cancel_handshake();
-                        rt.initiator = None;
-                        rt.queue.clear();
-                        // Maybe it moved: ask the registry next time.
-                        lookups.push(id);
-                    }
-                }
-            }
-        }
-        self.send_all(out).await;
-        for id in lookups {
-            spawn_lookup(self, id);
-        }
-    }
-
-    /// Starts handshakes with every trusted peer that has no session, and
-    /// asks the registry where they are.
-    async fn reconnect_all(self: &Arc<Self>) {
-        let now = Instant::now();
-        let out = {
-            let mut brain = self.brain.lock();
-            let ids: Vec<NodeId> = brain
-                .peers
-                .iter()
-                .filter(|(_, rt)| !rt.data.has_session() && !rt.timers.handshake_in_flight())
-                .map(|(id, _)| *id)
-                .collect();
-            let mut out = vec![];
-            for id in ids {
-                out.extend(self.start_handshake(&mut brain, &id, now));
-                spawn_lookup_locked(self, &mut brain, id);
-            }
-            out
-        };
-        self.send_all(out).await;
     }
 
     /// Resolves a CLI peer name: the trust store first, then the registry.
@@ -954,6 +599,7 @@ impl<T: Tun> Inner<T> {
                     address: rec.address,
                     hostname: rec.hostname.clone(),
                     endpoints: vec![],
+                    nat: Default::default(),
                 });
             found
         };
@@ -1108,11 +754,59 @@ impl<T: Tun> Inner<T> {
                     .collect();
                 Response::ok(json!(list))
             }
+            Request::Ping { peer, count } => self.ping_request(&peer, count).await,
             Request::Down => {
                 self.stop.notify_one();
                 Response::ok(json!({"stopping": true}))
             }
         }
+    }
+
+    async fn ping_request(self: &Arc<Self>, peer: &str, count: u32) -> Response {
+        let info = match self.resolve(peer).await {
+            Ok(i) => i,
+            Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+        };
+        let id = info.identity.node_id();
+        if !self.brain.lock().peers.contains_key(&id) {
+            return Response::err(format!(
+                "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+            ));
+        }
+        let mut rtts = vec![];
+        for i in 0..count.clamp(1, 100) {
+            // The first echo may wait for a handshake (and a relay fallback).
+            let timeout = if i == 0 {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
+            let r = self.ping(id, timeout).await;
+            rtts.push(r.map(|d| d.as_secs_f64() * 1000.0));
+            if i + 1 < count {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let (path, reason) = {
+            let b = self.brain.lock();
+            b.peers
+                .get(&id)
+                .map(|rt| {
+                    (
+                        rt.data.endpoint().map(|e| e.to_string()),
+                        rt.path.relay_reason().map(|r| r.text()),
+                    )
+                })
+                .unwrap_or((None, None))
+        };
+        Response::ok(json!({
+            "peer": id.to_string(),
+            "hostname": info.hostname,
+            "address": info.address.to_string(),
+            "path": path,
+            "relay_reason": reason,
+            "rtt_ms": rtts,
+        }))
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1136,6 +830,8 @@ impl<T: Tun> Inner<T> {
                 "last_contact_secs": self.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
                 "observed_endpoint": self.link.observed().map(|a| a.to_string()),
             },
+            "nat": self.nat.lock().name(),
+            "public_endpoint": self.link.observed().map(|a| a.to_string()),
             "peers": { "known": b.trust.iter().count(), "trusted": trusted, "connected": connected },
             "pending_requests": b.trust.iter().filter(|(_, r)| r.pending()).count(),
             "cipher": match self.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
@@ -1160,6 +856,12 @@ impl<T: Tun> Inner<T> {
                     "address": r.address.to_string(),
                     "trust": r.state(),
                     "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
+                    "path": rt.and_then(|p| p.data.endpoint()).map(|e| match e {
+                        crate::peers::Endpoint::Direct(_) => "direct",
+                        crate::peers::Endpoint::Relay => "relay",
+                    }),
+                    "relay_reason": rt.and_then(|p| p.path.relay_reason()).map(|r| r.text()),
+                    "rtt_ms": rt.and_then(|p| p.rtt_us).map(|u| u as f64 / 1000.0),
                     "session": rt.is_some_and(|p| p.data.current(now).is_some()),
                     "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
                     "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
@@ -1172,7 +874,7 @@ impl<T: Tun> Inner<T> {
 }
 
 /// UDP endpoints on this host's own interfaces, as candidates for peers.
-fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+pub(crate) fn local_endpoints(port: u16) -> Vec<SocketAddr> {
     let mut out = vec![];
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
@@ -1190,50 +892,6 @@ fn local_endpoints(port: u16) -> Vec<SocketAddr> {
         }
     }
     out
-}
-
-fn spawn_lookup<T: Tun>(inner: &Arc<Inner<T>>, id: NodeId) {
-    spawn_lookup_locked(inner, &mut inner.brain.lock(), id);
-}
-
-/// Asks the registry where a trusted peer is, then handshakes if there is
-/// traffic waiting. Called with the brain locked; the task locks it later.
-fn spawn_lookup_locked<T: Tun>(inner: &Arc<Inner<T>>, brain: &mut Brain, id: NodeId) {
-    let Some(rt) = brain.peers.get_mut(&id) else {
-        return;
-    };
-    if rt.lookup_in_flight {
-        return;
-    }
-    rt.lookup_in_flight = true;
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        let r = inner.lookup(&PeerRef::Id(id)).await;
-        let now = Instant::now();
-        let out = {
-            let mut brain = inner.brain.lock();
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            rt.lookup_in_flight = false;
-            match r {
-                Ok(info) => {
-                    rt.candidates = info.endpoints;
-                    let wants = !rt.queue.is_empty() || !rt.data.has_session();
-                    if wants && !rt.timers.handshake_in_flight() && !rt.destinations().is_empty() {
-                        inner.start_handshake(&mut brain, &id, now)
-                    } else {
-                        vec![]
-                    }
-                }
-                Err(e) => {
-                    debug!(peer = %id, "lookup failed: {e}");
-                    vec![]
-                }
-            }
-        };
-        inner.send_all(out).await;
-    });
 }
 
 async fn slow_loop<T: Tun>(inner: Arc<Inner<T>>, mut rx: mpsc::Receiver<Slow>) {

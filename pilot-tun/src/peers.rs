@@ -13,8 +13,27 @@ use std::time::{Instant, SystemTime};
 use parking_lot::{Mutex, RwLock};
 use pilot_proto::handshake::Initiator;
 use pilot_proto::identity::NodeId;
+use pilot_proto::path::PathState;
 use pilot_proto::session::Session;
 use pilot_proto::timers::{PeerTimers, REJECT_AFTER};
+
+/// Where a peer's packets go right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Straight to its UDP endpoint.
+    Direct(SocketAddr),
+    /// Through the registry's relay.
+    Relay,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Direct(a) => write!(f, "{a}"),
+            Endpoint::Relay => f.write_str("relay"),
+        }
+    }
+}
 
 /// Packets kept per peer while its handshake is under way.
 pub const QUEUE_LIMIT: usize = 64;
@@ -26,7 +45,7 @@ pub struct PeerData {
     /// Its overlay address: inner packets from it must carry this source.
     pub address: Ipv4Addr,
     current: RwLock<Option<Arc<Session>>>,
-    endpoint: Mutex<Option<SocketAddr>>,
+    endpoint: Mutex<Option<Endpoint>>,
     /// Inner bytes received.
     pub rx_bytes: AtomicU64,
     /// Inner bytes sent.
@@ -35,6 +54,9 @@ pub struct PeerData {
     pub last_rx_ms: AtomicU64,
     /// Milliseconds since the node's epoch of the last packet sent.
     pub last_tx_ms: AtomicU64,
+    /// Milliseconds since the node's epoch of the last data (not keepalive)
+    /// packet received.
+    pub last_data_rx_ms: AtomicU64,
 }
 
 impl PeerData {
@@ -49,6 +71,7 @@ impl PeerData {
             tx_bytes: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
             last_tx_ms: AtomicU64::new(0),
+            last_data_rx_ms: AtomicU64::new(0),
         }
     }
 
@@ -92,16 +115,26 @@ impl PeerData {
     }
 
     /// Where we send to.
-    pub fn endpoint(&self) -> Option<SocketAddr> {
+    pub fn endpoint(&self) -> Option<Endpoint> {
         *self.endpoint.lock()
     }
 
-    /// Records where authenticated packets come from (roaming).
-    pub fn set_endpoint(&self, e: SocketAddr) {
+    /// Records where authenticated packets come from (roaming, upgrade from
+    /// relay to direct). A packet through the relay never replaces a direct
+    /// endpoint: direct wins while it works.
+    pub fn set_endpoint(&self, e: Endpoint) {
         let mut ep = self.endpoint.lock();
-        if *ep != Some(e) {
-            *ep = Some(e);
+        match (*ep, e) {
+            (Some(Endpoint::Direct(_)), Endpoint::Relay) => {}
+            (cur, new) if cur != Some(new) => *ep = Some(new),
+            _ => {}
         }
+    }
+
+    /// Switches to the relay even from a direct endpoint (the direct path
+    /// went silent).
+    pub fn force_endpoint(&self, e: Endpoint) {
+        *self.endpoint.lock() = Some(e);
     }
 }
 
@@ -122,8 +155,13 @@ pub struct PeerRuntime {
     pub static_public: [u8; 32],
     /// Rekey, retry and keepalive rules.
     pub timers: PeerTimers,
-    /// Our initiation in flight.
-    pub initiator: Option<Initiator>,
+    /// Our initiations in flight (a direct probe and one through the relay
+    /// may race; the first answer wins).
+    pub initiators: Vec<(Initiator, Endpoint, Instant)>,
+    /// Direct or relayed, and when to try direct again.
+    pub path: PathState,
+    /// Round-trip time of the last handshake we started, in microseconds.
+    pub rtt_us: Option<u64>,
     /// Packets waiting for a session.
     pub queue: VecDeque<Vec<u8>>,
     /// Endpoints the registry told us.
@@ -145,7 +183,9 @@ impl PeerRuntime {
             data,
             static_public,
             timers: PeerTimers::default(),
-            initiator: None,
+            initiators: Vec::new(),
+            path: PathState::default(),
+            rtt_us: None,
             queue: VecDeque::new(),
             candidates: vec![],
             last_init_timestamp: 0,
@@ -164,10 +204,13 @@ impl PeerRuntime {
         self.queue.push_back(pkt);
     }
 
-    /// Where to send an initiation: the endpoint that last worked, then the
+    /// Direct endpoints to probe: the one that last worked, then the
     /// registry's candidates.
     pub fn destinations(&self) -> Vec<SocketAddr> {
-        let mut d: Vec<SocketAddr> = self.data.endpoint().into_iter().collect();
+        let mut d: Vec<SocketAddr> = match self.data.endpoint() {
+            Some(Endpoint::Direct(a)) => vec![a],
+            _ => vec![],
+        };
         for c in &self.candidates {
             if !d.contains(c) {
                 d.push(*c);

@@ -40,6 +40,7 @@ impl RegistryHandle {
             Config {
                 secret,
                 network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 50_000_000,
             },
             storage,
         );

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# NAT matrix: which path (direct or relay) each pair of hosts ends up on,
+# with an ordinary TCP transfer and iperf3 over 10.x for every cell.
+#
+#                         inet (bridge, 203.0.113.0/24)
+#   registry .1   pubA .10   pubB .11   nE1 .21   nE2 .22   nH1 .23   nH2 .24
+#                                        |         |         |         |
+#                                e1 lan 192.0.2.0/26  e2 lan 192.0.2.64/26
+#                                hE1 .10, hE1b .11    hE2 .74
+#                                                  h1 lan 198.51.100.0/26  h2 lan 198.51.100.64/26
+#                                                  hH1 .10                 hH2 .74
+#
+# nE1, nE2: nftables masquerade, port-preserving ("easy", endpoint-independent)
+# nH1, nH2: nftables masquerade fully-random ("hard", per-destination ports)
+# All four also drop unsolicited inbound packets, as home routers do.
+#
+# Cells and the path each must take:
+#   public<->public  pubA-pubB   direct
+#   easy<->public    hE1-pubB    direct
+#   easy<->easy      hE1-hE2     direct (coordinated hole punching)
+#   same NAT         hE1-hE1b    direct (local candidates)
+#   hard<->easy      hH1-hE2     relay  (direct probes unanswered, after 2 s)
+#   hard<->hard      hH1-hH2     relay  (at once: both NATs map per destination)
+# Plus: the relay's own capture never shows a marker sent over a relayed pair.
+#
+# TTFB_JSON=<file> writes each cell's time from a cold start to the first
+# byte of an HTTP exchange (used by scripts/nat-bench.sh).
+SCENARIO=${SCENARIO:-s06_nat_matrix}
+source "$(dirname "$0")/lib.sh"
+setup_lab
+trap_errors 2>/dev/null || true
+need nft; need iperf3; need curl; need tcpdump
+
+switch inet
+mkns reg; plug reg inet 203.0.113.1/24
+for h in pubA:10 pubB:11; do
+  mkns "${h%%:*}"; plug "${h%%:*}" inet "203.0.113.${h##*:}/24"
+done
+
+# router NAME WAN_IP LAN_SW LAN_GW/LEN MODE: a NAT router namespace.
+router() {
+  local name=$1 wan=$2 lan=$3 gw=$4 mode=$5
+  mkns "$name"; switch "$lan"
+  plug "$name" inet "$wan/24" wan
+  plug "$name" "$lan" "$gw" lan
+  onq "$name" sysctl -qw net.ipv4.ip_forward=1
+  local masq="masquerade"
+  [ "$mode" = hard ] && masq="masquerade fully-random"
+  # Like a home router: masquerade on the way out, and a stateful firewall
+  # that drops unsolicited packets from the internet (dropped before
+  # conntrack confirms them, so they leave no state behind).
+  onq "$name" nft -f - <<NFT
+table ip nat {
+  chain post { type nat hook postrouting priority 100; policy accept; oifname "wan" $masq; }
+}
+table inet fw {
+  chain input { type filter hook input priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
+  chain forward { type filter hook forward priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
+}
+NFT
+}
+# behind HOST LAN_SW ADDR/LEN GW
+behind() {
+  mkns "$1"; plug "$1" "$2" "$3"; onq "$1" ip route add default via "$4"
+}
+router nE1 203.0.113.21 e1 192.0.2.1/26 easy
+router nE2 203.0.113.22 e2 192.0.2.65/26 easy
+router nH1 203.0.113.23 h1 198.51.100.1/26 hard
+router nH2 203.0.113.24 h2 198.51.100.65/26 hard
+behind hE1 e1 192.0.2.10/26 192.0.2.1
+behind hE1b e1 192.0.2.11/26 192.0.2.1
+behind hE2 e2 192.0.2.74/26 192.0.2.65
+behind hH1 h1 198.51.100.10/26 198.51.100.1
+behind hH2 h2 198.51.100.74/26 198.51.100.65
+
+start_registry reg 203.0.113.1
+for n in pubA pubB hE1 hE1b hE2 hH1 hH2; do
+  node_up "$n" "$(echo "$n" | tr 'A-Z' 'a-z')" --registry "$JOIN" >/dev/null
+done
+
+nat_of() { json_get "$1" "$(echo "$1" | tr 'A-Z' 'a-z')" "d['nat']" status; }
+log "NAT types: pubA=$(nat_of pubA) hE1=$(nat_of hE1) hH1=$(nat_of hH1)"
+[ "$(nat_of pubA)" = none ] || fail "pubA should see no NAT, got $(nat_of pubA)"
+[ "$(nat_of hE1)" = endpoint-independent ] || fail "hE1 should see an easy NAT, got $(nat_of hE1)"
+[ "$(nat_of hH1)" = "per-destination (hard)" ] || fail "hH1 should see a hard NAT, got $(nat_of hH1)"
+
+# path_of NS NAME PEER: direct|relay|None, from `peers --json`.
+path_of() {
+  json_get "$1" "$2" "[p.get('path') for p in d if p['hostname']=='$3'][0]" peers
+}
+
+trusted_with() {
+  json_get "$1" "$2" "[p['trust'] for p in d if p['hostname']=='$3'][0]" peers 2>/dev/null | grep -qx trusted
+}
+
+TTFB=()
+# cell LABEL NS_A NS_B EXPECTED
+cell() {
+  local label=$1 na=$2 nb=$3 want=$4
+  local a; a=$(echo "$na" | tr 'A-Z' 'a-z'); local b; b=$(echo "$nb" | tr 'A-Z' 'a-z')
+  log "---- cell $label: $a <-> $b, expecting $want"
+  pt "$na" "$a" trust request "$b" >/dev/null
+  wait_for 5 "$b sees $a's request" sh -c "ip netns exec $PFX-$nb $BIN/pilot-tun --state-dir $WORK/$b --json trust pending | grep -q '\"$a\"'"
+  pt "$nb" "$b" trust approve "$a" >/dev/null
+  wait_for 5 "$a trusts $b" trusted_with "$na" "$a" "$b"
+  local B; B=$(addr_of "$nb" "$b")
+  # Traffic decides the path: ping until it answers (relay fallback included).
+  wait_for 15 "$a reaches $b over 10.x" onq "$na" ping -c1 -W1 "$B"
+  local got; got=$(path_of "$na" "$a" "$b")
+  [ "$got" = "$want" ] || { pt "$na" "$a" peers >&2; fail "cell $label: path is $got, expected $want"; }
+  local gotb; gotb=$(path_of "$nb" "$b" "$a")
+  [ "$gotb" = "$want" ] || { pt "$nb" "$b" peers >&2; fail "cell $label: $b's path is $gotb, expected $want"; }
+  # An ordinary TCP transfer with a checksum.
+  head -c 3000000 /dev/urandom >"$WORK/$label.in"
+  bg "$nb" "nc-$label" sh -c "nc -l $B 9000 > $WORK/$label.out"
+  wait_for 5 "nc listens" onq "$nb" sh -c "ss -ltn | grep -q ':9000'"
+  onq "$na" nc -N -w 10 "$B" 9000 <"$WORK/$label.in"
+  wait_for 10 "transfer complete" sh -c "[ \$(stat -c %s $WORK/$label.out) -eq 3000000 ]"
+  [ "$(sha256sum <"$WORK/$label.in" | cut -d' ' -f1)" = "$(sha256sum <"$WORK/$label.out" | cut -d' ' -f1)" ] \
+    || fail "cell $label: checksum mismatch"
+  # iperf3 for 3 s.
+  bg "$nb" "iperf-$label" iperf3 -s -1 -B "$B"
+  wait_for 5 "iperf3 listens" onq "$nb" sh -c "ss -ltn | grep -q ':5201'"
+  local bps; bps=$(onq "$na" iperf3 -c "$B" -t 3 -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]))')
+  [ "$bps" -gt 0 ] || fail "cell $label: iperf3 moved nothing"
+  log "cell $label: path $got, iperf3 $((bps / 1000000)) Mbit/s, 3 MB transfer checksum ok"
+  RESULTS+=("$label|$want|$((bps / 1000000))")
+  # Time to first byte from a cold start: restart a, then fetch from b.
+  if [ -n "${TTFB_JSON:-}" ]; then
+    mkdir -p "$WORK/www-$label"; echo hi >"$WORK/www-$label/index.html"
+    bg "$nb" "http-$label" python3 -m http.server 8080 --bind "$B" --directory "$WORK/www-$label"
+    wait_for 5 "http listens" onq "$nb" sh -c "ss -ltn | grep -q ':8080'"
+    node_restart "$na" "$a" >/dev/null
+    local t; t=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$B:8080/")
+    log "cell $label: time to first byte after a cold start: ${t}s"
+    TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$((bps / 1000000))}")
+    kill "$(cat "$WORK/http-$label.pid")" 2>/dev/null || true
+  fi
+}
+
+RESULTS=()
+cell public-public pubA pubB direct
+cell easy-public hE1 pubB direct
+cell easy-easy hE1 hE2 direct
+cell same-nat hE1 hE1b direct
+cell hard-easy hH1 hE2 relay
+# Relay negative: the relay never sees plaintext. Capture on the registry
+# while a marker crosses the relayed pair hH1 -> hE2.
+MARK="PILOT-RELAY-MARK-$RANDOM$RANDOM"
+HE2=$(addr_of hE2 he2)
+bg reg cap tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -w "$WORK/relay.pcap" udp
+wait_for 5 "capture running on the relay" grep -q "listening on eth0" "$WORK/cap.log"
+bg hE2 marknc sh -c "nc -l $HE2 9100 > $WORK/mark.out"
+wait_for 5 "nc listens" onq hE2 sh -c "ss -ltn | grep -q ':9100'"
+for _ in 1 2 3; do echo "$MARK"; done | onq hH1 nc -N -w 5 "$HE2" 9100
+wait_for 5 "marker delivered" grep -q "$MARK" "$WORK/mark.out"
+sleep 0.5
+kill -INT "$(cat "$WORK/cap.pid")"
+wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/cap.pid")"
+NPKT=$(tcpdump -r "$WORK/relay.pcap" 2>/dev/null | wc -l)
+[ "$NPKT" -ge 6 ] || fail "relay capture holds $NPKT packets: the marker did not cross the relay"
+if grep -qa "$MARK" "$WORK/relay.pcap"; then fail "the relay saw plaintext"; fi
+log "relay capture: $NPKT UDP packets carried the marker, none shows it"
+cell hard-hard hH1 hH2 relay
+RR=$(json_get hH1 hh1 "[p.get('relay_reason') for p in d if p['hostname']=='hh2'][0]" peers)
+[ "$RR" = "both NATs map per destination" ] \
+  || fail "hard-hard should be relayed because both NATs are hard, reason was: $RR"
+
+printf '\n%-15s %-7s %s\n' CELL PATH IPERF3 >&2
+for r in "${RESULTS[@]}"; do IFS='|' read -r l p m <<<"$r"; printf '%-15s %-7s %s Mbit/s\n' "$l" "$p" "$m" >&2; done
+if [ -n "${TTFB_JSON:-}" ]; then
+  (IFS=,; echo "[${TTFB[*]}]") >"$TTFB_JSON"
+fi
+pass "NAT matrix: every cell on its expected path, data and iperf3 through each"

@@ -1,0 +1,409 @@
+//! Which path a peer's packets take: direct (hole-punched) or through the
+//! relay, and when to try direct again. Pure: time and events are arguments.
+//!
+//! Rules (each with its reason):
+//! - Direct is preferred: it is faster and costs the relay nothing.
+//! - When both NATs map per destination, punching almost never works: go
+//!   through the relay at once instead of making the user wait.
+//! - Otherwise probe direct candidates; if no direct answer arrives within
+//!   [`DIRECT_TIMEOUT`], fall back to the relay so the application never
+//!   notices more than a short pause.
+//! - While relayed, probe direct again every [`DIRECT_RETRY`] and at once when
+//!   the peer's endpoints change; the first direct answer takes over.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::messages::NatType;
+
+/// How long direct probes get before traffic falls back to the relay.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a relayed peer is probed directly again.
+pub const DIRECT_RETRY: Duration = Duration::from_secs(60);
+/// Probes repeat this often within a probing burst: the first probes of a
+/// hole punch are often dropped by a NAT that has not yet seen our side's.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Where a peer's packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to this UDP endpoint.
+    Direct(SocketAddr),
+    /// Through the relay.
+    Relay,
+}
+
+/// Why a peer is relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayReason {
+    /// Both NATs map per destination; punching was not attempted.
+    BothHardNat,
+    /// Direct probes went unanswered.
+    NoDirectAnswer,
+    /// The registry knows no direct endpoint for the peer.
+    NoCandidates,
+    /// The peer's handshake came through the relay.
+    PeerRelayed,
+}
+
+impl RelayReason {
+    /// For the CLI.
+    pub fn text(self) -> &'static str {
+        match self {
+            RelayReason::BothHardNat => "both NATs map per destination",
+            RelayReason::NoDirectAnswer => "direct probes unanswered",
+            RelayReason::NoCandidates => "no direct endpoint known",
+            RelayReason::PeerRelayed => "the peer connected through the relay",
+        }
+    }
+}
+
+/// What the caller should do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathAction {
+    /// Nothing.
+    Idle,
+    /// Send handshake probes straight to these endpoints.
+    ProbeDirect(Vec<SocketAddr>),
+    /// Start using the relay (handshake through it if there is no session).
+    UseRelay(RelayReason),
+}
+
+/// The path state of one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PathState {
+    selected: Option<Path>,
+    relay_reason: Option<RelayReason>,
+    candidates: Vec<SocketAddr>,
+    probing_since: Option<Instant>,
+    last_probe: Option<Instant>,
+    last_burst: Option<Instant>,
+    local_nat: NatType,
+    peer_nat: NatType,
+}
+
+impl PathState {
+    /// The path in use, if any.
+    pub fn selected(&self) -> Option<Path> {
+        self.selected
+    }
+    /// Why the peer is relayed, if it is.
+    pub fn relay_reason(&self) -> Option<RelayReason> {
+        match self.selected {
+            // Once both NAT types are known to be hard, that is the reason,
+            // whichever side chose the relay first.
+            Some(Path::Relay) if self.both_hard() => Some(RelayReason::BothHardNat),
+            Some(Path::Relay) => self.relay_reason,
+            _ => None,
+        }
+    }
+    /// The direct candidates known.
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    /// Records both sides' NAT types.
+    pub fn set_nat(&mut self, local: NatType, peer: NatType) {
+        self.local_nat = local;
+        self.peer_nat = peer;
+    }
+
+    /// New direct candidates (from the registry or a punch request). Returns
+    /// the action to take: probing at once if they changed while relayed.
+    pub fn set_candidates(&mut self, candidates: Vec<SocketAddr>, now: Instant) -> PathAction {
+        let changed = candidates != self.candidates;
+        self.candidates = candidates;
+        if changed && self.selected == Some(Path::Relay) && !self.both_hard() {
+            return self.probe(now);
+        }
+        PathAction::Idle
+    }
+
+    fn both_hard(&self) -> bool {
+        self.local_nat == NatType::PerDestination && self.peer_nat == NatType::PerDestination
+    }
+
+    fn probe(&mut self, now: Instant) -> PathAction {
+        if self.candidates.is_empty() {
+            return PathAction::Idle;
+        }
+        if self.probing_since.is_none() {
+            self.probing_since = Some(now);
+            self.last_burst = Some(now);
+        }
+        self.last_probe = Some(now);
+        PathAction::ProbeDirect(self.candidates.clone())
+    }
+
+    /// The peer is probing us right now (the registry relayed its punch
+    /// request): probe back in a burst, unless direct already works or both
+    /// NATs are hard.
+    pub fn punch(&mut self, now: Instant) -> PathAction {
+        if matches!(self.selected, Some(Path::Direct(_))) || self.both_hard() {
+            return PathAction::Idle;
+        }
+        self.probe(now)
+    }
+
+    /// Within a burst: probe again every [`PROBE_INTERVAL`]; true once the
+    /// burst has lasted [`DIRECT_TIMEOUT`].
+    fn burst_step(&mut self, now: Instant) -> (bool, PathAction) {
+        let Some(since) = self.probing_since else {
+            return (false, PathAction::Idle);
+        };
+        if now.saturating_duration_since(since) >= DIRECT_TIMEOUT {
+            self.probing_since = None;
+            return (true, PathAction::Idle);
+        }
+        let again = self
+            .last_probe
+            .is_none_or(|t| now.saturating_duration_since(t) >= PROBE_INTERVAL);
+        if again {
+            return (false, self.probe(now));
+        }
+        (false, PathAction::Idle)
+    }
+
+    /// Traffic wants a path and none is selected: decide how to start.
+    pub fn start(&mut self, now: Instant) -> PathAction {
+        if self.selected.is_some() {
+            return PathAction::Idle;
+        }
+        if self.both_hard() {
+            self.relay_reason = Some(RelayReason::BothHardNat);
+            return PathAction::UseRelay(RelayReason::BothHardNat);
+        }
+        if self.candidates.is_empty() {
+            self.relay_reason = Some(RelayReason::NoCandidates);
+            return PathAction::UseRelay(RelayReason::NoCandidates);
+        }
+        self.probe(now)
+    }
+
+    /// An authenticated answer came straight from `from`: direct wins.
+    pub fn on_direct(&mut self, from: SocketAddr) {
+        self.selected = Some(Path::Direct(from));
+        self.relay_reason = None;
+        self.probing_since = None;
+    }
+
+    /// The relay path is in use.
+    pub fn on_relay(&mut self, reason: RelayReason) {
+        if !matches!(self.selected, Some(Path::Direct(_))) {
+            self.selected = Some(Path::Relay);
+            self.relay_reason = Some(reason);
+        }
+    }
+
+    /// The selected path stopped working (the session was lost): start over.
+    pub fn reset(&mut self) {
+        self.selected = None;
+        self.probing_since = None;
+    }
+
+    /// What is due now.
+    pub fn poll(&mut self, now: Instant) -> PathAction {
+        match self.selected {
+            None => match self.burst_step(now) {
+                (true, _) => {
+                    self.relay_reason = Some(RelayReason::NoDirectAnswer);
+                    PathAction::UseRelay(RelayReason::NoDirectAnswer)
+                }
+                (false, a) => a,
+            },
+            Some(Path::Relay) => {
+                if self.both_hard() {
+                    return PathAction::Idle;
+                }
+                if self.probing_since.is_some() {
+                    return self.burst_step(now).1;
+                }
+                let due = self
+                    .last_burst
+                    .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_RETRY);
+                if due {
+                    return self.probe(now);
+                }
+                PathAction::Idle
+            }
+            Some(Path::Direct(_)) => PathAction::Idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A toy model of NATs: which (from, to) pairs get through. An
+    /// endpoint-independent NAT lets a peer in once the inside host sent to
+    /// it; a per-destination NAT gives every destination a new port, so the
+    /// port the registry saw is never the one a peer must use.
+    struct Net {
+        open: HashMap<(char, char), bool>,
+    }
+
+    impl Net {
+        fn new(a: NatType, b: NatType) -> Self {
+            let hard = |n| n == NatType::PerDestination;
+            let mut open = HashMap::new();
+            // Simultaneous probes open both easy NATs; a hard NAT on either
+            // side breaks it (the other side's probe goes to a stale port).
+            let works = !(hard(a) || hard(b));
+            open.insert(('a', 'b'), works);
+            open.insert(('b', 'a'), works);
+            Net { open }
+        }
+    }
+
+    fn ep(n: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 7], n))
+    }
+
+    /// Drives the path state of `a` towards `b` through the toy network,
+    /// stepping a simulated clock every 100 ms.
+    fn run(a_nat: NatType, b_nat: NatType, secs: u64) -> (PathState, Vec<(u64, PathAction)>) {
+        let net = Net::new(a_nat, b_nat);
+        let mut p = PathState::default();
+        p.set_nat(a_nat, b_nat);
+        let t0 = Instant::now();
+        p.set_candidates(vec![ep(1)], t0);
+        let apply = |p: &mut PathState, a: &PathAction| match a {
+            PathAction::Idle => {}
+            PathAction::ProbeDirect(_) => {
+                if net.open[&('a', 'b')] {
+                    p.on_direct(ep(1));
+                }
+            }
+            PathAction::UseRelay(r) => p.on_relay(*r),
+        };
+        let first = p.start(t0);
+        apply(&mut p, &first);
+        let mut log = vec![(0, first)];
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(secs) {
+            now += Duration::from_millis(100);
+            let a = p.poll(now);
+            if a == PathAction::Idle {
+                continue;
+            }
+            apply(&mut p, &a);
+            log.push((now.duration_since(t0).as_secs(), a));
+        }
+        (p, log)
+    }
+
+    #[test]
+    fn easy_nats_go_direct_at_once() {
+        let (p, log) = run(
+            NatType::EndpointIndependent,
+            NatType::EndpointIndependent,
+            10,
+        );
+        assert_eq!(p.selected(), Some(Path::Direct(ep(1))));
+        assert_eq!(log.len(), 1, "one probe round, no fallback: {log:?}");
+    }
+
+    #[test]
+    fn hard_to_easy_falls_back_after_two_seconds_and_retries_every_minute() {
+        let (p, log) = run(NatType::PerDestination, NatType::EndpointIndependent, 130);
+        assert_eq!(p.selected(), Some(Path::Relay));
+        assert_eq!(p.relay_reason(), Some(RelayReason::NoDirectAnswer));
+        assert_eq!(
+            log[4],
+            (2, PathAction::UseRelay(RelayReason::NoDirectAnswer)),
+            "{log:?}"
+        );
+        let probes: Vec<u64> = log
+            .iter()
+            .skip(1)
+            .filter(|(_, a)| matches!(a, PathAction::ProbeDirect(_)))
+            .map(|(s, _)| *s)
+            .collect();
+        // The first burst: probes every 500 ms for 2 s, then the relay.
+        assert_eq!(
+            log[1..4]
+                .iter()
+                .filter(|(_, a)| matches!(a, PathAction::ProbeDirect(_)))
+                .count(),
+            3
+        );
+        let mut bursts = probes.clone();
+        bursts.dedup_by(|b, a| *b - *a < 5);
+        assert_eq!(
+            bursts,
+            vec![0, 60, 120],
+            "direct retried in a burst every 60 s: {probes:?}"
+        );
+    }
+
+    #[test]
+    fn both_hard_relays_at_once_and_does_not_probe() {
+        let (p, log) = run(NatType::PerDestination, NatType::PerDestination, 130);
+        assert_eq!(log[0].1, PathAction::UseRelay(RelayReason::BothHardNat));
+        assert_eq!(p.selected(), Some(Path::Relay));
+        assert_eq!(log.len(), 1, "{log:?}");
+    }
+
+    #[test]
+    fn relayed_peer_upgrades_when_endpoints_change() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_nat(NatType::EndpointIndependent, NatType::Unknown);
+        p.set_candidates(vec![ep(1)], t0);
+        assert!(matches!(p.start(t0), PathAction::ProbeDirect(_)));
+        assert!(matches!(
+            p.poll(t0 + PROBE_INTERVAL),
+            PathAction::ProbeDirect(_)
+        ));
+        assert_eq!(
+            p.poll(t0 + PROBE_INTERVAL + Duration::from_millis(100)),
+            PathAction::Idle
+        );
+        assert_eq!(
+            p.poll(t0 + DIRECT_TIMEOUT),
+            PathAction::UseRelay(RelayReason::NoDirectAnswer)
+        );
+        p.on_relay(RelayReason::NoDirectAnswer);
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(p.poll(t1), PathAction::Idle);
+        // The peer moved: probe at once, and the answer takes over.
+        assert_eq!(
+            p.set_candidates(vec![ep(2)], t1),
+            PathAction::ProbeDirect(vec![ep(2)])
+        );
+        p.on_direct(ep(2));
+        assert_eq!(p.selected(), Some(Path::Direct(ep(2))));
+        assert_eq!(p.relay_reason(), None);
+    }
+
+    #[test]
+    fn punch_request_starts_a_burst_unless_direct_or_both_hard() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_candidates(vec![ep(1)], t0);
+        assert!(matches!(p.punch(t0), PathAction::ProbeDirect(_)));
+        p.on_direct(ep(1));
+        assert_eq!(p.punch(t0), PathAction::Idle);
+        let mut q = PathState::default();
+        q.set_nat(NatType::PerDestination, NatType::PerDestination);
+        q.set_candidates(vec![ep(1)], t0);
+        assert_eq!(q.punch(t0), PathAction::Idle);
+    }
+
+    #[test]
+    fn no_candidates_means_relay() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        assert_eq!(p.start(t0), PathAction::UseRelay(RelayReason::NoCandidates));
+    }
+
+    #[test]
+    fn a_stray_relay_packet_does_not_downgrade_direct() {
+        let mut p = PathState::default();
+        p.on_direct(ep(3));
+        p.on_relay(RelayReason::NoDirectAnswer);
+        assert_eq!(p.selected(), Some(Path::Direct(ep(3))));
+    }
+}
