@@ -17,15 +17,17 @@
 #   them; the stable toolchain ships the ASan runtime and the LLVM passes, so
 #   nothing else is needed and no nightly is fetched. libfuzzer-sys compiles
 #   libFuzzer itself from its bundled C++ sources.
-# - The build is `cargo fuzz build` (release profile with debug assertions
-#   and overflow checks, see Cargo.toml), once for all targets; about two
-#   minutes from scratch on 2 vCPUs, most of it ring, snow and the dalek
-#   crates. A failing target does not stop the others; all are reported.
+# - The build is `cargo fuzz build -O`, once for all targets: the release
+#   profile of Cargo.toml, with debug assertions and overflow checks in
+#   pilot-proto and the targets, not in third-party crates. About 100 s from
+#   scratch on an idle 2-vCPU machine, most of it ring, snow and the dalek
+#   crates, plus about 45 s to install cargo-fuzz on a fresh machine.
+#   A failing target does not stop the others; all are reported.
 # - Each target starts from the committed seeds in seeds/<target>/ (written
 #   by `cargo run --example seeds`) and from corpus/<target>/, where libFuzzer
 #   keeps what it finds (git-ignored, reused by the next run). A crashing
 #   input lands in artifacts/<target>/ and is printed here as hex; replay it
-#   with `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> artifacts/<target>/<file>`.
+#   with `RUSTC_BOOTSTRAP=1 cargo fuzz run -O <target> artifacts/<target>/<file>`.
 
 set -euo pipefail
 
@@ -45,7 +47,11 @@ echo "$(cargo fuzz --version), $(rustc --version)"
 
 # Refuse to run against a lock file that would need changes (cargo fuzz has
 # no --locked of its own).
-cargo metadata --locked --format-version 1 >/dev/null
+if ! cargo metadata --locked --format-version 1 >/dev/null; then
+    echo "fuzz/Cargo.lock is out of date (did pilot-proto's dependencies change?):" >&2
+    echo "run 'cargo metadata --format-version 1 >/dev/null' in fuzz/ and commit Cargo.lock" >&2
+    exit 1
+fi
 
 if [ "$#" -gt 0 ]; then
     targets=("$@")
@@ -55,7 +61,7 @@ fi
 
 step "building ${#targets[@]} targets: ${targets[*]}"
 build_start=$(date +%s)
-cargo fuzz build
+cargo fuzz build -O
 build_secs=$(( $(date +%s) - build_start ))
 echo "build took ${build_secs}s"
 
@@ -67,7 +73,7 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "seeds/$t"
     log="artifacts/$t.log"
     rc=0
-    cargo fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+    cargo fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$SECONDS_PER_TARGET" \
         -timeout=10 \
         -print_final_stats=1 \

@@ -17,12 +17,15 @@ use std::time::Instant;
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::Identity;
 use pilot_proto::messages::{
-    encode, ErrorCode, FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement,
-    StatementKind, ToRegistry,
+    encode, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, Registration, Signed,
+    Statement, StatementKind, ToRegistry,
 };
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::stun;
-use pilot_proto::wire::{HandshakeInit, DATA_HEADER_LEN, TAG_LEN};
+use pilot_proto::wire::{
+    HandshakeInit, RelayHeader, DATA_HEADER_LEN, MSG_RELAY_FROM, MSG_RELAY_TO, RELAY_HEADER_LEN,
+    TAG_LEN,
+};
 
 fn unhex(s: &str) -> Vec<u8> {
     let s: String = s.split_whitespace().collect();
@@ -122,6 +125,20 @@ fn main() {
     }
     let tid = [0x5a; 12];
     wire.push(("stun-request".into(), stun::binding_request(&tid).to_vec()));
+    // Relayed: a data packet towards the relay, and an initiation from it.
+    for (ty, name, inner) in [
+        (MSG_RELAY_TO, "relay-to-data", wire[2].1.clone()),
+        (MSG_RELAY_FROM, "relay-from-init", wire[0].1.clone()),
+    ] {
+        let mut bytes = vec![0u8; RELAY_HEADER_LEN];
+        RelayHeader {
+            ty,
+            node: initiator.node_id(),
+        }
+        .emit(&mut bytes);
+        bytes.extend_from_slice(&inner);
+        wire.push((name.into(), bytes));
+    }
     for (name, bytes) in &wire {
         out.put("wire", name, bytes);
     }
@@ -157,6 +174,7 @@ fn main() {
             hostname: Some("alpha".into()),
             seq: 1,
             local_endpoints: vec![v4, v6],
+            nat: NatType::EndpointIndependent,
         },
         &a,
     );
@@ -233,6 +251,7 @@ fn main() {
                     address: Ipv4Addr::new(10, 77, 0, 2),
                     hostname: Some("beta".into()),
                     endpoints: vec![v4, v6],
+                    nat: NatType::PerDestination,
                 },
             },
         ),
@@ -254,6 +273,14 @@ fn main() {
                     address: Ipv4Addr::new(10, 77, 0, 1),
                     hostname: None,
                 },
+            },
+        ),
+        (
+            "punch",
+            FromRegistry::Punch {
+                peer: a.node_id(),
+                endpoints: vec![v4, v6],
+                nat: NatType::None,
             },
         ),
         (

@@ -43,6 +43,7 @@ fn verify_from(m: &FromRegistry) -> Vec<bool> {
             ..
         } => vec![statement.verify()],
         FromRegistry::Registered { .. }
+        | FromRegistry::Punch { .. }
         | FromRegistry::Ok { .. }
         | FromRegistry::Error { .. }
         | FromRegistry::Pong { .. } => vec![],

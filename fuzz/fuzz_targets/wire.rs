@@ -1,18 +1,25 @@
 //! The tunnel datagram views: classification by first bytes, the checked
-//! handshake views and the data header. After a checked constructor accepts
-//! a buffer, no accessor may panic, and every view must agree with
-//! `classify` and with the fixed lengths of the format.
+//! handshake views, the data header and the relay header. After a checked
+//! constructor accepts a buffer, no accessor may panic, and every view must
+//! agree with `classify`, with the fixed lengths of the format and (where
+//! there is an emitter) with its own re-emitted bytes.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::stun;
 use pilot_proto::wire::{
-    self, DataHeader, HandshakeInit, HandshakeResp, Kind, DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN,
-    MAC_LEN, NOISE_INIT_LEN, NOISE_RESP_LEN, RESP_LEN,
+    self, DataHeader, HandshakeInit, HandshakeResp, Kind, RelayHeader, DATA_HEADER_LEN,
+    DATA_OVERHEAD, INIT_LEN, MAC_LEN, MSG_RELAY_FROM, MSG_RELAY_TO, NOISE_INIT_LEN, NOISE_RESP_LEN,
+    RELAY_HEADER_LEN, RESP_LEN,
 };
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(|data: &[u8]| check(data, 0));
+
+/// Every view of `data`. The datagram inside a relayed one is checked the
+/// same way, a few levels deep (a relay never nests them, but the parser
+/// must not care).
+fn check(data: &[u8], depth: usize) {
     let kind = wire::classify(data);
     if kind == Kind::Stun {
         assert!(
@@ -46,4 +53,20 @@ fuzz_target!(|data: &[u8]| {
         header.emit(&mut out);
         assert_eq!(out[..], data[..DATA_HEADER_LEN]);
     }
-});
+
+    if let Ok(relay) = RelayHeader::parse(data) {
+        let want = match relay.ty {
+            MSG_RELAY_TO => Kind::RelayTo,
+            MSG_RELAY_FROM => Kind::RelayFrom,
+            other => panic!("relay header with type {other:#04x}"),
+        };
+        assert_eq!(kind, want);
+        assert!(data.len() > RELAY_HEADER_LEN, "empty relayed datagram");
+        let mut out = [0u8; RELAY_HEADER_LEN];
+        relay.emit(&mut out);
+        assert_eq!(out[..], data[..RELAY_HEADER_LEN]);
+        if depth < 4 {
+            check(&data[RELAY_HEADER_LEN..], depth + 1);
+        }
+    }
+}
