@@ -469,10 +469,18 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
         offload: !args.no_offload,
         register_timeout: Duration::from_secs(5),
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2);
+    // One worker per core (the TUN and UDP loops run in parallel);
+    // PILOT_THREADS overrides it for experiments.
+    let threads = std::env::var("PILOT_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .max(2)
+        });
     let rt = runtime(threads)?;
     let dev = args.dev.clone();
     let mtu = args.mtu;
