@@ -263,6 +263,11 @@ fn print_response(req: &Request, resp: &Response, json: bool) -> Result<ExitCode
                 p["trusted"], p["connected"], p["known"], d["pending_requests"]
             );
             println!(
+                "nat:       {} (public endpoint {})",
+                s(&d["nat"]),
+                s(&d["public_endpoint"])
+            );
+            println!(
                 "cipher:    {}  udp gso: {}",
                 s(&d["cipher"]),
                 d["offload"]["udp_gso"]

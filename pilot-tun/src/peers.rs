@@ -160,7 +160,9 @@ pub struct PeerRuntime {
     pub initiators: Vec<(Initiator, Endpoint, Instant)>,
     /// Direct or relayed, and when to try direct again.
     pub path: PathState,
-    /// Round-trip time of the last handshake we started, in microseconds.
+    /// Round-trip time of the last in-tunnel ping, or else of the last
+    /// handshake we started (which includes the peer's Diffie-Hellman work),
+    /// in microseconds.
     pub rtt_us: Option<u64>,
     /// Packets waiting for a session.
     pub queue: VecDeque<Vec<u8>>,

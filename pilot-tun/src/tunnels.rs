@@ -376,7 +376,13 @@ impl<T: Tun> Inner<T> {
         let r = tokio::time::timeout(timeout, rx).await;
         self.pings.lock().remove(&nonce);
         match r {
-            Ok(Ok(t)) => Some(t.saturating_duration_since(sent)),
+            Ok(Ok(t)) => {
+                let rtt = t.saturating_duration_since(sent);
+                if let Some(rt) = self.brain.lock().peers.get_mut(&id) {
+                    rt.rtt_us = Some(rtt.as_micros() as u64);
+                }
+                Some(rtt)
+            }
             _ => None,
         }
     }
