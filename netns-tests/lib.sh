@@ -242,3 +242,31 @@ tcp_blocked_fast() {
   [ "$ELAPSED_MS" -lt 2000 ] || fail "TCP connect $ns -> $addr:$port took ${ELAPSED_MS} ms to fail (must fail fast, < 2000 ms)"
   log "TCP connect $ns -> $addr:$port refused after ${ELAPSED_MS} ms (exit $rc)"
 }
+
+# NAT routers for the NAT scenarios (WANs plugged into the switch "inet").
+# nat_router NAME WAN_IP LAN_SW LAN_GW/LEN MODE: a NAT router namespace.
+nat_router() {
+  local name=$1 wan=$2 lan=$3 gw=$4 mode=$5
+  mkns "$name"; switch "$lan"
+  plug "$name" inet "$wan/24" wan
+  plug "$name" "$lan" "$gw" lan
+  onq "$name" sysctl -qw net.ipv4.ip_forward=1
+  local masq="masquerade"
+  [ "$mode" = hard ] && masq="masquerade fully-random"
+  # Like a home router: masquerade on the way out, and a stateful firewall
+  # that drops unsolicited packets from the internet (dropped before
+  # conntrack confirms them, so they leave no state behind).
+  onq "$name" nft -f - <<NFT
+table ip nat {
+  chain post { type nat hook postrouting priority 100; policy accept; oifname "wan" $masq; }
+}
+table inet fw {
+  chain input { type filter hook input priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
+  chain forward { type filter hook forward priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
+}
+NFT
+}
+# behind HOST LAN_SW ADDR/LEN GW
+behind() {
+  mkns "$1"; plug "$1" "$2" "$3"; onq "$1" ip route add default via "$4"
+}

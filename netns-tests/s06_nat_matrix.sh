@@ -37,36 +37,10 @@ for h in pubA:10 pubB:11; do
   mkns "${h%%:*}"; plug "${h%%:*}" inet "203.0.113.${h##*:}/24"
 done
 
-# router NAME WAN_IP LAN_SW LAN_GW/LEN MODE: a NAT router namespace.
-router() {
-  local name=$1 wan=$2 lan=$3 gw=$4 mode=$5
-  mkns "$name"; switch "$lan"
-  plug "$name" inet "$wan/24" wan
-  plug "$name" "$lan" "$gw" lan
-  onq "$name" sysctl -qw net.ipv4.ip_forward=1
-  local masq="masquerade"
-  [ "$mode" = hard ] && masq="masquerade fully-random"
-  # Like a home router: masquerade on the way out, and a stateful firewall
-  # that drops unsolicited packets from the internet (dropped before
-  # conntrack confirms them, so they leave no state behind).
-  onq "$name" nft -f - <<NFT
-table ip nat {
-  chain post { type nat hook postrouting priority 100; policy accept; oifname "wan" $masq; }
-}
-table inet fw {
-  chain input { type filter hook input priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
-  chain forward { type filter hook forward priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" drop; }
-}
-NFT
-}
-# behind HOST LAN_SW ADDR/LEN GW
-behind() {
-  mkns "$1"; plug "$1" "$2" "$3"; onq "$1" ip route add default via "$4"
-}
-router nE1 203.0.113.21 e1 192.0.2.1/26 easy
-router nE2 203.0.113.22 e2 192.0.2.65/26 easy
-router nH1 203.0.113.23 h1 198.51.100.1/26 hard
-router nH2 203.0.113.24 h2 198.51.100.65/26 hard
+nat_router nE1 203.0.113.21 e1 192.0.2.1/26 easy
+nat_router nE2 203.0.113.22 e2 192.0.2.65/26 easy
+nat_router nH1 203.0.113.23 h1 198.51.100.1/26 hard
+nat_router nH2 203.0.113.24 h2 198.51.100.65/26 hard
 behind hE1 e1 192.0.2.10/26 192.0.2.1
 behind hE1b e1 192.0.2.11/26 192.0.2.1
 behind hE2 e2 192.0.2.74/26 192.0.2.65

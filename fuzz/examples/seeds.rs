@@ -240,6 +240,7 @@ fn main() {
                 hostname: Some("alpha".into()),
                 hostname_refused: None,
                 observed: v4,
+                relays: vec![v4],
             },
         ),
         (

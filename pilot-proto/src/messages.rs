@@ -322,6 +322,8 @@ pub enum FromRegistry {
         hostname_refused: Option<String>,
         /// The node's endpoint as the registry sees it.
         observed: SocketAddr,
+        /// Relays to use besides the registry's own port (same key).
+        relays: Vec<SocketAddr>,
     },
     /// Answer to a lookup.
     Peer {

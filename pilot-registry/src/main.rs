@@ -38,6 +38,15 @@ struct Cli {
     /// opaque ciphertext between two nodes that approved each other).
     #[arg(long, default_value_t = 400)]
     relay_mbps: u32,
+    /// A relay-only instance next to this registry, to tell every node about
+    /// (repeatable). Start it with --relay-only on the same --state-dir.
+    #[arg(long = "relay")]
+    relays: Vec<SocketAddr>,
+    /// Only relay: share the registry's --state-dir (its key and database)
+    /// and forward tunnel datagrams between nodes that approved each other.
+    /// Nodes learn about it from the registry (--relay on the registry).
+    #[arg(long)]
+    relay_only: bool,
     /// Second UDP port that answers STUN only, so nodes can tell whether
     /// their NAT maps per destination (default: --listen's port + 1; 0: off).
     #[arg(long)]
@@ -75,6 +84,12 @@ fn run() -> Result<()> {
             cli.listen.port()
         ),
     };
+    if cli.relay_only && !cli.state_dir.join("registry.key").exists() {
+        bail!(
+            "--relay-only shares the registry's key and database: point --state-dir at the registry's state directory ({} has no registry.key)",
+            cli.state_dir.display()
+        );
+    }
     let secret = state::load_or_create_key(&cli.state_dir)?;
     let db = cli.state_dir.join("registry.db");
     let storage = SqliteStorage::open(&db)
@@ -96,8 +111,12 @@ fn run() -> Result<()> {
             key: server::public_key(&secret),
             addr: advertise,
         };
-        state::write_private(&cli.state_dir.join("join-url"), format!("{join}\n").as_bytes())?;
-        println!("join: {join}");
+        if cli.relay_only {
+            println!("relay: {} (key {})", advertise, pilot_proto::hex::encode(&join.key));
+        } else {
+            state::write_private(&cli.state_dir.join("join-url"), format!("{join}\n").as_bytes())?;
+            println!("join: {join}");
+        }
         println!("network: {}  state: {}", cli.network, cli.state_dir.display());
         let mut registry = Registry::new(
             socket,
@@ -105,13 +124,15 @@ fn run() -> Result<()> {
                 secret,
                 network: cli.network,
                 relay_rate: cli.relay_mbps.saturating_mul(125_000),
+                relays: cli.relays.clone(),
+                relay_only: cli.relay_only,
             },
             storage,
         );
         let alt_port = cli
             .stun_alt_port
             .unwrap_or_else(|| cli.listen.port().wrapping_add(1));
-        if alt_port != 0 {
+        if alt_port != 0 && !cli.relay_only {
             let alt = SocketAddr::new(cli.listen.ip(), alt_port);
             let s = tokio::net::UdpSocket::bind(alt)
                 .await

@@ -85,7 +85,17 @@ pub struct Config {
     pub network: Ipv4Net,
     /// Relay bandwidth each node may use, in bytes per second.
     pub relay_rate: u32,
+    /// Relay-only instances next to this registry, told to every node.
+    pub relays: Vec<SocketAddr>,
+    /// This instance only relays: it shares the registry's key and
+    /// database, accepts the registration of known nodes (to learn their
+    /// addresses) and forwards between nodes that approved each other.
+    pub relay_only: bool,
 }
+
+/// How long a relay trusts a cached approval (a relay-only instance sees
+/// the registry's changes only through the shared database).
+const APPROVAL_TTL: Duration = Duration::from_secs(2);
 
 struct Conn {
     session: Session,
@@ -110,7 +120,9 @@ pub struct Registry<S: Storage> {
     limiter: RateLimiter<IpAddr>,
     alt_stun: Option<UdpSocket>,
     by_addr: HashMap<SocketAddr, NodeId>,
-    approvals: HashMap<(NodeId, NodeId), bool>,
+    approvals: HashMap<(NodeId, NodeId), (bool, Instant)>,
+    relays: Vec<SocketAddr>,
+    relay_only: bool,
     relay_limiter: RateLimiter<NodeId>,
     stats: Arc<Stats>,
     rng: ring::rand::SystemRandom,
@@ -146,6 +158,8 @@ impl<S: Storage> Registry<S> {
             alt_stun: None,
             by_addr: HashMap::new(),
             approvals: HashMap::new(),
+            relays: config.relays.clone(),
+            relay_only: config.relay_only,
             relay_limiter: RateLimiter::new(config.relay_rate, config.relay_rate.max(1 << 20) / 4),
             stats: Arc::new(Stats::default()),
             rng: ring::rand::SystemRandom::new(),
@@ -259,11 +273,14 @@ impl<S: Storage> Registry<S> {
     /// Does `from` approve `to`? Cached; the cache is dropped whenever a
     /// statement is stored.
     fn approved(&mut self, from: &NodeId, to: &NodeId) -> bool {
-        if let Some(&a) = self.approvals.get(&(*from, *to)) {
-            return a;
+        let now = Instant::now();
+        if let Some(&(a, t)) = self.approvals.get(&(*from, *to)) {
+            if now.saturating_duration_since(t) < APPROVAL_TTL {
+                return a;
+            }
         }
         let a = self.storage.approves(from, to).unwrap_or(false);
-        self.approvals.insert((*from, *to), a);
+        self.approvals.insert((*from, *to), (a, now));
         a
     }
 
@@ -381,6 +398,9 @@ impl<S: Storage> Registry<S> {
 
     async fn on_message(&mut self, index: u32, msg: ToRegistry, from: SocketAddr) {
         let node = self.conns.get(&index).and_then(|c| c.node);
+        if self.relay_only {
+            return self.on_relay_only_message(index, msg, from).await;
+        }
         let reply = match (msg, node) {
             (ToRegistry::Register { req, reg }, _) => {
                 let static_ok = self
@@ -421,6 +441,7 @@ impl<S: Storage> Registry<S> {
                                 hostname: node.hostname,
                                 hostname_refused,
                                 observed: from,
+                                relays: self.relays.clone(),
                             }
                         }
                         Ok(RegisterOutcome::Replayed) => {
@@ -508,6 +529,70 @@ impl<S: Storage> Registry<S> {
                 self.deliver(&id).await;
             }
         }
+    }
+
+    /// A relay-only instance: learns which node is behind which address
+    /// (from a signed registration of a node the registry already knows),
+    /// answers pings, and refuses everything that belongs to the registry.
+    async fn on_relay_only_message(&mut self, index: u32, msg: ToRegistry, from: SocketAddr) {
+        let reply = match msg {
+            ToRegistry::Register { req, reg } => {
+                let static_ok = self
+                    .conns
+                    .get(&index)
+                    .is_some_and(|c| c.static_public == reg.body.identity.static_public);
+                let id = reg.body.identity.node_id();
+                match (static_ok && reg.verify(), self.storage.node(&id)) {
+                    (false, _) => {
+                        bump(&self.stats.refused);
+                        error(
+                            req,
+                            ErrorCode::Invalid,
+                            "registration signature or key binding invalid",
+                        )
+                    }
+                    (true, Ok(Some(row))) => {
+                        if let Some(c) = self.conns.get_mut(&index) {
+                            c.node = Some(id);
+                            c.nat = reg.body.nat;
+                        }
+                        self.online.insert(id, index);
+                        self.by_addr.retain(|_, n| *n != id);
+                        self.by_addr.insert(from, id);
+                        info!(%id, %from, "node attached to this relay");
+                        FromRegistry::Registered {
+                            req,
+                            address: row.address,
+                            prefix_len: self.network.prefix_len(),
+                            hostname: row.hostname,
+                            hostname_refused: None,
+                            observed: from,
+                            relays: vec![],
+                        }
+                    }
+                    (true, Ok(None)) => error(
+                        req,
+                        ErrorCode::NotRegistered,
+                        "unknown node: register with the registry first",
+                    ),
+                    (true, Err(e)) => {
+                        warn!("storage: {e}");
+                        error(req, ErrorCode::Internal, "relay storage failed")
+                    }
+                }
+            }
+            ToRegistry::Ping { req } => FromRegistry::Pong {
+                req,
+                observed: from,
+            },
+            ToRegistry::Lookup { req, .. } | ToRegistry::Statement { req, .. } => error(
+                req,
+                ErrorCode::Invalid,
+                "this instance only relays; ask the registry",
+            ),
+            ToRegistry::Ack { .. } => return,
+        };
+        self.send(index, &reply).await;
     }
 
     /// Answers a lookup. When the peer approved the asker and is online, also

@@ -38,7 +38,6 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
     let mut icmp: Vec<Vec<u8>> = Vec::with_capacity(8);
     let network = inner.network();
     let me = inner.address();
-    let relay = inner.link.join.addr;
     loop {
         let n = match tun.recv_batch(&mut bufs, &mut sizes).await {
             Ok(n) => n,
@@ -50,6 +49,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
         };
         let now = Instant::now();
         let now_ms = inner.now_ms(now);
+        let relay = inner.relay_addr();
         icmp.clear();
         {
             let table = inner.table.read();
@@ -144,7 +144,6 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now = Instant::now();
         let now_ms = inner.now_ms(now);
         let me = inner.address();
-        let relay = inner.link.join.addr;
         let mut k = 0;
         {
             let table = inner.table.read();
@@ -157,13 +156,15 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     // A datagram from the relay carries another node's
                     // tunnel datagram; it is authenticated like any other.
                     let (seg, via, relayed_from) = match wire::classify(seg) {
-                        Kind::RelayFrom if meta.addr == relay => match RelayHeader::parse(seg) {
-                            Ok(h) => (&seg[RELAY_HEADER_LEN..], Endpoint::Relay, Some(h.node)),
-                            Err(_) => {
-                                bump(&inner.drops.malformed);
-                                continue;
+                        Kind::RelayFrom if inner.is_relay(meta.addr) => {
+                            match RelayHeader::parse(seg) {
+                                Ok(h) => (&seg[RELAY_HEADER_LEN..], Endpoint::Relay, Some(h.node)),
+                                Err(_) => {
+                                    bump(&inner.drops.malformed);
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         _ => (seg, Endpoint::Direct(meta.addr), None),
                     };
                     let slow = |seg: &[u8]| match relayed_from {

@@ -100,6 +100,15 @@ impl RegistryLink {
         *self.observed.lock() = Some(a);
     }
 
+    /// True if a data datagram with this receiver index belongs to the
+    /// current session of this link.
+    pub fn session_index_is(&self, index: u32) -> bool {
+        self.session
+            .read()
+            .as_ref()
+            .is_some_and(|s| s.local_index == index)
+    }
+
     /// True if `index` is our index of the registry session or of the
     /// handshake towards it.
     pub fn owns_index(&self, index: u32) -> bool {

@@ -121,6 +121,8 @@ pub struct Inner<T: Tun> {
     pub cfg: NodeConfig,
     /// The registry session.
     pub link: RegistryLink,
+    /// The session with a relay-only instance the registry told us about.
+    pub relay_link: RwLock<Option<Arc<RegistryLink>>>,
     /// Our address and the overlay network, once known.
     pub net: OnceLock<(Ipv4Addr, Ipv4Net)>,
     /// The TUN device, once created.
@@ -226,6 +228,7 @@ impl<T: Tun> Node<T> {
             own_mac,
             identity,
             link: RegistryLink::new(join),
+            relay_link: RwLock::new(None),
             net: OnceLock::new(),
             tun: OnceLock::new(),
             udp,
@@ -316,6 +319,7 @@ impl<T: Tun> Node<T> {
             tasks.push(tokio::spawn(crate::dataplane::tun_loop(inner.clone())));
             tasks.push(tokio::spawn(tick_loop(inner.clone())));
             tasks.push(tokio::spawn(registry_keeper(inner.clone())));
+            tasks.push(tokio::spawn(relay_keeper(inner.clone())));
         }
         // Reconnect to trusted peers now: from their cached endpoints at
         // once (works while the registry is down), and from what the
@@ -438,26 +442,45 @@ impl<T: Tun> Inner<T> {
     pub(crate) fn fresh_index(&self) -> u32 {
         loop {
             let i = random_u32();
-            if !self.table.read().by_index.contains_key(&i) && !self.link.owns_index(i) {
+            let relay_owns = self
+                .relay_link
+                .read()
+                .as_ref()
+                .is_some_and(|l| l.owns_index(i));
+            if !self.table.read().by_index.contains_key(&i)
+                && !self.link.owns_index(i)
+                && !relay_owns
+            {
                 return i;
             }
         }
     }
 
-    /// Handshake with the registry, then register.
-    async fn connect_registry(&self) -> Result<(), LinkError> {
-        let make_init = || {
-            let ts = Self::next_timestamp(&mut self.brain.lock());
-            handshake::initiate(
-                self.identity.static_secret(),
-                &self.link.join.key,
-                self.fresh_index(),
-                ts,
-                CipherSuite::Aes256Gcm,
-            )
-            .ok()
-        };
-        self.link.handshake(&self.udp, make_init).await?;
+    /// Where relayed datagrams go: a relay-only instance when we have a
+    /// session with one, else the registry's own port.
+    pub fn relay_addr(&self) -> SocketAddr {
+        match self.relay_link.read().as_ref() {
+            Some(l) if l.session().is_some() => l.join.addr,
+            _ => self.link.join.addr,
+        }
+    }
+
+    /// True if `from` is a relay we use (datagrams from it may carry other
+    /// nodes' tunnel datagrams).
+    pub fn is_relay(&self, from: SocketAddr) -> bool {
+        from == self.link.join.addr
+            || self
+                .relay_link
+                .read()
+                .as_ref()
+                .is_some_and(|l| l.join.addr == from)
+    }
+
+    /// A signed registration for the registry or a relay.
+    fn registration(
+        &self,
+        nat: pilot_proto::messages::NatType,
+    ) -> Result<Signed<Registration>, LinkError> {
         let (seq, hostname) = {
             let mut b = self.brain.lock();
             let seq = self.next_seq(&mut b).map_err(|_| LinkError::Protocol)?;
@@ -469,17 +492,55 @@ impl<T: Tun> Inner<T> {
             (seq, host)
         };
         let locals = local_endpoints(self.udp.local_addr().map(|a| a.port()).unwrap_or(0));
-        let nat = self.detect_nat().await;
-        let reg = Signed::sign(
+        Ok(Signed::sign(
             Registration {
                 identity: self.identity.public(),
-                hostname: hostname.clone(),
+                hostname,
                 seq,
                 local_endpoints: locals,
                 nat,
             },
             &self.identity,
-        );
+        ))
+    }
+
+    fn make_init(&self, key: &[u8; 32]) -> Option<(handshake::Initiator, [u8; INIT_LEN])> {
+        let ts = Self::next_timestamp(&mut self.brain.lock());
+        handshake::initiate(
+            self.identity.static_secret(),
+            key,
+            self.fresh_index(),
+            ts,
+            CipherSuite::Aes256Gcm,
+        )
+        .ok()
+    }
+
+    /// Handshake and registration with a relay-only instance.
+    pub(crate) async fn connect_relay(&self, relay: &RegistryLink) -> Result<(), LinkError> {
+        relay
+            .handshake(&self.udp, || self.make_init(&relay.join.key))
+            .await?;
+        let reg = self.registration(*self.nat.lock())?;
+        match relay
+            .call(&self.udp, |req| ToRegistry::Register {
+                req,
+                reg: reg.clone(),
+            })
+            .await?
+        {
+            FromRegistry::Registered { .. } => Ok(()),
+            _ => Err(LinkError::Protocol),
+        }
+    }
+
+    /// Handshake with the registry, then register.
+    async fn connect_registry(&self) -> Result<(), LinkError> {
+        self.link
+            .handshake(&self.udp, || self.make_init(&self.link.join.key))
+            .await?;
+        let nat = self.detect_nat().await;
+        let reg = self.registration(nat)?;
         let answer = self
             .link
             .call(&self.udp, |req| ToRegistry::Register {
@@ -493,11 +554,21 @@ impl<T: Tun> Inner<T> {
             hostname: granted,
             hostname_refused,
             observed,
+            relays,
             ..
         } = answer
         else {
             return Err(LinkError::Protocol);
         };
+        if let Some(&first) = relays.first() {
+            let mut rl = self.relay_link.write();
+            if rl.as_ref().is_none_or(|l| l.join.addr != first) {
+                *rl = Some(Arc::new(RegistryLink::new(JoinUrl {
+                    key: self.link.join.key,
+                    addr: first,
+                })));
+            }
+        }
         if let Some(why) = hostname_refused {
             warn!("hostname not granted: {why}");
         }
@@ -830,6 +901,7 @@ impl<T: Tun> Inner<T> {
                 "last_contact_secs": self.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
                 "observed_endpoint": self.link.observed().map(|a| a.to_string()),
             },
+            "relay": self.relay_addr().to_string(),
             "nat": self.nat.lock().name(),
             "public_endpoint": self.link.observed().map(|a| a.to_string()),
             "peers": { "known": b.trust.iter().count(), "trusted": trusted, "connected": connected },
@@ -945,6 +1017,38 @@ async fn registry_keeper<T: Tun>(inner: Arc<Inner<T>>) {
                 warn!("registry stopped answering; reconnecting");
                 inner.link.drop_session();
             }
+        }
+    }
+}
+
+/// Keeps a session with the relay-only instance the registry named, if
+/// any: while it is up, relayed traffic goes there instead of the registry.
+async fn relay_keeper<T: Tun>(inner: Arc<Inner<T>>) {
+    loop {
+        let link = inner.relay_link.read().clone();
+        let Some(link) = link else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let stale = link
+            .session()
+            .is_none_or(|s| s.created.elapsed() >= REKEY_AFTER);
+        if stale {
+            if let Err(e) = inner.connect_relay(&link).await {
+                debug!(relay = %link.join.addr, "relay: {e}");
+                link.drop_session();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            info!(relay = %link.join.addr, "attached to relay");
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        if !matches!(
+            link.call(&inner.udp, |req| ToRegistry::Ping { req }).await,
+            Ok(FromRegistry::Pong { .. })
+        ) {
+            warn!(relay = %link.join.addr, "relay stopped answering; relaying through the registry");
+            link.drop_session();
         }
     }
 }

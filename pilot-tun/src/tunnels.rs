@@ -83,7 +83,7 @@ impl<T: Tun> Inner<T> {
                     }
                     .emit(&mut buf);
                     buf[RELAY_HEADER_LEN..].copy_from_slice(&o.bytes);
-                    let _ = self.udp.send_to(&buf, self.link.join.addr).await;
+                    let _ = self.udp.send_to(&buf, self.relay_addr()).await;
                 }
             }
         }
@@ -285,7 +285,13 @@ impl<T: Tun> Inner<T> {
                 Kind::HandshakeInit => self.on_init(&buf, Endpoint::Direct(from), None, now).await,
                 Kind::HandshakeResp => self.on_resp(&buf, Endpoint::Direct(from), now).await,
                 Kind::Data => {
-                    if let Some(msg) = self.link.on_data(&mut buf) {
+                    let index = wire::DataHeader::parse(&buf).map(|h| h.receiver_index).ok();
+                    let relay = self.relay_link.read().clone();
+                    let msg = match (index, relay) {
+                        (Some(i), Some(r)) if r.session_index_is(i) => r.on_data(&mut buf),
+                        _ => self.link.on_data(&mut buf),
+                    };
+                    if let Some(msg) = msg {
                         self.on_registry_message(msg).await;
                     }
                 }
@@ -460,8 +466,14 @@ impl<T: Tun> Inner<T> {
             bump(&self.drops.malformed);
             return;
         };
-        if ep != Endpoint::Relay && self.link.on_handshake_response(&self.own_mac, resp, now) {
-            return;
+        if ep != Endpoint::Relay {
+            if self.link.on_handshake_response(&self.own_mac, resp, now) {
+                return;
+            }
+            let relay = self.relay_link.read().clone();
+            if relay.is_some_and(|r| r.on_handshake_response(&self.own_mac, resp, now)) {
+                return;
+            }
         }
         let out = {
             let mut brain = self.brain.lock();

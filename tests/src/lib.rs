@@ -41,6 +41,8 @@ impl RegistryHandle {
                 secret,
                 network: "10.77.0.0/16".parse().unwrap(),
                 relay_rate: 50_000_000,
+                relays: vec![],
+                relay_only: false,
             },
             storage,
         );
