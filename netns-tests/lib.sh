@@ -270,3 +270,26 @@ NFT
 behind() {
   mkns "$1"; plug "$1" "$2" "$3"; onq "$1" ip route add default via "$4"
 }
+
+# transfer_ok FROM_NS TO_NS TO_ADDR BYTES LABEL: send BYTES random bytes with
+# nc from FROM_NS to TO_ADDR:9000 (listener in TO_NS); fail unless identical.
+transfer_ok() {
+  local from=$1 to=$2 addr=$3 bytes=$4 label=$5
+  head -c "$bytes" /dev/urandom >"$WORK/$label.in"
+  bg "$to" "nc-$label" sh -c "nc -l $addr 9000 > $WORK/$label.out"
+  wait_for 5 "nc listens ($label)" onq "$to" sh -c "ss -ltn | grep -q '$addr:9000'"
+  onq "$from" nc -N -w 10 "$addr" 9000 <"$WORK/$label.in"
+  wait_for 10 "transfer complete ($label)" sh -c "[ \$(stat -c %s $WORK/$label.out) -eq $bytes ]"
+  cmp -s "$WORK/$label.in" "$WORK/$label.out" || fail "$label: $bytes bytes differ after the transfer"
+}
+
+# iperf_mbps FROM_NS TO_NS TO_ADDR SECONDS LABEL: iperf3 for SECONDS; prints
+# the receiver's Mbit/s and fails if nothing moved.
+iperf_mbps() {
+  local from=$1 to=$2 addr=$3 secs=$4 label=$5 mbps
+  bg "$to" "iperf-$label" iperf3 -s -1 -B "$addr"
+  wait_for 5 "iperf3 listens ($label)" onq "$to" sh -c "ss -ltn | grep -q '$addr:5201'"
+  mbps=$(onq "$from" iperf3 -c "$addr" -t "$secs" -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))')
+  [ "$mbps" -gt 0 ] || fail "$label: iperf3 moved nothing"
+  echo "$mbps"
+}

@@ -85,20 +85,11 @@ cell() {
   local gotb; gotb=$(path_of "$nb" "$b" "$a")
   [ "$gotb" = "$want" ] || { pt "$nb" "$b" peers >&2; fail "cell $label: $b's path is $gotb, expected $want"; }
   # An ordinary TCP transfer with a checksum.
-  head -c 3000000 /dev/urandom >"$WORK/$label.in"
-  bg "$nb" "nc-$label" sh -c "nc -l $B 9000 > $WORK/$label.out"
-  wait_for 5 "nc listens" onq "$nb" sh -c "ss -ltn | grep -q ':9000'"
-  onq "$na" nc -N -w 10 "$B" 9000 <"$WORK/$label.in"
-  wait_for 10 "transfer complete" sh -c "[ \$(stat -c %s $WORK/$label.out) -eq 3000000 ]"
-  [ "$(sha256sum <"$WORK/$label.in" | cut -d' ' -f1)" = "$(sha256sum <"$WORK/$label.out" | cut -d' ' -f1)" ] \
-    || fail "cell $label: checksum mismatch"
+  transfer_ok "$na" "$nb" "$B" 3000000 "$label"
   # iperf3 for 3 s.
-  bg "$nb" "iperf-$label" iperf3 -s -1 -B "$B"
-  wait_for 5 "iperf3 listens" onq "$nb" sh -c "ss -ltn | grep -q ':5201'"
-  local bps; bps=$(onq "$na" iperf3 -c "$B" -t 3 -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]))')
-  [ "$bps" -gt 0 ] || fail "cell $label: iperf3 moved nothing"
-  log "cell $label: path $got, iperf3 $((bps / 1000000)) Mbit/s, 3 MB transfer checksum ok"
-  RESULTS+=("$label|$want|$((bps / 1000000))")
+  local mbps; mbps=$(iperf_mbps "$na" "$nb" "$B" 3 "$label")
+  log "cell $label: path $got, iperf3 $mbps Mbit/s, 3 MB transfer identical"
+  RESULTS+=("$label|$want|$mbps")
   # Time to first byte from a cold start: restart a, then fetch from b.
   if [ -n "${TTFB_JSON:-}" ]; then
     mkdir -p "$WORK/www-$label"; echo hi >"$WORK/www-$label/index.html"
@@ -107,7 +98,7 @@ cell() {
     node_restart "$na" "$a" >/dev/null
     local t; t=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$B:8080/")
     log "cell $label: time to first byte after a cold start: ${t}s"
-    TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$((bps / 1000000))}")
+    TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$mbps}")
     kill "$(cat "$WORK/http-$label.pid")" 2>/dev/null || true
   fi
 }

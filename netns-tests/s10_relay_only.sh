@@ -47,16 +47,8 @@ B=$(addr_of hH2 hh2)
 wait_for 15 "hh1 reaches hh2" onq hH1 ping -c1 -W1 "$B"
 PATHB=$(json_get hH1 hh1 "[p.get('path') for p in d if p['hostname']=='hh2'][0]" peers)
 [ "$PATHB" = relay ] || fail "two hard NATs should be relayed, path is $PATHB"
-head -c 3000000 /dev/urandom >"$WORK/in"
-bg hH2 nc sh -c "nc -l $B 9000 > $WORK/out"
-wait_for 5 "nc listens" onq hH2 sh -c "ss -ltn | grep -q ':9000'"
-onq hH1 nc -N -w 10 "$B" 9000 <"$WORK/in"
-wait_for 10 "transfer complete" sh -c "[ \$(stat -c %s $WORK/out) -eq 3000000 ]"
-cmp -s "$WORK/in" "$WORK/out" || fail "3 MB differ after the relayed transfer"
-bg hH2 iperf iperf3 -s -1 -B "$B"
-wait_for 5 "iperf3 listens" onq hH2 sh -c "ss -ltn | grep -q ':5201'"
-MBPS=$(onq hH1 iperf3 -c "$B" -t 2 -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))')
-[ "$MBPS" -gt 0 ] || fail "iperf3 moved nothing"
+transfer_ok hH1 hH2 "$B" 3000000 relayed
+MBPS=$(iperf_mbps hH1 hH2 "$B" 2 relayed)
 for c in caprly capreg; do
   kill -INT "$(cat "$WORK/$c.pid")"
   wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/$c.pid")"

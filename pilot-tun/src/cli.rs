@@ -447,20 +447,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
         }
     }
     if state.socket().exists() {
-        let rt = runtime(1)?;
-        if rt
-            .block_on(control::call(
-                &state.socket(),
-                &Request::Status,
-                Duration::from_secs(2),
-            ))
-            .is_ok()
-        {
-            bail!(
-                "a pilot-tun daemon is already running for {} (stop it with `pilot-tun down`)",
-                common.state_dir.display()
-            );
-        }
+        refuse_if_running(&runtime(1)?, &state)?;
     }
     let cfg = NodeConfig {
         state: state.clone(),
@@ -540,24 +527,28 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One daemon per state directory: refuse to start a second.
+fn refuse_if_running(rt: &tokio::runtime::Runtime, state: &StateDir) -> Result<()> {
+    let answer = rt.block_on(control::call(
+        &state.socket(),
+        &Request::Status,
+        Duration::from_secs(2),
+    ));
+    if answer.is_ok() {
+        bail!(
+            "a pilot-tun daemon is already running for {} (stop it with `pilot-tun down`)",
+            state.path.display()
+        );
+    }
+    Ok(())
+}
+
 fn up_background(common: &Common, args: UpArgs) -> Result<ExitCode> {
     preflight_tun()?;
     let state = StateDir::new(&common.state_dir);
     state.create()?;
     let rt = runtime(1)?;
-    if rt
-        .block_on(control::call(
-            &state.socket(),
-            &Request::Status,
-            Duration::from_secs(2),
-        ))
-        .is_ok()
-    {
-        bail!(
-            "a pilot-tun daemon is already running for {} (stop it with `pilot-tun down`)",
-            common.state_dir.display()
-        );
-    }
+    refuse_if_running(&rt, &state)?;
     let exe = std::env::current_exe().context("cannot find the pilot-tun executable")?;
     let log_path = state.file("pilot-tun.log");
     let log = std::fs::OpenOptions::new()
