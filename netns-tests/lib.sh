@@ -293,3 +293,19 @@ iperf_mbps() {
   [ "$mbps" -gt 0 ] || fail "$label: iperf3 moved nothing"
   echo "$mbps"
 }
+
+# lab_two_hosts: the basic lab — a switch "sw" with the registry (reg,
+# 192.0.2.1) and two nodes, alpha (ns a, 192.0.2.11) and beta (ns b,
+# 192.0.2.12), up and registered. Sets JOIN, A and B (overlay addresses).
+lab_two_hosts() {
+  switch sw
+  mkns reg; mkns a; mkns b
+  plug reg sw 192.0.2.1/24
+  plug a sw 192.0.2.11/24
+  plug b sw 192.0.2.12/24
+  start_registry reg 192.0.2.1
+  node_up a alpha --registry "$JOIN"
+  node_up b beta --registry "$JOIN"
+  A=$(addr_of a alpha); B=$(addr_of b beta)
+  log "alpha=$A beta=$B"
+}

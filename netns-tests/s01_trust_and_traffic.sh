@@ -20,17 +20,7 @@ setup_lab
 trap_errors
 for t in ip ping nc iperf3 python3 ss timeout sha256sum; do need "$t"; done
 
-switch sw
-mkns reg; mkns a; mkns b
-plug reg sw 192.0.2.1/24
-plug a sw 192.0.2.11/24
-plug b sw 192.0.2.12/24
-
-start_registry reg 192.0.2.1
-node_up a alpha --registry "$JOIN"
-node_up b beta --registry "$JOIN"
-A=$(addr_of a alpha); B=$(addr_of b beta)
-log "alpha=$A beta=$B"
+lab_two_hosts
 [[ $A == 10.* && $B == 10.* ]] || fail "overlay addresses not in 10.x: alpha=$A beta=$B"
 [ "$A" != "$B" ] || fail "alpha and beta got the same address $A"
 

@@ -22,17 +22,7 @@ setup_lab
 trap_errors
 for t in ip ping nc tcpdump python3 ss timeout od; do need "$t"; done
 
-switch sw
-mkns reg; mkns a; mkns b
-plug reg sw 192.0.2.1/24
-plug a sw 192.0.2.11/24
-plug b sw 192.0.2.12/24
-
-start_registry reg 192.0.2.1
-node_up a alpha --registry "$JOIN"
-node_up b beta --registry "$JOIN"
-A=$(addr_of a alpha); B=$(addr_of b beta)
-log "alpha=$A beta=$B"
+lab_two_hosts
 trust_pair a alpha b beta
 
 MARKER="PILOT-MARKER-$RANDOM$RANDOM$RANDOM"
