@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 /// Source and destination of an IPv4 packet, or `None` if the bytes are not
 /// a plausible IPv4 packet.
 pub fn ipv4_addrs(pkt: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 || (pkt[0] & 0x0f) < 5 {
+    let ihl = ((pkt.first()? & 0x0f) as usize) * 4;
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 || ihl < 20 || ihl > pkt.len() {
         return None;
     }
     let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
@@ -109,6 +110,9 @@ mod tests {
             Some((Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2)))
         );
         assert_eq!(ipv4_addrs(&p[..19]), None);
+        let mut long_header = p.clone();
+        long_header[0] = 0x4f; // claims 60 header bytes
+        assert_eq!(ipv4_addrs(&long_header[..40]), None);
         let mut v6 = p.clone();
         v6[0] = 0x60;
         assert_eq!(ipv4_addrs(&v6), None);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pilot_proto::packet;
-use pilot_proto::session::OpenError;
+use pilot_proto::session::{OpenError, Session};
 use pilot_proto::wire::{
     self, Kind, RelayHeader, DATA_HEADER_LEN, DATA_OVERHEAD, MSG_RELAY_TO, RELAY_HEADER_LEN,
     TAG_LEN,
@@ -25,7 +25,7 @@ use quinn_udp::RecvMeta;
 use tracing::warn;
 
 use crate::node::{Inner, Slow};
-use crate::peers::{bump, Endpoint};
+use crate::peers::{bump, Endpoint, PeerData};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 
@@ -51,6 +51,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now_ms = inner.now_ms(now);
         let relay = inner.relay_addr();
         icmp.clear();
+        let mut route: Option<(Arc<PeerData>, Arc<Session>, Endpoint)> = None;
         {
             let table = inner.table.read();
             for i in 0..n {
@@ -73,11 +74,25 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     }
                     continue;
                 };
-                let (Some(session), Some(to)) = (peer.current(now), peer.endpoint()) else {
-                    let _ = inner
-                        .slow_tx
-                        .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
-                    continue;
+                // Consecutive packets mostly go to the same peer: look its
+                // session and endpoint up once per run, not per packet (the
+                // locks are shared with the receiving loop on another core).
+                let cached = match &route {
+                    Some((p, s, e)) if Arc::ptr_eq(p, peer) => Some((s.clone(), *e)),
+                    _ => None,
+                };
+                let (session, to) = match cached {
+                    Some(c) => c,
+                    None => {
+                        let (Some(session), Some(to)) = (peer.current(now), peer.endpoint()) else {
+                            let _ = inner
+                                .slow_tx
+                                .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
+                            continue;
+                        };
+                        route = Some((peer.clone(), session.clone(), to));
+                        (session, to)
+                    }
                 };
                 let start = batch.buf.len();
                 let len = pkt.len();
@@ -145,6 +160,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now_ms = inner.now_ms(now);
         let me = inner.address();
         let mut k = 0;
+        let mut last: Option<(Arc<Session>, Endpoint)> = None;
         {
             let table = inner.table.read();
             for (buf, meta) in bufs.iter().zip(metas.iter()).take(n) {
@@ -204,10 +220,17 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     };
                     // Authenticated: now it may move state (roaming, the
                     // switch from relay to direct, the new session).
-                    peer.last_rx_ms.store(now_ms, Ordering::Relaxed);
-                    peer.set_endpoint(via);
-                    if !session.initiator {
-                        peer.promote(session);
+                    // Once per run of packets from one session and path.
+                    let same = last
+                        .as_ref()
+                        .is_some_and(|(s, v)| Arc::ptr_eq(s, session) && *v == via);
+                    if !same {
+                        peer.last_rx_ms.store(now_ms, Ordering::Relaxed);
+                        peer.set_endpoint(via);
+                        if !session.initiator {
+                            peer.promote(session);
+                        }
+                        last = Some((session.clone(), via));
                     }
                     if plain == 0 {
                         continue; // keepalive

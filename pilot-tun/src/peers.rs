@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use pilot_proto::handshake::Initiator;
 use pilot_proto::identity::NodeId;
 use pilot_proto::path::PathState;
@@ -38,6 +38,20 @@ impl std::fmt::Display for Endpoint {
 /// Packets kept per peer while its handshake is under way.
 pub const QUEUE_LIMIT: usize = 64;
 
+/// A counter on a cache line of its own: the TUN loop writes the send-side
+/// counters and the UDP loop the receive-side ones, on different cores;
+/// sharing a line would make each write stall the other core.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct Padded(AtomicU64);
+
+impl std::ops::Deref for Padded {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 /// What the data plane needs about one trusted peer.
 pub struct PeerData {
     /// Its node id.
@@ -45,18 +59,18 @@ pub struct PeerData {
     /// Its overlay address: inner packets from it must carry this source.
     pub address: Ipv4Addr,
     current: RwLock<Option<Arc<Session>>>,
-    endpoint: Mutex<Option<Endpoint>>,
+    endpoint: RwLock<Option<Endpoint>>,
     /// Inner bytes received.
-    pub rx_bytes: AtomicU64,
+    pub rx_bytes: Padded,
     /// Inner bytes sent.
-    pub tx_bytes: AtomicU64,
+    pub tx_bytes: Padded,
     /// Milliseconds since the node's epoch of the last authenticated packet.
-    pub last_rx_ms: AtomicU64,
+    pub last_rx_ms: Padded,
     /// Milliseconds since the node's epoch of the last packet sent.
-    pub last_tx_ms: AtomicU64,
+    pub last_tx_ms: Padded,
     /// Milliseconds since the node's epoch of the last data (not keepalive)
     /// packet received.
-    pub last_data_rx_ms: AtomicU64,
+    pub last_data_rx_ms: Padded,
 }
 
 impl PeerData {
@@ -66,12 +80,12 @@ impl PeerData {
             id,
             address,
             current: RwLock::new(None),
-            endpoint: Mutex::new(None),
-            rx_bytes: AtomicU64::new(0),
-            tx_bytes: AtomicU64::new(0),
-            last_rx_ms: AtomicU64::new(0),
-            last_tx_ms: AtomicU64::new(0),
-            last_data_rx_ms: AtomicU64::new(0),
+            endpoint: RwLock::new(None),
+            rx_bytes: Padded::default(),
+            tx_bytes: Padded::default(),
+            last_rx_ms: Padded::default(),
+            last_tx_ms: Padded::default(),
+            last_data_rx_ms: Padded::default(),
         }
     }
 
@@ -91,6 +105,16 @@ impl PeerData {
     /// Makes `s` current if it is newer than the current one. Returns true if
     /// it changed.
     pub fn promote(&self, s: &Arc<Session>) -> bool {
+        // Called for every packet on a responder session: the common case
+        // (already current) takes only the shared lock.
+        if self
+            .current
+            .read()
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, s))
+        {
+            return false;
+        }
         let mut cur = self.current.write();
         match cur.as_ref() {
             Some(c) if Arc::ptr_eq(c, s) || c.created >= s.created => false,
@@ -116,14 +140,19 @@ impl PeerData {
 
     /// Where we send to.
     pub fn endpoint(&self) -> Option<Endpoint> {
-        *self.endpoint.lock()
+        *self.endpoint.read()
     }
 
     /// Records where authenticated packets come from (roaming, upgrade from
     /// relay to direct). A packet through the relay never replaces a direct
     /// endpoint: direct wins while it works.
     pub fn set_endpoint(&self, e: Endpoint) {
-        let mut ep = self.endpoint.lock();
+        // Called for every received packet: unchanged is the common case
+        // and needs only the shared lock.
+        if *self.endpoint.read() == Some(e) {
+            return;
+        }
+        let mut ep = self.endpoint.write();
         match (*ep, e) {
             (Some(Endpoint::Direct(_)), Endpoint::Relay) => {}
             (cur, new) if cur != Some(new) => *ep = Some(new),
@@ -134,7 +163,7 @@ impl PeerData {
     /// Switches to the relay even from a direct endpoint (the direct path
     /// went silent).
     pub fn force_endpoint(&self, e: Endpoint) {
-        *self.endpoint.lock() = Some(e);
+        *self.endpoint.write() = Some(e);
     }
 }
 
