@@ -171,6 +171,18 @@ impl TestNode {
     }
 }
 
+/// Starts nodes "alpha" and "beta" (state in `dir`/a and `dir`/b) joined to
+/// `reg`, not yet trusting each other.
+pub async fn alpha_beta(dir: &std::path::Path, reg: &RegistryHandle) -> (TestNode, TestNode) {
+    let a = TestNode::start(dir.join("a"), "alpha", Some(reg.join))
+        .await
+        .expect("alpha starts");
+    let b = TestNode::start(dir.join("b"), "beta", Some(reg.join))
+        .await
+        .expect("beta starts");
+    (a, b)
+}
+
 /// An IPv4/UDP packet with a valid header checksum (UDP checksum 0).
 pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let total = 20 + 8 + payload.len();

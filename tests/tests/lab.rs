@@ -149,12 +149,7 @@ async fn trust_lifecycle_with_three_nodes() {
 async fn spoofed_inner_source_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
-    let a = TestNode::start(dir.path().join("a"), "alpha", Some(reg.join))
-        .await
-        .unwrap();
-    let mut b = TestNode::start(dir.path().join("b"), "beta", Some(reg.join))
-        .await
-        .unwrap();
+    let (a, mut b) = alpha_beta(dir.path(), &reg).await;
     trust(&a, &b).await;
     deliver(&a, &mut b, b"real").await;
     // A trusted peer may not claim another overlay address as source.
@@ -240,12 +235,7 @@ async fn registry_restart_loses_nothing() {
 async fn node_restart_keeps_address_and_trust() {
     let dir = tempfile::tempdir().unwrap();
     let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
-    let a = TestNode::start(dir.path().join("a"), "alpha", Some(reg.join))
-        .await
-        .unwrap();
-    let mut b = TestNode::start(dir.path().join("b"), "beta", Some(reg.join))
-        .await
-        .unwrap();
+    let (a, mut b) = alpha_beta(dir.path(), &reg).await;
     trust(&a, &b).await;
     deliver(&a, &mut b, b"one").await;
     let addr = a.addr();
