@@ -241,11 +241,6 @@ impl TrustStore {
             _ => false,
         }
     }
-
-    /// Drops a record entirely (used only by tests and `forget`).
-    pub fn remove(&mut self, id: &NodeId) -> Option<TrustRecord> {
-        self.records.remove(&id.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -1097,6 +1097,3 @@ impl<T: Tun> Node<T> {
         self.inner.stop.notified().await;
     }
 }
-
-/// The INIT_LEN constant, re-exported for tests that forge initiations.
-pub const HANDSHAKE_INIT_LEN: usize = INIT_LEN;
