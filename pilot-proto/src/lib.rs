@@ -19,6 +19,8 @@
 //! - [`messages`]: the registry control protocol and signed trust statements.
 //! - [`trust`]: the local trust store and its transitions.
 //! - [`packet`]: the few IPv4 facts the data plane needs, and ICMP errors.
+//! - [`peer`]: one peer's tunnel as a state machine (handshakes, sessions,
+//!   path, timers, queue), driven by `handle_*` calls and polled for output.
 
 pub mod handshake;
 pub mod hex;
@@ -27,6 +29,7 @@ pub mod join;
 pub mod messages;
 pub mod packet;
 pub mod path;
+pub mod peer;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;

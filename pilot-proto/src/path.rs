@@ -201,6 +201,21 @@ impl PathState {
         self.probing_since = None;
     }
 
+    /// The earliest instant at which [`poll`](Self::poll) may answer
+    /// something other than `Idle` (`now` if that is at once).
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if let Some(since) = self.probing_since {
+            let next = self.last_probe.map_or(since, |t| t + PROBE_INTERVAL);
+            return Some(next.min(since + DIRECT_TIMEOUT));
+        }
+        match self.selected {
+            Some(Path::Relay) if !self.both_hard() && !self.candidates.is_empty() => {
+                Some(self.last_burst.map_or(now, |t| t + DIRECT_RETRY))
+            }
+            _ => None,
+        }
+    }
+
     /// What is due now.
     pub fn poll(&mut self, now: Instant) -> PathAction {
         match self.selected {

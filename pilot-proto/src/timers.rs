@@ -53,8 +53,12 @@ pub struct PeerTimers {
     handshake_started: Option<Instant>,
     handshake_sent: Option<Instant>,
     retry_jitter: Duration,
-    last_data_sent: Option<Instant>,
-    last_data_received: Option<Instant>,
+    /// The first data sent since the peer was last heard from: the no-reply
+    /// rule counts from here, so steady traffic cannot postpone it forever.
+    unanswered_since: Option<Instant>,
+    /// The first data received since we last sent anything: the passive
+    /// keepalive counts from here, so a steady one-way stream is answered.
+    unreplied_since: Option<Instant>,
 }
 
 impl PeerTimers {
@@ -65,6 +69,7 @@ impl PeerTimers {
         self.handshake_started = None;
         self.handshake_sent = None;
         self.last_received = Some(now);
+        self.unanswered_since = None;
     }
     /// The session was dropped (revocation, expiry).
     pub fn clear_session(&mut self) {
@@ -73,19 +78,31 @@ impl PeerTimers {
     /// Anything was sent to the peer.
     pub fn on_sent(&mut self, now: Instant) {
         self.last_sent = Some(now);
+        if self.unreplied_since.is_some_and(|q| now >= q) {
+            self.unreplied_since = None;
+        }
     }
     /// An authenticated packet came from the peer.
     pub fn on_received(&mut self, now: Instant) {
         self.last_received = Some(now);
+        if self.unanswered_since.is_some_and(|u| now >= u) {
+            self.unanswered_since = None;
+        }
     }
     /// A data packet (not a keepalive) was sent.
     pub fn on_data_sent(&mut self, now: Instant) {
-        self.last_data_sent = Some(now);
+        let unanswered = self.last_received.is_none_or(|r| r < now);
+        if unanswered && self.unanswered_since.is_none() {
+            self.unanswered_since = Some(now);
+        }
     }
     /// A data packet (not a keepalive) was received.
     pub fn on_data_received(&mut self, now: Instant) {
-        self.last_data_received = Some(now);
-        self.last_received = Some(now);
+        self.on_received(now);
+        let unreplied = self.last_sent.is_none_or(|s| s < now);
+        if unreplied && self.unreplied_since.is_none() {
+            self.unreplied_since = Some(now);
+        }
     }
     /// An initiation was sent; `jitter` (0..=333 ms, the caller's randomness)
     /// spreads retries.
@@ -100,6 +117,8 @@ impl PeerTimers {
     pub fn cancel_handshake(&mut self) {
         self.handshake_started = None;
         self.handshake_sent = None;
+        // Given up: unanswered data does not start the next round by itself.
+        self.unanswered_since = None;
     }
     /// True while an initiation is unanswered.
     pub fn handshake_in_flight(&self) -> bool {
@@ -144,32 +163,36 @@ impl PeerTimers {
         if self.session_started.is_some() {
             // Why: data went out and nothing came back for 15 s although the
             // peer answers data within 10 s (below): it lost the session.
-            if let Some(sent) = self.last_data_sent {
-                let unanswered = self.last_received.is_none_or(|r| r < sent);
-                if unanswered && now.saturating_duration_since(sent) >= NO_REPLY {
+            if let Some(sent) = self.unanswered_since {
+                if now.saturating_duration_since(sent) >= NO_REPLY {
                     return TimerAction::Handshake;
                 }
             }
             // Why: the peer sent data and we said nothing for 10 s; tell it
             // the session works (keepalives themselves are not answered).
-            if let Some(r) = self.last_data_received {
-                let quiet = self.last_sent.is_none_or(|s| s < r);
-                if quiet && now.saturating_duration_since(r) >= PASSIVE_KEEPALIVE {
+            if let Some(r) = self.unreplied_since {
+                if now.saturating_duration_since(r) >= PASSIVE_KEEPALIVE {
                     return TimerAction::Keepalive;
                 }
             }
         }
         if let Some(age) = self.session_age(now) {
-            let alive = self
-                .last_received
-                .is_some_and(|r| now.saturating_duration_since(r) < PEER_SILENT);
             // Why: fresh keys every two minutes bound what one key protects;
-            // only for a peer that is still talking.
-            if age >= self.rekey_after() && alive {
+            // only for a peer that is still talking at that moment.
+            if age >= self.rekey_after() && self.alive_at_rekey() {
                 return TimerAction::Handshake;
             }
         }
         self.keepalive_due(now)
+    }
+
+    /// The peer was heard within [`PEER_SILENT`] before the session's rekey
+    /// moment (judged at that moment, so a late poll decides the same).
+    fn alive_at_rekey(&self) -> bool {
+        match (self.session_started, self.last_received) {
+            (Some(s), Some(r)) => r + PEER_SILENT > s + self.rekey_after(),
+            _ => false,
+        }
     }
 
     fn keepalive_due(&self, now: Instant) -> TimerAction {
@@ -186,29 +209,30 @@ impl PeerTimers {
     /// The earliest instant at which [`poll`](Self::poll) may answer
     /// something other than `Idle`.
     pub fn next_deadline(&self) -> Option<Instant> {
+        // Mirrors `poll`: every instant returned here makes `poll` act (or
+        // the state change that moved it), so a caller never spins.
         let mut d: Option<Instant> = None;
         let mut add = |t: Instant| d = Some(d.map_or(t, |d: Instant| d.min(t)));
         if let Some(s) = self.handshake_started {
             add(s + HANDSHAKE_GIVE_UP);
         }
-        if let Some(s) = self.handshake_sent {
-            add(s + HANDSHAKE_RETRY + self.retry_jitter);
+        if let Some(s) = self.session_started {
+            add(s + REJECT_AFTER);
         }
-        if let (Some(_), Some(d)) = (self.session_started, self.last_data_sent) {
-            if self.last_received.is_none_or(|r| r < d) {
-                add(d + NO_REPLY);
+        if let Some(sent) = self.handshake_sent {
+            add(sent + HANDSHAKE_RETRY + self.retry_jitter);
+        } else if let Some(s) = self.session_started {
+            if let Some(u) = self.unanswered_since {
+                add(u + NO_REPLY);
             }
-        }
-        if let (Some(_), Some(r)) = (self.session_started, self.last_data_received) {
-            if self.last_sent.is_none_or(|s| s < r) {
+            if let Some(r) = self.unreplied_since {
                 add(r + PASSIVE_KEEPALIVE);
+            }
+            if self.alive_at_rekey() {
+                add(s + self.rekey_after());
             }
         }
         if let Some(s) = self.session_started {
-            add(s + REJECT_AFTER);
-            if self.handshake_sent.is_none() {
-                add(s + self.rekey_after());
-            }
             add(self.last_sent.map_or(s, |l| l + KEEPALIVE));
         }
         d
@@ -388,5 +412,44 @@ mod tests {
             t.poll(start + Duration::from_millis(5300)),
             TimerAction::Handshake
         );
+    }
+
+    #[test]
+    fn steady_traffic_does_not_postpone_the_no_reply_handshake() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        // Data every 100 ms, nothing ever comes back (the peer restarted).
+        let mut now = start;
+        let mut fired = None;
+        while now < start + Duration::from_secs(40) && fired.is_none() {
+            now += Duration::from_millis(100);
+            t.on_sent(now);
+            t.on_data_sent(now);
+            if t.poll(now) == TimerAction::Handshake {
+                fired = Some(now.duration_since(start));
+            }
+        }
+        let fired = fired.expect("a handshake while data goes unanswered");
+        assert!(fired <= Duration::from_millis(15_200), "{fired:?}");
+    }
+
+    #[test]
+    fn a_steady_one_way_stream_is_answered_every_10s() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, false);
+        t.on_sent(start);
+        let mut now = start;
+        let mut answers = vec![];
+        while now < start + Duration::from_secs(35) {
+            now += Duration::from_millis(100);
+            t.on_data_received(now);
+            if t.poll(now) == TimerAction::Keepalive {
+                answers.push(now.duration_since(start).as_millis() / 100);
+                t.on_sent(now);
+            }
+        }
+        assert_eq!(answers, vec![101, 202, 303]);
     }
 }

@@ -1,0 +1,820 @@
+//! One trusted peer's tunnel as a state machine: it owns the peer's timers,
+//! its path (direct or relay), the handshakes in flight, the live sessions
+//! and the packets waiting for a session.
+//!
+//! Sans-IO in the manner of quinn-proto's `Connection`: inputs are
+//! `handle_*(now, …)` calls, outputs are read with [`Peer::poll_transmit`],
+//! [`Peer::poll_event`] and [`Peer::poll_timeout`]. Session indexes, the
+//! handshake timestamp, retry jitter and our keys come from an [`Env`] the
+//! caller passes in; the clock is always an argument. No locks, no I/O.
+//!
+//! The data plane does not go through this machine: the caller installs the
+//! sessions it announces ([`Event::Install`]) in its own index table and
+//! seals and opens data packets itself. What the data plane decides on its
+//! own per packet (roaming, a responder switching to a new session, when it
+//! last sent and received) comes back with [`Peer::handle_activity`]. While
+//! data flows, [`Peer::poll_timeout`] asks for such a sync at least every
+//! [`ACTIVITY_SYNC`], so the timers that data starts (the passive keepalive,
+//! the no-reply handshake) fire within that much of their time. While it
+//! does not, the machine sleeps until its next timer and the caller wakes it
+//! on the first data packet ([`Peer::wants_data_wake`]).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::handshake::{self, HandshakeError, Initiator, MacKey, Responder};
+use crate::identity::NodeId;
+use crate::messages::{NatType, MAX_ENDPOINTS};
+use crate::path::{Path, PathAction, PathState, RelayReason};
+use crate::session::{CipherSuite, Session};
+use crate::timers::{PeerTimers, TimerAction, KEEPALIVE, REJECT_AFTER};
+use crate::wire::{HandshakeResp, DATA_HEADER_LEN, TAG_LEN};
+
+/// Packets kept per peer while it has no session; the oldest goes first.
+pub const QUEUE_LIMIT: usize = 64;
+/// Initiations kept in flight (a direct probe and one through the relay
+/// may race; the first answer wins).
+pub const MAX_INITIATORS: usize = 8;
+/// An unanswered initiation is forgotten after this.
+pub const INITIATOR_LIFETIME: Duration = Duration::from_secs(30);
+/// While data flows, the caller syncs [`Activity`] at least this often.
+pub const ACTIVITY_SYNC: Duration = Duration::from_secs(1);
+/// Data within this long counts as flowing; after it, the machine stops
+/// asking for syncs and the caller wakes it on the next data packet
+/// instead ([`Peer::wants_data_wake`]).
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(30);
+
+/// In-tunnel control: an echo request (an 8-byte nonce follows).
+pub const CTL_PING: u8 = 0x01;
+/// In-tunnel control: an echo reply (the request's nonce follows).
+pub const CTL_PONG: u8 = 0x02;
+
+/// What the machine needs from the node around it: keys, and the sources of
+/// indexes, timestamps and randomness (passed in, so tests are exact).
+pub trait Env {
+    /// Our X25519 static secret.
+    fn static_secret(&self) -> &[u8; 32];
+    /// The data cipher for sessions we initiate.
+    fn suite(&self) -> CipherSuite;
+    /// A session index unused by any other session of this node.
+    fn fresh_index(&mut self) -> u32;
+    /// A handshake timestamp greater than every one this node sent before.
+    fn next_timestamp(&mut self) -> u64;
+    /// Retry jitter, 0..=333 ms.
+    fn jitter(&mut self) -> Duration;
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where: straight to an endpoint, or through the relay to this peer.
+    pub to: Path,
+    /// The tunnel datagram (without any relay header).
+    pub bytes: Vec<u8>,
+}
+
+/// Something the caller must apply or may report.
+#[derive(Clone)]
+pub enum Event {
+    /// A new session: put it in the data plane's index table; make it the
+    /// one to send with if `current`.
+    Install {
+        /// The session.
+        session: Arc<Session>,
+        /// Send with it from now on.
+        current: bool,
+    },
+    /// A session past its reject age: remove its index.
+    Retire {
+        /// Its local index.
+        local_index: u32,
+    },
+    /// No session may be used for sending any more.
+    ClearCurrent,
+    /// Send to this path from now on, even if another one is in use.
+    UsePath(Path),
+    /// Send to this path unless a direct endpoint is in use (direct wins
+    /// while it works).
+    OfferPath(Path),
+    /// A session came up.
+    Established {
+        /// Over which path.
+        path: Path,
+        /// True if we initiated it.
+        initiator: bool,
+    },
+    /// A direct endpoint answered: worth remembering across restarts.
+    DirectWorked(SocketAddr),
+    /// Ask the registry where the peer is (answer with
+    /// [`Peer::handle_lookup`]).
+    NeedLookup,
+    /// No direct answer: traffic goes through the relay.
+    RelayFallback(RelayReason),
+    /// The peer did not answer for the whole handshake give-up time.
+    GaveUp,
+    /// The echo for one of our pings.
+    Pong {
+        /// The nonce we sent.
+        nonce: u64,
+    },
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Install { session, current } => f
+                .debug_struct("Install")
+                .field("index", &session.local_index)
+                .field("initiator", &session.initiator)
+                .field("current", current)
+                .finish(),
+            Event::Retire { local_index } => write!(f, "Retire({local_index})"),
+            Event::ClearCurrent => write!(f, "ClearCurrent"),
+            Event::UsePath(p) => write!(f, "UsePath({p:?})"),
+            Event::OfferPath(p) => write!(f, "OfferPath({p:?})"),
+            Event::Established { path, initiator } => {
+                write!(f, "Established({path:?}, initiator={initiator})")
+            }
+            Event::DirectWorked(a) => write!(f, "DirectWorked({a})"),
+            Event::NeedLookup => write!(f, "NeedLookup"),
+            Event::RelayFallback(r) => write!(f, "RelayFallback({r:?})"),
+            Event::GaveUp => write!(f, "GaveUp"),
+            Event::Pong { nonce } => write!(f, "Pong({nonce})"),
+        }
+    }
+}
+
+/// What the data plane did on its own since the last sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Last authenticated packet from the peer.
+    pub last_rx: Option<Instant>,
+    /// Last data packet sent to the peer.
+    pub last_tx: Option<Instant>,
+    /// Last data (not keepalive) packet from the peer.
+    pub last_data_rx: Option<Instant>,
+    /// Where the data plane sends now.
+    pub endpoint: Option<Path>,
+    /// The local index of the session the data plane sends with.
+    pub current: Option<u32>,
+}
+
+/// Why a handshake message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The initiation's timestamp is not newer than the last accepted one
+    /// (a replay).
+    #[error("initiation timestamp not newer than the last accepted one")]
+    OldTimestamp,
+    /// The response answers none of our initiations in flight.
+    #[error("response to no initiation of ours")]
+    UnknownIndex,
+    /// Noise, MAC or payload failure.
+    #[error("handshake failed: {0}")]
+    Handshake(HandshakeError),
+}
+
+/// One trusted peer.
+pub struct Peer {
+    id: NodeId,
+    static_public: [u8; 32],
+    timers: PeerTimers,
+    path: PathState,
+    initiators: Vec<(Initiator, Path, Instant)>,
+    sessions: Vec<Arc<Session>>,
+    current: Option<Arc<Session>>,
+    endpoint: Option<Path>,
+    queue: VecDeque<Vec<u8>>,
+    candidates: Vec<SocketAddr>,
+    last_init_timestamp: u64,
+    rtt: Option<Duration>,
+    lookup_in_flight: bool,
+    last_handshake: Option<Instant>,
+    last_sync: Option<Instant>,
+    last_now: Option<Instant>,
+    seen: Activity,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Peer {
+    /// A freshly trusted peer with its X25519 static key, and the direct
+    /// endpoint that worked last time, if any.
+    pub fn new(id: NodeId, static_public: [u8; 32], last_endpoint: Option<SocketAddr>) -> Self {
+        Peer {
+            id,
+            static_public,
+            timers: PeerTimers::default(),
+            path: PathState::default(),
+            initiators: vec![],
+            sessions: vec![],
+            current: None,
+            endpoint: None,
+            queue: VecDeque::new(),
+            candidates: last_endpoint.into_iter().collect(),
+            last_init_timestamp: 0,
+            rtt: None,
+            lookup_in_flight: false,
+            last_handshake: None,
+            last_sync: None,
+            last_now: None,
+            seen: Activity::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    // ---- what the caller reads ----
+
+    /// The peer's node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    /// Its X25519 static key.
+    pub fn static_public(&self) -> &[u8; 32] {
+        &self.static_public
+    }
+    /// The path in use, as the data plane last reported it or as we set it.
+    pub fn endpoint(&self) -> Option<Path> {
+        self.endpoint
+    }
+    /// Why the peer is relayed, if it is.
+    pub fn relay_reason(&self) -> Option<RelayReason> {
+        self.path.relay_reason()
+    }
+    /// The last round-trip time measured (ping or handshake).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+    /// Records a round trip measured outside (an in-tunnel ping).
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rtt = Some(rtt);
+    }
+    /// When the last handshake completed.
+    pub fn last_handshake(&self) -> Option<Instant> {
+        self.last_handshake
+    }
+    /// True while a session can be sent with.
+    pub fn has_session(&self) -> bool {
+        self.current.is_some()
+    }
+    /// True while one of our initiations is unanswered.
+    pub fn handshake_in_flight(&self) -> bool {
+        self.timers.handshake_in_flight()
+    }
+    /// True if `index` belongs to one of our initiations in flight.
+    pub fn owns_initiation(&self, index: u32) -> bool {
+        self.initiators
+            .iter()
+            .any(|(i, _, _)| i.local_index() == index)
+    }
+    /// Local indexes of every live session.
+    pub fn session_indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sessions.iter().map(|s| s.local_index)
+    }
+    /// Packets waiting for a session.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Direct endpoints to probe: the one in use, then the candidates.
+    pub fn destinations(&self) -> Vec<SocketAddr> {
+        let mut d: Vec<SocketAddr> = match self.endpoint {
+            Some(Path::Direct(a)) => vec![a],
+            _ => vec![],
+        };
+        for c in &self.candidates {
+            if !d.contains(c) {
+                d.push(*c);
+            }
+        }
+        d.truncate(MAX_ENDPOINTS);
+        d
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut d = self.timers.next_deadline();
+        let mut add = |t: Instant| d = Some(d.map_or(t, |d: Instant| d.min(t)));
+        if let Some(t) = self.last_now.and_then(|now| self.path.next_deadline(now)) {
+            add(t);
+        }
+        for s in &self.sessions {
+            add(s.created + REJECT_AFTER);
+        }
+        for (_, _, t) in &self.initiators {
+            add(*t + INITIATOR_LIFETIME);
+        }
+        if self.current.is_some() && self.data_recent() {
+            // Why: data the data plane moves starts timers we only learn of
+            // at a sync; sync often while it may have moved any.
+            if let Some(since) = self.last_sync.or(self.last_handshake) {
+                add(since + ACTIVITY_SYNC);
+            }
+        }
+        d
+    }
+
+    /// True when the caller should wake the machine (sync its activity) on
+    /// the next data packet to or from the peer: a session is up and no
+    /// data moved lately, so no sync is scheduled.
+    pub fn wants_data_wake(&self) -> bool {
+        self.current.is_some() && !self.data_recent()
+    }
+
+    fn data_recent(&self) -> bool {
+        let Some(now) = self.last_now else {
+            return false;
+        };
+        [self.seen.last_tx, self.seen.last_data_rx]
+            .into_iter()
+            .flatten()
+            .any(|t| now.saturating_duration_since(t) < ACTIVE_WINDOW)
+    }
+
+    // ---- inputs ----
+
+    /// A packet for the peer found no usable session: keep it and get one.
+    pub fn handle_outbound(&mut self, now: Instant, packet: Vec<u8>, env: &mut dyn Env) {
+        self.last_now = Some(now);
+        self.enqueue(packet);
+        if self.current.is_some() {
+            // The data plane raced a session install: send at once.
+            self.drain_queue(now, false);
+            return;
+        }
+        if self.timers.handshake_in_flight() {
+            return;
+        }
+        if self.destinations().is_empty() && self.path.selected().is_none() {
+            // Nothing known yet: ask the registry first (its answer also
+            // carries the peer's NAT type); the answer handshakes.
+            self.need_lookup();
+            return;
+        }
+        self.connect(now, env);
+    }
+
+    /// Sends an in-tunnel echo request with `nonce` (answered by
+    /// [`Event::Pong`]), connecting first if needed.
+    pub fn send_ping(&mut self, now: Instant, nonce: u64, env: &mut dyn Env) {
+        self.last_now = Some(now);
+        let mut msg = vec![CTL_PING];
+        msg.extend_from_slice(&nonce.to_le_bytes());
+        if self.current.is_some() {
+            self.send_first(now, msg);
+        } else {
+            self.enqueue(msg);
+            if !self.timers.handshake_in_flight() {
+                self.connect(now, env);
+            }
+        }
+    }
+
+    /// An authenticated in-tunnel control message from the peer. Returns
+    /// false if it was not one we know.
+    pub fn handle_control(&mut self, now: Instant, msg: &[u8]) -> bool {
+        self.last_now = Some(now);
+        match (msg.first(), msg.len()) {
+            (Some(&CTL_PING), 9) => {
+                let mut pong = msg.to_vec();
+                pong[0] = CTL_PONG;
+                if self.current.is_some() {
+                    self.send_first(now, pong);
+                }
+                true
+            }
+            (Some(&CTL_PONG), 9) => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&msg[1..9]);
+                self.events.push_back(Event::Pong {
+                    nonce: u64::from_le_bytes(n),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The registry's answer to [`Event::NeedLookup`]: the peer's direct
+    /// candidates and NAT type, or `None` if it could not answer.
+    pub fn handle_lookup(
+        &mut self,
+        now: Instant,
+        answer: Option<(Vec<SocketAddr>, NatType)>,
+        local_nat: NatType,
+        env: &mut dyn Env,
+    ) {
+        self.lookup_in_flight = false;
+        match answer {
+            Some((endpoints, nat)) => {
+                self.candidates = endpoints.clone();
+                self.path.set_nat(local_nat, nat);
+                let probe = self.path.set_candidates(endpoints, now);
+                let wants = !self.queue.is_empty() || self.current.is_none();
+                if let PathAction::ProbeDirect(c) = probe {
+                    self.start_handshake(now, HandshakeVia::Direct(c), env);
+                } else if wants && !self.timers.handshake_in_flight() {
+                    self.connect(now, env);
+                }
+            }
+            None => {
+                if !self.queue.is_empty() && !self.timers.handshake_in_flight() {
+                    // No registry answer: a cached direct endpoint may
+                    // still work (the relay needs the registry too).
+                    self.connect(now, env);
+                }
+            }
+        }
+    }
+
+    /// The registry says the peer is probing us right now: probe back in a
+    /// burst so both NATs open towards each other.
+    pub fn handle_punch(
+        &mut self,
+        now: Instant,
+        endpoints: Vec<SocketAddr>,
+        nat: NatType,
+        local_nat: NatType,
+        env: &mut dyn Env,
+    ) {
+        self.last_now = Some(now);
+        self.path.set_nat(local_nat, nat);
+        self.candidates = endpoints.clone();
+        let _ = self.path.set_candidates(endpoints, now);
+        if let PathAction::ProbeDirect(c) = self.path.punch(now) {
+            self.start_handshake(now, HandshakeVia::Direct(c), env);
+        }
+    }
+
+    /// An initiation from this peer, already checked by the caller: the MAC,
+    /// the rate limit, Noise (`resp`), and that its static key is this
+    /// peer's. Answers it over `via` with a new session under `local_index`.
+    pub fn handle_init(
+        &mut self,
+        now: Instant,
+        resp: Responder,
+        via: Path,
+        local_index: u32,
+    ) -> Result<(), Refused> {
+        self.last_now = Some(now);
+        if resp.timestamp() <= self.last_init_timestamp {
+            return Err(Refused::OldTimestamp);
+        }
+        self.last_init_timestamp = resp.timestamp();
+        let (session, msg) = resp.accept(local_index, now).map_err(Refused::Handshake)?;
+        self.install(now, session, via);
+        self.transmits.push_back(Transmit {
+            to: via,
+            bytes: msg.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// A response to one of our initiations (see
+    /// [`owns_initiation`](Self::owns_initiation)), arrived over `via`.
+    pub fn handle_resp(
+        &mut self,
+        now: Instant,
+        own_mac: &MacKey,
+        resp: HandshakeResp<'_>,
+        via: Path,
+    ) -> Result<(), Refused> {
+        self.last_now = Some(now);
+        let pos = self
+            .initiators
+            .iter()
+            .position(|(i, _, _)| i.local_index() == resp.receiver_index())
+            .ok_or(Refused::UnknownIndex)?;
+        let (init, _, sent) = self.initiators.remove(pos);
+        let session = init
+            .finish(own_mac, resp, now)
+            .map_err(Refused::Handshake)?;
+        self.rtt = Some(now.saturating_duration_since(sent));
+        // Other initiations of this round are moot now.
+        self.initiators.clear();
+        self.install(now, session, via);
+        self.timers.on_sent(now);
+        // Send what waited, or a keepalive so the responder switches.
+        self.drain_queue(now, true);
+        Ok(())
+    }
+
+    /// What the data plane did since the last sync.
+    pub fn handle_activity(&mut self, now: Instant, a: Activity) {
+        self.last_now = Some(now);
+        self.last_sync = Some(now);
+        // Only what changed since the last sync: an unchanged old instant
+        // must not move a timer back past what we sent ourselves since.
+        let seen = std::mem::replace(&mut self.seen, a);
+        if let Some(t) = a.last_rx.filter(|_| a.last_rx != seen.last_rx) {
+            self.timers.on_received(t);
+        }
+        if let Some(t) = a.last_tx.filter(|_| a.last_tx != seen.last_tx) {
+            // The data plane sends only data.
+            self.timers.on_sent(t);
+            self.timers.on_data_sent(t);
+        }
+        if let Some(t) = a
+            .last_data_rx
+            .filter(|_| a.last_data_rx != seen.last_data_rx)
+        {
+            self.timers.on_data_received(t);
+        }
+        if a.endpoint.is_some() {
+            self.endpoint = a.endpoint;
+        }
+        // The data plane moved to a direct endpoint (an authenticated packet
+        // came straight from the peer): the path follows.
+        if let (Some(Path::Direct(addr)), Some(Path::Relay)) = (a.endpoint, self.path.selected()) {
+            self.path.on_direct(addr);
+        }
+        // A responder session the data plane switched to.
+        if let Some(i) = a.current {
+            if self.current.as_ref().is_none_or(|c| c.local_index != i) {
+                if let Some(s) = self.sessions.iter().find(|s| s.local_index == i) {
+                    self.current = Some(s.clone());
+                }
+            }
+        }
+    }
+
+    /// Runs the timers and path rules due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, env: &mut dyn Env) {
+        self.last_now = Some(now);
+        // Forget sessions past their reject age.
+        let (old, live): (Vec<_>, Vec<_>) = self
+            .sessions
+            .drain(..)
+            .partition(|s| now.saturating_duration_since(s.created) >= REJECT_AFTER);
+        self.sessions = live;
+        for s in old {
+            if self.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &s)) {
+                self.current = None;
+                self.events.push_back(Event::ClearCurrent);
+            }
+            self.events.push_back(Event::Retire {
+                local_index: s.local_index,
+            });
+        }
+        self.initiators
+            .retain(|(_, _, t)| now.saturating_duration_since(*t) < INITIATOR_LIFETIME);
+        match self.path.poll(now) {
+            PathAction::Idle => {}
+            PathAction::UseRelay(reason) => {
+                self.path.on_relay(reason);
+                self.set_endpoint(Path::Relay, true);
+                self.events.push_back(Event::RelayFallback(reason));
+                self.start_handshake(now, HandshakeVia::Relay, env);
+                return;
+            }
+            PathAction::ProbeDirect(c) => {
+                self.start_handshake(now, HandshakeVia::Direct(c), env);
+                return;
+            }
+        }
+        match self.timers.poll(now) {
+            TimerAction::Idle => {}
+            TimerAction::Handshake => {
+                let unanswered = self.timers.handshake_in_flight();
+                if unanswered && self.path.selected().is_some() && self.current.is_none() {
+                    // The chosen path stopped answering: choose again.
+                    self.path.reset();
+                }
+                if self.destinations().is_empty() && self.path.selected().is_none() {
+                    self.need_lookup();
+                }
+                self.connect(now, env);
+            }
+            TimerAction::Keepalive => {
+                self.timers.on_sent(now);
+                if self.current.is_some() {
+                    self.drain_queue(now, true);
+                }
+            }
+            TimerAction::ExpireSession => {
+                self.current = None;
+                self.events.push_back(Event::ClearCurrent);
+                self.timers.clear_session();
+            }
+            TimerAction::GiveUp => {
+                self.timers.cancel_handshake();
+                self.initiators.clear();
+                self.queue.clear();
+                self.path.reset();
+                self.events.push_back(Event::GaveUp);
+                // Maybe it moved: ask the registry.
+                self.lookup_in_flight = false;
+                self.need_lookup();
+            }
+        }
+    }
+
+    /// Connect again now (start-up, the registry came back): from the
+    /// direct endpoints known, and by asking the registry.
+    pub fn reconnect(&mut self, now: Instant, env: &mut dyn Env) {
+        self.last_now = Some(now);
+        if self.current.is_some() || self.timers.handshake_in_flight() {
+            return;
+        }
+        let dests = self.destinations();
+        if !dests.is_empty() {
+            self.start_handshake(now, HandshakeVia::Direct(dests), env);
+        }
+        self.need_lookup();
+    }
+
+    /// Trust ended: drop every session and everything queued. The caller
+    /// removes the indexes ([`session_indexes`](Self::session_indexes)).
+    pub fn close(&mut self) {
+        self.current = None;
+        self.sessions.clear();
+        self.initiators.clear();
+        self.queue.clear();
+        self.transmits.clear();
+        self.timers = PeerTimers::default();
+    }
+
+    // ---- internals ----
+
+    fn need_lookup(&mut self) {
+        if !self.lookup_in_flight {
+            self.lookup_in_flight = true;
+            self.events.push_back(Event::NeedLookup);
+        }
+    }
+
+    fn enqueue(&mut self, pkt: Vec<u8>) {
+        if self.queue.len() >= QUEUE_LIMIT {
+            self.queue.pop_front();
+        }
+        self.queue.push_back(pkt);
+    }
+
+    fn set_endpoint(&mut self, p: Path, force: bool) {
+        match (self.endpoint, p, force) {
+            (Some(Path::Direct(_)), Path::Relay, false) => {}
+            _ => self.endpoint = Some(p),
+        }
+        self.events.push_back(if force {
+            Event::UsePath(p)
+        } else {
+            Event::OfferPath(p)
+        });
+    }
+
+    /// Starts a handshake on the path the path state chooses.
+    fn connect(&mut self, now: Instant, env: &mut dyn Env) {
+        let via = match self.path.selected() {
+            Some(Path::Direct(_)) => HandshakeVia::Direct(self.destinations()),
+            Some(Path::Relay) => HandshakeVia::Relay,
+            None => match self.path.start(now) {
+                PathAction::ProbeDirect(c) => {
+                    let mut d = self.destinations();
+                    for e in c {
+                        if !d.contains(&e) {
+                            d.push(e);
+                        }
+                    }
+                    HandshakeVia::Direct(d)
+                }
+                PathAction::UseRelay(reason) => {
+                    self.path.on_relay(reason);
+                    self.set_endpoint(Path::Relay, true);
+                    HandshakeVia::Relay
+                }
+                PathAction::Idle => return,
+            },
+        };
+        self.start_handshake(now, via, env);
+    }
+
+    /// Sends one initiation, straight to some endpoints or via the relay.
+    fn start_handshake(&mut self, now: Instant, via: HandshakeVia, env: &mut dyn Env) {
+        let (kind, dests) = match via {
+            // No direct endpoint known: the relay always reaches the peer.
+            HandshakeVia::Direct(d) if d.is_empty() => (Path::Relay, vec![]),
+            HandshakeVia::Direct(d) => (Path::Direct(d[0]), d),
+            HandshakeVia::Relay => (Path::Relay, vec![]),
+        };
+        let index = env.fresh_index();
+        let ts = env.next_timestamp();
+        let Ok((init, msg)) = handshake::initiate(
+            env.static_secret(),
+            &self.static_public,
+            index,
+            ts,
+            env.suite(),
+        ) else {
+            return;
+        };
+        self.timers.on_handshake_sent(now, env.jitter());
+        self.timers.on_sent(now);
+        if dests.is_empty() {
+            self.transmits.push_back(Transmit {
+                to: Path::Relay,
+                bytes: msg.to_vec(),
+            });
+        }
+        for d in dests {
+            self.transmits.push_back(Transmit {
+                to: Path::Direct(d),
+                bytes: msg.to_vec(),
+            });
+        }
+        if self.initiators.len() >= MAX_INITIATORS {
+            self.initiators.remove(0);
+        }
+        self.initiators.push((init, kind, now));
+    }
+
+    /// A new session, reached over `via`.
+    fn install(&mut self, now: Instant, session: Session, via: Path) {
+        let session = Arc::new(session);
+        let initiator = session.initiator;
+        self.sessions.push(session.clone());
+        // The initiator knows the responder has the keys; the responder waits
+        // for the first packet on the new session before switching to it,
+        // unless it has nothing else.
+        let current = initiator || self.current.is_none();
+        if current {
+            self.current = Some(session.clone());
+        }
+        self.events.push_back(Event::Install {
+            session: session.clone(),
+            current,
+        });
+        match via {
+            Path::Direct(a) => {
+                self.path.on_direct(a);
+                self.set_endpoint(via, true);
+                self.events.push_back(Event::DirectWorked(a));
+            }
+            Path::Relay => {
+                let reason = self.path.relay_reason().unwrap_or(if initiator {
+                    RelayReason::NoDirectAnswer
+                } else {
+                    RelayReason::PeerRelayed
+                });
+                self.path.on_relay(reason);
+                let force = self.path.selected() == Some(Path::Relay);
+                self.set_endpoint(via, force);
+            }
+        }
+        self.timers.on_session(now, initiator);
+        self.last_handshake = Some(now);
+        self.events.push_back(Event::Established {
+            path: via,
+            initiator,
+        });
+    }
+
+    /// Puts `msg` before anything queued and sends only it.
+    fn send_first(&mut self, now: Instant, msg: Vec<u8>) {
+        let rest = std::mem::take(&mut self.queue);
+        self.queue.push_back(msg);
+        self.drain_queue(now, false);
+        self.queue = rest;
+    }
+
+    /// Seals the queued packets (or a keepalive) with the current session.
+    fn drain_queue(&mut self, now: Instant, keepalive: bool) {
+        let (Some(session), Some(to)) = (self.current.clone(), self.endpoint) else {
+            return;
+        };
+        let mut pkts: Vec<Vec<u8>> = self.queue.drain(..).collect();
+        if pkts.is_empty() && keepalive {
+            pkts.push(vec![]);
+        }
+        for p in pkts {
+            let mut buf = vec![0u8; DATA_HEADER_LEN + p.len() + TAG_LEN];
+            buf[DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()].copy_from_slice(&p);
+            if let Ok(n) = session.sender.seal(&mut buf, p.len()) {
+                buf.truncate(n);
+                self.transmits.push_back(Transmit { to, bytes: buf });
+            }
+        }
+        self.timers.on_sent(now);
+    }
+}
+
+/// How an initiation goes out.
+enum HandshakeVia {
+    Direct(Vec<SocketAddr>),
+    Relay,
+}
+
+// The activity sync must be much finer than the shortest activity timer.
+const _: () = assert!(KEEPALIVE.as_secs() > 10 * ACTIVITY_SYNC.as_secs());

@@ -1,0 +1,717 @@
+//! Two peer machines on a simulated network: a clock that jumps to the next
+//! thing due, a link that can lose datagrams or block the direct path, a
+//! relay, and a registry that answers lookups and relays punch requests.
+//! Each node also plays its own data plane (index table, sealing, opening,
+//! roaming), as the daemon does around the machine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::Identity;
+use pilot_proto::messages::NatType;
+use pilot_proto::path::{Path, RelayReason};
+use pilot_proto::peer::{Activity, Env, Event, Peer, Transmit};
+use pilot_proto::session::{CipherSuite, Session};
+use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, TAG_LEN};
+
+const LATENCY: Duration = Duration::from_millis(10);
+const RELAY_LATENCY: Duration = Duration::from_millis(25);
+
+/// A small deterministic generator (xorshift), for loss and jitter.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
+    }
+}
+
+struct NodeEnv {
+    secret: [u8; 32],
+    next_index: u32,
+    timestamp: u64,
+    rng: Rng,
+}
+
+impl Env for NodeEnv {
+    fn static_secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+    fn suite(&self) -> CipherSuite {
+        CipherSuite::Aes256Gcm
+    }
+    fn fresh_index(&mut self) -> u32 {
+        self.next_index += 1;
+        self.next_index
+    }
+    fn next_timestamp(&mut self) -> u64 {
+        self.timestamp += 1;
+        self.timestamp
+    }
+    fn jitter(&mut self) -> Duration {
+        Duration::from_millis(self.rng.next() % 334)
+    }
+}
+
+/// One node: the machine for its one peer, and its data plane.
+struct Node {
+    identity: Identity,
+    mac: MacKey,
+    env: NodeEnv,
+    peer: Peer,
+    addr: SocketAddr,
+    nat: NatType,
+    // data plane
+    by_index: HashMap<u32, Arc<Session>>,
+    current: Option<Arc<Session>>,
+    endpoint: Option<Path>,
+    activity: Activity,
+    delivered: Vec<u32>,
+    pongs: Vec<u64>,
+    events: Vec<(Duration, String)>,
+    sent_datagrams: usize,
+    /// The machine asked to be woken by the next data packet.
+    armed: bool,
+    wakeups: usize,
+}
+
+fn identity(seed: u8) -> Identity {
+    Identity::from_bytes(&[seed; 64])
+}
+
+impl Node {
+    fn new(me: &Identity, other: &Identity, addr: SocketAddr, index_base: u32) -> Node {
+        let identity = Identity::from_bytes(&me.to_bytes());
+        Node {
+            mac: MacKey::for_static(&identity.static_public()),
+            env: NodeEnv {
+                secret: *identity.static_secret(),
+                next_index: index_base,
+                timestamp: 0,
+                rng: Rng(u64::from(index_base) * 7919 + 1),
+            },
+            peer: Peer::new(other.node_id(), other.static_public(), None),
+            identity,
+            addr,
+            nat: NatType::EndpointIndependent,
+            by_index: HashMap::new(),
+            current: None,
+            endpoint: None,
+            activity: Activity::default(),
+            delivered: vec![],
+            pongs: vec![],
+            events: vec![],
+            sent_datagrams: 0,
+            armed: false,
+            wakeups: 0,
+        }
+    }
+}
+
+/// A datagram on the wire.
+struct InFlight {
+    to: usize,
+    from_addr: SocketAddr,
+    dest: Path,
+    bytes: Vec<u8>,
+}
+
+struct Pair {
+    t0: Instant,
+    now: Instant,
+    nodes: [Node; 2],
+    wire: BTreeMap<(Instant, u64), InFlight>,
+    seq: u64,
+    /// Direct datagrams get through (false: a NAT drops them).
+    direct_ok: bool,
+    relay_ok: bool,
+    registry_ok: bool,
+    loss: f64,
+    rng: Rng,
+    /// Registry answers due: (when, node asking).
+    lookups: Vec<(Instant, usize)>,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let a = identity(1);
+        let b = identity(2);
+        let t0 = Instant::now();
+        Pair {
+            t0,
+            now: t0,
+            nodes: [
+                Node::new(&a, &b, "192.0.2.1:1000".parse().unwrap(), 100),
+                Node::new(&b, &a, "198.51.100.2:2000".parse().unwrap(), 200),
+            ],
+            wire: BTreeMap::new(),
+            seq: 0,
+            direct_ok: true,
+            relay_ok: true,
+            registry_ok: true,
+            loss: 0.0,
+            rng: Rng(0x9E37_79B9_7F4A_7C15),
+            lookups: vec![],
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.t0
+    }
+
+    /// An application packet from node `i` to the other: a minimal IPv4
+    /// header (version nibble 4) carrying a sequence number.
+    fn send_app(&mut self, i: usize, n: u32) {
+        let mut pkt = vec![0x45u8; 24];
+        pkt[20..24].copy_from_slice(&n.to_be_bytes());
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        match (node.current.clone(), node.endpoint) {
+            (Some(s), Some(to)) => {
+                let mut buf = vec![0u8; DATA_HEADER_LEN + pkt.len() + TAG_LEN];
+                buf[DATA_HEADER_LEN..DATA_HEADER_LEN + pkt.len()].copy_from_slice(&pkt);
+                let len = s.sender.seal(&mut buf, pkt.len()).unwrap();
+                buf.truncate(len);
+                node.activity.last_tx = Some(now);
+                self.put(i, Transmit { to, bytes: buf });
+                self.wake(i);
+            }
+            _ => {
+                node.peer.handle_outbound(now, pkt, &mut node.env);
+                self.flush(i);
+            }
+        }
+    }
+
+    fn put(&mut self, from: usize, t: Transmit) {
+        self.nodes[from].sent_datagrams += 1;
+        if self.rng.chance(self.loss) {
+            return;
+        }
+        let to = 1 - from;
+        let latency = match t.to {
+            Path::Direct(_) => LATENCY,
+            Path::Relay => RELAY_LATENCY,
+        };
+        self.seq += 1;
+        self.wire.insert(
+            (self.now + latency, self.seq),
+            InFlight {
+                to,
+                from_addr: self.nodes[from].addr,
+                dest: t.to,
+                bytes: t.bytes,
+            },
+        );
+    }
+
+    /// Moves a node's transmits onto the wire and applies its events.
+    fn flush(&mut self, i: usize) {
+        while let Some(t) = self.nodes[i].peer.poll_transmit() {
+            self.put(i, t);
+        }
+        let now = self.now;
+        let at = self.elapsed();
+        let node = &mut self.nodes[i];
+        while let Some(e) = node.peer.poll_event() {
+            node.events.push((at, format!("{e:?}")));
+            match e {
+                Event::Install { session, current } => {
+                    node.by_index.insert(session.local_index, session.clone());
+                    if current {
+                        node.current = Some(session);
+                    }
+                }
+                Event::Retire { local_index } => {
+                    node.by_index.remove(&local_index);
+                }
+                Event::ClearCurrent => node.current = None,
+                Event::UsePath(p) => node.endpoint = Some(p),
+                Event::OfferPath(p) => {
+                    if !(matches!(node.endpoint, Some(Path::Direct(_))) && p == Path::Relay) {
+                        node.endpoint = Some(p);
+                    }
+                }
+                Event::NeedLookup => self.lookups.push((now + LATENCY * 2, i)),
+                Event::Pong { nonce } => node.pongs.push(nonce),
+                Event::Established { .. }
+                | Event::DirectWorked(_)
+                | Event::RelayFallback(_)
+                | Event::GaveUp => {}
+            }
+        }
+        let node = &mut self.nodes[i];
+        node.activity.endpoint = node.endpoint;
+        node.activity.current = node.current.as_ref().map(|s| s.local_index);
+        node.armed = node.peer.wants_data_wake();
+    }
+
+    /// The data plane moved data: wake the machine if it asked for that.
+    fn wake(&mut self, i: usize) {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        if std::mem::take(&mut node.armed) {
+            node.peer.handle_activity(now, node.activity);
+            self.flush(i);
+        }
+    }
+
+    fn deliver(&mut self, d: InFlight) {
+        let now = self.now;
+        let i = d.to;
+        let via = match d.dest {
+            Path::Direct(a) => {
+                if !self.direct_ok || a != self.nodes[i].addr {
+                    return;
+                }
+                Path::Direct(d.from_addr)
+            }
+            Path::Relay => {
+                if !self.relay_ok {
+                    return;
+                }
+                Path::Relay
+            }
+        };
+        let mut buf = d.bytes;
+        let node = &mut self.nodes[i];
+        match wire::classify(&buf) {
+            Kind::HandshakeInit => {
+                let Ok(init) = wire::HandshakeInit::new_checked(&buf) else {
+                    return;
+                };
+                let Ok(resp) = handshake::respond(node.identity.static_secret(), &node.mac, init)
+                else {
+                    return;
+                };
+                if resp.remote_static() != node.peer.static_public() {
+                    return; // untrusted: no answer
+                }
+                let index = node.env.fresh_index();
+                let _ = node.peer.handle_init(now, resp, via, index);
+            }
+            Kind::HandshakeResp => {
+                let Ok(resp) = wire::HandshakeResp::new_checked(&buf) else {
+                    return;
+                };
+                if node.peer.owns_initiation(resp.receiver_index()) {
+                    let _ = node.peer.handle_resp(now, &node.mac, resp, via);
+                }
+            }
+            Kind::Data => {
+                let Ok(h) = wire::DataHeader::parse(&buf) else {
+                    return;
+                };
+                let Some(s) = node.by_index.get(&h.receiver_index).cloned() else {
+                    return;
+                };
+                let Ok(plain) = s.open(&mut buf) else {
+                    return;
+                };
+                // The data plane's own per-packet rules.
+                node.activity.last_rx = Some(now);
+                if !(matches!(node.endpoint, Some(Path::Direct(_))) && via == Path::Relay) {
+                    node.endpoint = Some(via);
+                }
+                if !s.initiator && node.current.as_ref().is_none_or(|c| c.created < s.created) {
+                    node.current = Some(s.clone());
+                }
+                if plain > 0 {
+                    node.activity.last_data_rx = Some(now);
+                    let inner = &buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
+                    if inner[0] >> 4 == 4 {
+                        let n = u32::from_be_bytes(inner[20..24].try_into().unwrap());
+                        node.delivered.push(n);
+                    } else {
+                        let inner = inner.to_vec();
+                        node.peer.handle_control(now, &inner);
+                    }
+                }
+                node.activity.endpoint = node.endpoint;
+                node.activity.current = node.current.as_ref().map(|s| s.local_index);
+                if plain > 0 {
+                    self.wake(i);
+                }
+            }
+            _ => {}
+        }
+        self.flush(i);
+    }
+
+    fn answer_lookup(&mut self, i: usize) {
+        let now = self.now;
+        let other = 1 - i;
+        let (addr, nat) = (self.nodes[other].addr, self.nodes[other].nat);
+        let (my_addr, my_nat) = (self.nodes[i].addr, self.nodes[i].nat);
+        let answer = self.registry_ok.then(|| (vec![addr], nat));
+        let node = &mut self.nodes[i];
+        node.peer.handle_lookup(now, answer, my_nat, &mut node.env);
+        self.flush(i);
+        let trusted = self.nodes[other].peer.id() == self.nodes[i].identity.node_id();
+        if self.registry_ok && trusted {
+            // The registry tells the other side to punch back.
+            let o = &mut self.nodes[other];
+            o.peer
+                .handle_punch(now, vec![my_addr], my_nat, nat, &mut o.env);
+            self.flush(other);
+        }
+    }
+
+    /// Runs until `until` (from the start), calling `app` at every step
+    /// boundary of `every` (if any) to generate traffic.
+    fn run(&mut self, until: Duration, every: Option<Duration>, mut app: impl FnMut(&mut Pair)) {
+        let end = self.t0 + until;
+        let mut next_app = every.map(|_| self.now);
+        for _ in 0..10_000_000 {
+            let mut next = end;
+            if let Some((&(t, _), _)) = self.wire.iter().next() {
+                next = next.min(t);
+            }
+            for n in &self.nodes {
+                if let Some(t) = n.peer.poll_timeout() {
+                    next = next.min(t.max(self.now));
+                }
+            }
+            for (t, _) in &self.lookups {
+                next = next.min(*t);
+            }
+            if let Some(t) = next_app {
+                next = next.min(t);
+            }
+            if next >= end {
+                self.now = end;
+                return;
+            }
+            self.now = next.max(self.now);
+            let now = self.now;
+            if next_app == Some(now) {
+                app(self);
+                next_app = every.map(|e| now + e);
+            }
+            if let Some(key) = self.wire.keys().next().copied().filter(|k| k.0 <= now) {
+                let d = self.wire.remove(&key).unwrap();
+                self.deliver(d);
+                continue;
+            }
+            if let Some(pos) = self.lookups.iter().position(|(t, _)| *t <= now) {
+                let (_, i) = self.lookups.remove(pos);
+                self.answer_lookup(i);
+                continue;
+            }
+            for i in 0..2 {
+                if self.nodes[i].peer.poll_timeout().is_some_and(|t| t <= now) {
+                    let node = &mut self.nodes[i];
+                    node.wakeups += 1;
+                    node.peer.handle_activity(now, node.activity);
+                    node.peer.handle_timeout(now, &mut node.env);
+                    self.flush(i);
+                }
+            }
+        }
+        let n = &self.nodes[0].peer;
+        panic!(
+            "simulation did not converge at {:?}: A due {:?}, B due {:?}, A events {:?}",
+            self.elapsed(),
+            n.poll_timeout().map(|t| t - self.t0),
+            self.nodes[1].peer.poll_timeout().map(|t| t - self.t0),
+            &self.nodes[0].events[self.nodes[0].events.len().saturating_sub(8)..]
+        );
+    }
+
+    /// Runs with no traffic.
+    fn idle(&mut self, until: Duration) {
+        self.run(until, None, |_| {});
+    }
+
+    fn path(&self, i: usize) -> Option<Path> {
+        self.nodes[i].endpoint
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Steady traffic both ways, one packet each per `every`.
+fn both_ways(p: &mut Pair, until: Duration, every: Duration, counter: &mut u32) {
+    let mut c = *counter;
+    p.run(until, Some(every), |p| {
+        c += 1;
+        p.send_app(0, c);
+        p.send_app(1, c);
+    });
+    *counter = c;
+}
+
+#[test]
+fn first_contact_goes_direct_and_delivers_the_first_packet() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(500));
+    assert_eq!(
+        p.nodes[1].delivered,
+        vec![1],
+        "the queued first packet arrives"
+    );
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    assert!(p.nodes[0].peer.has_session() && p.nodes[1].peer.has_session());
+    assert!(p.nodes[0].peer.rtt().is_some());
+}
+
+#[test]
+fn rekeys_every_two_minutes_under_traffic_without_losing_a_packet() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(500), Duration::from_millis(200), &mut c);
+    for i in 0..2 {
+        // Counted delivered: everything sent up to the last few in flight.
+        let got = p.nodes[i].delivered.len() as u32;
+        assert!(got + 2 >= c, "node {i} got {got} of {c}");
+        let mut sorted = p.nodes[i].delivered.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), p.nodes[i].delivered.len(), "no duplicates");
+    }
+    let established = |i: usize| {
+        p.nodes[i]
+            .events
+            .iter()
+            .filter(|(_, e)| e.starts_with("Established"))
+            .count()
+    };
+    // 500 s at 120 s per rekey: the first session plus at least 3 rekeys.
+    assert!(
+        established(0) + established(1) >= 4,
+        "{:?}",
+        p.nodes[0].events
+    );
+    // Old sessions are retired at 180 s. Both ends rekey at about the same
+    // moment (each was the initiator of a session in the last round), so a
+    // round can leave two sessions: never more than four live at once.
+    assert!(p.nodes[0].by_index.len() <= 4 && p.nodes[1].by_index.len() <= 4);
+    let first_rekey = p.nodes[0]
+        .events
+        .iter()
+        .chain(p.nodes[1].events.iter())
+        .filter(|(_, e)| e.starts_with("Established"))
+        .map(|(t, _)| *t)
+        .filter(|t| *t > secs(1))
+        .min()
+        .unwrap();
+    assert!(
+        first_rekey >= secs(120) && first_rekey < secs(135),
+        "{first_rekey:?}"
+    );
+}
+
+#[test]
+fn simultaneous_initiation_converges() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    p.send_app(1, 1);
+    p.idle(secs(1));
+    assert_eq!(p.nodes[0].delivered, vec![1]);
+    assert_eq!(p.nodes[1].delivered, vec![1]);
+    let mut c = 1;
+    both_ways(&mut p, secs(10), Duration::from_millis(100), &mut c);
+    for i in 0..2 {
+        assert!(p.nodes[i].delivered.len() as u32 + 1 >= c);
+    }
+}
+
+#[test]
+fn falls_back_to_the_relay_after_two_seconds_and_upgrades_when_direct_opens() {
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.nodes[0].nat = NatType::PerDestination;
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(1900));
+    assert!(
+        p.nodes[1].delivered.is_empty(),
+        "nothing before the fallback"
+    );
+    p.idle(secs(3));
+    assert_eq!(p.nodes[1].delivered, vec![1], "delivered through the relay");
+    assert_eq!(p.path(0), Some(Path::Relay));
+    assert_eq!(
+        p.nodes[0].peer.relay_reason(),
+        Some(RelayReason::NoDirectAnswer)
+    );
+    // The direct path opens at 30 s: a retry (every 60 s) finds it.
+    let mut c = 1;
+    both_ways(&mut p, secs(30), secs(1), &mut c);
+    assert_eq!(p.path(0), Some(Path::Relay));
+    p.direct_ok = true;
+    both_ways(&mut p, secs(100), secs(1), &mut c);
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    assert!(p.nodes[0].peer.relay_reason().is_none());
+}
+
+#[test]
+fn both_hard_nats_use_the_relay_at_once() {
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.nodes[0].nat = NatType::PerDestination;
+    p.nodes[1].nat = NatType::PerDestination;
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(300));
+    assert_eq!(p.nodes[1].delivered, vec![1]);
+    assert_eq!(
+        p.nodes[0].peer.relay_reason(),
+        Some(RelayReason::BothHardNat)
+    );
+}
+
+#[test]
+fn roaming_keeps_the_session_and_moves_the_endpoint() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    let before = p.nodes[1].delivered.len();
+    let new_addr: SocketAddr = "203.0.113.9:4000".parse().unwrap();
+    p.nodes[0].addr = new_addr;
+    both_ways(&mut p, secs(10), Duration::from_millis(100), &mut c);
+    assert_eq!(p.path(1), Some(Path::Direct(new_addr)), "B follows A");
+    assert!(p.nodes[1].delivered.len() > before + 40);
+    // B's packets reach A at its new address.
+    assert!(*p.nodes[0].delivered.last().unwrap() + 2 >= c);
+}
+
+#[test]
+fn a_restarted_peer_is_reconnected() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    p.run(secs(5), Some(Duration::from_millis(100)), |p| {
+        c += 1;
+        p.send_app(0, c);
+    });
+    // B restarts: a new machine, no sessions, same keys.
+    let (a, b) = (identity(1), identity(2));
+    let addr = p.nodes[1].addr;
+    p.nodes[1] = Node::new(&b, &a, addr, 300);
+    let restart = c;
+    p.run(secs(40), Some(Duration::from_millis(100)), |p| {
+        c += 1;
+        p.send_app(0, c);
+    });
+    let got = &p.nodes[1].delivered;
+    assert!(!got.is_empty(), "A reconnects to the restarted B");
+    // A notices within the no-reply time (15 s) plus a round trip.
+    let first = got[0];
+    assert!(
+        first > restart && first <= restart + 170,
+        "first after restart: {first} (restart at {restart})"
+    );
+    assert!(*got.last().unwrap() + 2 >= c);
+}
+
+#[test]
+fn five_percent_loss_still_connects_and_carries_traffic() {
+    let mut p = Pair::new();
+    p.loss = 0.05;
+    let mut c = 0;
+    both_ways(&mut p, secs(400), Duration::from_millis(100), &mut c);
+    for i in 0..2 {
+        let got = p.nodes[i].delivered.len() as f64;
+        assert!(got >= c as f64 * 0.90, "node {i}: {got} of {c}");
+        assert!(!p.nodes[i].events.iter().any(|(_, e)| e == "GaveUp"));
+    }
+    // It kept rekeying through the loss.
+    let est = p.nodes[0]
+        .events
+        .iter()
+        .chain(p.nodes[1].events.iter())
+        .filter(|(_, e)| e.starts_with("Established"))
+        .count();
+    assert!(est >= 3, "{est}");
+}
+
+#[test]
+fn a_long_idle_period_keeps_the_tunnel_and_sleeps_between_timers() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    p.idle(secs(1));
+    let sent_before = p.nodes[0].sent_datagrams + p.nodes[1].sent_datagrams;
+    let wakeups_before = p.nodes[0].wakeups;
+    p.idle(secs(3601));
+    let idle_sent = p.nodes[0].sent_datagrams + p.nodes[1].sent_datagrams - sent_before;
+    // NAT keepalives every 25 s each way, plus a rekey round (initiation,
+    // response, keepalive from each end) every 120 s.
+    let bound = 2 * (3600 / 25 + 1) + (3600 / 120 + 1) * 6;
+    assert!(
+        idle_sent <= bound,
+        "{idle_sent} datagrams while idle (bound {bound})"
+    );
+    // The machine wakes for its timers, not once a second.
+    let wakeups = p.nodes[0].wakeups - wakeups_before;
+    assert!(wakeups < 600, "{wakeups} wake-ups in an idle hour");
+    assert!(p.nodes[0].peer.has_session(), "the tunnel stays up");
+    // Traffic after the hour goes at once, on the live session.
+    let before = p.now;
+    p.send_app(0, 2);
+    p.idle(secs(3601) + Duration::from_millis(100));
+    assert_eq!(p.nodes[1].delivered, vec![1, 2]);
+    assert!(p.now - before <= Duration::from_millis(100));
+}
+
+#[test]
+fn a_peer_that_vanishes_is_given_up_and_the_machine_goes_quiet() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    p.idle(secs(1));
+    // B disappears for good.
+    p.direct_ok = false;
+    p.relay_ok = false;
+    p.registry_ok = false;
+    p.send_app(0, 2);
+    p.idle(secs(600));
+    assert!(!p.nodes[0].peer.has_session());
+    assert!(
+        p.nodes[0].events.iter().any(|(_, e)| e == "GaveUp"),
+        "{:?}",
+        p.nodes[0].events
+    );
+    let sent = p.nodes[0].sent_datagrams;
+    p.idle(secs(1200));
+    assert_eq!(p.nodes[0].sent_datagrams, sent, "nothing more is sent");
+    assert!(
+        p.nodes[0].peer.poll_timeout().is_none(),
+        "and nothing is due"
+    );
+}
+
+#[test]
+fn pings_are_answered_in_the_tunnel() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    p.idle(secs(1));
+    let now = p.now;
+    let n = &mut p.nodes[0];
+    n.peer.send_ping(now, 77, &mut n.env);
+    p.flush(0);
+    p.idle(secs(2));
+    assert_eq!(p.nodes[0].pongs, vec![77]);
+}
+
+#[test]
+fn an_untrusted_key_gets_no_answer() {
+    let mut p = Pair::new();
+    // B trusts some third key instead of A's.
+    let (b, c) = (identity(2), identity(3));
+    let addr = p.nodes[1].addr;
+    p.nodes[1] = Node::new(&b, &c, addr, 200);
+    p.send_app(0, 1);
+    p.idle(secs(10));
+    assert!(p.nodes[1].delivered.is_empty());
+    assert_eq!(p.nodes[1].sent_datagrams, 0, "B never answered");
+    assert!(!p.nodes[0].peer.has_session());
+}
