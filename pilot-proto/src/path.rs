@@ -33,6 +33,15 @@ pub enum Path {
     Relay,
 }
 
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct(a) => write!(f, "{a}"),
+            Path::Relay => f.write_str("relay"),
+        }
+    }
+}
+
 /// Why a peer is relayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayReason {

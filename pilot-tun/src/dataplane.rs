@@ -25,9 +25,10 @@ use quinn_udp::RecvMeta;
 use tracing::warn;
 
 use crate::node::{Inner, Slow};
-use crate::peers::{bump, Endpoint, PeerData};
+use crate::peers::{bump, PeerData};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
+use pilot_proto::path::Path;
 
 /// Reads local packets from the TUN and sends them to peers.
 pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
@@ -51,7 +52,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now_ms = inner.now_ms(now);
         let relay = inner.relay_addr();
         icmp.clear();
-        let mut route: Option<(Arc<PeerData>, Arc<Session>, Endpoint)> = None;
+        let mut route: Option<(Arc<PeerData>, Arc<Session>, Path)> = None;
         {
             let table = inner.table.read();
             for i in 0..n {
@@ -99,8 +100,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
                 // Through the relay, the datagram is prefixed with the
                 // relay header naming the peer.
                 let (dest, pre) = match to {
-                    Endpoint::Direct(a) => (a, 0),
-                    Endpoint::Relay => (relay, RELAY_HEADER_LEN),
+                    Path::Direct(a) => (a, 0),
+                    Path::Relay => (relay, RELAY_HEADER_LEN),
                 };
                 batch
                     .buf
@@ -160,7 +161,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
         let now_ms = inner.now_ms(now);
         let me = inner.address();
         let mut k = 0;
-        let mut last: Option<(Arc<Session>, Endpoint)> = None;
+        let mut last: Option<(Arc<Session>, Path)> = None;
         {
             let table = inner.table.read();
             for (buf, meta) in bufs.iter().zip(metas.iter()).take(n) {
@@ -174,14 +175,14 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     let (seg, via, relayed_from) = match wire::classify(seg) {
                         Kind::RelayFrom if inner.is_relay(meta.addr) => {
                             match RelayHeader::parse(seg) {
-                                Ok(h) => (&seg[RELAY_HEADER_LEN..], Endpoint::Relay, Some(h.node)),
+                                Ok(h) => (&seg[RELAY_HEADER_LEN..], Path::Relay, Some(h.node)),
                                 Err(_) => {
                                     bump(&inner.drops.malformed);
                                     continue;
                                 }
                             }
                         }
-                        _ => (seg, Endpoint::Direct(meta.addr), None),
+                        _ => (seg, Path::Direct(meta.addr), None),
                     };
                     let slow = |seg: &[u8]| match relayed_from {
                         Some(src) => Slow::Relayed(src, seg.to_vec()),

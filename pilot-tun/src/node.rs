@@ -32,6 +32,7 @@ use crate::peers::{Drops, PeerData, PeerRuntime, PeerTable};
 use crate::state::{NodeState, StateDir, StateError};
 use crate::tun::Tun;
 use crate::udp::Udp;
+use pilot_proto::peer::Peer;
 
 /// How the node is configured.
 #[derive(Clone, Debug)]
@@ -308,10 +309,7 @@ impl<T: Tun> Node<T> {
                 .collect();
             let mut table = inner.table.write();
             for (pid, addr, st, last) in trusted {
-                add_peer(&mut brain, &mut table, pid, addr, st);
-                if let Some(rt) = brain.peers.get_mut(&pid) {
-                    rt.candidates.extend(last);
-                }
+                add_peer(&mut brain, &mut table, pid, addr, st, last);
             }
         }
         {
@@ -371,6 +369,7 @@ fn add_peer(
     id: NodeId,
     address: Ipv4Addr,
     static_public: [u8; 32],
+    last_endpoint: Option<SocketAddr>,
 ) {
     if brain.peers.contains_key(&id) {
         return;
@@ -378,20 +377,20 @@ fn add_peer(
     let data = Arc::new(PeerData::new(id, address));
     table.by_addr.insert(address, data.clone());
     brain.by_static.insert(static_public, id);
-    brain
-        .peers
-        .insert(id, PeerRuntime::new(data, static_public));
+    let machine = Peer::new(id, static_public, last_endpoint);
+    brain.peers.insert(id, PeerRuntime::new(data, machine));
 }
 
 /// Removes a peer from the data plane at once: its sessions and its address.
 fn remove_peer(brain: &mut Brain, table: &mut PeerTable, id: &NodeId) {
-    if let Some(rt) = brain.peers.remove(id) {
+    if let Some(mut rt) = brain.peers.remove(id) {
         table.by_addr.remove(&rt.data.address);
-        for s in &rt.sessions {
-            table.by_index.remove(&s.local_index);
+        for i in rt.machine.session_indexes() {
+            table.by_index.remove(&i);
         }
+        rt.machine.close();
         rt.data.clear_session();
-        brain.by_static.remove(&rt.static_public);
+        brain.by_static.remove(rt.machine.static_public());
     }
 }
 
@@ -433,9 +432,11 @@ impl<T: Tun> Inner<T> {
         Ok(seq)
     }
 
-    pub(crate) fn next_timestamp(brain: &mut Brain) -> u64 {
-        let ts = (brain.last_timestamp + 1).max(unix_micros() * 1000);
-        brain.last_timestamp = ts;
+    /// A handshake timestamp greater than every one sent before (and than
+    /// `last`, which it updates): nanoseconds of the wall clock.
+    pub(crate) fn next_timestamp_from(last: &mut u64) -> u64 {
+        let ts = (*last + 1).max(unix_micros() * 1000);
+        *last = ts;
         ts
     }
 
@@ -505,7 +506,7 @@ impl<T: Tun> Inner<T> {
     }
 
     fn make_init(&self, key: &[u8; 32]) -> Option<(handshake::Initiator, [u8; INIT_LEN])> {
-        let ts = Self::next_timestamp(&mut self.brain.lock());
+        let ts = Self::next_timestamp_from(&mut self.brain.lock().last_timestamp);
         handshake::initiate(
             self.identity.static_secret(),
             key,
@@ -639,11 +640,14 @@ impl<T: Tun> Inner<T> {
     pub(crate) fn apply_change(self: &Arc<Self>, brain: &mut Brain, id: NodeId, change: Change) {
         if change.now_trusted && !change.was_trusted {
             if let Some(r) = brain.trust.get(&id) {
-                let (addr, st) = (r.address, r.identity.static_public);
+                let (addr, st, last) = (r.address, r.identity.static_public, r.last_endpoint);
                 let mut table = self.table.write();
-                add_peer(brain, &mut table, id, addr, st);
+                add_peer(brain, &mut table, id, addr, st, last);
             }
-            crate::tunnels::spawn_lookup_locked(self, brain, id);
+            let now = Instant::now();
+            let (_, fx) = self.drive(brain, &id, |p, env| p.reconnect(now, env));
+            let this = self.clone();
+            tokio::spawn(async move { this.finish(fx).await });
             info!(peer = %id, "peer trusted");
         } else if change.was_trusted && !change.now_trusted {
             let mut table = self.table.write();
@@ -865,7 +869,7 @@ impl<T: Tun> Inner<T> {
                 .map(|rt| {
                     (
                         rt.data.endpoint().map(|e| e.to_string()),
-                        rt.path.relay_reason().map(|r| r.text()),
+                        rt.machine.relay_reason().map(|r| r.text()),
                     )
                 })
                 .unwrap_or((None, None))
@@ -929,11 +933,11 @@ impl<T: Tun> Inner<T> {
                     "trust": r.state(),
                     "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
                     "path": rt.and_then(|p| p.data.endpoint()).map(|e| match e {
-                        crate::peers::Endpoint::Direct(_) => "direct",
-                        crate::peers::Endpoint::Relay => "relay",
+                        pilot_proto::path::Path::Direct(_) => "direct",
+                        pilot_proto::path::Path::Relay => "relay",
                     }),
-                    "relay_reason": rt.and_then(|p| p.path.relay_reason()).map(|r| r.text()),
-                    "rtt_ms": rt.and_then(|p| p.rtt_us).map(|u| u as f64 / 1000.0),
+                    "relay_reason": rt.and_then(|p| p.machine.relay_reason()).map(|r| r.text()),
+                    "rtt_ms": rt.and_then(|p| p.machine.rtt()).map(|d| d.as_micros() as f64 / 1000.0),
                     "session": rt.is_some_and(|p| p.data.current(now).is_some()),
                     "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
                     "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),

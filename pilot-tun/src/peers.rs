@@ -1,42 +1,21 @@
-//! Peers: the table the data plane reads on every packet, and the slower
-//! per-peer state (timers, handshakes, queued packets) the control side owns.
+//! Peers: the table the data plane reads on every packet, and the control
+//! side's record of each peer (its state machine and what `peers` shows).
 //!
 //! Only trusted peers are in [`PeerTable`]. Removing a peer from it is what
 //! makes a revocation take effect: the next packet either way finds nothing.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use parking_lot::RwLock;
-use pilot_proto::handshake::Initiator;
 use pilot_proto::identity::NodeId;
-use pilot_proto::path::PathState;
+use pilot_proto::path::Path;
+use pilot_proto::peer::Peer;
 use pilot_proto::session::Session;
-use pilot_proto::timers::{PeerTimers, REJECT_AFTER};
-
-/// Where a peer's packets go right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// Straight to its UDP endpoint.
-    Direct(SocketAddr),
-    /// Through the registry's relay.
-    Relay,
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Direct(a) => write!(f, "{a}"),
-            Endpoint::Relay => f.write_str("relay"),
-        }
-    }
-}
-
-/// Packets kept per peer while its handshake is under way.
-pub const QUEUE_LIMIT: usize = 64;
+use pilot_proto::timers::REJECT_AFTER;
 
 /// A counter on a cache line of its own: the TUN loop writes the send-side
 /// counters and the UDP loop the receive-side ones, on different cores;
@@ -59,7 +38,7 @@ pub struct PeerData {
     /// Its overlay address: inner packets from it must carry this source.
     pub address: Ipv4Addr,
     current: RwLock<Option<Arc<Session>>>,
-    endpoint: RwLock<Option<Endpoint>>,
+    endpoint: RwLock<Option<Path>>,
     /// Inner bytes received.
     pub rx_bytes: Padded,
     /// Inner bytes sent.
@@ -95,6 +74,11 @@ impl PeerData {
         cur.as_ref()
             .filter(|s| now.saturating_duration_since(s.created) < REJECT_AFTER)
             .cloned()
+    }
+
+    /// The local index of the session to send with.
+    pub fn current_index(&self) -> Option<u32> {
+        self.current.read().as_ref().map(|s| s.local_index)
     }
 
     /// True if a session is current.
@@ -139,14 +123,14 @@ impl PeerData {
     }
 
     /// Where we send to.
-    pub fn endpoint(&self) -> Option<Endpoint> {
+    pub fn endpoint(&self) -> Option<Path> {
         *self.endpoint.read()
     }
 
     /// Records where authenticated packets come from (roaming, upgrade from
     /// relay to direct). A packet through the relay never replaces a direct
     /// endpoint: direct wins while it works.
-    pub fn set_endpoint(&self, e: Endpoint) {
+    pub fn set_endpoint(&self, e: Path) {
         // Called for every received packet: unchanged is the common case
         // and needs only the shared lock.
         if *self.endpoint.read() == Some(e) {
@@ -154,7 +138,7 @@ impl PeerData {
         }
         let mut ep = self.endpoint.write();
         match (*ep, e) {
-            (Some(Endpoint::Direct(_)), Endpoint::Relay) => {}
+            (Some(Path::Direct(_)), Path::Relay) => {}
             (cur, new) if cur != Some(new) => *ep = Some(new),
             _ => {}
         }
@@ -162,7 +146,7 @@ impl PeerData {
 
     /// Switches to the relay even from a direct endpoint (the direct path
     /// went silent).
-    pub fn force_endpoint(&self, e: Endpoint) {
+    pub fn force_endpoint(&self, e: Path) {
         *self.endpoint.write() = Some(e);
     }
 }
@@ -180,75 +164,20 @@ pub struct PeerTable {
 pub struct PeerRuntime {
     /// Shared with the table.
     pub data: Arc<PeerData>,
-    /// Its X25519 static key.
-    pub static_public: [u8; 32],
-    /// Rekey, retry and keepalive rules.
-    pub timers: PeerTimers,
-    /// Our initiations in flight (a direct probe and one through the relay
-    /// may race; the first answer wins).
-    pub initiators: Vec<(Initiator, Endpoint, Instant)>,
-    /// Direct or relayed, and when to try direct again.
-    pub path: PathState,
-    /// Round-trip time of the last in-tunnel ping, or else of the last
-    /// handshake we started (which includes the peer's Diffie-Hellman work),
-    /// in microseconds.
-    pub rtt_us: Option<u64>,
-    /// Packets waiting for a session.
-    pub queue: VecDeque<Vec<u8>>,
-    /// Endpoints the registry told us.
-    pub candidates: Vec<SocketAddr>,
-    /// Highest initiation timestamp accepted from it.
-    pub last_init_timestamp: u64,
-    /// Every live session (current, previous, not yet promoted).
-    pub sessions: Vec<Arc<Session>>,
+    /// Its tunnel's state machine (handshakes, sessions, path, timers).
+    pub machine: Peer,
     /// Wall-clock time of the last completed handshake.
     pub last_handshake: Option<SystemTime>,
-    /// A registry lookup for it is under way.
-    pub lookup_in_flight: bool,
 }
 
 impl PeerRuntime {
     /// A freshly trusted peer.
-    pub fn new(data: Arc<PeerData>, static_public: [u8; 32]) -> Self {
+    pub fn new(data: Arc<PeerData>, machine: Peer) -> Self {
         PeerRuntime {
             data,
-            static_public,
-            timers: PeerTimers::default(),
-            initiators: Vec::new(),
-            path: PathState::default(),
-            rtt_us: None,
-            queue: VecDeque::new(),
-            candidates: vec![],
-            last_init_timestamp: 0,
-            sessions: vec![],
+            machine,
             last_handshake: None,
-            lookup_in_flight: false,
         }
-    }
-
-    /// Queues a packet for when the session is up; the oldest goes first
-    /// when full.
-    pub fn enqueue(&mut self, pkt: Vec<u8>) {
-        if self.queue.len() >= QUEUE_LIMIT {
-            self.queue.pop_front();
-        }
-        self.queue.push_back(pkt);
-    }
-
-    /// Direct endpoints to probe: the one that last worked, then the
-    /// registry's candidates.
-    pub fn destinations(&self) -> Vec<SocketAddr> {
-        let mut d: Vec<SocketAddr> = match self.data.endpoint() {
-            Some(Endpoint::Direct(a)) => vec![a],
-            _ => vec![],
-        };
-        for c in &self.candidates {
-            if !d.contains(c) {
-                d.push(*c);
-            }
-        }
-        d.truncate(pilot_proto::messages::MAX_ENDPOINTS);
-        d
     }
 }
 

@@ -1,58 +1,38 @@
-//! The control side of tunnels: handshakes (direct or through the relay),
-//! path choice, timers, NAT detection, registry pushes and hole punching,
-//! and in-tunnel pings. Runs off the packet path, one item at a time.
+//! The control side of tunnels: drives each trusted peer's state machine
+//! ([`pilot_proto::peer::Peer`]) with what arrives (handshakes, registry
+//! pushes and punches, in-tunnel control, the data plane's activity), and
+//! carries out what it asks for (datagrams, session installs, lookups).
+//! Also NAT detection. Runs off the packet path, one item at a time.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use pilot_proto::handshake;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{FromRegistry, NatType, PeerRef, PushItem, ToRegistry};
-use pilot_proto::path::{Path, PathAction, RelayReason};
-use pilot_proto::session::Session;
+use pilot_proto::path::Path;
+use pilot_proto::peer::{Activity, Env, Event, Peer};
+use pilot_proto::session::CipherSuite;
 use pilot_proto::stun;
-use pilot_proto::timers::{TimerAction, REJECT_AFTER};
 use pilot_proto::wire::{
-    self, Kind, RelayHeader, DATA_HEADER_LEN, MSG_RELAY_TO, RELAY_HEADER_LEN, TAG_LEN,
+    self, Kind, RelayHeader, DATA_OVERHEAD, MSG_DATA, MSG_RELAY_TO, RELAY_HEADER_LEN,
 };
 use tracing::{debug, info, warn};
 
 use crate::node::{Brain, Inner, Slow};
-use crate::peers::{bump, Endpoint, PeerRuntime};
+use crate::peers::{bump, PeerRuntime};
 use crate::tun::Tun;
-
-/// In-tunnel control: an echo request (8-byte nonce follows).
-pub const CTL_PING: u8 = 0x01;
-/// In-tunnel control: an echo reply.
-pub const CTL_PONG: u8 = 0x02;
-
-/// Initiations kept in flight per peer (direct probe and relay may race).
-const MAX_INITIATORS: usize = 8;
 
 /// A datagram the control side sends.
 pub struct Outgoing {
     /// The tunnel datagram.
     pub bytes: Vec<u8>,
-    /// Where it goes.
-    pub to: Target,
-}
-
-/// Where an [`Outgoing`] goes.
-#[derive(Clone, Copy, Debug)]
-pub enum Target {
-    /// Straight to an address.
-    Addr(SocketAddr),
-    /// Through the relay, to this node.
-    Relay(NodeId),
-}
-
-fn target(id: NodeId, ep: Endpoint) -> Target {
-    match ep {
-        Endpoint::Direct(a) => Target::Addr(a),
-        Endpoint::Relay => Target::Relay(id),
-    }
+    /// Where it goes: straight, or through the relay to `peer`.
+    pub to: Path,
+    /// The peer it is for (names the relay's destination).
+    pub peer: NodeId,
 }
 
 fn random_u64() -> u64 {
@@ -61,10 +41,55 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// How a handshake is sent.
-enum Via {
-    Direct(Vec<SocketAddr>),
-    Relay,
+/// The node as the peer machines see it: our keys, fresh indexes, growing
+/// handshake timestamps, jitter.
+struct NodeEnv<'a, T: Tun> {
+    inner: &'a Inner<T>,
+    last_timestamp: &'a mut u64,
+}
+
+impl<T: Tun> Env for NodeEnv<'_, T> {
+    fn static_secret(&self) -> &[u8; 32] {
+        self.inner.identity.static_secret()
+    }
+    fn suite(&self) -> CipherSuite {
+        self.inner.cfg.suite
+    }
+    fn fresh_index(&mut self) -> u32 {
+        self.inner.fresh_index()
+    }
+    fn next_timestamp(&mut self) -> u64 {
+        Inner::<T>::next_timestamp_from(self.last_timestamp)
+    }
+    fn jitter(&mut self) -> Duration {
+        Duration::from_millis(random_u64() % 334)
+    }
+}
+
+/// What driving a machine left for after the locks are released.
+#[derive(Default)]
+pub(crate) struct Effects {
+    out: Vec<Outgoing>,
+    lookups: Vec<NodeId>,
+}
+
+impl Effects {
+    fn extend(&mut self, other: Effects) {
+        self.out.extend(other.out);
+        self.lookups.extend(other.lookups);
+    }
+}
+
+/// The data plane's view of a peer since the last sync.
+fn activity<T: Tun>(inner: &Inner<T>, rt: &PeerRuntime) -> Activity {
+    let d = &rt.data;
+    Activity {
+        last_rx: inner.instant_of(d.last_rx_ms.load(Ordering::Relaxed)),
+        last_tx: inner.instant_of(d.last_tx_ms.load(Ordering::Relaxed)),
+        last_data_rx: inner.instant_of(d.last_data_rx_ms.load(Ordering::Relaxed)),
+        endpoint: d.endpoint(),
+        current: d.current_index(),
+    }
 }
 
 impl<T: Tun> Inner<T> {
@@ -72,14 +97,14 @@ impl<T: Tun> Inner<T> {
     pub(crate) async fn send_all(&self, out: Vec<Outgoing>) {
         for o in out {
             match o.to {
-                Target::Addr(a) => {
+                Path::Direct(a) => {
                     let _ = self.udp.send_to(&o.bytes, a).await;
                 }
-                Target::Relay(id) => {
+                Path::Relay => {
                     let mut buf = vec![0u8; RELAY_HEADER_LEN + o.bytes.len()];
                     RelayHeader {
                         ty: MSG_RELAY_TO,
-                        node: id,
+                        node: o.peer,
                     }
                     .emit(&mut buf);
                     buf[RELAY_HEADER_LEN..].copy_from_slice(&o.bytes);
@@ -89,169 +114,99 @@ impl<T: Tun> Inner<T> {
         }
     }
 
-    /// Sends one initiation, straight to some endpoints or via the relay.
-    fn start_handshake(
+    /// Sends what driving the machines produced and starts the lookups
+    /// they asked for. Call with no lock held.
+    pub(crate) async fn finish(self: &Arc<Self>, fx: Effects) {
+        self.send_all(fx.out).await;
+        for id in fx.lookups {
+            spawn_lookup(self, id);
+        }
+    }
+
+    /// Runs `f` on one peer's machine, then applies what it produced to the
+    /// data plane's table and the trust store. Returns the datagrams and
+    /// lookups to carry out once the brain is unlocked.
+    pub(crate) fn drive<R>(
         &self,
         brain: &mut Brain,
         id: &NodeId,
-        via: Via,
-        now: Instant,
-    ) -> Vec<Outgoing> {
-        let index = self.fresh_index();
-        let ts = Self::next_timestamp(brain);
-        let Some(rt) = brain.peers.get_mut(id) else {
-            return vec![];
+        f: impl FnOnce(&mut Peer, &mut dyn Env) -> R,
+    ) -> (Option<R>, Effects) {
+        let Brain {
+            peers,
+            last_timestamp,
+            trust,
+            ..
+        } = brain;
+        let Some(rt) = peers.get_mut(id) else {
+            return (None, Effects::default());
         };
-        let Ok((init, msg)) = handshake::initiate(
-            self.identity.static_secret(),
-            &rt.static_public,
-            index,
-            ts,
-            self.cfg.suite,
-        ) else {
-            return vec![];
+        let mut env = NodeEnv {
+            inner: self,
+            last_timestamp,
         };
-        let jitter = Duration::from_millis(random_u64() % 334);
-        rt.timers.on_handshake_sent(now, jitter);
-        rt.timers.on_sent(now);
-        let (kind, out): (Endpoint, Vec<Outgoing>) = match via {
-            Via::Direct(dests) => {
-                if dests.is_empty() {
-                    return vec![];
-                }
-                let first = dests[0];
-                (
-                    Endpoint::Direct(first),
-                    dests
-                        .into_iter()
-                        .map(|d| Outgoing {
-                            bytes: msg.to_vec(),
-                            to: Target::Addr(d),
-                        })
-                        .collect(),
-                )
-            }
-            Via::Relay => (
-                Endpoint::Relay,
-                vec![Outgoing {
-                    bytes: msg.to_vec(),
-                    to: Target::Relay(*id),
-                }],
-            ),
-        };
-        if rt.initiators.len() >= MAX_INITIATORS {
-            rt.initiators.remove(0);
-        }
-        rt.initiators.push((init, kind, now));
-        out
-    }
-
-    /// Starts a handshake on the path the peer's path state chooses.
-    pub(crate) fn connect(&self, brain: &mut Brain, id: &NodeId, now: Instant) -> Vec<Outgoing> {
-        let Some(rt) = brain.peers.get_mut(id) else {
-            return vec![];
-        };
-        let via = match rt.path.selected() {
-            Some(Path::Direct(_)) => Via::Direct(rt.destinations()),
-            Some(Path::Relay) => Via::Relay,
-            None => match rt.path.start(now) {
-                PathAction::ProbeDirect(c) => {
-                    let mut d = rt.destinations();
-                    for e in c {
-                        if !d.contains(&e) {
-                            d.push(e);
-                        }
-                    }
-                    Via::Direct(d)
-                }
-                PathAction::UseRelay(reason) => {
-                    rt.path.on_relay(reason);
-                    rt.data.force_endpoint(Endpoint::Relay);
-                    Via::Relay
-                }
-                PathAction::Idle => return vec![],
-            },
-        };
-        self.start_handshake(brain, id, via, now)
-    }
-
-    /// Seals queued packets (or a keepalive) for a peer with a session.
-    fn drain_queue(rt: &mut PeerRuntime, session: &Session, keepalive: bool) -> Vec<Outgoing> {
-        let Some(ep) = rt.data.endpoint() else {
-            return vec![];
-        };
-        let to = target(rt.data.id, ep);
-        let mut pkts: Vec<Vec<u8>> = rt.queue.drain(..).collect();
-        if pkts.is_empty() && keepalive {
-            pkts.push(vec![]);
-        }
-        let mut out = vec![];
-        for p in pkts {
-            let mut buf = vec![0u8; DATA_HEADER_LEN + p.len() + TAG_LEN];
-            buf[DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()].copy_from_slice(&p);
-            if let Ok(n) = session.sender.seal(&mut buf, p.len()) {
-                buf.truncate(n);
+        let r = f(&mut rt.machine, &mut env);
+        let mut fx = Effects::default();
+        while let Some(t) = rt.machine.poll_transmit() {
+            if t.bytes.first() == Some(&MSG_DATA) {
+                let inner_len = t.bytes.len().saturating_sub(DATA_OVERHEAD);
                 rt.data
                     .tx_bytes
-                    .fetch_add(p.len() as u64, Ordering::Relaxed);
-                out.push(Outgoing { bytes: buf, to });
+                    .fetch_add(inner_len as u64, Ordering::Relaxed);
             }
+            fx.out.push(Outgoing {
+                bytes: t.bytes,
+                to: t.to,
+                peer: *id,
+            });
         }
-        out
-    }
-
-    /// Installs a new session for a peer, reached over `ep`.
-    fn install(
-        &self,
-        brain: &mut Brain,
-        id: &NodeId,
-        session: Session,
-        ep: Endpoint,
-        now: Instant,
-    ) -> Option<Arc<Session>> {
-        let rt = brain.peers.get_mut(id)?;
-        let session = Arc::new(session);
-        let initiator = session.initiator;
-        self.table
-            .write()
-            .by_index
-            .insert(session.local_index, (rt.data.clone(), session.clone()));
-        rt.sessions.push(session.clone());
-        // The initiator knows the responder has the keys; the responder waits
-        // for the first packet on the new session before switching to it,
-        // unless it has nothing else.
-        if initiator || !rt.data.has_session() {
-            rt.data.promote(&session);
-        }
-        match ep {
-            Endpoint::Direct(a) => {
-                rt.path.on_direct(a);
-                rt.data.force_endpoint(ep);
-            }
-            Endpoint::Relay => {
-                let reason = rt.path.relay_reason().unwrap_or(if initiator {
-                    RelayReason::NoDirectAnswer
-                } else {
-                    RelayReason::PeerRelayed
-                });
-                rt.path.on_relay(reason);
-                if rt.path.selected() == Some(Path::Relay) {
-                    rt.data.force_endpoint(ep);
-                } else {
-                    rt.data.set_endpoint(ep);
+        while let Some(e) = rt.machine.poll_event() {
+            match e {
+                Event::Install { session, current } => {
+                    self.table
+                        .write()
+                        .by_index
+                        .insert(session.local_index, (rt.data.clone(), session.clone()));
+                    if current {
+                        rt.data.promote(&session);
+                    }
+                }
+                Event::Retire { local_index } => {
+                    if let Some((_, s)) = self.table.write().by_index.remove(&local_index) {
+                        rt.data.clear_if(&s);
+                    }
+                }
+                Event::ClearCurrent => rt.data.clear_session(),
+                Event::UsePath(p) => rt.data.force_endpoint(p),
+                Event::OfferPath(p) => rt.data.set_endpoint(p),
+                Event::Established { path, initiator } => {
+                    rt.last_handshake = Some(std::time::SystemTime::now());
+                    if initiator {
+                        info!(peer = %id, path = %path, "session established");
+                    } else {
+                        debug!(peer = %id, path = %path, "handshake answered");
+                    }
+                }
+                Event::DirectWorked(a) => {
+                    if trust.set_endpoint(id, a) {
+                        if let Err(e) = self.cfg.state.save_trust(trust) {
+                            warn!("cannot save trust store: {e}");
+                        }
+                    }
+                }
+                Event::NeedLookup => fx.lookups.push(*id),
+                Event::RelayFallback(reason) => {
+                    info!(peer = %id, reason = reason.text(), "no direct path; using the relay");
+                }
+                Event::GaveUp => debug!(peer = %id, "peer unreachable; gave up for now"),
+                Event::Pong { nonce } => {
+                    if let Some(tx) = self.pings.lock().remove(&nonce) {
+                        let _ = tx.send(Instant::now());
+                    }
                 }
             }
         }
-        rt.timers.on_session(now, initiator);
-        rt.last_handshake = Some(SystemTime::now());
-        if let Endpoint::Direct(a) = ep {
-            if brain.trust.set_endpoint(id, a) {
-                if let Err(e) = self.cfg.state.save_trust(&brain.trust) {
-                    warn!("cannot save trust store: {e}");
-                }
-            }
-        }
-        Some(session)
+        (Some(r), fx)
     }
 
     /// Handles one item for the control side.
@@ -259,31 +214,14 @@ impl<T: Tun> Inner<T> {
         let now = Instant::now();
         match item {
             Slow::NeedSession(id, pkt) => {
-                let out = {
-                    let mut brain = self.brain.lock();
-                    let Some(rt) = brain.peers.get_mut(&id) else {
-                        return;
-                    };
-                    rt.enqueue(pkt);
-                    if rt.timers.handshake_in_flight() {
-                        return;
-                    }
-                    if rt.destinations().is_empty() && rt.path.selected().is_none() {
-                        // Nothing known yet: ask the registry first (its
-                        // answer also carries the peer's NAT type); the
-                        // lookup handshakes when it returns.
-                        if !rt.lookup_in_flight {
-                            spawn_lookup_locked(self, &mut brain, id);
-                        }
-                        return;
-                    }
-                    self.connect(&mut brain, &id, now)
-                };
-                self.send_all(out).await;
+                let (_, fx) = self.drive(&mut self.brain.lock(), &id, |p, env| {
+                    p.handle_outbound(now, pkt, env)
+                });
+                self.finish(fx).await;
             }
             Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
-                Kind::HandshakeInit => self.on_init(&buf, Endpoint::Direct(from), None, now).await,
-                Kind::HandshakeResp => self.on_resp(&buf, Endpoint::Direct(from), now).await,
+                Kind::HandshakeInit => self.on_init(&buf, Path::Direct(from), None, now).await,
+                Kind::HandshakeResp => self.on_resp(&buf, Path::Direct(from), now).await,
                 Kind::Data => {
                     let index = wire::DataHeader::parse(&buf).map(|h| h.receiver_index).ok();
                     let relay = self.relay_link.read().clone();
@@ -308,42 +246,19 @@ impl<T: Tun> Inner<T> {
                 _ => bump(&self.drops.malformed),
             },
             Slow::Relayed(src, buf) => match wire::classify(&buf) {
-                Kind::HandshakeInit => self.on_init(&buf, Endpoint::Relay, Some(src), now).await,
-                Kind::HandshakeResp => self.on_resp(&buf, Endpoint::Relay, now).await,
+                Kind::HandshakeInit => self.on_init(&buf, Path::Relay, Some(src), now).await,
+                Kind::HandshakeResp => self.on_resp(&buf, Path::Relay, now).await,
                 _ => bump(&self.drops.malformed),
             },
-            Slow::Control(id, msg) => self.on_tunnel_control(id, &msg, now).await,
-        }
-    }
-
-    async fn on_tunnel_control(self: &Arc<Self>, id: NodeId, msg: &[u8], now: Instant) {
-        match (msg.first(), msg.len()) {
-            (Some(&CTL_PING), 9) => {
-                let out = {
-                    let mut brain = self.brain.lock();
-                    let Some(rt) = brain.peers.get_mut(&id) else {
-                        return;
-                    };
-                    let Some(s) = rt.data.current(now) else {
-                        return;
-                    };
-                    let mut pong = msg.to_vec();
-                    pong[0] = CTL_PONG;
-                    rt.queue.push_front(pong);
-                    let mut out = Self::drain_queue(rt, &s, false);
-                    // Only the pong: leave other queued packets in order.
-                    out.truncate(out.len().min(1));
-                    out
-                };
-                self.send_all(out).await;
-            }
-            (Some(&CTL_PONG), 9) => {
-                let nonce = u64::from_le_bytes(msg[1..9].try_into().unwrap_or_default());
-                if let Some(tx) = self.pings.lock().remove(&nonce) {
-                    let _ = tx.send(now);
+            Slow::Control(id, msg) => {
+                let (known, fx) = self.drive(&mut self.brain.lock(), &id, |p, _| {
+                    p.handle_control(now, &msg)
+                });
+                if known == Some(false) {
+                    bump(&self.drops.malformed);
                 }
+                self.finish(fx).await;
             }
-            _ => bump(&self.drops.malformed),
         }
     }
 
@@ -352,40 +267,18 @@ impl<T: Tun> Inner<T> {
         let nonce = random_u64();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pings.lock().insert(nonce, tx);
-        let mut msg = vec![CTL_PING];
-        msg.extend_from_slice(&nonce.to_le_bytes());
         let sent = Instant::now();
-        let out = {
-            let mut brain = self.brain.lock();
-            let now = Instant::now();
-            match brain.peers.get_mut(&id) {
-                Some(rt) => match rt.data.current(now) {
-                    Some(s) => {
-                        rt.queue.push_front(msg);
-                        let mut out = Self::drain_queue(rt, &s, false);
-                        out.truncate(1);
-                        out
-                    }
-                    None => {
-                        rt.enqueue(msg);
-                        if rt.timers.handshake_in_flight() {
-                            vec![]
-                        } else {
-                            self.connect(&mut brain, &id, now)
-                        }
-                    }
-                },
-                None => vec![],
-            }
-        };
-        self.send_all(out).await;
+        let (_, fx) = self.drive(&mut self.brain.lock(), &id, |p, env| {
+            p.send_ping(sent, nonce, env)
+        });
+        self.finish(fx).await;
         let r = tokio::time::timeout(timeout, rx).await;
         self.pings.lock().remove(&nonce);
         match r {
             Ok(Ok(t)) => {
                 let rtt = t.saturating_duration_since(sent);
                 if let Some(rt) = self.brain.lock().peers.get_mut(&id) {
-                    rt.rtt_us = Some(rtt.as_micros() as u64);
+                    rt.machine.set_rtt(rtt);
                 }
                 Some(rtt)
             }
@@ -396,7 +289,7 @@ impl<T: Tun> Inner<T> {
     async fn on_init(
         self: &Arc<Self>,
         buf: &[u8],
-        ep: Endpoint,
+        via: Path,
         relayed_from: Option<NodeId>,
         now: Instant,
     ) {
@@ -408,9 +301,9 @@ impl<T: Tun> Inner<T> {
             bump(&self.drops.bad_handshake);
             return;
         }
-        let limit_key = match ep {
-            Endpoint::Direct(a) => a.ip(),
-            Endpoint::Relay => self.link.join.addr.ip(),
+        let limit_key = match via {
+            Path::Direct(a) => a.ip(),
+            Path::Relay => self.link.join.addr.ip(),
         };
         if !self.brain.lock().limiter.allow(&limit_key, now) {
             bump(&self.drops.rate_limited);
@@ -424,49 +317,35 @@ impl<T: Tun> Inner<T> {
             }
         };
         let index = self.fresh_index();
-        let out = {
+        let fx = {
             let mut brain = self.brain.lock();
             // Only the local trust store decides: an unknown or untrusted key
             // gets no answer at all.
             let Some(id) = brain.by_static.get(resp.remote_static()).copied() else {
                 bump(&self.drops.untrusted_handshake);
-                debug!(?ep, "handshake from an untrusted key ignored");
+                debug!(?via, "handshake from an untrusted key ignored");
                 return;
             };
             if relayed_from.is_some_and(|r| r != id) {
                 bump(&self.drops.bad_handshake);
                 return;
             }
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            if resp.timestamp() <= rt.last_init_timestamp {
+            let (r, fx) = self.drive(&mut brain, &id, |p, _| p.handle_init(now, resp, via, index));
+            if let Some(Err(e)) = r {
+                debug!(peer = %id, "initiation refused: {e}");
                 bump(&self.drops.bad_handshake);
-                return;
             }
-            rt.last_init_timestamp = resp.timestamp();
-            let Ok((session, msg)) = resp.accept(index, now) else {
-                bump(&self.drops.bad_handshake);
-                return;
-            };
-            if self.install(&mut brain, &id, session, ep, now).is_none() {
-                return;
-            }
-            debug!(peer = %id, ?ep, "handshake answered");
-            vec![Outgoing {
-                bytes: msg.to_vec(),
-                to: target(id, ep),
-            }]
+            fx
         };
-        self.send_all(out).await;
+        self.finish(fx).await;
     }
 
-    async fn on_resp(self: &Arc<Self>, buf: &[u8], ep: Endpoint, now: Instant) {
+    async fn on_resp(self: &Arc<Self>, buf: &[u8], via: Path, now: Instant) {
         let Ok(resp) = wire::HandshakeResp::new_checked(buf) else {
             bump(&self.drops.malformed);
             return;
         };
-        if ep != Endpoint::Relay {
+        if via != Path::Relay {
             if self.link.on_handshake_response(&self.own_mac, resp, now) {
                 return;
             }
@@ -475,44 +354,28 @@ impl<T: Tun> Inner<T> {
                 return;
             }
         }
-        let out = {
+        let fx = {
             let mut brain = self.brain.lock();
-            let found = brain.peers.iter().find_map(|(id, rt)| {
-                rt.initiators
-                    .iter()
-                    .position(|(i, _, _)| i.local_index() == resp.receiver_index())
-                    .map(|p| (*id, p))
-            });
-            let Some((id, pos)) = found else {
+            let found = brain
+                .peers
+                .iter()
+                .find(|(_, rt)| rt.machine.owns_initiation(resp.receiver_index()))
+                .map(|(id, _)| *id);
+            let Some(id) = found else {
                 bump(&self.drops.bad_handshake);
                 return;
             };
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            let (init, _, sent) = rt.initiators.remove(pos);
-            let session = match init.finish(&self.own_mac, resp, now) {
-                Ok(s) => s,
-                Err(_) => {
-                    bump(&self.drops.bad_handshake);
-                    return;
-                }
-            };
-            rt.rtt_us = Some(now.saturating_duration_since(sent).as_micros() as u64);
-            // Other initiations of this round are moot now.
-            rt.initiators.clear();
-            let Some(session) = self.install(&mut brain, &id, session, ep, now) else {
-                return;
-            };
-            info!(peer = %id, path = %ep, "session established");
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            rt.timers.on_sent(now);
-            // Send what waited, or a keepalive so the responder switches.
-            Self::drain_queue(rt, &session, true)
+            let own_mac = &self.own_mac;
+            let (r, fx) = self.drive(&mut brain, &id, |p, _| {
+                p.handle_resp(now, own_mac, resp, via)
+            });
+            if let Some(Err(e)) = r {
+                debug!(peer = %id, "handshake response refused: {e}");
+                bump(&self.drops.bad_handshake);
+            }
+            fx
         };
-        self.send_all(out).await;
+        self.finish(fx).await;
     }
 
     /// Handles a registry message that is not an answer: a push or a punch.
@@ -525,25 +388,13 @@ impl<T: Tun> Inner<T> {
                 nat,
             } => {
                 let now = Instant::now();
-                let out = {
-                    let mut brain = self.brain.lock();
-                    let local = *self.nat.lock();
-                    let Some(rt) = brain.peers.get_mut(&peer) else {
-                        return;
-                    };
-                    rt.path.set_nat(local, nat);
-                    rt.candidates = endpoints.clone();
-                    let _ = rt.path.set_candidates(endpoints, now);
+                let local = *self.nat.lock();
+                let (_, fx) = self.drive(&mut self.brain.lock(), &peer, |p, env| {
                     // Probe straight away, in a burst, so our NAT opens
                     // towards the peer while its probes are on the way.
-                    match rt.path.punch(now) {
-                        PathAction::ProbeDirect(c) => {
-                            self.start_handshake(&mut brain, &peer, Via::Direct(c), now)
-                        }
-                        _ => vec![],
-                    }
-                };
-                self.send_all(out).await;
+                    p.handle_punch(now, endpoints, nat, local, env)
+                });
+                self.finish(fx).await;
             }
             _ => {}
         }
@@ -593,11 +444,11 @@ impl<T: Tun> Inner<T> {
         }
     }
 
-    /// Runs every peer's timers and path rules.
+    /// Syncs every peer's machine with the data plane and runs the timers
+    /// that are due.
     pub(crate) async fn tick(self: &Arc<Self>) {
         let now = Instant::now();
-        let mut out = vec![];
-        let mut lookups = vec![];
+        let mut fx = Effects::default();
         {
             let mut brain = self.brain.lock();
             let ids: Vec<NodeId> = brain.peers.keys().copied().collect();
@@ -605,128 +456,31 @@ impl<T: Tun> Inner<T> {
                 let Some(rt) = brain.peers.get_mut(&id) else {
                     continue;
                 };
-                if let Some(t) = self.instant_of(rt.data.last_rx_ms.load(Ordering::Relaxed)) {
-                    rt.timers.on_received(t);
-                }
-                if let Some(t) = self.instant_of(rt.data.last_tx_ms.load(Ordering::Relaxed)) {
-                    // The data plane sends only data.
-                    rt.timers.on_sent(t);
-                    rt.timers.on_data_sent(t);
-                }
-                if let Some(t) = self.instant_of(rt.data.last_data_rx_ms.load(Ordering::Relaxed)) {
-                    rt.timers.on_data_received(t);
-                }
-                // The data plane moved to a direct endpoint (an authenticated
-                // packet came straight from the peer): the path follows.
-                if let (Some(Endpoint::Direct(a)), Some(Path::Relay)) =
-                    (rt.data.endpoint(), rt.path.selected())
-                {
-                    rt.path.on_direct(a);
-                }
-                // Forget sessions past their reject age.
-                let (old, live): (Vec<_>, Vec<_>) = rt
-                    .sessions
-                    .drain(..)
-                    .partition(|s| now.saturating_duration_since(s.created) >= REJECT_AFTER);
-                rt.sessions = live;
-                if !old.is_empty() {
-                    let mut table = self.table.write();
-                    for s in &old {
-                        table.by_index.remove(&s.local_index);
-                        rt.data.clear_if(s);
-                    }
-                }
-                rt.initiators.retain(|(_, _, t)| {
-                    now.saturating_duration_since(*t) < Duration::from_secs(30)
-                });
-                match rt.path.poll(now) {
-                    PathAction::Idle => {}
-                    PathAction::UseRelay(reason) => {
-                        info!(peer = %id, reason = reason.text(), "no direct path; using the relay");
-                        rt.path.on_relay(reason);
-                        rt.data.force_endpoint(Endpoint::Relay);
-                        out.extend(self.start_handshake(&mut brain, &id, Via::Relay, now));
-                        continue;
-                    }
-                    PathAction::ProbeDirect(c) => {
-                        debug!(peer = %id, "probing a direct path");
-                        out.extend(self.start_handshake(&mut brain, &id, Via::Direct(c), now));
-                        continue;
-                    }
-                }
-                let Some(rt) = brain.peers.get_mut(&id) else {
-                    continue;
-                };
-                match rt.timers.poll(now) {
-                    TimerAction::Idle => {}
-                    TimerAction::Handshake => {
-                        let unanswered = rt.timers.handshake_in_flight();
-                        if unanswered && rt.path.selected().is_some() && !rt.data.has_session() {
-                            // The chosen path stopped answering: choose again.
-                            rt.path.reset();
-                        }
-                        if rt.destinations().is_empty() && rt.path.selected().is_none() {
-                            lookups.push(id);
-                        }
-                        out.extend(self.connect(&mut brain, &id, now));
-                    }
-                    TimerAction::Keepalive => {
-                        rt.timers.on_sent(now);
-                        if let Some(s) = rt.data.current(now) {
-                            rt.data
-                                .last_tx_ms
-                                .store(self.now_ms(now), Ordering::Relaxed);
-                            out.extend(Self::drain_queue(rt, &s, true));
-                        }
-                    }
-                    TimerAction::ExpireSession => {
-                        rt.data.clear_session();
-                        rt.timers.clear_session();
-                    }
-                    TimerAction::GiveUp => {
-                        rt.timers.cancel_handshake();
-                        rt.initiators.clear();
-                        rt.queue.clear();
-                        rt.path.reset();
-                        // Maybe it moved: ask the registry next time.
-                        lookups.push(id);
-                    }
+                let a = activity(self, rt);
+                rt.machine.handle_activity(now, a);
+                if rt.machine.poll_timeout().is_some_and(|t| t <= now) {
+                    let (_, f) = self.drive(&mut brain, &id, |p, env| p.handle_timeout(now, env));
+                    fx.extend(f);
                 }
             }
         }
-        self.send_all(out).await;
-        for id in lookups {
-            spawn_lookup(self, id);
-        }
+        self.finish(fx).await;
     }
 
     /// Starts handshakes with every trusted peer that has no session, and
     /// asks the registry where they are.
     pub(crate) async fn reconnect_all(self: &Arc<Self>) {
         let now = Instant::now();
-        let out = {
+        let mut fx = Effects::default();
+        {
             let mut brain = self.brain.lock();
-            let ids: Vec<NodeId> = brain
-                .peers
-                .iter()
-                .filter(|(_, rt)| !rt.data.has_session() && !rt.timers.handshake_in_flight())
-                .map(|(id, _)| *id)
-                .collect();
-            let mut out = vec![];
+            let ids: Vec<NodeId> = brain.peers.keys().copied().collect();
             for id in ids {
-                let dests = brain
-                    .peers
-                    .get(&id)
-                    .map(|rt| rt.destinations())
-                    .unwrap_or_default();
-                if !dests.is_empty() {
-                    out.extend(self.start_handshake(&mut brain, &id, Via::Direct(dests), now));
-                }
-                spawn_lookup_locked(self, &mut brain, id);
+                let (_, f) = self.drive(&mut brain, &id, |p, env| p.reconnect(now, env));
+                fx.extend(f);
             }
-            out
-        };
-        self.send_all(out).await;
+        }
+        self.finish(fx).await;
     }
 
     /// Learns our public endpoint and NAT type: STUN to the registry's port
@@ -771,57 +525,23 @@ impl<T: Tun> Inner<T> {
 }
 
 /// Asks the registry where a trusted peer is (which also makes the registry
-/// tell the peer to probe us), then handshakes if there is traffic waiting.
+/// tell the peer to probe us), and hands the answer to the peer's machine.
 pub(crate) fn spawn_lookup<T: Tun>(inner: &Arc<Inner<T>>, id: NodeId) {
-    spawn_lookup_locked(inner, &mut inner.brain.lock(), id);
-}
-
-/// [`spawn_lookup`] with the brain already locked; the task locks it later.
-pub(crate) fn spawn_lookup_locked<T: Tun>(inner: &Arc<Inner<T>>, brain: &mut Brain, id: NodeId) {
-    let Some(rt) = brain.peers.get_mut(&id) else {
-        return;
-    };
-    if rt.lookup_in_flight {
-        return;
-    }
-    rt.lookup_in_flight = true;
     let inner = inner.clone();
     tokio::spawn(async move {
         let r = inner.lookup(&PeerRef::Id(id)).await;
         let now = Instant::now();
-        let out = {
-            let mut brain = inner.brain.lock();
-            let local = *inner.nat.lock();
-            let Some(rt) = brain.peers.get_mut(&id) else {
-                return;
-            };
-            rt.lookup_in_flight = false;
-            match r {
-                Ok(info) => {
-                    rt.candidates = info.endpoints.clone();
-                    rt.path.set_nat(local, info.nat);
-                    let probe = rt.path.set_candidates(info.endpoints, now);
-                    let wants = !rt.queue.is_empty() || !rt.data.has_session();
-                    if let PathAction::ProbeDirect(c) = probe {
-                        inner.start_handshake(&mut brain, &id, Via::Direct(c), now)
-                    } else if wants && !rt.timers.handshake_in_flight() {
-                        inner.connect(&mut brain, &id, now)
-                    } else {
-                        vec![]
-                    }
-                }
-                Err(e) => {
-                    debug!(peer = %id, "lookup failed: {e}");
-                    if !rt.queue.is_empty() && !rt.timers.handshake_in_flight() {
-                        // No registry answer: the relay path needs it too,
-                        // but a cached direct endpoint may still work.
-                        inner.connect(&mut brain, &id, now)
-                    } else {
-                        vec![]
-                    }
-                }
+        let answer = match r {
+            Ok(info) => Some((info.endpoints, info.nat)),
+            Err(e) => {
+                debug!(peer = %id, "lookup failed: {e}");
+                None
             }
         };
-        inner.send_all(out).await;
+        let local = *inner.nat.lock();
+        let (_, fx) = inner.drive(&mut inner.brain.lock(), &id, |p, env| {
+            p.handle_lookup(now, answer, local, env)
+        });
+        inner.finish(fx).await;
     });
 }
