@@ -24,14 +24,14 @@ use pilot_proto::wire::{
 use quinn_udp::RecvMeta;
 use tracing::warn;
 
-use crate::node::{Inner, Slow};
 use crate::peers::{bump, PeerData};
+use crate::shared::{Shared, Slow};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 use pilot_proto::path::Path;
 
 /// Reads local packets from the TUN and sends them to peers.
-pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
+pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
     let Some(tun) = inner.tun.get() else { return };
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; TUN_OFFSET + 65_535]).collect();
     let mut sizes = vec![0usize; BATCH];
@@ -91,6 +91,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
                                 .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
                             continue;
                         };
+                        wake(&inner, peer);
                         route = Some((peer.clone(), session.clone(), to));
                         (session, to)
                     }
@@ -141,7 +142,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
 
 /// Receives datagrams: data for live sessions goes to the TUN, the rest to
 /// the control side.
-pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
+pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
     let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF]).collect();
     let mut metas = vec![RecvMeta::default(); RECV_BATCH];
     // One output buffer per segment a full receive batch can hold, so the
@@ -237,6 +238,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                         continue; // keepalive
                     }
                     peer.last_data_rx_ms.store(now_ms, Ordering::Relaxed);
+                    wake(&inner, peer);
                     let inner_pkt = &o[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
                     if inner_pkt[0] >> 4 != 4 {
                         // Not an IP packet: an in-tunnel control message.
@@ -265,5 +267,14 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Inner<T>>) {
                 }
             }
         }
+    }
+}
+
+/// Tells the control task that data moved for `peer`, if it asked to hear
+/// of it (one relaxed load in the common case).
+#[inline]
+fn wake<T: Tun>(shared: &Shared<T>, peer: &PeerData) {
+    if peer.wake.load(Ordering::Relaxed) && peer.wake.swap(false, Ordering::Relaxed) {
+        let _ = shared.slow_tx.try_send(Slow::Wake(peer.id));
     }
 }

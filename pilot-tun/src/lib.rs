@@ -3,11 +3,14 @@
 //! directly over fake TUN devices).
 
 pub mod cli;
+pub mod context;
 pub mod control;
+pub mod controller;
 pub mod dataplane;
 pub mod link;
 pub mod node;
 pub mod peers;
+pub mod shared;
 pub mod state;
 pub mod tun;
 pub mod tunnels;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -50,6 +50,9 @@ pub struct PeerData {
     /// Milliseconds since the node's epoch of the last data (not keepalive)
     /// packet received.
     pub last_data_rx_ms: Padded,
+    /// The control task wants to hear of the next data packet either way
+    /// (its machine sleeps until then).
+    pub wake: AtomicBool,
 }
 
 impl PeerData {
@@ -65,6 +68,7 @@ impl PeerData {
             last_rx_ms: Padded::default(),
             last_tx_ms: Padded::default(),
             last_data_rx_ms: Padded::default(),
+            wake: AtomicBool::new(false),
         }
     }
 

@@ -1,0 +1,323 @@
+//! The node's fixed context and its clients, which any task may use without
+//! touching the control state: identity and keys, configuration, the
+//! registry and relay links, the STUN client and the NAT type it measured,
+//! session indexes and handshake timestamps.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::{Identity, NodeId};
+use pilot_proto::join::JoinUrl;
+use pilot_proto::messages::{
+    FromRegistry, NatType, PeerInfo, PeerRef, Registration, Signed, ToRegistry,
+};
+use pilot_proto::session::CipherSuite;
+use pilot_proto::stun;
+use pilot_proto::wire::INIT_LEN;
+use tokio::sync::{oneshot, Notify};
+
+use crate::link::{LinkError, RegistryLink};
+use crate::shared::Shared;
+use crate::state::StateDir;
+use crate::tun::Tun;
+
+/// How the node is configured.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The state directory.
+    pub state: StateDir,
+    /// The registry (None: use the one remembered in the state directory).
+    pub registry: Option<JoinUrl>,
+    /// Hostname to claim.
+    pub hostname: Option<String>,
+    /// UDP address to listen on (None: last port, or any).
+    pub listen: Option<SocketAddr>,
+    /// Data cipher for sessions we initiate.
+    pub suite: CipherSuite,
+    /// Use UDP GSO/GRO and TUN offloads where the kernel allows.
+    pub offload: bool,
+    /// How long start-up waits for the registry before using the cached
+    /// address.
+    pub register_timeout: Duration,
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Microseconds since the Unix epoch.
+pub(crate) fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // The system generator does not fail on Linux; a zero is still valid.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The node's fixed context.
+pub struct Context<T: Tun> {
+    /// Our keys.
+    pub identity: Identity,
+    /// Our node id.
+    pub id: NodeId,
+    /// MAC key for handshakes addressed to us.
+    pub own_mac: MacKey,
+    /// Configuration.
+    pub cfg: NodeConfig,
+    /// The registry session.
+    pub link: RegistryLink,
+    /// The session with a relay-only instance the registry told us about.
+    pub relay_link: RwLock<Option<Arc<RegistryLink>>>,
+    /// What the packet loops share.
+    pub shared: Arc<Shared<T>>,
+    /// Our NAT type, as last measured.
+    pub nat: Mutex<NatType>,
+    stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
+    last_timestamp: AtomicU64,
+    /// Signals `down`.
+    pub stop: Notify,
+    /// When the node started.
+    pub started: SystemTime,
+}
+
+impl<T: Tun> Context<T> {
+    /// The context of a node with these keys, configuration and socket.
+    pub fn new(identity: Identity, cfg: NodeConfig, join: JoinUrl, shared: Arc<Shared<T>>) -> Self {
+        Context {
+            id: identity.node_id(),
+            own_mac: MacKey::for_static(&identity.static_public()),
+            identity,
+            cfg,
+            link: RegistryLink::new(join),
+            relay_link: RwLock::new(None),
+            shared,
+            nat: Mutex::new(NatType::Unknown),
+            stun_pending: Mutex::new(HashMap::new()),
+            last_timestamp: AtomicU64::new(0),
+            stop: Notify::new(),
+            started: SystemTime::now(),
+        }
+    }
+
+    /// A handshake timestamp greater than every one this node sent before:
+    /// nanoseconds of the wall clock, or one more than the last.
+    pub fn next_timestamp(&self) -> u64 {
+        let floor = unix_micros() * 1000;
+        let mut last = self.last_timestamp.load(Ordering::Relaxed);
+        loop {
+            let ts = (last + 1).max(floor);
+            match self.last_timestamp.compare_exchange_weak(
+                last,
+                ts,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return ts,
+                Err(now) => last = now,
+            }
+        }
+    }
+
+    /// A session index no live session, registry or relay link uses.
+    pub fn fresh_index(&self) -> u32 {
+        loop {
+            let i = random_u64() as u32;
+            let relay_owns = self
+                .relay_link
+                .read()
+                .as_ref()
+                .is_some_and(|l| l.owns_index(i));
+            if !self.shared.table.read().by_index.contains_key(&i)
+                && !self.link.owns_index(i)
+                && !relay_owns
+            {
+                return i;
+            }
+        }
+    }
+
+    /// An initiation towards the registry (or a relay) with key `key`.
+    pub fn make_init(&self, key: &[u8; 32]) -> Option<(handshake::Initiator, [u8; INIT_LEN])> {
+        handshake::initiate(
+            self.identity.static_secret(),
+            key,
+            self.fresh_index(),
+            self.next_timestamp(),
+            CipherSuite::Aes256Gcm,
+        )
+        .ok()
+    }
+
+    /// A signed registration with sequence number `seq`.
+    pub fn registration(
+        &self,
+        seq: u64,
+        hostname: Option<String>,
+        nat: NatType,
+    ) -> Signed<Registration> {
+        let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        Signed::sign(
+            Registration {
+                identity: self.identity.public(),
+                hostname,
+                seq,
+                local_endpoints: local_endpoints(port),
+                nat,
+            },
+            &self.identity,
+        )
+    }
+
+    /// Looks a peer up at the registry and checks what it says.
+    pub async fn lookup(&self, peer: &PeerRef) -> Result<PeerInfo, String> {
+        let answer = self
+            .link
+            .call(&self.shared.udp, |req| ToRegistry::Lookup {
+                req,
+                peer: peer.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let FromRegistry::Peer { info, .. } = answer else {
+            return Err("unexpected answer from the registry".into());
+        };
+        if !info.identity.binding_valid() {
+            return Err(format!(
+                "the registry returned keys for {peer} that do not belong together; refusing them"
+            ));
+        }
+        if let PeerRef::Id(id) = peer {
+            if info.identity.node_id() != *id {
+                return Err(format!(
+                    "the registry returned another node's keys for {peer}; refusing them"
+                ));
+            }
+        }
+        if let Some(net) = self.shared.network() {
+            if !net.contains(&info.address) {
+                return Err(format!(
+                    "the registry returned address {} outside the overlay {net}",
+                    info.address
+                ));
+            }
+        }
+        Ok(info)
+    }
+
+    /// Learns our public endpoint and NAT type: STUN to the registry's port
+    /// and to its second STUN port, from the data socket. The same public
+    /// endpoint for both means endpoint-independent mapping; one of our own
+    /// addresses means no NAT.
+    pub async fn detect_nat(&self) -> NatType {
+        let primary = self.link.join.addr;
+        let alt = SocketAddr::new(primary.ip(), primary.port().wrapping_add(1));
+        let (a, b) = tokio::join!(self.stun(primary), self.stun(alt));
+        let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let own = local_endpoints(port);
+        let nat = match (a, b) {
+            (Some(a), _) if own.contains(&a) => NatType::None,
+            (Some(a), Some(b)) if a == b => NatType::EndpointIndependent,
+            (Some(_), Some(_)) => NatType::PerDestination,
+            _ => NatType::Unknown,
+        };
+        if let Some(a) = a {
+            self.link.set_observed(a);
+        }
+        *self.nat.lock() = nat;
+        nat
+    }
+
+    async fn stun(&self, to: SocketAddr) -> Option<SocketAddr> {
+        for _ in 0..3 {
+            let mut tid = [0u8; 12];
+            tid[..8].copy_from_slice(&random_u64().to_le_bytes());
+            tid[8..].copy_from_slice(&(random_u64() as u32).to_le_bytes());
+            let (tx, rx) = oneshot::channel();
+            self.stun_pending.lock().insert(tid, tx);
+            let _ = self
+                .shared
+                .udp
+                .send_to(&stun::binding_request(&tid), to)
+                .await;
+            let r = tokio::time::timeout(Duration::from_millis(400), rx).await;
+            self.stun_pending.lock().remove(&tid);
+            if let Ok(Ok(a)) = r {
+                return Some(a);
+            }
+        }
+        None
+    }
+
+    /// A STUN answer arrived: hand it to the request waiting for it.
+    pub fn on_stun_response(&self, buf: &[u8]) {
+        if buf.len() < 20 {
+            return;
+        }
+        let tid: [u8; 12] = buf[8..20].try_into().unwrap_or_default();
+        if let Some(addr) = stun::parse_binding_response(buf, &tid) {
+            if let Some(tx) = self.stun_pending.lock().remove(&tid) {
+                let _ = tx.send(addr);
+            }
+        }
+    }
+
+    /// Handshake and registration with the registry or a relay, with a
+    /// registration from `register`.
+    pub async fn attach(
+        &self,
+        link: &RegistryLink,
+        reg: Signed<Registration>,
+    ) -> Result<FromRegistry, LinkError> {
+        let answer = link
+            .call(&self.shared.udp, |req| ToRegistry::Register {
+                req,
+                reg: reg.clone(),
+            })
+            .await?;
+        match answer {
+            FromRegistry::Registered { .. } => Ok(answer),
+            _ => Err(LinkError::Protocol),
+        }
+    }
+
+    /// Our overlay address, if known.
+    pub fn address(&self) -> Ipv4Addr {
+        self.shared.address()
+    }
+}
+
+/// UDP endpoints on this host's own interfaces, as candidates for peers.
+pub(crate) fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+    let mut out = vec![];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+                continue;
+            };
+            let ip = sin.ip();
+            if ip.is_loopback() || ip.is_unspecified() || ip.is_link_local() {
+                continue;
+            }
+            let e = SocketAddr::from((ip, port));
+            if !out.contains(&e) && out.len() < pilot_proto::messages::MAX_ENDPOINTS - 1 {
+                out.push(e);
+            }
+        }
+    }
+    out
+}

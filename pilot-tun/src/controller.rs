@@ -1,0 +1,776 @@
+//! The control task: the one owner of the node's control state — the trust
+//! store, `node.json` and every peer's tunnel machine — held by value.
+//!
+//! Everything else reaches it by message. The packet loops send [`Slow`]
+//! items; every other task (control-socket requests, the registry keeper,
+//! lookups) sends a job through a [`Handle`]: a closure run on the state,
+//! whose answer comes back on a reply channel. Between messages the task
+//! sleeps until the earliest machine deadline. I/O that the state changes
+//! ask for ([`Effects`]) is done by the task after the change, never in the
+//! middle of one; registry calls that wait for an answer run in their own
+//! tasks and report back with a job.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use pilot_proto::identity::NodeId;
+use pilot_proto::messages::{
+    FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
+    ToRegistry,
+};
+use pilot_proto::path::Path;
+use pilot_proto::session::CipherSuite;
+use pilot_proto::trust::{Change, TrustStore};
+use pilot_proto::wire::{self, Kind, RelayHeader, MSG_RELAY_TO, RELAY_HEADER_LEN};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::context::{unix_micros, unix_now, Context};
+use crate::control::{Request, Response};
+use crate::peers::bump;
+use crate::shared::Slow;
+use crate::state::{NodeState, StateError};
+use crate::tun::Tun;
+use crate::tunnels::{Effects, Outgoing, Tunnels};
+
+/// Work for the control task: a closure on its state.
+pub type Job<T> = Box<dyn FnOnce(&mut Controller<T>) -> Effects + Send>;
+
+/// Jobs waiting for the control task; a sender waits when it is full.
+const JOB_QUEUE: usize = 1024;
+
+/// The control task has stopped (the node is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the daemon is shutting down")]
+pub struct Stopped;
+
+/// How other tasks reach the control task.
+pub struct Handle<T: Tun> {
+    tx: mpsc::Sender<Job<T>>,
+}
+
+impl<T: Tun> Clone for Handle<T> {
+    fn clone(&self) -> Self {
+        Handle {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Tun> Handle<T> {
+    /// Runs `f` on the control state and returns its answer.
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Controller<T>) -> R + Send + 'static,
+    ) -> Result<R, Stopped> {
+        self.with_fx(move |c| (f(c), Effects::default())).await
+    }
+
+    /// Runs `f` on the control state; the task carries out the effects it
+    /// returns, and the answer comes back.
+    pub async fn with_fx<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Controller<T>) -> (R, Effects) + Send + 'static,
+    ) -> Result<R, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job<T> = Box::new(move |c| {
+            let (r, fx) = f(c);
+            let _ = tx.send(r);
+            fx
+        });
+        self.tx.send(job).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Queues `f` without waiting for it.
+    pub async fn submit(&self, f: impl FnOnce(&mut Controller<T>) -> Effects + Send + 'static) {
+        let _ = self.tx.send(Box::new(f)).await;
+    }
+}
+
+/// The control state.
+pub struct Controller<T: Tun> {
+    /// The node's context (keys, links, shared state).
+    pub ctx: Arc<Context<T>>,
+    /// The trust store (`trust.json`).
+    pub trust: TrustStore,
+    /// `node.json`.
+    pub node_state: NodeState,
+    /// Every trusted peer's tunnel.
+    pub tunnels: Tunnels,
+    handle: Handle<T>,
+}
+
+impl<T: Tun> Controller<T> {
+    /// The control state, the handle to reach it, and the job queue its
+    /// task reads.
+    pub fn new(
+        ctx: Arc<Context<T>>,
+        trust: TrustStore,
+        node_state: NodeState,
+    ) -> (Self, Handle<T>, mpsc::Receiver<Job<T>>) {
+        let (tx, rx) = mpsc::channel(JOB_QUEUE);
+        let handle = Handle { tx };
+        let c = Controller {
+            ctx,
+            trust,
+            node_state,
+            tunnels: Tunnels::default(),
+            handle: handle.clone(),
+        };
+        (c, handle, rx)
+    }
+
+    /// The control task: jobs, packet-loop items and machine deadlines, one
+    /// at a time, until the node stops.
+    pub async fn run(mut self, mut slow: mpsc::Receiver<Slow>, mut jobs: mpsc::Receiver<Job<T>>) {
+        loop {
+            let deadline = self.tunnels.next_deadline();
+            let sleep = async move {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let fx = tokio::select! {
+                job = jobs.recv() => match job {
+                    Some(job) => job(&mut self),
+                    None => return,
+                },
+                item = slow.recv() => match item {
+                    Some(item) => self.on_slow(item).await,
+                    None => return,
+                },
+                () = sleep => self.tunnels.on_timeout(&self.ctx, Instant::now()),
+            };
+            self.carry_out(fx).await;
+        }
+    }
+
+    /// Does the I/O that state changes asked for.
+    async fn carry_out(&mut self, fx: Effects) {
+        for (id, a) in fx.worked {
+            if self.trust.set_endpoint(&id, a) {
+                if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
+                    warn!("cannot save trust store: {e}");
+                }
+            }
+        }
+        send_all(&self.ctx, fx.out).await;
+        for id in fx.lookups {
+            spawn_lookup(self.ctx.clone(), self.handle.clone(), id);
+        }
+    }
+
+    /// One item from the packet loops.
+    async fn on_slow(&mut self, item: Slow) -> Effects {
+        let now = Instant::now();
+        let ctx = self.ctx.clone();
+        match item {
+            Slow::NeedSession(id, pkt) => self.tunnels.on_need_session(&ctx, &id, pkt, now),
+            Slow::Wake(id) => self.tunnels.on_wake(&ctx, &id, now),
+            Slow::Control(id, msg) => self.tunnels.on_control(&ctx, &id, &msg, now),
+            Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
+                Kind::HandshakeInit => {
+                    self.tunnels
+                        .on_init(&ctx, &buf, Path::Direct(from), None, now)
+                }
+                Kind::HandshakeResp => {
+                    let Ok(resp) = wire::HandshakeResp::new_checked(&buf) else {
+                        bump(&ctx.shared.drops.malformed);
+                        return Effects::default();
+                    };
+                    if ctx.link.on_handshake_response(&ctx.own_mac, resp, now) {
+                        return Effects::default();
+                    }
+                    let relay = ctx.relay_link.read().clone();
+                    if relay.is_some_and(|r| r.on_handshake_response(&ctx.own_mac, resp, now)) {
+                        return Effects::default();
+                    }
+                    self.tunnels.on_resp(&ctx, resp, Path::Direct(from), now)
+                }
+                Kind::Data => {
+                    let index = wire::DataHeader::parse(&buf).map(|h| h.receiver_index).ok();
+                    let relay = ctx.relay_link.read().clone();
+                    let msg = match (index, relay) {
+                        (Some(i), Some(r)) if r.session_index_is(i) => r.on_data(&mut buf),
+                        _ => ctx.link.on_data(&mut buf),
+                    };
+                    match msg {
+                        Some(msg) => self.on_registry_message(msg).await,
+                        None => Effects::default(),
+                    }
+                }
+                Kind::Stun => {
+                    ctx.on_stun_response(&buf);
+                    Effects::default()
+                }
+                _ => {
+                    bump(&ctx.shared.drops.malformed);
+                    Effects::default()
+                }
+            },
+            Slow::Relayed(src, buf) => match wire::classify(&buf) {
+                Kind::HandshakeInit => {
+                    self.tunnels
+                        .on_init(&ctx, &buf, Path::Relay, Some(src), now)
+                }
+                Kind::HandshakeResp => match wire::HandshakeResp::new_checked(&buf) {
+                    Ok(resp) => self.tunnels.on_resp(&ctx, resp, Path::Relay, now),
+                    Err(_) => {
+                        bump(&ctx.shared.drops.malformed);
+                        Effects::default()
+                    }
+                },
+                _ => {
+                    bump(&ctx.shared.drops.malformed);
+                    Effects::default()
+                }
+            },
+        }
+    }
+
+    /// A registry message that is not an answer: a push or a punch.
+    async fn on_registry_message(&mut self, msg: FromRegistry) -> Effects {
+        match msg {
+            FromRegistry::Push { id: push, item } => {
+                let (ack, fx) = self.on_push(item);
+                if ack {
+                    let ctx = &self.ctx;
+                    ctx.link
+                        .send(&ctx.shared.udp, &ToRegistry::Ack { push })
+                        .await;
+                }
+                fx
+            }
+            FromRegistry::Punch {
+                peer,
+                endpoints,
+                nat,
+            } => {
+                let ctx = self.ctx.clone();
+                // Probe straight away, in a burst, so our NAT opens towards
+                // the peer while its probes are on the way.
+                self.tunnels
+                    .on_punch(&ctx, &peer, endpoints, nat, Instant::now())
+            }
+            _ => Effects::default(),
+        }
+    }
+
+    /// A trust statement pushed by the registry. Returns whether to
+    /// acknowledge it (not when it could not be saved: the registry will
+    /// deliver it again).
+    fn on_push(&mut self, item: PushItem) -> (bool, Effects) {
+        let PushItem::Statement {
+            statement,
+            address,
+            hostname,
+        } = item;
+        let from = statement.body.from.node_id();
+        match self
+            .trust
+            .receive(&self.ctx.id, &statement, address, hostname, unix_now())
+        {
+            Ok(change) => match self.ctx.cfg.state.save_trust(&self.trust) {
+                Ok(()) => {
+                    info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
+                    (true, self.apply_change(from, change))
+                }
+                Err(e) => {
+                    warn!("cannot save trust store: {e}");
+                    (false, Effects::default())
+                }
+            },
+            Err(pilot_proto::trust::TrustError::Replayed) => {
+                // A redelivery of a statement we already applied.
+                debug!(peer = %from, "trust statement already applied");
+                (true, Effects::default())
+            }
+            Err(e) => {
+                warn!(peer = %from, "trust statement refused: {e}");
+                (true, Effects::default())
+            }
+        }
+    }
+
+    /// Applies a trust change to the tunnels and the data plane.
+    fn apply_change(&mut self, id: NodeId, change: Change) -> Effects {
+        let ctx = self.ctx.clone();
+        if change.now_trusted && !change.was_trusted {
+            if let Some(r) = self.trust.get(&id) {
+                let (addr, st, last) = (r.address, r.identity.static_public, r.last_endpoint);
+                self.tunnels.add_peer(&ctx, id, addr, st, last);
+            }
+            info!(peer = %id, "peer trusted");
+            return self.tunnels.reconnect(&ctx, Some(&id), Instant::now());
+        }
+        if change.was_trusted && !change.now_trusted {
+            self.tunnels.remove_peer(&ctx, &id);
+            info!(peer = %id, "peer no longer trusted; sessions dropped");
+        }
+        Effects::default()
+    }
+
+    /// Puts every trusted peer of the trust store into the tunnels.
+    pub fn load_peers(&mut self) {
+        let ctx = self.ctx.clone();
+        let trusted: Vec<_> = self
+            .trust
+            .iter()
+            .filter(|(_, r)| r.trusted())
+            .map(|(id, r)| (id, r.address, r.identity.static_public, r.last_endpoint))
+            .collect();
+        for (id, addr, st, last) in trusted {
+            self.tunnels.add_peer(&ctx, id, addr, st, last);
+        }
+    }
+
+    /// Connects every trusted peer without a session.
+    pub fn reconnect_all(&mut self) -> Effects {
+        let ctx = self.ctx.clone();
+        self.tunnels.reconnect(&ctx, None, Instant::now())
+    }
+
+    /// The next sequence number for a signed message, saved before use so
+    /// that a crash can never make us reuse one.
+    pub fn next_seq(&mut self) -> Result<u64, StateError> {
+        let seq = (self.node_state.seq + 1).max(unix_micros());
+        self.node_state.seq = seq;
+        self.ctx.cfg.state.save_node(&self.node_state)?;
+        Ok(seq)
+    }
+
+    /// A signed registration for the registry or a relay.
+    pub fn registration(
+        &mut self,
+        nat: pilot_proto::messages::NatType,
+    ) -> Result<Signed<Registration>, StateError> {
+        let seq = self.next_seq()?;
+        let hostname = self
+            .ctx
+            .cfg
+            .hostname
+            .clone()
+            .or_else(|| self.node_state.hostname.clone());
+        Ok(self.ctx.registration(seq, hostname, nat))
+    }
+
+    /// The registry granted an address (and maybe a hostname): remember it.
+    pub fn on_registered(&mut self, address: Ipv4Addr, prefix_len: u8, hostname: Option<String>) {
+        let s = &mut self.node_state;
+        let changed = s.address != Some(address)
+            || s.prefix_len != Some(prefix_len)
+            || s.hostname != hostname;
+        if changed {
+            s.address = Some(address);
+            s.prefix_len = Some(prefix_len);
+            s.hostname = hostname;
+            if let Err(e) = self.ctx.cfg.state.save_node(&self.node_state) {
+                warn!("cannot save node state: {e}");
+            }
+        }
+    }
+
+    /// The address cached from an earlier registration.
+    pub fn cached_address(&self) -> Option<(Ipv4Addr, Ipv4Net)> {
+        let s = &self.node_state;
+        s.address
+            .zip(s.prefix_len)
+            .and_then(|(a, p)| Ipv4Net::new(a, p).ok().map(|n| (a, n.trunc())))
+    }
+
+    /// A peer of the trust store named by hostname, address or node id.
+    fn find_local(&self, r: &PeerRef) -> Option<PeerInfo> {
+        self.trust
+            .iter()
+            .find(|(id, rec)| match r {
+                PeerRef::Id(x) => id == x,
+                PeerRef::Addr(a) => rec.address == *a,
+                PeerRef::Name(n) => rec.hostname.as_deref() == Some(n.as_str()),
+            })
+            .map(|(_, rec)| PeerInfo {
+                identity: rec.identity.clone(),
+                address: rec.address,
+                hostname: rec.hostname.clone(),
+                endpoints: vec![],
+                nat: Default::default(),
+            })
+    }
+
+    /// Records our own trust statement about `info`.
+    fn record(
+        &mut self,
+        info: &PeerInfo,
+        kind: &StatementKind,
+    ) -> (Result<Change, String>, Effects) {
+        let change = self.trust.decide(
+            &info.identity,
+            info.address,
+            info.hostname.clone(),
+            kind,
+            unix_now(),
+        );
+        if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
+            return (Err(e.to_string()), Effects::default());
+        }
+        let fx = self.apply_change(info.identity.node_id(), change);
+        (Ok(change), fx)
+    }
+
+    /// `status`.
+    pub fn status(&self) -> serde_json::Value {
+        let ctx = &self.ctx;
+        let now = Instant::now();
+        let peers = self.tunnels.peers();
+        let connected = peers
+            .values()
+            .filter(|p| p.data.current(now).is_some())
+            .count();
+        json!({
+            "address": ctx.address().to_string(),
+            "network": ctx.shared.network().map(|n| n.to_string()),
+            "node_id": ctx.id.to_string(),
+            "hostname": self.node_state.hostname,
+            "listen": ctx.shared.udp.local_addr().map(|a| a.to_string()).ok(),
+            "registry": {
+                "url": ctx.link.join.to_string(),
+                "reachable": ctx.link.reachable(),
+                "last_contact_secs": ctx.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
+                "observed_endpoint": ctx.link.observed().map(|a| a.to_string()),
+            },
+            "relay": ctx.shared.relay_addr().to_string(),
+            "nat": ctx.nat.lock().name(),
+            "public_endpoint": ctx.link.observed().map(|a| a.to_string()),
+            "peers": { "known": self.trust.iter().count(), "trusted": peers.len(), "connected": connected },
+            "pending_requests": self.trust.iter().filter(|(_, r)| r.pending()).count(),
+            "cipher": match ctx.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
+            "offload": { "udp_gso": ctx.shared.udp.gso() },
+            "pid": std::process::id(),
+            "uptime_secs": SystemTime::now().duration_since(ctx.started).map(|d| d.as_secs()).unwrap_or(0),
+            "drops": ctx.shared.drops.snapshot(),
+        })
+    }
+
+    /// `peers`.
+    pub fn peers_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let list: Vec<_> = self
+            .trust
+            .iter()
+            .map(|(id, r)| {
+                let rt = self.tunnels.peers().get(&id);
+                json!({
+                    "node_id": id.to_string(),
+                    "hostname": r.hostname,
+                    "address": r.address.to_string(),
+                    "trust": r.state(),
+                    "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
+                    "path": rt.and_then(|p| p.data.endpoint()).map(|e| match e {
+                        Path::Direct(_) => "direct",
+                        Path::Relay => "relay",
+                    }),
+                    "relay_reason": rt.and_then(|p| p.machine.relay_reason()).map(|r| r.text()),
+                    "rtt_ms": rt.and_then(|p| p.machine.rtt()).map(|d| d.as_micros() as f64 / 1000.0),
+                    "session": rt.is_some_and(|p| p.data.current(now).is_some()),
+                    "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
+                    "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
+                    "tx_bytes": rt.map(|p| p.data.tx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
+                })
+            })
+            .collect();
+        json!(list)
+    }
+
+    fn trust_pending(&self) -> serde_json::Value {
+        let list: Vec<_> = self
+            .trust
+            .iter()
+            .filter(|(_, r)| r.pending())
+            .map(|(id, r)| {
+                json!({
+                    "node_id": id.to_string(),
+                    "hostname": r.hostname,
+                    "address": r.address.to_string(),
+                    "note": r.note_in,
+                })
+            })
+            .collect();
+        json!(list)
+    }
+
+    fn trust_list(&self) -> serde_json::Value {
+        let list: Vec<_> = self
+            .trust
+            .iter()
+            .map(|(id, r)| {
+                json!({
+                    "node_id": id.to_string(),
+                    "hostname": r.hostname,
+                    "address": r.address.to_string(),
+                    "state": r.state(),
+                    "ours": format!("{:?}", r.ours).to_lowercase(),
+                    "theirs": format!("{:?}", r.theirs).to_lowercase(),
+                })
+            })
+            .collect();
+        json!(list)
+    }
+}
+
+/// Sends the control side's datagrams.
+async fn send_all<T: Tun>(ctx: &Context<T>, out: Vec<Outgoing>) {
+    let udp = &ctx.shared.udp;
+    for o in out {
+        match o.to {
+            Path::Direct(a) => {
+                let _ = udp.send_to(&o.bytes, a).await;
+            }
+            Path::Relay => {
+                let mut buf = vec![0u8; RELAY_HEADER_LEN + o.bytes.len()];
+                RelayHeader {
+                    ty: MSG_RELAY_TO,
+                    node: o.peer,
+                }
+                .emit(&mut buf);
+                buf[RELAY_HEADER_LEN..].copy_from_slice(&o.bytes);
+                let _ = udp.send_to(&buf, ctx.shared.relay_addr()).await;
+            }
+        }
+    }
+}
+
+/// Asks the registry where a trusted peer is (which also makes the registry
+/// tell the peer to probe us), and hands the answer to its machine.
+fn spawn_lookup<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>, id: NodeId) {
+    tokio::spawn(async move {
+        let answer = match ctx.lookup(&PeerRef::Id(id)).await {
+            Ok(info) => Some((info.endpoints, info.nat)),
+            Err(e) => {
+                debug!(peer = %id, "lookup failed: {e}");
+                None
+            }
+        };
+        handle
+            .submit(move |c| {
+                let ctx = c.ctx.clone();
+                c.tunnels.on_lookup(&ctx, &id, answer, Instant::now())
+            })
+            .await;
+    });
+}
+
+// ---- control-socket requests, each in its own task ----
+
+/// Handles one control request.
+pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request) -> Response {
+    let read = |f: fn(&Controller<T>) -> serde_json::Value| async move {
+        match h.with(move |c| f(c)).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.to_string()),
+        }
+    };
+    match req {
+        Request::Status => read(Controller::status).await,
+        Request::Peers => read(Controller::peers_json).await,
+        Request::TrustPending => read(Controller::trust_pending).await,
+        Request::TrustList => read(Controller::trust_list).await,
+        Request::TrustRequest { peer, note } => {
+            if note.len() > pilot_proto::messages::MAX_NOTE {
+                return Response::err(format!(
+                    "the note is longer than {} bytes",
+                    pilot_proto::messages::MAX_NOTE
+                ));
+            }
+            trust_statement(ctx, h, &peer, StatementKind::Request { note }).await
+        }
+        Request::TrustApprove { peer } => {
+            trust_statement(ctx, h, &peer, StatementKind::Approve).await
+        }
+        Request::TrustDeny { peer } => trust_statement(ctx, h, &peer, StatementKind::Deny).await,
+        Request::TrustRevoke { peer } => {
+            trust_statement(ctx, h, &peer, StatementKind::Revoke).await
+        }
+        Request::Ping { peer, count } => ping_request(ctx, h, &peer, count).await,
+        Request::Down => {
+            ctx.stop.notify_one();
+            Response::ok(json!({"stopping": true}))
+        }
+    }
+}
+
+/// Resolves a CLI peer name: the trust store first, then the registry.
+async fn resolve<T: Tun>(ctx: &Context<T>, h: &Handle<T>, name: &str) -> Result<PeerInfo, String> {
+    let r: PeerRef = name.parse().unwrap_or(PeerRef::Name(name.into()));
+    let wanted = r.clone();
+    let local = h
+        .with(move |c| c.find_local(&wanted))
+        .await
+        .map_err(|e| e.to_string())?;
+    match local {
+        Some(i) => Ok(i),
+        None => ctx.lookup(&r).await,
+    }
+}
+
+async fn trust_statement<T: Tun>(
+    ctx: &Arc<Context<T>>,
+    h: &Handle<T>,
+    peer: &str,
+    kind: StatementKind,
+) -> Response {
+    let info = match resolve(ctx, h, peer).await {
+        Ok(i) => i,
+        Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+    };
+    let pid = info.identity.node_id();
+    if pid == ctx.id {
+        return Response::err("that is this node itself");
+    }
+    let seq = match h.with(|c| c.next_seq()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Response::err(e.to_string()),
+        Err(e) => return Response::err(e.to_string()),
+    };
+    let statement = Signed::sign(
+        Statement {
+            kind: kind.clone(),
+            from: ctx.identity.public(),
+            to: pid,
+            seq,
+        },
+        &ctx.identity,
+    );
+    let grants = kind.approves();
+    let record = |info: PeerInfo, kind: StatementKind| async move {
+        h.with_fx(move |c| c.record(&info, &kind))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+    };
+    // Withdrawing trust takes effect locally first, whatever the registry
+    // does; granting it is recorded only once the registry has it.
+    let mut change = None;
+    if !grants {
+        match record(info.clone(), kind.clone()).await {
+            Ok(c) => change = Some(c),
+            Err(e) => return Response::err(e),
+        }
+    }
+    let sent = ctx
+        .link
+        .call(&ctx.shared.udp, |req| ToRegistry::Statement {
+            req,
+            statement: statement.clone(),
+        })
+        .await;
+    let delivered = match sent {
+        Ok(FromRegistry::Ok { .. }) => Ok(()),
+        Ok(_) => Err("unexpected answer from the registry".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if grants {
+        if let Err(e) = delivered {
+            return Response::err(format!("{} not sent, nothing changed: {e}", kind.name()));
+        }
+        match record(info.clone(), kind.clone()).await {
+            Ok(c) => change = Some(c),
+            Err(e) => return Response::err(e),
+        }
+    }
+    let trusted = change.is_some_and(|c| c.now_trusted);
+    let rec = h
+        .with(move |c| c.trust.get(&pid).map(|r| r.state()).unwrap_or("none"))
+        .await
+        .unwrap_or("none");
+    Response::ok(json!({
+        "peer": pid.to_string(),
+        "hostname": info.hostname,
+        "address": info.address.to_string(),
+        "state": rec,
+        "trusted": trusted,
+        "delivered": delivered.is_ok(),
+        "delivery_error": delivered.err(),
+    }))
+}
+
+async fn ping_request<T: Tun>(
+    ctx: &Arc<Context<T>>,
+    h: &Handle<T>,
+    peer: &str,
+    count: u32,
+) -> Response {
+    let info = match resolve(ctx, h, peer).await {
+        Ok(i) => i,
+        Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+    };
+    let id = info.identity.node_id();
+    if !h
+        .with(move |c| c.tunnels.contains(&id))
+        .await
+        .unwrap_or(false)
+    {
+        return Response::err(format!(
+            "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+        ));
+    }
+    let mut rtts = vec![];
+    for i in 0..count.clamp(1, 100) {
+        // The first echo may wait for a handshake (and a relay fallback).
+        let timeout = if i == 0 {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = Instant::now();
+        let started = h
+            .with_fx(move |c| {
+                let ctx = c.ctx.clone();
+                match c.tunnels.ping(&ctx, &id, tx, sent) {
+                    Some(fx) => (true, fx),
+                    None => (false, Effects::default()),
+                }
+            })
+            .await
+            .unwrap_or(false);
+        let rtt = match (started, tokio::time::timeout(timeout, rx).await) {
+            (true, Ok(Ok(t))) => Some(t.saturating_duration_since(sent)),
+            _ => None,
+        };
+        if let Some(rtt) = rtt {
+            let _ = h.with(move |c| c.tunnels.set_rtt(&id, rtt)).await;
+        }
+        rtts.push(rtt.map(|d| d.as_secs_f64() * 1000.0));
+        if i + 1 < count {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let (path, reason) = h
+        .with(move |c| {
+            c.tunnels
+                .peers()
+                .get(&id)
+                .map(|rt| {
+                    (
+                        rt.data.endpoint().map(|e| e.to_string()),
+                        rt.machine.relay_reason().map(|r| r.text()),
+                    )
+                })
+                .unwrap_or((None, None))
+        })
+        .await
+        .unwrap_or((None, None));
+    Response::ok(json!({
+        "peer": id.to_string(),
+        "hostname": info.hostname,
+        "address": info.address.to_string(),
+        "path": path,
+        "relay_reason": reason,
+        "rtt_ms": rtts,
+    }))
+}
