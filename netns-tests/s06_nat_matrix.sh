@@ -28,7 +28,7 @@
 SCENARIO=${SCENARIO:-s06_nat_matrix}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
+trap_errors
 need nft; need iperf3; need curl; need tcpdump
 
 switch inet

@@ -12,7 +12,7 @@
 SCENARIO=${SCENARIO:-s07_roaming_and_outage}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
+trap_errors
 need iperf3
 
 switch inet

@@ -7,7 +7,7 @@
 SCENARIO=${SCENARIO:-s08_no_offload_fallback}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
+trap_errors
 mkns a; mkns b
 link a b 192.0.2.11/24 192.0.2.12/24 eth0 eth0
 start_registry a 192.0.2.11

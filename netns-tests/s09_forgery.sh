@@ -15,7 +15,7 @@
 SCENARIO=${SCENARIO:-s09_forgery}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
+trap_errors
 need tcpdump; need python3
 switch inet
 mkns reg; plug reg inet 203.0.113.1/24

@@ -13,7 +13,7 @@
 SCENARIO=${SCENARIO:-s10_relay_only}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
+trap_errors
 need nft; need tcpdump; need iperf3
 
 switch inet
