@@ -50,8 +50,8 @@ peer_is a alpha beta state revoked trust list \
   || fail "alpha's trust list does not show beta as revoked"
 
 # An observation window: the pings keep running until at least T_REV + 3 s.
-wait_for 5 "3 s of pinging after the revoke" \
-  python3 -c "import time,sys; sys.exit(0 if time.time() > $T_REV + 3 else 1)"
+# (A test of time passing: the sleep is the point.)
+sleep "$(python3 -c "import time; print(max(0.0, $T_REV + 3 - time.time()))")"
 for f in ping-ab ping-ba; do
   bg_running "$f" || fail "$f stopped before the end of the observation window"
 done

@@ -111,9 +111,14 @@ bg hE2 marknc sh -c "exec nc -l $HE2 9100 > $WORK/mark.out"
 wait_listen 5 hE2 9100 "$HE2"
 for _ in 1 2 3; do echo "$MARK"; done | onq hH1 nc -N -w 5 "$HE2" 9100
 wait_for 5 "marker delivered" grep -q "$MARK" "$WORK/mark.out"
-sleep 0.5
+# Everything that carried the marker crossed the relay's link before it was
+# delivered; a fence datagram sent to the relay now is captured after all of
+# it, so once the fence is in the file, so is the marker's traffic.
+FENCE="CAPTURE-FENCE-$RANDOM$RANDOM"
+onq pubA python3 -c 'import socket,sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ("203.0.113.1", 9))' "$FENCE"
+wait_for 5 "the fence datagram is in the relay's capture" grep -qa "$FENCE" "$WORK/relay.pcap"
 stop_bg cap INT
-NPKT=$(pcap_count "$WORK/relay.pcap")
+NPKT=$(pcap_count "$WORK/relay.pcap" not dst port 9)
 [ "$NPKT" -ge 6 ] || fail "relay capture holds $NPKT packets: the marker did not cross the relay"
 if grep -qa "$MARK" "$WORK/relay.pcap"; then fail "the relay saw plaintext"; fi
 log "relay capture: $NPKT UDP packets carried the marker, none shows it"

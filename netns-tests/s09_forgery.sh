@@ -12,6 +12,9 @@
 #    is forwarded only between nodes that approved each other. Positive
 #    control: from beta's address to alpha it is relayed; from carol's
 #    address to alpha it is not; from an unregistered address it is not.
+#    (Each refusal is checked once a frame from beta sent after it has been
+#    relayed: the relay handles datagrams in order, so by then it has
+#    decided on the refused ones.)
 SCENARIO=${SCENARIO:-s09_forgery}
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -65,33 +68,45 @@ onq a ping -c2 -W1 "$B" >/dev/null || fail "alpha <-> beta broke after the repla
 pass "replayed datagrams from a third host were dropped; beta's endpoint stayed $EP0"
 
 # 2. The relay forwards only between nodes that approved each other.
-# relay_from SRC_NS NAME PORT: send relay frames to alpha's node id from the
-# given node's UDP port (its daemon stopped, so the port is free while the
-# registry still knows the address); sets RELAYED to how many relayed
-# datagrams alpha received.
+# frames NS PORT TAG N: from NS, UDP port PORT (a stopped daemon's port is
+# free while the registry still knows the address), hand the relay N frames
+# for alpha's node id, each payload carrying TAG; alpha's capture counts them.
 AID=$(status_of a alpha node_id)
-relay_from() {
-  local ns=$1 name=$2 port=$3
-  capture a cap2 "$WORK/relay-$name.pcap" "udp and src host 203.0.113.1 and udp[8] = 0xa6"
-  onq "$ns" python3 - "$AID" "$port" <<'PY'
+frames() {
+  onq "$1" python3 - "$AID" "$2" "$3" "$4" <<'PY'
 import socket, sys
+aid, port, tag, n = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[2])))
-frame = bytes([0xA5, 0, 0, 0]) + bytes.fromhex(sys.argv[1]) + bytes([0xA4, 0, 0, 0]) + b"\x00" * 40
-for _ in range(5):
+s.bind(("0.0.0.0", port))
+frame = bytes([0xA5, 0, 0, 0]) + bytes.fromhex(aid) + bytes([0xA4, 0, 0, 0]) + tag.ljust(40, b"\x00")
+for _ in range(n):
     s.sendto(frame, ("203.0.113.1", 7946))
 PY
-  sleep 0.5
-  stop_bg cap2 INT
-  RELAYED=$(pcap_count "$WORK/relay-$name.pcap")
 }
+# relayed TAG: how many frames with TAG alpha received from the relay.
+relayed() { python3 -c 'import sys; print(open(sys.argv[1], "rb").read().count(sys.argv[2].encode()))' "$WORK/relay.pcap" "$1"; }
+at_least_relayed() { [ "$(relayed "$1")" -ge "$2" ]; }   # TAG N
 BPORT=$(status_of b beta listen); BPORT=${BPORT##*:}
 CPORT=$(status_of c carol listen); CPORT=${CPORT##*:}
-node_down b beta; node_down c carol   # (each waits until its daemon has exited)
-relay_from b beta "$BPORT"; NB=$RELAYED
+node_down b beta; node_down c carol
+capture a cap2 "$WORK/relay.pcap" "udp and src host 203.0.113.1 and udp[8] = 0xa6"
+frames b "$BPORT" FROM-BETA 5
+wait_for 5 "the relay forwards beta's frames to alpha" at_least_relayed FROM-BETA 1
+NB=$(relayed FROM-BETA)
 [ "$NB" -ge 1 ] || fail "positive control: a frame from beta's address was not relayed to alpha"
-relay_from c carol "$CPORT"; NC=$RELAYED
+frames c "$CPORT" FROM-CAROL 5
+frames b "$BPORT" FENCE-1 1
+wait_for 5 "beta's frame sent after carol's is relayed" at_least_relayed FENCE-1 1
+NC=$(relayed FROM-CAROL)
 [ "$NC" -eq 0 ] || fail "the relay forwarded $NC frames from carol, whom alpha never approved"
-relay_from c stranger 40000; NX=$RELAYED
+frames c 40000 FROM-STRANGER 5
+frames b "$BPORT" FENCE-2 1
+wait_for 5 "beta's frame sent after the stranger's is relayed" at_least_relayed FENCE-2 1
+NX=$(relayed FROM-STRANGER)
 [ "$NX" -eq 0 ] || fail "the relay forwarded $NX frames from an unregistered address"
+# Only beta's frames reached alpha: nothing else came through the relay.
+stop_bg cap2 INT
+NB=$(relayed FROM-BETA)
+NALL=$(pcap_count "$WORK/relay.pcap")
+[ "$NALL" -eq $(( NB + 2 )) ] || fail "alpha got $NALL relayed frames, but only $NB from beta and 2 fences were sent through"
 pass "relay: beta->alpha forwarded ($NB), carol->alpha refused, unregistered refused"
