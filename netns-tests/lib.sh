@@ -82,7 +82,7 @@ stop_bg() {
   local label=$1 sig=${2:-TERM} pid
   pid=$(bg_pid "$label")
   kill -s "$sig" "$pid" 2>/dev/null || true
-  wait_for 5 "$label (pid $pid) exits on SIG$sig" gone "$pid"
+  wait_for 10 "$label (pid $pid) exits on SIG$sig" gone "$pid"
   forget "$pid"
 }
 
@@ -277,7 +277,7 @@ node_down() {
   local ns=$1 name=$2 pid
   pid=$(cat "$WORK/$name/daemon.pid")
   on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" down >&2
-  wait_for 10 "$name's daemon (pid $pid) exits" gone "$pid"
+  wait_for 15 "$name's daemon (pid $pid) exits" gone "$pid"
   rm -f "$WORK/$name/daemon.pid"
 }
 
