@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Helpers for the netns scenarios: namespaces with documentation-range
-# underlay addresses, processes tracked by pid, cleanup on any exit.
+# Helpers for the netns scenarios (and scripts/demo.sh): namespaces with
+# documentation-range underlay addresses, processes tracked by pid, cleanup on
+# any exit, and the reading and polling of the daemons' JSON.
 #
 # Every namespace a scenario creates is named "$PFX-<name>" (PFX is unique per
 # run), every process it starts is recorded by pid, and `cleanup` (installed
 # as an EXIT trap by `setup_lab`) kills exactly those pids and deletes exactly
-# those namespaces, also when the scenario fails half-way.
+# those namespaces, also when the scenario fails half-way. Pids are handled
+# here only: a scenario names a process by the label it gave `bg` (`stop_bg`,
+# `wait_bg_exit`, `bg_running`) and a daemon by its node name (`node_down`).
+#
+# One dialect for every scenario:
+#   setup_lab                        first thing: cleanup on exit, error trap on
+#   status_of / peer_of              one field of `pilot-tun --json status|peers|trust ...`
+#   status_is / peer_is / has_peer   the same as conditions, for checks and polls
+#   wait_for SECS WHAT CMD...        the one poll: bounded in tries and in time
+# No fixed sleeps: wait for a condition; a sleep is only for time that must pass.
 
 set -euo pipefail
 
@@ -28,13 +38,52 @@ on_to() { local f=$1 ns=$2; shift 2; printf '  (%s)$ %s  >%s\n' "$ns" "$*" "${f#
 # quiet variant for polling loops
 onq() { local ns=$1; shift; ip netns exec "$PFX-$ns" "$@"; }
 
-# bg NS LOGNAME CMD...: start CMD in NS in the background, record its pid.
+# --- processes, by pid -------------------------------------------------------
+
+# bg NS LABEL CMD...: start CMD in NS in the background, its output in
+# $WORK/LABEL.log; its pid is recorded (for cleanup, and for the helpers below).
 bg() {
-  local ns=$1 name=$2; shift 2
+  local ns=$1 label=$2; shift 2
   printf '  (%s)$ %s &\n' "$ns" "$*" >&2
-  ip netns exec "$PFX-$ns" "$@" >"$WORK/$name.log" 2>&1 &
+  ip netns exec "$PFX-$ns" "$@" >"$WORK/$label.log" 2>&1 &
   PIDS+=($!)
-  echo $! >"$WORK/$name.pid"
+  echo $! >"$WORK/$label.pid"
+}
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st%% *}" != Z ]
+}
+gone() { ! alive "$1"; }
+
+# forget PID: reap it if it is our child, and drop it from the cleanup list
+# (so that cleanup never signals a pid the system may have reused).
+forget() {
+  local p=$1 keep=() q
+  wait "$p" 2>/dev/null || true
+  for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+  PIDS=("${keep[@]}")
+}
+
+bg_pid() { cat "$WORK/$1.pid"; }
+# bg_running LABEL: the process started as `bg NS LABEL ...` is still running.
+bg_running() { alive "$(bg_pid "$1")"; }
+# wait_bg_exit SECONDS LABEL: wait until that process has exited by itself.
+wait_bg_exit() {
+  local pid; pid=$(bg_pid "$2")
+  wait_for "$1" "$2 (pid $pid) exits" gone "$pid"
+  forget "$pid"
+}
+# stop_bg LABEL [SIGNAL]: send SIGNAL (default TERM; INT makes tcpdump flush
+# its capture) to that process and wait until it has exited.
+stop_bg() {
+  local label=$1 sig=${2:-TERM} pid
+  pid=$(bg_pid "$label")
+  kill -s "$sig" "$pid" 2>/dev/null || true
+  wait_for 10 "$label (pid $pid) exits on SIG$sig" gone "$pid"
+  forget "$pid"
 }
 
 dump_logs() {
@@ -49,22 +98,29 @@ cleanup() {
   local rc=$?
   set +e
   trap - ERR
-  # Daemons started with `pilot-tun up` (background) record their pid via status.
-  for f in "$WORK"/*/daemon.pid; do
-    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
+  # Our background processes, and the daemons `node_up` started (they
+  # detach; each one's pid is recorded from its own status).
+  local all=("${PIDS[@]}") f p i
+  for f in "$WORK"/*/daemon.pid; do [ -f "$f" ] && all+=("$(cat "$f")"); done
+  for p in "${all[@]}"; do kill "$p" 2>/dev/null; done
+  # Up to 3 s for them to exit on SIGTERM, then SIGKILL for the rest.
+  for ((i = 0; i < 30; i++)); do
+    local left=0
+    for p in "${all[@]}"; do alive "$p" && left=1; done
+    [ "$left" -eq 1 ] || break
+    sleep 0.1
   done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  sleep 0.3
-  for f in "$WORK"/*/daemon.pid; do
-    [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null
-  done
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+  for p in "${all[@]}"; do alive "$p" && kill -9 "$p" 2>/dev/null; done
   for ns in "${NSES[@]}"; do ip netns del "$PFX-$ns" 2>/dev/null; done
   if [ -n "${NETNS_KEEP:-}" ]; then echo "[$SCENARIO] kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc
 }
 
-setup_lab() { trap cleanup EXIT INT TERM; }
+# setup_lab: the first line of every scenario after sourcing this file:
+# cleanup on any exit, and the error trap (trap_errors).
+setup_lab() { trap cleanup EXIT INT TERM; trap_errors; }
+
+# --- topology ------------------------------------------------------------------
 
 # mkns NAME: a namespace with loopback up.
 mkns() {
@@ -98,82 +154,138 @@ link() {
   ip -n "$PFX-$2" addr add "$4" dev "$6"; ip -n "$PFX-$2" link set "$6" up
 }
 
-# wait_for SECONDS DESCRIPTION CMD...: poll CMD every 0.1 s until it succeeds.
+# --- polling -------------------------------------------------------------------
+
+# poll SECONDS CMD...: run CMD (a command or a function) until it succeeds:
+# every 0.1 s, at most SECONDS*10+1 tries and at most SECONDS of wall time
+# (a try that has started runs to its end; pilot-tun calls give up after
+# 15 s). Returns 1 when it never did; CMD's last output is in POLL_OUT.
+poll() {
+  local secs=$1; shift
+  local tries=$(( secs * 10 + 1 )) end=$(( $(date +%s%N) + secs * 1000000000 ))
+  POLL_OUT=
+  while :; do
+    if POLL_OUT=$("$@" 2>&1); then return 0; fi
+    tries=$(( tries - 1 ))
+    [ "$tries" -gt 0 ] && [ "$(date +%s%N)" -lt "$end" ] || return 1
+    sleep 0.1
+  done
+}
+
+# wait_for SECONDS WHAT CMD...: poll CMD; on timeout fail the scenario, saying
+# what it waited for and what CMD said last.
 wait_for() {
   local secs=$1 what=$2; shift 2
-  local end=$(( $(date +%s%N) + secs * 1000000000 ))
-  while [ "$(date +%s%N)" -lt $end ]; do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  fail "timed out after ${secs}s waiting for: $what"
+  poll "$secs" "$@" && return 0
+  fail "timed out after ${secs}s waiting for: $what${POLL_OUT:+ (last: ${POLL_OUT:0:400})}"
 }
 
-# wait_for_ok SECONDS CMD...: like wait_for, but returns 1 on timeout instead
-# of failing, so the caller can say more about what it saw.
-wait_for_ok() {
-  local secs=$1; shift
-  local end=$(( $(date +%s%N) + secs * 1000000000 ))
-  while [ "$(date +%s%N)" -lt $end ]; do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  return 1
+# --- reading the daemons' JSON -------------------------------------------------
+
+# The one reader behind status_of and peer_of: JSON on stdin; argv PEER (""
+# for the whole document) and KEY (a dotted path; "" for the whole value).
+# Prints like `jq -r`: strings bare, anything else as JSON (true, null, 42, {...}).
+_JSON_FIELD='
+import json, sys
+doc, peer, key = json.load(sys.stdin), sys.argv[1], sys.argv[2]
+if peer:
+    if not isinstance(doc, list):
+        sys.exit(f"expected a list of entries, got {json.dumps(doc)[:300]}")
+    hits = [e for e in doc if peer in (e.get("hostname"), e.get("address"), e.get("node_id"))]
+    if len(hits) != 1:
+        sys.exit(f"{len(hits)} entries for {peer!r} (want exactly one)")
+    doc = hits[0]
+for k in key.split(".") if key else []:
+    if not isinstance(doc, dict) or k not in doc:
+        sys.exit(f"no field {key!r} in {json.dumps(doc)[:300]}")
+    doc = doc[k]
+print(doc if isinstance(doc, str) else json.dumps(doc, separators=(",", ":")))
+'
+
+# status_of NS NAME KEY: one field of NAME's `pilot-tun --json status`; KEY is
+# a dotted path (address, drops.replay, registry.reachable; "" for all of it).
+status_of() { ptq "$1" "$2" --json status | python3 -c "$_JSON_FIELD" "" "$3"; }
+
+# peer_of NS NAME PEER KEY [CMD...]: field KEY of PEER's entry in NAME's
+# `pilot-tun --json peers`, or in `--json CMD...` (trust list, trust pending).
+# PEER (hostname, 10.x address or node id) must match exactly one entry;
+# KEY "" prints the whole entry. Fails when there is no such entry or field.
+peer_of() {
+  local ns=$1 name=$2 peer=$3 key=$4; shift 4
+  [ $# -gt 0 ] || set -- peers
+  ptq "$ns" "$name" --json "$@" | python3 -c "$_JSON_FIELD" "$peer" "$key"
 }
 
-# registry NS IP: start pilot-registry on IP:7946 in NS; sets JOIN.
+# status_is NS NAME KEY WANT: that status field prints as WANT (else says what
+# it is, on stderr).
+status_is() {
+  local got
+  got=$(status_of "$1" "$2" "$3") || return 1
+  [ "$got" = "$4" ] || { echo "$2's status: $3 is '$got', not '$4'" >&2; return 1; }
+}
+
+# peer_is NS NAME PEER KEY WANT [CMD...]: that peer field prints as WANT.
+peer_is() {
+  local ns=$1 name=$2 peer=$3 key=$4 want=$5 got; shift 5
+  got=$(peer_of "$ns" "$name" "$peer" "$key" "$@") || return 1
+  [ "$got" = "$want" ] || { echo "$name's ${*:-peers}: $peer's $key is '$got', not '$want'" >&2; return 1; }
+}
+
+# has_peer NS NAME PEER [CMD...]: PEER has an entry in that list.
+has_peer() {
+  local ns=$1 name=$2 peer=$3; shift 3
+  peer_of "$ns" "$name" "$peer" "" "$@" >/dev/null
+}
+
+# --- registry and nodes --------------------------------------------------------
+
+# start_registry NS IP [ARGS...]: start pilot-registry on IP:7946 in NS (with
+# ARGS); sets JOIN. On an existing state dir it keeps its key (same JOIN).
 start_registry() {
-  local ns=$1 ip=$2
+  local ns=$1 ip=$2; shift 2
   mkdir -p "$WORK/registry"
-  bg "$ns" registry "$BIN/pilot-registry" --listen "$ip:7946" --state-dir "$WORK/registry"
+  rm -f "$WORK/registry/join-url"   # written again once the socket is bound
+  bg "$ns" registry "$BIN/pilot-registry" --listen "$ip:7946" --state-dir "$WORK/registry" "$@"
   wait_for 10 "registry join URL" test -s "$WORK/registry/join-url"
   JOIN=$(cat "$WORK/registry/join-url")
   log "registry up: $JOIN"
 }
 
-restart_registry() {
-  local ns=$1 ip=$2
-  kill "$(cat "$WORK/registry.pid")"; wait "$(cat "$WORK/registry.pid")" 2>/dev/null || true
-  rm -f "$WORK/registry/join-url"
-  bg "$ns" registry "$BIN/pilot-registry" --listen "$ip:7946" --state-dir "$WORK/registry"
-  wait_for 10 "restarted registry writes its join URL" test -s "$WORK/registry/join-url"
-  sleep 0.5
-}
-
-# stop_registry: kill the registry (by its recorded pid) and wait until it is gone.
+# stop_registry: stop the registry and wait until it is gone.
 # `start_registry` brings it back on the same state dir (same key, same JOIN).
 stop_registry() {
-  local pid; pid=$(cat "$WORK/registry.pid")
-  log "stopping registry (pid $pid)"
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  # so that a later start_registry waits for the new process's URL
-  rm -f "$WORK/registry/join-url"
+  log "stopping registry (pid $(bg_pid registry))"
+  stop_bg registry
 }
 
-# node NS NAME [extra up args...]: `pilot-tun up` (background) in NS with its
-# own state dir; records the daemon pid.
+# restart_registry NS IP [ARGS...]: stop it, start it again on its state dir.
+restart_registry() { stop_registry; start_registry "$@"; }
+
+# node_up NS NAME [extra up args...]: `pilot-tun up` (background) in NS with its
+# own state dir; records the daemon's pid (from its status).
 node_up() {
   local ns=$1 name=$2; shift 2
   mkdir -p "$WORK/$name"
   on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" up --name "$name" "$@" \
     | tee "$WORK/$name.up" >&2
-  onq "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" --json status \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])' >"$WORK/$name/daemon.pid"
+  status_of "$ns" "$name" pid >"$WORK/$name/daemon.pid"
 }
 
+# node_down NS NAME: `pilot-tun down`, then wait until the daemon process has
+# exited (its UDP port is free again).
 node_down() {
-  local ns=$1 name=$2
+  local ns=$1 name=$2 pid
+  pid=$(cat "$WORK/$name/daemon.pid")
   on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" down >&2
+  wait_for 15 "$name's daemon (pid $pid) exits" gone "$pid"
+  rm -f "$WORK/$name/daemon.pid"
 }
 
-# node_restart NS NAME [up args...]: `down`, wait until the old daemon process
-# has exited (by its recorded pid), then `up` again on the same state dir.
+# node_restart NS NAME [up args...]: `node_down`, then `node_up` again on the
+# same state dir.
 node_restart() {
   local ns=$1 name=$2; shift 2
-  local old; old=$(cat "$WORK/$name/daemon.pid")
   node_down "$ns" "$name"
-  wait_for 10 "$name's old daemon (pid $old) exits" sh -c "! kill -0 $old"
   node_up "$ns" "$name" "$@"
 }
 
@@ -182,23 +294,17 @@ pt() { local ns=$1 name=$2; shift 2; on "$ns" "$BIN/pilot-tun" --state-dir "$WOR
 ptq() { local ns=$1 name=$2; shift 2; onq "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" "$@"; }
 
 # addr_of NS NAME: the node's overlay address.
-addr_of() {
-  ptq "$1" "$2" --json status | python3 -c 'import json,sys; print(json.load(sys.stdin)["address"])'
-}
+addr_of() { status_of "$1" "$2" address; }
 
-# json_get NS NAME EXPR ARGS...: evaluate a python expression on `--json ARGS` output (d).
-json_get() {
-  local ns=$1 name=$2 expr=$3; shift 3
-  ptq "$ns" "$name" --json "$@" | python3 -c "import json,sys; d=json.load(sys.stdin); print($expr)"
-}
-
-# trust_pair NS_A A NS_B B: A requests, B approves; waits until both trusted.
+# trust_pair NS_A A NS_B B: A requests, B approves; waits until each side
+# shows the other as trusted.
 trust_pair() {
   local na=$1 a=$2 nb=$3 b=$4
   pt "$na" "$a" trust request "$b" --note "netns test" >&2
-  wait_for 5 "$b sees $a's request" sh -c "ip netns exec $PFX-$nb $BIN/pilot-tun --state-dir $WORK/$b --json trust pending | grep -q '\"$a\"'"
+  wait_for 5 "$b sees $a's request" has_peer "$nb" "$b" "$a" trust pending
   pt "$nb" "$b" trust approve "$a" >&2
-  wait_for 5 "$a sees $b's approval" sh -c "ip netns exec $PFX-$na $BIN/pilot-tun --state-dir $WORK/$a --json trust list | grep -q '\"trusted\"'"
+  wait_for 5 "$a sees $b's approval" peer_is "$na" "$a" "$b" state trusted trust list
+  wait_for 5 "$b trusts $a" peer_is "$nb" "$b" "$a" state trusted trust list
 }
 
 need() { command -v "$1" >/dev/null 2>&1 || fail "missing tool: $1 (scripts/test.sh installs it)"; }
@@ -206,6 +312,7 @@ need() { command -v "$1" >/dev/null 2>&1 || fail "missing tool: $1 (scripts/test
 # trap_errors: any unexpected failing command fails the scenario (with its
 # line, and the logs) instead of ending it silently through `set -e`.
 # Also: killed by a time limit (TERM/INT) shows the logs before cleaning up.
+# (`setup_lab` calls it.)
 trap_errors() {
   set -E
   trap '_err_trap $? "$BASH_COMMAND" "$LINENO"' ERR
@@ -225,10 +332,17 @@ _err_trap() {
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
-# wait_listen SECONDS NS PORT: poll until a TCP listener on PORT exists in NS.
+# --- traffic and captures ------------------------------------------------------
+
+# listening NS PORT [ADDR]: a TCP listener on PORT (bound to ADDR, if given) in NS.
+listening() {
+  local f="sport = :$2"
+  [ -z "${3:-}" ] || f="src $3 and $f"
+  [ -n "$(onq "$1" ss -Hltn "$f")" ]
+}
+# wait_listen SECONDS NS PORT [ADDR]: poll until that listener exists.
 wait_listen() {
-  wait_for "$1" "TCP listener on port $3 in $2" \
-    sh -c "ip netns exec $PFX-$2 ss -Hltn 'sport = :$3' | grep -q LISTEN"
+  wait_for "$1" "TCP listener on ${4:+$4:}$3 in $2" listening "$2" "$3" "${4:-}"
 }
 
 # tcp_blocked_fast NS ADDR PORT: a TCP connect from NS to ADDR:PORT must fail,
@@ -242,6 +356,20 @@ tcp_blocked_fast() {
   [ "$ELAPSED_MS" -lt 2000 ] || fail "TCP connect $ns -> $addr:$port took ${ELAPSED_MS} ms to fail (must fail fast, < 2000 ms)"
   log "TCP connect $ns -> $addr:$port refused after ${ELAPSED_MS} ms (exit $rc)"
 }
+
+# capture NS LABEL PCAP [TCPDUMP ARGS...] [FILTER]: tcpdump on NS's eth0, each
+# packet written to PCAP as it comes; returns once tcpdump listens.
+# `stop_bg LABEL INT` ends it (or it ends by itself with -c N).
+capture() {
+  local ns=$1 label=$2 pcap=$3; shift 3
+  bg "$ns" "$label" tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -w "$pcap" "$@"
+  wait_for 5 "capture $label listening on $ns's eth0" grep -q "listening on eth0" "$WORK/$label.log"
+}
+# pcap_count PCAP [FILTER]: how many packets PCAP holds (that match FILTER).
+pcap_count() { local f=$1; shift; tcpdump -r "$f" "$@" 2>/dev/null | wc -l; }
+
+# size_is FILE BYTES: FILE exists and holds exactly BYTES bytes.
+size_is() { [ "$(stat -c %s "$1" 2>/dev/null)" = "$2" ]; }
 
 # NAT routers for the NAT scenarios (WANs plugged into the switch "inet").
 # nat_router NAME WAN_IP LAN_SW LAN_GW/LEN MODE: a NAT router namespace.
@@ -276,22 +404,21 @@ behind() {
 transfer_ok() {
   local from=$1 to=$2 addr=$3 bytes=$4 label=$5
   head -c "$bytes" /dev/urandom >"$WORK/$label.in"
-  bg "$to" "nc-$label" sh -c "nc -l $addr 9000 > $WORK/$label.out"
-  wait_for 5 "nc listens ($label)" onq "$to" sh -c "ss -ltn | grep -q '$addr:9000'"
+  bg "$to" "nc-$label" sh -c "exec nc -l $addr 9000 > $WORK/$label.out"
+  wait_listen 5 "$to" 9000 "$addr"
   onq "$from" nc -N -w 10 "$addr" 9000 <"$WORK/$label.in"
-  wait_for 10 "transfer complete ($label)" sh -c "[ \$(stat -c %s $WORK/$label.out) -eq $bytes ]"
+  wait_for 10 "transfer complete ($label)" size_is "$WORK/$label.out" "$bytes"
   cmp -s "$WORK/$label.in" "$WORK/$label.out" || fail "$label: $bytes bytes differ after the transfer"
 }
 
-# iperf_mbps FROM_NS TO_NS TO_ADDR SECONDS LABEL: iperf3 for SECONDS; prints
-# the receiver's Mbit/s and fails if nothing moved.
+# iperf_mbps FROM_NS TO_NS TO_ADDR SECONDS LABEL: iperf3 for SECONDS; sets
+# MBPS to the receiver's Mbit/s and fails if nothing moved.
 iperf_mbps() {
-  local from=$1 to=$2 addr=$3 secs=$4 label=$5 mbps
+  local from=$1 to=$2 addr=$3 secs=$4 label=$5
   bg "$to" "iperf-$label" iperf3 -s -1 -B "$addr"
-  wait_for 5 "iperf3 listens ($label)" onq "$to" sh -c "ss -ltn | grep -q '$addr:5201'"
-  mbps=$(onq "$from" iperf3 -c "$addr" -t "$secs" -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))')
-  [ "$mbps" -gt 0 ] || fail "$label: iperf3 moved nothing"
-  echo "$mbps"
+  wait_listen 5 "$to" 5201 "$addr"
+  MBPS=$(onq "$from" timeout $(( secs + 30 )) iperf3 -c "$addr" -t "$secs" -J | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))')
+  [ "$MBPS" -gt 0 ] || fail "$label: iperf3 moved nothing"
 }
 
 # lab_two_hosts: the basic lab — a switch "sw" with the registry (reg,

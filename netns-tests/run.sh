@@ -56,6 +56,21 @@ else
   done
 fi
 
+# The one dialect (netns-tests/lib.sh): every scenario calls setup_lab (so
+# the error trap is on, and cleanup runs), and leaves pids to lib.sh.
+dialect=0
+for script in "${scenarios[@]}"; do
+  if ! grep -q '^setup_lab' "$script"; then
+    echo "netns-tests/run.sh: ${script##*/} does not call setup_lab" >&2; dialect=1
+  fi
+  if grep -nE 'trap_errors|trap +-|\bkill(all)?\b|pkill|\.pid\b|\$!' "$script" | grep -vE '^[0-9]+: *#' >&2; then
+    echo "netns-tests/run.sh: ${script##*/}: the lines above handle the error trap or pids themselves;" \
+      "use setup_lab and lib.sh's bg/stop_bg/wait_bg_exit/bg_running/node_down" >&2
+    dialect=1
+  fi
+done
+[ "$dialect" -eq 0 ] || exit 2
+
 own_logs=no   # a log dir we made ourselves is removed when all passed
 [ -n "${NETNS_LOGS:-}" ] || own_logs=yes
 LOGS=${NETNS_LOGS:-$(mktemp -d /tmp/netns-logs.XXXX)}

@@ -17,7 +17,6 @@
 SCENARIO=s01_trust_and_traffic
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors
 for t in ip ping nc iperf3 python3 ss timeout sha256sum; do need "$t"; done
 
 lab_two_hosts
@@ -40,7 +39,7 @@ pass "before trust: TCP refused in ${ELAPSED_MS} ms, ping 'Packet filtered'"
 
 # --- trust ----------------------------------------------------------------
 trust_pair a alpha b beta
-[ "$(json_get b beta '[p["state"] for p in d if p["hostname"]=="alpha"]' trust list)" = "['trusted']" ] \
+peer_is b beta alpha state trusted trust list \
   || fail "beta's trust list does not show alpha as trusted"
 
 # The same connect now works (positive control for the check above).
@@ -52,7 +51,7 @@ bg b nc-recv sh -c "exec nc -l $B 9000 >$WORK/recv.bin"
 wait_listen 5 b 9000
 t0=$(now_ms)
 on a timeout 30 nc -N -w 5 "$B" 9000 <"$WORK/send.bin"
-wait_for 20 "beta's nc finishes receiving" sh -c "! kill -0 $(cat "$WORK/nc-recv.pid")"
+wait_bg_exit 20 nc-recv   # beta's nc ends once it has received everything
 ms=$(( $(now_ms) - t0 ))
 want=$(sha256sum <"$WORK/send.bin" | cut -d' ' -f1)
 got=$(sha256sum <"$WORK/recv.bin" | cut -d' ' -f1)
@@ -75,8 +74,8 @@ bps=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["end"]
 pass "iperf3 alpha -> beta: $(( bps / 1000000 )) Mbit/s"
 
 # --- learned state: each side sees the other's underlay endpoint, a session, bytes
-ep=$(json_get a alpha '[p["endpoint"] for p in d if p["hostname"]=="beta"][0]' peers)
+ep=$(peer_of a alpha beta endpoint)
 case "$ep" in 192.0.2.12:*) ;; *) fail "alpha's endpoint for beta is '$ep', expected 192.0.2.12:<port>" ;; esac
-[ "$(json_get a alpha '[p["session"] and p["tx_bytes"] > 10000000 for p in d if p["hostname"]=="beta"][0]' peers)" = True ] \
+peer_is a alpha beta session true && [ "$(peer_of a alpha beta tx_bytes)" -gt 10000000 ] \
   || fail "alpha's peers entry for beta shows no session or fewer than 10 MB sent"
 pass "alpha reaches beta directly at $ep"

@@ -20,7 +20,6 @@
 SCENARIO=s03_restart_keeps_state
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors
 for t in ip ping python3 timeout; do need "$t"; done
 
 switch sw
@@ -39,8 +38,8 @@ log "alpha=$A beta=$B"
 trust_pair a alpha b beta
 on a ping -c2 -i0.2 -W2 "$B" >/dev/null || fail "alpha -> beta ping failed after trust"
 
-trusted_at() { # NS NAME PEER: "ok" when NAME's trust list shows PEER trusted
-  [ "$(json_get "$1" "$2" "[p['state'] for p in d if p['hostname']=='$3']" trust list)" = "['trusted']" ]
+trusted_at() { # NS NAME PEER: NAME's trust list shows PEER trusted
+  peer_is "$1" "$2" "$3" state trusted trust list
 }
 ping_works() { # NS ADDR: 3 pings, all answered
   on "$1" ping -c3 -i0.2 -W2 "$2" >/dev/null
@@ -53,9 +52,9 @@ time_to_ping() {
 }
 
 # --- 1. restart alpha's daemon ---------------------------------------------
-old_pid=$(cat "$WORK/alpha/daemon.pid")
+old_pid=$(status_of a alpha pid)
 node_restart a alpha
-[ "$(cat "$WORK/alpha/daemon.pid")" != "$old_pid" ] || fail "alpha's daemon pid did not change: not restarted"
+[ "$(status_of a alpha pid)" != "$old_pid" ] || fail "alpha's daemon pid did not change: not restarted"
 grep -q "up: $A/" "$WORK/alpha.up" || fail "alpha came back with another address: $(cat "$WORK/alpha.up")"
 [ "$(addr_of a alpha)" = "$A" ] || fail "alpha's status shows a different address after restart"
 trusted_at a alpha beta || fail "alpha no longer trusts beta after its restart"
@@ -70,10 +69,9 @@ pass "alpha restarted: same address $A, trust kept, ping both ways (no new appro
 # --- 2. restart the registry while traffic flows --------------------------
 bg a ping-during ping -i0.2 -c25 -W1 "$B"
 wait_for 3 "first reply of the background ping" grep -q "bytes from" "$WORK/ping-during.log"
-restart_registry reg 192.0.2.1
-JOIN=$(cat "$WORK/registry/join-url")
+restart_registry reg 192.0.2.1   # sets JOIN from the URL the new process wrote
 [ "$JOIN" = "$JOIN0" ] || fail "the registry's join URL changed on restart (key not kept): $JOIN0 -> $JOIN"
-wait_for 15 "the background ping finishes" sh -c "! kill -0 $(cat "$WORK/ping-during.pid")"
+wait_bg_exit 15 ping-during
 stats=$(grep "packets transmitted" "$WORK/ping-during.log") || fail "no ping statistics: $(cat "$WORK/ping-during.log")"
 tx=$(echo "$stats" | awk '{print $1}'); rx=$(echo "$stats" | awk '{print $4}')
 log "ping alpha -> beta across the registry restart: $stats"
@@ -90,10 +88,9 @@ pt d delta trust request alpha --note "after the registry restart" >&2
 pt d delta trust request beta --note "after the registry restart" >&2
 for nb in "a alpha" "b beta"; do
   set -- $nb
-  wait_for 20 "$2 sees delta's request" \
-    sh -c "ip netns exec $PFX-$1 $BIN/pilot-tun --state-dir $WORK/$2 --json trust pending | grep -q '\"delta\"'"
+  wait_for 20 "$2 sees delta's request" has_peer "$1" "$2" delta trust pending
 done
-reachable() { [ "$(json_get "$1" "$2" 'd["registry"]["reachable"]' status)" = True ]; }
+reachable() { status_is "$1" "$2" registry.reachable true; }
 reachable a alpha && reachable b beta || fail "a node reports the restarted registry unreachable"
 [ "$(addr_of a alpha)" = "$A" ] && [ "$(addr_of b beta)" = "$B" ] || fail "addresses changed after the registry restart"
 pass "registry restarted: same key, 0/$tx pings lost, addresses kept, delta ($D) joined and asked alpha and beta"
@@ -103,7 +100,7 @@ stop_registry
 node_restart b beta
 grep -q "up: $B/" "$WORK/beta.up" || fail "beta did not come up on its cached address $B while the registry is down: $(cat "$WORK/beta.up")"
 [ "$(addr_of b beta)" = "$B" ] || fail "beta's status shows another address while the registry is down"
-log "beta's view of alpha after the restart: $(json_get b beta '[p for p in d if p["hostname"]=="alpha"]' peers)"
+log "beta's view of alpha after the restart: $(peer_of b beta alpha "")"
 # beta knows alpha's endpoint from before (cached on disk), so its own
 # traffic to alpha can start a handshake at once; 10 s is generous.
 time_to_ping b "$A" 10

@@ -19,7 +19,6 @@
 SCENARIO=s04_no_plaintext_on_underlay
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors
 for t in ip ping nc tcpdump python3 ss timeout od; do need "$t"; done
 
 lab_two_hosts
@@ -32,8 +31,7 @@ CONTROL="CLEAR-CONTROL-$RANDOM$RANDOM"
 log "marker '$MARKER', ping pattern '$PINGMARK' (0x$PINGHEX), control '$CONTROL'"
 
 # --- capture beta's underlay --------------------------------------------------
-bg b tcpdump tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -w "$WORK/beta-eth0.pcap"
-wait_for 5 "tcpdump listening on beta's eth0" grep -q "listening on eth0" "$WORK/tcpdump.log"
+capture b tcpdump "$WORK/beta-eth0.pcap"
 
 # --- the secret traffic ---------------------------------------------------------
 bg b nc-recv sh -c "exec nc -lk $B 9000 >$WORK/received.txt"
@@ -47,8 +45,8 @@ log "sent the marker $N times over TCP alpha -> $B:9000"
 on a ping -c5 -i0.2 -W2 -s 200 -p "$PINGHEX" "$B" >"$WORK/ping-marker.txt" \
   || fail "ping with the marker pattern failed: $(cat "$WORK/ping-marker.txt")"
 grep -q "wrong data byte" "$WORK/ping-marker.txt" && fail "ping replies came back with other bytes"
-wait_for 5 "beta's application received all $N markers" \
-  sh -c "[ \$(grep -c '^$MARKER ' $WORK/received.txt) -ge $N ]"
+markers_in() { [ "$(grep -c "^$MARKER " "$1")" -ge "$2" ]; }   # FILE N
+wait_for 5 "beta's application received all $N markers" markers_in "$WORK/received.txt" "$N"
 pass "beta's application received the marker $N times; 5 ping replies carried the pattern"
 
 # --- the control: plaintext on the underlay is visible to this capture ---------
@@ -58,8 +56,7 @@ on a python3 -c 'import socket,sys; socket.socket(socket.AF_INET, socket.SOCK_DG
 wait_for 5 "the clear control packet is written to the capture" grep -qa "$CONTROL" "$WORK/beta-eth0.pcap"
 
 # --- stop the capture and search it ---------------------------------------------
-kill -INT "$(cat "$WORK/tcpdump.pid")"
-wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/tcpdump.pid")"
+stop_bg tcpdump INT
 log "tcpdump: $(grep 'packets captured' "$WORK/tcpdump.log" || echo '?')"
 
 python3 - "$WORK/beta-eth0.pcap" "$MARKER" "$PINGMARK" "$CONTROL" <<'PY' || fail "capture check failed (see above)"

@@ -18,7 +18,6 @@
 SCENARIO=s05_revoke_stops_traffic
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors
 for t in ip ping nc python3 ss timeout; do need "$t"; done
 
 lab_two_hosts
@@ -33,9 +32,9 @@ wait_for 5 "beta connects to alpha:8080 before the revoke" onq b nc -z -w 2 "$A"
 # --- continuous pings both ways -------------------------------------------------
 bg a ping-ab ping -D -n -i0.1 -c150 -W1 "$B"
 bg b ping-ba ping -D -n -i0.1 -c150 -W1 "$A"
-replies() { grep -c "bytes from" "$1" || true; }
-wait_for 5 "10 replies alpha -> beta" sh -c "[ \$(grep -c 'bytes from' $WORK/ping-ab.log) -ge 10 ]"
-wait_for 5 "10 replies beta -> alpha" sh -c "[ \$(grep -c 'bytes from' $WORK/ping-ba.log) -ge 10 ]"
+replies_at_least() { [ "$(grep -c "bytes from" "$WORK/$1.log")" -ge "$2" ]; }   # LABEL N
+wait_for 5 "10 replies alpha -> beta" replies_at_least ping-ab 10
+wait_for 5 "10 replies beta -> alpha" replies_at_least ping-ba 10
 
 # --- revoke -------------------------------------------------------------------------
 T_CALL=$(date +%s.%N)
@@ -44,19 +43,17 @@ T_REV=$(date +%s.%N)
 log "revoke returned after $(python3 -c "print(round(($T_REV-$T_CALL)*1000))") ms"
 
 # beta learns it was revoked (pushed through the registry).
-revoked_by_peer() {
-  [ "$(json_get b beta '[p["state"] for p in d if p["hostname"]=="alpha"]' trust list)" = "['revoked-by-peer']" ]
-}
-wait_for 2 "beta's trust list shows alpha as revoked-by-peer" revoked_by_peer
+wait_for 2 "beta's trust list shows alpha as revoked-by-peer" \
+  peer_is b beta alpha state revoked-by-peer trust list
 log "beta saw revoked-by-peer $(python3 -c "import time; print(round((time.time()-$T_REV)*1000))") ms after the revoke"
-[ "$(json_get a alpha '[p["state"] for p in d if p["hostname"]=="beta"]' trust list)" = "['revoked']" ] \
+peer_is a alpha beta state revoked trust list \
   || fail "alpha's trust list does not show beta as revoked"
 
 # An observation window: the pings keep running until at least T_REV + 3 s.
-wait_for 5 "3 s of pinging after the revoke" \
-  python3 -c "import time,sys; sys.exit(0 if time.time() > $T_REV + 3 else 1)"
+# (A test of time passing: the sleep is the point.)
+sleep "$(python3 -c "import time; print(max(0.0, $T_REV + 3 - time.time()))")"
 for f in ping-ab ping-ba; do
-  kill -0 "$(cat "$WORK/$f.pid")" 2>/dev/null || fail "$f stopped before the end of the observation window"
+  bg_running "$f" || fail "$f stopped before the end of the observation window"
 done
 
 python3 - "$T_CALL" "$T_REV" "$WORK/ping-ab.log" "$WORK/ping-ba.log" <<'PY' || fail "traffic did not stop within 1 s of the revoke (see above)"
@@ -88,13 +85,11 @@ sys.exit(1 if bad else 0)
 PY
 pass "traffic stopped both ways within 1 s of the revoke"
 
-kill "$(cat "$WORK/ping-ab.pid")" "$(cat "$WORK/ping-ba.pid")" 2>/dev/null || true
+stop_bg ping-ab; stop_bg ping-ba
 
 # A fresh TCP connection from beta to alpha is refused fast (and the other way).
 tcp_blocked_fast b "$A" 8080
 tcp_blocked_fast a "$B" 8080
-sess=$(json_get a alpha '[p["session"] for p in d if p["hostname"]=="beta"]' peers)
-[ "$sess" = "[False]" ] || fail "alpha still has a session with beta after the revoke: $sess"
-sess=$(json_get b beta '[p["session"] for p in d if p["hostname"]=="alpha"]' peers)
-[ "$sess" = "[False]" ] || fail "beta still has a session with alpha after the revoke: $sess"
+peer_is a alpha beta session false || fail "alpha still has a session with beta after the revoke"
+peer_is b beta alpha session false || fail "beta still has a session with alpha after the revoke"
 pass "after the revoke: TCP refused fast both ways, no session on either side"

@@ -28,7 +28,6 @@
 SCENARIO=${SCENARIO:-s06_nat_matrix}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
 need nft; need iperf3; need curl; need tcpdump
 
 switch inet
@@ -52,20 +51,14 @@ for n in pubA pubB hE1 hE1b hE2 hH1 hH2; do
   node_up "$n" "$(echo "$n" | tr 'A-Z' 'a-z')" --registry "$JOIN" >/dev/null
 done
 
-nat_of() { json_get "$1" "$(echo "$1" | tr 'A-Z' 'a-z')" "d['nat']" status; }
+nat_of() { status_of "$1" "$(echo "$1" | tr 'A-Z' 'a-z')" nat; }
 log "NAT types: pubA=$(nat_of pubA) hE1=$(nat_of hE1) hH1=$(nat_of hH1)"
 [ "$(nat_of pubA)" = none ] || fail "pubA should see no NAT, got $(nat_of pubA)"
 [ "$(nat_of hE1)" = endpoint-independent ] || fail "hE1 should see an easy NAT, got $(nat_of hE1)"
 [ "$(nat_of hH1)" = "per-destination (hard)" ] || fail "hH1 should see a hard NAT, got $(nat_of hH1)"
 
-# path_of NS NAME PEER: direct|relay|None, from `peers --json`.
-path_of() {
-  json_get "$1" "$2" "[p.get('path') for p in d if p['hostname']=='$3'][0]" peers
-}
-
-trusted_with() {
-  json_get "$1" "$2" "[p['trust'] for p in d if p['hostname']=='$3'][0]" peers 2>/dev/null | grep -qx trusted
-}
+# path_of NS NAME PEER: direct|relay|null, from `peers --json`.
+path_of() { peer_of "$1" "$2" "$3" path; }
 
 TTFB=()
 # cell LABEL NS_A NS_B EXPECTED
@@ -74,9 +67,9 @@ cell() {
   local a; a=$(echo "$na" | tr 'A-Z' 'a-z'); local b; b=$(echo "$nb" | tr 'A-Z' 'a-z')
   log "---- cell $label: $a <-> $b, expecting $want"
   pt "$na" "$a" trust request "$b" >/dev/null
-  wait_for 5 "$b sees $a's request" sh -c "ip netns exec $PFX-$nb $BIN/pilot-tun --state-dir $WORK/$b --json trust pending | grep -q '\"$a\"'"
+  wait_for 5 "$b sees $a's request" has_peer "$nb" "$b" "$a" trust pending
   pt "$nb" "$b" trust approve "$a" >/dev/null
-  wait_for 5 "$a trusts $b" trusted_with "$na" "$a" "$b"
+  wait_for 5 "$a trusts $b" peer_is "$na" "$a" "$b" trust trusted
   local B; B=$(addr_of "$nb" "$b")
   # Traffic decides the path: ping until it answers (relay fallback included).
   wait_for 15 "$a reaches $b over 10.x" onq "$na" ping -c1 -W1 "$B"
@@ -87,19 +80,19 @@ cell() {
   # An ordinary TCP transfer with a checksum.
   transfer_ok "$na" "$nb" "$B" 3000000 "$label"
   # iperf3 for 3 s.
-  local mbps; mbps=$(iperf_mbps "$na" "$nb" "$B" 3 "$label")
+  iperf_mbps "$na" "$nb" "$B" 3 "$label"; local mbps=$MBPS
   log "cell $label: path $got, iperf3 $mbps Mbit/s, 3 MB transfer identical"
   RESULTS+=("$label|$want|$mbps")
   # Time to first byte from a cold start: restart a, then fetch from b.
   if [ -n "${TTFB_JSON:-}" ]; then
     mkdir -p "$WORK/www-$label"; echo hi >"$WORK/www-$label/index.html"
     bg "$nb" "http-$label" python3 -m http.server 8080 --bind "$B" --directory "$WORK/www-$label"
-    wait_for 5 "http listens" onq "$nb" sh -c "ss -ltn | grep -q ':8080'"
+    wait_listen 5 "$nb" 8080 "$B"
     node_restart "$na" "$a" >/dev/null
     local t; t=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$B:8080/")
     log "cell $label: time to first byte after a cold start: ${t}s"
     TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$mbps}")
-    kill "$(cat "$WORK/http-$label.pid")" 2>/dev/null || true
+    stop_bg "http-$label"
   fi
 }
 
@@ -113,21 +106,24 @@ cell hard-easy hH1 hE2 relay
 # while a marker crosses the relayed pair hH1 -> hE2.
 MARK="PILOT-RELAY-MARK-$RANDOM$RANDOM"
 HE2=$(addr_of hE2 he2)
-bg reg cap tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -w "$WORK/relay.pcap" udp
-wait_for 5 "capture running on the relay" grep -q "listening on eth0" "$WORK/cap.log"
-bg hE2 marknc sh -c "nc -l $HE2 9100 > $WORK/mark.out"
-wait_for 5 "nc listens" onq hE2 sh -c "ss -ltn | grep -q ':9100'"
+capture reg cap "$WORK/relay.pcap" udp
+bg hE2 marknc sh -c "exec nc -l $HE2 9100 > $WORK/mark.out"
+wait_listen 5 hE2 9100 "$HE2"
 for _ in 1 2 3; do echo "$MARK"; done | onq hH1 nc -N -w 5 "$HE2" 9100
 wait_for 5 "marker delivered" grep -q "$MARK" "$WORK/mark.out"
-sleep 0.5
-kill -INT "$(cat "$WORK/cap.pid")"
-wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/cap.pid")"
-NPKT=$(tcpdump -r "$WORK/relay.pcap" 2>/dev/null | wc -l)
+# Everything that carried the marker crossed the relay's link before it was
+# delivered; a fence datagram sent to the relay now is captured after all of
+# it, so once the fence is in the file, so is the marker's traffic.
+FENCE="CAPTURE-FENCE-$RANDOM$RANDOM"
+onq pubA python3 -c 'import socket,sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ("203.0.113.1", 9))' "$FENCE"
+wait_for 5 "the fence datagram is in the relay's capture" grep -qa "$FENCE" "$WORK/relay.pcap"
+stop_bg cap INT
+NPKT=$(pcap_count "$WORK/relay.pcap" not dst port 9)
 [ "$NPKT" -ge 6 ] || fail "relay capture holds $NPKT packets: the marker did not cross the relay"
 if grep -qa "$MARK" "$WORK/relay.pcap"; then fail "the relay saw plaintext"; fi
 log "relay capture: $NPKT UDP packets carried the marker, none shows it"
 cell hard-hard hH1 hH2 relay
-RR=$(json_get hH1 hh1 "[p.get('relay_reason') for p in d if p['hostname']=='hh2'][0]" peers)
+RR=$(peer_of hH1 hh1 hh2 relay_reason)
 [ "$RR" = "both NATs map per destination" ] \
   || fail "hard-hard should be relayed because both NATs are hard, reason was: $RR"
 

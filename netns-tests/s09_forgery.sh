@@ -12,10 +12,12 @@
 #    is forwarded only between nodes that approved each other. Positive
 #    control: from beta's address to alpha it is relayed; from carol's
 #    address to alpha it is not; from an unregistered address it is not.
+#    (Each refusal is checked once a frame from beta sent after it has been
+#    relayed: the relay handles datagrams in order, so by then it has
+#    decided on the refused ones.)
 SCENARIO=${SCENARIO:-s09_forgery}
 source "$(dirname "$0")/lib.sh"
 setup_lab
-trap_errors 2>/dev/null || true
 need tcpdump; need python3
 switch inet
 mkns reg; plug reg inet 203.0.113.1/24
@@ -29,18 +31,19 @@ node_up c carol --registry "$JOIN" >/dev/null
 trust_pair a alpha b beta
 pt c carol trust request alpha >/dev/null
 A=$(addr_of a alpha); B=$(addr_of b beta)
-APORT=$(json_get a alpha "d['listen'].split(':')[1]" status)
+APORT=$(status_of a alpha listen); APORT=${APORT##*:}
 wait_for 10 "beta reaches alpha" onq b ping -c1 -W1 "$A"
-ep_b() { json_get a alpha "[p.get('endpoint') for p in d if p['hostname']=='beta'][0]" peers; }
+ep_b() { peer_of a alpha beta endpoint; }
 EP0=$(ep_b)
 log "alpha reaches beta at $EP0"
 
 # 1. Replays from a third address.
-bg a cap tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -c 10 -w "$WORK/b2a.pcap" "udp and src host 203.0.113.11 and dst port $APORT"
-wait_for 5 "capture running" grep -q "listening on eth0" "$WORK/cap.log"
+capture a cap "$WORK/b2a.pcap" -c 10 "udp and src host 203.0.113.11 and dst port $APORT"
 onq b ping -c 15 -i 0.05 "$A" >/dev/null
-wait_for 5 "10 packets captured" sh -c "! kill -0 $(cat "$WORK/cap.pid")"
-R0=$(json_get a alpha "d['drops']['replay'] + d['drops']['auth']" status)
+wait_bg_exit 5 cap   # tcpdump -c 10 ends after 10 packets
+dropped() { local r a; r=$(status_of a alpha drops.replay) && a=$(status_of a alpha drops.auth) && echo $(( r + a )); }
+R0=$(dropped)
+more_dropped() { local n; n=$(dropped) && [ "$n" -gt "$R0" ]; }
 python3 - "$WORK/b2a.pcap" > "$WORK/payloads.hex" <<'PY'
 import struct, sys
 data = open(sys.argv[1], "rb").read()
@@ -59,42 +62,51 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for line in open(sys.argv[1]):
     s.sendto(bytes.fromhex(line.strip()), (sys.argv[2], int(sys.argv[3])))
 PY
-wait_for 5 "alpha drops carol's replays" sh -c "[ \$(ip netns exec $PFX-a $BIN/pilot-tun --state-dir $WORK/alpha --json status | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d[\"drops\"][\"replay\"] + d[\"drops\"][\"auth\"])') -gt $R0 ]"
+wait_for 5 "alpha drops carol's replays" more_dropped
 [ "$(ep_b)" = "$EP0" ] || fail "a replay from carol moved beta's endpoint to $(ep_b)"
 onq a ping -c2 -W1 "$B" >/dev/null || fail "alpha <-> beta broke after the replays"
 pass "replayed datagrams from a third host were dropped; beta's endpoint stayed $EP0"
 
 # 2. The relay forwards only between nodes that approved each other.
-# frame SRC_NS SRC_STATE PORT: send one relay frame to alpha's node id from
-# the given node's UDP port (its daemon stopped, so the port is free while the
-# registry still knows the address), and report whether alpha received a
-# relayed datagram.
-AID=$(json_get a alpha "d['node_id']" status)
-relay_from() {
-  local ns=$1 name=$2 port=$3
-  bg a cap2 tcpdump -i eth0 -n -U --immediate-mode -Z root -s 0 -w "$WORK/relay-$name.pcap" "udp and src host 203.0.113.1 and udp[8] = 0xa6"
-  wait_for 5 "capture running" grep -q "listening on eth0" "$WORK/cap2.log"
-  onq "$ns" python3 - "$AID" "$port" <<'PY'
+# frames NS PORT TAG N: from NS, UDP port PORT (a stopped daemon's port is
+# free while the registry still knows the address), hand the relay N frames
+# for alpha's node id, each payload carrying TAG; alpha's capture counts them.
+AID=$(status_of a alpha node_id)
+frames() {
+  onq "$1" python3 - "$AID" "$2" "$3" "$4" <<'PY'
 import socket, sys
+aid, port, tag, n = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[2])))
-frame = bytes([0xA5, 0, 0, 0]) + bytes.fromhex(sys.argv[1]) + bytes([0xA4, 0, 0, 0]) + b"\x00" * 40
-for _ in range(5):
+s.bind(("0.0.0.0", port))
+frame = bytes([0xA5, 0, 0, 0]) + bytes.fromhex(aid) + bytes([0xA4, 0, 0, 0]) + tag.ljust(40, b"\x00")
+for _ in range(n):
     s.sendto(frame, ("203.0.113.1", 7946))
 PY
-  sleep 0.5
-  kill -INT "$(cat "$WORK/cap2.pid")"
-  wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/cap2.pid")"
-  tcpdump -r "$WORK/relay-$name.pcap" 2>/dev/null | wc -l
 }
-BPORT=$(json_get b beta "d['listen'].split(':')[1]" status)
-CPORT=$(json_get c carol "d['listen'].split(':')[1]" status)
+# relayed TAG: how many frames with TAG alpha received from the relay.
+relayed() { python3 -c 'import sys; print(open(sys.argv[1], "rb").read().count(sys.argv[2].encode()))' "$WORK/relay.pcap" "$1"; }
+at_least_relayed() { [ "$(relayed "$1")" -ge "$2" ]; }   # TAG N
+BPORT=$(status_of b beta listen); BPORT=${BPORT##*:}
+CPORT=$(status_of c carol listen); CPORT=${CPORT##*:}
 node_down b beta; node_down c carol
-sleep 0.3
-NB=$(relay_from b beta "$BPORT")
+capture a cap2 "$WORK/relay.pcap" "udp and src host 203.0.113.1 and udp[8] = 0xa6"
+frames b "$BPORT" FROM-BETA 5
+wait_for 5 "the relay forwards beta's frames to alpha" at_least_relayed FROM-BETA 1
+NB=$(relayed FROM-BETA)
 [ "$NB" -ge 1 ] || fail "positive control: a frame from beta's address was not relayed to alpha"
-NC=$(relay_from c carol "$CPORT")
+frames c "$CPORT" FROM-CAROL 5
+frames b "$BPORT" FENCE-1 1
+wait_for 5 "beta's frame sent after carol's is relayed" at_least_relayed FENCE-1 1
+NC=$(relayed FROM-CAROL)
 [ "$NC" -eq 0 ] || fail "the relay forwarded $NC frames from carol, whom alpha never approved"
-NX=$(relay_from c stranger 40000)
+frames c 40000 FROM-STRANGER 5
+frames b "$BPORT" FENCE-2 1
+wait_for 5 "beta's frame sent after the stranger's is relayed" at_least_relayed FENCE-2 1
+NX=$(relayed FROM-STRANGER)
 [ "$NX" -eq 0 ] || fail "the relay forwarded $NX frames from an unregistered address"
+# Only beta's frames reached alpha: nothing else came through the relay.
+stop_bg cap2 INT
+NB=$(relayed FROM-BETA)
+NALL=$(pcap_count "$WORK/relay.pcap")
+[ "$NALL" -eq $(( NB + 2 )) ] || fail "alpha got $NALL relayed frames, but only $NB from beta and 2 fences were sent through"
 pass "relay: beta->alpha forwarded ($NB), carol->alpha refused, unregistered refused"

@@ -12,8 +12,15 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo build --locked --release --workspace --bins 2>&1 | tail -1
 out=${NAT_JSON:-nat-bench.json}
-TTFB_JSON=$(realpath -m "$out") netns-tests/s06_nat_matrix.sh 2>&1 | grep -E 'PASS|FAIL|time to first byte' || true
-[ -s "$out" ] || { echo "the matrix did not finish; see netns-tests/s06_nat_matrix.sh output" >&2; exit 1; }
+rm -f "$out"   # no figures from an earlier run
+log=$(mktemp /tmp/nat-bench.XXXX.log)
+if ! TTFB_JSON=$(realpath -m "$out") netns-tests/s06_nat_matrix.sh >"$log" 2>&1; then
+  tail -n 80 "$log" >&2
+  echo "the matrix failed, so there are no figures (its whole output: $log)" >&2
+  exit 1
+fi
+grep -E 'PASS|time to first byte' "$log"
+rm -f "$log"
 python3 - "$out" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1]))
