@@ -24,10 +24,7 @@ cargo fmt --all -- --check
 
 step "no import cycles between a crate's modules"
 scripts/check-modules.py --self-test
-scripts/check-modules.py pilot-proto pilot-registry
-# pilot-tun still has node <-> dataplane and node <-> tunnels (issue 7 removes
-# them); enable this line once `scripts/check-modules.py pilot-tun` passes:
-# scripts/check-modules.py pilot-tun
+scripts/check-modules.py pilot-proto pilot-registry pilot-tun
 
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --locked --release --all-targets -- -D warnings
