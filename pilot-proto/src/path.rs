@@ -16,13 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::messages::NatType;
 
-/// How long direct probes get before traffic falls back to the relay.
-pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a relayed peer is probed directly again.
-pub const DIRECT_RETRY: Duration = Duration::from_secs(60);
-/// Probes repeat this often within a probing burst: the first probes of a
-/// hole punch are often dropped by a NAT that has not yet seen our side's.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub use crate::timers::{DIRECT_RETRY, DIRECT_TIMEOUT, PROBE_INTERVAL};
 
 /// Where a peer's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +75,7 @@ pub enum PathAction {
 /// The path state of one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PathState {
+    timing: crate::timers::Timing,
     selected: Option<Path>,
     relay_reason: Option<RelayReason>,
     candidates: Vec<SocketAddr>,
@@ -92,6 +87,14 @@ pub struct PathState {
 }
 
 impl PathState {
+    /// A path state with these durations.
+    pub fn new(timing: crate::timers::Timing) -> Self {
+        PathState {
+            timing,
+            ..Default::default()
+        }
+    }
+
     /// The path in use, if any.
     pub fn selected(&self) -> Option<Path> {
         self.selected
@@ -160,13 +163,13 @@ impl PathState {
         let Some(since) = self.probing_since else {
             return (false, PathAction::Idle);
         };
-        if now.saturating_duration_since(since) >= DIRECT_TIMEOUT {
+        if now.saturating_duration_since(since) >= self.timing.direct_timeout {
             self.probing_since = None;
             return (true, PathAction::Idle);
         }
         let again = self
             .last_probe
-            .is_none_or(|t| now.saturating_duration_since(t) >= PROBE_INTERVAL);
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.timing.probe_interval);
         if again {
             return (false, self.probe(now));
         }
@@ -214,13 +217,16 @@ impl PathState {
     /// something other than `Idle` (`now` if that is at once).
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         if let Some(since) = self.probing_since {
-            let next = self.last_probe.map_or(since, |t| t + PROBE_INTERVAL);
-            return Some(next.min(since + DIRECT_TIMEOUT));
+            let next = self
+                .last_probe
+                .map_or(since, |t| t + self.timing.probe_interval);
+            return Some(next.min(since + self.timing.direct_timeout));
         }
         match self.selected {
-            Some(Path::Relay) if !self.both_hard() && !self.candidates.is_empty() => {
-                Some(self.last_burst.map_or(now, |t| t + DIRECT_RETRY))
-            }
+            Some(Path::Relay) if !self.both_hard() && !self.candidates.is_empty() => Some(
+                self.last_burst
+                    .map_or(now, |t| t + self.timing.direct_retry),
+            ),
             _ => None,
         }
     }
@@ -244,7 +250,7 @@ impl PathState {
                 }
                 let due = self
                     .last_burst
-                    .is_none_or(|t| now.saturating_duration_since(t) >= DIRECT_RETRY);
+                    .is_none_or(|t| now.saturating_duration_since(t) >= self.timing.direct_retry);
                 if due {
                     return self.probe(now);
                 }

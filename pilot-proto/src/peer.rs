@@ -29,7 +29,7 @@ use crate::identity::NodeId;
 use crate::messages::{NatType, MAX_ENDPOINTS};
 use crate::path::{Path, PathAction, PathState, RelayReason};
 use crate::session::{CipherSuite, Session};
-use crate::timers::{PeerTimers, TimerAction, KEEPALIVE, REJECT_AFTER};
+use crate::timers::{PeerTimers, TimerAction, Timing, KEEPALIVE};
 use crate::wire::{HandshakeResp, DATA_HEADER_LEN, TAG_LEN};
 
 /// Packets kept per peer while it has no session; the oldest goes first.
@@ -178,6 +178,7 @@ pub enum Refused {
 
 /// One trusted peer.
 pub struct Peer {
+    timing: Timing,
     id: NodeId,
     static_public: [u8; 32],
     timers: PeerTimers,
@@ -203,11 +204,23 @@ impl Peer {
     /// A freshly trusted peer with its X25519 static key, and the direct
     /// endpoint that worked last time, if any.
     pub fn new(id: NodeId, static_public: [u8; 32], last_endpoint: Option<SocketAddr>) -> Self {
+        Self::with_timing(id, static_public, last_endpoint, Timing::DEFAULT)
+    }
+
+    /// [`new`](Self::new) with other durations (tests that run minutes of
+    /// protocol time in seconds).
+    pub fn with_timing(
+        id: NodeId,
+        static_public: [u8; 32],
+        last_endpoint: Option<SocketAddr>,
+        timing: Timing,
+    ) -> Self {
         Peer {
+            timing,
             id,
             static_public,
-            timers: PeerTimers::default(),
-            path: PathState::default(),
+            timers: PeerTimers::new(timing),
+            path: PathState::new(timing),
             initiators: vec![],
             sessions: vec![],
             current: None,
@@ -312,7 +325,7 @@ impl Peer {
             add(t);
         }
         for s in &self.sessions {
-            add(s.created + REJECT_AFTER);
+            add(s.created + self.timing.reject_after);
         }
         for (_, _, t) in &self.initiators {
             add(*t + INITIATOR_LIFETIME);
@@ -558,7 +571,7 @@ impl Peer {
         let (old, live): (Vec<_>, Vec<_>) = self
             .sessions
             .drain(..)
-            .partition(|s| now.saturating_duration_since(s.created) >= REJECT_AFTER);
+            .partition(|s| now.saturating_duration_since(s.created) >= self.timing.reject_after);
         self.sessions = live;
         for s in old {
             if self.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &s)) {
@@ -644,7 +657,7 @@ impl Peer {
         self.initiators.clear();
         self.queue.clear();
         self.transmits.clear();
-        self.timers = PeerTimers::default();
+        self.timers = PeerTimers::new(self.timing);
     }
 
     // ---- internals ----

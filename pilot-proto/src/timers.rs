@@ -28,6 +28,90 @@ pub const PASSIVE_KEEPALIVE: Duration = Duration::from_secs(10);
 /// the session (it restarted): start a new handshake.
 pub const NO_REPLY: Duration = Duration::from_secs(15);
 
+/// How long direct probes get before traffic falls back to the relay.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a relayed peer is probed directly again.
+pub const DIRECT_RETRY: Duration = Duration::from_secs(60);
+/// Probes repeat this often within a probing burst: the first probes of a
+/// hole punch are often dropped by a NAT that has not yet seen our side's.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Every duration the tunnel rules use. [`Timing::DEFAULT`] in production;
+/// tests that model minutes of protocol time in seconds divide it with
+/// [`Timing::scaled`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// [`REKEY_AFTER`].
+    pub rekey_after: Duration,
+    /// [`RESPONDER_REKEY_AFTER`].
+    pub responder_rekey_after: Duration,
+    /// [`REJECT_AFTER`].
+    pub reject_after: Duration,
+    /// [`HANDSHAKE_RETRY`].
+    pub handshake_retry: Duration,
+    /// [`HANDSHAKE_GIVE_UP`].
+    pub handshake_give_up: Duration,
+    /// [`KEEPALIVE`].
+    pub keepalive: Duration,
+    /// [`PEER_SILENT`].
+    pub peer_silent: Duration,
+    /// [`PASSIVE_KEEPALIVE`].
+    pub passive_keepalive: Duration,
+    /// [`NO_REPLY`].
+    pub no_reply: Duration,
+    /// [`DIRECT_TIMEOUT`].
+    pub direct_timeout: Duration,
+    /// [`DIRECT_RETRY`].
+    pub direct_retry: Duration,
+    /// [`PROBE_INTERVAL`].
+    pub probe_interval: Duration,
+}
+
+impl Timing {
+    /// The production values.
+    pub const DEFAULT: Timing = Timing {
+        rekey_after: REKEY_AFTER,
+        responder_rekey_after: RESPONDER_REKEY_AFTER,
+        reject_after: REJECT_AFTER,
+        handshake_retry: HANDSHAKE_RETRY,
+        handshake_give_up: HANDSHAKE_GIVE_UP,
+        keepalive: KEEPALIVE,
+        peer_silent: PEER_SILENT,
+        passive_keepalive: PASSIVE_KEEPALIVE,
+        no_reply: NO_REPLY,
+        direct_timeout: DIRECT_TIMEOUT,
+        direct_retry: DIRECT_RETRY,
+        probe_interval: PROBE_INTERVAL,
+    };
+
+    /// Every duration divided by `factor` (1 to 1000; anything else is
+    /// clamped into that range), keeping their order.
+    pub fn scaled(factor: u32) -> Timing {
+        let f = factor.clamp(1, 1000);
+        let d = Timing::DEFAULT;
+        Timing {
+            rekey_after: d.rekey_after / f,
+            responder_rekey_after: d.responder_rekey_after / f,
+            reject_after: d.reject_after / f,
+            handshake_retry: d.handshake_retry / f,
+            handshake_give_up: d.handshake_give_up / f,
+            keepalive: d.keepalive / f,
+            peer_silent: d.peer_silent / f,
+            passive_keepalive: d.passive_keepalive / f,
+            no_reply: d.no_reply / f,
+            direct_timeout: d.direct_timeout / f,
+            direct_retry: d.direct_retry / f,
+            probe_interval: d.probe_interval / f,
+        }
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing::DEFAULT
+    }
+}
+
 /// What a peer's timers ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerAction {
@@ -46,6 +130,7 @@ pub enum TimerAction {
 /// The instants the rules depend on.
 #[derive(Clone, Debug, Default)]
 pub struct PeerTimers {
+    timing: Timing,
     session_started: Option<Instant>,
     session_initiator: bool,
     last_sent: Option<Instant>,
@@ -62,6 +147,14 @@ pub struct PeerTimers {
 }
 
 impl PeerTimers {
+    /// Timers with these durations.
+    pub fn new(timing: Timing) -> Self {
+        PeerTimers {
+            timing,
+            ..Default::default()
+        }
+    }
+
     /// A new session was established.
     pub fn on_session(&mut self, now: Instant, initiator: bool) {
         self.session_started = Some(now);
@@ -132,9 +225,9 @@ impl PeerTimers {
 
     fn rekey_after(&self) -> Duration {
         if self.session_initiator {
-            REKEY_AFTER
+            self.timing.rekey_after
         } else {
-            RESPONDER_REKEY_AFTER
+            self.timing.responder_rekey_after
         }
     }
 
@@ -142,20 +235,22 @@ impl PeerTimers {
     pub fn poll(&self, now: Instant) -> TimerAction {
         if let Some(started) = self.handshake_started {
             // Why: a peer that never answers must not be retried forever.
-            if now.saturating_duration_since(started) >= HANDSHAKE_GIVE_UP {
+            if now.saturating_duration_since(started) >= self.timing.handshake_give_up {
                 return TimerAction::GiveUp;
             }
         }
         if let Some(age) = self.session_age(now) {
             // Why: a key is never used past its reject age (forward secrecy
             // bound, and the peer refuses it anyway).
-            if age >= REJECT_AFTER {
+            if age >= self.timing.reject_after {
                 return TimerAction::ExpireSession;
             }
         }
         if let Some(sent) = self.handshake_sent {
             // Why: initiations and responses can be lost; retry with jitter.
-            if now.saturating_duration_since(sent) >= HANDSHAKE_RETRY + self.retry_jitter {
+            if now.saturating_duration_since(sent)
+                >= self.timing.handshake_retry + self.retry_jitter
+            {
                 return TimerAction::Handshake;
             }
             return self.keepalive_due(now);
@@ -164,14 +259,14 @@ impl PeerTimers {
             // Why: data went out and nothing came back for 15 s although the
             // peer answers data within 10 s (below): it lost the session.
             if let Some(sent) = self.unanswered_since {
-                if now.saturating_duration_since(sent) >= NO_REPLY {
+                if now.saturating_duration_since(sent) >= self.timing.no_reply {
                     return TimerAction::Handshake;
                 }
             }
             // Why: the peer sent data and we said nothing for 10 s; tell it
             // the session works (keepalives themselves are not answered).
             if let Some(r) = self.unreplied_since {
-                if now.saturating_duration_since(r) >= PASSIVE_KEEPALIVE {
+                if now.saturating_duration_since(r) >= self.timing.passive_keepalive {
                     return TimerAction::Keepalive;
                 }
             }
@@ -190,7 +285,7 @@ impl PeerTimers {
     /// moment (judged at that moment, so a late poll decides the same).
     fn alive_at_rekey(&self) -> bool {
         match (self.session_started, self.last_received) {
-            (Some(s), Some(r)) => r + PEER_SILENT > s + self.rekey_after(),
+            (Some(s), Some(r)) => r + self.timing.peer_silent > s + self.rekey_after(),
             _ => false,
         }
     }
@@ -201,7 +296,9 @@ impl PeerTimers {
         }
         // Why: NAT mappings close after ~30 s of silence.
         match self.last_sent {
-            Some(s) if now.saturating_duration_since(s) < KEEPALIVE => TimerAction::Idle,
+            Some(s) if now.saturating_duration_since(s) < self.timing.keepalive => {
+                TimerAction::Idle
+            }
             _ => TimerAction::Keepalive,
         }
     }
@@ -214,26 +311,26 @@ impl PeerTimers {
         let mut d: Option<Instant> = None;
         let mut add = |t: Instant| d = Some(d.map_or(t, |d: Instant| d.min(t)));
         if let Some(s) = self.handshake_started {
-            add(s + HANDSHAKE_GIVE_UP);
+            add(s + self.timing.handshake_give_up);
         }
         if let Some(s) = self.session_started {
-            add(s + REJECT_AFTER);
+            add(s + self.timing.reject_after);
         }
         if let Some(sent) = self.handshake_sent {
-            add(sent + HANDSHAKE_RETRY + self.retry_jitter);
+            add(sent + self.timing.handshake_retry + self.retry_jitter);
         } else if let Some(s) = self.session_started {
             if let Some(u) = self.unanswered_since {
-                add(u + NO_REPLY);
+                add(u + self.timing.no_reply);
             }
             if let Some(r) = self.unreplied_since {
-                add(r + PASSIVE_KEEPALIVE);
+                add(r + self.timing.passive_keepalive);
             }
             if self.alive_at_rekey() {
                 add(s + self.rekey_after());
             }
         }
         if let Some(s) = self.session_started {
-            add(self.last_sent.map_or(s, |l| l + KEEPALIVE));
+            add(self.last_sent.map_or(s, |l| l + self.timing.keepalive));
         }
         d
     }

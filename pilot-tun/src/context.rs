@@ -18,6 +18,7 @@ use pilot_proto::messages::{
 };
 use pilot_proto::session::CipherSuite;
 use pilot_proto::stun;
+use pilot_proto::timers::Timing;
 use pilot_proto::wire::INIT_LEN;
 use tokio::sync::{oneshot, Notify};
 
@@ -93,6 +94,8 @@ pub struct Context<T: Tun> {
     pub stop: Notify,
     /// When the node started.
     pub started: SystemTime,
+    /// The tunnel timers' durations.
+    pub timing: Timing,
 }
 
 impl<T: Tun> Context<T> {
@@ -111,6 +114,7 @@ impl<T: Tun> Context<T> {
             last_timestamp: AtomicU64::new(0),
             stop: Notify::new(),
             started: SystemTime::now(),
+            timing: timing_from_env(),
         }
     }
 
@@ -298,6 +302,30 @@ impl<T: Tun> Context<T> {
     /// Our overlay address, if known.
     pub fn address(&self) -> Ipv4Addr {
         self.shared.address()
+    }
+}
+
+/// The environment variable that divides every tunnel timer (rekey, key
+/// expiry, retries, keepalives, relay fallback) so that tests can model
+/// minutes in seconds. For tests only: a node with scaled timers still
+/// works with normal ones, but rekeys and probes far more often.
+pub const TIME_SCALE_ENV: &str = "PILOT_TEST_TIME_SCALE";
+
+fn timing_from_env() -> Timing {
+    match std::env::var(TIME_SCALE_ENV).ok().map(|v| v.parse::<u32>()) {
+        None => Timing::DEFAULT,
+        Some(Ok(f)) if (1..=1000).contains(&f) => {
+            if f > 1 {
+                tracing::warn!(
+                    "{TIME_SCALE_ENV}={f}: every tunnel timer is {f}x shorter (for tests only)"
+                );
+            }
+            Timing::scaled(f)
+        }
+        Some(_) => {
+            tracing::warn!("{TIME_SCALE_ENV} must be a whole number from 1 to 1000; ignored");
+            Timing::DEFAULT
+        }
     }
 }
 

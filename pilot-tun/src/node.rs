@@ -23,7 +23,6 @@ use ipnet::Ipv4Net;
 use parking_lot::Mutex;
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::{FromRegistry, ToRegistry};
-use pilot_proto::timers::REKEY_AFTER;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -327,7 +326,7 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
         let stale = ctx
             .link
             .session()
-            .is_none_or(|s| s.created.elapsed() >= REKEY_AFTER);
+            .is_none_or(|s| s.created.elapsed() >= ctx.timing.rekey_after);
         if stale {
             match connect_registry(&ctx, &handle).await {
                 Ok(()) => {
@@ -369,7 +368,7 @@ async fn relay_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
         };
         let stale = link
             .session()
-            .is_none_or(|s| s.created.elapsed() >= REKEY_AFTER);
+            .is_none_or(|s| s.created.elapsed() >= ctx.timing.rekey_after);
         if stale {
             if let Err(e) = connect_relay(&ctx, &handle, &link).await {
                 debug!(relay = %link.join.addr, "relay: {e}");

@@ -8,14 +8,13 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::RwLock;
 use pilot_proto::identity::NodeId;
 use pilot_proto::path::Path;
 use pilot_proto::peer::Peer;
 use pilot_proto::session::Session;
-use pilot_proto::timers::REJECT_AFTER;
 
 /// A counter on a cache line of its own: the TUN loop writes the send-side
 /// counters and the UDP loop the receive-side ones, on different cores;
@@ -37,6 +36,8 @@ pub struct PeerData {
     pub id: NodeId,
     /// Its overlay address: inner packets from it must carry this source.
     pub address: Ipv4Addr,
+    /// Sessions older than this are never used.
+    reject_after: Duration,
     current: RwLock<Option<Arc<Session>>>,
     endpoint: RwLock<Option<Path>>,
     /// Inner bytes received.
@@ -57,10 +58,11 @@ pub struct PeerData {
 
 impl PeerData {
     /// A peer with no session yet.
-    pub fn new(id: NodeId, address: Ipv4Addr) -> Self {
+    pub fn new(id: NodeId, address: Ipv4Addr, reject_after: Duration) -> Self {
         PeerData {
             id,
             address,
+            reject_after,
             current: RwLock::new(None),
             endpoint: RwLock::new(None),
             rx_bytes: Padded::default(),
@@ -76,7 +78,7 @@ impl PeerData {
     pub fn current(&self, now: Instant) -> Option<Arc<Session>> {
         let cur = self.current.read();
         cur.as_ref()
-            .filter(|s| now.saturating_duration_since(s.created) < REJECT_AFTER)
+            .filter(|s| now.saturating_duration_since(s.created) < self.reject_after)
             .cloned()
     }
 

@@ -132,14 +132,14 @@ impl Tunnels {
         if self.peers.contains_key(&id) {
             return;
         }
-        let data = Arc::new(PeerData::new(id, address));
+        let data = Arc::new(PeerData::new(id, address, ctx.timing.reject_after));
         ctx.shared
             .table
             .write()
             .by_addr
             .insert(address, data.clone());
         self.by_static.insert(static_public, id);
-        let machine = Peer::new(id, static_public, last_endpoint);
+        let machine = Peer::with_timing(id, static_public, last_endpoint, ctx.timing);
         self.peers.insert(id, PeerRuntime::new(data, machine));
     }
 
