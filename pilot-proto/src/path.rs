@@ -12,7 +12,7 @@
 //!   the peer's endpoints change; the first direct answer takes over.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::messages::NatType;
 
@@ -265,6 +265,7 @@ impl PathState {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::time::Duration;
 
     /// A toy model of NATs: which (from, to) pairs get through. An
     /// endpoint-independent NAT lets a peer in once the inside host sent to
