@@ -20,13 +20,12 @@ use pilot_proto::session::CipherSuite;
 use pilot_proto::timers::REKEY_AFTER;
 use pilot_proto::trust::{Change, TrustStore};
 use pilot_proto::wire::INIT_LEN;
-use serde_json::json;
 use std::collections::HashMap;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::control::{Request, Response};
+use crate::api::{self, ApiError, ErrorCode, Reply, Request, Response, TrustState};
 use crate::link::{LinkError, RegistryLink};
 use crate::peers::{Drops, PeerData, PeerRuntime, PeerTable};
 use crate::state::{NodeState, StateDir, StateError};
@@ -683,16 +682,18 @@ impl<T: Tun> Inner<T> {
     async fn trust_statement(self: &Arc<Self>, peer: &str, kind: StatementKind) -> Response {
         let info = match self.resolve(peer).await {
             Ok(i) => i,
-            Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+            Err(e) => return Err(self.lookup_failed(peer, e)),
         };
         let pid = info.identity.node_id();
         if pid == self.id {
-            return Response::err("that is this node itself");
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{peer} is this node itself: name another node"),
+            ));
         }
-        let seq = match self.next_seq(&mut self.brain.lock()) {
-            Ok(s) => s,
-            Err(e) => return Response::err(e.to_string()),
-        };
+        let seq = self
+            .next_seq(&mut self.brain.lock())
+            .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
         let statement = Signed::sign(
             Statement {
                 kind: kind.clone(),
@@ -703,7 +704,7 @@ impl<T: Tun> Inner<T> {
             &self.identity,
         );
         let grants = kind.approves();
-        let record_local = |this: &Arc<Self>| -> Result<Change, String> {
+        let record_local = |this: &Arc<Self>| -> Result<Change, ApiError> {
             let mut brain = this.brain.lock();
             let change = brain.trust.decide(
                 &info.identity,
@@ -712,10 +713,14 @@ impl<T: Tun> Inner<T> {
                 &kind,
                 unix_now(),
             );
-            this.cfg
-                .state
-                .save_trust(&brain.trust)
-                .map_err(|e| e.to_string())?;
+            this.cfg.state.save_trust(&brain.trust).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Failed,
+                    format!(
+                        "cannot save the trust store: {e} (check the disk and the state directory)"
+                    ),
+                )
+            })?;
             this.apply_change(&mut brain, pid, change);
             Ok(change)
         };
@@ -723,10 +728,7 @@ impl<T: Tun> Inner<T> {
         // does; granting it is recorded only once the registry has it.
         let mut change = None;
         if !grants {
-            match record_local(self) {
-                Ok(c) => change = Some(c),
-                Err(e) => return Response::err(e),
-            }
+            change = Some(record_local(self)?);
         }
         let sent = self
             .link
@@ -737,47 +739,63 @@ impl<T: Tun> Inner<T> {
             .await;
         let delivered = match sent {
             Ok(FromRegistry::Ok { .. }) => Ok(()),
-            Ok(_) => Err("unexpected answer from the registry".to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) => Err((
+                ErrorCode::Failed,
+                "unexpected answer from the registry".to_string(),
+            )),
+            Err(e) => Err((
+                match &e {
+                    LinkError::Unreachable(_) => ErrorCode::RegistryUnreachable,
+                    LinkError::Refused {
+                        code: pilot_proto::messages::ErrorCode::NotFound,
+                        ..
+                    } => ErrorCode::UnknownPeer,
+                    LinkError::Refused { .. } | LinkError::Protocol => ErrorCode::Failed,
+                },
+                e.to_string(),
+            )),
         };
         if grants {
-            if let Err(e) = delivered {
-                return Response::err(format!("{} not sent, nothing changed: {e}", kind.name()));
+            if let Err((code, e)) = delivered {
+                return Err(ApiError::new(
+                    code,
+                    format!("{} not sent, nothing changed: {e}", kind.name()),
+                ));
             }
-            match record_local(self) {
-                Ok(c) => change = Some(c),
-                Err(e) => return Response::err(e),
-            }
+            change = Some(record_local(self)?);
         }
         let trusted = change.is_some_and(|c| c.now_trusted);
-        let rec = self
+        let state = self
             .brain
             .lock()
             .trust
             .get(&pid)
-            .map(|r| r.state())
-            .unwrap_or("none");
-        Response::ok(json!({
-            "peer": pid.to_string(),
-            "hostname": info.hostname,
-            "address": info.address.to_string(),
-            "state": rec,
-            "trusted": trusted,
-            "delivered": delivered.is_ok(),
-            "delivery_error": delivered.err(),
+            .map(|r| TrustState::of(r.ours, r.theirs))
+            .unwrap_or(TrustState::None);
+        Ok(Reply::Trust(api::TrustChange {
+            peer: pid.to_string(),
+            hostname: info.hostname,
+            address: info.address,
+            state,
+            trusted,
+            delivered: delivered.is_ok(),
+            delivery_error: delivered.err().map(|(_, e)| e),
         }))
     }
 
     /// Handles one control request.
     pub async fn request(self: &Arc<Self>, req: Request) -> Response {
         match req {
-            Request::Status => Response::ok(self.status()),
-            Request::Peers => Response::ok(self.peers_json()),
+            Request::Status => Ok(Reply::Status(Box::new(self.status()))),
+            Request::Peers => Ok(Reply::Peers(self.peers_json())),
             Request::TrustRequest { peer, note } => {
                 if note.len() > pilot_proto::messages::MAX_NOTE {
-                    return Response::err(format!(
-                        "the note is longer than {} bytes",
-                        pilot_proto::messages::MAX_NOTE
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "the note is longer than {} bytes: shorten it",
+                            pilot_proto::messages::MAX_NOTE
+                        ),
                     ));
                 }
                 self.trust_statement(&peer, StatementKind::Request { note })
@@ -792,43 +810,39 @@ impl<T: Tun> Inner<T> {
             }
             Request::TrustPending => {
                 let b = self.brain.lock();
-                let list: Vec<_> = b
+                let list = b
                     .trust
                     .iter()
                     .filter(|(_, r)| r.pending())
-                    .map(|(id, r)| {
-                        json!({
-                            "node_id": id.to_string(),
-                            "hostname": r.hostname,
-                            "address": r.address.to_string(),
-                            "note": r.note_in,
-                        })
+                    .map(|(id, r)| api::PendingRequest {
+                        node_id: id.to_string(),
+                        hostname: r.hostname.clone(),
+                        address: r.address,
+                        note: r.note_in.clone(),
                     })
                     .collect();
-                Response::ok(json!(list))
+                Ok(Reply::Pending(list))
             }
             Request::TrustList => {
                 let b = self.brain.lock();
-                let list: Vec<_> = b
+                let list = b
                     .trust
                     .iter()
-                    .map(|(id, r)| {
-                        json!({
-                            "node_id": id.to_string(),
-                            "hostname": r.hostname,
-                            "address": r.address.to_string(),
-                            "state": r.state(),
-                            "ours": format!("{:?}", r.ours).to_lowercase(),
-                            "theirs": format!("{:?}", r.theirs).to_lowercase(),
-                        })
+                    .map(|(id, r)| api::TrustEntry {
+                        node_id: id.to_string(),
+                        hostname: r.hostname.clone(),
+                        address: r.address,
+                        state: TrustState::of(r.ours, r.theirs),
+                        ours: r.ours.into(),
+                        theirs: r.theirs.into(),
                     })
                     .collect();
-                Response::ok(json!(list))
+                Ok(Reply::TrustList(list))
             }
             Request::Ping { peer, count } => self.ping_request(&peer, count).await,
             Request::Down => {
                 self.stop.notify_one();
-                Response::ok(json!({"stopping": true}))
+                Ok(Reply::Down(api::Stopping { stopping: true }))
             }
         }
     }
@@ -836,16 +850,19 @@ impl<T: Tun> Inner<T> {
     async fn ping_request(self: &Arc<Self>, peer: &str, count: u32) -> Response {
         let info = match self.resolve(peer).await {
             Ok(i) => i,
-            Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
+            Err(e) => return Err(self.lookup_failed(peer, e)),
         };
         let id = info.identity.node_id();
         if !self.brain.lock().peers.contains_key(&id) {
-            return Response::err(format!(
-                "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+            return Err(ApiError::new(
+                ErrorCode::NotTrusted,
+                format!(
+                    "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+                ),
             ));
         }
         let mut rtts = vec![];
-        for i in 0..count.clamp(1, 100) {
+        for i in 0..count.clamp(1, api::MAX_PING_COUNT) {
             // The first echo may wait for a handshake (and a relay fallback).
             let timeout = if i == 0 {
                 Duration::from_secs(5)
@@ -858,29 +875,29 @@ impl<T: Tun> Inner<T> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let (path, reason) = {
+        let (path, relay_reason) = {
             let b = self.brain.lock();
             b.peers
                 .get(&id)
                 .map(|rt| {
                     (
-                        rt.data.endpoint().map(|e| e.to_string()),
-                        rt.path.relay_reason().map(|r| r.text()),
+                        rt.data.endpoint().map(api_endpoint),
+                        rt.path.relay_reason().map(|r| r.text().to_string()),
                     )
                 })
                 .unwrap_or((None, None))
         };
-        Response::ok(json!({
-            "peer": id.to_string(),
-            "hostname": info.hostname,
-            "address": info.address.to_string(),
-            "path": path,
-            "relay_reason": reason,
-            "rtt_ms": rtts,
+        Ok(Reply::Ping(api::PingReport {
+            peer: id.to_string(),
+            hostname: info.hostname,
+            address: info.address,
+            path,
+            relay_reason,
+            rtt_ms: rtts,
         }))
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> api::Status {
         let b = self.brain.lock();
         let now = Instant::now();
         let connected = b
@@ -888,60 +905,102 @@ impl<T: Tun> Inner<T> {
             .values()
             .filter(|p| p.data.current(now).is_some())
             .count();
-        let trusted = b.peers.len();
-        json!({
-            "address": self.address().to_string(),
-            "network": self.network().map(|n| n.to_string()),
-            "node_id": self.id.to_string(),
-            "hostname": b.node_state.hostname,
-            "listen": self.udp.local_addr().map(|a| a.to_string()).ok(),
-            "registry": {
-                "url": self.link.join.to_string(),
-                "reachable": self.link.reachable(),
-                "last_contact_secs": self.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
-                "observed_endpoint": self.link.observed().map(|a| a.to_string()),
+        api::Status {
+            address: self.address(),
+            network: self.network().map(|n| n.to_string()),
+            node_id: self.id.to_string(),
+            hostname: b.node_state.hostname.clone(),
+            listen: self.udp.local_addr().ok(),
+            registry: api::RegistryStatus {
+                url: self.link.join.to_string(),
+                reachable: self.link.reachable(),
+                last_contact_secs: self
+                    .link
+                    .last_contact()
+                    .map(|t| now.saturating_duration_since(t).as_secs()),
+                observed_endpoint: self.link.observed(),
             },
-            "relay": self.relay_addr().to_string(),
-            "nat": self.nat.lock().name(),
-            "public_endpoint": self.link.observed().map(|a| a.to_string()),
-            "peers": { "known": b.trust.iter().count(), "trusted": trusted, "connected": connected },
-            "pending_requests": b.trust.iter().filter(|(_, r)| r.pending()).count(),
-            "cipher": match self.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
-            "offload": { "udp_gso": self.udp.gso() },
-            "pid": std::process::id(),
-            "uptime_secs": SystemTime::now().duration_since(self.started).map(|d| d.as_secs()).unwrap_or(0),
-            "drops": self.drops.snapshot(),
-        })
+            relay: self.relay_addr(),
+            nat: (*self.nat.lock()).into(),
+            public_endpoint: self.link.observed(),
+            peers: api::PeerCounts {
+                known: b.trust.iter().count() as u64,
+                trusted: b.peers.len() as u64,
+                connected: connected as u64,
+            },
+            pending_requests: b.trust.iter().filter(|(_, r)| r.pending()).count() as u64,
+            cipher: self.cfg.suite.into(),
+            offload: api::Offload {
+                udp_gso: self.udp.gso(),
+            },
+            pid: std::process::id(),
+            uptime_secs: SystemTime::now()
+                .duration_since(self.started)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            drops: self.drops.snapshot(),
+        }
     }
 
-    fn peers_json(&self) -> serde_json::Value {
+    fn peers_json(&self) -> Vec<api::Peer> {
         let b = self.brain.lock();
         let now = Instant::now();
-        let list: Vec<_> = b
-            .trust
+        b.trust
             .iter()
             .map(|(id, r)| {
                 let rt = b.peers.get(&id);
-                json!({
-                    "node_id": id.to_string(),
-                    "hostname": r.hostname,
-                    "address": r.address.to_string(),
-                    "trust": r.state(),
-                    "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
-                    "path": rt.and_then(|p| p.data.endpoint()).map(|e| match e {
-                        crate::peers::Endpoint::Direct(_) => "direct",
-                        crate::peers::Endpoint::Relay => "relay",
-                    }),
-                    "relay_reason": rt.and_then(|p| p.path.relay_reason()).map(|r| r.text()),
-                    "rtt_ms": rt.and_then(|p| p.rtt_us).map(|u| u as f64 / 1000.0),
-                    "session": rt.is_some_and(|p| p.data.current(now).is_some()),
-                    "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
-                    "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
-                    "tx_bytes": rt.map(|p| p.data.tx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
-                })
+                let endpoint = rt.and_then(|p| p.data.endpoint()).map(api_endpoint);
+                api::Peer {
+                    node_id: id.to_string(),
+                    hostname: r.hostname.clone(),
+                    address: r.address,
+                    trust: TrustState::of(r.ours, r.theirs),
+                    endpoint,
+                    path: endpoint.map(api::PathKind::from),
+                    relay_reason: rt
+                        .and_then(|p| p.path.relay_reason())
+                        .map(|r| r.text().to_string()),
+                    rtt_ms: rt.and_then(|p| p.rtt_us).map(|u| u as f64 / 1000.0),
+                    session: rt.is_some_and(|p| p.data.current(now).is_some()),
+                    last_handshake_secs: rt
+                        .and_then(|p| p.last_handshake)
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .map(|d| d.as_secs()),
+                    rx_bytes: rt
+                        .map(|p| p.data.rx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                    tx_bytes: rt
+                        .map(|p| p.data.tx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                }
             })
-            .collect();
-        json!(list)
+            .collect()
+    }
+
+    /// The error for a peer name that did not resolve. `resolve` gives a
+    /// sentence only: the registry being away shows as its own
+    /// "unreachable" sentence (or the link already knowing it is down);
+    /// anything else means the name is unknown.
+    fn lookup_failed(&self, peer: &str, e: String) -> ApiError {
+        let away = LinkError::Unreachable(self.link.join.addr).to_string();
+        if !self.link.reachable() || e == away {
+            return ApiError::new(
+                ErrorCode::RegistryUnreachable,
+                format!("cannot find {peer}: {e}"),
+            );
+        }
+        ApiError::new(
+            ErrorCode::UnknownPeer,
+            format!("cannot find {peer}: {e}; check the name (`pilot-tun trust list` shows the nodes this one knows), or name it by 10.x address or node id"),
+        )
+    }
+}
+
+/// A peer's path as the control API shows it.
+fn api_endpoint(e: crate::peers::Endpoint) -> api::Endpoint {
+    match e {
+        crate::peers::Endpoint::Direct(a) => api::Endpoint::Direct(a),
+        crate::peers::Endpoint::Relay => api::Endpoint::Relay,
     }
 }
 
@@ -1055,28 +1114,11 @@ async fn relay_keeper<T: Tun>(inner: Arc<Inner<T>>) {
 
 /// Runs the control socket server until the node stops.
 pub async fn serve_control<T: Tun>(inner: Arc<Inner<T>>, listener: tokio::net::UnixListener) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    crate::control::serve(listener, move |req| {
         let inner = inner.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut reader = BufReader::new(r);
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => inner.request(req).await,
-                Err(e) => Response::err(format!("bad request: {e}")),
-            };
-            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-            out.push(b'\n');
-            let _ = w.write_all(&out).await;
-        });
-    }
+        async move { inner.request(req).await }
+    })
+    .await;
 }
 
 impl<T: Tun> Node<T> {
