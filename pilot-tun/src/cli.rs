@@ -196,7 +196,7 @@ pub fn main() -> ExitCode {
         Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
     };
     let json = cli.common.json;
-    let code = match run(cli) {
+    let code = match run(cli, &argv) {
         Ok(code) => code,
         Err(e) => report(&e, json),
     };
@@ -276,11 +276,11 @@ fn check_peer(peer: &str) -> Result<(), ApiError> {
     }
 }
 
-fn run(cli: Cli) -> Outcome {
+fn run(cli: Cli, argv: &[OsString]) -> Outcome {
     let state = StateDir::new(&cli.common.state_dir);
     let req = match cli.command {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
-        Command::Up(args) => return up_background(&cli.common, &args),
+        Command::Up(args) => return up_background(&cli.common, &args, argv),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -705,7 +705,14 @@ fn refuse_if_running(rt: &tokio::runtime::Runtime, state: &StateDir) -> Result<(
     Ok(())
 }
 
-fn up_background(common: &Common, args: &UpArgs) -> Outcome {
+/// The daemon's arguments: exactly ours, plus `--foreground`.
+fn daemon_args(argv: &[OsString]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = argv.iter().skip(1).cloned().collect();
+    args.push("--foreground".into());
+    args
+}
+
+fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
     preflight_tun()?;
     let state = StateDir::new(&common.state_dir);
     state
@@ -736,30 +743,8 @@ fn up_background(common: &Common, args: &UpArgs) -> Outcome {
         .map_err(log_error)?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&common.state_dir)
-        .arg("up")
-        .arg("--foreground");
-    if let Some(r) = &args.registry {
-        cmd.arg("--registry").arg(r);
-    }
-    if let Some(n) = &args.name {
-        cmd.arg("--name").arg(n);
-    }
-    if let Some(l) = &args.listen {
-        cmd.arg("--listen").arg(l.to_string());
-    }
-    cmd.arg("--dev").arg(&args.dev);
-    cmd.arg("--mtu").arg(args.mtu.to_string());
-    cmd.arg("--log").arg(&args.log);
-    cmd.arg("--cipher").arg(match args.cipher {
-        Cipher::Aes256Gcm => "aes256-gcm",
-        Cipher::Chacha20Poly1305 => "chacha20-poly1305",
-    });
-    if args.no_offload {
-        cmd.arg("--no-offload");
-    }
-    cmd.stdin(std::process::Stdio::null())
+    cmd.args(daemon_args(argv))
+        .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(log_error)?)
         .stderr(log);
     // A session of its own, so the daemon outlives the shell that started it.
@@ -837,6 +822,67 @@ mod tests {
             .chain(args.iter().copied())
             .map(OsString::from)
             .collect()
+    }
+
+    fn up_args(cli: Cli) -> UpArgs {
+        match cli.command {
+            Command::Up(a) => a,
+            other => panic!("not up: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_daemon_gets_every_argument_of_up() {
+        let cases: &[&[&str]] = &[
+            &["up"],
+            &["--state-dir", "/tmp/s", "up", "--name", "alpha"],
+            &[
+                "--json",
+                "--state-dir=/tmp/x y",
+                "up",
+                "--registry",
+                "pilot://00@192.0.2.1:7946",
+                "--name",
+                "beta",
+                "--dev",
+                "pt1",
+                "--listen",
+                "192.0.2.5:41641",
+                "--mtu",
+                "1380",
+                "--cipher",
+                "chacha20-poly1305",
+                "--no-offload",
+                "--log",
+                "debug",
+            ],
+            &[
+                "up",
+                "--no-offload",
+                "--state-dir",
+                "rel/dir",
+                "--timeout",
+                "3",
+            ],
+        ];
+        for args in cases {
+            let ours = argv(args);
+            let parent = Cli::try_parse_from(&ours).unwrap();
+            let mut child_argv = vec![OsString::from("pilot-tun")];
+            child_argv.extend(daemon_args(&ours));
+            let child = Cli::try_parse_from(&child_argv).unwrap();
+            assert_eq!(child.common, parent.common, "{args:?}");
+            let (p, c) = (up_args(parent), up_args(child));
+            assert!(!p.foreground && c.foreground, "{args:?}");
+            assert_eq!(
+                UpArgs {
+                    foreground: false,
+                    ..c
+                },
+                p,
+                "{args:?}"
+            );
+        }
     }
 
     #[test]
