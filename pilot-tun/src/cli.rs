@@ -1,19 +1,23 @@
-//! The `pilot-tun` command line.
+//! The `pilot-tun` command line: parses arguments, starts the daemon or
+//! sends it one request, and prints the answer as text or as the JSON
+//! documents of [`crate::api`].
 
+use std::ffi::OsString;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pilot_proto::join::JoinUrl;
+use pilot_proto::messages::PeerRef;
 use pilot_proto::session::CipherSuite;
-use serde_json::Value;
+use serde::Serialize;
 
-use crate::control::{self, ClientError, Request, Response};
-use crate::node::{Node, NodeConfig};
+use crate::api::{self, exit, ApiError, Endpoint, ErrorCode, ErrorReport, Reply, Request, Status};
+use crate::control;
+use crate::node::{Node, NodeConfig, StartError};
 use crate::state::StateDir;
 use crate::tun::{KernelTun, TunConfig};
 
@@ -28,7 +32,13 @@ use crate::tun::{KernelTun, TunConfig};
 ///
 /// Peers are named by hostname, 10.x address or node id.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about, propagate_version = true)]
+#[command(
+    version,
+    about,
+    long_about,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     #[command(flatten)]
     common: Common,
@@ -36,8 +46,16 @@ pub struct Cli {
     command: Command,
 }
 
+/// The exit codes, for `--help` (the README has the same table).
+const EXIT_CODES: &str = "\
+Exit codes: 0 success; 1 the command failed (the message says why; with --json, \
+the error's \"code\" field); 2 bad arguments; 3 no daemon runs for the state \
+directory; 4 permission denied (run with sudo); 5 timed out or the registry is \
+unreachable (try again later). With --json, every error is one JSON line on \
+stdout: {\"ok\": false, \"error\": \"...\", \"code\": \"...\"}.";
+
 /// Options every command takes.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 struct Common {
     /// The daemon's state directory (keys, trust store, control socket).
     /// One daemon per state directory; use one per network namespace.
@@ -48,9 +66,14 @@ struct Common {
         default_value = "/var/lib/pilot-tun"
     )]
     state_dir: PathBuf,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text (errors too); the README
+    /// documents every document ("JSON output").
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the daemon's answer (`ping` adds the time its
+    /// echoes take).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 15)]
+    timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,11 +92,11 @@ enum Command {
     #[command(subcommand)]
     Trust(TrustCommand),
     /// Measure round trips through the tunnel to a trusted peer, and show the
-    /// path (direct endpoint or relay, and why).
+    /// path (direct endpoint or relay, and why). Exits 1 if no echo came back.
     Ping {
         /// Hostname, 10.x address or node id.
         peer: String,
-        /// How many echoes (200 ms apart).
+        /// How many echoes (200 ms apart, at most 100).
         #[arg(short, long, default_value_t = 3)]
         count: u32,
     },
@@ -110,7 +133,7 @@ enum TrustCommand {
     List,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Cipher {
     /// AES-256-GCM (fastest with AES instructions).
     Aes256Gcm,
@@ -118,7 +141,7 @@ enum Cipher {
     Chacha20Poly1305,
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 struct UpArgs {
     /// The registry's join URL (pilot://<key>@<ip:port>). Remembered, so a
     /// later `up` may leave it out.
@@ -150,34 +173,83 @@ struct UpArgs {
     log: String,
 }
 
-/// Exit codes a program can rely on.
-mod exit {
-    /// A request failed (the message says why).
-    pub const FAILED: u8 = 1;
-    /// No daemon runs for this state directory.
-    pub const NOT_RUNNING: u8 = 3;
+/// What a command ends with: an exit code, or an error to report.
+type Outcome = Result<u8, ApiError>;
+
+fn failed(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+/// Writes a line to stdout; a closed pipe (`pilot-tun peers | head -1`) is
+/// not an error worth a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
+    };
+    let json = cli.common.json;
+    let code = match run(cli, &argv) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("pilot-tun: error: {e:#}");
-            let not_running = e
-                .downcast_ref::<ClientError>()
-                .is_some_and(|c| matches!(c, ClientError::NotRunning(_)));
-            ExitCode::from(if not_running {
-                exit::NOT_RUNNING
-            } else {
-                exit::FAILED
-            })
-        }
-    }
+        Err(e) => report(&e, json),
+    };
+    ExitCode::from(code)
 }
 
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+/// True if `--json` is among the arguments (before a `--`).
+fn wants_json(argv: &[OsString]) -> bool {
+    argv.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Bad arguments: clap's own message, or under --json the same as one
+/// JSON error line. Help and version are not errors.
+fn usage_error(e: clap::Error, json: bool) -> u8 {
+    use clap::error::ErrorKind;
+    let is_info = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    if !json || is_info {
+        let _ = e.print();
+        return if is_info { exit::OK } else { exit::USAGE };
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("bad arguments");
+    let msg = format!(
+        "{} (see `pilot-tun --help`)",
+        first.trim_start_matches("error: ")
+    );
+    report(&failed(ErrorCode::Usage, msg), true)
+}
+
+/// Prints an error (one JSON line on stdout under --json, a sentence on
+/// stderr otherwise) and returns its exit code.
+fn report(e: &ApiError, json: bool) -> u8 {
+    if json {
+        print_compact(&ErrorReport::from(e));
+    } else {
+        eprintln!("pilot-tun: error: {e}");
+    }
+    e.code.exit_code()
+}
+
+fn print_compact<T: Serialize>(v: &T) {
+    // These types always serialize (plain structs, string keys).
+    say!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn print_pretty<T: Serialize>(v: &T) {
+    say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ApiError> {
     let mut b = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -185,16 +257,30 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
         b.worker_threads(threads);
         b
     };
-    b.enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    b.enable_all().build().map_err(|e| {
+        failed(
+            ErrorCode::Failed,
+            format!("cannot start the async runtime: {e}"),
+        )
+    })
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+/// Checks that a string can name a peer before bothering the daemon.
+fn check_peer(peer: &str) -> Result<(), ApiError> {
+    match peer.parse::<PeerRef>() {
+        Ok(PeerRef::Name(n)) if !pilot_proto::messages::valid_hostname(&n) => Err(failed(
+            ErrorCode::Usage,
+            format!("{peer:?} cannot name a peer: give its hostname (1-63 of a-z, 0-9 and '-'), its 10.x address or its node id (32 hex digits)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn run(cli: Cli, argv: &[OsString]) -> Outcome {
     let state = StateDir::new(&cli.common.state_dir);
     let req = match cli.command {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
-        Command::Up(args) => return up_background(&cli.common, args),
+        Command::Up(args) => return up_background(&cli.common, &args, argv),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -208,179 +294,213 @@ fn run(cli: Cli) -> Result<ExitCode> {
             TrustCommand::List => Request::TrustList,
         },
     };
+    let mut timeout = Duration::from_secs(cli.common.timeout);
+    match &req {
+        Request::TrustRequest { peer, .. }
+        | Request::TrustApprove { peer }
+        | Request::TrustDeny { peer }
+        | Request::TrustRevoke { peer } => check_peer(peer)?,
+        Request::Ping { peer, count } => {
+            check_peer(peer)?;
+            // The daemon waits up to 5 s for the first echo (a handshake,
+            // maybe a relay fallback) and 1.2 s for each further one.
+            let n = (*count).clamp(1, api::MAX_PING_COUNT);
+            timeout += Duration::from_secs(5) + Duration::from_millis(1200) * n;
+        }
+        _ => {}
+    }
     let rt = runtime(1)?;
-    let is_down = matches!(req, Request::Down);
-    let resp = rt.block_on(control::call(
-        &state.socket(),
-        &req,
-        Duration::from_secs(15),
-    ))?;
-    if is_down && resp.ok {
+    let reply = rt.block_on(control::call(&state.socket(), &req, timeout))??;
+    if matches!(reply, Reply::Down(_)) {
         // Wait until the daemon has really let go of the interface.
         let deadline = Instant::now() + Duration::from_secs(10);
         while state.socket().exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    print_response(&req, &resp, cli.common.json)
+    let code = match &reply {
+        Reply::Ping(p) if !p.answered() => exit::FAILED,
+        _ => exit::OK,
+    };
+    if cli.common.json {
+        print_pretty(&reply);
+    } else {
+        print_text(&reply);
+    }
+    Ok(code)
 }
 
-fn print_response(req: &Request, resp: &Response, json: bool) -> Result<ExitCode> {
-    if !resp.ok {
-        let msg = resp.error.clone().unwrap_or_else(|| "failed".into());
-        if json {
-            println!("{}", serde_json::json!({"ok": false, "error": msg}));
-            return Ok(ExitCode::from(exit::FAILED));
-        }
-        bail!(msg);
+fn or_dash(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+/// A peer as a person calls it: its hostname, else its address.
+fn who(hostname: &Option<String>, address: Ipv4Addr) -> String {
+    hostname.clone().unwrap_or_else(|| address.to_string())
+}
+
+/// A path for people: "192.0.2.1:7", "relay (why)".
+fn path_text(e: Option<Endpoint>, reason: &Option<String>) -> String {
+    match (e, reason) {
+        (Some(Endpoint::Relay), Some(why)) => format!("relay ({why})"),
+        (Some(e), _) => e.to_string(),
+        (None, _) => "-".into(),
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&resp.data)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let d = &resp.data;
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
-    match req {
-        Request::Status => {
-            println!("address:   {} ({})", s(&d["address"]), s(&d["network"]));
-            println!("node id:   {}", s(&d["node_id"]));
-            println!("hostname:  {}", s(&d["hostname"]));
-            println!("listen:    {}", s(&d["listen"]));
-            let r = &d["registry"];
-            println!(
-                "registry:  {} ({}; seen as {})",
-                s(&r["url"]),
-                if r["reachable"].as_bool() == Some(true) {
-                    "reachable"
-                } else {
-                    "UNREACHABLE"
-                },
-                s(&r["observed_endpoint"])
-            );
-            let p = &d["peers"];
-            println!(
-                "peers:     {} trusted, {} connected, {} known, {} pending request(s)",
-                p["trusted"], p["connected"], p["known"], d["pending_requests"]
-            );
-            println!(
-                "nat:       {} (public endpoint {})",
-                s(&d["nat"]),
-                s(&d["public_endpoint"])
-            );
-            println!(
-                "cipher:    {}  udp gso: {}",
-                s(&d["cipher"]),
-                d["offload"]["udp_gso"]
-            );
-        }
-        Request::Peers => {
-            let list = d.as_array().cloned().unwrap_or_default();
+}
+
+fn print_text(reply: &Reply) {
+    match reply {
+        Reply::Status(d) => print_status(d),
+        Reply::Peers(list) => {
             if list.is_empty() {
-                println!("no peers yet: `pilot-tun trust request <peer>` asks one");
-            } else {
-                println!(
+                say!("no peers yet: `pilot-tun trust request <peer>` asks one");
+                return;
+            }
+            say!(
+                "{:<16} {:<15} {:<16} {:<22} {:>8} {:>9} {:>12} {:>12}",
+                "NAME",
+                "ADDRESS",
+                "TRUST",
+                "PATH",
+                "RTT",
+                "HANDSHAKE",
+                "RX",
+                "TX"
+            );
+            for p in list {
+                let hs = p
+                    .last_handshake_secs
+                    .map(|x| format!("{x}s ago"))
+                    .unwrap_or_else(|| "-".into());
+                let rtt = p
+                    .rtt_ms
+                    .map(|x| format!("{x:.2}ms"))
+                    .unwrap_or_else(|| "-".into());
+                say!(
                     "{:<16} {:<15} {:<16} {:<22} {:>8} {:>9} {:>12} {:>12}",
-                    "NAME", "ADDRESS", "TRUST", "PATH", "RTT", "HANDSHAKE", "RX", "TX"
+                    or_dash(&p.hostname),
+                    p.address,
+                    p.trust.to_string(),
+                    path_text(p.endpoint, &p.relay_reason),
+                    rtt,
+                    hs,
+                    human_bytes(p.rx_bytes),
+                    human_bytes(p.tx_bytes),
                 );
-                for p in list {
-                    let hs = p["last_handshake_secs"]
-                        .as_u64()
-                        .map(|x| format!("{x}s ago"))
-                        .unwrap_or_else(|| "-".into());
-                    let rtt = p["rtt_ms"]
-                        .as_f64()
-                        .map(|x| format!("{x:.2}ms"))
-                        .unwrap_or_else(|| "-".into());
-                    let path = match (p["endpoint"].as_str(), p["relay_reason"].as_str()) {
-                        (Some("relay"), Some(why)) => format!("relay ({why})"),
-                        (Some(e), _) => e.to_string(),
-                        _ => "-".into(),
-                    };
-                    println!(
-                        "{:<16} {:<15} {:<16} {:<22} {:>8} {:>9} {:>12} {:>12}",
-                        s(&p["hostname"]),
-                        s(&p["address"]),
-                        s(&p["trust"]),
-                        path,
-                        rtt,
-                        hs,
-                        human_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
-                        human_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
-                    );
-                }
             }
         }
-        Request::TrustPending => {
-            let list = d.as_array().cloned().unwrap_or_default();
+        Reply::Pending(list) => {
             if list.is_empty() {
-                println!("no pending requests");
+                say!("no pending requests");
+                return;
             }
             for p in list {
-                println!(
+                say!(
                     "{}  {}  {}  note: {}",
-                    s(&p["hostname"]),
-                    s(&p["address"]),
-                    s(&p["node_id"]),
-                    s(&p["note"])
+                    or_dash(&p.hostname),
+                    p.address,
+                    p.node_id,
+                    or_dash(&p.note)
                 );
             }
-            if d.as_array().is_some_and(|a| !a.is_empty()) {
-                println!(
-                    "answer with `pilot-tun trust approve <peer>` or `pilot-tun trust deny <peer>`"
-                );
-            }
+            say!("answer with `pilot-tun trust approve <peer>` or `pilot-tun trust deny <peer>`");
         }
-        Request::TrustList => {
-            for p in d.as_array().cloned().unwrap_or_default() {
-                println!(
+        Reply::TrustList(list) => {
+            if list.is_empty() {
+                say!("no trust records: `pilot-tun trust request <peer>` asks a peer");
+            }
+            for p in list {
+                say!(
                     "{:<16} {:<15} {:<16} {}",
-                    s(&p["hostname"]),
-                    s(&p["address"]),
-                    s(&p["state"]),
-                    s(&p["node_id"])
+                    or_dash(&p.hostname),
+                    p.address,
+                    p.state.to_string(),
+                    p.node_id
                 );
             }
         }
-        Request::TrustRequest { .. }
-        | Request::TrustApprove { .. }
-        | Request::TrustDeny { .. }
-        | Request::TrustRevoke { .. } => {
-            let who = d["hostname"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| s(&d["address"]));
-            println!("{who} ({}): {}", s(&d["address"]), s(&d["state"]));
-            if let Some(e) = d["delivery_error"].as_str() {
-                println!("warning: applied here, but the peer was not told yet: {e}");
+        Reply::Trust(t) => {
+            say!(
+                "{} ({}): {}",
+                who(&t.hostname, t.address),
+                t.address,
+                t.state
+            );
+            if let Some(e) = &t.delivery_error {
+                say!("warning: applied here, but the peer was not told yet: {e}");
             }
         }
-        Request::Ping { .. } => {
-            let who = d["hostname"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| s(&d["address"]));
-            let path = match (d["path"].as_str(), d["relay_reason"].as_str()) {
-                (Some("relay"), Some(why)) => format!("relay ({why})"),
-                (Some(p), _) => format!("direct {p}"),
-                _ => "-".into(),
+        Reply::Ping(p) => {
+            let name = who(&p.hostname, p.address);
+            let path = match (p.path, &p.relay_reason) {
+                (Some(Endpoint::Direct(a)), _) => format!("direct {a}"),
+                (e, why) => path_text(e, why),
             };
-            let rtts = d["rtt_ms"].as_array().cloned().unwrap_or_default();
-            for (i, r) in rtts.iter().enumerate() {
-                match r.as_f64() {
-                    Some(ms) => println!(
-                        "{who} ({}) seq={i} time={ms:.3} ms via {path}",
-                        s(&d["address"])
-                    ),
-                    None => println!("{who} ({}) seq={i} no answer", s(&d["address"])),
+            for (i, r) in p.rtt_ms.iter().enumerate() {
+                match r {
+                    Some(ms) => say!("{name} ({}) seq={i} time={ms:.3} ms via {path}", p.address),
+                    None => say!("{name} ({}) seq={i} no answer", p.address),
                 }
             }
-            if rtts.iter().all(|r| r.is_null()) {
-                return Ok(ExitCode::from(exit::FAILED));
+            if !p.answered() {
+                eprintln!(
+                    "pilot-tun: no echo came back from {name}: `pilot-tun peers` shows its path and last handshake; is its daemon up?"
+                );
             }
         }
-        Request::Down => println!("stopped"),
+        Reply::Down(_) => say!("stopped"),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(d: &Status) {
+    say!("address:   {} ({})", d.address, or_dash(&d.network));
+    say!("node id:   {}", d.node_id);
+    say!("hostname:  {}", or_dash(&d.hostname));
+    say!(
+        "listen:    {}",
+        d.listen
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    let r = &d.registry;
+    say!(
+        "registry:  {} ({}; seen as {})",
+        r.url,
+        if r.reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE: check that UDP to it is open"
+        },
+        r.observed_endpoint
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    let p = &d.peers;
+    say!(
+        "peers:     {} trusted, {} connected, {} known, {} pending request(s)",
+        p.trusted,
+        p.connected,
+        p.known,
+        d.pending_requests
+    );
+    say!(
+        "nat:       {} (public endpoint {})",
+        serde_json::to_value(d.nat)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        d.public_endpoint
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    say!(
+        "cipher:    {}  udp gso: {}",
+        serde_json::to_value(d.cipher)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        d.offload.udp_gso
+    );
 }
 
 fn human_bytes(b: u64) -> String {
@@ -399,16 +519,21 @@ fn human_bytes(b: u64) -> String {
 }
 
 /// Checks we can create a TUN device, with an error that says how to fix it.
-fn preflight_tun() -> Result<()> {
+fn preflight_tun() -> Result<(), ApiError> {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "/dev/net/tun does not exist: load the tun module (`sudo modprobe tun`), or give the container the device (--device /dev/net/tun)"
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "cannot open /dev/net/tun: creating a TUN interface needs root or CAP_NET_ADMIN; run `sudo pilot-tun up ...`"
-        ),
-        Err(e) => Err(anyhow!(e).context("cannot open /dev/net/tun")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(failed(
+            ErrorCode::NoTun,
+            "/dev/net/tun does not exist: load the tun module (`sudo modprobe tun`), or give the container the device (--device /dev/net/tun)",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(failed(
+            ErrorCode::PermissionDenied,
+            "cannot open /dev/net/tun: creating a TUN interface needs root or CAP_NET_ADMIN; run `sudo pilot-tun up ...`",
+        )),
+        Err(e) => Err(failed(
+            ErrorCode::Failed,
+            format!("cannot open /dev/net/tun: {e}"),
+        )),
     }
 }
 
@@ -424,7 +549,20 @@ fn tun_error(e: std::io::Error, dev: &str) -> String {
     }
 }
 
-fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> ApiError {
+        let code = match &e {
+            StartError::NoRegistry | StartError::BadRegistry(_) => ErrorCode::Usage,
+            StartError::Registry(_) => ErrorCode::RegistryUnreachable,
+            StartError::State(_) | StartError::Bind { .. } | StartError::Tun(_) => {
+                ErrorCode::StartFailed
+            }
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
@@ -437,13 +575,20 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
         .registry
         .as_deref()
         .map(|s| {
-            s.parse::<JoinUrl>()
-                .with_context(|| format!("--registry {s:?}"))
+            s.parse::<JoinUrl>().map_err(|e| {
+                failed(
+                    ErrorCode::Usage,
+                    format!("--registry {s:?}: {e} (copy the join URL pilot-registry printed)"),
+                )
+            })
         })
         .transpose()?;
     if let Some(n) = &args.name {
         if !pilot_proto::messages::valid_hostname(n) {
-            bail!("--name {n:?}: a hostname is 1-63 of a-z, 0-9 and '-', not starting or ending with '-'");
+            return Err(failed(
+                ErrorCode::Usage,
+                format!("--name {n:?}: a hostname is 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"),
+            ));
         }
     }
     if state.socket().exists() {
@@ -490,30 +635,29 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
             .map_err(|e| tun_error(e, &dev))
         })
         .await?;
-        node.serve_control().with_context(|| {
-            format!(
-                "cannot create the control socket {}",
-                state.socket().display()
+        node.serve_control().map_err(|e| {
+            failed(
+                ErrorCode::StartFailed,
+                format!(
+                    "cannot create the control socket {}: {e}",
+                    state.socket().display()
+                ),
             )
         })?;
-        let status = node.request(Request::Status).await.data;
+        let status = node
+            .request(Request::Status)
+            .await
+            .ok()
+            .and_then(|r| Status::try_from(r).ok())
+            .ok_or_else(|| failed(ErrorCode::Failed, "the daemon could not report its status"))?;
         if json {
-            println!("{}", serde_json::to_string(&status)?);
+            print_compact(&status);
         } else {
-            println!(
-                "{} up: {}/{}  node {}  name {}",
-                dev,
-                status["address"].as_str().unwrap_or("?"),
-                status["network"]
-                    .as_str()
-                    .and_then(|n| n.split('/').nth(1))
-                    .unwrap_or("?"),
-                status["node_id"].as_str().unwrap_or("?"),
-                status["hostname"].as_str().unwrap_or("-"),
-            );
+            say!("{}", up_line(&dev, &status));
         }
-        std::io::stdout().flush()?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| failed(ErrorCode::StartFailed, format!("cannot watch SIGTERM: {e}")))?;
         tokio::select! {
             _ = node.stopped() => {},
             _ = tokio::signal::ctrl_c() => {},
@@ -522,74 +666,98 @@ fn up_foreground(common: &Common, args: UpArgs) -> Result<ExitCode> {
         tracing::info!("stopping");
         node.shutdown().await;
         let _ = std::fs::remove_file(state.socket());
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, ApiError>(())
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(exit::OK)
+}
+
+/// "pilot0 up: 10.77.92.132/16  node 140a…  name alpha"
+fn up_line(dev: &str, s: &Status) -> String {
+    format!(
+        "{} up: {}/{}  node {}  name {}",
+        dev,
+        s.address,
+        s.network
+            .as_deref()
+            .and_then(|n| n.split('/').nth(1))
+            .unwrap_or("?"),
+        s.node_id,
+        or_dash(&s.hostname),
+    )
 }
 
 /// One daemon per state directory: refuse to start a second.
-fn refuse_if_running(rt: &tokio::runtime::Runtime, state: &StateDir) -> Result<()> {
+fn refuse_if_running(rt: &tokio::runtime::Runtime, state: &StateDir) -> Result<(), ApiError> {
     let answer = rt.block_on(control::call(
         &state.socket(),
         &Request::Status,
         Duration::from_secs(2),
     ));
     if answer.is_ok() {
-        bail!(
-            "a pilot-tun daemon is already running for {} (stop it with `pilot-tun down`)",
-            state.path.display()
-        );
+        return Err(failed(
+            ErrorCode::AlreadyRunning,
+            format!(
+                "a pilot-tun daemon is already running for {} (stop it with `pilot-tun down`, or start another with its own --state-dir)",
+                state.path.display()
+            ),
+        ));
     }
     Ok(())
 }
 
-fn up_background(common: &Common, args: UpArgs) -> Result<ExitCode> {
+/// The daemon's arguments: exactly ours, plus `--foreground`.
+fn daemon_args(argv: &[OsString]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = argv.iter().skip(1).cloned().collect();
+    args.push("--foreground".into());
+    args
+}
+
+fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
     preflight_tun()?;
     let state = StateDir::new(&common.state_dir);
-    state.create()?;
+    state
+        .create()
+        .map_err(|e| failed(ErrorCode::StartFailed, e.to_string()))?;
     let rt = runtime(1)?;
     refuse_if_running(&rt, &state)?;
-    let exe = std::env::current_exe().context("cannot find the pilot-tun executable")?;
+    let exe = std::env::current_exe().map_err(|e| {
+        failed(
+            ErrorCode::StartFailed,
+            format!("cannot find the pilot-tun executable to start the daemon: {e}"),
+        )
+    })?;
     let log_path = state.file("pilot-tun.log");
+    let log_error = |e: std::io::Error| {
+        failed(
+            ErrorCode::StartFailed,
+            format!(
+                "cannot open the log {}: {e} (is the state directory writable?)",
+                log_path.display()
+            ),
+        )
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .with_context(|| format!("cannot open the log {}", log_path.display()))?;
+        .map_err(log_error)?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&common.state_dir)
-        .arg("up")
-        .arg("--foreground");
-    if let Some(r) = &args.registry {
-        cmd.arg("--registry").arg(r);
-    }
-    if let Some(n) = &args.name {
-        cmd.arg("--name").arg(n);
-    }
-    if let Some(l) = &args.listen {
-        cmd.arg("--listen").arg(l.to_string());
-    }
-    cmd.arg("--dev").arg(&args.dev);
-    cmd.arg("--mtu").arg(args.mtu.to_string());
-    cmd.arg("--log").arg(&args.log);
-    cmd.arg("--cipher").arg(match args.cipher {
-        Cipher::Aes256Gcm => "aes256-gcm",
-        Cipher::Chacha20Poly1305 => "chacha20-poly1305",
-    });
-    if args.no_offload {
-        cmd.arg("--no-offload");
-    }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
+    cmd.args(daemon_args(argv))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(log_error)?)
         .stderr(log);
     // A session of its own, so the daemon outlives the shell that started it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let mut child = cmd.spawn().map_err(|e| {
+        failed(
+            ErrorCode::StartFailed,
+            format!("cannot start the daemon: {e}"),
+        )
+    })?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = child.try_wait()? {
+        if let Ok(Some(status)) = child.try_wait() {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: String = text
                 .get(log_start as usize..)
@@ -598,50 +766,162 @@ fn up_background(common: &Common, args: UpArgs) -> Result<ExitCode> {
                 .filter(|l| l.contains("error"))
                 .collect::<Vec<_>>()
                 .join("\n");
-            bail!(
-                "the daemon exited ({status}) before the interface came up:\n{}\n(full log: {})",
-                if tail.is_empty() {
-                    "(no error in the log)"
-                } else {
-                    &tail
-                },
-                log_path.display()
-            );
+            return Err(failed(
+                ErrorCode::StartFailed,
+                format!(
+                    "the daemon exited ({status}) before the interface came up:\n{}\n(full log: {})",
+                    if tail.is_empty() {
+                        "(no error in the log)"
+                    } else {
+                        &tail
+                    },
+                    log_path.display()
+                ),
+            ));
         }
-        if let Ok(resp) = rt.block_on(control::call(
+        let answer = rt.block_on(control::call(
             &state.socket(),
             &Request::Status,
             Duration::from_secs(2),
-        )) {
-            if resp.ok {
-                let d = resp.data;
+        ));
+        if let Ok(Ok(reply)) = answer {
+            if let Ok(status) = Status::try_from(reply) {
                 if common.json {
-                    println!("{}", serde_json::to_string(&d)?);
+                    print_compact(&status);
                 } else {
-                    println!(
-                        "{} up: {}/{}  node {}  name {}  (pid {}, log {})",
-                        args.dev,
-                        d["address"].as_str().unwrap_or("?"),
-                        d["network"]
-                            .as_str()
-                            .and_then(|n| n.split('/').nth(1))
-                            .unwrap_or("?"),
-                        d["node_id"].as_str().unwrap_or("?"),
-                        d["hostname"].as_str().unwrap_or("-"),
+                    say!(
+                        "{}  (pid {}, log {})",
+                        up_line(&args.dev, &status),
                         child.id(),
                         log_path.display()
                     );
                 }
-                return Ok(ExitCode::SUCCESS);
+                return Ok(exit::OK);
             }
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!(
-                "the daemon did not come up within 20 s; see {}",
-                log_path.display()
-            );
+            return Err(failed(
+                ErrorCode::Timeout,
+                format!(
+                    "the daemon did not come up within 20 s and was stopped; see {}",
+                    log_path.display()
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("pilot-tun")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn up_args(cli: Cli) -> UpArgs {
+        match cli.command {
+            Command::Up(a) => a,
+            other => panic!("not up: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_daemon_gets_every_argument_of_up() {
+        let cases: &[&[&str]] = &[
+            &["up"],
+            &["--state-dir", "/tmp/s", "up", "--name", "alpha"],
+            &[
+                "--json",
+                "--state-dir=/tmp/x y",
+                "up",
+                "--registry",
+                "pilot://00@192.0.2.1:7946",
+                "--name",
+                "beta",
+                "--dev",
+                "pt1",
+                "--listen",
+                "192.0.2.5:41641",
+                "--mtu",
+                "1380",
+                "--cipher",
+                "chacha20-poly1305",
+                "--no-offload",
+                "--log",
+                "debug",
+            ],
+            &[
+                "up",
+                "--no-offload",
+                "--state-dir",
+                "rel/dir",
+                "--timeout",
+                "3",
+            ],
+        ];
+        for args in cases {
+            let ours = argv(args);
+            let parent = Cli::try_parse_from(&ours).unwrap();
+            let mut child_argv = vec![OsString::from("pilot-tun")];
+            child_argv.extend(daemon_args(&ours));
+            let child = Cli::try_parse_from(&child_argv).unwrap();
+            assert_eq!(child.common, parent.common, "{args:?}");
+            let (p, c) = (up_args(parent), up_args(child));
+            assert!(!p.foreground && c.foreground, "{args:?}");
+            assert_eq!(
+                UpArgs {
+                    foreground: false,
+                    ..c
+                },
+                p,
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn peer_names_are_checked_before_asking() {
+        for good in [
+            "beta",
+            "Beta",
+            "build-1",
+            "10.77.0.5",
+            "140a67f3f7622d9b6c1aea0abb8702a5",
+        ] {
+            assert!(check_peer(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "x_y", "10.77.1", "-lead", "ünï", &"a".repeat(64)] {
+            let e = check_peer(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Usage, "{bad}");
+            assert!(e.error.contains("hostname"), "{}", e.error);
+        }
+    }
+
+    #[test]
+    fn json_is_seen_before_parsing() {
+        assert!(wants_json(&argv(&["--json", "status"])));
+        assert!(wants_json(&argv(&["status", "--bogus", "--json"])));
+        assert!(!wants_json(&argv(&["status"])));
+        assert!(!wants_json(&argv(&["trust", "request", "--", "--json"])));
+    }
+
+    #[test]
+    fn help_lists_the_exit_codes() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "Exit codes",
+            "3 no daemon",
+            "4 permission denied",
+            "\"code\"",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from --help");
+        }
     }
 }

@@ -1,108 +1,63 @@
-//! The control socket: one JSON request per line, one JSON response per
-//! line, over a Unix socket in the state directory. The CLI is its client.
+//! The control socket's transport: one JSON [`Request`] per line in, one
+//! JSON [`Envelope`] per line out, over a Unix socket in the state
+//! directory. The server side hands each request to a handler; the CLI is
+//! the client. What the lines contain is in [`crate::api`].
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 
-/// A command for the daemon.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    /// Address, id, registry, peers.
-    Status,
-    /// Every known peer with trust state and tunnel figures.
-    Peers,
-    /// Ask a peer for mutual trust.
-    TrustRequest {
-        /// Hostname, address or node id.
-        peer: String,
-        /// Note for the peer's operator.
-        note: String,
-    },
-    /// Requests waiting for our answer.
-    TrustPending,
-    /// Approve a peer.
-    TrustApprove {
-        /// Hostname, address or node id.
-        peer: String,
-    },
-    /// Refuse a peer's request.
-    TrustDeny {
-        /// Hostname, address or node id.
-        peer: String,
-    },
-    /// Withdraw trust; ends the session at once.
-    TrustRevoke {
-        /// Hostname, address or node id.
-        peer: String,
-    },
-    /// All trust records.
-    TrustList,
-    /// Round trips through the tunnel to a trusted peer.
-    Ping {
-        /// Hostname, address or node id.
-        peer: String,
-        /// How many echoes.
-        count: u32,
-    },
-    /// Stop the daemon.
-    Down,
-}
+use crate::api::{ApiError, Envelope, ErrorCode, Request, Response};
 
-/// The daemon's answer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Response {
-    /// True on success.
-    pub ok: bool,
-    /// What went wrong, in a sentence that says what to do.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The result.
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-impl Response {
-    /// A success.
-    pub fn ok(data: serde_json::Value) -> Self {
-        Response {
-            ok: true,
-            error: None,
-            data,
-        }
-    }
-    /// A failure.
-    pub fn err(msg: impl Into<String>) -> Self {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            data: serde_json::Value::Null,
-        }
-    }
-}
+/// The longest request line the server reads (a request is a few hundred
+/// bytes; this bounds what a confused client can make it buffer).
+const MAX_LINE: u64 = 64 * 1024;
 
 /// Talking to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens on the socket.
-    #[error("no pilot-tun daemon is running for state directory {0} (start one with `sudo pilot-tun up`)")]
-    NotRunning(String),
+    #[error("no pilot-tun daemon is running for state directory {} (start one with `sudo pilot-tun up`, or name its directory with --state-dir)", .0.display())]
+    NotRunning(PathBuf),
     /// The socket exists but we may not use it.
-    #[error("permission denied on {0}: run as root (sudo)")]
-    Permission(String),
+    #[error("permission denied on the control socket {}: run the command with sudo (the socket is root's, mode 0600)", .0.display())]
+    Permission(PathBuf),
     /// I/O error mid-conversation.
-    #[error("control socket: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("the control socket {} failed: {source} (is the daemon healthy? see pilot-tun.log in its state directory)", .path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The daemon's answer did not parse.
-    #[error("unexpected answer from the daemon: {0}")]
+    #[error("unexpected answer from the daemon ({0}); is it another version of pilot-tun? restart it: `pilot-tun down`, then `sudo pilot-tun up`")]
     Protocol(String),
     /// The daemon did not answer in time.
-    #[error("the daemon did not answer within {0:?}")]
+    #[error("the daemon did not answer within {} s; it may be busy or stuck: see pilot-tun.log in its state directory, or wait longer with --timeout", .0.as_secs())]
     Timeout(Duration),
+}
+
+impl ClientError {
+    /// The machine-readable reason.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClientError::NotRunning(_) => ErrorCode::NotRunning,
+            ClientError::Permission(_) => ErrorCode::PermissionDenied,
+            ClientError::Io { .. } => ErrorCode::Failed,
+            ClientError::Protocol(_) => ErrorCode::Protocol,
+            ClientError::Timeout(_) => ErrorCode::Timeout,
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> ApiError {
+        ApiError::new(e.code(), e.to_string())
+    }
 }
 
 /// Sends one request and waits for its response.
@@ -111,32 +66,83 @@ pub async fn call(
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let shown = socket.parent().unwrap_or(socket).display().to_string();
     let stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
         Err(e) => {
             return Err(match e.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                    ClientError::NotRunning(shown)
+                    ClientError::NotRunning(socket.parent().unwrap_or(socket).to_path_buf())
                 }
                 std::io::ErrorKind::PermissionDenied => {
-                    ClientError::Permission(socket.display().to_string())
+                    ClientError::Permission(socket.to_path_buf())
                 }
-                _ => ClientError::Io(e),
+                _ => ClientError::Io {
+                    path: socket.to_path_buf(),
+                    source: e,
+                },
             })
         }
+    };
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
     };
     let fut = async move {
         let (r, mut w) = stream.into_split();
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        w.write_all(&line).await?;
+        w.write_all(&line).await.map_err(io)?;
         let mut reader = BufReader::new(r);
         let mut answer = String::new();
-        reader.read_line(&mut answer).await?;
-        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
+        reader.read_line(&mut answer).await.map_err(io)?;
+        if answer.is_empty() {
+            return Err(ClientError::Protocol(
+                "it closed the connection without answering".into(),
+            ));
+        }
+        let envelope: Envelope =
+            serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        envelope
+            .into_response(req)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     };
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
+}
+
+/// Serves the control socket until the task is dropped: each connection
+/// sends one request line, `handle` answers it, the answer goes back as one
+/// line.
+pub async fn serve<H, F>(listener: UnixListener, handle: H)
+where
+    H: Fn(Request) -> F + Clone + Send + 'static,
+    F: Future<Output = Response> + Send,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: let some connections finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut reader = BufReader::new(r).take(MAX_LINE);
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => handle(req).await,
+                Err(e) => Err(ApiError::new(
+                    ErrorCode::Protocol,
+                    format!("bad request on the control socket ({e}); is the client another version of pilot-tun than the daemon?"),
+                )),
+            };
+            let mut out = serde_json::to_vec(&Envelope::of(&resp)).unwrap_or_default();
+            out.push(b'\n');
+            let _ = w.write_all(&out).await;
+        });
+    }
 }

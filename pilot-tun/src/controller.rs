@@ -22,15 +22,14 @@ use pilot_proto::messages::{
     ToRegistry,
 };
 use pilot_proto::path::Path;
-use pilot_proto::session::CipherSuite;
 use pilot_proto::trust::{Change, TrustStore};
 use pilot_proto::wire::{self, Kind, RelayHeader, MSG_RELAY_TO, RELAY_HEADER_LEN};
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::api::{self, ApiError, ErrorCode, Reply, Request, Response, TrustState};
 use crate::context::{unix_micros, unix_now, Context};
-use crate::control::{Request, Response};
+use crate::link::LinkError;
 use crate::peers::bump;
 use crate::shared::Slow;
 use crate::state::{NodeState, StateError};
@@ -407,7 +406,7 @@ impl<T: Tun> Controller<T> {
         &mut self,
         info: &PeerInfo,
         kind: &StatementKind,
-    ) -> (Result<Change, String>, Effects) {
+    ) -> (Result<Change, ApiError>, Effects) {
         let change = self.trust.decide(
             &info.identity,
             info.address,
@@ -416,14 +415,20 @@ impl<T: Tun> Controller<T> {
             unix_now(),
         );
         if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
-            return (Err(e.to_string()), Effects::default());
+            let e = ApiError::new(
+                ErrorCode::Failed,
+                format!(
+                    "cannot save the trust store: {e} (check the disk and the state directory)"
+                ),
+            );
+            return (Err(e), Effects::default());
         }
         let fx = self.apply_change(info.identity.node_id(), change);
         (Ok(change), fx)
     }
 
     /// `status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> api::Status {
         let ctx = &self.ctx;
         let now = Instant::now();
         let peers = self.tunnels.peers();
@@ -431,94 +436,107 @@ impl<T: Tun> Controller<T> {
             .values()
             .filter(|p| p.data.current(now).is_some())
             .count();
-        json!({
-            "address": ctx.address().to_string(),
-            "network": ctx.shared.network().map(|n| n.to_string()),
-            "node_id": ctx.id.to_string(),
-            "hostname": self.node_state.hostname,
-            "listen": ctx.shared.udp.local_addr().map(|a| a.to_string()).ok(),
-            "registry": {
-                "url": ctx.link.join.to_string(),
-                "reachable": ctx.link.reachable(),
-                "last_contact_secs": ctx.link.last_contact().map(|t| now.saturating_duration_since(t).as_secs()),
-                "observed_endpoint": ctx.link.observed().map(|a| a.to_string()),
+        api::Status {
+            address: ctx.address(),
+            network: ctx.shared.network().map(|n| n.to_string()),
+            node_id: ctx.id.to_string(),
+            hostname: self.node_state.hostname.clone(),
+            listen: ctx.shared.udp.local_addr().ok(),
+            registry: api::RegistryStatus {
+                url: ctx.link.join.to_string(),
+                reachable: ctx.link.reachable(),
+                last_contact_secs: ctx
+                    .link
+                    .last_contact()
+                    .map(|t| now.saturating_duration_since(t).as_secs()),
+                observed_endpoint: ctx.link.observed(),
             },
-            "relay": ctx.shared.relay_addr().to_string(),
-            "nat": ctx.nat.lock().name(),
-            "public_endpoint": ctx.link.observed().map(|a| a.to_string()),
-            "peers": { "known": self.trust.iter().count(), "trusted": peers.len(), "connected": connected },
-            "pending_requests": self.trust.iter().filter(|(_, r)| r.pending()).count(),
-            "cipher": match ctx.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
-            "offload": { "udp_gso": ctx.shared.udp.gso() },
-            "pid": std::process::id(),
-            "uptime_secs": SystemTime::now().duration_since(ctx.started).map(|d| d.as_secs()).unwrap_or(0),
-            "drops": ctx.shared.drops.snapshot(),
-        })
+            relay: ctx.shared.relay_addr(),
+            nat: (*ctx.nat.lock()).into(),
+            public_endpoint: ctx.link.observed(),
+            peers: api::PeerCounts {
+                known: self.trust.iter().count() as u64,
+                trusted: peers.len() as u64,
+                connected: connected as u64,
+            },
+            pending_requests: self.trust.iter().filter(|(_, r)| r.pending()).count() as u64,
+            cipher: ctx.cfg.suite.into(),
+            offload: api::Offload {
+                udp_gso: ctx.shared.udp.gso(),
+            },
+            pid: std::process::id(),
+            uptime_secs: SystemTime::now()
+                .duration_since(ctx.started)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            drops: ctx.shared.drops.snapshot(),
+        }
     }
 
     /// `peers`.
-    pub fn peers_json(&self) -> serde_json::Value {
+    pub fn peers(&self) -> Vec<api::Peer> {
         let now = Instant::now();
-        let list: Vec<_> = self
-            .trust
+        self.trust
             .iter()
             .map(|(id, r)| {
                 let rt = self.tunnels.peers().get(&id);
-                json!({
-                    "node_id": id.to_string(),
-                    "hostname": r.hostname,
-                    "address": r.address.to_string(),
-                    "trust": r.state(),
-                    "endpoint": rt.and_then(|p| p.data.endpoint()).map(|e| e.to_string()),
-                    "path": rt.and_then(|p| p.data.endpoint()).map(|e| match e {
-                        Path::Direct(_) => "direct",
-                        Path::Relay => "relay",
-                    }),
-                    "relay_reason": rt.and_then(|p| p.machine.relay_reason()).map(|r| r.text()),
-                    "rtt_ms": rt.and_then(|p| p.machine.rtt()).map(|d| d.as_micros() as f64 / 1000.0),
-                    "session": rt.is_some_and(|p| p.data.current(now).is_some()),
-                    "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
-                    "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
-                    "tx_bytes": rt.map(|p| p.data.tx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
-                })
+                let endpoint = rt.and_then(|p| p.data.endpoint()).map(api::Endpoint::from);
+                api::Peer {
+                    node_id: id.to_string(),
+                    hostname: r.hostname.clone(),
+                    address: r.address,
+                    trust: TrustState::of(r.ours, r.theirs),
+                    endpoint,
+                    path: endpoint.map(api::PathKind::from),
+                    relay_reason: rt
+                        .and_then(|p| p.machine.relay_reason())
+                        .map(|r| r.text().to_string()),
+                    rtt_ms: rt
+                        .and_then(|p| p.machine.rtt())
+                        .map(|d| d.as_micros() as f64 / 1000.0),
+                    session: rt.is_some_and(|p| p.data.current(now).is_some()),
+                    last_handshake_secs: rt
+                        .and_then(|p| p.last_handshake)
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .map(|d| d.as_secs()),
+                    rx_bytes: rt
+                        .map(|p| p.data.rx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                    tx_bytes: rt
+                        .map(|p| p.data.tx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                }
             })
-            .collect();
-        json!(list)
+            .collect()
     }
 
-    fn trust_pending(&self) -> serde_json::Value {
-        let list: Vec<_> = self
-            .trust
+    /// `trust pending`.
+    pub fn trust_pending(&self) -> Vec<api::PendingRequest> {
+        self.trust
             .iter()
             .filter(|(_, r)| r.pending())
-            .map(|(id, r)| {
-                json!({
-                    "node_id": id.to_string(),
-                    "hostname": r.hostname,
-                    "address": r.address.to_string(),
-                    "note": r.note_in,
-                })
+            .map(|(id, r)| api::PendingRequest {
+                node_id: id.to_string(),
+                hostname: r.hostname.clone(),
+                address: r.address,
+                note: r.note_in.clone(),
             })
-            .collect();
-        json!(list)
+            .collect()
     }
 
-    fn trust_list(&self) -> serde_json::Value {
-        let list: Vec<_> = self
-            .trust
+    /// `trust list`.
+    pub fn trust_list(&self) -> Vec<api::TrustEntry> {
+        self.trust
             .iter()
-            .map(|(id, r)| {
-                json!({
-                    "node_id": id.to_string(),
-                    "hostname": r.hostname,
-                    "address": r.address.to_string(),
-                    "state": r.state(),
-                    "ours": format!("{:?}", r.ours).to_lowercase(),
-                    "theirs": format!("{:?}", r.theirs).to_lowercase(),
-                })
+            .map(|(id, r)| api::TrustEntry {
+                node_id: id.to_string(),
+                hostname: r.hostname.clone(),
+                address: r.address,
+                state: TrustState::of(r.ours, r.theirs),
+                ours: r.ours.into(),
+                theirs: r.theirs.into(),
             })
-            .collect();
-        json!(list)
+            .collect()
     }
 }
 
@@ -566,24 +584,31 @@ fn spawn_lookup<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>, id: NodeId) {
 
 // ---- control-socket requests, each in its own task ----
 
+fn stopped(e: Stopped) -> ApiError {
+    ApiError::new(ErrorCode::Failed, e.to_string())
+}
+
 /// Handles one control request.
 pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request) -> Response {
-    let read = |f: fn(&Controller<T>) -> serde_json::Value| async move {
-        match h.with(move |c| f(c)).await {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e.to_string()),
-        }
-    };
     match req {
-        Request::Status => read(Controller::status).await,
-        Request::Peers => read(Controller::peers_json).await,
-        Request::TrustPending => read(Controller::trust_pending).await,
-        Request::TrustList => read(Controller::trust_list).await,
+        Request::Status => Ok(Reply::Status(Box::new(
+            h.with(|c| c.status()).await.map_err(stopped)?,
+        ))),
+        Request::Peers => Ok(Reply::Peers(h.with(|c| c.peers()).await.map_err(stopped)?)),
+        Request::TrustPending => Ok(Reply::Pending(
+            h.with(|c| c.trust_pending()).await.map_err(stopped)?,
+        )),
+        Request::TrustList => Ok(Reply::TrustList(
+            h.with(|c| c.trust_list()).await.map_err(stopped)?,
+        )),
         Request::TrustRequest { peer, note } => {
             if note.len() > pilot_proto::messages::MAX_NOTE {
-                return Response::err(format!(
-                    "the note is longer than {} bytes",
-                    pilot_proto::messages::MAX_NOTE
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the note is longer than {} bytes: shorten it",
+                        pilot_proto::messages::MAX_NOTE
+                    ),
                 ));
             }
             trust_statement(ctx, h, &peer, StatementKind::Request { note }).await
@@ -598,23 +623,40 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
         Request::Ping { peer, count } => ping_request(ctx, h, &peer, count).await,
         Request::Down => {
             ctx.stop.notify_one();
-            Response::ok(json!({"stopping": true}))
+            Ok(Reply::Down(api::Stopping { stopping: true }))
         }
     }
 }
 
 /// Resolves a CLI peer name: the trust store first, then the registry.
-async fn resolve<T: Tun>(ctx: &Context<T>, h: &Handle<T>, name: &str) -> Result<PeerInfo, String> {
+async fn resolve<T: Tun>(
+    ctx: &Context<T>,
+    h: &Handle<T>,
+    name: &str,
+) -> Result<PeerInfo, ApiError> {
     let r: PeerRef = name.parse().unwrap_or(PeerRef::Name(name.into()));
     let wanted = r.clone();
     let local = h
         .with(move |c| c.find_local(&wanted))
         .await
-        .map_err(|e| e.to_string())?;
-    match local {
-        Some(i) => Ok(i),
-        None => ctx.lookup(&r).await,
+        .map_err(stopped)?;
+    if let Some(i) = local {
+        return Ok(i);
     }
+    ctx.lookup(&r).await.map_err(|e| {
+        let away = LinkError::Unreachable(ctx.link.join.addr).to_string();
+        if !ctx.link.reachable() || e == away {
+            ApiError::new(
+                ErrorCode::RegistryUnreachable,
+                format!("cannot find {name}: {e}"),
+            )
+        } else {
+            ApiError::new(
+                ErrorCode::UnknownPeer,
+                format!("cannot find {name}: {e}; check the name (`pilot-tun trust list` shows the nodes this one knows), or name it by 10.x address or node id"),
+            )
+        }
+    })
 }
 
 async fn trust_statement<T: Tun>(
@@ -623,19 +665,19 @@ async fn trust_statement<T: Tun>(
     peer: &str,
     kind: StatementKind,
 ) -> Response {
-    let info = match resolve(ctx, h, peer).await {
-        Ok(i) => i,
-        Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
-    };
+    let info = resolve(ctx, h, peer).await?;
     let pid = info.identity.node_id();
     if pid == ctx.id {
-        return Response::err("that is this node itself");
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{peer} is this node itself: name another node"),
+        ));
     }
-    let seq = match h.with(|c| c.next_seq()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Response::err(e.to_string()),
-        Err(e) => return Response::err(e.to_string()),
-    };
+    let seq = h
+        .with(|c| c.next_seq())
+        .await
+        .map_err(stopped)?
+        .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
     let statement = Signed::sign(
         Statement {
             kind: kind.clone(),
@@ -649,17 +691,14 @@ async fn trust_statement<T: Tun>(
     let record = |info: PeerInfo, kind: StatementKind| async move {
         h.with_fx(move |c| c.record(&info, &kind))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(stopped)
             .and_then(|r| r)
     };
     // Withdrawing trust takes effect locally first, whatever the registry
     // does; granting it is recorded only once the registry has it.
     let mut change = None;
     if !grants {
-        match record(info.clone(), kind.clone()).await {
-            Ok(c) => change = Some(c),
-            Err(e) => return Response::err(e),
-        }
+        change = Some(record(info.clone(), kind.clone()).await?);
     }
     let sent = ctx
         .link
@@ -670,31 +709,49 @@ async fn trust_statement<T: Tun>(
         .await;
     let delivered = match sent {
         Ok(FromRegistry::Ok { .. }) => Ok(()),
-        Ok(_) => Err("unexpected answer from the registry".to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(_) => Err((
+            ErrorCode::Failed,
+            "unexpected answer from the registry".to_string(),
+        )),
+        Err(e) => Err((
+            match &e {
+                LinkError::Unreachable(_) => ErrorCode::RegistryUnreachable,
+                LinkError::Refused {
+                    code: pilot_proto::messages::ErrorCode::NotFound,
+                    ..
+                } => ErrorCode::UnknownPeer,
+                LinkError::Refused { .. } | LinkError::Protocol => ErrorCode::Failed,
+            },
+            e.to_string(),
+        )),
     };
     if grants {
-        if let Err(e) = delivered {
-            return Response::err(format!("{} not sent, nothing changed: {e}", kind.name()));
+        if let Err((code, e)) = delivered {
+            return Err(ApiError::new(
+                code,
+                format!("{} not sent, nothing changed: {e}", kind.name()),
+            ));
         }
-        match record(info.clone(), kind.clone()).await {
-            Ok(c) => change = Some(c),
-            Err(e) => return Response::err(e),
-        }
+        change = Some(record(info.clone(), kind.clone()).await?);
     }
     let trusted = change.is_some_and(|c| c.now_trusted);
-    let rec = h
-        .with(move |c| c.trust.get(&pid).map(|r| r.state()).unwrap_or("none"))
+    let state = h
+        .with(move |c| {
+            c.trust
+                .get(&pid)
+                .map(|r| TrustState::of(r.ours, r.theirs))
+                .unwrap_or(TrustState::None)
+        })
         .await
-        .unwrap_or("none");
-    Response::ok(json!({
-        "peer": pid.to_string(),
-        "hostname": info.hostname,
-        "address": info.address.to_string(),
-        "state": rec,
-        "trusted": trusted,
-        "delivered": delivered.is_ok(),
-        "delivery_error": delivered.err(),
+        .map_err(stopped)?;
+    Ok(Reply::Trust(api::TrustChange {
+        peer: pid.to_string(),
+        hostname: info.hostname,
+        address: info.address,
+        state,
+        trusted,
+        delivered: delivered.is_ok(),
+        delivery_error: delivered.err().map(|(_, e)| e),
     }))
 }
 
@@ -704,22 +761,22 @@ async fn ping_request<T: Tun>(
     peer: &str,
     count: u32,
 ) -> Response {
-    let info = match resolve(ctx, h, peer).await {
-        Ok(i) => i,
-        Err(e) => return Response::err(format!("cannot find {peer}: {e}")),
-    };
+    let info = resolve(ctx, h, peer).await?;
     let id = info.identity.node_id();
     if !h
         .with(move |c| c.tunnels.contains(&id))
         .await
-        .unwrap_or(false)
+        .map_err(stopped)?
     {
-        return Response::err(format!(
-            "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+        return Err(ApiError::new(
+            ErrorCode::NotTrusted,
+            format!(
+                "{peer} is not trusted (both sides must approve: `pilot-tun trust request {peer}`)"
+            ),
         ));
     }
     let mut rtts = vec![];
-    for i in 0..count.clamp(1, 100) {
+    for i in 0..count.clamp(1, api::MAX_PING_COUNT) {
         // The first echo may wait for a handshake (and a relay fallback).
         let timeout = if i == 0 {
             Duration::from_secs(5)
@@ -737,7 +794,7 @@ async fn ping_request<T: Tun>(
                 }
             })
             .await
-            .unwrap_or(false);
+            .map_err(stopped)?;
         let rtt = match (started, tokio::time::timeout(timeout, rx).await) {
             (true, Ok(Ok(t))) => Some(t.saturating_duration_since(sent)),
             _ => None,
@@ -750,27 +807,27 @@ async fn ping_request<T: Tun>(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let (path, reason) = h
+    let (path, relay_reason) = h
         .with(move |c| {
             c.tunnels
                 .peers()
                 .get(&id)
                 .map(|rt| {
                     (
-                        rt.data.endpoint().map(|e| e.to_string()),
-                        rt.machine.relay_reason().map(|r| r.text()),
+                        rt.data.endpoint().map(api::Endpoint::from),
+                        rt.machine.relay_reason().map(|r| r.text().to_string()),
                     )
                 })
                 .unwrap_or((None, None))
         })
         .await
-        .unwrap_or((None, None));
-    Response::ok(json!({
-        "peer": id.to_string(),
-        "hostname": info.hostname,
-        "address": info.address.to_string(),
-        "path": path,
-        "relay_reason": reason,
-        "rtt_ms": rtts,
+        .map_err(stopped)?;
+    Ok(Reply::Ping(api::PingReport {
+        peer: id.to_string(),
+        hostname: info.hostname,
+        address: info.address,
+        path,
+        relay_reason,
+        rtt_ms: rtts,
     }))
 }

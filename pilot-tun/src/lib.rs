@@ -2,6 +2,7 @@
 //! (the binary is a thin CLI over it, and the in-process tests drive it
 //! directly over fake TUN devices).
 
+pub mod api;
 pub mod cli;
 pub mod context;
 pub mod control;

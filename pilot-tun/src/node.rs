@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::api::{Request, Response};
 use crate::context::Context;
 pub use crate::context::NodeConfig;
-use crate::control::{Request, Response};
 use crate::controller::{self, Controller, Handle};
 use crate::link::{LinkError, RegistryLink};
 use crate::shared::Shared;
@@ -394,32 +394,15 @@ async fn relay_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
 }
 
 /// Runs the control socket server until the node stops: one task per
-/// connection, one request per connection.
+/// connection; each request is answered through the control task.
 async fn serve_control<T: Tun>(
     ctx: Arc<Context<T>>,
     handle: Handle<T>,
     listener: tokio::net::UnixListener,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    crate::control::serve(listener, move |req| {
         let (ctx, handle) = (ctx.clone(), handle.clone());
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut reader = BufReader::new(r);
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => controller::request(&ctx, &handle, req).await,
-                Err(e) => Response::err(format!("bad request: {e}")),
-            };
-            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-            out.push(b'\n');
-            let _ = w.write_all(&out).await;
-        });
-    }
+        async move { controller::request(&ctx, &handle, req).await }
+    })
+    .await;
 }

@@ -209,19 +209,19 @@ pub struct Drops {
 }
 
 impl Drops {
-    /// (name, value) pairs.
-    pub fn snapshot(&self) -> serde_json::Value {
+    /// The counters now, for `status`.
+    pub fn snapshot(&self) -> crate::api::DropCounts {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "auth": l(&self.auth),
-            "replay": l(&self.replay),
-            "inner_address": l(&self.inner_address),
-            "untrusted_handshake": l(&self.untrusted_handshake),
-            "bad_handshake": l(&self.bad_handshake),
-            "rate_limited": l(&self.rate_limited),
-            "refused_local": l(&self.refused_local),
-            "malformed": l(&self.malformed),
-        })
+        crate::api::DropCounts {
+            auth: l(&self.auth),
+            replay: l(&self.replay),
+            inner_address: l(&self.inner_address),
+            untrusted_handshake: l(&self.untrusted_handshake),
+            bad_handshake: l(&self.bad_handshake),
+            rate_limited: l(&self.rate_limited),
+            refused_local: l(&self.refused_local),
+            malformed: l(&self.malformed),
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use pilot_proto::join::JoinUrl;
 use pilot_proto::session::CipherSuite;
 use pilot_registry::{Config, Registry, SqliteStorage};
-use pilot_tun::control::{Request, Response};
+use pilot_tun::api::{
+    DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
+};
 use pilot_tun::state::StateDir;
 use pilot_tun::tun::{FakeTun, FakeTunHandle};
 use pilot_tun::{Node, NodeConfig};
@@ -122,10 +124,9 @@ impl TestNode {
     }
 
     /// Sends a control request; panics with the error if it fails.
-    pub async fn ok(&self, req: Request) -> serde_json::Value {
+    pub async fn ok(&self, req: Request) -> Reply {
         let r: Response = self.node.request(req.clone()).await;
-        assert!(r.ok, "{} {req:?} failed: {:?}", self.name, r.error);
-        r.data
+        r.unwrap_or_else(|e| panic!("{} {req:?} failed: {e:?}", self.name))
     }
 
     /// Sends a control request.
@@ -133,23 +134,47 @@ impl TestNode {
         self.node.request(req).await
     }
 
-    /// The trust state it has for `peer` (hostname), or "none".
-    pub async fn trust_state(&self, peer: &str) -> String {
-        let list = self.ok(Request::TrustList).await;
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["hostname"] == peer)
-            .and_then(|r| r["state"].as_str())
-            .unwrap_or("none")
-            .to_string()
+    /// Sends a request whose answer is an `R`; panics if it fails or the
+    /// answer is of another kind.
+    pub async fn get<R: TryFrom<Reply, Error = Reply>>(&self, req: Request) -> R {
+        let reply = self.ok(req.clone()).await;
+        R::try_from(reply)
+            .unwrap_or_else(|other| panic!("{} {req:?}: unexpected answer {other:?}", self.name))
     }
 
-    /// A drop counter from `status`.
-    pub async fn drops(&self, name: &str) -> u64 {
-        self.ok(Request::Status).await["drops"][name]
-            .as_u64()
-            .unwrap()
+    /// `status`.
+    pub async fn status(&self) -> Status {
+        self.get(Request::Status).await
+    }
+
+    /// `peers`.
+    pub async fn peers(&self) -> Vec<Peer> {
+        self.get(Request::Peers).await
+    }
+
+    /// `trust pending`.
+    pub async fn pending(&self) -> Vec<PendingRequest> {
+        self.get(Request::TrustPending).await
+    }
+
+    /// `trust list`.
+    pub async fn trust_list(&self) -> Vec<TrustEntry> {
+        self.get(Request::TrustList).await
+    }
+
+    /// The trust state it has for `peer` (hostname), or `None`.
+    pub async fn trust_state(&self, peer: &str) -> TrustState {
+        self.trust_list()
+            .await
+            .into_iter()
+            .find(|r| r.hostname.as_deref() == Some(peer))
+            .map(|r| r.state)
+            .unwrap_or(TrustState::None)
+    }
+
+    /// The drop counters from `status`.
+    pub async fn drops(&self) -> DropCounts {
+        self.status().await.drops
     }
 
     /// Injects a packet as if a local program sent it.
@@ -265,7 +290,7 @@ pub async fn trust(a: &TestNode, b: &TestNode) {
     })
     .await;
     eventually(Duration::from_secs(5), "request arrives", || async {
-        b.trust_state(&a.name).await == "pending"
+        b.trust_state(&a.name).await == TrustState::Pending
     })
     .await;
     b.ok(Request::TrustApprove {
@@ -273,7 +298,7 @@ pub async fn trust(a: &TestNode, b: &TestNode) {
     })
     .await;
     eventually(Duration::from_secs(5), "approval arrives", || async {
-        a.trust_state(&b.name).await == "trusted"
+        a.trust_state(&b.name).await == TrustState::Trusted
     })
     .await;
 }

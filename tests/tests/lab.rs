@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use pilot_tests::*;
-use pilot_tun::control::Request;
+use pilot_tun::api::{Request, TrustState};
 
 fn lo() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -54,14 +54,13 @@ async fn trust_lifecycle_with_three_nodes() {
     })
     .await;
     eventually(Duration::from_secs(5), "beta sees the request", || async {
-        let p = b.ok(Request::TrustPending).await;
-        p.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["hostname"] == "alpha" && r["note"] == "ci runner")
+        let p = b.pending().await;
+        p.iter().any(|r| {
+            r.hostname.as_deref() == Some("alpha") && r.note.as_deref() == Some("ci runner")
+        })
     })
     .await;
-    assert_eq!(a.trust_state("beta").await, "requested");
+    assert_eq!(a.trust_state("beta").await, TrustState::Requested);
     // One-sided approval moves no packet.
     blocked(&a, &mut b, b"requested only").await;
 
@@ -72,7 +71,7 @@ async fn trust_lifecycle_with_three_nodes() {
     eventually(
         Duration::from_secs(5),
         "alpha sees the approval",
-        || async { a.trust_state("beta").await == "trusted" },
+        || async { a.trust_state("beta").await == TrustState::Trusted },
     )
     .await;
 
@@ -81,18 +80,15 @@ async fn trust_lifecycle_with_three_nodes() {
     deliver(&b, &mut a, b"hello alpha").await;
     let big = vec![0xabu8; 1300];
     deliver(&a, &mut b, &big).await;
-    let peers = a.ok(Request::Peers).await;
+    let peers = a.peers().await;
     let beta = peers
-        .as_array()
-        .unwrap()
         .iter()
-        .find(|p| p["hostname"] == "beta")
-        .unwrap()
-        .clone();
-    assert_eq!(beta["trust"], "trusted");
-    assert_eq!(beta["session"], true);
-    assert!(beta["tx_bytes"].as_u64().unwrap() > 1300);
-    assert!(beta["rx_bytes"].as_u64().unwrap() > 0);
+        .find(|p| p.hostname.as_deref() == Some("beta"))
+        .unwrap();
+    assert_eq!(beta.trust, TrustState::Trusted);
+    assert!(beta.session);
+    assert!(beta.tx_bytes > 1300);
+    assert!(beta.rx_bytes > 0);
 
     // Deny: gamma asks alpha, alpha refuses; nothing flows either way.
     c.ok(Request::TrustRequest {
@@ -103,7 +99,7 @@ async fn trust_lifecycle_with_three_nodes() {
     eventually(
         Duration::from_secs(5),
         "alpha sees gamma's request",
-        || async { a.trust_state("gamma").await == "pending" },
+        || async { a.trust_state("gamma").await == TrustState::Pending },
     )
     .await;
     a.ok(Request::TrustDeny {
@@ -113,7 +109,7 @@ async fn trust_lifecycle_with_three_nodes() {
     eventually(
         Duration::from_secs(5),
         "gamma learns it was denied",
-        || async { c.trust_state("alpha").await == "denied-by-peer" },
+        || async { c.trust_state("alpha").await == TrustState::DeniedByPeer },
     )
     .await;
     blocked(&c, &mut a, b"denied").await;
@@ -128,17 +124,17 @@ async fn trust_lifecycle_with_three_nodes() {
     eventually(
         Duration::from_secs(1),
         "alpha learns of the revocation",
-        || async { a.trust_state("beta").await == "revoked-by-peer" },
+        || async { a.trust_state("beta").await == TrustState::RevokedByPeer },
     )
     .await;
     assert!(t0.elapsed() < Duration::from_secs(1));
     blocked(&a, &mut b, b"after revoke").await;
     blocked(&b, &mut a, b"after revoke").await;
-    assert_eq!(b.trust_state("alpha").await, "revoked");
+    assert_eq!(b.trust_state("alpha").await, TrustState::Revoked);
 
     // Nothing was dropped as malformed or forged along the way.
-    assert_eq!(b.drops("auth").await, 0);
-    assert_eq!(b.drops("inner_address").await, 0);
+    assert_eq!(b.drops().await.auth, 0);
+    assert_eq!(b.drops().await.inner_address, 0);
     for n in [a, b, c] {
         n.node.shutdown().await;
     }
@@ -158,7 +154,7 @@ async fn spoofed_inner_source_is_dropped() {
     eventually(
         Duration::from_secs(2),
         "beta counts the spoofed packet",
-        || async { b.drops("inner_address").await >= 1 },
+        || async { b.drops().await.inner_address >= 1 },
     )
     .await;
     assert!(
@@ -210,7 +206,7 @@ async fn registry_restart_loses_nothing() {
     eventually(
         Duration::from_secs(20),
         "beta receives gamma's stored request",
-        || async { b.trust_state("gamma").await == "pending" },
+        || async { b.trust_state("gamma").await == TrustState::Pending },
     )
     .await;
     deliver(&a, &mut b, b"after").await;
@@ -245,7 +241,7 @@ async fn node_restart_keeps_address_and_trust() {
         .await
         .unwrap();
     assert_eq!(a.addr(), addr);
-    assert_eq!(a.trust_state("beta").await, "trusted");
+    assert_eq!(a.trust_state("beta").await, TrustState::Trusted);
     deliver(&b, &mut a, b"welcome back").await;
     deliver(&a, &mut b, b"thanks").await;
     a.node.shutdown().await;

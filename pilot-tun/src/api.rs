@@ -1,0 +1,1155 @@
+//! The control API's types: every request the CLI sends to the daemon, every
+//! answer, and every document `--json` prints. The daemon builds these
+//! structs and the CLI reads them, so the schema documented in the README
+//! ("JSON output") is this file; tests pin the two together.
+//!
+//! A leaf module: it uses std, serde and a few pilot-proto enums, nothing
+//! else of this crate. Fields may be added over time; a field that exists
+//! keeps its name, type and meaning.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use pilot_proto::messages::NatType;
+use pilot_proto::session::CipherSuite;
+use pilot_proto::trust;
+use serde::{Deserialize, Serialize};
+
+/// A command for the daemon: one JSON line `{"cmd": "<name>", ...}` on the
+/// control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Address, id, registry, peers: answered with [`Status`].
+    Status,
+    /// Every known peer with trust state and tunnel figures: [`Peer`]s.
+    Peers,
+    /// Ask a peer for mutual trust: [`TrustChange`].
+    TrustRequest {
+        /// Hostname, address or node id.
+        peer: String,
+        /// Note for the peer's operator.
+        note: String,
+    },
+    /// Requests waiting for our answer: [`PendingRequest`]s.
+    TrustPending,
+    /// Approve a peer: [`TrustChange`].
+    TrustApprove {
+        /// Hostname, address or node id.
+        peer: String,
+    },
+    /// Refuse a peer's request: [`TrustChange`].
+    TrustDeny {
+        /// Hostname, address or node id.
+        peer: String,
+    },
+    /// Withdraw trust; ends the session at once: [`TrustChange`].
+    TrustRevoke {
+        /// Hostname, address or node id.
+        peer: String,
+    },
+    /// All trust records: [`TrustEntry`]s.
+    TrustList,
+    /// Round trips through the tunnel to a trusted peer: [`PingReport`].
+    Ping {
+        /// Hostname, address or node id.
+        peer: String,
+        /// How many echoes.
+        count: u32,
+    },
+    /// Stop the daemon: [`Stopping`].
+    Down,
+}
+
+/// The most echoes one `ping` sends (more are clamped to this).
+pub const MAX_PING_COUNT: u32 = 100;
+
+/// The daemon's answer to one request.
+pub type Response = Result<Reply, ApiError>;
+
+/// A successful answer; which variant depends on the request (see
+/// [`Request`]). It serializes as the bare document, which is what
+/// `--json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// To `status` (and what `up --json` prints).
+    Status(Box<Status>),
+    /// To `peers`.
+    Peers(Vec<Peer>),
+    /// To `trust pending`.
+    Pending(Vec<PendingRequest>),
+    /// To `trust list`.
+    TrustList(Vec<TrustEntry>),
+    /// To `trust request|approve|deny|revoke`.
+    Trust(TrustChange),
+    /// To `ping`.
+    Ping(PingReport),
+    /// To `down`.
+    Down(Stopping),
+}
+
+impl Reply {
+    /// Reads the document the daemon sent for `req`.
+    pub fn decode(req: &Request, data: serde_json::Value) -> Result<Reply, serde_json::Error> {
+        use serde_json::from_value;
+        Ok(match req {
+            Request::Status => Reply::Status(from_value(data)?),
+            Request::Peers => Reply::Peers(from_value(data)?),
+            Request::TrustPending => Reply::Pending(from_value(data)?),
+            Request::TrustList => Reply::TrustList(from_value(data)?),
+            Request::TrustRequest { .. }
+            | Request::TrustApprove { .. }
+            | Request::TrustDeny { .. }
+            | Request::TrustRevoke { .. } => Reply::Trust(from_value(data)?),
+            Request::Ping { .. } => Reply::Ping(from_value(data)?),
+            Request::Down => Reply::Down(from_value(data)?),
+        })
+    }
+}
+
+/// `Reply` -> the document of one kind, for callers that know which
+/// request they sent: `let s: Status = reply.try_into()?`.
+macro_rules! reply_into {
+    ($($variant:ident => $ty:ty),* $(,)?) => {$(
+        impl TryFrom<Reply> for $ty {
+            type Error = Reply;
+            fn try_from(r: Reply) -> Result<Self, Reply> {
+                match r {
+                    Reply::$variant(v) => Ok(v.into()),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+reply_into! {
+    Status => Status,
+    Peers => Vec<Peer>,
+    Pending => Vec<PendingRequest>,
+    TrustList => Vec<TrustEntry>,
+    Trust => TrustChange,
+    Ping => PingReport,
+    Down => Stopping,
+}
+
+impl From<Box<Status>> for Status {
+    fn from(b: Box<Status>) -> Status {
+        *b
+    }
+}
+
+/// One line the daemon writes back on the control socket:
+/// `{"ok": true, "data": <document>}` or
+/// `{"ok": false, "error": "<sentence>", "code": "<code>"}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// True on success.
+    pub ok: bool,
+    /// On failure: what went wrong, in a sentence that says what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// On failure: the machine-readable reason (absent from daemons older
+    /// than the code: read as [`ErrorCode::Failed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    /// On success: the document ([`Reply`]).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Envelope {
+    /// The line for a response.
+    pub fn of(resp: &Response) -> Envelope {
+        match resp {
+            Ok(reply) => Envelope {
+                ok: true,
+                error: None,
+                code: None,
+                // Serializing these plain structs to a Value cannot fail: no
+                // map has non-string keys and no custom Serialize errs.
+                data: serde_json::to_value(reply).unwrap_or_default(),
+            },
+            Err(e) => Envelope {
+                ok: false,
+                error: Some(e.error.clone()),
+                code: Some(e.code),
+                data: serde_json::Value::Null,
+            },
+        }
+    }
+
+    /// The response for `req` this line carries.
+    pub fn into_response(self, req: &Request) -> Result<Response, serde_json::Error> {
+        if self.ok {
+            return Reply::decode(req, self.data).map(Ok);
+        }
+        Ok(Err(ApiError {
+            code: self.code.unwrap_or(ErrorCode::Failed),
+            error: self
+                .error
+                .unwrap_or_else(|| "the daemon gave no reason".into()),
+        }))
+    }
+}
+
+/// A failed request: the reason for programs and the sentence for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// What went wrong and what to do next.
+    pub error: String,
+}
+
+impl ApiError {
+    /// An error with this code and sentence.
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            error: error.into(),
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Why a command failed, for programs. Each maps to an exit code
+/// ([`ErrorCode::exit_code`]); the code is finer than the exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Anything no finer code covers (the sentence says what). Exit 1.
+    Failed,
+    /// Bad command-line arguments, including a string that cannot name a
+    /// peer. Exit 2.
+    Usage,
+    /// No daemon runs for this state directory. Exit 3.
+    NotRunning,
+    /// The control socket or /dev/net/tun needs root (or CAP_NET_ADMIN).
+    /// Exit 4.
+    PermissionDenied,
+    /// The daemon did not answer in time, or did not come up in time.
+    /// Exit 5.
+    Timeout,
+    /// The registry cannot be reached right now; try again later. Exit 5.
+    RegistryUnreachable,
+    /// The daemon's answer did not parse (another version of pilot-tun?).
+    /// Exit 1.
+    Protocol,
+    /// No node has that hostname, address or node id. Exit 1.
+    UnknownPeer,
+    /// The command needs a peer both sides trust. Exit 1.
+    NotTrusted,
+    /// The daemon refused the request as given (this node itself named as
+    /// peer, a note too long). Exit 1.
+    InvalidRequest,
+    /// `up`: a daemon already runs for this state directory. Exit 1.
+    AlreadyRunning,
+    /// `up`: /dev/net/tun is missing. Exit 1.
+    NoTun,
+    /// `up`: the daemon could not start (the sentence and the log say
+    /// why). Exit 1.
+    StartFailed,
+}
+
+/// Exit codes a program can rely on.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The command failed; the error's `code` says why.
+    pub const FAILED: u8 = 1;
+    /// Bad arguments.
+    pub const USAGE: u8 = 2;
+    /// No daemon runs for this state directory.
+    pub const NOT_RUNNING: u8 = 3;
+    /// Permission denied: run with sudo.
+    pub const PERMISSION: u8 = 4;
+    /// Timed out or unreachable: worth retrying later.
+    pub const TRY_AGAIN: u8 = 5;
+}
+
+impl ErrorCode {
+    /// The process exit code for this reason.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCode::Usage => exit::USAGE,
+            ErrorCode::NotRunning => exit::NOT_RUNNING,
+            ErrorCode::PermissionDenied => exit::PERMISSION,
+            ErrorCode::Timeout | ErrorCode::RegistryUnreachable => exit::TRY_AGAIN,
+            ErrorCode::Failed
+            | ErrorCode::Protocol
+            | ErrorCode::UnknownPeer
+            | ErrorCode::NotTrusted
+            | ErrorCode::InvalidRequest
+            | ErrorCode::AlreadyRunning
+            | ErrorCode::NoTun
+            | ErrorCode::StartFailed => exit::FAILED,
+        }
+    }
+}
+
+/// What `--json` prints (on stdout) when a command fails, for errors of
+/// the daemon and of the CLI alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    /// Always false.
+    pub ok: bool,
+    /// What went wrong and what to do next.
+    pub error: String,
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+}
+
+impl From<&ApiError> for ErrorReport {
+    fn from(e: &ApiError) -> Self {
+        ErrorReport {
+            ok: false,
+            error: e.error.clone(),
+            code: e.code,
+        }
+    }
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Our overlay address (0.0.0.0 before the registry assigned one).
+    pub address: Ipv4Addr,
+    /// The overlay network, e.g. "10.77.0.0/16".
+    pub network: Option<String>,
+    /// Our node id (32 hex digits).
+    pub node_id: String,
+    /// The hostname the registry bound to us.
+    pub hostname: Option<String>,
+    /// The local UDP address of the tunnel socket.
+    pub listen: Option<SocketAddr>,
+    /// The registry session.
+    pub registry: RegistryStatus,
+    /// Where relayed traffic goes (the registry or a relay-only instance).
+    pub relay: SocketAddr,
+    /// Our NAT type, as last measured.
+    pub nat: Nat,
+    /// Our endpoint as the registry sees it.
+    pub public_endpoint: Option<SocketAddr>,
+    /// Peer counts.
+    pub peers: PeerCounts,
+    /// Trust requests waiting for our answer.
+    pub pending_requests: u64,
+    /// The data cipher for sessions we start.
+    pub cipher: Cipher,
+    /// Offloads in use.
+    pub offload: Offload,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Packets dropped, by reason.
+    pub drops: DropCounts,
+}
+
+/// The registry session, in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryStatus {
+    /// The join URL.
+    pub url: String,
+    /// True while the registry answers.
+    pub reachable: bool,
+    /// Seconds since the registry last answered.
+    pub last_contact_secs: Option<u64>,
+    /// Our endpoint as the registry sees it.
+    pub observed_endpoint: Option<SocketAddr>,
+}
+
+/// Peer counts, in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounts {
+    /// Nodes with a trust record.
+    pub known: u64,
+    /// Peers both sides approved.
+    pub trusted: u64,
+    /// Trusted peers with a current session.
+    pub connected: u64,
+}
+
+/// Offloads, in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offload {
+    /// UDP segmentation offload (one send call per run of datagrams).
+    pub udp_gso: bool,
+}
+
+/// Drop counters, in [`Status`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropCounts {
+    /// Data packets that failed authentication or named no session.
+    pub auth: u64,
+    /// Data packets replayed or too old.
+    pub replay: u64,
+    /// Inner packets whose addresses were not the peer's and ours.
+    pub inner_address: u64,
+    /// Handshakes from keys we do not trust.
+    pub untrusted_handshake: u64,
+    /// Handshakes refused: bad MAC, Noise failure, replayed timestamp.
+    pub bad_handshake: u64,
+    /// Handshakes over the per-source rate limit.
+    pub rate_limited: u64,
+    /// Local packets to untrusted or unknown addresses (answered with ICMP).
+    pub refused_local: u64,
+    /// Datagrams of no known kind.
+    pub malformed: u64,
+}
+
+/// Our NAT type, in [`Status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Nat {
+    /// Not measured (yet).
+    #[serde(rename = "unknown")]
+    Unknown,
+    /// No NAT.
+    #[serde(rename = "none")]
+    None,
+    /// One public endpoint for every destination ("easy").
+    #[serde(rename = "endpoint-independent")]
+    EndpointIndependent,
+    /// A public port per destination ("hard", symmetric).
+    #[serde(rename = "per-destination (hard)")]
+    PerDestination,
+}
+
+impl From<NatType> for Nat {
+    fn from(n: NatType) -> Nat {
+        match n {
+            NatType::Unknown => Nat::Unknown,
+            NatType::None => Nat::None,
+            NatType::EndpointIndependent => Nat::EndpointIndependent,
+            NatType::PerDestination => Nat::PerDestination,
+        }
+    }
+}
+
+/// A data cipher, in [`Status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cipher {
+    /// AES-256-GCM.
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305.
+    #[serde(rename = "chacha20-poly1305")]
+    Chacha20Poly1305,
+}
+
+impl From<CipherSuite> for Cipher {
+    fn from(c: CipherSuite) -> Cipher {
+        match c {
+            CipherSuite::Aes256Gcm => Cipher::Aes256Gcm,
+            CipherSuite::ChaCha20Poly1305 => Cipher::Chacha20Poly1305,
+        }
+    }
+}
+
+/// One peer in the answer to `peers`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its node id.
+    pub node_id: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The trust state between us.
+    pub trust: TrustState,
+    /// Where its packets go now (trusted peers only).
+    pub endpoint: Option<Endpoint>,
+    /// The kind of that path.
+    pub path: Option<PathKind>,
+    /// Why it is relayed, when it is.
+    pub relay_reason: Option<String>,
+    /// Last measured round trip through the tunnel, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// True while a session is current.
+    pub session: bool,
+    /// Seconds since the last completed handshake.
+    pub last_handshake_secs: Option<u64>,
+    /// Inner bytes received from it.
+    pub rx_bytes: u64,
+    /// Inner bytes sent to it.
+    pub tx_bytes: u64,
+}
+
+/// Where a peer's packets go: a UDP endpoint, or the relay. In JSON,
+/// "ip:port" or "relay".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Straight to this UDP endpoint.
+    Direct(SocketAddr),
+    /// Through the relay.
+    Relay,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Direct(a) => write!(f, "{a}"),
+            Endpoint::Relay => f.write_str("relay"),
+        }
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "relay" {
+            return Ok(Endpoint::Relay);
+        }
+        s.parse().map(Endpoint::Direct).map_err(|_| {
+            serde::de::Error::custom(format!("{s:?} is neither \"relay\" nor an ip:port"))
+        })
+    }
+}
+
+/// The kind of a peer's path, in [`Peer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// Straight to the peer.
+    Direct,
+    /// Through the relay.
+    Relay,
+}
+
+impl From<pilot_proto::path::Path> for Endpoint {
+    fn from(p: pilot_proto::path::Path) -> Endpoint {
+        match p {
+            pilot_proto::path::Path::Direct(a) => Endpoint::Direct(a),
+            pilot_proto::path::Path::Relay => Endpoint::Relay,
+        }
+    }
+}
+
+impl From<Endpoint> for PathKind {
+    fn from(e: Endpoint) -> PathKind {
+        match e {
+            Endpoint::Direct(_) => PathKind::Direct,
+            Endpoint::Relay => PathKind::Relay,
+        }
+    }
+}
+
+/// The trust state between us and another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrustState {
+    /// Both approved: packets flow.
+    Trusted,
+    /// It asked us; we have not answered.
+    Pending,
+    /// We asked (or approved); it has not answered.
+    Requested,
+    /// We approved; it refused.
+    DeniedByPeer,
+    /// We approved; it withdrew its approval.
+    RevokedByPeer,
+    /// We refused.
+    Denied,
+    /// We withdrew our approval.
+    Revoked,
+    /// No decision either way.
+    None,
+}
+
+impl TrustState {
+    /// The state from our decision and theirs.
+    pub fn of(ours: trust::Decision, theirs: trust::Decision) -> TrustState {
+        use trust::Decision as D;
+        match (ours, theirs) {
+            (D::Approved, D::Approved) => TrustState::Trusted,
+            (D::None, D::Approved) => TrustState::Pending,
+            (D::Approved, D::None) => TrustState::Requested,
+            (D::Approved, D::Denied) => TrustState::DeniedByPeer,
+            (D::Approved, D::Revoked) => TrustState::RevokedByPeer,
+            (D::Denied, _) => TrustState::Denied,
+            (D::Revoked, _) => TrustState::Revoked,
+            (D::None, D::None | D::Denied | D::Revoked) => TrustState::None,
+        }
+    }
+}
+
+impl fmt::Display for TrustState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The serde name is the word the CLI shows.
+        let v = serde_json::to_value(self).unwrap_or_default();
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+/// One side's decision, in [`TrustEntry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Nothing said yet.
+    None,
+    /// Approved (by a request or an approval).
+    Approved,
+    /// Refused a request.
+    Denied,
+    /// Withdrew an earlier approval.
+    Revoked,
+}
+
+impl From<trust::Decision> for Decision {
+    fn from(d: trust::Decision) -> Decision {
+        match d {
+            trust::Decision::None => Decision::None,
+            trust::Decision::Approved => Decision::Approved,
+            trust::Decision::Denied => Decision::Denied,
+            trust::Decision::Revoked => Decision::Revoked,
+        }
+    }
+}
+
+/// One request in the answer to `trust pending`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRequest {
+    /// The asking node's id.
+    pub node_id: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The note on its request.
+    pub note: Option<String>,
+}
+
+/// One record in the answer to `trust list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustEntry {
+    /// The node's id.
+    pub node_id: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The trust state between us.
+    pub state: TrustState,
+    /// Our decision about it.
+    pub ours: Decision,
+    /// Its decision about us.
+    pub theirs: Decision,
+}
+
+/// The answer to `trust request|approve|deny|revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustChange {
+    /// The peer's node id.
+    pub peer: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The trust state now.
+    pub state: TrustState,
+    /// True if packets may flow now.
+    pub trusted: bool,
+    /// True if the registry took the statement for the peer.
+    pub delivered: bool,
+    /// Why it did not (a withdrawal still took effect here).
+    pub delivery_error: Option<String>,
+}
+
+/// The answer to `ping`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PingReport {
+    /// The peer's node id.
+    pub peer: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The path after the last echo.
+    pub path: Option<Endpoint>,
+    /// Why it is relayed, when it is.
+    pub relay_reason: Option<String>,
+    /// One entry per echo: the round trip in milliseconds, or null if no
+    /// answer came.
+    pub rtt_ms: Vec<Option<f64>>,
+}
+
+impl PingReport {
+    /// True if at least one echo came back.
+    pub fn answered(&self) -> bool {
+        self.rtt_ms.iter().any(Option::is_some)
+    }
+}
+
+/// The answer to `down`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopping {
+    /// Always true: the daemon is stopping.
+    pub stopping: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const ID_A: &str = "140a67f3f7622d9b6c1aea0abb8702a5";
+    const ID_B: &str = "5f0b6d8e2c4a19377a1e0c9d3b2f4e61";
+
+    fn status() -> Status {
+        Status {
+            address: Ipv4Addr::new(10, 77, 92, 132),
+            network: Some("10.77.0.0/16".into()),
+            node_id: ID_A.into(),
+            hostname: Some("alpha".into()),
+            listen: Some("0.0.0.0:41641".parse().unwrap()),
+            registry: RegistryStatus {
+                url: "pilot://3d436da5a0f1c1e1d2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6b32a61@203.0.113.5:7946".into(),
+                reachable: true,
+                last_contact_secs: Some(4),
+                observed_endpoint: Some("198.51.100.7:41641".parse().unwrap()),
+            },
+            relay: "203.0.113.5:7946".parse().unwrap(),
+            nat: Nat::EndpointIndependent,
+            public_endpoint: Some("198.51.100.7:41641".parse().unwrap()),
+            peers: PeerCounts {
+                known: 3,
+                trusted: 2,
+                connected: 1,
+            },
+            pending_requests: 1,
+            cipher: Cipher::Aes256Gcm,
+            offload: Offload { udp_gso: true },
+            pid: 19505,
+            uptime_secs: 3600,
+            drops: DropCounts {
+                auth: 0,
+                replay: 2,
+                inner_address: 0,
+                untrusted_handshake: 5,
+                bad_handshake: 1,
+                rate_limited: 0,
+                refused_local: 3,
+                malformed: 0,
+            },
+        }
+    }
+
+    fn peers() -> Vec<Peer> {
+        vec![
+            Peer {
+                node_id: ID_B.into(),
+                hostname: Some("beta".into()),
+                address: Ipv4Addr::new(10, 77, 84, 77),
+                trust: TrustState::Trusted,
+                endpoint: Some(Endpoint::Direct("192.0.2.12:33967".parse().unwrap())),
+                path: Some(PathKind::Direct),
+                relay_reason: None,
+                rtt_ms: Some(0.191),
+                session: true,
+                last_handshake_secs: Some(12),
+                rx_bytes: 252,
+                tx_bytes: 279,
+            },
+            Peer {
+                node_id: "9a1c0e5d7b3f42618e0d2c4b6a8f1e3d".into(),
+                hostname: Some("gamma".into()),
+                address: Ipv4Addr::new(10, 77, 116, 1),
+                trust: TrustState::Trusted,
+                endpoint: Some(Endpoint::Relay),
+                path: Some(PathKind::Relay),
+                relay_reason: Some("both NATs map per destination".into()),
+                rtt_ms: Some(1.25),
+                session: true,
+                last_handshake_secs: Some(40),
+                rx_bytes: 1_048_576,
+                tx_bytes: 65_536,
+            },
+            Peer {
+                node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
+                hostname: None,
+                address: Ipv4Addr::new(10, 77, 3, 9),
+                trust: TrustState::Pending,
+                endpoint: None,
+                path: None,
+                relay_reason: None,
+                rtt_ms: None,
+                session: false,
+                last_handshake_secs: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            },
+        ]
+    }
+
+    fn pending() -> Vec<PendingRequest> {
+        vec![PendingRequest {
+            node_id: ID_A.into(),
+            hostname: Some("alpha".into()),
+            address: Ipv4Addr::new(10, 77, 92, 132),
+            note: Some("build agent needs the cache".into()),
+        }]
+    }
+
+    fn trust_list() -> Vec<TrustEntry> {
+        vec![
+            TrustEntry {
+                node_id: ID_B.into(),
+                hostname: Some("beta".into()),
+                address: Ipv4Addr::new(10, 77, 84, 77),
+                state: TrustState::Trusted,
+                ours: Decision::Approved,
+                theirs: Decision::Approved,
+            },
+            TrustEntry {
+                node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
+                hostname: None,
+                address: Ipv4Addr::new(10, 77, 3, 9),
+                state: TrustState::Pending,
+                ours: Decision::None,
+                theirs: Decision::Approved,
+            },
+        ]
+    }
+
+    fn trust_change() -> TrustChange {
+        TrustChange {
+            peer: ID_B.into(),
+            hostname: Some("beta".into()),
+            address: Ipv4Addr::new(10, 77, 84, 77),
+            state: TrustState::Revoked,
+            trusted: false,
+            delivered: false,
+            delivery_error: Some(
+                "the registry at 203.0.113.5:7946 is unreachable (no answer); try again when it is up"
+                    .into(),
+            ),
+        }
+    }
+
+    fn ping() -> PingReport {
+        PingReport {
+            peer: ID_B.into(),
+            hostname: Some("beta".into()),
+            address: Ipv4Addr::new(10, 77, 84, 77),
+            path: Some(Endpoint::Direct("192.0.2.12:33967".parse().unwrap())),
+            relay_reason: None,
+            rtt_ms: vec![Some(0.191), None, Some(0.204)],
+        }
+    }
+
+    fn error() -> ErrorReport {
+        ErrorReport {
+            ok: false,
+            error: "no pilot-tun daemon is running for state directory /var/lib/pilot-tun (start one with `sudo pilot-tun up`, or name its directory with --state-dir)".into(),
+            code: ErrorCode::NotRunning,
+        }
+    }
+
+    /// Every `--json` document, by the name of its block in the README.
+    fn examples() -> Vec<(&'static str, String)> {
+        fn pretty<T: Serialize>(v: &T) -> String {
+            serde_json::to_string_pretty(v).unwrap()
+        }
+        vec![
+            ("status", pretty(&status())),
+            ("peers", pretty(&peers())),
+            ("trust-pending", pretty(&pending())),
+            ("trust-list", pretty(&trust_list())),
+            ("trust-change", pretty(&trust_change())),
+            ("ping", pretty(&ping())),
+            ("down", pretty(&Stopping { stopping: true })),
+            ("error", pretty(&error())),
+        ]
+    }
+
+    /// The ```json block after `<!-- schema: NAME -->` in the README.
+    fn readme_block(readme: &str, name: &str) -> String {
+        let marker = format!("<!-- schema: {name} -->");
+        let at = readme
+            .find(&marker)
+            .unwrap_or_else(|| panic!("README.md has no {marker}"));
+        let rest = &readme[at + marker.len()..];
+        let start = rest
+            .find("```json\n")
+            .expect("a ```json block after the marker")
+            + 8;
+        let end = rest[start..].find("\n```").expect("the block ends");
+        rest[start..start + end].to_string()
+    }
+
+    fn readme() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        std::fs::read_to_string(path).expect("README.md")
+    }
+
+    #[test]
+    fn readme_documents_every_json_output_exactly() {
+        let readme = readme();
+        for (name, json) in examples() {
+            assert_eq!(
+                readme_block(&readme, name),
+                json,
+                "README.md's {name} example differs from what the code prints"
+            );
+        }
+    }
+
+    /// Round trip through the types: nothing lost, nothing added.
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned>(v: &T) {
+        let text = serde_json::to_string(v).unwrap();
+        let back: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    }
+
+    #[test]
+    fn every_document_round_trips() {
+        round_trip(&status());
+        round_trip(&peers());
+        round_trip(&pending());
+        round_trip(&trust_list());
+        round_trip(&trust_change());
+        round_trip(&ping());
+        round_trip(&error());
+    }
+
+    #[test]
+    fn the_fields_scripts_read_keep_their_names() {
+        // netns-tests/*.sh and scripts/*.sh read these; renaming one breaks them.
+        let s = serde_json::to_value(status()).unwrap();
+        for k in [
+            "address", "pid", "listen", "drops", "relay", "nat", "node_id",
+        ] {
+            assert!(s.get(k).is_some(), "status.{k}");
+        }
+        assert_eq!(s["registry"]["reachable"], true);
+        assert_eq!(s["offload"]["udp_gso"], true);
+        for k in ["untrusted_handshake", "bad_handshake", "replay", "auth"] {
+            assert!(s["drops"].get(k).is_some(), "status.drops.{k}");
+        }
+        let p = serde_json::to_value(peers()).unwrap();
+        assert_eq!(p[0]["endpoint"], "192.0.2.12:33967");
+        assert_eq!(p[0]["path"], "direct");
+        assert_eq!(p[1]["endpoint"], "relay");
+        assert_eq!(p[1]["path"], "relay");
+        assert_eq!(p[1]["relay_reason"], "both NATs map per destination");
+        for k in ["hostname", "trust", "session", "tx_bytes"] {
+            assert!(p[0].get(k).is_some(), "peers[].{k}");
+        }
+        let t = serde_json::to_value(trust_list()).unwrap();
+        assert_eq!(t[0]["state"], "trusted");
+        assert_eq!(t[0]["hostname"], "beta");
+        let q = serde_json::to_value(pending()).unwrap();
+        assert_eq!(q[0]["hostname"], "alpha");
+    }
+
+    #[test]
+    fn requests_on_the_socket() {
+        let cases = [
+            (Request::Status, json!({"cmd": "status"})),
+            (Request::Peers, json!({"cmd": "peers"})),
+            (
+                Request::TrustRequest {
+                    peer: "beta".into(),
+                    note: "hi".into(),
+                },
+                json!({"cmd": "trust_request", "peer": "beta", "note": "hi"}),
+            ),
+            (Request::TrustPending, json!({"cmd": "trust_pending"})),
+            (
+                Request::TrustApprove { peer: "a".into() },
+                json!({"cmd": "trust_approve", "peer": "a"}),
+            ),
+            (
+                Request::TrustDeny { peer: "a".into() },
+                json!({"cmd": "trust_deny", "peer": "a"}),
+            ),
+            (
+                Request::TrustRevoke { peer: "a".into() },
+                json!({"cmd": "trust_revoke", "peer": "a"}),
+            ),
+            (Request::TrustList, json!({"cmd": "trust_list"})),
+            (
+                Request::Ping {
+                    peer: "beta".into(),
+                    count: 3,
+                },
+                json!({"cmd": "ping", "peer": "beta", "count": 3}),
+            ),
+            (Request::Down, json!({"cmd": "down"})),
+        ];
+        for (req, want) in cases {
+            assert_eq!(serde_json::to_value(&req).unwrap(), want);
+            assert_eq!(serde_json::from_value::<Request>(want).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn envelopes_on_the_socket() {
+        let ok: Response = Ok(Reply::Down(Stopping { stopping: true }));
+        let line = serde_json::to_string(&Envelope::of(&ok)).unwrap();
+        assert_eq!(line, r#"{"ok":true,"data":{"stopping":true}}"#);
+        let back: Envelope = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_response(&Request::Down).unwrap(), ok);
+
+        let err: Response = Err(ApiError::new(ErrorCode::UnknownPeer, "cannot find zeta"));
+        let line = serde_json::to_string(&Envelope::of(&err)).unwrap();
+        assert_eq!(
+            line,
+            r#"{"ok":false,"error":"cannot find zeta","code":"unknown_peer"}"#
+        );
+        let back: Envelope = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_response(&Request::Status).unwrap(), err);
+
+        // A daemon from before the codes: `data: null` and no code.
+        let old: Envelope =
+            serde_json::from_str(r#"{"ok":false,"error":"nope","data":null}"#).unwrap();
+        assert_eq!(
+            old.into_response(&Request::Peers).unwrap(),
+            Err(ApiError::new(ErrorCode::Failed, "nope"))
+        );
+    }
+
+    #[test]
+    fn replies_decode_by_request() {
+        let cases: Vec<(Request, Reply)> = vec![
+            (Request::Status, Reply::Status(Box::new(status()))),
+            (Request::Peers, Reply::Peers(peers())),
+            (Request::TrustPending, Reply::Pending(pending())),
+            (Request::TrustList, Reply::TrustList(trust_list())),
+            (
+                Request::TrustRevoke {
+                    peer: "beta".into(),
+                },
+                Reply::Trust(trust_change()),
+            ),
+            (
+                Request::Ping {
+                    peer: "beta".into(),
+                    count: 3,
+                },
+                Reply::Ping(ping()),
+            ),
+            (Request::Down, Reply::Down(Stopping { stopping: true })),
+        ];
+        for (req, reply) in cases {
+            let v = serde_json::to_value(&reply).unwrap();
+            assert_eq!(Reply::decode(&req, v).unwrap(), reply, "{req:?}");
+        }
+        // The wrong document for the request is an error, not a guess.
+        let v = serde_json::to_value(peers()).unwrap();
+        assert!(Reply::decode(&Request::Status, v).is_err());
+        let s: Status = Reply::Status(Box::new(status())).try_into().unwrap();
+        assert_eq!(s, status());
+        assert!(Vec::<Peer>::try_from(Reply::Down(Stopping { stopping: true })).is_err());
+    }
+
+    #[test]
+    fn endpoint_text() {
+        for (text, e) in [
+            ("relay", Endpoint::Relay),
+            (
+                "192.0.2.1:7",
+                Endpoint::Direct("192.0.2.1:7".parse().unwrap()),
+            ),
+            (
+                "[2001:db8::1]:7",
+                Endpoint::Direct("[2001:db8::1]:7".parse().unwrap()),
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(e).unwrap(), text);
+            assert_eq!(serde_json::from_value::<Endpoint>(json!(text)).unwrap(), e);
+        }
+        for bad in [json!("direct"), json!(""), json!(7), json!("192.0.2.1")] {
+            assert!(
+                serde_json::from_value::<Endpoint>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn words_match_pilot_proto() {
+        use pilot_proto::identity::Identity;
+        use pilot_proto::trust::{Decision as D, TrustRecord};
+        let all = [D::None, D::Approved, D::Denied, D::Revoked];
+        for ours in all {
+            for theirs in all {
+                let rec = TrustRecord {
+                    identity: Identity::from_bytes(&[7; 64]).public(),
+                    address: Ipv4Addr::new(10, 77, 0, 1),
+                    hostname: None,
+                    ours,
+                    theirs,
+                    their_seq: 0,
+                    note_in: None,
+                    note_out: None,
+                    updated: 0,
+                    last_endpoint: None,
+                };
+                let state = TrustState::of(ours, theirs);
+                assert_eq!(state.to_string(), rec.state(), "{ours:?}/{theirs:?}");
+                assert_eq!(serde_json::to_value(state).unwrap(), rec.state());
+            }
+            assert_eq!(
+                serde_json::to_value(Decision::from(ours)).unwrap(),
+                format!("{ours:?}").to_lowercase()
+            );
+        }
+        for n in [
+            NatType::Unknown,
+            NatType::None,
+            NatType::EndpointIndependent,
+            NatType::PerDestination,
+        ] {
+            assert_eq!(serde_json::to_value(Nat::from(n)).unwrap(), n.name());
+        }
+        assert_eq!(
+            serde_json::to_value(Cipher::from(CipherSuite::Aes256Gcm)).unwrap(),
+            "aes-256-gcm"
+        );
+        assert_eq!(
+            serde_json::to_value(Cipher::from(CipherSuite::ChaCha20Poly1305)).unwrap(),
+            "chacha20-poly1305"
+        );
+    }
+
+    #[test]
+    fn exit_codes_are_stable() {
+        let want = [
+            (ErrorCode::Failed, "failed", 1),
+            (ErrorCode::Usage, "usage", 2),
+            (ErrorCode::NotRunning, "not_running", 3),
+            (ErrorCode::PermissionDenied, "permission_denied", 4),
+            (ErrorCode::Timeout, "timeout", 5),
+            (ErrorCode::RegistryUnreachable, "registry_unreachable", 5),
+            (ErrorCode::Protocol, "protocol", 1),
+            (ErrorCode::UnknownPeer, "unknown_peer", 1),
+            (ErrorCode::NotTrusted, "not_trusted", 1),
+            (ErrorCode::InvalidRequest, "invalid_request", 1),
+            (ErrorCode::AlreadyRunning, "already_running", 1),
+            (ErrorCode::NoTun, "no_tun", 1),
+            (ErrorCode::StartFailed, "start_failed", 1),
+        ];
+        let readme = readme();
+        for (code, word, exit) in want {
+            assert_eq!(serde_json::to_value(code).unwrap(), Value::from(word));
+            assert_eq!(code.exit_code(), exit, "{word}");
+            let row = format!("| `{word}` | {exit} |");
+            assert!(readme.contains(&row), "README.md lacks the row {row:?}");
+        }
+    }
+}
