@@ -7,6 +7,7 @@ pub mod control;
 pub mod dataplane;
 pub mod link;
 pub mod node;
+pub mod pathmtu;
 pub mod peers;
 pub mod state;
 pub mod tun;

@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// How long start-up waits for the registry before using the cached
     /// address.
     pub register_timeout: Duration,
+    /// `--mtu`: the TUN MTU never exceeds it (otherwise it follows the
+    /// underlay routes, see [`crate::pathmtu`]).
+    pub mtu: Option<u16>,
 }
 
 /// Start-up failed.
@@ -135,6 +138,8 @@ pub struct Inner<T: Tun> {
     pub brain: Mutex<Brain>,
     /// Drop counters.
     pub drops: Drops,
+    /// The TUN MTU.
+    pub mtu: crate::pathmtu::NodeMtu,
     /// Items for the control side.
     pub slow_tx: mpsc::Sender<Slow>,
     /// Reference instant for the peers' millisecond clocks.
@@ -242,6 +247,7 @@ impl<T: Tun> Node<T> {
                 limiter: RateLimiter::new(20, 5),
             }),
             drops: Drops::default(),
+            mtu: crate::pathmtu::NodeMtu::new(cfg.mtu),
             slow_tx,
             epoch: Instant::now(),
             stop: Notify::new(),
@@ -298,7 +304,7 @@ impl<T: Tun> Node<T> {
             }
         };
         let _ = inner.tun.set(tun);
-        {
+        let cached_endpoints = {
             let mut brain = inner.brain.lock();
             let trusted: Vec<_> = brain
                 .trust
@@ -307,19 +313,25 @@ impl<T: Tun> Node<T> {
                 .map(|(id, r)| (id, r.address, r.identity.static_public, r.last_endpoint))
                 .collect();
             let mut table = inner.table.write();
+            let mut cached = vec![];
             for (pid, addr, st, last) in trusted {
                 add_peer(&mut brain, &mut table, pid, addr, st);
                 if let Some(rt) = brain.peers.get_mut(&pid) {
                     rt.candidates.extend(last);
                 }
+                cached.extend(last);
             }
-        }
+            cached
+        };
+        // The TUN MTU that fits the routes to the registry and the peers.
+        inner.update_tun_mtu(&cached_endpoints);
         {
             let mut tasks = inner.tasks.lock();
             tasks.push(tokio::spawn(crate::dataplane::tun_loop(inner.clone())));
             tasks.push(tokio::spawn(tick_loop(inner.clone())));
             tasks.push(tokio::spawn(registry_keeper(inner.clone())));
             tasks.push(tokio::spawn(relay_keeper(inner.clone())));
+            tasks.push(tokio::spawn(crate::pathmtu::keeper(inner.clone())));
         }
         // Reconnect to trusted peers now: from their cached endpoints at
         // once (works while the registry is down), and from what the
@@ -908,6 +920,10 @@ impl<T: Tun> Inner<T> {
             "pending_requests": b.trust.iter().filter(|(_, r)| r.pending()).count(),
             "cipher": match self.cfg.suite { CipherSuite::Aes256Gcm => "aes-256-gcm", CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305" },
             "offload": { "udp_gso": self.udp.gso() },
+            "mtu": self.mtu.tun(),
+            "mtu_cap": self.mtu.cap,
+            "underlay_below_mtu_floor": self.mtu.below_floor(),
+            "too_big": self.drops.too_big.snapshot(),
             "pid": std::process::id(),
             "uptime_secs": SystemTime::now().duration_since(self.started).map(|d| d.as_secs()).unwrap_or(0),
             "drops": self.drops.snapshot(),
@@ -938,6 +954,9 @@ impl<T: Tun> Inner<T> {
                     "last_handshake_secs": rt.and_then(|p| p.last_handshake).and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
                     "rx_bytes": rt.map(|p| p.data.rx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
                     "tx_bytes": rt.map(|p| p.data.tx_bytes.load(Ordering::Relaxed)).unwrap_or(0),
+                    "mtu": rt.map(|p| p.pmtu.inner_mtu(self.mtu.tun())),
+                    "path_mtu": rt.and_then(|p| p.pmtu.path_mtu()),
+                    "path_mtu_state": rt.and_then(|p| p.pmtu.state()),
                 })
             })
             .collect();

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -71,6 +71,10 @@ pub struct PeerData {
     /// Milliseconds since the node's epoch of the last data (not keepalive)
     /// packet received.
     pub last_data_rx_ms: Padded,
+    /// The largest outer datagram its current path carries, from path MTU
+    /// discovery (`crate::pathmtu`); 0 while unknown (no limit but the
+    /// TUN's).
+    path_mtu: AtomicU32,
 }
 
 impl PeerData {
@@ -86,7 +90,18 @@ impl PeerData {
             last_rx_ms: Padded::default(),
             last_tx_ms: Padded::default(),
             last_data_rx_ms: Padded::default(),
+            path_mtu: AtomicU32::new(0),
         }
+    }
+
+    /// The largest outer datagram its path carries (0: unknown).
+    pub fn path_mtu(&self) -> u16 {
+        self.path_mtu.load(Ordering::Relaxed) as u16
+    }
+
+    /// Sets what [`PeerData::path_mtu`] returns.
+    pub fn set_path_mtu(&self, mtu: u16) {
+        self.path_mtu.store(u32::from(mtu), Ordering::Relaxed);
     }
 
     /// The session to send with, if it is still young enough.
@@ -205,6 +220,8 @@ pub struct PeerRuntime {
     pub last_handshake: Option<SystemTime>,
     /// A registry lookup for it is under way.
     pub lookup_in_flight: bool,
+    /// Path MTU discovery towards it.
+    pub pmtu: crate::pathmtu::PeerPmtu,
 }
 
 impl PeerRuntime {
@@ -223,6 +240,7 @@ impl PeerRuntime {
             sessions: vec![],
             last_handshake: None,
             lookup_in_flight: false,
+            pmtu: crate::pathmtu::PeerPmtu::default(),
         }
     }
 
@@ -271,6 +289,37 @@ pub struct Drops {
     pub refused_local: AtomicU64,
     /// Datagrams of no known kind.
     pub malformed: AtomicU64,
+    /// Local packets larger than their peer's path allows, by what became
+    /// of them (none is dropped unless its send fails).
+    pub too_big: TooBig,
+}
+
+/// Counters of local packets larger than their peer's path MTU.
+#[derive(Default)]
+pub struct TooBig {
+    /// ICMP "fragmentation needed" answers written to the TUN (for packets
+    /// with "don't fragment"; at most one per peer per read batch).
+    pub icmp_sent: AtomicU64,
+    /// IPv4 packets without "don't fragment", sent as inner fragments.
+    pub fragmented_inner: AtomicU64,
+    /// Packets sent in an outer datagram the underlay fragments ("don't
+    /// fragment" packets, while their sender learns the smaller MTU).
+    pub fragmented_outer: AtomicU64,
+    /// Of those, the sends that failed: the only ones dropped.
+    pub send_failed: AtomicU64,
+}
+
+impl TooBig {
+    /// (name, value) pairs.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "icmp_sent": l(&self.icmp_sent),
+            "fragmented_inner": l(&self.fragmented_inner),
+            "fragmented_outer": l(&self.fragmented_outer),
+            "send_failed": l(&self.send_failed),
+        })
+    }
 }
 
 impl Drops {

@@ -11,6 +11,7 @@ use pilot_proto::handshake;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{FromRegistry, NatType, PeerRef, PushItem, ToRegistry};
 use pilot_proto::path::{Path, PathAction, RelayReason};
+use pilot_proto::pmtu;
 use pilot_proto::session::Session;
 use pilot_proto::stun;
 use pilot_proto::timers::{TimerAction, REJECT_AFTER};
@@ -48,7 +49,7 @@ pub enum Target {
     Relay(NodeId),
 }
 
-fn target(id: NodeId, ep: Endpoint) -> Target {
+pub(crate) fn target(id: NodeId, ep: Endpoint) -> Target {
     match ep {
         Endpoint::Direct(a) => Target::Addr(a),
         Endpoint::Relay => Target::Relay(id),
@@ -342,6 +343,31 @@ impl<T: Tun> Inner<T> {
                 if let Some(tx) = self.pings.lock().remove(&nonce) {
                     let _ = tx.send(now);
                 }
+            }
+            // Path MTU probes (crate::pathmtu): answer a probe with its
+            // length; an answer to ours moves our search on.
+            (Some(&pmtu::CTL_PROBE), _) => {
+                let out = {
+                    let brain = self.brain.lock();
+                    let Some(rt) = brain.peers.get(&id) else {
+                        return;
+                    };
+                    crate::pathmtu::answer_probe(rt, msg, now)
+                };
+                self.send_all(out.into_iter().collect()).await;
+            }
+            (Some(&pmtu::CTL_PROBE_ACK), pmtu::ACK_LEN) => {
+                let Some(len) = pmtu::parse_ack(msg) else {
+                    return;
+                };
+                let out = {
+                    let mut brain = self.brain.lock();
+                    let Some(rt) = brain.peers.get_mut(&id) else {
+                        return;
+                    };
+                    crate::pathmtu::on_ack(rt, len, now)
+                };
+                self.send_all(out).await;
             }
             _ => bump(&self.drops.malformed),
         }
@@ -639,6 +665,8 @@ impl<T: Tun> Inner<T> {
                 rt.initiators.retain(|(_, _, t)| {
                     now.saturating_duration_since(*t) < Duration::from_secs(30)
                 });
+                // Path MTU discovery: follow the path, send the probes due.
+                out.extend(crate::pathmtu::on_tick(self, rt, now));
                 match rt.path.poll(now) {
                     PathAction::Idle => {}
                     PathAction::UseRelay(reason) => {
