@@ -21,8 +21,9 @@
 #   - both daemons' `status` show mtu X-80;
 #   - alpha's probes confirmed beta's path MTU as exactly X;
 #   - nothing was too big for the path (the TUN MTU alone fits).
-# Last, the links go from 1500 to 1400 under running daemons: the periodic
+# Then the links go from 1500 to 1400 under running daemons: the periodic
 # re-check (10 s) lowers the TUN MTU and the transfer still arrives whole.
+# Last, `--mtu 1300` caps the TUN MTU, and `--mtu 500` is refused.
 SCENARIO=${SCENARIO:-s11_mtu}
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -110,5 +111,16 @@ xfer_10mb a b "$B" live1400
 MBPS=$(iperf_mbps a b "$B" 2 live1400)
 pass "1500 -> 1400 under running daemons: TUN mtu 1320 without a restart, 10 MB identical in ${XFER_MS} ms, iperf3 $MBPS Mbit/s"
 RESULTS+=("live 1500->1400  tun 1320  10MB ${XFER_MS}ms  iperf3 ${MBPS} Mbit/s")
+
+# --- --mtu caps it; too small a cap is refused --------------------------------
+node_restart a alpha --mtu 1300 >/dev/null
+[ "$(json_get a alpha "(d['mtu'], d['mtu_cap'])" status)" = "(1300, 1300)" ] \
+  || fail "--mtu 1300: status shows $(json_get a alpha "(d['mtu'], d['mtu_cap'])" status)"
+wait_for 10 "alpha reaches beta with --mtu 1300" onq a ping -c1 -W1 "$B"
+if ptq a alpha up --mtu 500 >"$WORK/mtu500.txt" 2>&1; then
+  fail "--mtu 500 was accepted"
+fi
+grep -q "576" "$WORK/mtu500.txt" || fail "--mtu 500 refused without naming the minimum: $(cat "$WORK/mtu500.txt")"
+pass "--mtu 1300 caps the TUN MTU; --mtu 500 is refused"
 
 for r in "${RESULTS[@]}"; do log "$r"; done

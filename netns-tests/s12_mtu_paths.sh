@@ -30,7 +30,8 @@
 #   "fragmentation needed", counted), and an iperf3 figure; path MTU 1400
 #   confirmed both ways;
 #   `ping -M do` of 1420 bytes reports mtu 1340; `ping -M dont` of 1420
-#   bytes is answered (the daemon fragments it).
+#   bytes is answered (the daemon fragments it). Without ICMP, the outer
+#   datagrams the daemon sends without DF are seen in fragments past r1.
 #   3. hh1 and hh2 behind hard NATs must be relayed; with every link of
 #      the relayed path at 1460, the TUN MTU is 1380, the relayed path's
 #      MTU 1460 is confirmed, and 10 MB arrive whole.
@@ -112,6 +113,8 @@ router_case() {
     || fail "$label: alpha's peers entry for gamma shows mtu $(peer_field a alpha gamma mtu), expected 1340"
   ICMPS=$(json_get a alpha "d['too_big']['icmp_sent']" status)
   [ "$ICMPS" -gt 0 ] || fail "$label: alpha sent no ICMP 'fragmentation needed' into its TUN"
+  OUTER=$(json_get a alpha "d['too_big']['fragmented_outer']" status)
+  [ "$OUTER" -ge "$ICMPS" ] || fail "$label: only $OUTER of the too-big packets went on in fragmentable datagrams"
   [ "$(json_get a alpha "d['too_big']['send_failed']" status)" = 0 ] \
     || fail "$label: alpha failed to send some fragmentable datagrams"
   # What alpha's kernel learned about gamma's underlay address (from the
@@ -166,6 +169,11 @@ RESULTS=()
 
 # --- 1. a 1400 link, ICMP dropped ----------------------------------------------
 icmp_unreachable_dropped on
+# IP fragments from alpha's underlay address crossing to gamma's side: the
+# outer datagrams the daemon sends without DF, split by r1.
+bg r2 capfrag tcpdump -i mid -n -U --immediate-mode -Z root -w "$WORK/frag.pcap" \
+  "src host 203.0.113.11 and (ip[6:2] & 0x3fff != 0)"
+wait_for 5 "capture on r2" grep -q "listening on mid" "$WORK/capfrag.log"
 node_up a alpha --registry "$JOIN" >/dev/null
 node_up c gamma --registry "$JOIN" >/dev/null
 C=$(addr_of c gamma)
@@ -175,9 +183,13 @@ router_case no-icmp
   || fail "no-icmp: alpha's kernel learned the path MTU although the routers drop ICMP"
 [ "$(onq r1 nft list table inet noicmp | grep -o 'packets [0-9]*' | cut -d' ' -f2)" -gt 0 ] \
   || fail "no-icmp: r1 dropped no ICMP, so the narrow link was never hit"
+kill -INT "$(cat "$WORK/capfrag.pid")"
+wait_for 5 "tcpdump exits" sh -c "! kill -0 $(cat "$WORK/capfrag.pid")"
+FRAGS=$(tcpdump -r "$WORK/frag.pcap" 2>/dev/null | wc -l)
+[ "$FRAGS" -ge 2 ] || fail "no-icmp: no outer datagram of alpha's crossed the 1400 link in fragments ($FRAGS captured)"
 DROPPED=$(onq r1 nft list table inet noicmp | grep -o 'packets [0-9]*' | cut -d' ' -f2)
 [ "$TUN_MTU" = 1420 ] || fail "no-icmp: alpha's TUN MTU is $TUN_MTU, expected 1420 (nothing tells the kernel about the narrow link)"
-pass "1400 link, routers drop ICMP ($DROPPED dropped at r1): path MTU 1400 found by probes, 10 MB identical in ${XFER_MS} ms, iperf3 $MBPS Mbit/s, $ICMPS ICMP answers"
+pass "1400 link, routers drop ICMP ($DROPPED dropped at r1): path MTU 1400 found by probes, 10 MB identical in ${XFER_MS} ms, iperf3 $MBPS Mbit/s, $ICMPS ICMP answers, $OUTER packets in fragmentable datagrams ($FRAGS fragments seen past r1)"
 RESULTS+=("1400 link, ICMP dropped  10MB ${XFER_MS}ms  iperf3 ${MBPS} Mbit/s")
 
 # --- 2. the same link, ICMP allowed -----------------------------------------------
