@@ -29,25 +29,36 @@ use quinn_udp::RecvMeta;
 use tracing::warn;
 
 use crate::node::{Inner, Slow};
-use crate::peers::{bump, Endpoint, PeerData};
+use crate::peers::{bump, Endpoint, PeerData, TooBig};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 use std::net::{Ipv4Addr, SocketAddr};
 
-/// Seals one inner packet of `len` bytes, written by `fill` into the
-/// plaintext area, for `peer` into `batch` (behind the relay header when
-/// `relayed`), to go to `dest`. False if the session refused (its counter
-/// is spent); the batch is then unchanged.
-#[allow(clippy::too_many_arguments)]
-fn seal_into(
-    batch: &mut SendBatch,
-    peer: &PeerData,
-    session: &Session,
+/// How packets for one peer leave: its session, and where the datagrams go.
+struct Via<'a> {
+    peer: &'a PeerData,
+    session: &'a Session,
+    /// The peer's endpoint, or the relay's address.
     dest: SocketAddr,
     relayed: bool,
+}
+
+/// Seals one inner packet of `len` bytes, written by `fill` into the
+/// plaintext area, into `batch` (behind the relay header when relayed).
+/// False if the session refused (its counter is spent); the batch is then
+/// unchanged.
+fn seal_into(
+    batch: &mut SendBatch,
+    via: &Via<'_>,
     len: usize,
     fill: impl FnOnce(&mut [u8]),
 ) -> bool {
+    let Via {
+        peer,
+        session,
+        dest,
+        relayed,
+    } = *via;
     let start = batch.buf.len();
     // Through the relay, the datagram is prefixed with the relay header
     // naming the peer.
@@ -167,20 +178,22 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
                     }
                 };
                 let len = pkt.len();
+                let via = Via {
+                    peer,
+                    session: &session,
+                    dest,
+                    relayed,
+                };
                 let sealed = if len <= limit {
-                    seal_into(&mut batch, peer, &session, dest, relayed, len, |b| {
-                        b.copy_from_slice(pkt)
-                    })
+                    seal_into(&mut batch, &via, len, |b| b.copy_from_slice(pkt))
                 } else {
-                    too_big(
-                        &inner,
-                        pkt,
-                        dst,
-                        limit,
-                        (&mut batch, &mut oversize),
-                        (&mut icmp, &mut told),
-                        (peer, &session, dest, relayed),
-                    )
+                    let out = Out {
+                        batch: &mut batch,
+                        oversize: &mut oversize,
+                        icmp: &mut icmp,
+                        told: &mut told,
+                    };
+                    too_big(&inner.drops.too_big, pkt, dst, limit, &via, out)
                 };
                 if sealed {
                     peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -209,27 +222,35 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Inner<T>>) {
     }
 }
 
+/// Where [`too_big`] puts what it makes.
+struct Out<'a> {
+    /// Datagrams sent with DF, as usual.
+    batch: &'a mut SendBatch,
+    /// Datagrams sent without DF.
+    oversize: &'a mut SendBatch,
+    /// ICMP errors for the TUN.
+    icmp: &'a mut Vec<Vec<u8>>,
+    /// Destinations that got an ICMP error in this batch.
+    told: &'a mut Vec<Ipv4Addr>,
+}
+
 /// A packet larger than its peer's path carries (`limit` inner bytes):
-/// fragmented into `batch` (IPv4 without DF), or sealed whole into
-/// `oversize` (sent without DF, so the underlay fragments it), with an ICMP
-/// "fragmentation needed" for its sender queued in `icmp` if it may have
-/// one (once per peer and batch, tracked in `told`). Every case is counted.
+/// fragmented (IPv4 without DF), or sealed whole into the datagrams sent
+/// without DF (so the underlay fragments it), with an ICMP "fragmentation
+/// needed" for its sender if it may have one (once per destination and
+/// batch: one is enough for the sender's kernel). Every case is counted.
 /// False if the session refused to seal.
-fn too_big<T: Tun>(
-    inner: &Inner<T>,
+fn too_big(
+    counters: &TooBig,
     pkt: &[u8],
     dst: Ipv4Addr,
     limit: usize,
-    (batch, oversize): (&mut SendBatch, &mut SendBatch),
-    (icmp, told): (&mut Vec<Vec<u8>>, &mut Vec<Ipv4Addr>),
-    (peer, session, dest, relayed): (&PeerData, &Session, SocketAddr, bool),
+    via: &Via<'_>,
+    out: Out<'_>,
 ) -> bool {
-    let counters = &inner.drops.too_big;
     let mtu16 = u16::try_from(limit).unwrap_or(u16::MAX);
     match mtu::fit(pkt, mtu16) {
-        Fit::Send => seal_into(batch, peer, session, dest, relayed, pkt.len(), |b| {
-            b.copy_from_slice(pkt)
-        }),
+        Fit::Send => seal_into(out.batch, via, pkt.len(), |b| b.copy_from_slice(pkt)),
         Fit::FragmentInner => {
             let Ok(mut frags) = packet::Fragments::new(pkt, limit) else {
                 // `fit` checked this; never drop silently all the same.
@@ -238,7 +259,7 @@ fn too_big<T: Tun>(
             };
             bump(&counters.fragmented_inner);
             while let Some(flen) = frags.next_len() {
-                let ok = seal_into(batch, peer, session, dest, relayed, flen, |b| {
+                let ok = seal_into(out.batch, via, flen, |b| {
                     let _ = frags.write_next(b);
                 });
                 if !ok {
@@ -248,19 +269,17 @@ fn too_big<T: Tun>(
             true
         }
         fit @ (Fit::TooBig | Fit::FragmentOuter) => {
-            if fit == Fit::TooBig && !told.contains(&dst) {
-                let mut out = vec![0u8; TUN_OFFSET + 128];
-                if let Some(len) = packet::icmp_frag_needed(pkt, mtu16, &mut out[TUN_OFFSET..]) {
-                    out.truncate(TUN_OFFSET + len);
-                    icmp.push(out);
-                    told.push(dst);
+            if fit == Fit::TooBig && !out.told.contains(&dst) {
+                let mut icmp = vec![0u8; TUN_OFFSET + 128];
+                if let Some(len) = packet::icmp_frag_needed(pkt, mtu16, &mut icmp[TUN_OFFSET..]) {
+                    icmp.truncate(TUN_OFFSET + len);
+                    out.icmp.push(icmp);
+                    out.told.push(dst);
                     bump(&counters.icmp_sent);
                 }
             }
             bump(&counters.fragmented_outer);
-            seal_into(oversize, peer, session, dest, relayed, pkt.len(), |b| {
-                b.copy_from_slice(pkt)
-            })
+            seal_into(out.oversize, via, pkt.len(), |b| b.copy_from_slice(pkt))
         }
     }
 }
