@@ -18,6 +18,13 @@
 #   phase 3  wireguard-go  : userspace WireGuard (from apt; no kernel module is
 #                            used), configured with `wg`, tests over 10.99.0.x;
 #                            then stopped
+#   underlay MTU 1460      : at the end of phases 2 and 3 the veth goes to
+#                            MTU 1460 (Google Cloud's default) and TCP is
+#                            measured again: pilot-tun restarted with no flag
+#                            (it picks its MTU from the route); wireguard-go
+#                            with MTU 1380 (what wg-quick picks: route - 80)
+#                            and with its default 1420 (its datagrams are
+#                            then fragmented by the kernel)
 #
 # For each system it measures
 #   - TCP throughput, 1 stream and 4 streams:  iperf3 -t N [-P 4], the
@@ -190,6 +197,21 @@ iperf() {
   sleep 1
 }
 
+# underlay_mtu X: the veth between a and b at MTU X (both ends).
+underlay_mtu() { ip -n "$PFX-a" link set dev eth0 mtu "$1"; ip -n "$PFX-b" link set dev eth0 mtu "$1"; }
+
+# measure_tcp SYS ADDR DAEMON_PIDS: TCP 1 and 4 streams only (the underlay
+# MTU 1460 rows).
+measure_tcp() {
+  local sys=$1 addr=$2 pids=$3
+  mkdir -p "$RES/$sys"
+  step "$sys: TCP, 1 stream, ${SECS}s"
+  iperf "$sys" tcp1 "$addr" "$pids" --
+  step "$sys: TCP, 4 streams, ${SECS}s"
+  iperf "$sys" tcp4 "$addr" "$pids" -- -P 4
+  python3 "$HERE/bench/report.py" summary "$RES" "$sys" >&2 || true
+}
+
 # measure SYS ADDR DAEMON_PIDS: the whole set of tests against ADDR (in b).
 measure() {
   local sys=$1 addr=$2 pids=$3 p rc=0
@@ -247,6 +269,15 @@ measure pilot-tun "$B" "$PA $PB"
 ptq a alpha --json status >"$RES/pilot-tun-status-a.json" || true
 ptq b beta --json status >"$RES/pilot-tun-status-b.json" || true
 ptq a alpha --json peers >"$RES/pilot-tun-peers-after.json" || true
+step "pilot-tun at underlay MTU 1460: restart both daemons, no flag"
+underlay_mtu 1460
+node_restart a alpha; node_restart b beta
+PA=$(cat "$WORK/alpha/daemon.pid"); PB=$(cat "$WORK/beta/daemon.pid")
+wait_for 15 "ping alpha -> beta over pilot-tun at underlay MTU 1460" onq a ping -c1 -W1 "$B"
+fact pilot-tun@1460 mtu "$(mtu_of a pilot0)"
+measure_tcp pilot-tun@1460 "$B" "$PA $PB"
+ptq a alpha --json peers >"$RES/pilot-tun@1460-peers-after.json" || true
+underlay_mtu 1500
 node_down a alpha; node_down b beta
 wait_for 10 "pilot-tun daemons exit" sh -c "! kill -0 $PA 2>/dev/null && ! kill -0 $PB 2>/dev/null"
 rm -f "$WORK/alpha/daemon.pid" "$WORK/beta/daemon.pid"
@@ -280,6 +311,16 @@ fact wireguard-go mtu "$(mtu_of a "$WGA")"
 fact wireguard-go pid_a "$WPA"; fact wireguard-go pid_b "$WPB"
 measure wireguard-go 10.99.0.2 "$WPA $WPB"
 onq a wg show "$WGA" >"$RES/wireguard-go-show-a.txt" 2>&1 || true
+step "wireguard-go at underlay MTU 1460: interface MTU 1380 (wg-quick's choice), then its default 1420"
+underlay_mtu 1460
+on a ip link set dev "$WGA" mtu 1380; on b ip link set dev "$WGB" mtu 1380
+wait_for 15 "ping over wireguard-go at underlay MTU 1460" onq a ping -c1 -W1 10.99.0.2
+fact wireguard-go@1460 mtu "$(mtu_of a "$WGA")"
+measure_tcp wireguard-go@1460 10.99.0.2 "$WPA $WPB"
+on a ip link set dev "$WGA" mtu 1420; on b ip link set dev "$WGB" mtu 1420
+fact wireguard-go@1460-mtu1420 mtu "$(mtu_of a "$WGA")"
+measure_tcp wireguard-go@1460-mtu1420 10.99.0.2 "$WPA $WPB"
+underlay_mtu 1500
 stop_pid "$WPA"; stop_pid "$WPB"; rm -f "$WORK/wireguard-go-a.pid" "$WORK/wireguard-go-b.pid"
 
 # --- report ----------------------------------------------------------------

@@ -1,14 +1,72 @@
 //! Inner IPv4 packets as read from the TUN device (or decrypted from a peer):
-//! the address parser and the ICMP "administratively prohibited" answer.
-//! Every answer must be a well-formed IPv4 + ICMP packet with valid
-//! checksums, addressed back to the sender, quoting the original.
+//! the address parser, the ICMP "administratively prohibited" and
+//! "fragmentation needed" answers, IPv4 fragmentation, the MTU verdict, and
+//! the path MTU probe messages. Every ICMP answer must be a well-formed
+//! IPv4 + ICMP packet with valid checksums, addressed back to the sender,
+//! quoting the original; fragments must fit the MTU and reassemble to the
+//! original payload.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::packet::{self, ICMP_ADMIN_PROHIBITED};
+use pilot_proto::{mtu, pmtu};
+
+/// The MTU for the fragmentation and verdict checks: the first two bytes.
+fn checks_with_mtu(data: &[u8]) {
+    let Some((m, pkt)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let mtu16 = u16::from_le_bytes(*m);
+    let _ = mtu::fit(pkt, mtu16);
+    let mut out = [0u8; 128];
+    if let Some(n) = packet::icmp_frag_needed(pkt, mtu16, &mut out) {
+        assert!(mtu16 >= packet::IPV4_MIN_MTU);
+        assert_eq!(packet::checksum(&out[..20]), 0);
+        assert_eq!(packet::checksum(&out[20..n]), 0);
+        assert_eq!((out[20], out[21]), (3, packet::ICMP_FRAG_NEEDED));
+        assert_eq!(u16::from_be_bytes([out[26], out[27]]), mtu16);
+    }
+    let mtu = usize::from(mtu16 % 2048);
+    let Ok(mut frags) = packet::Fragments::new(pkt, mtu) else {
+        return;
+    };
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let mut payload = vec![];
+    let mut buf = vec![0u8; pkt.len().max(2048)];
+    let mut count = 0;
+    while let Some(len) = frags.next_len() {
+        assert!(len <= mtu, "fragment of {len} bytes for MTU {mtu}");
+        assert_eq!(
+            frags.write_next(&mut buf[..len - 1]),
+            None,
+            "refuses a short buffer"
+        );
+        assert_eq!(frags.write_next(&mut buf), Some(len));
+        let f = &buf[..len];
+        if pkt.len() <= mtu {
+            assert_eq!(f, pkt, "a packet that fits is its own only fragment");
+        }
+        let hl = usize::from(f[0] & 0x0f) * 4;
+        if pkt.len() > mtu {
+            assert_eq!(packet::checksum(&f[..hl]), 0, "fragment header checksum");
+        }
+        assert_eq!(usize::from(u16::from_be_bytes([f[2], f[3]])), len);
+        payload.extend_from_slice(&f[hl..]);
+        count += 1;
+        assert!(count <= 65_536 / 8);
+    }
+    assert_eq!(payload, pkt[ihl..], "fragments carry the payload in order");
+}
 
 fuzz_target!(|data: &[u8]| {
+    // In-tunnel probe messages: answered and parsed without panicking.
+    if let Some(ack) = pmtu::ack_for(data) {
+        assert_eq!(pmtu::parse_ack(&ack), Some(data.len() as u16));
+    }
+    let _ = pmtu::parse_ack(data);
+    checks_with_mtu(data);
+
     let addrs = packet::ipv4_addrs(data);
     assert_eq!(packet::ipv4_dst(data), addrs.map(|(_, d)| d));
 

@@ -18,18 +18,24 @@
 //! - [`identity`]: Ed25519 identities, node ids, the X25519 binding.
 //! - [`messages`]: the registry control protocol and signed trust statements.
 //! - [`trust`]: the local trust store and its transitions.
-//! - [`packet`]: the few IPv4 facts the data plane needs, and ICMP errors.
 //! - [`peer`]: one peer's tunnel as a state machine (handshakes, sessions,
 //!   path, timers, queue), driven by `handle_*` calls and polled for output.
+//! - [`packet`]: the few IPv4 facts the data plane needs, ICMP errors, and
+//!   IPv4 fragmentation.
+//! - [`mtu`]: tunnel overhead per path, the TUN MTU, and what to do with a
+//!   packet that does not fit its peer's path.
+//! - [`pmtu`]: each peer's path MTU, found with probes.
 
 pub mod handshake;
 pub mod hex;
 pub mod identity;
 pub mod join;
 pub mod messages;
+pub mod mtu;
 pub mod packet;
 pub mod path;
 pub mod peer;
+pub mod pmtu;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;

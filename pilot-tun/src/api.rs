@@ -352,6 +352,32 @@ pub struct Status {
     pub uptime_secs: u64,
     /// Packets dropped, by reason.
     pub drops: DropCounts,
+    /// The TUN MTU in use: the smallest route MTU towards the registry and
+    /// the peers minus the tunnel's overhead, capped by `--mtu`.
+    pub mtu: u16,
+    /// `--mtu`, if given.
+    pub mtu_cap: Option<u16>,
+    /// True if the underlay is narrower than the TUN MTU's floor needs (the
+    /// outer datagrams of the largest packets are then fragmented).
+    pub underlay_below_mtu_floor: bool,
+    /// Local packets larger than their peer's path allows, by what became
+    /// of them.
+    pub too_big: TooBigCounts,
+}
+
+/// What became of local packets too big for their peer's path, in
+/// [`Status`]. None is dropped unless its send fails.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TooBigCounts {
+    /// ICMP "fragmentation needed" answers written to the TUN (for packets
+    /// with "don't fragment").
+    pub icmp_sent: u64,
+    /// IPv4 packets without "don't fragment", sent as inner fragments.
+    pub fragmented_inner: u64,
+    /// Packets sent in an outer datagram the underlay may fragment.
+    pub fragmented_outer: u64,
+    /// Of those, the sends that failed: the only ones dropped.
+    pub send_failed: u64,
 }
 
 /// The registry session, in [`Status`].
@@ -481,6 +507,14 @@ pub struct Peer {
     pub rx_bytes: u64,
     /// Inner bytes sent to it.
     pub tx_bytes: u64,
+    /// The largest inner packet its path carries now (at most the TUN
+    /// MTU); absent for a peer without a session.
+    pub mtu: Option<u16>,
+    /// The largest outer datagram its path carries, once probed.
+    pub path_mtu: Option<u16>,
+    /// Path MTU discovery: "searching", "confirmed" or "unconfirmed" (no
+    /// answers to probes).
+    pub path_mtu_state: Option<String>,
 }
 
 /// Where a peer's packets go: a UDP endpoint, or the relay. In JSON,
@@ -745,6 +779,15 @@ mod tests {
                 refused_local: 3,
                 malformed: 0,
             },
+            mtu: 1380,
+            mtu_cap: None,
+            underlay_below_mtu_floor: false,
+            too_big: TooBigCounts {
+                icmp_sent: 2,
+                fragmented_inner: 0,
+                fragmented_outer: 2,
+                send_failed: 0,
+            },
         }
     }
 
@@ -763,6 +806,9 @@ mod tests {
                 last_handshake_secs: Some(12),
                 rx_bytes: 252,
                 tx_bytes: 279,
+                mtu: Some(1380),
+                path_mtu: Some(1440),
+                path_mtu_state: Some("confirmed".into()),
             },
             Peer {
                 node_id: "9a1c0e5d7b3f42618e0d2c4b6a8f1e3d".into(),
@@ -777,6 +823,9 @@ mod tests {
                 last_handshake_secs: Some(40),
                 rx_bytes: 1_048_576,
                 tx_bytes: 65_536,
+                mtu: Some(1360),
+                path_mtu: Some(1440),
+                path_mtu_state: Some("searching".into()),
             },
             Peer {
                 node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
@@ -791,6 +840,9 @@ mod tests {
                 last_handshake_secs: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                mtu: None,
+                path_mtu: None,
+                path_mtu_state: None,
             },
         ]
     }

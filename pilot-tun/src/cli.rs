@@ -156,9 +156,12 @@ struct UpArgs {
     /// UDP address for tunnels (default: the port used last time, or any).
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Interface MTU (1420 leaves room for the tunnel on a 1500 underlay).
-    #[arg(long, default_value_t = pilot_proto::DEFAULT_MTU)]
-    mtu: u16,
+    /// Upper bound for the interface MTU. Without it the MTU follows the
+    /// underlay: the narrowest route to the registry and the peers, minus
+    /// the tunnel's overhead (1420 on a 1500 underlay), re-checked every
+    /// 10 s; it never goes below 576.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(576..))]
+    mtu: Option<u16>,
     /// Data cipher for sessions this node starts.
     #[arg(long, value_enum, default_value = "aes256-gcm")]
     cipher: Cipher,
@@ -605,6 +608,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         },
         offload: !args.no_offload,
         register_timeout: Duration::from_secs(5),
+        mtu: args.mtu,
     };
     // One worker per core (the TUN and UDP loops run in parallel);
     // PILOT_THREADS overrides it for experiments.
@@ -620,7 +624,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         });
     let rt = runtime(threads)?;
     let dev = args.dev.clone();
-    let mtu = args.mtu;
+    let mtu = args.mtu.unwrap_or(pilot_proto::DEFAULT_MTU);
     let offload = !args.no_offload;
     let json = common.json;
     rt.block_on(async move {

@@ -45,6 +45,9 @@ pub struct NodeConfig {
     /// How long start-up waits for the registry before using the cached
     /// address.
     pub register_timeout: Duration,
+    /// `--mtu`: the TUN MTU never exceeds it (otherwise it follows the
+    /// underlay routes, see [`crate::pathmtu`]).
+    pub mtu: Option<u16>,
 }
 
 /// Seconds since the Unix epoch.

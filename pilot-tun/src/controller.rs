@@ -315,8 +315,9 @@ impl<T: Tun> Controller<T> {
         Effects::default()
     }
 
-    /// Puts every trusted peer of the trust store into the tunnels.
-    pub fn load_peers(&mut self) {
+    /// Puts every trusted peer of the trust store into the tunnels; returns
+    /// the direct endpoints that worked for them last time.
+    pub fn load_peers(&mut self) -> Vec<std::net::SocketAddr> {
         let ctx = self.ctx.clone();
         let trusted: Vec<_> = self
             .trust
@@ -324,9 +325,12 @@ impl<T: Tun> Controller<T> {
             .filter(|(_, r)| r.trusted())
             .map(|(id, r)| (id, r.address, r.identity.static_public, r.last_endpoint))
             .collect();
+        let mut cached = vec![];
         for (id, addr, st, last) in trusted {
             self.tunnels.add_peer(&ctx, id, addr, st, last);
+            cached.extend(last);
         }
+        cached
     }
 
     /// Connects every trusted peer without a session.
@@ -470,6 +474,10 @@ impl<T: Tun> Controller<T> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             drops: ctx.shared.drops.snapshot(),
+            mtu: ctx.shared.mtu.tun(),
+            mtu_cap: ctx.shared.mtu.cap,
+            underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),
+            too_big: ctx.shared.drops.too_big.snapshot(),
         }
     }
 
@@ -505,6 +513,11 @@ impl<T: Tun> Controller<T> {
                     tx_bytes: rt
                         .map(|p| p.data.tx_bytes.load(Ordering::Relaxed))
                         .unwrap_or(0),
+                    mtu: rt
+                        .filter(|p| p.data.current(now).is_some())
+                        .map(|p| p.pmtu.inner_mtu(self.ctx.shared.mtu.tun())),
+                    path_mtu: rt.and_then(|p| p.pmtu.path_mtu()),
+                    path_mtu_state: rt.and_then(|p| p.pmtu.state()).map(str::to_string),
                 }
             })
             .collect()

@@ -3,7 +3,10 @@
 //! - [`tun_loop`]: TUN → seal → UDP. A batch read from the TUN (one TSO
 //!   super-packet is split into segments by the device layer) is sealed
 //!   packet by packet straight into one send buffer, and runs of equal-sized
-//!   packets to one peer leave in one GSO send.
+//!   packets to one peer leave in one GSO send. A packet (segment) larger
+//!   than its peer's path MTU allows is fragmented (IPv4 without DF), or
+//!   answered with ICMP "fragmentation needed" into the TUN and sent in an
+//!   outer datagram the underlay may fragment (see `pilot_proto::mtu::fit`).
 //! - [`udp_loop`]: UDP → open → TUN. A batch of datagrams (GRO-coalesced by
 //!   the kernel) is opened in place and written to the TUN in one batch,
 //!   where equal-flow segments are coalesced again (GRO towards the kernel).
@@ -15,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use pilot_proto::mtu::{self, Family, Fit};
 use pilot_proto::packet;
 use pilot_proto::session::{OpenError, Session};
 use pilot_proto::wire::{
@@ -24,11 +28,78 @@ use pilot_proto::wire::{
 use quinn_udp::RecvMeta;
 use tracing::warn;
 
-use crate::peers::{bump, PeerData};
+use crate::peers::{bump, PeerData, TooBig};
 use crate::shared::{Shared, Slow};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 use pilot_proto::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// How packets for one peer leave: its session, and where the datagrams go.
+struct Via<'a> {
+    peer: &'a PeerData,
+    session: &'a Session,
+    /// The peer's endpoint, or the relay's address.
+    dest: SocketAddr,
+    relayed: bool,
+}
+
+/// Seals one inner packet of `len` bytes, written by `fill` into the
+/// plaintext area, into `batch` (behind the relay header when relayed).
+/// False if the session refused (its counter is spent); the batch is then
+/// unchanged.
+fn seal_into(
+    batch: &mut SendBatch,
+    via: &Via<'_>,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> bool {
+    let Via {
+        peer,
+        session,
+        dest,
+        relayed,
+    } = *via;
+    let start = batch.buf.len();
+    // Through the relay, the datagram is prefixed with the relay header
+    // naming the peer.
+    let pre = if relayed { RELAY_HEADER_LEN } else { 0 };
+    batch
+        .buf
+        .resize(start + pre + DATA_HEADER_LEN + len + TAG_LEN, 0);
+    if relayed {
+        RelayHeader {
+            ty: MSG_RELAY_TO,
+            node: peer.id,
+        }
+        .emit(&mut batch.buf[start..]);
+    }
+    let at = start + pre;
+    fill(&mut batch.buf[at + DATA_HEADER_LEN..at + DATA_HEADER_LEN + len]);
+    match session.sender.seal(&mut batch.buf[at..], len) {
+        Ok(total) => {
+            batch.packets.push((dest, start, pre + total));
+            true
+        }
+        Err(_) => {
+            batch.buf.truncate(start);
+            false
+        }
+    }
+}
+
+/// The largest inner packet `peer`'s path carries, by its path MTU
+/// (unknown: no limit here, the TUN MTU already bounds what we read).
+fn inner_limit(peer: &PeerData, dest: SocketAddr, relayed: bool) -> usize {
+    match peer.path_mtu() {
+        0 => usize::MAX,
+        m => usize::from(mtu::inner_mtu(m, Family::of(dest.ip()), relayed)),
+    }
+}
+
+/// A peer's route for a run of packets: session, endpoint, where the
+/// datagrams go, whether relayed, and the largest inner packet that fits.
+type Route = (Arc<PeerData>, Arc<Session>, SocketAddr, bool, usize);
 
 /// Reads local packets from the TUN and sends them to peers.
 pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
@@ -36,7 +107,12 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; TUN_OFFSET + 65_535]).collect();
     let mut sizes = vec![0usize; BATCH];
     let mut batch = SendBatch::with_capacity(BATCH);
+    // Datagrams that must cross a narrower path whole (sent without DF).
+    let mut oversize = SendBatch::with_capacity(4);
     let mut icmp: Vec<Vec<u8>> = Vec::with_capacity(8);
+    // Peers that got an ICMP "fragmentation needed" in this batch: one each
+    // is enough for the sender's kernel.
+    let mut told: Vec<Ipv4Addr> = Vec::with_capacity(8);
     let network = inner.network();
     let me = inner.address();
     loop {
@@ -52,7 +128,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
         let now_ms = inner.now_ms(now);
         let relay = inner.relay_addr();
         icmp.clear();
-        let mut route: Option<(Arc<PeerData>, Arc<Session>, Path)> = None;
+        told.clear();
+        let mut route: Option<Route> = None;
         {
             let table = inner.table.read();
             for i in 0..n {
@@ -76,13 +153,14 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                     continue;
                 };
                 // Consecutive packets mostly go to the same peer: look its
-                // session and endpoint up once per run, not per packet (the
-                // locks are shared with the receiving loop on another core).
+                // session, endpoint and path MTU up once per run, not per
+                // packet (the locks are shared with the receiving loop on
+                // another core).
                 let cached = match &route {
-                    Some((p, s, e)) if Arc::ptr_eq(p, peer) => Some((s.clone(), *e)),
+                    Some((p, s, d, r, l)) if Arc::ptr_eq(p, peer) => Some((s.clone(), *d, *r, *l)),
                     _ => None,
                 };
-                let (session, to) = match cached {
+                let (session, dest, relayed, limit) = match cached {
                     Some(c) => c,
                     None => {
                         let (Some(session), Some(to)) = (peer.current(now), peer.endpoint()) else {
@@ -91,51 +169,119 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                                 .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
                             continue;
                         };
+                        let (dest, relayed) = match to {
+                            Path::Direct(a) => (a, false),
+                            Path::Relay => (relay, true),
+                        };
+                        let limit = inner_limit(peer, dest, relayed);
                         wake(&inner, peer);
-                        route = Some((peer.clone(), session.clone(), to));
-                        (session, to)
+                        route = Some((peer.clone(), session.clone(), dest, relayed, limit));
+                        (session, dest, relayed, limit)
                     }
                 };
-                let start = batch.buf.len();
                 let len = pkt.len();
-                // Through the relay, the datagram is prefixed with the
-                // relay header naming the peer.
-                let (dest, pre) = match to {
-                    Path::Direct(a) => (a, 0),
-                    Path::Relay => (relay, RELAY_HEADER_LEN),
+                let via = Via {
+                    peer,
+                    session: &session,
+                    dest,
+                    relayed,
                 };
-                batch
-                    .buf
-                    .resize(start + pre + DATA_HEADER_LEN + len + TAG_LEN, 0);
-                if pre > 0 {
-                    RelayHeader {
-                        ty: MSG_RELAY_TO,
-                        node: peer.id,
-                    }
-                    .emit(&mut batch.buf[start..]);
-                }
-                let at = start + pre;
-                batch.buf[at + DATA_HEADER_LEN..at + DATA_HEADER_LEN + len].copy_from_slice(pkt);
-                match session.sender.seal(&mut batch.buf[at..], len) {
-                    Ok(total) => {
-                        batch.packets.push((dest, start, pre + total));
-                        peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                        peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        batch.buf.truncate(start);
-                        let _ = inner
-                            .slow_tx
-                            .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
-                    }
+                let sealed = if len <= limit {
+                    seal_into(&mut batch, &via, len, |b| b.copy_from_slice(pkt))
+                } else {
+                    let out = Out {
+                        batch: &mut batch,
+                        oversize: &mut oversize,
+                        icmp: &mut icmp,
+                        told: &mut told,
+                    };
+                    too_big(&inner.drops.too_big, pkt, dst, limit, &via, out)
+                };
+                if sealed {
+                    peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
+                } else {
+                    let _ = inner
+                        .slow_tx
+                        .try_send(Slow::NeedSession(peer.id, pkt.to_vec()));
                 }
             }
         }
         if let Err(e) = batch.flush(&inner.udp).await {
             tracing::debug!("UDP send: {e}");
         }
+        if !oversize.packets.is_empty() {
+            let failed = oversize.flush_fragmentable(&inner.udp).await;
+            inner
+                .drops
+                .too_big
+                .send_failed
+                .fetch_add(failed as u64, Ordering::Relaxed);
+        }
         if !icmp.is_empty() {
             let _ = tun.send_batch(&mut icmp).await;
+        }
+    }
+}
+
+/// Where [`too_big`] puts what it makes.
+struct Out<'a> {
+    /// Datagrams sent with DF, as usual.
+    batch: &'a mut SendBatch,
+    /// Datagrams sent without DF.
+    oversize: &'a mut SendBatch,
+    /// ICMP errors for the TUN.
+    icmp: &'a mut Vec<Vec<u8>>,
+    /// Destinations that got an ICMP error in this batch.
+    told: &'a mut Vec<Ipv4Addr>,
+}
+
+/// A packet larger than its peer's path carries (`limit` inner bytes):
+/// fragmented (IPv4 without DF), or sealed whole into the datagrams sent
+/// without DF (so the underlay fragments it), with an ICMP "fragmentation
+/// needed" for its sender if it may have one (once per destination and
+/// batch: one is enough for the sender's kernel). Every case is counted.
+/// False if the session refused to seal.
+fn too_big(
+    counters: &TooBig,
+    pkt: &[u8],
+    dst: Ipv4Addr,
+    limit: usize,
+    via: &Via<'_>,
+    out: Out<'_>,
+) -> bool {
+    let mtu16 = u16::try_from(limit).unwrap_or(u16::MAX);
+    match mtu::fit(pkt, mtu16) {
+        Fit::Send => seal_into(out.batch, via, pkt.len(), |b| b.copy_from_slice(pkt)),
+        Fit::FragmentInner => {
+            let Ok(mut frags) = packet::Fragments::new(pkt, limit) else {
+                // `fit` checked this; never drop silently all the same.
+                bump(&counters.send_failed);
+                return true;
+            };
+            bump(&counters.fragmented_inner);
+            while let Some(flen) = frags.next_len() {
+                let ok = seal_into(out.batch, via, flen, |b| {
+                    let _ = frags.write_next(b);
+                });
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        }
+        fit @ (Fit::TooBig | Fit::FragmentOuter) => {
+            if fit == Fit::TooBig && !out.told.contains(&dst) {
+                let mut icmp = vec![0u8; TUN_OFFSET + 128];
+                if let Some(len) = packet::icmp_frag_needed(pkt, mtu16, &mut icmp[TUN_OFFSET..]) {
+                    icmp.truncate(TUN_OFFSET + len);
+                    out.icmp.push(icmp);
+                    out.told.push(dst);
+                    bump(&counters.icmp_sent);
+                }
+            }
+            bump(&counters.fragmented_outer);
+            seal_into(out.oversize, via, pkt.len(), |b| b.copy_from_slice(pkt))
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod link;
 pub mod node;
+pub mod pathmtu;
 pub mod peers;
 pub mod shared;
 pub mod state;

@@ -117,7 +117,7 @@ impl<T: Tun> Node<T> {
         }
 
         let (slow_tx, slow_rx) = mpsc::channel(4096);
-        let shared = Arc::new(Shared::new(udp, slow_tx, join.addr));
+        let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
         let (controller, handle, jobs) = Controller::new(ctx.clone(), trust, node_state);
         let node = Node {
@@ -166,12 +166,15 @@ impl<T: Tun> Node<T> {
             }
         };
         let _ = shared.tun.set(tun);
-        let _ = handle.with(|c| c.load_peers()).await;
+        let cached = handle.with(|c| c.load_peers()).await.unwrap_or_default();
+        // The TUN MTU that fits the routes to the registry and the peers.
+        crate::pathmtu::update_tun_mtu(&ctx, &cached);
         {
             let mut tasks = node.tasks.lock();
             tasks.push(tokio::spawn(crate::dataplane::tun_loop(shared.clone())));
             tasks.push(tokio::spawn(registry_keeper(ctx.clone(), handle.clone())));
             tasks.push(tokio::spawn(relay_keeper(ctx.clone(), handle.clone())));
+            tasks.push(tokio::spawn(crate::pathmtu::keeper(ctx.clone())));
         }
         // Reconnect to trusted peers now: from their cached endpoints at
         // once (works while the registry is down), and from what the

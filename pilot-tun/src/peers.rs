@@ -6,14 +6,13 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use pilot_proto::identity::NodeId;
 use pilot_proto::path::Path;
-use pilot_proto::peer::Peer;
 use pilot_proto::session::Session;
 
 /// A counter on a cache line of its own: the TUN loop writes the send-side
@@ -54,6 +53,10 @@ pub struct PeerData {
     /// The control task wants to hear of the next data packet either way
     /// (its machine sleeps until then).
     pub wake: AtomicBool,
+    /// The largest outer datagram its current path carries, from path MTU
+    /// discovery (`crate::pathmtu`); 0 while unknown (no limit but the
+    /// TUN's).
+    path_mtu: AtomicU32,
 }
 
 impl PeerData {
@@ -71,7 +74,18 @@ impl PeerData {
             last_tx_ms: Padded::default(),
             last_data_rx_ms: Padded::default(),
             wake: AtomicBool::new(false),
+            path_mtu: AtomicU32::new(0),
         }
+    }
+
+    /// The largest outer datagram its path carries (0: unknown).
+    pub fn path_mtu(&self) -> u16 {
+        self.path_mtu.load(Ordering::Relaxed) as u16
+    }
+
+    /// Sets what [`PeerData::path_mtu`] returns.
+    pub fn set_path_mtu(&self, mtu: u16) {
+        self.path_mtu.store(u32::from(mtu), Ordering::Relaxed);
     }
 
     /// The session to send with, if it is still young enough.
@@ -166,27 +180,6 @@ pub struct PeerTable {
     pub by_index: HashMap<u32, (Arc<PeerData>, Arc<Session>)>,
 }
 
-/// The control side's state of one trusted peer.
-pub struct PeerRuntime {
-    /// Shared with the table.
-    pub data: Arc<PeerData>,
-    /// Its tunnel's state machine (handshakes, sessions, path, timers).
-    pub machine: Peer,
-    /// Wall-clock time of the last completed handshake.
-    pub last_handshake: Option<SystemTime>,
-}
-
-impl PeerRuntime {
-    /// A freshly trusted peer.
-    pub fn new(data: Arc<PeerData>, machine: Peer) -> Self {
-        PeerRuntime {
-            data,
-            machine,
-            last_handshake: None,
-        }
-    }
-}
-
 /// Counters for `status`.
 #[derive(Default)]
 pub struct Drops {
@@ -206,6 +199,37 @@ pub struct Drops {
     pub refused_local: AtomicU64,
     /// Datagrams of no known kind.
     pub malformed: AtomicU64,
+    /// Local packets larger than their peer's path allows, by what became
+    /// of them (none is dropped unless its send fails).
+    pub too_big: TooBig,
+}
+
+/// Counters of local packets larger than their peer's path MTU.
+#[derive(Default)]
+pub struct TooBig {
+    /// ICMP "fragmentation needed" answers written to the TUN (for packets
+    /// with "don't fragment"; at most one per peer per read batch).
+    pub icmp_sent: AtomicU64,
+    /// IPv4 packets without "don't fragment", sent as inner fragments.
+    pub fragmented_inner: AtomicU64,
+    /// Packets sent in an outer datagram the underlay fragments ("don't
+    /// fragment" packets, while their sender learns the smaller MTU).
+    pub fragmented_outer: AtomicU64,
+    /// Of those, the sends that failed: the only ones dropped.
+    pub send_failed: AtomicU64,
+}
+
+impl TooBig {
+    /// The counters now, for `status`.
+    pub fn snapshot(&self) -> crate::api::TooBigCounts {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::api::TooBigCounts {
+            icmp_sent: l(&self.icmp_sent),
+            fragmented_inner: l(&self.fragmented_inner),
+            fragmented_outer: l(&self.fragmented_outer),
+            send_failed: l(&self.send_failed),
+        }
+    }
 }
 
 impl Drops {

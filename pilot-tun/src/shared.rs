@@ -10,6 +10,7 @@
 //! never holds one across an `.await`.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,36 @@ pub enum Slow {
     Wake(NodeId),
 }
 
+/// The TUN MTU and how it came about, shared by the node's tasks.
+pub struct NodeMtu {
+    /// `--mtu`: the TUN MTU never exceeds it.
+    pub cap: Option<u16>,
+    pub(crate) tun: AtomicU32,
+    pub(crate) below_floor: AtomicBool,
+}
+
+impl NodeMtu {
+    /// Before the TUN exists.
+    pub fn new(cap: Option<u16>) -> Self {
+        NodeMtu {
+            cap,
+            tun: AtomicU32::new(0),
+            below_floor: AtomicBool::new(false),
+        }
+    }
+
+    /// The TUN MTU in use (0 before the TUN exists).
+    pub fn tun(&self) -> u16 {
+        self.tun.load(Ordering::Relaxed) as u16
+    }
+
+    /// True if the underlay is narrower than the TUN MTU's floor needs
+    /// (outer datagrams of the largest packets are then fragmented).
+    pub fn below_floor(&self) -> bool {
+        self.below_floor.load(Ordering::Relaxed)
+    }
+}
+
 /// Where relayed datagrams go.
 struct RelayAddrs {
     registry: SocketAddr,
@@ -59,13 +90,20 @@ pub struct Shared<T: Tun> {
     pub slow_tx: mpsc::Sender<Slow>,
     /// Reference instant for the peers' millisecond clocks.
     pub epoch: Instant,
+    /// The TUN MTU.
+    pub mtu: NodeMtu,
     relay: RwLock<RelayAddrs>,
 }
 
 impl<T: Tun> Shared<T> {
     /// Shared state around a bound socket; `registry` is the registry's
     /// address (also its relay).
-    pub fn new(udp: Udp, slow_tx: mpsc::Sender<Slow>, registry: SocketAddr) -> Self {
+    pub fn new(
+        udp: Udp,
+        slow_tx: mpsc::Sender<Slow>,
+        registry: SocketAddr,
+        mtu_cap: Option<u16>,
+    ) -> Self {
         Shared {
             table: RwLock::new(PeerTable::default()),
             drops: Drops::default(),
@@ -74,6 +112,7 @@ impl<T: Tun> Shared<T> {
             net: OnceLock::new(),
             slow_tx,
             epoch: Instant::now(),
+            mtu: NodeMtu::new(mtu_cap),
             relay: RwLock::new(RelayAddrs {
                 registry,
                 relay_only: None,

@@ -35,6 +35,11 @@ pub trait Tun: Send + Sync + 'static {
         &'a self,
         bufs: &'a mut [Vec<u8>],
     ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+
+    /// Changes the interface MTU (a fake has none to change).
+    fn set_mtu(&self, _mtu: u16) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The kernel TUN device.
@@ -58,7 +63,8 @@ pub struct TunConfig {
     pub address: Ipv4Addr,
     /// Overlay prefix length (the kernel adds the route for the prefix).
     pub prefix_len: u8,
-    /// Interface MTU.
+    /// Interface MTU at creation (the node sets the one that fits the
+    /// underlay right after).
     pub mtu: u16,
     /// Try TSO/GSO offloads (`IFF_VNET_HDR`); falls back when refused.
     pub offload: bool,
@@ -147,6 +153,10 @@ impl Tun for KernelTun {
             .send_multiple(&mut gro, bufs, TUN_OFFSET)
             .await
             .map(|_| ())
+    }
+
+    fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        self.dev.set_mtu(mtu)
     }
 }
 

@@ -17,6 +17,7 @@ use pilot_proto::identity::NodeId;
 use pilot_proto::messages::NatType;
 use pilot_proto::path::Path;
 use pilot_proto::peer::{Activity, Env, Event, Peer};
+use pilot_proto::pmtu;
 use pilot_proto::ratelimit::RateLimiter;
 use pilot_proto::session::CipherSuite;
 use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA};
@@ -24,7 +25,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::context::{random_u64, Context};
-use crate::peers::{bump, PeerData, PeerRuntime};
+use crate::pathmtu::PeerPmtu;
+use crate::peers::{bump, PeerData};
 use crate::tun::Tun;
 
 /// A datagram to send.
@@ -54,6 +56,30 @@ impl Effects {
         self.out.extend(other.out);
         self.lookups.extend(other.lookups);
         self.worked.extend(other.worked);
+    }
+}
+
+/// The control side's state of one trusted peer.
+pub struct PeerRuntime {
+    /// Shared with the table.
+    pub data: Arc<PeerData>,
+    /// Its tunnel's state machine (handshakes, sessions, path, timers).
+    pub machine: Peer,
+    /// Wall-clock time of the last completed handshake.
+    pub last_handshake: Option<SystemTime>,
+    /// Path MTU discovery towards it.
+    pub pmtu: PeerPmtu,
+}
+
+impl PeerRuntime {
+    /// A freshly trusted peer.
+    pub fn new(data: Arc<PeerData>, machine: Peer) -> Self {
+        PeerRuntime {
+            data,
+            machine,
+            last_handshake: None,
+            pmtu: PeerPmtu::default(),
+        }
     }
 }
 
@@ -244,12 +270,23 @@ impl Tunnels {
                 }
             }
         }
+        // Path MTU discovery follows the session and path the machine left.
+        for t in crate::pathmtu::on_tick(ctx, &mut rt.pmtu, &rt.data, now) {
+            fx.out.push(Outgoing {
+                bytes: t.bytes,
+                to: t.to,
+                peer: *id,
+            });
+        }
         // Data after a quiet spell wakes the machine (it schedules no sync
         // while nothing moves).
         rt.data
             .wake
             .store(rt.machine.wants_data_wake(), Ordering::Relaxed);
-        let next = rt.machine.poll_timeout();
+        let next = match (rt.machine.poll_timeout(), rt.pmtu.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(t) = self.due.remove(id) {
             self.schedule.remove(&(t, *id));
         }
@@ -302,6 +339,29 @@ impl Tunnels {
         msg: &[u8],
         now: Instant,
     ) -> Effects {
+        // Path MTU probes and their answers (crate::pathmtu).
+        if let Some(rt) = self.peers.get_mut(id) {
+            let pmtu_out = match (msg.first(), msg.len()) {
+                (Some(&pmtu::CTL_PROBE), _) => Some(
+                    crate::pathmtu::answer_probe(&rt.data, msg, now)
+                        .into_iter()
+                        .collect(),
+                ),
+                (Some(&pmtu::CTL_PROBE_ACK), pmtu::ACK_LEN) => pmtu::parse_ack(msg)
+                    .map(|len| crate::pathmtu::on_ack(&mut rt.pmtu, &rt.data, len, now)),
+                _ => None,
+            };
+            if let Some(out) = pmtu_out {
+                let out: Vec<pilot_proto::peer::Transmit> = out;
+                let mut fx = Effects::default();
+                fx.out.extend(out.into_iter().map(|t| Outgoing {
+                    bytes: t.bytes,
+                    to: t.to,
+                    peer: *id,
+                }));
+                return fx;
+            }
+        }
         let (known, fx) = self.drive(ctx, id, now, |p, _| p.handle_control(now, msg));
         if known == Some(false) {
             bump(&ctx.shared.drops.malformed);

@@ -1,10 +1,26 @@
 //! The UDP side: one socket, batched receive with GRO and batched send with
 //! GSO through `quinn-udp`, falling back to one datagram per call where the
 //! kernel refuses (or when offloads are switched off).
+//!
+//! "Don't fragment" is decided per datagram. The socket is in Linux's
+//! `IP_PMTUDISC_PROBE` mode (set by `quinn-udp`): every datagram leaves with
+//! DF set and is sized by our own path MTU discovery, not the kernel's
+//! cache. That is what the probes need (a probe that a router fragments
+//! would prove nothing), and GSO sends cannot be fragmented anyway. The few
+//! datagrams that must cross a narrower path whole — an inner packet with
+//! DF set while its sender has not yet lowered its MTU, or one no ICMP
+//! error can shrink — go out one by one through
+//! [`Udp::send_fragmentable`], which switches the socket to
+//! `IP_PMTUDISC_DONT` for that one send (the kernel and routers may then
+//! fragment it). A second socket on the same port is not an option (the
+//! kernel would spread our incoming datagrams over both), so a lock keeps
+//! every other send out of that window.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
+use parking_lot::RwLock;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -19,6 +35,10 @@ pub struct Udp {
     socket: UdpSocket,
     state: UdpSocketState,
     gso: bool,
+    /// Held shared by every send, and exclusively while the socket lets the
+    /// kernel fragment one datagram (so no other datagram leaves without
+    /// DF meanwhile).
+    df: RwLock<()>,
 }
 
 impl Udp {
@@ -34,6 +54,7 @@ impl Udp {
             socket: UdpSocket::from_std(socket)?,
             state,
             gso,
+            df: RwLock::new(()),
         })
     }
 
@@ -104,6 +125,7 @@ impl Udp {
         };
         self.socket
             .async_io(Interest::WRITABLE, || {
+                let _df = self.df.read();
                 self.state.try_send((&self.socket).into(), &t)
             })
             .await
@@ -111,7 +133,90 @@ impl Udp {
 
     /// Sends one datagram, for the control path.
     pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
-        self.socket.send_to(buf, to).await.map(|_| ())
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                let _df = self.df.read();
+                send_to(self.socket.as_fd(), buf, to)
+            })
+            .await
+    }
+
+    /// Sends one datagram without "don't fragment": larger than the path
+    /// (or the interface) allows, it arrives in IP fragments instead of
+    /// being dropped. Slow (three system calls and an exclusive lock); only
+    /// for the rare datagram that needs it.
+    pub async fn send_fragmentable(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                let _df = self.df.write();
+                let fd = self.socket.as_fd();
+                let v6 = self.socket.local_addr()?.is_ipv6();
+                set_pmtu_discover(fd, v6, false)?;
+                let sent = send_to(fd, buf, to);
+                // Back to DF for everything else; if that failed, the socket
+                // would fragment instead of dropping: no harm, but say so.
+                if let Err(e) = set_pmtu_discover(fd, v6, true) {
+                    tracing::warn!("cannot restore don't-fragment on the UDP socket: {e}");
+                }
+                sent
+            })
+            .await
+    }
+}
+
+/// One `sendto` on the socket, without touching tokio's readiness (the
+/// caller is inside `async_io`).
+fn send_to(fd: BorrowedFd<'_>, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+    let addr = nix::sys::socket::SockaddrStorage::from(to);
+    nix::sys::socket::sendto(
+        fd.as_raw_fd(),
+        buf,
+        &addr,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Switches the socket between `IP_PMTUDISC_PROBE` (DF on every datagram,
+/// the kernel's path MTU cache ignored: `quinn-udp`'s setting) and
+/// `IP_PMTUDISC_DONT` (no DF; the kernel fragments to the route's MTU). An
+/// IPv6 socket gets both options, like `quinn-udp` does (IPv4-mapped
+/// destinations follow the IPv4 one).
+fn set_pmtu_discover(fd: BorrowedFd<'_>, v6: bool, df: bool) -> io::Result<()> {
+    let (v4_mode, v6_mode) = if df {
+        (libc::IP_PMTUDISC_PROBE, libc::IPV6_PMTUDISC_PROBE)
+    } else {
+        (libc::IP_PMTUDISC_DONT, libc::IPV6_PMTUDISC_DONT)
+    };
+    let v4 = set_int(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, v4_mode);
+    if !v6 {
+        return v4;
+    }
+    set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, v6_mode)
+}
+
+fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket for the duration of the call, and the
+    // option value is a live c_int whose size is passed along.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -172,5 +277,22 @@ impl SendBatch {
         }
         self.clear();
         result
+    }
+
+    /// Sends every packet on its own, allowed to be fragmented on the way
+    /// ([`Udp::send_fragmentable`]); returns how many sends failed.
+    pub async fn flush_fragmentable(&mut self, udp: &Udp) -> usize {
+        let mut failed = 0;
+        for &(to, start, len) in &self.packets {
+            if udp
+                .send_fragmentable(&self.buf[start..start + len], to)
+                .await
+                .is_err()
+            {
+                failed += 1;
+            }
+        }
+        self.clear();
+        failed
     }
 }

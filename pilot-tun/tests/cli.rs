@@ -205,7 +205,11 @@ fn status_doc() -> Value {
         "drops": {
             "auth": 1, "replay": 2, "inner_address": 3, "untrusted_handshake": 4,
             "bad_handshake": 5, "rate_limited": 6, "refused_local": 7, "malformed": 8
-        }
+        },
+        "mtu": 1380,
+        "mtu_cap": null,
+        "underlay_below_mtu_floor": false,
+        "too_big": {"icmp_sent": 0, "fragmented_inner": 0, "fragmented_outer": 0, "send_failed": 0}
     })
 }
 

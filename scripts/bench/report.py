@@ -18,6 +18,13 @@ import time
 
 SYSTEMS = ["veth", "pilot-tun", "wireguard-go"]
 LABEL = {"veth": "raw veth", "pilot-tun": "pilot-tun", "wireguard-go": "wireguard-go"}
+# TCP only, with the veth at MTU 1460 (Google Cloud's default).
+SYSTEMS_1460 = ["pilot-tun@1460", "wireguard-go@1460", "wireguard-go@1460-mtu1420"]
+LABEL.update({
+    "pilot-tun@1460": "pilot-tun (no flag)",
+    "wireguard-go@1460": "wireguard-go, MTU 1380",
+    "wireguard-go@1460-mtu1420": "wireguard-go, MTU 1420",
+})
 
 
 def read_kv(path):
@@ -231,6 +238,29 @@ def table(figs, meta):
     return "\n".join(out)
 
 
+def table_1460(figs):
+    """TCP at underlay MTU 1460, and pilot-tun ÷ wireguard-go (MTU 1380)."""
+    rows = [("system", "MTU", "TCP 1 stream", "TCP 4 streams", "CPU s/GB")]
+    for s in SYSTEMS_1460:
+        f = figs.get(s)
+        if f is None:
+            continue
+        g = lambda k: "n/a" if f.get(k) is None else f"{f[k] / 1e9:.2f} Gbit/s"
+        c = "n/a" if f.get("cpu_s_per_gb") is None else f"{f['cpu_s_per_gb']:.2f}"
+        rows.append((LABEL[s], f.get("mtu", "?"), g("tcp1_bps"), g("tcp4_bps"), c))
+    pt, wg = figs.get("pilot-tun@1460", {}), figs.get("wireguard-go@1460", {})
+    r1, r4 = ratio(pt.get("tcp1_bps"), wg.get("tcp1_bps")), ratio(pt.get("tcp4_bps"), wg.get("tcp4_bps"))
+    rows.append(("pilot-tun ÷ wireguard-go 1380", "", fmt_ratio(r1), fmt_ratio(r4), ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, r in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out), {"tcp1_ratio": r1, "tcp4_ratio": r4}
+
+
 def comparison(figs):
     pt, wg = figs.get("pilot-tun", {}), figs.get("wireguard-go", {})
     items = []  # (name, key, value-text, target-text, pass/None, ratio)
@@ -306,6 +336,8 @@ def clean(o):
 def report(res, out_path):
     meta = read_kv(os.path.join(res, "meta.txt"))
     figs = {s: system_figures(res, s, meta) for s in SYSTEMS if os.path.isdir(os.path.join(res, s))}
+    figs_1460 = {s: system_figures(res, s, meta) for s in SYSTEMS_1460
+                 if os.path.isdir(os.path.join(res, s))}
     print()
     print(f"pilot-tun benchmark: {meta.get('seconds')} s per iperf3 test, {meta.get('pings')} pings at 10 ms, "
           f"UDP datagrams of {meta.get('udp_len')} B; {meta.get('cpus')} CPUs ({meta.get('cpu_model')}), "
@@ -331,7 +363,13 @@ def report(res, out_path):
     targets = [it for it in items if it["target"]]
     npass = sum(1 for it in targets if it["pass"])
     print(f"targets: {npass} of {len(targets)} met (figures are informational; the benchmark does not fail on them)")
-    errs = [(s, e) for s, f in figs.items() for e in f["errors"]]
+    ratios_1460 = None
+    if figs_1460:
+        print()
+        print("Underlay MTU 1460 (the veth at 1460 on both ends; TCP receiver bitrate):")
+        text, ratios_1460 = table_1460(figs_1460)
+        print(text)
+    errs = [(s, e) for s, f in list(figs.items()) + list(figs_1460.items()) for e in f["errors"]]
     if errs:
         print()
         for s, e in errs:
@@ -350,6 +388,7 @@ def report(res, out_path):
                   "cpu_s_per_gb": "daemon user+system CPU seconds, both ends, per 1e9 bytes received",
                   "mb": "1e6 bytes", "kb": "KiB as in /proc/PID/status"},
         "systems": figs,
+        "underlay_mtu_1460": {"systems": figs_1460, "pilot_tun_vs_wireguard_go_1380": ratios_1460},
         "ratio_to_veth": ratios_veth,
         "pilot_tun_vs_wireguard_go": items,
         "targets_met": npass,

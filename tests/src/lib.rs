@@ -108,6 +108,7 @@ impl TestNode {
             suite: CipherSuite::Aes256Gcm,
             offload: true,
             register_timeout: Duration::from_secs(3),
+            mtu: None,
         };
         let node = Node::start(cfg, move |_, _| Ok(fake)).await?;
         Ok(TestNode {
