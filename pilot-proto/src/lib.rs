@@ -20,6 +20,8 @@
 //! - [`trust`]: the local trust store and its transitions.
 //! - [`packet`]: the few IPv4 facts the data plane needs, and ICMP errors.
 
+pub mod admission;
+pub mod frame;
 pub mod handshake;
 pub mod hex;
 pub mod identity;
