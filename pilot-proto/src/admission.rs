@@ -20,6 +20,9 @@
 //! let last = <the caller's last timestamp for screened.remote_static()>; // 5
 //! let (session, response) = screened.accept(last, local_index, now)?;  // 6
 //! ```
+//! A responder that keeps Diffie-Hellman work off its packet path splits
+//! `screen` in two: [`Admission::precheck`] (1-3, cheap) where packets
+//! arrive, and [`ResponderKeys::open`] (4) wherever the DH may run.
 //! Sans-IO: the caller sends the response and keeps the session.
 
 use std::net::IpAddr;
@@ -59,9 +62,16 @@ pub enum Refused {
 
 /// The responder's half of admission: its keys and the per-source limiter.
 pub struct Admission {
+    keys: ResponderKeys,
+    limiter: RateLimiter<IpAddr>,
+}
+
+/// What the Diffie-Hellman step needs: the responder's static secret and
+/// its MAC key. Cheap to clone, so the DH can run on another thread.
+#[derive(Clone)]
+pub struct ResponderKeys {
     secret: [u8; 32],
     mac: MacKey,
-    limiter: RateLimiter<IpAddr>,
 }
 
 impl Admission {
@@ -74,8 +84,10 @@ impl Admission {
     /// Like [`Admission::new`] with another per-source `rate` and `burst`.
     pub fn with_limit(secret: [u8; 32], static_public: &[u8; 32], rate: u32, burst: u32) -> Self {
         Admission {
-            secret,
-            mac: MacKey::for_static(static_public),
+            keys: ResponderKeys {
+                secret,
+                mac: MacKey::for_static(static_public),
+            },
             limiter: RateLimiter::new(rate, burst),
         }
     }
@@ -83,7 +95,12 @@ impl Admission {
     /// The MAC key of our own static key (it also checks handshake
     /// responses to our own initiations).
     pub fn own_mac(&self) -> &MacKey {
-        &self.mac
+        &self.keys.mac
+    }
+
+    /// The keys for [`ResponderKeys::open`].
+    pub fn keys(&self) -> &ResponderKeys {
+        &self.keys
     }
 
     /// Steps 1-4: shape, MAC, the rate limit of `source` (the IP the
@@ -96,13 +113,34 @@ impl Admission {
         source: IpAddr,
         now: Instant,
     ) -> Result<Screened, Refused> {
+        let init = self.precheck(datagram, source, now)?;
+        self.keys.open(init)
+    }
+
+    /// Steps 1-3 alone (no Diffie-Hellman): shape, MAC, rate limit. The
+    /// initiation that passes goes on to [`ResponderKeys::open`].
+    pub fn precheck<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<HandshakeInit<'a>, Refused> {
         let init = HandshakeInit::new_checked(datagram)?;
-        if !self.mac.verify(init.mac_covered(), init.mac()) {
+        if !self.keys.mac.verify(init.mac_covered(), init.mac()) {
             return Err(Refused::Mac);
         }
         if !self.limiter.allow(&source, now) {
             return Err(Refused::RateLimited);
         }
+        Ok(init)
+    }
+}
+
+impl ResponderKeys {
+    /// Step 4: Noise (the Diffie-Hellman work) on an initiation that passed
+    /// [`Admission::precheck`]. It checks the MAC again (one HMAC), so an
+    /// initiation that skipped the precheck is still refused cheaply.
+    pub fn open(&self, init: HandshakeInit<'_>) -> Result<Screened, Refused> {
         let responder = handshake::respond(&self.secret, &self.mac, init)?;
         Ok(Screened { responder })
     }
@@ -298,6 +336,42 @@ mod tests {
         assert!(matches!(
             adm.screen(&msg, ip(1), Instant::now()),
             Err(Refused::Handshake(_))
+        ));
+    }
+
+    #[test]
+    fn precheck_then_open_is_screen_in_two_steps() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let keys = adm.keys().clone();
+        let (_, msg) = init(&a, &b, 7);
+        let checked = adm.precheck(&msg, ip(1), now).unwrap();
+        // The DH half runs elsewhere (another thread) with cloned keys.
+        let copy = msg;
+        let s = std::thread::spawn(move || {
+            let init = HandshakeInit::new_checked(&copy).unwrap();
+            keys.open(init).map(|s| *s.remote_static())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert_eq!(s, a.static_public());
+        assert_eq!(checked.sender_index(), 3);
+        // The precheck spends the source's budget like screen does.
+        for _ in 1..HANDSHAKE_BURST {
+            adm.precheck(&msg, ip(1), now).unwrap();
+        }
+        assert!(matches!(
+            adm.precheck(&msg, ip(1), now),
+            Err(Refused::RateLimited)
+        ));
+        // And open alone still refuses what is not for us.
+        let c = Identity::from_bytes(&[3; 64]);
+        let (_, other) = init(&a, &c, 1);
+        assert!(matches!(
+            adm.keys().open(HandshakeInit::new_checked(&other).unwrap()),
+            Err(Refused::Handshake(HandshakeError::Mac))
         ));
     }
 
