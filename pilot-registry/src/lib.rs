@@ -5,6 +5,9 @@
 //! offline) and tells a node where a peer is only if that peer approved it.
 //! It never holds a key that could read tunnel traffic.
 
+pub mod names;
+pub mod pool;
+pub mod registrar;
 pub mod server;
 pub mod state;
 pub mod storage;

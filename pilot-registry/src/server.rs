@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{
-    self, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, ToRegistry,
+    self, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, ToRegistry,
 };
 use pilot_proto::ratelimit::RateLimiter;
 use pilot_proto::session::Session;
@@ -23,7 +23,8 @@ use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, TAG_LEN};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use crate::storage::{NodeRow, RegisterOutcome, StatementOutcome, Storage};
+use crate::registrar::{self, RegisterOutcome, StatementOutcome};
+use crate::storage::{NodeRow, Storage};
 
 /// Counters of what the registry saw and dropped.
 #[derive(Debug, Default)]
@@ -388,7 +389,7 @@ impl<S: Storage> Registry<S> {
             if let Some(id) = node {
                 self.by_addr.retain(|_, n| *n != id);
                 self.by_addr.insert(from, id);
-                if let Err(e) = self.storage.set_observed(&id, from) {
+                if let Err(e) = registrar::observed_at(&mut self.storage, &id, from) {
                     warn!("storage: {e}");
                 }
             }
@@ -415,7 +416,7 @@ impl<S: Storage> Registry<S> {
                         "registration signature or key binding invalid",
                     )
                 } else {
-                    match self.storage.register(&reg.body, self.network, from) {
+                    match registrar::register(&mut self.storage, &reg, self.network, from) {
                         Ok(RegisterOutcome::Ok {
                             node,
                             hostname_refused,
@@ -443,6 +444,14 @@ impl<S: Storage> Registry<S> {
                                 observed: from,
                                 relays: self.relays.clone(),
                             }
+                        }
+                        Ok(RegisterOutcome::BadSignature) => {
+                            bump(&self.stats.refused);
+                            error(
+                                req,
+                                ErrorCode::Invalid,
+                                "registration signature or key binding invalid",
+                            )
                         }
                         Ok(RegisterOutcome::Replayed) => {
                             bump(&self.stats.refused);
@@ -484,34 +493,34 @@ impl<S: Storage> Registry<S> {
                     bump(&self.stats.refused);
                     error(req, ErrorCode::Invalid, "statement not signed by this node")
                 } else {
-                    match self.storage.node(&statement.body.to) {
-                        Ok(None) => error(req, ErrorCode::NotFound, "no such node"),
+                    match registrar::store_statement(&mut self.storage, &statement) {
+                        Ok(StatementOutcome::Stored(_)) => {
+                            self.approvals.clear();
+                            info!(from = %me, to = %statement.body.to, kind = statement.body.kind.name(), "trust statement");
+                            self.mail.insert(statement.body.to);
+                            let to = statement.body.to;
+                            self.deliver(&to).await;
+                            FromRegistry::Ok { req }
+                        }
+                        Ok(StatementOutcome::NoSuchNode) => {
+                            error(req, ErrorCode::NotFound, "no such node")
+                        }
+                        Ok(StatementOutcome::BadSignature) => {
+                            bump(&self.stats.refused);
+                            error(req, ErrorCode::Invalid, "statement not signed by this node")
+                        }
+                        Ok(StatementOutcome::Replayed) => {
+                            bump(&self.stats.refused);
+                            error(
+                                req,
+                                ErrorCode::Replayed,
+                                "statement sequence number is not newer",
+                            )
+                        }
                         Err(e) => {
                             warn!("storage: {e}");
                             error(req, ErrorCode::Internal, "registry storage failed")
                         }
-                        Ok(Some(_)) => match self.storage.put_statement(&statement) {
-                            Ok(StatementOutcome::Stored(_)) => {
-                                self.approvals.clear();
-                                info!(from = %me, to = %statement.body.to, kind = statement.body.kind.name(), "trust statement");
-                                self.mail.insert(statement.body.to);
-                                let to = statement.body.to;
-                                self.deliver(&to).await;
-                                FromRegistry::Ok { req }
-                            }
-                            Ok(StatementOutcome::Replayed) => {
-                                bump(&self.stats.refused);
-                                error(
-                                    req,
-                                    ErrorCode::Replayed,
-                                    "statement sequence number is not newer",
-                                )
-                            }
-                            Err(e) => {
-                                warn!("storage: {e}");
-                                error(req, ErrorCode::Internal, "registry storage failed")
-                            }
-                        },
                     }
                 }
             }
@@ -688,7 +697,7 @@ impl<S: Storage> Registry<S> {
         let Some(&index) = self.online.get(to) else {
             return;
         };
-        let items = match self.storage.inbox(to) {
+        let items = match registrar::mail(&mut self.storage, to) {
             Ok(i) => i,
             Err(e) => {
                 warn!("storage: {e}");
@@ -699,22 +708,8 @@ impl<S: Storage> Registry<S> {
             self.mail.remove(to);
             return;
         }
-        for (id, statement) in items.into_iter().take(16) {
-            let from = statement.body.from.node_id();
-            let Ok(Some(sender)) = self.storage.node(&from) else {
-                // Sender vanished from storage: nothing sensible to deliver.
-                let _ = self.storage.ack(to, id);
-                continue;
-            };
-            let msg = FromRegistry::Push {
-                id,
-                item: PushItem::Statement {
-                    statement,
-                    address: sender.address,
-                    hostname: sender.hostname,
-                },
-            };
-            self.send(index, &msg).await;
+        for (id, item) in items {
+            self.send(index, &FromRegistry::Push { id, item }).await;
         }
     }
 
