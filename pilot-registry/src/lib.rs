@@ -13,12 +13,14 @@
 //! - [`mailbox`]: pushes of stored trust statements, until acknowledged.
 //! - [`relay`]: forwarding between nodes that approved each other.
 //! - [`sessions`]: control sessions and the nodes behind them.
+//! - [`admission`]: the handshake thread (Noise off the packet path).
 //! - [`store`]: the storage thread and its bounded queue.
 //! - [`registrar`]: what a registration or statement may change.
 //! - [`pool`], [`names`]: the address pool and hostname rules.
 //! - [`storage`]: persistence behind one trait (SQLite).
 //! - [`stats`], [`state`]: counters; the key file and join URL.
 
+pub mod admission;
 pub mod mailbox;
 pub mod names;
 pub mod pool;

@@ -2,7 +2,7 @@
 //! (Noise IK towards the registry key, then sealed control messages) and
 //! relayed tunnel datagrams. The loop reads a datagram, hands it to the role
 //! it belongs to, and sends what the role returns; it also drains what the
-//! storage thread finished, and ticks every half second.
+//! admission and storage threads finished, and ticks every half second.
 //!
 //! ```text
 //!            datagrams                          +--> STUN answer (inline)
@@ -10,14 +10,12 @@
 //!     ^                     |                   +--> control message: rendezvous / relay-only
 //!     |                     | initiation                 |  replies        | jobs (bounded; full: "busy")
 //!     |                     v                            v                 v
-//!     +------ admission: MAC, rate limit,          seal + send      [storage thread: rules, SQLite]
-//!             Noise, timestamp                                             | done, committed
-//!     ^                                                                    |
-//!     +--------------------------------------------------------------------+
+//!     |   [admission thread: Noise, timestamp]    seal + send      [storage thread: rules, SQLite]
+//!     |        | new session + response                                    | done, committed
+//!     +--------+------------------------------------------------------------+
 //! ```
-//! Nothing on this loop waits for a disk.
+//! Nothing on this loop waits for a disk or does a Diffie-Hellman.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +28,7 @@ use pilot_proto::wire::{self, Kind};
 use tokio::net::UdpSocket;
 use tracing::debug;
 
+use crate::admission::{self, Admitted, Gate};
 use crate::mailbox::Mailbox;
 use crate::relay::{Relay, Verdict};
 use crate::relay_only::RelayOnly;
@@ -83,9 +82,7 @@ enum Role {
 /// Everything the loop owns besides its sockets.
 struct Core {
     admission: Admission,
-    /// The last initiation timestamp admitted per initiator key.
-    last_timestamp: HashMap<[u8; 32], u64>,
-    rng: ring::rand::SystemRandom,
+    gate: Gate,
     sessions: Sessions,
     relay: Relay,
     mailbox: Mailbox,
@@ -139,6 +136,11 @@ impl<S: Storage + 'static> Registry<S> {
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
         let (store, mut done, store_thread) = Store::spawn(storage, config.network, storage_depth)?;
+        let (gate, mut admitted, gate_thread) = Gate::spawn(
+            admission.keys().clone(),
+            stats.clone(),
+            admission::DEFAULT_QUEUE_DEPTH,
+        )?;
         let role = if config.relay_only {
             Role::RelayOnly(RelayOnly::new(config.network.prefix_len()))
         } else {
@@ -146,8 +148,7 @@ impl<S: Storage + 'static> Registry<S> {
         };
         let mut core = Core {
             admission,
-            last_timestamp: HashMap::new(),
-            rng: ring::rand::SystemRandom::new(),
+            gate,
             sessions: Sessions::default(),
             relay: Relay::new(config.relay_rate),
             mailbox: Mailbox::default(),
@@ -155,14 +156,24 @@ impl<S: Storage + 'static> Registry<S> {
             store,
             stats,
         };
-        let result = serve(&socket, alt_stun, &mut core, &mut done, shutdown).await;
-        // Closing the queue ends the storage thread, after it finished what
-        // is queued (commits nobody will hear about are fine: nothing was
-        // acknowledged).
+        let result = serve(
+            &socket,
+            alt_stun,
+            &mut core,
+            &mut done,
+            &mut admitted,
+            shutdown,
+        )
+        .await;
+        // Closing the queues ends both threads; the storage thread first
+        // finishes what is queued (commits nobody will hear about are fine:
+        // nothing was acknowledged).
         drop(core);
         drop(done);
+        drop(admitted);
         let _ = tokio::task::spawn_blocking(move || {
             let _ = store_thread.join();
+            let _ = gate_thread.join();
         })
         .await;
         result
@@ -174,6 +185,7 @@ async fn serve(
     alt: Option<UdpSocket>,
     core: &mut Core,
     done: &mut tokio::sync::mpsc::Receiver<Done>,
+    admitted: &mut tokio::sync::mpsc::Receiver<Admitted>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -217,6 +229,13 @@ async fn serve(
                     continue;
                 }
             },
+            Some(a) = admitted.recv() => {
+                let Admitted { session, static_public, from, response } = a;
+                if core.sessions.install(session, static_public, from, Instant::now()) {
+                    let _ = socket.send_to(&response, from).await;
+                }
+                continue;
+            }
             Some(d) = done.recv() => {
                 let now = Instant::now();
                 if let Done::Approvals { approvals } = d {
@@ -278,7 +297,18 @@ impl Core {
                     Verdict::Held | Verdict::Drop => Action::Nothing,
                 }
             }
-            Kind::HandshakeInit => self.on_handshake(buf, from, now),
+            Kind::HandshakeInit => {
+                // The cheap steps here; the DH on the admission thread.
+                match self.admission.precheck(buf, from.ip(), now) {
+                    Ok(_) => {
+                        self.gate.submit(buf, from, now, &self.stats);
+                    }
+                    Err(Refused::Malformed(_)) => bump(&self.stats.dropped_malformed),
+                    Err(Refused::RateLimited) => bump(&self.stats.dropped_rate),
+                    Err(_) => bump(&self.stats.dropped_handshake),
+                }
+                Action::Nothing
+            }
             Kind::Data => {
                 let Some(opened) = self.sessions.open(buf, from, now, &self.stats) else {
                     return Action::Nothing;
@@ -309,40 +339,6 @@ impl Core {
                 Action::Nothing
             }
         }
-    }
-
-    /// Admission of a handshake initiation (any node may open a control
-    /// session; what it may do comes with its signed registration).
-    fn on_handshake(&mut self, buf: &[u8], from: SocketAddr, now: Instant) -> Action {
-        let stats = &self.stats;
-        let refused = |e: Refused| {
-            debug!(%from, "handshake refused: {e}");
-            bump(match e {
-                Refused::Malformed(_) => &stats.dropped_malformed,
-                Refused::RateLimited => &stats.dropped_rate,
-                _ => &stats.dropped_handshake,
-            });
-            Action::Nothing
-        };
-        let screened = match self.admission.screen(buf, from.ip(), now) {
-            Ok(s) => s,
-            Err(e) => return refused(e),
-        };
-        let static_public = *screened.remote_static();
-        let last = self.last_timestamp.entry(static_public).or_insert(0);
-        let mut b = [0u8; 4];
-        // The system generator does not fail once started; if it did, index
-        // 0 merely collides and the node retries.
-        let _ = ring::rand::SecureRandom::fill(&self.rng, &mut b);
-        let (session, response) = match screened.accept(last, u32::from_le_bytes(b), now) {
-            Ok(a) => a,
-            Err(e) => return refused(e),
-        };
-        if !self.sessions.install(session, static_public, from, now) {
-            return Action::Nothing;
-        }
-        bump(&self.stats.handshakes);
-        Action::SendOwned(response.to_vec(), from)
     }
 
     fn on_done(&mut self, done: Done, now: Instant) -> Vec<Reply> {
