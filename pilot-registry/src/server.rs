@@ -229,14 +229,19 @@ async fn serve(
                     continue;
                 }
             },
-            Some(a) = admitted.recv() => {
-                let Admitted { session, static_public, from, response } = a;
+            a = admitted.recv() => {
+                let Some(Admitted { session, static_public, from, response }) = a else {
+                    return Err(std::io::Error::other("the admission thread stopped"));
+                };
                 if core.sessions.install(session, static_public, from, Instant::now()) {
                     let _ = socket.send_to(&response, from).await;
                 }
                 continue;
             }
-            Some(d) = done.recv() => {
+            d = done.recv() => {
+                let Some(d) = d else {
+                    return Err(std::io::Error::other("the storage thread stopped"));
+                };
                 let now = Instant::now();
                 if let Done::Approvals { approvals } = d {
                     for (to, bytes) in core.relay.learned(approvals, now, &core.sessions, &core.stats) {
