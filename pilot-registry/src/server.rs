@@ -70,7 +70,6 @@ pub struct Registry<S: Storage> {
     config: Config,
     storage: S,
     stats: Arc<Stats>,
-    storage_depth: usize,
 }
 
 /// The role that answers control messages.
@@ -100,7 +99,6 @@ impl<S: Storage + 'static> Registry<S> {
             config,
             storage,
             stats: Arc::new(Stats::default()),
-            storage_depth: store::DEFAULT_QUEUE_DEPTH,
         }
     }
 
@@ -108,12 +106,6 @@ impl<S: Storage + 'static> Registry<S> {
     /// tell whether their NAT maps per destination.
     pub fn with_alt_stun(mut self, socket: UdpSocket) -> Self {
         self.alt_stun = Some(socket);
-        self
-    }
-
-    /// Storage jobs that may wait before requests are answered "busy".
-    pub fn with_storage_queue(mut self, depth: usize) -> Self {
-        self.storage_depth = depth.max(1);
         self
     }
 
@@ -131,11 +123,11 @@ impl<S: Storage + 'static> Registry<S> {
             config,
             storage,
             stats,
-            storage_depth,
         } = self;
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
-        let (store, mut done, store_thread) = Store::spawn(storage, config.network, storage_depth)?;
+        let (store, mut done, store_thread) =
+            Store::spawn(storage, config.network, store::DEFAULT_QUEUE_DEPTH)?;
         let (gate, mut admitted, gate_thread) = Gate::spawn(
             admission.keys().clone(),
             stats.clone(),
@@ -375,5 +367,242 @@ impl Core {
                 now,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{close_gate, gated, open_gate};
+    use pilot_proto::frame;
+    use pilot_proto::handshake::{self, MacKey};
+    use pilot_proto::identity::{Identity, NodeId};
+    use pilot_proto::messages::{
+        self, FromRegistry, NatType, Registration, Signed, Statement, StatementKind, ToRegistry,
+    };
+    use pilot_proto::session::{CipherSuite, Session};
+    use pilot_proto::wire::{RelayHeader, DATA_HEADER_LEN, MSG_RELAY_FROM, MSG_RELAY_TO};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// A node's control side, by hand: a socket, an identity, a session.
+    struct Client {
+        sock: UdpSocket,
+        id: Identity,
+        session: Session,
+        to: SocketAddr,
+        req: u32,
+    }
+
+    impl Client {
+        async fn connect(to: SocketAddr, key: &[u8; 32], n: u8) -> Client {
+            let id = Identity::from_bytes(&[n; 64]);
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (init, msg) = handshake::initiate(
+                id.static_secret(),
+                key,
+                100 + u32::from(n),
+                1,
+                CipherSuite::Aes256Gcm,
+            )
+            .unwrap();
+            sock.send_to(&msg, to).await.unwrap();
+            let mut buf = [0u8; 256];
+            let (len, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+                .await
+                .expect("handshake answered")
+                .unwrap();
+            let resp = pilot_proto::wire::HandshakeResp::new_checked(&buf[..len]).unwrap();
+            let session = init
+                .finish(
+                    &MacKey::for_static(&id.static_public()),
+                    resp,
+                    Instant::now(),
+                )
+                .unwrap();
+            Client {
+                sock,
+                id,
+                session,
+                to,
+                req: 0,
+            }
+        }
+
+        async fn send(&mut self, make: impl FnOnce(u32) -> ToRegistry) -> u32 {
+            self.req += 1;
+            let bytes = messages::encode(&make(self.req)).unwrap();
+            let mut out = vec![];
+            frame::push_sealed(&mut out, &self.session.sender, None, &bytes).unwrap();
+            self.sock.send_to(&out, self.to).await.unwrap();
+            self.req
+        }
+
+        /// The next datagram, if it comes within `WAIT`.
+        async fn recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 2048];
+            let (n, _) = tokio::time::timeout(WAIT, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            buf.truncate(n);
+            Some(buf)
+        }
+
+        /// Waits for the answer to request `req`, skipping pushes and the rest.
+        async fn answer(&self, req: u32) -> Option<FromRegistry> {
+            loop {
+                let mut d = self.recv().await?;
+                let Ok(n) = self.session.open(&mut d) else {
+                    continue;
+                };
+                let msg: FromRegistry =
+                    messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap();
+                match &msg {
+                    FromRegistry::Registered { req: r, .. }
+                    | FromRegistry::Ok { req: r }
+                    | FromRegistry::Error { req: r, .. }
+                    | FromRegistry::Peer { req: r, .. }
+                    | FromRegistry::Pong { req: r, .. }
+                        if *r == req =>
+                    {
+                        return Some(msg)
+                    }
+                    _ => continue,
+                }
+            }
+        }
+
+        /// Sends a registration; returns its request id.
+        async fn register(&mut self, seq: u64) -> u32 {
+            let reg = Signed::sign(
+                Registration {
+                    identity: self.id.public(),
+                    hostname: None,
+                    seq,
+                    local_endpoints: vec![],
+                    nat: NatType::PerDestination,
+                },
+                &self.id,
+            );
+            self.send(|req| ToRegistry::Register { req, reg }).await
+        }
+
+        async fn approve(&mut self, peer: NodeId) {
+            let statement = Signed::sign(
+                Statement {
+                    kind: StatementKind::Approve,
+                    from: self.id.public(),
+                    to: peer,
+                    seq: 1,
+                },
+                &self.id,
+            );
+            let req = self
+                .send(|req| ToRegistry::Statement { req, statement })
+                .await;
+            assert_eq!(self.answer(req).await, Some(FromRegistry::Ok { req }));
+        }
+    }
+
+    /// The claim of the split: with the storage thread stuck in a write,
+    /// the loop still answers STUN and relays between approved nodes, and
+    /// the stuck request is answered once its write commits.
+    #[tokio::test]
+    async fn stun_and_relay_do_not_wait_for_a_stuck_disk() {
+        let (storage, gate) = gated();
+        open_gate(&gate);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            storage,
+        );
+        let stats = registry.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        for c in [&mut a, &mut b] {
+            let req = c.register(1).await;
+            assert!(matches!(
+                c.answer(req).await,
+                Some(FromRegistry::Registered { .. })
+            ));
+        }
+        let (a_id, b_id) = (a.id.node_id(), b.id.node_id());
+        a.approve(b_id).await;
+        b.approve(a_id).await;
+
+        // The disk gets stuck: a's re-registration waits in its write.
+        close_gate(&gate);
+        let stuck = a.register(2).await;
+
+        // STUN is answered.
+        let prober = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tid = [9u8; 12];
+        prober
+            .send_to(&stun::binding_request(&tid), addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 128];
+        let (n, _) = tokio::time::timeout(WAIT, prober.recv_from(&mut buf))
+            .await
+            .expect("STUN answered while storage is stuck")
+            .unwrap();
+        assert_eq!(
+            stun::parse_binding_response(&buf[..n], &tid),
+            Some(prober.local_addr().unwrap())
+        );
+        // a -> b through the relay is forwarded, ciphertext untouched.
+        let mut d = vec![0u8; pilot_proto::wire::RELAY_HEADER_LEN + 6];
+        RelayHeader {
+            ty: MSG_RELAY_TO,
+            node: b_id,
+        }
+        .emit(&mut d);
+        d[pilot_proto::wire::RELAY_HEADER_LEN..].copy_from_slice(b"opaque");
+        a.sock.send_to(&d, addr).await.unwrap();
+        let got = loop {
+            let got = b.recv().await.expect("relayed while storage is stuck");
+            if got[0] == MSG_RELAY_FROM {
+                break got;
+            }
+        };
+        assert_eq!(
+            RelayHeader::parse(&got).unwrap(),
+            RelayHeader {
+                ty: MSG_RELAY_FROM,
+                node: a_id
+            }
+        );
+        assert_eq!(&got[pilot_proto::wire::RELAY_HEADER_LEN..], b"opaque");
+        // The stuck request has no answer yet; it gets one after the commit.
+        assert_eq!(
+            a.answer(stuck).await,
+            None,
+            "acknowledged before the commit"
+        );
+        open_gate(&gate);
+        assert!(matches!(
+            a.answer(stuck).await,
+            Some(FromRegistry::Registered { .. })
+        ));
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(stats.relayed.load(Relaxed), 1);
+        assert_eq!(stats.handshakes.load(Relaxed), 2);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
     }
 }

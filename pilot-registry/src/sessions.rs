@@ -208,11 +208,6 @@ impl Sessions {
         let online = &self.online;
         self.by_addr.retain(|_, n| online.contains_key(n));
     }
-
-    /// The online nodes.
-    pub fn online_nodes(&self) -> impl Iterator<Item = &NodeId> {
-        self.online.keys()
-    }
 }
 
 #[cfg(test)]

@@ -373,6 +373,11 @@ pub(crate) mod tests {
         gate.1.notify_all();
     }
 
+    /// Writes block again from now on.
+    pub(crate) fn close_gate(gate: &Arc<(Mutex<bool>, Condvar)>) {
+        *gate.0.lock().unwrap() = false;
+    }
+
     impl<S: Storage> Storage for Gated<S> {
         fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
             self.inner.node(id)
