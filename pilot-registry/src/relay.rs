@@ -33,6 +33,9 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Datagrams held per pair, and in all, while the relay learns a pair.
 const HELD_PER_PAIR: usize = 8;
 const HELD_TOTAL: usize = 256;
+/// Questions to the storage thread at once: a node that sprays datagrams at
+/// many peers cannot fill the storage queue that registrations need.
+const MAX_ASKED: usize = 64;
 
 /// What to do with a relayed datagram.
 #[derive(Debug, PartialEq, Eq)]
@@ -125,6 +128,10 @@ impl Relay {
             .is_some_and(|t| now.saturating_duration_since(*t) < ASK_AGAIN_AFTER)
         {
             return true;
+        }
+        if self.asked.len() >= MAX_ASKED {
+            bump(&stats.dropped_busy);
+            return false;
         }
         if store
             .submit(Job::Approvals {
@@ -373,7 +380,7 @@ mod tests {
                 1,
             );
         }
-        let (store, done, _) = Store::spawn(s, "10.77.0.0/16".parse().unwrap(), 8).unwrap();
+        let (store, done, _) = Store::spawn(s, "10.77.0.0/16".parse().unwrap(), 256).unwrap();
         let mut sessions = Sessions::default();
         let now = Instant::now();
         for (i, id) in ids.iter().enumerate() {
@@ -528,6 +535,20 @@ mod tests {
         }
         assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Drop);
         assert_eq!(l.learn(now).await.len(), HELD_PER_PAIR);
+    }
+
+    #[tokio::test]
+    async fn questions_to_storage_are_bounded() {
+        let mut l = lab(&[], 1 << 30);
+        let now = Instant::now();
+        // A node spraying datagrams at many peers the relay has not seen:
+        // the questions they raise are capped (asked directly here, as only
+        // two nodes are online in this lab).
+        let asked = (0..(MAX_ASKED as u8 + 10))
+            .filter(|n| l.relay.ask(l.a, NodeId([*n; 16]), now, &l.store, &l.stats))
+            .count();
+        assert_eq!(asked, MAX_ASKED);
+        assert_eq!(l.stats.dropped_busy.load(Relaxed), 10);
     }
 
     #[tokio::test]
