@@ -26,6 +26,8 @@
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
 
+pub mod admission;
+pub mod frame;
 pub mod handshake;
 pub mod hex;
 pub mod identity;

@@ -303,6 +303,10 @@ pub enum ErrorCode {
     PoolExhausted,
     /// Registry storage failed.
     Internal,
+    /// The registry is too busy to take the request now (its storage
+    /// queue is full); nothing was stored. Retry after a short pause.
+    /// Added last, so the codes above keep their wire encoding.
+    Busy,
 }
 
 /// Registry to node.
@@ -471,6 +475,38 @@ mod tests {
         assert_eq!(bytes, vec![4, 0xac, 0x02]);
         let bytes = encode(&ToRegistry::Ack { push: 1 }).unwrap();
         assert_eq!(bytes, vec![3, 1]);
+    }
+
+    #[test]
+    fn error_codes_keep_their_wire_bytes() {
+        // Variant index on the wire: a new code goes last, the old ones keep
+        // their bytes, so older nodes still read every earlier error.
+        let codes = [
+            ErrorCode::Invalid,
+            ErrorCode::Replayed,
+            ErrorCode::NotFound,
+            ErrorCode::NotRegistered,
+            ErrorCode::PoolExhausted,
+            ErrorCode::Internal,
+            ErrorCode::Busy,
+        ];
+        for (i, code) in codes.into_iter().enumerate() {
+            let bytes = encode(&FromRegistry::Error {
+                req: 1,
+                code,
+                message: String::new(),
+            })
+            .unwrap();
+            assert_eq!(bytes, vec![3, 1, i as u8, 0], "{code:?}");
+            assert_eq!(
+                decode::<FromRegistry>(&bytes).unwrap(),
+                FromRegistry::Error {
+                    req: 1,
+                    code,
+                    message: String::new(),
+                }
+            );
+        }
     }
 
     #[test]

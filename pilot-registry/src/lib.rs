@@ -4,10 +4,37 @@
 //! trust statements between nodes (keeping them on disk for nodes that are
 //! offline) and tells a node where a peer is only if that peer approved it.
 //! It never holds a key that could read tunnel traffic.
+//!
+//! Modules, by role (each uses only modules listed after it, so nothing
+//! imports in a circle):
+//! - [`server`]: the socket loop; drives the roles and sends what they return.
+//! - [`relay_only`]: the relay-only instance's answers to control messages.
+//! - [`rendezvous`]: the registry's answers to control messages.
+//! - [`mailbox`]: pushes of stored trust statements, until acknowledged.
+//! - [`relay`]: forwarding between nodes that approved each other.
+//! - [`sessions`]: control sessions and the nodes behind them.
+//! - [`admission`]: the handshake thread (Noise off the packet path).
+//! - [`store`]: the storage thread and its bounded queue.
+//! - [`registrar`]: what a registration or statement may change.
+//! - [`pool`], [`names`]: the address pool and hostname rules.
+//! - [`storage`]: persistence behind one trait (SQLite).
+//! - [`stats`], [`state`]: counters; the key file and join URL.
 
+pub mod admission;
+pub mod mailbox;
+pub mod names;
+pub mod pool;
+pub mod registrar;
+pub mod relay;
+pub mod relay_only;
+pub mod rendezvous;
 pub mod server;
+pub mod sessions;
 pub mod state;
+pub mod stats;
 pub mod storage;
+pub mod store;
 
-pub use server::{Config, Registry, Stats};
+pub use server::{Config, Registry};
+pub use stats::Stats;
 pub use storage::{SqliteStorage, Storage};

@@ -1,80 +1,42 @@
-//! The registry server: one UDP socket carries STUN, node control sessions
-//! (Noise IK towards the registry key, then sealed control messages), and
-//! later relayed packets. The server owns all its state in one task.
+//! The socket loop: one UDP socket carries STUN, node control sessions
+//! (Noise IK towards the registry key, then sealed control messages) and
+//! relayed tunnel datagrams. The loop reads a datagram, hands it to the role
+//! it belongs to, and sends what the role returns; it also drains what the
+//! admission and storage threads finished, and ticks every half second.
+//!
+//! ```text
+//!            datagrams                          +--> STUN answer (inline)
+//!   socket ------------> classify --------------+--> relay: forward (inline, no disk)
+//!     ^                     |                   +--> control message: rendezvous / relay-only
+//!     |                     | initiation                 |  replies        | jobs (bounded; full: "busy")
+//!     |                     v                            v                 v
+//!     |   [admission thread: Noise, timestamp]    seal + send      [storage thread: rules, SQLite]
+//!     |        | new session + response                                    | done, committed
+//!     +--------+------------------------------------------------------------+
+//! ```
+//! Nothing on this loop waits for a disk or does a Diffie-Hellman.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use pilot_proto::handshake::{self, MacKey};
-use pilot_proto::identity::NodeId;
-use pilot_proto::messages::{
-    self, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, ToRegistry,
-};
-use pilot_proto::ratelimit::RateLimiter;
-use pilot_proto::session::Session;
+use pilot_proto::admission::{Admission, Refused};
 use pilot_proto::stun;
-use pilot_proto::timers::REJECT_AFTER;
-use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, TAG_LEN};
+use pilot_proto::wire::{self, Kind};
 use tokio::net::UdpSocket;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use crate::storage::{NodeRow, RegisterOutcome, StatementOutcome, Storage};
-
-/// Counters of what the registry saw and dropped.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// STUN Binding requests answered.
-    pub stun: AtomicU64,
-    /// Handshakes completed.
-    pub handshakes: AtomicU64,
-    /// Control messages handled.
-    pub messages: AtomicU64,
-    /// Datagrams that were not any known kind, or malformed.
-    pub dropped_malformed: AtomicU64,
-    /// Handshakes with a bad MAC, a failed Noise read, or a replayed timestamp.
-    pub dropped_handshake: AtomicU64,
-    /// Handshakes over the per-source rate limit.
-    pub dropped_rate: AtomicU64,
-    /// Data packets for no session, failing authentication, or replayed.
-    pub dropped_auth: AtomicU64,
-    /// Control messages that did not decode, or were badly signed, or replays.
-    pub refused: AtomicU64,
-    /// Datagrams relayed.
-    pub relayed: AtomicU64,
-    /// Relay requests refused: unknown sender, offline or unapproved pair.
-    pub relay_refused: AtomicU64,
-    /// Relay requests over the sender's bandwidth limit.
-    pub relay_limited: AtomicU64,
-}
-
-impl Stats {
-    /// A snapshot as (name, value) pairs.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            ("stun", l(&self.stun)),
-            ("handshakes", l(&self.handshakes)),
-            ("messages", l(&self.messages)),
-            ("dropped_malformed", l(&self.dropped_malformed)),
-            ("dropped_handshake", l(&self.dropped_handshake)),
-            ("dropped_rate", l(&self.dropped_rate)),
-            ("dropped_auth", l(&self.dropped_auth)),
-            ("refused", l(&self.refused)),
-            ("relayed", l(&self.relayed)),
-            ("relay_refused", l(&self.relay_refused)),
-            ("relay_limited", l(&self.relay_limited)),
-        ]
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
+use crate::admission::{self, Admitted, Gate};
+use crate::mailbox::Mailbox;
+use crate::relay::{Relay, Verdict};
+use crate::relay_only::RelayOnly;
+use crate::rendezvous::{Cx, Rendezvous};
+use crate::sessions::{Reply, Sessions};
+use crate::stats::{bump, Stats};
+use crate::storage::Storage;
+use crate::store::{self, Done, Store};
 
 /// What the registry is configured with.
 pub struct Config {
@@ -93,76 +55,50 @@ pub struct Config {
     pub relay_only: bool,
 }
 
-/// How long a relay trusts a cached approval (a relay-only instance sees
-/// the registry's changes only through the shared database).
-const APPROVAL_TTL: Duration = Duration::from_secs(2);
-
-struct Conn {
-    session: Session,
-    static_public: [u8; 32],
-    node: Option<NodeId>,
-    addr: SocketAddr,
-    last_seen: Instant,
-    nat: NatType,
-}
-
-/// The rendezvous server.
-pub struct Registry<S: Storage> {
-    socket: Arc<UdpSocket>,
-    secret: [u8; 32],
-    mac: MacKey,
-    network: Ipv4Net,
-    storage: S,
-    conns: HashMap<u32, Conn>,
-    online: HashMap<NodeId, u32>,
-    last_timestamp: HashMap<[u8; 32], u64>,
-    mail: HashSet<NodeId>,
-    limiter: RateLimiter<IpAddr>,
-    alt_stun: Option<UdpSocket>,
-    by_addr: HashMap<SocketAddr, NodeId>,
-    approvals: HashMap<(NodeId, NodeId), (bool, Instant)>,
-    relays: Vec<SocketAddr>,
-    relay_only: bool,
-    relay_limiter: RateLimiter<NodeId>,
-    stats: Arc<Stats>,
-    rng: ring::rand::SystemRandom,
-}
-
 /// The public key for a secret key.
 pub fn public_key(secret: &[u8; 32]) -> [u8; 32] {
-    x25519_public(secret)
-}
-
-fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
     // Same derivation snow and the node use: the identity module.
     let mut bytes = [0u8; 64];
     bytes[32..].copy_from_slice(secret);
     pilot_proto::identity::Identity::from_bytes(&bytes).static_public()
 }
 
-impl<S: Storage> Registry<S> {
+/// The rendezvous server.
+pub struct Registry<S: Storage> {
+    socket: UdpSocket,
+    alt_stun: Option<UdpSocket>,
+    config: Config,
+    storage: S,
+    stats: Arc<Stats>,
+}
+
+/// The role that answers control messages.
+enum Role {
+    Registry(Rendezvous),
+    RelayOnly(RelayOnly),
+}
+
+/// Everything the loop owns besides its sockets.
+struct Core {
+    admission: Admission,
+    gate: Gate,
+    sessions: Sessions,
+    relay: Relay,
+    mailbox: Mailbox,
+    role: Role,
+    store: Store,
+    stats: Arc<Stats>,
+}
+
+impl<S: Storage + 'static> Registry<S> {
     /// A registry serving on an already-bound socket.
     pub fn new(socket: UdpSocket, config: Config, storage: S) -> Self {
-        let public = x25519_public(&config.secret);
         Registry {
-            socket: Arc::new(socket),
-            secret: config.secret,
-            mac: MacKey::for_static(&public),
-            network: config.network,
-            storage,
-            conns: HashMap::new(),
-            online: HashMap::new(),
-            last_timestamp: HashMap::new(),
-            mail: HashSet::new(),
-            limiter: RateLimiter::new(20, 5),
+            socket,
             alt_stun: None,
-            by_addr: HashMap::new(),
-            approvals: HashMap::new(),
-            relays: config.relays.clone(),
-            relay_only: config.relay_only,
-            relay_limiter: RateLimiter::new(config.relay_rate, config.relay_rate.max(1 << 20) / 4),
+            config,
+            storage,
             stats: Arc::new(Stats::default()),
-            rng: ring::rand::SystemRandom::new(),
         }
     }
 
@@ -178,593 +114,495 @@ impl<S: Storage> Registry<S> {
         self.stats.clone()
     }
 
-    /// Serves until `shutdown` completes.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        tokio::pin!(shutdown);
-        let mut buf = vec![0u8; 65_536];
-        let mut alt_buf = vec![0u8; 1500];
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let alt = self.alt_stun.take();
-        let alt_recv = async |b: &mut [u8]| match &alt {
-            Some(s) => s.recv_from(b).await,
-            None => std::future::pending().await,
+    /// Serves until `shutdown` completes. On the way out the storage
+    /// thread finishes the jobs already queued before this returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let Registry {
+            socket,
+            alt_stun,
+            config,
+            storage,
+            stats,
+        } = self;
+        let public = public_key(&config.secret);
+        let admission = Admission::new(config.secret, &public);
+        let (store, mut done, store_thread) =
+            Store::spawn(storage, config.network, store::DEFAULT_QUEUE_DEPTH)?;
+        let (gate, mut admitted, gate_thread) = Gate::spawn(
+            admission.keys().clone(),
+            stats.clone(),
+            admission::DEFAULT_QUEUE_DEPTH,
+        )?;
+        let role = if config.relay_only {
+            Role::RelayOnly(RelayOnly::new(config.network.prefix_len()))
+        } else {
+            Role::Registry(Rendezvous::new(config.network, config.relays.clone()))
         };
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                r = alt_recv(&mut alt_buf) => {
-                    if let (Ok((n, from)), Some(s)) = (r, &alt) {
-                        if let Some(tid) = stun::parse_binding_request(&alt_buf[..n]) {
-                            bump(&self.stats.stun);
-                            let _ = s.send_to(&stun::binding_response(&tid, from), from).await;
-                        }
-                    }
-                }
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.on_datagram(&mut buf[..n], from, Instant::now()).await,
-                    // ICMP errors from earlier sends surface here; keep serving.
-                    Err(e) => debug!("recv: {e}"),
-                },
-                _ = tick.tick() => self.on_tick(Instant::now()).await,
-            }
-        }
-    }
-
-    async fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
-        match wire::classify(buf) {
-            Kind::Stun => {
-                if let Some(tid) = stun::parse_binding_request(buf) {
-                    bump(&self.stats.stun);
-                    let resp = stun::binding_response(&tid, from);
-                    let _ = self.socket.send_to(&resp, from).await;
-                } else {
-                    bump(&self.stats.dropped_malformed);
-                }
-            }
-            Kind::HandshakeInit => self.on_handshake(buf, from, now).await,
-            Kind::Data => self.on_data(buf, from, now).await,
-            Kind::RelayTo => self.on_relay(buf, from, now).await,
-            Kind::HandshakeResp | Kind::RelayFrom | Kind::Unknown => {
-                bump(&self.stats.dropped_malformed)
-            }
-        }
-    }
-
-    /// Forwards a tunnel datagram to another node, unread, if the two
-    /// approved each other. The sender is known by the address of its
-    /// control session: a datagram from anywhere else is dropped.
-    async fn on_relay(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
-        let Ok(h) = wire::RelayHeader::parse(buf) else {
-            bump(&self.stats.dropped_malformed);
-            return;
+        let mut core = Core {
+            admission,
+            gate,
+            sessions: Sessions::default(),
+            relay: Relay::new(config.relay_rate),
+            mailbox: Mailbox::default(),
+            role,
+            store,
+            stats,
         };
-        let Some(&src) = self.by_addr.get(&from) else {
-            bump(&self.stats.relay_refused);
-            return;
-        };
-        let dst = h.node;
-        let Some(to) = self
-            .online
-            .get(&dst)
-            .and_then(|i| self.conns.get(i))
-            .map(|c| c.addr)
-        else {
-            bump(&self.stats.relay_refused);
-            return;
-        };
-        if !(self.approved(&src, &dst) && self.approved(&dst, &src)) {
-            bump(&self.stats.relay_refused);
-            return;
-        }
-        if !self.relay_limiter.allow_n(&src, buf.len() as u32, now) {
-            bump(&self.stats.relay_limited);
-            return;
-        }
-        wire::RelayHeader {
-            ty: wire::MSG_RELAY_FROM,
-            node: src,
-        }
-        .emit(buf);
-        bump(&self.stats.relayed);
-        let _ = self.socket.send_to(buf, to).await;
-    }
-
-    /// Does `from` approve `to`? Cached; the cache is dropped whenever a
-    /// statement is stored.
-    fn approved(&mut self, from: &NodeId, to: &NodeId) -> bool {
-        let now = Instant::now();
-        if let Some(&(a, t)) = self.approvals.get(&(*from, *to)) {
-            if now.saturating_duration_since(t) < APPROVAL_TTL {
-                return a;
-            }
-        }
-        let a = self.storage.approves(from, to).unwrap_or(false);
-        self.approvals.insert((*from, *to), (a, now));
-        a
-    }
-
-    fn random_index(&self) -> u32 {
-        loop {
-            let mut b = [0u8; 4];
-            if ring::rand::SecureRandom::fill(&self.rng, &mut b).is_err() {
-                continue;
-            }
-            let i = u32::from_le_bytes(b);
-            if !self.conns.contains_key(&i) {
-                return i;
-            }
-        }
-    }
-
-    async fn on_handshake(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
-        let Ok(init) = wire::HandshakeInit::new_checked(buf) else {
-            bump(&self.stats.dropped_malformed);
-            return;
-        };
-        // Cheap checks first: MAC (one HMAC), then the per-source limit,
-        // and only then the Diffie-Hellman work.
-        if !self.mac.verify(init.mac_covered(), init.mac()) {
-            bump(&self.stats.dropped_handshake);
-            return;
-        }
-        if !self.limiter.allow(&from.ip(), now) {
-            bump(&self.stats.dropped_rate);
-            return;
-        }
-        let resp = match handshake::respond(&self.secret, &self.mac, init) {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(%from, "handshake refused: {e}");
-                bump(&self.stats.dropped_handshake);
-                return;
-            }
-        };
-        let static_public = *resp.remote_static();
-        let last = self
-            .last_timestamp
-            .get(&static_public)
-            .copied()
-            .unwrap_or(0);
-        if resp.timestamp() <= last {
-            debug!(%from, "replayed handshake initiation");
-            bump(&self.stats.dropped_handshake);
-            return;
-        }
-        self.last_timestamp.insert(static_public, resp.timestamp());
-        let index = self.random_index();
-        let Ok((session, out)) = resp.accept(index, now) else {
-            bump(&self.stats.dropped_handshake);
-            return;
-        };
-        bump(&self.stats.handshakes);
-        self.conns.insert(
-            index,
-            Conn {
-                session,
-                static_public,
-                node: None,
-                addr: from,
-                last_seen: now,
-                nat: NatType::Unknown,
-            },
-        );
-        let _ = self.socket.send_to(&out, from).await;
-    }
-
-    async fn on_data(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
-        let Ok(h) = wire::DataHeader::parse(buf) else {
-            bump(&self.stats.dropped_malformed);
-            return;
-        };
-        let Some(conn) = self.conns.get_mut(&h.receiver_index) else {
-            bump(&self.stats.dropped_auth);
-            return;
-        };
-        let n = match conn.session.open(buf) {
-            Ok(n) => n,
-            Err(_) => {
-                bump(&self.stats.dropped_auth);
-                return;
-            }
-        };
-        conn.last_seen = now;
-        let roamed = conn.addr != from;
-        conn.addr = from;
-        let node = conn.node;
-        if n == 0 {
-            return; // keepalive
-        }
-        let msg: ToRegistry = match messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + n]) {
-            Ok(m) => m,
-            Err(e) => {
-                debug!(%from, "undecodable control message: {e}");
-                bump(&self.stats.refused);
-                return;
-            }
-        };
-        bump(&self.stats.messages);
-        if roamed {
-            if let Some(id) = node {
-                self.by_addr.retain(|_, n| *n != id);
-                self.by_addr.insert(from, id);
-                if let Err(e) = self.storage.set_observed(&id, from) {
-                    warn!("storage: {e}");
-                }
-            }
-        }
-        self.on_message(h.receiver_index, msg, from).await;
-    }
-
-    async fn on_message(&mut self, index: u32, msg: ToRegistry, from: SocketAddr) {
-        let node = self.conns.get(&index).and_then(|c| c.node);
-        if self.relay_only {
-            return self.on_relay_only_message(index, msg, from).await;
-        }
-        let reply = match (msg, node) {
-            (ToRegistry::Register { req, reg }, _) => {
-                let static_ok = self
-                    .conns
-                    .get(&index)
-                    .is_some_and(|c| c.static_public == reg.body.identity.static_public);
-                if !static_ok || !reg.verify() {
-                    bump(&self.stats.refused);
-                    error(
-                        req,
-                        ErrorCode::Invalid,
-                        "registration signature or key binding invalid",
-                    )
-                } else {
-                    match self.storage.register(&reg.body, self.network, from) {
-                        Ok(RegisterOutcome::Ok {
-                            node,
-                            hostname_refused,
-                        }) => {
-                            let id = reg.body.identity.node_id();
-                            if let Some(c) = self.conns.get_mut(&index) {
-                                c.node = Some(id);
-                                c.nat = reg.body.nat;
-                            }
-                            self.by_addr.retain(|_, n| *n != id);
-                            self.by_addr.insert(from, id);
-                            if let Some(old) = self.online.insert(id, index) {
-                                if old != index {
-                                    debug!(%id, "node reconnected");
-                                }
-                            }
-                            self.mail.insert(id);
-                            info!(%id, address = %node.address, hostname = ?node.hostname, %from, "registered");
-                            FromRegistry::Registered {
-                                req,
-                                address: node.address,
-                                prefix_len: self.network.prefix_len(),
-                                hostname: node.hostname,
-                                hostname_refused,
-                                observed: from,
-                                relays: self.relays.clone(),
-                            }
-                        }
-                        Ok(RegisterOutcome::Replayed) => {
-                            bump(&self.stats.refused);
-                            error(
-                                req,
-                                ErrorCode::Replayed,
-                                "registration sequence number is not newer",
-                            )
-                        }
-                        Ok(RegisterOutcome::PoolExhausted) => error(
-                            req,
-                            ErrorCode::PoolExhausted,
-                            "no free address in the overlay network",
-                        ),
-                        Err(e) => {
-                            warn!("storage: {e}");
-                            error(req, ErrorCode::Internal, "registry storage failed")
-                        }
-                    }
-                }
-            }
-            (ToRegistry::Ping { req }, _) => FromRegistry::Pong {
-                req,
-                observed: from,
-            },
-            (ToRegistry::Lookup { req, .. }, None) | (ToRegistry::Statement { req, .. }, None) => {
-                error(req, ErrorCode::NotRegistered, "register first")
-            }
-            (ToRegistry::Ack { .. }, None) => return,
-            (ToRegistry::Lookup { req, peer }, Some(me)) => {
-                let (reply, punch) = self.lookup(req, &peer, &me);
-                if let Some((to, msg)) = punch {
-                    self.send(to, &msg).await;
-                }
-                reply
-            }
-            (ToRegistry::Statement { req, statement }, Some(me)) => {
-                if statement.body.from.node_id() != me || !statement.verify() {
-                    bump(&self.stats.refused);
-                    error(req, ErrorCode::Invalid, "statement not signed by this node")
-                } else {
-                    match self.storage.node(&statement.body.to) {
-                        Ok(None) => error(req, ErrorCode::NotFound, "no such node"),
-                        Err(e) => {
-                            warn!("storage: {e}");
-                            error(req, ErrorCode::Internal, "registry storage failed")
-                        }
-                        Ok(Some(_)) => match self.storage.put_statement(&statement) {
-                            Ok(StatementOutcome::Stored(_)) => {
-                                self.approvals.clear();
-                                info!(from = %me, to = %statement.body.to, kind = statement.body.kind.name(), "trust statement");
-                                self.mail.insert(statement.body.to);
-                                let to = statement.body.to;
-                                self.deliver(&to).await;
-                                FromRegistry::Ok { req }
-                            }
-                            Ok(StatementOutcome::Replayed) => {
-                                bump(&self.stats.refused);
-                                error(
-                                    req,
-                                    ErrorCode::Replayed,
-                                    "statement sequence number is not newer",
-                                )
-                            }
-                            Err(e) => {
-                                warn!("storage: {e}");
-                                error(req, ErrorCode::Internal, "registry storage failed")
-                            }
-                        },
-                    }
-                }
-            }
-            (ToRegistry::Ack { push }, Some(me)) => {
-                if let Err(e) = self.storage.ack(&me, push) {
-                    warn!("storage: {e}");
-                }
-                return;
-            }
-        };
-        let registered = matches!(reply, FromRegistry::Registered { .. });
-        self.send(index, &reply).await;
-        if registered {
-            if let Some(id) = self.conns.get(&index).and_then(|c| c.node) {
-                self.deliver(&id).await;
-            }
-        }
-    }
-
-    /// A relay-only instance: learns which node is behind which address
-    /// (from a signed registration of a node the registry already knows),
-    /// answers pings, and refuses everything that belongs to the registry.
-    async fn on_relay_only_message(&mut self, index: u32, msg: ToRegistry, from: SocketAddr) {
-        let reply = match msg {
-            ToRegistry::Register { req, reg } => {
-                let static_ok = self
-                    .conns
-                    .get(&index)
-                    .is_some_and(|c| c.static_public == reg.body.identity.static_public);
-                let id = reg.body.identity.node_id();
-                match (static_ok && reg.verify(), self.storage.node(&id)) {
-                    (false, _) => {
-                        bump(&self.stats.refused);
-                        error(
-                            req,
-                            ErrorCode::Invalid,
-                            "registration signature or key binding invalid",
-                        )
-                    }
-                    (true, Ok(Some(row))) => {
-                        if let Some(c) = self.conns.get_mut(&index) {
-                            c.node = Some(id);
-                            c.nat = reg.body.nat;
-                        }
-                        self.online.insert(id, index);
-                        self.by_addr.retain(|_, n| *n != id);
-                        self.by_addr.insert(from, id);
-                        info!(%id, %from, "node attached to this relay");
-                        FromRegistry::Registered {
-                            req,
-                            address: row.address,
-                            prefix_len: self.network.prefix_len(),
-                            hostname: row.hostname,
-                            hostname_refused: None,
-                            observed: from,
-                            relays: vec![],
-                        }
-                    }
-                    (true, Ok(None)) => error(
-                        req,
-                        ErrorCode::NotRegistered,
-                        "unknown node: register with the registry first",
-                    ),
-                    (true, Err(e)) => {
-                        warn!("storage: {e}");
-                        error(req, ErrorCode::Internal, "relay storage failed")
-                    }
-                }
-            }
-            ToRegistry::Ping { req } => FromRegistry::Pong {
-                req,
-                observed: from,
-            },
-            ToRegistry::Lookup { req, .. } | ToRegistry::Statement { req, .. } => error(
-                req,
-                ErrorCode::Invalid,
-                "this instance only relays; ask the registry",
-            ),
-            ToRegistry::Ack { .. } => return,
-        };
-        self.send(index, &reply).await;
-    }
-
-    /// Answers a lookup. When the peer approved the asker and is online, also
-    /// returns a punch request for the peer (its session index and the
-    /// message), so both sides probe each other at the same time.
-    fn lookup(
-        &mut self,
-        req: u32,
-        peer: &PeerRef,
-        me: &NodeId,
-    ) -> (FromRegistry, Option<(u32, FromRegistry)>) {
-        let row = match peer {
-            PeerRef::Id(id) => self.storage.node(id),
-            PeerRef::Addr(a) => self.storage.node_by_address(*a),
-            PeerRef::Name(n) => self.storage.node_by_name(n),
-        };
-        let row: NodeRow = match row {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return (
-                    error(req, ErrorCode::NotFound, &format!("no node named {peer}")),
-                    None,
-                )
-            }
-            Err(e) => {
-                warn!("storage: {e}");
-                return (
-                    error(req, ErrorCode::Internal, "registry storage failed"),
-                    None,
-                );
-            }
-        };
-        let their_id = row.identity.node_id();
-        // Endpoints are revealed only to nodes the peer approved.
-        let approved = self.approved(&their_id, me);
-        let mut endpoints = if approved { row.endpoints } else { vec![] };
-        // The live session's address beats the stored one.
-        if approved {
-            if let Some(c) = self.online.get(&their_id).and_then(|i| self.conns.get(i)) {
-                endpoints.retain(|e| *e != c.addr);
-                endpoints.insert(0, c.addr);
-                endpoints.truncate(messages::MAX_ENDPOINTS);
-            }
-        }
-        let their_conn = self.online.get(&their_id).copied();
-        let nat = their_conn
-            .and_then(|i| self.conns.get(&i))
-            .map_or(NatType::Unknown, |c| c.nat);
-        // Punching needs both sides to send at once: tell the peer to probe
-        // the asker now, if the peer approved it and both are online.
-        let punch = match (
-            approved,
-            their_conn,
-            self.online.get(me).and_then(|i| self.conns.get(i)),
-        ) {
-            (true, Some(their_index), Some(mine)) => {
-                let mut eps = vec![mine.addr];
-                if let Ok(Some(row)) = self.storage.node(me) {
-                    for e in row.endpoints {
-                        if !eps.contains(&e) && eps.len() < messages::MAX_ENDPOINTS {
-                            eps.push(e);
-                        }
-                    }
-                }
-                Some((
-                    their_index,
-                    FromRegistry::Punch {
-                        peer: *me,
-                        endpoints: eps,
-                        nat: mine.nat,
-                    },
-                ))
-            }
-            _ => None,
-        };
-        (
-            FromRegistry::Peer {
-                req,
-                info: PeerInfo {
-                    identity: row.identity,
-                    address: row.address,
-                    hostname: row.hostname,
-                    endpoints,
-                    nat,
-                },
-            },
-            punch,
+        let result = serve(
+            &socket,
+            alt_stun,
+            &mut core,
+            &mut done,
+            &mut admitted,
+            shutdown,
         )
+        .await;
+        // Closing the queues ends both threads; the storage thread first
+        // finishes what is queued (commits nobody will hear about are fine:
+        // nothing was acknowledged).
+        drop(core);
+        drop(done);
+        drop(admitted);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = store_thread.join();
+            let _ = gate_thread.join();
+        })
+        .await;
+        result
     }
+}
 
-    /// Sends a node everything waiting in its inbox, if it is online.
-    async fn deliver(&mut self, to: &NodeId) {
-        let Some(&index) = self.online.get(to) else {
-            return;
-        };
-        let items = match self.storage.inbox(to) {
-            Ok(i) => i,
-            Err(e) => {
-                warn!("storage: {e}");
-                return;
-            }
-        };
-        if items.is_empty() {
-            self.mail.remove(to);
-            return;
-        }
-        for (id, statement) in items.into_iter().take(16) {
-            let from = statement.body.from.node_id();
-            let Ok(Some(sender)) = self.storage.node(&from) else {
-                // Sender vanished from storage: nothing sensible to deliver.
-                let _ = self.storage.ack(to, id);
+async fn serve(
+    socket: &UdpSocket,
+    alt: Option<UdpSocket>,
+    core: &mut Core,
+    done: &mut tokio::sync::mpsc::Receiver<Done>,
+    admitted: &mut tokio::sync::mpsc::Receiver<Admitted>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    let mut buf = vec![0u8; 65_536];
+    let mut alt_buf = vec![0u8; 1500];
+    let mut out = Vec::with_capacity(2048);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let alt_recv = async |b: &mut [u8]| match &alt {
+        Some(s) => s.recv_from(b).await,
+        None => std::future::pending().await,
+    };
+    loop {
+        let replies = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = alt_recv(&mut alt_buf) => {
+                if let (Ok((n, from)), Some(s)) = (r, &alt) {
+                    if let Some(tid) = stun::parse_binding_request(&alt_buf[..n]) {
+                        bump(&core.stats.stun);
+                        let _ = s.send_to(&stun::binding_response(&tid, from), from).await;
+                    }
+                }
                 continue;
-            };
-            let msg = FromRegistry::Push {
-                id,
-                item: PushItem::Statement {
-                    statement,
-                    address: sender.address,
-                    hostname: sender.hostname,
+            }
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, from)) => match core.on_datagram(&mut buf[..n], from, Instant::now()) {
+                    Action::Send(to) => {
+                        let _ = socket.send_to(&buf[..n], to).await;
+                        continue;
+                    }
+                    Action::SendOwned(bytes, to) => {
+                        let _ = socket.send_to(&bytes, to).await;
+                        continue;
+                    }
+                    Action::Reply(replies) => replies,
+                    Action::Nothing => continue,
                 },
-            };
-            self.send(index, &msg).await;
-        }
-    }
-
-    async fn send(&mut self, index: u32, msg: &FromRegistry) {
-        let Some(conn) = self.conns.get(&index) else {
-            return;
-        };
-        let bytes = match messages::encode(msg) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!("cannot encode reply: {e}");
-                return;
+                // ICMP errors from earlier sends surface here; keep serving.
+                Err(e) => {
+                    debug!("recv: {e}");
+                    continue;
+                }
+            },
+            a = admitted.recv() => {
+                let Some(Admitted { session, static_public, from, response }) = a else {
+                    return Err(std::io::Error::other("the admission thread stopped"));
+                };
+                if core.sessions.install(session, static_public, from, Instant::now()) {
+                    let _ = socket.send_to(&response, from).await;
+                }
+                continue;
+            }
+            d = done.recv() => {
+                let Some(d) = d else {
+                    return Err(std::io::Error::other("the storage thread stopped"));
+                };
+                let now = Instant::now();
+                if let Done::Approvals { approvals } = d {
+                    for (to, bytes) in core.relay.learned(approvals, now, &core.sessions, &core.stats) {
+                        let _ = socket.send_to(&bytes, to).await;
+                    }
+                    continue;
+                }
+                core.on_done(d, now)
+            }
+            _ = tick.tick() => {
+                core.on_tick(Instant::now());
+                continue;
             }
         };
-        let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
-        out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(&bytes);
-        let Ok(n) = conn.session.sender.seal(&mut out, bytes.len()) else {
-            return;
-        };
-        let _ = self.socket.send_to(&out[..n], conn.addr).await;
-    }
-
-    async fn on_tick(&mut self, now: Instant) {
-        // Sessions past their reject age, or silent as long, are gone; the
-        // node rekeys well before either.
-        self.conns.retain(|_, c| {
-            now.saturating_duration_since(c.session.created) < REJECT_AFTER
-                && now.saturating_duration_since(c.last_seen) < REJECT_AFTER
-        });
-        let conns = &self.conns;
-        self.online.retain(|_, i| conns.contains_key(i));
-        let online = &self.online;
-        self.by_addr.retain(|_, n| online.contains_key(n));
-        // Redeliver unacknowledged pushes (lost datagrams).
-        let waiting: Vec<NodeId> = self
-            .mail
-            .iter()
-            .filter(|id| self.online.contains_key(id))
-            .copied()
-            .collect();
-        for id in waiting {
-            self.deliver(&id).await;
+        for r in &replies {
+            if let Some(to) = core.sessions.seal(r, &mut out) {
+                let _ = socket.send_to(&out, to).await;
+            }
         }
     }
 }
 
-fn error(req: u32, code: ErrorCode, message: &str) -> FromRegistry {
-    FromRegistry::Error {
-        req,
-        code,
-        message: message.to_string(),
+/// What the loop does with a datagram after its role looked at it.
+enum Action {
+    /// Send the (rewritten) datagram itself there.
+    Send(SocketAddr),
+    /// Send these bytes there.
+    SendOwned(Vec<u8>, SocketAddr),
+    /// Seal and send these control replies.
+    Reply(Vec<Reply>),
+    /// Nothing to send.
+    Nothing,
+}
+
+impl Core {
+    fn on_datagram(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) -> Action {
+        match wire::classify(buf) {
+            Kind::Stun => match stun::parse_binding_request(buf) {
+                Some(tid) => {
+                    bump(&self.stats.stun);
+                    Action::SendOwned(stun::binding_response(&tid, from), from)
+                }
+                None => {
+                    bump(&self.stats.dropped_malformed);
+                    Action::Nothing
+                }
+            },
+            Kind::RelayTo => {
+                match self.relay.on_datagram(
+                    buf,
+                    from,
+                    now,
+                    &self.sessions,
+                    &self.store,
+                    &self.stats,
+                ) {
+                    Verdict::Forward(to) => Action::Send(to),
+                    Verdict::Held | Verdict::Drop => Action::Nothing,
+                }
+            }
+            Kind::HandshakeInit => {
+                // The cheap steps here; the DH on the admission thread.
+                match self.admission.precheck(buf, from.ip(), now) {
+                    Ok(_) => {
+                        self.gate.submit(buf, from, now, &self.stats);
+                    }
+                    Err(Refused::Malformed(_)) => bump(&self.stats.dropped_malformed),
+                    Err(Refused::RateLimited) => bump(&self.stats.dropped_rate),
+                    Err(_) => bump(&self.stats.dropped_handshake),
+                }
+                Action::Nothing
+            }
+            Kind::Data => {
+                let Some(opened) = self.sessions.open(buf, from, now, &self.stats) else {
+                    return Action::Nothing;
+                };
+                if let Some(id) = opened.roamed {
+                    // Where a node is matters to peers looking it up; a full
+                    // queue loses this update until the node's next roam or
+                    // registration.
+                    if self
+                        .store
+                        .submit(store::Job::Observed { id, at: from })
+                        .is_err()
+                    {
+                        bump(&self.stats.dropped_busy);
+                    }
+                }
+                let Some(msg) = opened.msg else {
+                    return Action::Nothing;
+                };
+                let (role, mut cx) = self.split(now);
+                Action::Reply(match role {
+                    Role::Registry(r) => r.on_message(opened.index, msg, from, &mut cx),
+                    Role::RelayOnly(r) => r.on_message(opened.index, msg, from, &mut cx),
+                })
+            }
+            Kind::HandshakeResp | Kind::RelayFrom | Kind::Unknown => {
+                bump(&self.stats.dropped_malformed);
+                Action::Nothing
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: Done, now: Instant) -> Vec<Reply> {
+        let (role, mut cx) = self.split(now);
+        match role {
+            Role::Registry(r) => r.on_done(done, &mut cx),
+            Role::RelayOnly(r) => r.on_done(done, &mut cx),
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.sessions.expire(now);
+        if matches!(self.role, Role::Registry(_)) {
+            self.mailbox.on_tick(&self.sessions, &self.store);
+        }
+        self.relay.on_tick(now, &self.store, &self.stats);
+    }
+
+    /// The role and the state it may touch, borrowed apart.
+    fn split(&mut self, now: Instant) -> (&mut Role, Cx<'_>) {
+        (
+            &mut self.role,
+            Cx {
+                sessions: &mut self.sessions,
+                relay: &mut self.relay,
+                mailbox: &mut self.mailbox,
+                store: &self.store,
+                stats: &self.stats,
+                now,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{close_gate, gated, open_gate};
+    use pilot_proto::frame;
+    use pilot_proto::handshake::{self, MacKey};
+    use pilot_proto::identity::{Identity, NodeId};
+    use pilot_proto::messages::{
+        self, FromRegistry, NatType, Registration, Signed, Statement, StatementKind, ToRegistry,
+    };
+    use pilot_proto::session::{CipherSuite, Session};
+    use pilot_proto::wire::{RelayHeader, DATA_HEADER_LEN, MSG_RELAY_FROM, MSG_RELAY_TO};
+
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// A node's control side, by hand: a socket, an identity, a session.
+    struct Client {
+        sock: UdpSocket,
+        id: Identity,
+        session: Session,
+        to: SocketAddr,
+        req: u32,
+    }
+
+    impl Client {
+        async fn connect(to: SocketAddr, key: &[u8; 32], n: u8) -> Client {
+            let id = Identity::from_bytes(&[n; 64]);
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (init, msg) = handshake::initiate(
+                id.static_secret(),
+                key,
+                100 + u32::from(n),
+                1,
+                CipherSuite::Aes256Gcm,
+            )
+            .unwrap();
+            sock.send_to(&msg, to).await.unwrap();
+            let mut buf = [0u8; 256];
+            let (len, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+                .await
+                .expect("handshake answered")
+                .unwrap();
+            let resp = pilot_proto::wire::HandshakeResp::new_checked(&buf[..len]).unwrap();
+            let session = init
+                .finish(
+                    &MacKey::for_static(&id.static_public()),
+                    resp,
+                    Instant::now(),
+                )
+                .unwrap();
+            Client {
+                sock,
+                id,
+                session,
+                to,
+                req: 0,
+            }
+        }
+
+        async fn send(&mut self, make: impl FnOnce(u32) -> ToRegistry) -> u32 {
+            self.req += 1;
+            let bytes = messages::encode(&make(self.req)).unwrap();
+            let mut out = vec![];
+            frame::push_sealed(&mut out, &self.session.sender, None, &bytes).unwrap();
+            self.sock.send_to(&out, self.to).await.unwrap();
+            self.req
+        }
+
+        /// The next datagram, if it comes within `WAIT`.
+        async fn recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 2048];
+            let (n, _) = tokio::time::timeout(WAIT, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            buf.truncate(n);
+            Some(buf)
+        }
+
+        /// Waits for the answer to request `req`, skipping pushes and the rest.
+        async fn answer(&self, req: u32) -> Option<FromRegistry> {
+            loop {
+                let mut d = self.recv().await?;
+                let Ok(n) = self.session.open(&mut d) else {
+                    continue;
+                };
+                let msg: FromRegistry =
+                    messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap();
+                match &msg {
+                    FromRegistry::Registered { req: r, .. }
+                    | FromRegistry::Ok { req: r }
+                    | FromRegistry::Error { req: r, .. }
+                    | FromRegistry::Peer { req: r, .. }
+                    | FromRegistry::Pong { req: r, .. }
+                        if *r == req =>
+                    {
+                        return Some(msg)
+                    }
+                    _ => continue,
+                }
+            }
+        }
+
+        /// Sends a registration; returns its request id.
+        async fn register(&mut self, seq: u64) -> u32 {
+            let reg = Signed::sign(
+                Registration {
+                    identity: self.id.public(),
+                    hostname: None,
+                    seq,
+                    local_endpoints: vec![],
+                    nat: NatType::PerDestination,
+                },
+                &self.id,
+            );
+            self.send(|req| ToRegistry::Register { req, reg }).await
+        }
+
+        async fn approve(&mut self, peer: NodeId) {
+            let statement = Signed::sign(
+                Statement {
+                    kind: StatementKind::Approve,
+                    from: self.id.public(),
+                    to: peer,
+                    seq: 1,
+                },
+                &self.id,
+            );
+            let req = self
+                .send(|req| ToRegistry::Statement { req, statement })
+                .await;
+            assert_eq!(self.answer(req).await, Some(FromRegistry::Ok { req }));
+        }
+    }
+
+    /// The claim of the split: with the storage thread stuck in a write,
+    /// the loop still answers STUN and relays between approved nodes, and
+    /// the stuck request is answered once its write commits.
+    #[tokio::test]
+    async fn stun_and_relay_do_not_wait_for_a_stuck_disk() {
+        let (storage, gate) = gated();
+        open_gate(&gate);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            storage,
+        );
+        let stats = registry.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        for c in [&mut a, &mut b] {
+            let req = c.register(1).await;
+            assert!(matches!(
+                c.answer(req).await,
+                Some(FromRegistry::Registered { .. })
+            ));
+        }
+        let (a_id, b_id) = (a.id.node_id(), b.id.node_id());
+        a.approve(b_id).await;
+        b.approve(a_id).await;
+
+        // The disk gets stuck: a's re-registration waits in its write.
+        close_gate(&gate);
+        let stuck = a.register(2).await;
+
+        // STUN is answered.
+        let prober = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tid = [9u8; 12];
+        prober
+            .send_to(&stun::binding_request(&tid), addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 128];
+        let (n, _) = tokio::time::timeout(WAIT, prober.recv_from(&mut buf))
+            .await
+            .expect("STUN answered while storage is stuck")
+            .unwrap();
+        assert_eq!(
+            stun::parse_binding_response(&buf[..n], &tid),
+            Some(prober.local_addr().unwrap())
+        );
+        // a -> b through the relay is forwarded, ciphertext untouched.
+        let mut d = vec![0u8; pilot_proto::wire::RELAY_HEADER_LEN + 6];
+        RelayHeader {
+            ty: MSG_RELAY_TO,
+            node: b_id,
+        }
+        .emit(&mut d);
+        d[pilot_proto::wire::RELAY_HEADER_LEN..].copy_from_slice(b"opaque");
+        a.sock.send_to(&d, addr).await.unwrap();
+        let got = loop {
+            let got = b.recv().await.expect("relayed while storage is stuck");
+            if got[0] == MSG_RELAY_FROM {
+                break got;
+            }
+        };
+        assert_eq!(
+            RelayHeader::parse(&got).unwrap(),
+            RelayHeader {
+                ty: MSG_RELAY_FROM,
+                node: a_id
+            }
+        );
+        assert_eq!(&got[pilot_proto::wire::RELAY_HEADER_LEN..], b"opaque");
+        // The stuck request has no answer yet; it gets one after the commit.
+        assert_eq!(
+            a.answer(stuck).await,
+            None,
+            "acknowledged before the commit"
+        );
+        open_gate(&gate);
+        assert!(matches!(
+            a.answer(stuck).await,
+            Some(FromRegistry::Registered { .. })
+        ));
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(stats.relayed.load(Relaxed), 1);
+        assert_eq!(stats.handshakes.load(Relaxed), 2);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
     }
 }

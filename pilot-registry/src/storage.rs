@@ -1,22 +1,30 @@
-//! Registry storage: one trait, and the embedded SQLite implementation.
+//! Registry storage: one trait that only persists, and the embedded SQLite
+//! implementation.
 //!
+//! The rules (which address a node gets, which hostname it may claim, which
+//! sequence numbers are new) live above this trait, in `registrar`, `pool`
+//! and `names`, so another backend implements persistence and nothing else.
 //! Every method that changes state commits before it returns, so whatever
-//! the server acknowledges to a node survives a crash (WAL, synchronous=FULL).
+//! the registry acknowledges to a node survives a crash (WAL,
+//! synchronous=FULL).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
 use pilot_proto::identity::{NodeId, PublicIdentity};
-use pilot_proto::messages::{self, Registration, Signed, Statement};
-use rusqlite::{params, Connection, OptionalExtension};
+use pilot_proto::messages::{self, Signed, Statement};
+use rusqlite::{params, Connection, ErrorCode as SqlErrorCode, OptionalExtension};
 
 /// Storage failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The database refused.
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
+    /// A write collided with a row another writer stored meanwhile (an
+    /// address or hostname that must be unique). Re-read and decide again.
+    #[error("conflicting write: {0}")]
+    Conflict(String),
     /// A stored row does not decode (corrupt database).
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -28,6 +36,15 @@ pub enum StorageError {
     /// The database was written by a newer registry.
     #[error("database schema version {0} is newer than this registry understands ({SCHEMA_VERSION}); upgrade pilot-registry")]
     TooNew(i64),
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(SqlErrorCode::ConstraintViolation) => StorageError::Conflict(e.to_string()),
+            _ => StorageError::Db(e),
+        }
+    }
 }
 
 /// A stored node.
@@ -45,53 +62,32 @@ pub struct NodeRow {
     pub reg_seq: u64,
 }
 
-/// The result of a registration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RegisterOutcome {
-    /// Registered; the hostname may have been refused.
-    Ok {
-        /// The node as stored.
-        node: NodeRow,
-        /// Why the requested hostname was not granted.
-        hostname_refused: Option<String>,
-    },
-    /// Sequence number not newer than the stored one.
-    Replayed,
-    /// No free address left.
-    PoolExhausted,
-}
-
-/// The result of storing a statement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StatementOutcome {
-    /// Stored; queued for the recipient under this push id.
-    Stored(u64),
-    /// Sequence number not newer than the stored statement's.
-    Replayed,
-}
-
-/// What the registry keeps. One implementation per database.
+/// What the registry keeps. One implementation per database; persistence
+/// only, no rules.
 pub trait Storage: Send {
-    /// Registers (or re-registers) a node, allocating its permanent address
-    /// in `network` on first sight.
-    fn register(
-        &mut self,
-        reg: &Registration,
-        network: Ipv4Net,
-        observed: SocketAddr,
-    ) -> Result<RegisterOutcome, StorageError>;
-    /// Records where a node was last seen.
-    fn set_observed(&mut self, id: &NodeId, observed: SocketAddr) -> Result<(), StorageError>;
     /// A node by id.
     fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError>;
     /// A node by overlay address.
     fn node_by_address(&self, a: Ipv4Addr) -> Result<Option<NodeRow>, StorageError>;
     /// A node by hostname.
     fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError>;
-    /// Stores a signed statement (newest per pair) and queues it for the
-    /// recipient, atomically.
-    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<StatementOutcome, StorageError>;
-    /// True if `from`'s latest statement about `to` approves it.
+    /// True if some node holds the address.
+    fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError>;
+    /// Stores a new node. [`StorageError::Conflict`] if its id, address or
+    /// hostname is already stored.
+    fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError>;
+    /// Replaces a stored node's keys, hostname, sequence number and
+    /// endpoints (its address never changes). [`StorageError::Conflict`] if
+    /// the hostname is held by another node.
+    fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError>;
+    /// Replaces a node's endpoints.
+    fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError>;
+    /// The sequence number of the stored statement of `from` about `to`.
+    fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError>;
+    /// Stores a statement as the newest of its pair and queues it for the
+    /// recipient, atomically. Returns the push id.
+    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError>;
+    /// True if `from`'s stored statement about `to` approves it.
     fn approves(&self, from: &NodeId, to: &NodeId) -> Result<bool, StorageError>;
     /// Pushes waiting for a node, oldest first.
     fn inbox(&self, to: &NodeId) -> Result<Vec<(u64, Signed<Statement>)>, StorageError>;
@@ -231,143 +227,15 @@ impl RawNode {
     }
 }
 
-fn join_endpoints(observed: SocketAddr, locals: &[SocketAddr]) -> String {
-    let mut all = vec![observed];
-    for l in locals {
-        if !all.contains(l) && all.len() < messages::MAX_ENDPOINTS {
-            all.push(*l);
-        }
-    }
-    all.iter()
+fn join_endpoints(endpoints: &[SocketAddr]) -> String {
+    endpoints
+        .iter()
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(",")
 }
 
-/// Candidate address for a node: a spot derived from its id, then the next
-/// free one. Skips the network and broadcast addresses.
-fn pick_address(
-    tx: &rusqlite::Transaction<'_>,
-    id: &NodeId,
-    network: Ipv4Net,
-) -> Result<Option<Ipv4Addr>, StorageError> {
-    let base = u32::from(network.network());
-    let size: u64 = 1u64 << (32 - network.prefix_len() as u32);
-    if size < 4 {
-        return Ok(None);
-    }
-    let usable = size - 2;
-    let start = u64::from_be_bytes(id.0[..8].try_into().expect("16-byte id")) % usable;
-    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE address = ?1")?;
-    for i in 0..usable {
-        let candidate = base + 1 + ((start + i) % usable) as u32;
-        // Addresses ending in .0 or .255 are valid inside a /16 but confuse
-        // people and some tools; skip them while the pool is large enough.
-        let last = candidate & 0xff;
-        if size > 256 && (last == 0 || last == 255) {
-            continue;
-        }
-        if !stmt.exists([candidate])? {
-            return Ok(Some(Ipv4Addr::from(candidate)));
-        }
-    }
-    Ok(None)
-}
-
 impl Storage for SqliteStorage {
-    fn register(
-        &mut self,
-        reg: &Registration,
-        network: Ipv4Net,
-        observed: SocketAddr,
-    ) -> Result<RegisterOutcome, StorageError> {
-        let id = reg.identity.node_id();
-        let key = id.to_string();
-        let tx = self.conn.transaction()?;
-        let existing: Option<(i64, u32, Option<String>)> = tx
-            .query_row(
-                "SELECT reg_seq, address, hostname FROM nodes WHERE node_id = ?1",
-                [&key],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let endpoints = join_endpoints(observed, &reg.local_endpoints);
-        let (address, mut hostname) = match existing {
-            Some((seq, _, _)) if reg.seq <= seq as u64 => return Ok(RegisterOutcome::Replayed),
-            Some((_, addr, host)) => {
-                tx.execute(
-                    "UPDATE nodes SET static_pub = ?2, binding = ?3, reg_seq = ?4, endpoints = ?5 WHERE node_id = ?1",
-                    params![key, &reg.identity.static_public[..], reg.identity.binding, reg.seq as i64, endpoints],
-                )?;
-                (Ipv4Addr::from(addr), host)
-            }
-            None => {
-                let Some(addr) = pick_address(&tx, &id, network)? else {
-                    return Ok(RegisterOutcome::PoolExhausted);
-                };
-                tx.execute(
-                    "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, reg_seq, endpoints) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![key, &reg.identity.ed_public[..], &reg.identity.static_public[..], reg.identity.binding, u32::from(addr), reg.seq as i64, endpoints],
-                )?;
-                (addr, None)
-            }
-        };
-        let mut hostname_refused = None;
-        if let Some(want) = &reg.hostname {
-            if hostname.as_deref() != Some(want.as_str()) {
-                if !messages::valid_hostname(want) {
-                    hostname_refused = Some(format!(
-                        "{want:?} is not a valid hostname (a-z, 0-9, '-', at most 63)"
-                    ));
-                } else {
-                    let owner: Option<String> = tx
-                        .query_row(
-                            "SELECT node_id FROM nodes WHERE hostname = ?1",
-                            [want],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if owner.is_some() {
-                        hostname_refused =
-                            Some(format!("hostname {want:?} is taken by another node"));
-                    } else {
-                        tx.execute(
-                            "UPDATE nodes SET hostname = ?2 WHERE node_id = ?1",
-                            params![key, want],
-                        )?;
-                        hostname = Some(want.clone());
-                    }
-                }
-            }
-        }
-        tx.commit()?;
-        let node = self.node(&id)?.ok_or_else(|| StorageError::Corrupt {
-            table: "nodes",
-            detail: "registered row vanished".into(),
-        })?;
-        debug_assert_eq!(node.address, address);
-        debug_assert_eq!(node.hostname, hostname);
-        Ok(RegisterOutcome::Ok {
-            node,
-            hostname_refused,
-        })
-    }
-
-    fn set_observed(&mut self, id: &NodeId, observed: SocketAddr) -> Result<(), StorageError> {
-        let Some(node) = self.node(id)? else {
-            return Ok(());
-        };
-        if node.endpoints.first() == Some(&observed) {
-            return Ok(());
-        }
-        let locals: Vec<SocketAddr> = node.endpoints.iter().skip(1).copied().collect();
-        self.conn.execute(
-            "UPDATE nodes SET endpoints = ?2 WHERE node_id = ?1",
-            params![id.to_string(), join_endpoints(observed, &locals)],
-        )?;
-        Ok(())
-    }
-
     fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
         self.query_node("node_id = ?1", &id.to_string())
     }
@@ -380,7 +248,71 @@ impl Storage for SqliteStorage {
         self.query_node("hostname = ?1", &name)
     }
 
-    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<StatementOutcome, StorageError> {
+    fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM nodes WHERE address = ?1")?;
+        Ok(stmt.exists([u32::from(a)])?)
+    }
+
+    fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        let id = row.identity.node_id().to_string();
+        self.conn.execute(
+            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                id,
+                &row.identity.ed_public[..],
+                &row.identity.static_public[..],
+                row.identity.binding,
+                u32::from(row.address),
+                row.hostname,
+                row.reg_seq as i64,
+                join_endpoints(&row.endpoints)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        let id = row.identity.node_id().to_string();
+        let n = self.conn.execute(
+            "UPDATE nodes SET static_pub = ?2, binding = ?3, hostname = ?4, reg_seq = ?5, endpoints = ?6 WHERE node_id = ?1",
+            params![
+                id,
+                &row.identity.static_public[..],
+                row.identity.binding,
+                row.hostname,
+                row.reg_seq as i64,
+                join_endpoints(&row.endpoints)
+            ],
+        )?;
+        if n == 0 {
+            return Err(StorageError::Conflict(format!("node {id} is not stored")));
+        }
+        Ok(())
+    }
+
+    fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError> {
+        self.conn.execute(
+            "UPDATE nodes SET endpoints = ?2 WHERE node_id = ?1",
+            params![id.to_string(), join_endpoints(endpoints)],
+        )?;
+        Ok(())
+    }
+
+    fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT seq FROM statements WHERE from_id = ?1 AND to_id = ?2",
+                [from.to_string(), to.to_string()],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|s| s as u64))
+    }
+
+    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
         let from = st.body.from.node_id().to_string();
         let to = st.body.to.to_string();
         let body = messages::encode(st).map_err(|e| StorageError::Corrupt {
@@ -388,16 +320,6 @@ impl Storage for SqliteStorage {
             detail: e.to_string(),
         })?;
         let tx = self.conn.transaction()?;
-        let seq: Option<i64> = tx
-            .query_row(
-                "SELECT seq FROM statements WHERE from_id = ?1 AND to_id = ?2",
-                [&from, &to],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if seq.is_some_and(|s| st.body.seq <= s as u64) {
-            return Ok(StatementOutcome::Replayed);
-        }
         tx.execute(
             "INSERT INTO statements (from_id, to_id, seq, approves, body) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (from_id, to_id) DO UPDATE SET seq = ?3, approves = ?4, body = ?5",
@@ -409,7 +331,7 @@ impl Storage for SqliteStorage {
         )?;
         let id = tx.last_insert_rowid() as u64;
         tx.commit()?;
-        Ok(StatementOutcome::Stored(id))
+        Ok(id)
     }
 
     fn approves(&self, from: &NodeId, to: &NodeId) -> Result<bool, StorageError> {
@@ -468,99 +390,101 @@ mod tests {
         Identity::from_bytes(&[n; 64])
     }
 
-    fn reg(i: &Identity, seq: u64, host: Option<&str>) -> Registration {
-        Registration {
-            identity: i.public(),
+    fn row(n: u8, last: u8, host: Option<&str>) -> NodeRow {
+        NodeRow {
+            identity: id(n).public(),
+            address: Ipv4Addr::new(10, 77, 0, last),
             hostname: host.map(str::to_string),
-            seq,
-            local_endpoints: vec!["192.0.2.10:4000".parse().unwrap()],
-            nat: Default::default(),
-        }
-    }
-
-    fn net() -> Ipv4Net {
-        "10.77.0.0/16".parse().unwrap()
-    }
-
-    fn obs() -> SocketAddr {
-        "203.0.113.9:5555".parse().unwrap()
-    }
-
-    fn ok(o: RegisterOutcome) -> (NodeRow, Option<String>) {
-        match o {
-            RegisterOutcome::Ok {
-                node,
-                hostname_refused,
-            } => (node, hostname_refused),
-            other => panic!("expected Ok, got {other:?}"),
+            endpoints: vec![
+                "203.0.113.9:5555".parse().unwrap(),
+                "192.0.2.10:4000".parse().unwrap(),
+            ],
+            reg_seq: 1,
         }
     }
 
     #[test]
-    fn addresses_are_permanent_and_unique() {
+    fn nodes_survive_a_reopen_and_are_found_three_ways() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
-        let (a_addr, b_addr);
         {
             let mut s = SqliteStorage::open(&path).unwrap();
-            a_addr = ok(s
-                .register(&reg(&id(1), 1, Some("alpha")), net(), obs())
-                .unwrap())
-            .0
-            .address;
-            b_addr = ok(s.register(&reg(&id(2), 1, None), net(), obs()).unwrap())
-                .0
-                .address;
-            assert_ne!(a_addr, b_addr);
-            assert!(net().contains(&a_addr));
+            s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+            s.insert_node(&row(2, 6, None)).unwrap();
         }
-        // Reopen: same addresses, same hostname.
-        let mut s = SqliteStorage::open(&path).unwrap();
-        let (n, _) = ok(s.register(&reg(&id(1), 2, None), net(), obs()).unwrap());
-        assert_eq!(n.address, a_addr);
-        assert_eq!(n.hostname.as_deref(), Some("alpha"));
-        assert_eq!(s.node_by_name("alpha").unwrap().unwrap().address, a_addr);
+        let s = SqliteStorage::open(&path).unwrap();
+        let a = id(1).node_id();
+        assert_eq!(s.node(&a).unwrap(), Some(row(1, 5, Some("alpha"))));
         assert_eq!(
-            s.node_by_address(b_addr).unwrap().unwrap().identity,
+            s.node_by_name("alpha").unwrap().unwrap().identity,
+            id(1).public()
+        );
+        assert_eq!(
+            s.node_by_address(Ipv4Addr::new(10, 77, 0, 6))
+                .unwrap()
+                .unwrap()
+                .identity,
             id(2).public()
         );
-        assert_eq!(n.endpoints, vec![obs(), "192.0.2.10:4000".parse().unwrap()]);
+        assert!(s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
+        assert!(!s.address_taken(Ipv4Addr::new(10, 77, 0, 7)).unwrap());
+        assert_eq!(s.node_count().unwrap(), 2);
+        assert_eq!(s.node(&id(3).node_id()).unwrap(), None);
     }
 
     #[test]
-    fn replayed_registration_and_taken_hostname() {
+    fn unique_address_and_hostname_are_conflicts() {
         let mut s = SqliteStorage::in_memory().unwrap();
-        ok(s.register(&reg(&id(1), 5, Some("alpha")), net(), obs())
-            .unwrap());
-        assert_eq!(
-            s.register(&reg(&id(1), 5, None), net(), obs()).unwrap(),
-            RegisterOutcome::Replayed
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        assert!(matches!(
+            s.insert_node(&row(2, 5, None)),
+            Err(StorageError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.insert_node(&row(2, 6, Some("alpha"))),
+            Err(StorageError::Conflict(_))
+        ));
+        s.insert_node(&row(2, 6, None)).unwrap();
+        assert!(matches!(
+            s.update_node(&row(2, 6, Some("alpha"))),
+            Err(StorageError::Conflict(_))
+        ));
+        assert!(
+            matches!(
+                s.update_node(&row(3, 7, None)),
+                Err(StorageError::Conflict(_))
+            ),
+            "updating a node that is not stored"
         );
-        assert_eq!(
-            s.register(&reg(&id(1), 4, None), net(), obs()).unwrap(),
-            RegisterOutcome::Replayed
-        );
-        let (n, refused) = ok(s
-            .register(&reg(&id(2), 1, Some("alpha")), net(), obs())
-            .unwrap());
-        assert_eq!(n.hostname, None);
-        assert!(refused.unwrap().contains("taken"));
     }
 
     #[test]
-    fn tiny_pool_exhausts() {
+    fn update_keeps_the_address_and_replaces_the_rest() {
         let mut s = SqliteStorage::in_memory().unwrap();
-        let tiny: Ipv4Net = "10.9.0.0/30".parse().unwrap(); // two usable
-        ok(s.register(&reg(&id(1), 1, None), tiny, obs()).unwrap());
-        ok(s.register(&reg(&id(2), 1, None), tiny, obs()).unwrap());
+        s.insert_node(&row(1, 5, None)).unwrap();
+        let mut r = row(1, 9, Some("alpha"));
+        r.reg_seq = 7;
+        r.endpoints = vec!["198.51.100.1:1".parse().unwrap()];
+        s.update_node(&r).unwrap();
+        let got = s.node(&id(1).node_id()).unwrap().unwrap();
         assert_eq!(
-            s.register(&reg(&id(3), 1, None), tiny, obs()).unwrap(),
-            RegisterOutcome::PoolExhausted
+            got.address,
+            Ipv4Addr::new(10, 77, 0, 5),
+            "address is permanent"
         );
+        assert_eq!((got.hostname.as_deref(), got.reg_seq), (Some("alpha"), 7));
+        assert_eq!(got.endpoints, r.endpoints);
+        s.set_endpoints(&id(1).node_id(), &[]).unwrap();
+        assert!(s
+            .node(&id(1).node_id())
+            .unwrap()
+            .unwrap()
+            .endpoints
+            .is_empty());
     }
 
     #[test]
-    fn statements_are_newest_wins_and_queued() {
+    fn statements_are_stored_per_pair_and_queued() {
         let mut s = SqliteStorage::in_memory().unwrap();
         let (a, b) = (id(1), id(2));
         let st = |kind, seq| {
@@ -574,25 +498,23 @@ mod tests {
                 &a,
             )
         };
-        assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
-        let StatementOutcome::Stored(p1) = s.put_statement(&st(StatementKind::Approve, 3)).unwrap()
-        else {
-            panic!()
-        };
-        assert!(s.approves(&a.node_id(), &b.node_id()).unwrap());
-        assert_eq!(
-            s.put_statement(&st(StatementKind::Approve, 3)).unwrap(),
-            StatementOutcome::Replayed
-        );
+        let (an, bn) = (a.node_id(), b.node_id());
+        assert_eq!(s.statement_seq(&an, &bn).unwrap(), None);
+        assert!(!s.approves(&an, &bn).unwrap());
+        let p1 = s.put_statement(&st(StatementKind::Approve, 3)).unwrap();
+        assert!(s.approves(&an, &bn).unwrap());
+        assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(3));
         s.put_statement(&st(StatementKind::Revoke, 4)).unwrap();
-        assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
-        let inbox = s.inbox(&b.node_id()).unwrap();
+        assert!(!s.approves(&an, &bn).unwrap());
+        assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(4));
+        let inbox = s.inbox(&bn).unwrap();
         assert_eq!(inbox.len(), 2);
         assert_eq!(inbox[0].0, p1);
-        s.ack(&b.node_id(), p1).unwrap();
-        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
+        assert_eq!(inbox[1].1, st(StatementKind::Revoke, 4));
+        s.ack(&bn, p1).unwrap();
+        assert_eq!(s.inbox(&bn).unwrap().len(), 1);
         // Someone else cannot ack b's mail.
-        s.ack(&a.node_id(), inbox[1].0).unwrap();
-        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
+        s.ack(&an, inbox[1].0).unwrap();
+        assert_eq!(s.inbox(&bn).unwrap().len(), 1);
     }
 }

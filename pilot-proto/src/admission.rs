@@ -1,0 +1,405 @@
+//! Handshake admission: the one path every responder (a node, the
+//! registry) takes a handshake initiation through before it spends state on
+//! it.
+//!
+//! The order is the point, cheapest first:
+//! 1. shape: length, type and reserved bytes ([`HandshakeInit::new_checked`]);
+//! 2. the MAC keyed by our own static key (one HMAC, no Diffie-Hellman), so
+//!    random datagrams and initiations meant for someone else cost nothing;
+//! 3. the per-source rate limit (default 20/s, burst 5), so one source
+//!    cannot buy unlimited Diffie-Hellman work;
+//! 4. Noise (the DH work), which authenticates the initiator's static key;
+//! 5. (the caller's step) deciding whether that key is welcome: trust for a
+//!    node, anyone for the registry;
+//! 6. the initiation's timestamp must grow per initiator, so a captured
+//!    initiation cannot be replayed; checked and recorded by
+//!    [`Screened::accept`], which then answers.
+//!
+//! ```text
+//! let screened = admission.screen(datagram, source_ip, now)?;   // 1-4
+//! let last = <the caller's last timestamp for screened.remote_static()>; // 5
+//! let (session, response) = screened.accept(last, local_index, now)?;  // 6
+//! ```
+//! A responder that keeps Diffie-Hellman work off its packet path splits
+//! `screen` in two: [`Admission::precheck`] (1-3, cheap) where packets
+//! arrive, and [`ResponderKeys::open`] (4) wherever the DH may run.
+//! Sans-IO: the caller sends the response and keeps the session.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::handshake::{self, HandshakeError, MacKey, Responder};
+use crate::ratelimit::RateLimiter;
+use crate::session::{CipherSuite, Session};
+use crate::wire::{HandshakeInit, WireError, RESP_LEN};
+
+/// Handshakes one source may start per second (DESIGN: 20/s per source).
+pub const HANDSHAKE_RATE: u32 = 20;
+/// Handshakes one source may start at once (DESIGN: burst 5).
+pub const HANDSHAKE_BURST: u32 = 5;
+
+/// Why an initiation was not admitted. Every case means: drop it, answer
+/// nothing; the variant only says which counter to bump.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Not shaped like an initiation.
+    #[error("malformed initiation: {0}")]
+    Malformed(#[from] WireError),
+    /// The cheap MAC did not match: not for us, or random bytes.
+    #[error("bad handshake MAC")]
+    Mac,
+    /// The source is over its handshake rate.
+    #[error("handshake rate limit")]
+    RateLimited,
+    /// Noise refused the message, or its payload is malformed.
+    #[error("handshake refused: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The timestamp is not newer than the last one admitted from the same
+    /// initiator: a replayed initiation.
+    #[error("replayed initiation")]
+    Replayed,
+}
+
+/// The responder's half of admission: its keys and the per-source limiter.
+pub struct Admission {
+    keys: ResponderKeys,
+    limiter: RateLimiter<IpAddr>,
+}
+
+/// What the Diffie-Hellman step needs: the responder's static secret and
+/// its MAC key. Cheap to clone, so the DH can run on another thread.
+#[derive(Clone)]
+pub struct ResponderKeys {
+    secret: [u8; 32],
+    mac: MacKey,
+}
+
+impl Admission {
+    /// Admission for the owner of `secret` (its X25519 static secret), with
+    /// the default rate limit.
+    pub fn new(secret: [u8; 32], static_public: &[u8; 32]) -> Self {
+        Self::with_limit(secret, static_public, HANDSHAKE_RATE, HANDSHAKE_BURST)
+    }
+
+    /// Like [`Admission::new`] with another per-source `rate` and `burst`.
+    pub fn with_limit(secret: [u8; 32], static_public: &[u8; 32], rate: u32, burst: u32) -> Self {
+        Admission {
+            keys: ResponderKeys {
+                secret,
+                mac: MacKey::for_static(static_public),
+            },
+            limiter: RateLimiter::new(rate, burst),
+        }
+    }
+
+    /// The MAC key of our own static key (it also checks handshake
+    /// responses to our own initiations).
+    pub fn own_mac(&self) -> &MacKey {
+        &self.keys.mac
+    }
+
+    /// The keys for [`ResponderKeys::open`].
+    pub fn keys(&self) -> &ResponderKeys {
+        &self.keys
+    }
+
+    /// Steps 1-4: shape, MAC, the rate limit of `source` (the IP the
+    /// datagram came from; for a relayed initiation, the relay's), Noise.
+    /// On success the initiator's static key is authenticated; nothing about
+    /// it has been recorded yet.
+    pub fn screen(
+        &mut self,
+        datagram: &[u8],
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<Screened, Refused> {
+        let init = self.precheck(datagram, source, now)?;
+        self.keys.open(init)
+    }
+
+    /// Steps 1-3 alone (no Diffie-Hellman): shape, MAC, rate limit. The
+    /// initiation that passes goes on to [`ResponderKeys::open`].
+    pub fn precheck<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<HandshakeInit<'a>, Refused> {
+        let init = HandshakeInit::new_checked(datagram)?;
+        if !self.keys.mac.verify(init.mac_covered(), init.mac()) {
+            return Err(Refused::Mac);
+        }
+        if !self.limiter.allow(&source, now) {
+            return Err(Refused::RateLimited);
+        }
+        Ok(init)
+    }
+}
+
+impl ResponderKeys {
+    /// Step 4: Noise (the Diffie-Hellman work) on an initiation that passed
+    /// [`Admission::precheck`]. It checks the MAC again (one HMAC), so an
+    /// initiation that skipped the precheck is still refused cheaply.
+    pub fn open(&self, init: HandshakeInit<'_>) -> Result<Screened, Refused> {
+        let responder = handshake::respond(&self.secret, &self.mac, init)?;
+        Ok(Screened { responder })
+    }
+}
+
+/// An initiation that passed [`Admission::screen`]: authenticated, not yet
+/// answered.
+pub struct Screened {
+    responder: Responder,
+}
+
+impl Screened {
+    /// The initiator's static key, authenticated by Noise: look it up in the
+    /// trust store (or whatever decides who is welcome) before accepting.
+    pub fn remote_static(&self) -> &[u8; 32] {
+        self.responder.remote_static()
+    }
+
+    /// The initiator's timestamp.
+    pub fn timestamp(&self) -> u64 {
+        self.responder.timestamp()
+    }
+
+    /// The cipher suite the initiator chose.
+    pub fn suite(&self) -> CipherSuite {
+        self.responder.suite()
+    }
+
+    /// Step 6: refuses the initiation unless its timestamp is newer than
+    /// `last` (the last one admitted from this initiator, 0 for none), then
+    /// records it in `last` and answers. Returns the new session (our index
+    /// `local_index`) and the response datagram to send back.
+    pub fn accept(
+        self,
+        last: &mut u64,
+        local_index: u32,
+        now: Instant,
+    ) -> Result<(Session, [u8; RESP_LEN]), Refused> {
+        let ts = self.responder.timestamp();
+        if ts <= *last {
+            return Err(Refused::Replayed);
+        }
+        let answer = self.responder.accept(local_index, now)?;
+        *last = ts;
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::wire::{HandshakeResp, INIT_LEN};
+    use std::time::Duration;
+
+    fn ids() -> (Identity, Identity) {
+        (
+            Identity::from_bytes(&[1; 64]),
+            Identity::from_bytes(&[2; 64]),
+        )
+    }
+
+    fn init(from: &Identity, to: &Identity, ts: u64) -> (handshake::Initiator, [u8; INIT_LEN]) {
+        handshake::initiate(
+            from.static_secret(),
+            &to.static_public(),
+            3,
+            ts,
+            CipherSuite::ChaCha20Poly1305,
+        )
+        .unwrap()
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    fn admission(of: &Identity) -> Admission {
+        Admission::new(*of.static_secret(), &of.static_public())
+    }
+
+    #[test]
+    fn admitted_initiation_gives_a_working_session() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let (initiator, msg) = init(&a, &b, 100);
+        let s = adm.screen(&msg, ip(1), now).unwrap();
+        assert_eq!(s.remote_static(), &a.static_public());
+        assert_eq!(s.timestamp(), 100);
+        assert_eq!(s.suite(), CipherSuite::ChaCha20Poly1305);
+        let mut last = 0;
+        let (sb, resp) = s.accept(&mut last, 44, now).unwrap();
+        assert_eq!(last, 100, "timestamp recorded");
+        assert_eq!(sb.local_index, 44);
+        let a_mac = MacKey::for_static(&a.static_public());
+        let sa = initiator
+            .finish(&a_mac, HandshakeResp::new_checked(&resp).unwrap(), now)
+            .unwrap();
+        assert_eq!(sa.remote_index, 44);
+    }
+
+    #[test]
+    fn replayed_initiation_is_refused_and_changes_nothing() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let (_, msg) = init(&a, &b, 100);
+        let mut last = 0;
+        adm.screen(&msg, ip(1), now)
+            .unwrap()
+            .accept(&mut last, 1, now)
+            .unwrap();
+        // The same bytes again (a capture), and an older timestamp.
+        let again = adm.screen(&msg, ip(2), now).unwrap();
+        assert!(matches!(
+            again.accept(&mut last, 2, now),
+            Err(Refused::Replayed)
+        ));
+        let (_, older) = init(&a, &b, 99);
+        assert!(matches!(
+            adm.screen(&older, ip(2), now)
+                .unwrap()
+                .accept(&mut last, 2, now),
+            Err(Refused::Replayed)
+        ));
+        assert_eq!(last, 100);
+        let (_, newer) = init(&a, &b, 101);
+        assert!(adm
+            .screen(&newer, ip(2), now)
+            .unwrap()
+            .accept(&mut last, 3, now)
+            .is_ok());
+        assert_eq!(last, 101);
+    }
+
+    #[test]
+    fn bad_mac_is_refused_before_the_rate_limit_and_noise() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let (_, mut msg) = init(&a, &b, 1);
+        msg[INIT_LEN - 1] ^= 1;
+        for _ in 0..50 {
+            assert!(matches!(adm.screen(&msg, ip(1), now), Err(Refused::Mac)));
+        }
+        // Bad MACs spent none of the source's budget.
+        let (_, good) = init(&a, &b, 2);
+        assert!(adm.screen(&good, ip(1), now).is_ok());
+    }
+
+    #[test]
+    fn initiation_for_another_key_is_refused_by_the_mac() {
+        let (a, b) = ids();
+        let c = Identity::from_bytes(&[3; 64]);
+        let mut adm = admission(&c);
+        let (_, msg) = init(&a, &b, 1);
+        assert!(matches!(
+            adm.screen(&msg, ip(1), Instant::now()),
+            Err(Refused::Mac)
+        ));
+    }
+
+    #[test]
+    fn malformed_datagrams_are_refused() {
+        let (_, b) = ids();
+        let mut adm = admission(&b);
+        let now = Instant::now();
+        assert!(matches!(
+            adm.screen(&[], ip(1), now),
+            Err(Refused::Malformed(_))
+        ));
+        assert!(matches!(
+            adm.screen(&[0xA1; 100], ip(1), now),
+            Err(Refused::Malformed(_))
+        ));
+        let mut wrong_type = [0u8; INIT_LEN];
+        wrong_type[0] = 0xA2;
+        assert!(matches!(
+            adm.screen(&wrong_type, ip(1), now),
+            Err(Refused::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn tampered_noise_with_a_valid_mac_is_refused_by_noise() {
+        let (a, b) = ids();
+        let mut adm = admission(&b);
+        let (_, mut msg) = init(&a, &b, 1);
+        msg[40] ^= 0x10;
+        let mac = MacKey::for_static(&b.static_public()).compute(&msg[..INIT_LEN - 16]);
+        msg[INIT_LEN - 16..].copy_from_slice(&mac);
+        assert!(matches!(
+            adm.screen(&msg, ip(1), Instant::now()),
+            Err(Refused::Handshake(_))
+        ));
+    }
+
+    #[test]
+    fn precheck_then_open_is_screen_in_two_steps() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let keys = adm.keys().clone();
+        let (_, msg) = init(&a, &b, 7);
+        let checked = adm.precheck(&msg, ip(1), now).unwrap();
+        // The DH half runs elsewhere (another thread) with cloned keys.
+        let copy = msg;
+        let s = std::thread::spawn(move || {
+            let init = HandshakeInit::new_checked(&copy).unwrap();
+            keys.open(init).map(|s| *s.remote_static())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert_eq!(s, a.static_public());
+        assert_eq!(checked.sender_index(), 3);
+        // The precheck spends the source's budget like screen does.
+        for _ in 1..HANDSHAKE_BURST {
+            adm.precheck(&msg, ip(1), now).unwrap();
+        }
+        assert!(matches!(
+            adm.precheck(&msg, ip(1), now),
+            Err(Refused::RateLimited)
+        ));
+        // And open alone still refuses what is not for us.
+        let c = Identity::from_bytes(&[3; 64]);
+        let (_, other) = init(&a, &c, 1);
+        assert!(matches!(
+            adm.keys().open(HandshakeInit::new_checked(&other).unwrap()),
+            Err(Refused::Handshake(HandshakeError::Mac))
+        ));
+    }
+
+    #[test]
+    fn one_source_is_limited_others_are_not() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let mut ts = 0;
+        let mut next = || {
+            ts += 1;
+            init(&a, &b, ts).1
+        };
+        let passed = (0..10)
+            .filter(|_| adm.screen(&next(), ip(1), now).is_ok())
+            .count();
+        assert_eq!(passed, HANDSHAKE_BURST as usize, "the burst, then refusals");
+        assert!(matches!(
+            adm.screen(&next(), ip(1), now),
+            Err(Refused::RateLimited)
+        ));
+        assert!(adm.screen(&next(), ip(2), now).is_ok(), "another source");
+        // 20/s: one more every 50 ms.
+        let later = now + Duration::from_millis(50);
+        assert!(adm.screen(&next(), ip(1), later).is_ok());
+        assert!(matches!(
+            adm.screen(&next(), ip(1), later),
+            Err(Refused::RateLimited)
+        ));
+    }
+}

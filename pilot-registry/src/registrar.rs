@@ -1,0 +1,456 @@
+//! The registry's record-keeping rules, over any [`Storage`]: what a signed
+//! registration or trust statement may change, what a node's pushes are,
+//! where a node was last seen. Runs on the storage thread; the address and
+//! hostname rules it applies are in [`crate::pool`] and [`crate::names`].
+
+use std::net::SocketAddr;
+
+use ipnet::Ipv4Net;
+use pilot_proto::identity::NodeId;
+use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement};
+
+use crate::names::{self, NameDecision};
+use crate::pool;
+use crate::storage::{NodeRow, Storage, StorageError};
+
+/// Most pushes sent to a node at once; the rest follow once it acknowledged.
+pub const PUSH_BATCH: usize = 16;
+
+/// The result of a registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// Registered; the hostname may have been refused.
+    Ok {
+        /// The node as stored.
+        node: NodeRow,
+        /// Why the requested hostname was not granted.
+        hostname_refused: Option<String>,
+    },
+    /// Not signed by the identity it names, or its key binding is invalid.
+    BadSignature,
+    /// Sequence number not newer than the stored one.
+    Replayed,
+    /// No free address left.
+    PoolExhausted,
+}
+
+/// The result of handing over a trust statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatementOutcome {
+    /// Stored; queued for the recipient under this push id.
+    Stored(u64),
+    /// Not signed by the node it claims to be from.
+    BadSignature,
+    /// The recipient is not registered.
+    NoSuchNode,
+    /// Sequence number not newer than the stored statement's.
+    Replayed,
+}
+
+/// The endpoints stored for a node: the observed one first, then its own
+/// local ones, without repeats, at most [`messages::MAX_ENDPOINTS`].
+pub fn endpoint_list(observed: SocketAddr, locals: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut all = vec![observed];
+    for l in locals {
+        if !all.contains(l) && all.len() < messages::MAX_ENDPOINTS {
+            all.push(*l);
+        }
+    }
+    all
+}
+
+/// Registers (or re-registers) a node seen at `observed`, allocating its
+/// permanent address in `network` on first sight. A write that collides
+/// with another writer's (a shared database) is decided once more on fresh
+/// rows.
+pub fn register(
+    s: &mut dyn Storage,
+    reg: &Signed<Registration>,
+    network: Ipv4Net,
+    observed: SocketAddr,
+) -> Result<RegisterOutcome, StorageError> {
+    if !reg.verify() {
+        return Ok(RegisterOutcome::BadSignature);
+    }
+    match register_once(s, &reg.body, network, observed) {
+        Err(StorageError::Conflict(_)) => register_once(s, &reg.body, network, observed),
+        other => other,
+    }
+}
+
+fn register_once(
+    s: &mut dyn Storage,
+    reg: &Registration,
+    network: Ipv4Net,
+    observed: SocketAddr,
+) -> Result<RegisterOutcome, StorageError> {
+    let id = reg.identity.node_id();
+    let existing = s.node(&id)?;
+    if existing.as_ref().is_some_and(|row| reg.seq <= row.reg_seq) {
+        return Ok(RegisterOutcome::Replayed);
+    }
+    let current = existing.as_ref().and_then(|r| r.hostname.clone());
+    let decision = names::decide(&id, reg.hostname.as_deref(), current.as_deref(), |n| {
+        Ok::<_, StorageError>(s.node_by_name(n)?.map(|r| r.identity.node_id()))
+    })?;
+    let (hostname, hostname_refused) = match decision {
+        NameDecision::Keep => (current, None),
+        NameDecision::Grant(name) => (Some(name), None),
+        NameDecision::Refuse(why) => (current, Some(why)),
+    };
+    let mut row = NodeRow {
+        identity: reg.identity.clone(),
+        address: std::net::Ipv4Addr::UNSPECIFIED,
+        hostname,
+        endpoints: endpoint_list(observed, &reg.local_endpoints),
+        reg_seq: reg.seq,
+    };
+    match existing {
+        Some(old) => {
+            row.address = old.address;
+            s.update_node(&row)?;
+        }
+        None => {
+            let Some(address) = pool::pick(&id, network, |a| s.address_taken(a))? else {
+                return Ok(RegisterOutcome::PoolExhausted);
+            };
+            row.address = address;
+            s.insert_node(&row)?;
+        }
+    }
+    Ok(RegisterOutcome::Ok {
+        node: row,
+        hostname_refused,
+    })
+}
+
+/// Stores a signed trust statement for delivery: it must be signed by its
+/// sender, name a registered recipient, and be newer than the last
+/// statement of the same pair.
+pub fn store_statement(
+    s: &mut dyn Storage,
+    st: &Signed<Statement>,
+) -> Result<StatementOutcome, StorageError> {
+    if !st.verify() {
+        return Ok(StatementOutcome::BadSignature);
+    }
+    if s.node(&st.body.to)?.is_none() {
+        return Ok(StatementOutcome::NoSuchNode);
+    }
+    let from = st.body.from.node_id();
+    if s.statement_seq(&from, &st.body.to)?
+        .is_some_and(|seq| st.body.seq <= seq)
+    {
+        return Ok(StatementOutcome::Replayed);
+    }
+    Ok(StatementOutcome::Stored(s.put_statement(st)?))
+}
+
+/// Records that a node now shows up at `observed` (it roamed): the observed
+/// endpoint goes first, its local ones stay.
+pub fn observed_at(
+    s: &mut dyn Storage,
+    id: &NodeId,
+    observed: SocketAddr,
+) -> Result<(), StorageError> {
+    let Some(node) = s.node(id)? else {
+        return Ok(());
+    };
+    if node.endpoints.first() == Some(&observed) {
+        return Ok(());
+    }
+    let locals: Vec<SocketAddr> = node.endpoints.iter().skip(1).copied().collect();
+    s.set_endpoints(id, &endpoint_list(observed, &locals))
+}
+
+/// What waits for `to`: up to [`PUSH_BATCH`] pushes, oldest first, each
+/// with the address and hostname the registry knows its sender by. A push
+/// whose sender is no longer stored is dropped (nothing sensible to show).
+pub fn mail(s: &mut dyn Storage, to: &NodeId) -> Result<Vec<(u64, PushItem)>, StorageError> {
+    let mut out = vec![];
+    for (id, statement) in s.inbox(to)?.into_iter().take(PUSH_BATCH) {
+        let Some(sender) = s.node(&statement.body.from.node_id())? else {
+            s.ack(to, id)?;
+            continue;
+        };
+        out.push((
+            id,
+            PushItem::Statement {
+                statement,
+                address: sender.address,
+                hostname: sender.hostname,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::SqliteStorage;
+    use pilot_proto::identity::Identity;
+    use pilot_proto::messages::StatementKind;
+
+    fn id(n: u8) -> Identity {
+        Identity::from_bytes(&[n; 64])
+    }
+
+    fn reg(i: &Identity, seq: u64, host: Option<&str>) -> Signed<Registration> {
+        Signed::sign(
+            Registration {
+                identity: i.public(),
+                hostname: host.map(str::to_string),
+                seq,
+                local_endpoints: vec!["192.0.2.10:4000".parse().unwrap()],
+                nat: Default::default(),
+            },
+            i,
+        )
+    }
+
+    fn net() -> Ipv4Net {
+        "10.77.0.0/16".parse().unwrap()
+    }
+
+    fn obs() -> SocketAddr {
+        "203.0.113.9:5555".parse().unwrap()
+    }
+
+    fn ok(o: RegisterOutcome) -> (NodeRow, Option<String>) {
+        match o {
+            RegisterOutcome::Ok {
+                node,
+                hostname_refused,
+            } => (node, hostname_refused),
+            other => panic!("expected Ok, got {other:?}"),
+        }
+    }
+
+    fn statement(
+        from: &Identity,
+        to: &Identity,
+        kind: StatementKind,
+        seq: u64,
+    ) -> Signed<Statement> {
+        Signed::sign(
+            Statement {
+                kind,
+                from: from.public(),
+                to: to.node_id(),
+                seq,
+            },
+            from,
+        )
+    }
+
+    #[test]
+    fn addresses_are_permanent_and_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (a_addr, b_addr);
+        {
+            let mut s = SqliteStorage::open(&path).unwrap();
+            a_addr = ok(register(&mut s, &reg(&id(1), 1, Some("alpha")), net(), obs()).unwrap())
+                .0
+                .address;
+            b_addr = ok(register(&mut s, &reg(&id(2), 1, None), net(), obs()).unwrap())
+                .0
+                .address;
+            assert_ne!(a_addr, b_addr);
+            assert!(net().contains(&a_addr));
+        }
+        // Reopen: same addresses, same hostname.
+        let mut s = SqliteStorage::open(&path).unwrap();
+        let (n, _) = ok(register(&mut s, &reg(&id(1), 2, None), net(), obs()).unwrap());
+        assert_eq!(n.address, a_addr);
+        assert_eq!(n.hostname.as_deref(), Some("alpha"));
+        assert_eq!(s.node_by_name("alpha").unwrap().unwrap().address, a_addr);
+        assert_eq!(
+            s.node_by_address(b_addr).unwrap().unwrap().identity,
+            id(2).public()
+        );
+        assert_eq!(n.endpoints, vec![obs(), "192.0.2.10:4000".parse().unwrap()]);
+        assert_eq!(
+            s.node(&id(1).node_id()).unwrap().unwrap(),
+            n,
+            "what is returned is what is stored"
+        );
+    }
+
+    #[test]
+    fn replayed_registration_and_taken_hostname() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        ok(register(&mut s, &reg(&id(1), 5, Some("alpha")), net(), obs()).unwrap());
+        assert_eq!(
+            register(&mut s, &reg(&id(1), 5, None), net(), obs()).unwrap(),
+            RegisterOutcome::Replayed
+        );
+        assert_eq!(
+            register(&mut s, &reg(&id(1), 4, None), net(), obs()).unwrap(),
+            RegisterOutcome::Replayed
+        );
+        let (n, refused) =
+            ok(register(&mut s, &reg(&id(2), 1, Some("alpha")), net(), obs()).unwrap());
+        assert_eq!(n.hostname, None);
+        assert!(refused.unwrap().contains("taken"));
+    }
+
+    #[test]
+    fn tiny_pool_exhausts() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let tiny: Ipv4Net = "10.9.0.0/30".parse().unwrap(); // two usable
+        ok(register(&mut s, &reg(&id(1), 1, None), tiny, obs()).unwrap());
+        ok(register(&mut s, &reg(&id(2), 1, None), tiny, obs()).unwrap());
+        assert_eq!(
+            register(&mut s, &reg(&id(3), 1, None), tiny, obs()).unwrap(),
+            RegisterOutcome::PoolExhausted
+        );
+        assert_eq!(
+            s.node_count().unwrap(),
+            2,
+            "nothing stored for the refused node"
+        );
+    }
+
+    #[test]
+    fn forged_registration_changes_nothing() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let mut forged = reg(&id(1), 1, Some("alpha"));
+        forged.body.hostname = Some("mallory".into());
+        assert_eq!(
+            register(&mut s, &forged, net(), obs()).unwrap(),
+            RegisterOutcome::BadSignature
+        );
+        // Signed by someone else than the identity it names.
+        let mut other = reg(&id(1), 1, None);
+        other.sig = reg(&id(2), 1, None).sig;
+        assert_eq!(
+            register(&mut s, &other, net(), obs()).unwrap(),
+            RegisterOutcome::BadSignature
+        );
+        assert_eq!(s.node_count().unwrap(), 0);
+    }
+
+    #[test]
+    fn renaming_and_refused_names_keep_the_old_name() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        ok(register(&mut s, &reg(&id(1), 1, Some("alpha")), net(), obs()).unwrap());
+        let (n, refused) =
+            ok(register(&mut s, &reg(&id(1), 2, Some("Bad Name")), net(), obs()).unwrap());
+        assert_eq!(n.hostname.as_deref(), Some("alpha"));
+        assert!(refused.unwrap().contains("not a valid hostname"));
+        let (n, refused) =
+            ok(register(&mut s, &reg(&id(1), 3, Some("alpha-2")), net(), obs()).unwrap());
+        assert_eq!((n.hostname.as_deref(), refused), (Some("alpha-2"), None));
+        // The old name is free again.
+        let (n, _) = ok(register(&mut s, &reg(&id(2), 1, Some("alpha")), net(), obs()).unwrap());
+        assert_eq!(n.hostname.as_deref(), Some("alpha"));
+    }
+
+    #[test]
+    fn statements_are_newest_wins_and_queued() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b) = (id(1), id(2));
+        let st = |kind, seq| statement(&a, &b, kind, seq);
+        assert_eq!(
+            store_statement(&mut s, &st(StatementKind::Approve, 3)).unwrap(),
+            StatementOutcome::NoSuchNode,
+            "recipient not registered"
+        );
+        ok(register(&mut s, &reg(&b, 1, None), net(), obs()).unwrap());
+        assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
+        let StatementOutcome::Stored(p1) =
+            store_statement(&mut s, &st(StatementKind::Approve, 3)).unwrap()
+        else {
+            panic!()
+        };
+        assert!(s.approves(&a.node_id(), &b.node_id()).unwrap());
+        assert_eq!(
+            store_statement(&mut s, &st(StatementKind::Approve, 3)).unwrap(),
+            StatementOutcome::Replayed
+        );
+        store_statement(&mut s, &st(StatementKind::Revoke, 4)).unwrap();
+        assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
+        let inbox = s.inbox(&b.node_id()).unwrap();
+        assert_eq!(inbox.len(), 2);
+        assert_eq!(inbox[0].0, p1);
+        s.ack(&b.node_id(), p1).unwrap();
+        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
+        // Someone else cannot ack b's mail.
+        s.ack(&a.node_id(), inbox[1].0).unwrap();
+        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
+        // A statement that does not verify is refused before anything else.
+        let mut forged = st(StatementKind::Approve, 9);
+        forged.body.kind = StatementKind::Revoke;
+        assert_eq!(
+            store_statement(&mut s, &forged).unwrap(),
+            StatementOutcome::BadSignature
+        );
+        assert_eq!(
+            s.statement_seq(&a.node_id(), &b.node_id()).unwrap(),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn mail_carries_the_sender_and_skips_vanished_ones() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b, c) = (id(1), id(2), id(3));
+        let (a_row, _) = ok(register(&mut s, &reg(&a, 1, Some("alpha")), net(), obs()).unwrap());
+        ok(register(&mut s, &reg(&b, 1, None), net(), obs()).unwrap());
+        // c sends, but c itself is not registered (a sender that vanished).
+        s.put_statement(&statement(&c, &b, StatementKind::Approve, 1))
+            .unwrap();
+        store_statement(&mut s, &statement(&a, &b, StatementKind::Approve, 1)).unwrap();
+        let items = mail(&mut s, &b.node_id()).unwrap();
+        assert_eq!(items.len(), 1);
+        let PushItem::Statement {
+            statement: pushed,
+            address,
+            hostname,
+        } = &items[0].1;
+        assert_eq!(pushed.body.from, a.public());
+        assert_eq!(
+            (*address, hostname.as_deref()),
+            (a_row.address, Some("alpha"))
+        );
+        assert_eq!(
+            s.inbox(&b.node_id()).unwrap().len(),
+            1,
+            "the orphan was dropped"
+        );
+        assert!(mail(&mut s, &a.node_id()).unwrap().is_empty());
+        for n in 0..20 {
+            store_statement(&mut s, &statement(&a, &b, StatementKind::Approve, 2 + n)).unwrap();
+        }
+        assert_eq!(mail(&mut s, &b.node_id()).unwrap().len(), PUSH_BATCH);
+    }
+
+    #[test]
+    fn roaming_puts_the_observed_endpoint_first() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        ok(register(&mut s, &reg(&id(1), 1, None), net(), obs()).unwrap());
+        let moved: SocketAddr = "198.51.100.7:1234".parse().unwrap();
+        observed_at(&mut s, &id(1).node_id(), moved).unwrap();
+        assert_eq!(
+            s.node(&id(1).node_id()).unwrap().unwrap().endpoints,
+            vec![moved, "192.0.2.10:4000".parse().unwrap()]
+        );
+        // Unknown nodes are ignored.
+        observed_at(&mut s, &id(9).node_id(), moved).unwrap();
+    }
+
+    #[test]
+    fn endpoint_list_is_observed_first_unique_and_bounded() {
+        let o: SocketAddr = "203.0.113.1:1".parse().unwrap();
+        let locals: Vec<SocketAddr> = (1..20)
+            .map(|p| SocketAddr::from(([192, 0, 2, 1], p)))
+            .chain([o])
+            .collect();
+        let l = endpoint_list(o, &locals);
+        assert_eq!(l[0], o);
+        assert_eq!(l.len(), messages::MAX_ENDPOINTS);
+        assert_eq!(l[1], SocketAddr::from(([192, 0, 2, 1], 1)));
+    }
+}

@@ -1,0 +1,568 @@
+//! The relay: forwards tunnel datagrams between two online nodes that
+//! approved each other, unread (it holds no key to them), within each
+//! sender's bandwidth budget.
+//!
+//! Whether a pair approved each other comes from an in-memory view that the
+//! relay keeps warm, never from a disk read on the packet path: entries are
+//! set when this registry stores a statement, read in the background by the
+//! storage thread for pairs not seen yet, and refreshed while a pair is in
+//! use (a relay-only instance sees the registry's statements only through
+//! the shared database). The first datagrams of a pair not seen yet wait,
+//! a few at most, until the storage thread answered; a pair known to
+//! approve keeps flowing while its entry is refreshed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pilot_proto::identity::NodeId;
+use pilot_proto::ratelimit::RateLimiter;
+use pilot_proto::wire::{RelayHeader, MSG_RELAY_FROM};
+
+use crate::sessions::Sessions;
+use crate::stats::{bump, Stats};
+use crate::store::{Job, Store};
+
+/// How long an approval read from storage is trusted as is (a relay-only
+/// instance sees the registry's changes only through the shared database).
+pub const APPROVAL_TTL: Duration = Duration::from_secs(2);
+/// An approval not used for this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// A question to the storage thread unanswered for this long is asked again.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// Datagrams held per pair, and in all, while the relay learns a pair.
+const HELD_PER_PAIR: usize = 8;
+const HELD_TOTAL: usize = 256;
+/// Questions to the storage thread at once: a node that sprays datagrams at
+/// many peers cannot fill the storage queue that registrations need.
+const MAX_ASKED: usize = 64;
+
+/// What to do with a relayed datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the (rewritten) datagram there.
+    Forward(SocketAddr),
+    /// Kept until the relay knows whether the pair approved each other.
+    Held,
+    /// Dropped (counted).
+    Drop,
+}
+
+struct Approval {
+    approves: bool,
+    fetched: Instant,
+    used: bool,
+}
+
+/// Sender and recipient of a relayed datagram.
+type Pair = (NodeId, NodeId);
+
+/// The relay's state.
+pub struct Relay {
+    approvals: HashMap<Pair, Approval>,
+    asked: HashMap<Pair, Instant>,
+    held: HashMap<Pair, Vec<Vec<u8>>>,
+    held_total: usize,
+    limiter: RateLimiter<NodeId>,
+}
+
+enum Known {
+    Yes,
+    No,
+    Unknown,
+}
+
+impl Relay {
+    /// A relay allowing each node `rate` bytes per second.
+    pub fn new(rate: u32) -> Self {
+        Relay {
+            approvals: HashMap::new(),
+            asked: HashMap::new(),
+            held: HashMap::new(),
+            held_total: 0,
+            limiter: RateLimiter::new(rate, rate.max(1 << 20) / 4),
+        }
+    }
+
+    /// Records what storage now says (a statement was stored, or read).
+    pub fn set(&mut self, from: NodeId, to: NodeId, approves: bool, now: Instant) {
+        let used = self.approvals.get(&(from, to)).is_some_and(|a| a.used);
+        self.approvals.insert(
+            (from, to),
+            Approval {
+                approves,
+                fetched: now,
+                used,
+            },
+        );
+    }
+
+    /// Both directions of a pair, as far as the view knows: `Yes` only if
+    /// both approve, `No` if a fresh entry refuses, `Unknown` if an entry is
+    /// missing or a stale one refuses (it may have changed: ask storage).
+    fn mutual(&mut self, a: NodeId, b: NodeId, now: Instant) -> (Known, bool) {
+        let mut stale = false;
+        let mut known = Known::Yes;
+        for pair in [(a, b), (b, a)] {
+            match self.approvals.get_mut(&pair) {
+                None => known = Known::Unknown,
+                Some(e) => {
+                    e.used = true;
+                    let old = now.saturating_duration_since(e.fetched) >= APPROVAL_TTL;
+                    stale |= old;
+                    match (e.approves, old) {
+                        (true, _) => {}
+                        (false, false) => return (Known::No, false),
+                        (false, true) => known = Known::Unknown,
+                    }
+                }
+            }
+        }
+        (known, stale)
+    }
+
+    fn ask(&mut self, a: NodeId, b: NodeId, now: Instant, store: &Store, stats: &Stats) -> bool {
+        if self
+            .asked
+            .get(&(a, b))
+            .is_some_and(|t| now.saturating_duration_since(*t) < ASK_AGAIN_AFTER)
+        {
+            return true;
+        }
+        if self.asked.len() >= MAX_ASKED {
+            bump(&stats.dropped_busy);
+            return false;
+        }
+        if store
+            .submit(Job::Approvals {
+                pairs: vec![(a, b), (b, a)],
+            })
+            .is_err()
+        {
+            bump(&stats.dropped_busy);
+            return false;
+        }
+        self.asked.insert((a, b), now);
+        true
+    }
+
+    /// A datagram a node handed the relay (`buf` starts with the relay
+    /// header). The sender is known by the address of its control session:
+    /// a datagram from anywhere else is dropped. On [`Verdict::Forward`],
+    /// `buf` has been rewritten to name the sender for the recipient.
+    pub fn on_datagram(
+        &mut self,
+        buf: &mut [u8],
+        from: SocketAddr,
+        now: Instant,
+        sessions: &Sessions,
+        store: &Store,
+        stats: &Stats,
+    ) -> Verdict {
+        let Ok(h) = RelayHeader::parse(buf) else {
+            bump(&stats.dropped_malformed);
+            return Verdict::Drop;
+        };
+        let Some(src) = sessions.node_at(&from) else {
+            bump(&stats.relay_refused);
+            return Verdict::Drop;
+        };
+        let dst = h.node;
+        if sessions.online(&dst).is_none() {
+            bump(&stats.relay_refused);
+            return Verdict::Drop;
+        }
+        let (known, stale) = self.mutual(src, dst, now);
+        match known {
+            Known::No => {
+                bump(&stats.relay_refused);
+                return Verdict::Drop;
+            }
+            Known::Unknown => {
+                let waiting = self.held.get(&(src, dst)).map_or(0, Vec::len);
+                if waiting >= HELD_PER_PAIR || self.held_total >= HELD_TOTAL {
+                    bump(&stats.relay_refused);
+                    return Verdict::Drop;
+                }
+                if !self.ask(src, dst, now, store, stats) {
+                    return Verdict::Drop;
+                }
+                self.held.entry((src, dst)).or_default().push(buf.to_vec());
+                self.held_total += 1;
+                bump(&stats.relay_held);
+                return Verdict::Held;
+            }
+            Known::Yes if stale => {
+                // Keep flowing; refresh in the background (best effort).
+                let _ = self.ask(src, dst, now, store, stats);
+            }
+            Known::Yes => {}
+        }
+        self.forward(buf, src, dst, now, sessions, stats)
+    }
+
+    fn forward(
+        &mut self,
+        buf: &mut [u8],
+        src: NodeId,
+        dst: NodeId,
+        now: Instant,
+        sessions: &Sessions,
+        stats: &Stats,
+    ) -> Verdict {
+        let Some((_, to)) = sessions.online(&dst) else {
+            bump(&stats.relay_refused);
+            return Verdict::Drop;
+        };
+        let to = to.addr;
+        if !self.limiter.allow_n(&src, buf.len() as u32, now) {
+            bump(&stats.relay_limited);
+            return Verdict::Drop;
+        }
+        RelayHeader {
+            ty: MSG_RELAY_FROM,
+            node: src,
+        }
+        .emit(buf);
+        bump(&stats.relayed);
+        Verdict::Forward(to)
+    }
+
+    /// The storage thread read these approvals: record them and decide on
+    /// the datagrams that waited for them. Returns the ones to send.
+    pub fn learned(
+        &mut self,
+        approvals: Vec<(Pair, bool)>,
+        now: Instant,
+        sessions: &Sessions,
+        stats: &Stats,
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        for ((from, to), approves) in approvals {
+            self.set(from, to, approves, now);
+            self.asked.remove(&(from, to));
+        }
+        let ready: Vec<Pair> = self
+            .held
+            .keys()
+            .filter(|(a, b)| !matches!(self.peek(*a, *b, now), Known::Unknown))
+            .copied()
+            .collect();
+        let mut out = vec![];
+        for (src, dst) in ready {
+            let datagrams = self.held.remove(&(src, dst)).unwrap_or_default();
+            self.held_total -= datagrams.len();
+            let yes = matches!(self.peek(src, dst, now), Known::Yes);
+            for mut d in datagrams {
+                if !yes {
+                    bump(&stats.relay_refused);
+                    continue;
+                }
+                if let Verdict::Forward(to) = self.forward(&mut d, src, dst, now, sessions, stats) {
+                    out.push((to, d));
+                }
+            }
+        }
+        out
+    }
+
+    /// Like `mutual`, without marking anything used.
+    fn peek(&self, a: NodeId, b: NodeId, now: Instant) -> Known {
+        let mut known = Known::Yes;
+        for pair in [(a, b), (b, a)] {
+            match self.approvals.get(&pair) {
+                None => known = Known::Unknown,
+                Some(e) if e.approves => {}
+                Some(e) if now.saturating_duration_since(e.fetched) < APPROVAL_TTL => {
+                    return Known::No
+                }
+                Some(_) => known = Known::Unknown,
+            }
+        }
+        known
+    }
+
+    /// Every half second: refresh the approvals of pairs in use before they
+    /// go stale, forget idle ones, and give up on datagrams whose question
+    /// went unanswered (asked again by the next datagram).
+    pub fn on_tick(&mut self, now: Instant, store: &Store, stats: &Stats) {
+        self.approvals
+            .retain(|_, e| e.used || now.saturating_duration_since(e.fetched) < FORGET_AFTER);
+        let due: Vec<Pair> = self
+            .approvals
+            .iter()
+            .filter(|(_, e)| e.used && now.saturating_duration_since(e.fetched) >= APPROVAL_TTL / 2)
+            .map(|(p, _)| *p)
+            .filter(|p| !self.asked.contains_key(p))
+            .collect();
+        if !due.is_empty() {
+            for p in &due {
+                if let Some(e) = self.approvals.get_mut(p) {
+                    e.used = false;
+                }
+            }
+            if store.submit(Job::Approvals { pairs: due.clone() }).is_ok() {
+                for p in due {
+                    self.asked.insert(p, now);
+                }
+            }
+        }
+        let expired: Vec<Pair> = self
+            .asked
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= ASK_AGAIN_AFTER)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.asked.remove(&p);
+            if let Some(d) = self.held.remove(&p) {
+                self.held_total -= d.len();
+                for _ in d {
+                    bump(&stats.relay_refused);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sessions::tests::pair;
+    use crate::storage::{SqliteStorage, Storage};
+    use crate::store::Done;
+    use pilot_proto::identity::Identity;
+    use pilot_proto::messages::{NatType, Signed, Statement, StatementKind};
+    use pilot_proto::wire::{MSG_RELAY_TO, RELAY_HEADER_LEN};
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::sync::mpsc::Receiver;
+
+    fn addr(i: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 7], 5000 + i))
+    }
+
+    fn say(s: &mut SqliteStorage, from: &Identity, to: &Identity, kind: StatementKind, seq: u64) {
+        s.put_statement(&Signed::sign(
+            Statement {
+                kind,
+                from: from.public(),
+                to: to.node_id(),
+                seq,
+            },
+            from,
+        ))
+        .unwrap();
+    }
+
+    struct Lab {
+        relay: Relay,
+        sessions: Sessions,
+        store: Store,
+        done: Receiver<Done>,
+        stats: Stats,
+        a: NodeId,
+        b: NodeId,
+    }
+
+    /// Two online nodes a (at addr(1)) and b (at addr(2)); `approve` says
+    /// which statements storage holds.
+    fn lab(approve: &[(u8, u8)], rate: u32) -> Lab {
+        let ids = [
+            Identity::from_bytes(&[1; 64]),
+            Identity::from_bytes(&[2; 64]),
+        ];
+        let mut s = SqliteStorage::in_memory().unwrap();
+        for (from, to) in approve {
+            say(
+                &mut s,
+                &ids[usize::from(*from)],
+                &ids[usize::from(*to)],
+                StatementKind::Approve,
+                1,
+            );
+        }
+        let (store, done, _) = Store::spawn(s, "10.77.0.0/16".parse().unwrap(), 256).unwrap();
+        let mut sessions = Sessions::default();
+        let now = Instant::now();
+        for (i, id) in ids.iter().enumerate() {
+            let index = i as u32 + 1;
+            let (session, _) = pair(index, now);
+            sessions.install(session, id.static_public(), addr(index as u16), now);
+            sessions.attach(index, id.node_id(), NatType::None);
+        }
+        Lab {
+            relay: Relay::new(rate),
+            sessions,
+            store,
+            done,
+            stats: Stats::default(),
+            a: ids[0].node_id(),
+            b: ids[1].node_id(),
+        }
+    }
+
+    fn datagram(to: NodeId, len: usize) -> Vec<u8> {
+        let mut d = vec![0x55u8; RELAY_HEADER_LEN + len];
+        RelayHeader {
+            ty: MSG_RELAY_TO,
+            node: to,
+        }
+        .emit(&mut d);
+        d
+    }
+
+    impl Lab {
+        fn send(&mut self, d: &mut [u8], from: u16, now: Instant) -> Verdict {
+            self.relay
+                .on_datagram(d, addr(from), now, &self.sessions, &self.store, &self.stats)
+        }
+
+        async fn learn(&mut self, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+            let Some(Done::Approvals { approvals }) = self.done.recv().await else {
+                panic!("expected approvals")
+            };
+            self.relay
+                .learned(approvals, now, &self.sessions, &self.stats)
+        }
+    }
+
+    #[tokio::test]
+    async fn first_datagrams_wait_for_storage_then_flow_without_it() {
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        let now = Instant::now();
+        let (a, b) = (l.a, l.b);
+        for _ in 0..3 {
+            assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Held);
+        }
+        let sent = l.learn(now).await;
+        assert_eq!(
+            sent.len(),
+            3,
+            "the held datagrams go out once storage answered"
+        );
+        for (to, d) in &sent {
+            assert_eq!(*to, addr(2));
+            assert_eq!(
+                RelayHeader::parse(d).unwrap(),
+                RelayHeader {
+                    ty: MSG_RELAY_FROM,
+                    node: a
+                }
+            );
+        }
+        // Known now: forwarded at once, both ways, no storage involved.
+        let mut d = datagram(b, 10);
+        assert_eq!(l.send(&mut d, 1, now), Verdict::Forward(addr(2)));
+        assert_eq!(
+            RelayHeader::parse(&d).unwrap().node,
+            a,
+            "rewritten to name the sender"
+        );
+        assert_eq!(
+            l.send(&mut datagram(a, 10), 2, now),
+            Verdict::Forward(addr(1))
+        );
+        assert!(
+            l.done.try_recv().is_err(),
+            "no storage question for a known pair"
+        );
+        assert_eq!(l.stats.relayed.load(Relaxed), 5);
+        assert_eq!(l.stats.relay_held.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_pair_in_use_keeps_flowing_while_its_approval_is_refreshed() {
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        let t0 = Instant::now();
+        let b = l.b;
+        l.send(&mut datagram(b, 10), 1, t0);
+        l.learn(t0).await;
+        // Past half the TTL, the tick asks storage again for pairs in use.
+        let t1 = t0 + APPROVAL_TTL / 2 + Duration::from_millis(1);
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, t1),
+            Verdict::Forward(addr(2))
+        );
+        l.relay.on_tick(t1, &l.store, &l.stats);
+        let Some(Done::Approvals { approvals }) = l.done.recv().await else {
+            panic!()
+        };
+        assert!(!approvals.is_empty());
+        // Even stale (storage slow or busy), an approved pair keeps flowing.
+        let t2 = t0 + APPROVAL_TTL * 3;
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, t2),
+            Verdict::Forward(addr(2))
+        );
+    }
+
+    #[tokio::test]
+    async fn unapproved_pairs_are_refused_and_a_revocation_is_learned() {
+        // Only a approves b.
+        let mut l = lab(&[(0, 1)], 1 << 30);
+        let now = Instant::now();
+        let b = l.b;
+        assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Held);
+        assert!(l.learn(now).await.is_empty());
+        assert_eq!(l.stats.relay_refused.load(Relaxed), 1);
+        // Known refusal: dropped without asking again.
+        assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Drop);
+        assert!(l.done.try_recv().is_err());
+        // A statement stored by this registry changes the view at once.
+        l.relay.set(l.b, l.a, true, now);
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, now),
+            Verdict::Forward(addr(2))
+        );
+        l.relay.set(l.b, l.a, false, now);
+        assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Drop);
+        // Unknown senders and offline recipients are refused outright.
+        assert_eq!(l.send(&mut datagram(b, 10), 9, now), Verdict::Drop);
+        assert_eq!(
+            l.send(&mut datagram(NodeId([9; 16]), 10), 1, now),
+            Verdict::Drop
+        );
+        assert_eq!(l.send(&mut [0xA5, 0, 0, 0], 1, now), Verdict::Drop);
+        assert_eq!(l.stats.dropped_malformed.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn held_datagrams_are_bounded() {
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        let now = Instant::now();
+        let b = l.b;
+        for _ in 0..HELD_PER_PAIR {
+            assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Held);
+        }
+        assert_eq!(l.send(&mut datagram(b, 10), 1, now), Verdict::Drop);
+        assert_eq!(l.learn(now).await.len(), HELD_PER_PAIR);
+    }
+
+    #[tokio::test]
+    async fn questions_to_storage_are_bounded() {
+        let mut l = lab(&[], 1 << 30);
+        let now = Instant::now();
+        // A node spraying datagrams at many peers the relay has not seen:
+        // the questions they raise are capped (asked directly here, as only
+        // two nodes are online in this lab).
+        let asked = (0..(MAX_ASKED as u8 + 10))
+            .filter(|n| l.relay.ask(l.a, NodeId([*n; 16]), now, &l.store, &l.stats))
+            .count();
+        assert_eq!(asked, MAX_ASKED);
+        assert_eq!(l.stats.dropped_busy.load(Relaxed), 10);
+    }
+
+    #[tokio::test]
+    async fn each_sender_has_a_bandwidth_budget() {
+        // 1 MB/s allows a burst of a quarter MB.
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 20);
+        let now = Instant::now();
+        let b = l.b;
+        l.send(&mut datagram(b, 10), 1, now);
+        l.learn(now).await;
+        let sent = (0..400)
+            .filter(|_| l.send(&mut datagram(b, 1000), 1, now) != Verdict::Drop)
+            .count();
+        assert!((250..300).contains(&sent), "{sent} datagrams of 1 kB");
+        assert!(l.stats.relay_limited.load(Relaxed) > 100);
+    }
+}

@@ -1,0 +1,380 @@
+//! Control sessions: one per node that completed a handshake with this
+//! instance. Which session is which node, which node is online where, and
+//! the two ends of every control message: opening what a node sent, sealing
+//! what the roles answer ([`Reply`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use pilot_proto::frame;
+use pilot_proto::identity::NodeId;
+use pilot_proto::messages::{self, FromRegistry, NatType, ToRegistry};
+use pilot_proto::session::Session;
+use pilot_proto::timers::REJECT_AFTER;
+use pilot_proto::wire::{DataHeader, DATA_HEADER_LEN};
+use tracing::{debug, warn};
+
+use crate::stats::{bump, Stats};
+
+/// A control message for the node on session `to`: what every role hands
+/// the socket loop instead of sending it itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The session index.
+    pub to: u32,
+    /// The message.
+    pub msg: FromRegistry,
+}
+
+/// One control session.
+pub struct Conn {
+    /// The tunnel keys.
+    pub session: Session,
+    /// The node's static key, authenticated by the handshake.
+    pub static_public: [u8; 32],
+    /// The node, once it registered (or attached, on a relay).
+    pub node: Option<NodeId>,
+    /// Where it was last heard from.
+    pub addr: SocketAddr,
+    /// When it was last heard from.
+    pub last_seen: Instant,
+    /// Its NAT type, as it reported it.
+    pub nat: NatType,
+}
+
+/// An authenticated datagram on a session.
+#[derive(Debug)]
+pub struct Opened {
+    /// The session index.
+    pub index: u32,
+    /// The control message; `None` for a keepalive or a message that did
+    /// not decode (counted as refused).
+    pub msg: Option<ToRegistry>,
+    /// The node, if the session belongs to one and it moved to a new
+    /// endpoint with this datagram (roaming).
+    pub roamed: Option<NodeId>,
+}
+
+/// Every control session, by index, node and address.
+#[derive(Default)]
+pub struct Sessions {
+    conns: HashMap<u32, Conn>,
+    online: HashMap<NodeId, u32>,
+    by_addr: HashMap<SocketAddr, NodeId>,
+}
+
+impl Sessions {
+    /// Installs a fresh session; false if its index is already in use (the
+    /// node's handshake then goes unanswered and it retries).
+    pub fn install(
+        &mut self,
+        session: Session,
+        static_public: [u8; 32],
+        addr: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let index = session.local_index;
+        if self.conns.contains_key(&index) {
+            return false;
+        }
+        self.conns.insert(
+            index,
+            Conn {
+                session,
+                static_public,
+                node: None,
+                addr,
+                last_seen: now,
+                nat: NatType::Unknown,
+            },
+        );
+        true
+    }
+
+    /// A session.
+    pub fn get(&self, index: u32) -> Option<&Conn> {
+        self.conns.get(&index)
+    }
+
+    /// The session of an online node.
+    pub fn online(&self, id: &NodeId) -> Option<(u32, &Conn)> {
+        let index = *self.online.get(id)?;
+        Some((index, self.conns.get(&index)?))
+    }
+
+    /// The node whose control session is at `addr` (relayed datagrams are
+    /// accepted only from there).
+    pub fn node_at(&self, addr: &SocketAddr) -> Option<NodeId> {
+        self.by_addr.get(addr).copied()
+    }
+
+    /// Session `index` is node `id` (it registered): the node is online
+    /// there, at the session's current address.
+    pub fn attach(&mut self, index: u32, id: NodeId, nat: NatType) {
+        let Some(c) = self.conns.get_mut(&index) else {
+            return;
+        };
+        c.node = Some(id);
+        c.nat = nat;
+        let addr = c.addr;
+        self.by_addr.retain(|_, n| *n != id);
+        self.by_addr.insert(addr, id);
+        if let Some(old) = self.online.insert(id, index) {
+            if old != index {
+                debug!(%id, "node reconnected");
+            }
+        }
+    }
+
+    /// Authenticates and decodes a control datagram (a data packet on a
+    /// session). Any authenticated datagram, a keepalive too, updates where
+    /// the session (and its node) was last heard from.
+    pub fn open(
+        &mut self,
+        buf: &mut [u8],
+        from: SocketAddr,
+        now: Instant,
+        stats: &Stats,
+    ) -> Option<Opened> {
+        let Ok(h) = DataHeader::parse(buf) else {
+            bump(&stats.dropped_malformed);
+            return None;
+        };
+        let Some(conn) = self.conns.get_mut(&h.receiver_index) else {
+            bump(&stats.dropped_auth);
+            return None;
+        };
+        let Ok(n) = conn.session.open(buf) else {
+            bump(&stats.dropped_auth);
+            return None;
+        };
+        conn.last_seen = now;
+        let moved = conn.addr != from;
+        conn.addr = from;
+        let node = conn.node;
+        let roamed = node.filter(|_| moved);
+        if let Some(id) = roamed {
+            self.by_addr.retain(|_, n| *n != id);
+            self.by_addr.insert(from, id);
+        }
+        let msg = if n == 0 {
+            None // keepalive
+        } else {
+            match messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + n]) {
+                Ok(msg) => {
+                    bump(&stats.messages);
+                    Some(msg)
+                }
+                Err(e) => {
+                    debug!(%from, "undecodable control message: {e}");
+                    bump(&stats.refused);
+                    None
+                }
+            }
+        };
+        Some(Opened {
+            index: h.receiver_index,
+            msg,
+            roamed,
+        })
+    }
+
+    /// Seals a reply into `out` (cleared first) and says where it goes;
+    /// `None` if its session is gone.
+    pub fn seal(&self, reply: &Reply, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        let conn = self.conns.get(&reply.to)?;
+        let bytes = match messages::encode(&reply.msg) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("cannot encode reply: {e}");
+                return None;
+            }
+        };
+        out.clear();
+        frame::push_sealed(out, &conn.session.sender, None, &bytes).ok()?;
+        Some(conn.addr)
+    }
+
+    /// Forgets sessions past their reject age, or silent as long (the node
+    /// rekeys well before either), and what pointed at them.
+    pub fn expire(&mut self, now: Instant) {
+        self.conns.retain(|_, c| {
+            now.saturating_duration_since(c.session.created) < REJECT_AFTER
+                && now.saturating_duration_since(c.last_seen) < REJECT_AFTER
+        });
+        let conns = &self.conns;
+        self.online.retain(|_, i| conns.contains_key(i));
+        let online = &self.online;
+        self.by_addr.retain(|_, n| online.contains_key(n));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use pilot_proto::session::CipherSuite;
+    use std::time::Duration;
+
+    /// A session pair as if a handshake had run: (the registry's, the node's).
+    pub(crate) fn pair(index: u32, now: Instant) -> (Session, Session) {
+        let (k1, k2) = ([index as u8; 32], [!(index as u8); 32]);
+        let reg = Session::new(
+            CipherSuite::Aes256Gcm,
+            index,
+            1000 + index,
+            &k1,
+            &k2,
+            false,
+            now,
+        );
+        let node = Session::new(
+            CipherSuite::Aes256Gcm,
+            1000 + index,
+            index,
+            &k2,
+            &k1,
+            true,
+            now,
+        );
+        (reg, node)
+    }
+
+    /// A control datagram the node sends on its session.
+    pub(crate) fn sealed(node: &Session, msg: &ToRegistry) -> Vec<u8> {
+        let mut out = vec![];
+        frame::push_sealed(
+            &mut out,
+            &node.sender,
+            None,
+            &messages::encode(msg).unwrap(),
+        )
+        .unwrap();
+        out
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, 1], port))
+    }
+
+    #[test]
+    fn messages_open_replies_seal_and_roaming_moves_the_node() {
+        let now = Instant::now();
+        let stats = Stats::default();
+        let mut s = Sessions::default();
+        let (reg, node) = pair(5, now);
+        assert!(s.install(reg, [1; 32], addr(1), now));
+        let (dup, _) = pair(5, now);
+        assert!(!s.install(dup, [2; 32], addr(2), now), "index in use");
+
+        let mut d = sealed(&node, &ToRegistry::Ping { req: 3 });
+        let o = s.open(&mut d, addr(1), now, &stats).unwrap();
+        assert_eq!(
+            (o.index, o.msg, o.roamed),
+            (5, Some(ToRegistry::Ping { req: 3 }), None)
+        );
+
+        let id = NodeId([7; 16]);
+        s.attach(5, id, NatType::None);
+        assert_eq!(s.node_at(&addr(1)), Some(id));
+        assert_eq!(s.online(&id).map(|(i, _)| i), Some(5));
+
+        // The node moves: a keepalive from elsewhere is enough.
+        let mut keepalive = vec![];
+        frame::push_sealed(&mut keepalive, &node.sender, None, &[]).unwrap();
+        let o = s.open(&mut keepalive, addr(2), now, &stats).unwrap();
+        assert_eq!((o.msg, o.roamed), (None, Some(id)));
+        assert_eq!(s.node_at(&addr(2)), Some(id));
+        assert_eq!(s.node_at(&addr(1)), None);
+        let mut d = sealed(&node, &ToRegistry::Ping { req: 4 });
+        assert_eq!(
+            s.open(&mut d, addr(2), now, &stats).unwrap().roamed,
+            None,
+            "moved once"
+        );
+
+        // A reply is sealed for the node, to where it is now.
+        let mut out = vec![];
+        let to = s
+            .seal(
+                &Reply {
+                    to: 5,
+                    msg: FromRegistry::Ok { req: 4 },
+                },
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(to, addr(2));
+        let n = node.open(&mut out).unwrap();
+        let back: FromRegistry =
+            messages::decode(&out[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap();
+        assert_eq!(back, FromRegistry::Ok { req: 4 });
+        assert!(s
+            .seal(
+                &Reply {
+                    to: 6,
+                    msg: FromRegistry::Ok { req: 1 }
+                },
+                &mut out
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn forged_replayed_and_junk_datagrams_are_dropped_and_counted() {
+        let now = Instant::now();
+        let stats = Stats::default();
+        let mut s = Sessions::default();
+        let (reg, node) = pair(5, now);
+        s.install(reg, [1; 32], addr(1), now);
+        let good = sealed(&node, &ToRegistry::Ping { req: 1 });
+        let mut d = good.clone();
+        assert!(s.open(&mut d, addr(1), now, &stats).is_some());
+        let mut replay = good.clone();
+        assert!(s.open(&mut replay, addr(9), now, &stats).is_none());
+        let mut flipped = sealed(&node, &ToRegistry::Ping { req: 2 });
+        flipped[20] ^= 1;
+        assert!(s.open(&mut flipped, addr(1), now, &stats).is_none());
+        let mut short = vec![0xA4, 0, 0, 0];
+        assert!(s.open(&mut short, addr(1), now, &stats).is_none());
+        let (_, stranger) = pair(6, now);
+        let mut d = sealed(&stranger, &ToRegistry::Ping { req: 1 });
+        assert!(
+            s.open(&mut d, addr(1), now, &stats).is_none(),
+            "no such session"
+        );
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(stats.dropped_auth.load(Relaxed), 3);
+        assert_eq!(stats.dropped_malformed.load(Relaxed), 1);
+        assert_eq!(
+            s.get(5).unwrap().addr,
+            addr(1),
+            "a replay from elsewhere moves nothing"
+        );
+        // Not a control message: refused, nothing to hand on.
+        let mut junk = vec![];
+        frame::push_sealed(&mut junk, &node.sender, None, &[0xff, 0xff]).unwrap();
+        assert!(s
+            .open(&mut junk, addr(1), now, &stats)
+            .unwrap()
+            .msg
+            .is_none());
+        assert_eq!(stats.refused.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn silent_or_old_sessions_expire_with_their_node() {
+        let now = Instant::now();
+        let mut s = Sessions::default();
+        let (reg, _) = pair(5, now);
+        s.install(reg, [1; 32], addr(1), now);
+        let id = NodeId([7; 16]);
+        s.attach(5, id, NatType::None);
+        s.expire(now + Duration::from_secs(10));
+        assert!(s.online(&id).is_some());
+        s.expire(now + REJECT_AFTER);
+        assert!(s.get(5).is_none());
+        assert!(s.online(&id).is_none());
+        assert_eq!(s.node_at(&addr(1)), None);
+    }
+}
