@@ -169,6 +169,13 @@ impl Screened {
         self.responder.suite()
     }
 
+    /// The authenticated initiation, for a caller that keeps the
+    /// per-initiator timestamp itself (the node's peer machine does:
+    /// [`crate::peer::Peer::handle_init`]).
+    pub fn into_responder(self) -> Responder {
+        self.responder
+    }
+
     /// Step 6: refuses the initiation unless its timestamp is newer than
     /// `last` (the last one admitted from this initiator, 0 for none), then
     /// records it in `last` and answers. Returns the new session (our index

@@ -114,11 +114,12 @@ impl<T: Tun> Controller<T> {
     ) -> (Self, Handle<T>, mpsc::Receiver<Job<T>>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let handle = Handle { tx };
+        let tunnels = Tunnels::new(*ctx.identity.static_secret(), &ctx.identity.static_public());
         let c = Controller {
             ctx,
             trust,
             node_state,
-            tunnels: Tunnels::default(),
+            tunnels,
             handle: handle.clone(),
         };
         (c, handle, rx)

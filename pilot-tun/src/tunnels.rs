@@ -7,18 +7,17 @@
 //! no `.await` here.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pilot_proto::handshake;
+use pilot_proto::admission::{Admission, Refused};
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::NatType;
 use pilot_proto::path::Path;
 use pilot_proto::peer::{Activity, Env, Event, Peer};
 use pilot_proto::pmtu;
-use pilot_proto::ratelimit::RateLimiter;
 use pilot_proto::session::CipherSuite;
 use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA};
 use tokio::sync::oneshot;
@@ -110,19 +109,21 @@ impl<T: Tun> Env for NodeEnv<'_, T> {
 pub struct Tunnels {
     peers: HashMap<NodeId, PeerRuntime>,
     by_static: HashMap<[u8; 32], NodeId>,
-    limiter: RateLimiter<IpAddr>,
+    admission: Admission,
     pings: HashMap<u64, oneshot::Sender<Instant>>,
     /// When each machine is due, earliest first.
     schedule: BTreeSet<(Instant, NodeId)>,
     due: HashMap<NodeId, Instant>,
 }
 
-impl Default for Tunnels {
-    fn default() -> Self {
+impl Tunnels {
+    /// No peers yet; initiations to the owner of `secret` are admitted
+    /// with the default per-source rate limit.
+    pub fn new(secret: [u8; 32], static_public: &[u8; 32]) -> Self {
         Tunnels {
             peers: HashMap::new(),
             by_static: HashMap::new(),
-            limiter: RateLimiter::new(20, 5),
+            admission: Admission::new(secret, static_public),
             pings: HashMap::new(),
             schedule: BTreeSet::new(),
             due: HashMap::new(),
@@ -458,25 +459,23 @@ impl Tunnels {
         now: Instant,
     ) -> Effects {
         let drops = &ctx.shared.drops;
-        let Ok(init) = wire::HandshakeInit::new_checked(buf) else {
-            bump(&drops.malformed);
-            return Effects::default();
-        };
-        // The cheap MAC before any Diffie-Hellman.
-        if !ctx.own_mac.verify(init.mac_covered(), init.mac()) {
-            bump(&drops.bad_handshake);
-            return Effects::default();
-        }
-        let limit_key = match via {
+        let source = match via {
             Path::Direct(a) => a.ip(),
             Path::Relay => ctx.link.join.addr.ip(),
         };
-        if !self.limiter.allow(&limit_key, now) {
-            bump(&drops.rate_limited);
-            return Effects::default();
-        }
-        let resp = match handshake::respond(ctx.identity.static_secret(), &ctx.own_mac, init) {
-            Ok(r) => r,
+        // The one admission path (shared with the registry): shape, the
+        // cheap MAC before any Diffie-Hellman, the per-source rate limit,
+        // then Noise.
+        let resp = match self.admission.screen(buf, source, now) {
+            Ok(s) => s.into_responder(),
+            Err(Refused::Malformed(_)) => {
+                bump(&drops.malformed);
+                return Effects::default();
+            }
+            Err(Refused::RateLimited) => {
+                bump(&drops.rate_limited);
+                return Effects::default();
+            }
             Err(_) => {
                 bump(&drops.bad_handshake);
                 return Effects::default();
