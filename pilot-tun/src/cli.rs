@@ -504,6 +504,22 @@ fn print_status(d: &Status) {
             .unwrap_or_default(),
         d.offload.udp_gso
     );
+    let too_big = &d.too_big;
+    say!(
+        "mtu:       {}{}{}  too big for a peer's path: {} answered with ICMP, {} fragmented, {} in fragmentable datagrams",
+        d.mtu,
+        d.mtu_cap
+            .map(|c| format!(" (capped by --mtu {c})"))
+            .unwrap_or_default(),
+        if d.underlay_below_mtu_floor {
+            " (underlay narrower than the floor: large packets leave fragmented)"
+        } else {
+            ""
+        },
+        too_big.icmp_sent,
+        too_big.fragmented_inner,
+        too_big.fragmented_outer
+    );
 }
 
 fn human_bytes(b: u64) -> String {
