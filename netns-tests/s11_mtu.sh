@@ -45,26 +45,6 @@ peer_field() { peer_of "$1" "$2" "$3" "$4"; }
 # path_mtu_confirmed NS NAME PEER MTU: NAME's probes confirmed PEER's path MTU.
 path_mtu_confirmed() { peer_is "$1" "$2" "$3" path_mtu "$4" && peer_is "$1" "$2" "$3" path_mtu_state confirmed; }
 
-# xfer_10mb FROM_NS TO_NS TO_ADDR LABEL: 10 MB of random bytes over TCP
-# (nc) to TO_ADDR:9000; fails unless all arrive with the same sha256.
-# Sets XFER_MS.
-xfer_10mb() {
-  local from=$1 to=$2 addr=$3 label=$4 t0 size want got
-  head -c 10M /dev/urandom >"$WORK/$label.in"
-  bg "$to" "rx-$label" sh -c "exec nc -l $addr 9000 >$WORK/$label.out"
-  wait_listen 5 "$to" 9000
-  t0=$(now_ms)
-  on "$from" timeout 20 nc -N -w 5 "$addr" 9000 <"$WORK/$label.in" || true
-  poll 10 size_is "$WORK/$label.out" 10485760 || true
-  XFER_MS=$(( $(now_ms) - t0 ))
-  size=$(stat -c %s "$WORK/$label.out")
-  [ "$size" -eq 10485760 ] || fail "$label: received $size of 10485760 bytes"
-  want=$(sha256sum <"$WORK/$label.in" | cut -d' ' -f1)
-  got=$(sha256sum <"$WORK/$label.out" | cut -d' ' -f1)
-  [ "$want" = "$got" ] || fail "$label: sha256 differs (sent $want, received $got)"
-  rm -f "$WORK/$label.in" "$WORK/$label.out"
-}
-
 switch sw
 mkns reg; mkns a; mkns b
 plug reg sw 192.0.2.1/24

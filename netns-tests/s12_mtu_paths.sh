@@ -51,26 +51,6 @@ wait_path_mtu() {
   wait_for 15 "$2's probes confirm $3's path MTU $4" path_mtu_confirmed "$@"
 }
 
-# xfer_10mb FROM_NS TO_NS TO_ADDR LABEL: 10 MB of random bytes over TCP
-# (nc) to TO_ADDR:9000; fails unless all arrive with the same sha256.
-# Sets XFER_MS.
-xfer_10mb() {
-  local from=$1 to=$2 addr=$3 label=$4 t0 size want got
-  head -c 10M /dev/urandom >"$WORK/$label.in"
-  bg "$to" "rx-$label" sh -c "exec nc -l $addr 9000 >$WORK/$label.out"
-  wait_listen 5 "$to" 9000
-  t0=$(now_ms)
-  on "$from" timeout 20 nc -N -w 5 "$addr" 9000 <"$WORK/$label.in" || true
-  poll 10 size_is "$WORK/$label.out" 10485760 || true
-  XFER_MS=$(( $(now_ms) - t0 ))
-  size=$(stat -c %s "$WORK/$label.out")
-  [ "$size" -eq 10485760 ] || fail "$label: received $size of 10485760 bytes"
-  want=$(sha256sum <"$WORK/$label.in" | cut -d' ' -f1)
-  got=$(sha256sum <"$WORK/$label.out" | cut -d' ' -f1)
-  [ "$want" = "$got" ] || fail "$label: sha256 differs (sent $want, received $got)"
-  rm -f "$WORK/$label.in" "$WORK/$label.out"
-}
-
 # icmp_unreachable_dropped on|off: r1 and r2 drop (or not) the ICMP
 # "destination unreachable" they send, like a firewall that filters ICMP.
 icmp_unreachable_dropped() {
