@@ -1,13 +1,27 @@
 //! A lab for in-process tests: a real registry (SQLite in a temp dir) and
 //! real nodes on loopback UDP, each over a fake TUN device. No root needed.
+//! For the hostile cases: a registry whose storage lies ([`Tamper`]), a
+//! bare registry client that signs what a test tells it to
+//! ([`RawClient`]), and a UDP proxy that holds back the registry's answers
+//! ([`DelayProxy`]).
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
+use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::join::JoinUrl;
-use pilot_proto::session::CipherSuite;
-use pilot_registry::{Config, Registry, SqliteStorage};
+use pilot_proto::messages::{
+    self, FromRegistry, NatType, Registration, Signed, Statement, ToRegistry,
+};
+use pilot_proto::session::{CipherSuite, Session};
+use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
+use pilot_registry::storage::{NodeRow, StorageError};
+use pilot_registry::{Config, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
     DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
 };
@@ -31,8 +45,20 @@ pub struct RegistryHandle {
 impl RegistryHandle {
     /// Starts a registry with its state in `dir`, on `addr` (port 0 for any).
     pub async fn start(dir: &std::path::Path, addr: SocketAddr) -> Self {
-        let secret = pilot_registry::state::load_or_create_key(dir).expect("registry key");
+        std::fs::create_dir_all(dir).expect("registry state directory");
         let storage = SqliteStorage::open(&dir.join("registry.db")).expect("registry db");
+        Self::start_with(dir, addr, "10.77.0.0/16".parse().unwrap(), storage).await
+    }
+
+    /// Starts a registry handing out addresses from `network`, over
+    /// `storage` (its key is kept in `dir`).
+    pub async fn start_with<S: Storage + 'static>(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        network: Ipv4Net,
+        storage: S,
+    ) -> Self {
+        let secret = pilot_registry::state::load_or_create_key(dir).expect("registry key");
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
             .expect("bind registry");
@@ -41,7 +67,7 @@ impl RegistryHandle {
             socket,
             Config {
                 secret,
-                network: "10.77.0.0/16".parse().unwrap(),
+                network,
                 relay_rate: 50_000_000,
                 relays: vec![],
                 relay_only: false,
@@ -302,4 +328,271 @@ pub async fn trust(a: &TestNode, b: &TestNode) {
         a.trust_state(&b.name).await == TrustState::Trusted
     })
     .await;
+}
+
+/// What a [`Tamper`] storage lies about.
+#[derive(Default)]
+pub struct Lies {
+    /// Rows of these nodes carry this address instead of their own.
+    pub address: HashMap<NodeId, Ipv4Addr>,
+    /// Rows of these nodes carry this hostname instead of their own.
+    pub hostname: HashMap<NodeId, String>,
+}
+
+/// Registry storage that lies: every row it hands to the registry passes
+/// through [`Lies`], which the test may change while the registry runs. The
+/// registry behaves as a compromised one would.
+pub struct Tamper<S> {
+    inner: S,
+    /// The lies, shared with the test.
+    pub lies: Arc<Mutex<Lies>>,
+}
+
+impl<S> Tamper<S> {
+    /// Wraps `inner`; returns it and the handle on its lies.
+    pub fn new(inner: S) -> (Self, Arc<Mutex<Lies>>) {
+        let lies = Arc::new(Mutex::new(Lies::default()));
+        (
+            Tamper {
+                inner,
+                lies: lies.clone(),
+            },
+            lies,
+        )
+    }
+
+    fn lie(&self, row: Option<NodeRow>) -> Option<NodeRow> {
+        let mut row = row?;
+        let id = row.identity.node_id();
+        let lies = self.lies.lock().unwrap();
+        if let Some(a) = lies.address.get(&id) {
+            row.address = *a;
+        }
+        if let Some(h) = lies.hostname.get(&id) {
+            row.hostname = Some(h.clone());
+        }
+        Some(row)
+    }
+}
+
+impl<S: Storage> Storage for Tamper<S> {
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
+        Ok(self.lie(self.inner.node(id)?))
+    }
+    fn node_by_address(&self, a: Ipv4Addr) -> Result<Option<NodeRow>, StorageError> {
+        Ok(self.lie(self.inner.node_by_address(a)?))
+    }
+    fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
+        Ok(self.lie(self.inner.node_by_name(name)?))
+    }
+    fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
+        self.inner.address_taken(a)
+    }
+    fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        self.inner.insert_node(row)
+    }
+    fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        self.inner.update_node(row)
+    }
+    fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError> {
+        self.inner.set_endpoints(id, endpoints)
+    }
+    fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError> {
+        self.inner.statement_seq(from, to)
+    }
+    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
+        self.inner.put_statement(st)
+    }
+    fn approves(&self, from: &NodeId, to: &NodeId) -> Result<bool, StorageError> {
+        self.inner.approves(from, to)
+    }
+    fn inbox(&self, to: &NodeId) -> Result<Vec<(u64, Signed<Statement>)>, StorageError> {
+        self.inner.inbox(to)
+    }
+    fn ack(&mut self, to: &NodeId, push: u64) -> Result<(), StorageError> {
+        self.inner.ack(to, push)
+    }
+    fn node_count(&self) -> Result<u64, StorageError> {
+        self.inner.node_count()
+    }
+}
+
+/// The node id of the identity kept in a node's state directory.
+pub fn identity_of(dir: &std::path::Path) -> Identity {
+    StateDir::new(dir)
+        .load_or_create_identity()
+        .expect("identity.key")
+        .0
+}
+
+/// A bare registry client: handshakes and registers like a node, then
+/// sends whatever signed statements a test builds (a hostile node).
+pub struct RawClient {
+    sock: tokio::net::UdpSocket,
+    registry: SocketAddr,
+    session: Session,
+    next_req: u32,
+}
+
+impl RawClient {
+    /// Connects as `identity` (claiming `hostname`) to the registry of
+    /// `join`.
+    pub async fn register(join: JoinUrl, identity: &Identity, hostname: &str) -> Self {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let (init, msg) = handshake::initiate(
+            identity.static_secret(),
+            &join.key,
+            0x5151,
+            ts,
+            CipherSuite::Aes256Gcm,
+        )
+        .unwrap();
+        sock.send_to(&msg, join.addr).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+            .await
+            .expect("registry answers the handshake")
+            .unwrap();
+        let resp = wire::HandshakeResp::new_checked(&buf[..n]).expect("a handshake response");
+        let own_mac = MacKey::for_static(&identity.static_public());
+        let session = init
+            .finish(&own_mac, resp, std::time::Instant::now())
+            .expect("registry handshake completes");
+        let mut c = RawClient {
+            sock,
+            registry: join.addr,
+            session,
+            next_req: 1,
+        };
+        let reg = Signed::sign(
+            Registration {
+                identity: identity.public(),
+                hostname: Some(hostname.to_string()),
+                seq: ts,
+                local_endpoints: vec![],
+                nat: NatType::Unknown,
+            },
+            identity,
+        );
+        let answer = c.call(|req| ToRegistry::Register { req, reg }).await;
+        assert!(
+            matches!(answer, FromRegistry::Registered { .. }),
+            "{answer:?}"
+        );
+        c
+    }
+
+    /// Sends a request and returns the registry's answer to it.
+    pub async fn call(&mut self, make: impl FnOnce(u32) -> ToRegistry) -> FromRegistry {
+        let req = self.next_req;
+        self.next_req += 1;
+        let bytes = messages::encode(&make(req)).unwrap();
+        let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
+        out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(&bytes);
+        let n = self.session.sender.seal(&mut out, bytes.len()).unwrap();
+        self.sock.send_to(&out[..n], self.registry).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(3), self.sock.recv(&mut buf))
+                .await
+                .expect("registry answers")
+                .unwrap();
+            let Ok(plain) = self.session.open(&mut buf[..n]) else {
+                continue;
+            };
+            let msg: FromRegistry =
+                messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain]).unwrap();
+            match &msg {
+                FromRegistry::Ok { req: r }
+                | FromRegistry::Error { req: r, .. }
+                | FromRegistry::Registered { req: r, .. }
+                | FromRegistry::Peer { req: r, .. }
+                    if *r == req =>
+                {
+                    return msg
+                }
+                _ => continue, // pushes and other answers
+            }
+        }
+    }
+
+    /// Hands a signed statement to the registry for delivery.
+    pub async fn statement(&mut self, statement: Signed<Statement>) -> FromRegistry {
+        self.call(|req| ToRegistry::Statement { req, statement })
+            .await
+    }
+}
+
+/// A UDP proxy in front of a registry, for one node: the node uses the
+/// proxy's address as the registry's. While armed, answers from the
+/// registry are held back for a while before they reach the node (a slow
+/// disk, a lost answer).
+pub struct DelayProxy {
+    /// The address the node sends to.
+    pub addr: SocketAddr,
+    hold: Arc<Mutex<Option<(tokio::time::Instant, Duration)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    /// A proxy to the registry at `registry`.
+    pub async fn start(registry: SocketAddr) -> Self {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let hold: Arc<Mutex<Option<(tokio::time::Instant, Duration)>>> = Arc::default();
+        let node: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (h, n) = (hold.clone(), node.clone());
+        let task = tokio::spawn(async move {
+            let mut fbuf = vec![0u8; 65536];
+            let mut bbuf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut fbuf) => {
+                        let Ok((len, from)) = r else { continue };
+                        *n.lock().unwrap() = Some(from);
+                        let _ = back.send_to(&fbuf[..len], registry).await;
+                    }
+                    r = back.recv_from(&mut bbuf) => {
+                        let Ok((len, _)) = r else { continue };
+                        let Some(to) = *n.lock().unwrap() else { continue };
+                        let delay = match *h.lock().unwrap() {
+                            Some((until, d)) if tokio::time::Instant::now() < until => Some(d),
+                            _ => None,
+                        };
+                        let bytes = bbuf[..len].to_vec();
+                        match delay {
+                            Some(d) => {
+                                let front = front.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(d).await;
+                                    let _ = front.send_to(&bytes, to).await;
+                                });
+                            }
+                            None => {
+                                let _ = front.send_to(&bytes, to).await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        DelayProxy { addr, hold, task }
+    }
+
+    /// For the next `window`, every answer from the registry reaches the
+    /// node only `delay` later.
+    pub fn hold_answers(&self, window: Duration, delay: Duration) {
+        *self.hold.lock().unwrap() = Some((tokio::time::Instant::now() + window, delay));
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
