@@ -45,6 +45,10 @@ pub const ACTIVITY_SYNC: Duration = Duration::from_secs(1);
 /// asking for syncs and the caller wakes it on the next data packet
 /// instead ([`Peer::wants_data_wake`]).
 pub const ACTIVE_WINDOW: Duration = Duration::from_secs(30);
+/// How long after answering an initiation the machine keeps syncing to see
+/// the initiator's first packet on the new session (which moves the path).
+/// Later, the next sync of any kind still sees it.
+pub const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
 
 /// In-tunnel control: an echo request (an 8-byte nonce follows).
 pub const CTL_PING: u8 = 0x01;
@@ -190,6 +194,9 @@ pub struct Peer {
     queue: VecDeque<Vec<u8>>,
     candidates: Vec<SocketAddr>,
     last_init_timestamp: u64,
+    /// The newest session we answered, and the path its initiation came
+    /// over, until a packet on it authenticates.
+    unconfirmed: Option<(Arc<Session>, Path)>,
     rtt: Option<Duration>,
     lookup_in_flight: bool,
     last_handshake: Option<Instant>,
@@ -228,6 +235,7 @@ impl Peer {
             queue: VecDeque::new(),
             candidates: last_endpoint.into_iter().collect(),
             last_init_timestamp: 0,
+            unconfirmed: None,
             rtt: None,
             lookup_in_flight: false,
             last_handshake: None,
@@ -287,6 +295,17 @@ impl Peer {
     pub fn session_indexes(&self) -> impl Iterator<Item = u32> + '_ {
         self.sessions.iter().map(|s| s.local_index)
     }
+    /// The timestamp of the newest initiation accepted from the peer. The
+    /// caller keeps it across restarts
+    /// ([`restore_last_init_timestamp`](Self::restore_last_init_timestamp)),
+    /// so an initiation captured earlier cannot be replayed after one.
+    pub fn last_init_timestamp(&self) -> u64 {
+        self.last_init_timestamp
+    }
+    /// Restores the timestamp kept from an earlier run (never lowers it).
+    pub fn restore_last_init_timestamp(&mut self, ts: u64) {
+        self.last_init_timestamp = self.last_init_timestamp.max(ts);
+    }
     /// Packets waiting for a session.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -329,6 +348,16 @@ impl Peer {
         }
         for (_, _, t) in &self.initiators {
             add(*t + INITIATOR_LIFETIME);
+        }
+        if let Some((s, _)) = &self.unconfirmed {
+            // Why: the path follows an answered initiation only once the
+            // initiator's first packet on it authenticates, which only a
+            // sync shows.
+            if let Some(since) = self.last_sync.or(self.last_handshake) {
+                if since < s.created + CONFIRM_WINDOW {
+                    add(since + ACTIVITY_SYNC);
+                }
+            }
         }
         if self.current.is_some() && self.data_recent() {
             // Why: data the data plane moves starts timers we only learn of
@@ -562,6 +591,19 @@ impl Peer {
                 }
             }
         }
+        // The initiator of a session we answered sent on it: the handshake
+        // completed, and the path it came over may be taken now.
+        if let Some((_, via)) = self.unconfirmed.take_if(|(s, _)| s.has_received()) {
+            match via {
+                // The data plane heard from the peer elsewhere since: the
+                // newer authenticated source wins.
+                Path::Direct(_) if a.endpoint != Some(via) => {}
+                _ => self.take_path(via, false),
+            }
+            if !self.queue.is_empty() {
+                self.drain_queue(now, false);
+            }
+        }
     }
 
     /// Runs the timers and path rules due at `now`.
@@ -573,6 +615,13 @@ impl Peer {
             .drain(..)
             .partition(|s| now.saturating_duration_since(s.created) >= self.timing.reject_after);
         self.sessions = live;
+        if self
+            .unconfirmed
+            .as_ref()
+            .is_some_and(|(u, _)| old.iter().any(|s| Arc::ptr_eq(s, u)))
+        {
+            self.unconfirmed = None;
+        }
         for s in old {
             if self.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &s)) {
                 self.current = None;
@@ -654,6 +703,7 @@ impl Peer {
     pub fn close(&mut self) {
         self.current = None;
         self.sessions.clear();
+        self.unconfirmed = None;
         self.initiators.clear();
         self.queue.clear();
         self.transmits.clear();
@@ -769,6 +819,26 @@ impl Peer {
             session: session.clone(),
             current,
         });
+        if initiator {
+            self.take_path(via, true);
+        } else {
+            // An initiation proves nothing about where the peer is: anyone
+            // who captured one can replay it, or forward it from elsewhere.
+            // The path moves when the first packet on the session
+            // authenticates (see `handle_activity`).
+            self.unconfirmed = Some((session, via));
+        }
+        self.timers.on_session(now, initiator);
+        self.last_handshake = Some(now);
+        self.events.push_back(Event::Established {
+            path: via,
+            initiator,
+        });
+    }
+
+    /// Takes `via` as the peer's path: a handshake over it completed (we
+    /// initiated), or a packet on a session we answered authenticated.
+    fn take_path(&mut self, via: Path, initiator: bool) {
         match via {
             Path::Direct(a) => {
                 self.path.on_direct(a);
@@ -786,12 +856,6 @@ impl Peer {
                 self.set_endpoint(via, force);
             }
         }
-        self.timers.on_session(now, initiator);
-        self.last_handshake = Some(now);
-        self.events.push_back(Event::Established {
-            path: via,
-            initiator,
-        });
     }
 
     /// Puts `msg` before anything queued and sends only it.

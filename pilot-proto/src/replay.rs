@@ -34,6 +34,11 @@ impl ReplayWindow {
         }
     }
 
+    /// True once any counter was accepted.
+    pub fn seen_any(&self) -> bool {
+        self.highest > 0 || self.bitmap.iter().any(|b| *b != 0)
+    }
+
     /// Would `counter` be accepted? Does not change the window.
     pub fn check(&self, counter: u64) -> bool {
         if counter >= COUNTER_LIMIT {

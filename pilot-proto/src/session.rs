@@ -209,6 +209,13 @@ impl Session {
         let mut r = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
         r.open(datagram)
     }
+
+    /// True once a packet on this session authenticated: the peer holds
+    /// its keys, so the handshake that made it really completed.
+    pub fn has_received(&self) -> bool {
+        let r = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
+        r.window.seen_any()
+    }
 }
 
 #[cfg(test)]
@@ -257,7 +264,9 @@ pub(crate) mod tests {
         let (a, b) = pair(CipherSuite::Aes256Gcm);
         let p = packet(&a, b"once");
         let mut first = p.clone();
+        assert!(!b.has_received());
         assert!(b.open(&mut first).is_ok());
+        assert!(b.has_received());
         let mut again = p.clone();
         assert_eq!(b.open(&mut again), Err(OpenError::Replay));
     }
@@ -270,6 +279,7 @@ pub(crate) mod tests {
         let mut forged = good.clone();
         forged[8..16].copy_from_slice(&1_000_000u64.to_le_bytes());
         assert_eq!(b.open(&mut forged), Err(OpenError::Auth));
+        assert!(!b.has_received(), "a forgery confirms nothing");
         // The real packet with counter 0 must still be accepted: the forged
         // counter did not slide the window past it.
         let mut g = good.clone();

@@ -715,3 +715,130 @@ fn an_untrusted_key_gets_no_answer() {
     assert_eq!(p.nodes[1].sent_datagrams, 0, "B never answered");
     assert!(!p.nodes[0].peer.has_session());
 }
+
+impl Pair {
+    /// The first handshake initiation on the wire (a capture of it).
+    fn captured_init(&self) -> Vec<u8> {
+        self.wire
+            .values()
+            .find(|d| wire::classify(&d.bytes) == Kind::HandshakeInit)
+            .map(|d| d.bytes.clone())
+            .expect("an initiation on the wire")
+    }
+
+    /// An attacker at `from` sends `bytes` to node `to`.
+    fn inject(&mut self, to: usize, from: SocketAddr, bytes: Vec<u8>) {
+        self.seq += 1;
+        let dest = Path::Direct(self.nodes[to].addr);
+        self.wire.insert(
+            (self.now + LATENCY, self.seq),
+            InFlight {
+                to,
+                from_addr: from,
+                dest,
+                bytes,
+            },
+        );
+    }
+
+    fn installs(&self, i: usize) -> usize {
+        self.nodes[i]
+            .events
+            .iter()
+            .filter(|(_, e)| e.starts_with("Install"))
+            .count()
+    }
+}
+
+#[test]
+fn a_captured_initiation_replayed_after_a_restart_is_refused() {
+    let mut p = Pair::new();
+    p.send_app(0, 1);
+    // A asks the registry first; its initiation is on the wire at 25 ms.
+    p.idle(Duration::from_millis(25));
+    let captured = p.captured_init();
+    p.idle(secs(1));
+    assert_eq!(p.nodes[1].delivered, vec![1]);
+    // B restarts; the daemon restores the timestamp it kept on disk.
+    let kept = p.nodes[1].peer.last_init_timestamp();
+    assert!(kept > 0);
+    let (a, b) = (identity(1), identity(2));
+    let b_addr = p.nodes[1].addr;
+    p.nodes[1] = Node::new(&b, &a, b_addr, 300);
+    p.nodes[1].peer.restore_last_init_timestamp(kept);
+    // B's endpoint for A is known again (say, from its cache).
+    let a_addr = p.nodes[0].addr;
+    p.nodes[1].endpoint = Some(Path::Direct(a_addr));
+    p.nodes[1].activity.endpoint = Some(Path::Direct(a_addr));
+    let attacker: SocketAddr = "203.0.113.66:6666".parse().unwrap();
+    p.inject(1, attacker, captured);
+    p.idle(secs(2));
+    assert_eq!(p.installs(1), 0, "no session from a replay");
+    assert_eq!(p.nodes[1].sent_datagrams, 0, "no answer to the attacker");
+    assert_eq!(p.path(1), Some(Path::Direct(a_addr)), "B still sends to A");
+}
+
+#[test]
+fn an_initiation_from_elsewhere_moves_the_path_only_once_a_packet_authenticates() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(2), Duration::from_millis(100), &mut c);
+    let a_addr = p.nodes[0].addr;
+    assert_eq!(p.path(1), Some(Path::Direct(a_addr)));
+    // An attacker who saw none of A's later initiations forwards a fresh
+    // one (here made with A's keys: on the wire it is what A would send)
+    // from its own address. B answers it there (it cannot tell), but the
+    // initiator never completes that handshake through the attacker.
+    let a = identity(1);
+    let (_, init) = handshake::initiate(
+        a.static_secret(),
+        &identity(2).static_public(),
+        4242,
+        1_000_000,
+        CipherSuite::Aes256Gcm,
+    )
+    .unwrap();
+    let attacker: SocketAddr = "203.0.113.66:6666".parse().unwrap();
+    let installs = p.installs(1);
+    p.inject(1, attacker, init.to_vec());
+    both_ways(&mut p, secs(6), Duration::from_millis(100), &mut c);
+    assert_eq!(p.installs(1), installs + 1, "B answered the initiation");
+    assert_eq!(
+        p.path(1),
+        Some(Path::Direct(a_addr)),
+        "B's path stays with A: {:?}",
+        &p.nodes[1].events[p.nodes[1].events.len().saturating_sub(6)..]
+    );
+    assert!(
+        !p.nodes[1]
+            .events
+            .iter()
+            .filter(|(_, e)| !e.starts_with("Established"))
+            .any(|(_, e)| e.contains(&attacker.to_string())),
+        "the attacker's address was neither used nor remembered: {:?}",
+        p.nodes[1].events
+    );
+    // Traffic both ways went on.
+    for i in 0..2 {
+        assert!(*p.nodes[i].delivered.last().unwrap() + 2 >= c);
+    }
+}
+
+#[test]
+fn a_relayed_responder_takes_the_relay_once_the_initiator_speaks() {
+    // B answers A's initiation through the relay; its path becomes the
+    // relay when A's first packet on the session arrives, not before.
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.nodes[0].nat = NatType::PerDestination;
+    p.nodes[1].nat = NatType::PerDestination;
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(300));
+    assert_eq!(p.nodes[1].delivered, vec![1]);
+    p.idle(secs(3));
+    assert_eq!(p.path(1), Some(Path::Relay));
+    assert_eq!(
+        p.nodes[1].peer.relay_reason(),
+        Some(RelayReason::BothHardNat)
+    );
+}
