@@ -18,6 +18,7 @@
 //! - [`identity`]: Ed25519 identities, node ids, the X25519 binding.
 //! - [`messages`]: the registry control protocol and signed trust statements.
 //! - [`trust`]: the local trust store and its transitions.
+//! - [`overlay`]: the bounds on the overlay network a registry hands out.
 //! - [`peer`]: one peer's tunnel as a state machine (handshakes, sessions,
 //!   path, timers, queue), driven by `handle_*` calls and polled for output.
 //! - [`packet`]: the few IPv4 facts the data plane needs, ICMP errors, and
@@ -34,6 +35,7 @@ pub mod identity;
 pub mod join;
 pub mod messages;
 pub mod mtu;
+pub mod overlay;
 pub mod packet;
 pub mod path;
 pub mod peer;

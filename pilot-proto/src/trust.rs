@@ -4,6 +4,19 @@
 //! Two nodes exchange packets only when both said yes: a peer is *trusted*
 //! when our decision and theirs are both [`Decision::Approved`]. The data
 //! plane consults only this store.
+//!
+//! What the registry tells about a peer (its address, its hostname) is not
+//! signed, so the store holds it to rules of its own:
+//! - an overlay address belongs to one record only, and stops changing once
+//!   we approved the peer (a registry cannot hand a trusted peer's address
+//!   to a newcomer, or move a peer we trust);
+//! - a record's X25519 key is provisional until a handshake with it
+//!   succeeded ([`TrustRecord::key_proven`]); a record whose key a proven
+//!   record already holds is refused (the binding signature signs any 32
+//!   bytes, so a node could otherwise claim another's key);
+//! - notes longer than [`MAX_NOTE`] are refused (they are signed, so they
+//!   are never cut), hostnames that are not valid are dropped;
+//! - pending requests are capped and expire ([`PendingLimits`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +24,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{NodeId, PublicIdentity};
-use crate::messages::{Signed, Statement, StatementKind};
+use crate::messages::{valid_hostname, PeerRef, Signed, Statement, StatementKind, MAX_NOTE};
 
 /// One side's decision about the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -62,6 +75,14 @@ pub struct TrustRecord {
     /// again without the registry.
     #[serde(default)]
     pub last_endpoint: Option<SocketAddr>,
+    /// A handshake with `identity.static_public` succeeded: the key is the
+    /// peer's, not one it claimed.
+    #[serde(default)]
+    pub key_proven: bool,
+    /// Timestamp of the newest handshake initiation accepted from the
+    /// peer, kept across restarts so a captured one cannot be replayed.
+    #[serde(default)]
+    pub last_init_timestamp: u64,
 }
 
 impl TrustRecord {
@@ -103,6 +124,63 @@ pub enum TrustError {
     /// The signer's node id does not match its keys.
     #[error("peer identity changed its keys")]
     KeyMismatch,
+    /// Another record already has this overlay address.
+    #[error("address {address} already belongs to peer {holder}")]
+    AddressTaken {
+        /// The address.
+        address: Ipv4Addr,
+        /// The record that has it.
+        holder: NodeId,
+    },
+    /// The peer was approved at another address; addresses of approved
+    /// peers do not change.
+    #[error(
+        "peer is approved at {pinned}, not {offered}; addresses of approved peers never change"
+    )]
+    AddressChanged {
+        /// The address on record.
+        pinned: Ipv4Addr,
+        /// The one offered now.
+        offered: Ipv4Addr,
+    },
+    /// A record whose key is proven already holds this X25519 key.
+    #[error("its tunnel key is already proven to belong to peer {holder}")]
+    KeyTaken {
+        /// The record that holds the key.
+        holder: NodeId,
+    },
+    /// A request's note is longer than [`MAX_NOTE`] bytes.
+    #[error("note of {0} bytes is longer than {MAX_NOTE}")]
+    NoteTooLong(usize),
+}
+
+/// A name matched more than one record.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{name} is ambiguous: {count} peers have that name; use the address or node id")]
+pub struct Ambiguous {
+    /// The name.
+    pub name: String,
+    /// How many records have it.
+    pub count: usize,
+}
+
+/// Bounds on the requests waiting for our answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingLimits {
+    /// Most pending requests kept; beyond it the oldest go.
+    pub max: usize,
+    /// A request is forgotten this many seconds after it arrived.
+    pub ttl_secs: u64,
+}
+
+impl Default for PendingLimits {
+    /// 1,000 requests, seven days.
+    fn default() -> Self {
+        PendingLimits {
+            max: 1000,
+            ttl_secs: 7 * 24 * 3600,
+        }
+    }
 }
 
 /// The effect of a change on the data plane.
@@ -136,12 +214,67 @@ impl TrustStore {
         self.get(id).is_some_and(TrustRecord::trusted)
     }
 
+    /// A peer named by node id, address or hostname. A hostname that
+    /// several records carry is [`Ambiguous`], never the first match.
+    pub fn find(&self, r: &PeerRef) -> Result<Option<(NodeId, &TrustRecord)>, Ambiguous> {
+        let mut hits = self.iter().filter(|(id, rec)| match r {
+            PeerRef::Id(x) => id == x,
+            PeerRef::Addr(a) => rec.address == *a,
+            PeerRef::Name(n) => rec.hostname.as_deref() == Some(n.as_str()),
+        });
+        let first = hits.next();
+        let more = hits.count();
+        match (first, r) {
+            (Some(_), PeerRef::Name(n)) if more > 0 => Err(Ambiguous {
+                name: n.clone(),
+                count: more + 1,
+            }),
+            (hit, _) => Ok(hit),
+        }
+    }
+
+    /// Checks that a record for `identity` at `address` may be created or
+    /// updated, without changing anything.
+    pub fn admissible(
+        &self,
+        identity: &PublicIdentity,
+        address: Ipv4Addr,
+    ) -> Result<(), TrustError> {
+        let id = identity.node_id();
+        if let Some(rec) = self.get(&id) {
+            if rec.identity.ed_public != identity.ed_public {
+                return Err(TrustError::KeyMismatch);
+            }
+            if rec.address != address && rec.ours == Decision::Approved {
+                return Err(TrustError::AddressChanged {
+                    pinned: rec.address,
+                    offered: address,
+                });
+            }
+        }
+        for (other, rec) in self.iter().filter(|(other, _)| *other != id) {
+            if rec.address == address {
+                return Err(TrustError::AddressTaken {
+                    address,
+                    holder: other,
+                });
+            }
+            if rec.key_proven && rec.identity.static_public == identity.static_public {
+                return Err(TrustError::KeyTaken { holder: other });
+            }
+        }
+        Ok(())
+    }
+
     fn entry(
         &mut self,
         identity: &PublicIdentity,
         address: Ipv4Addr,
         hostname: Option<String>,
     ) -> Result<&mut TrustRecord, TrustError> {
+        self.admissible(identity, address)?;
+        // Hostnames come unsigned from the registry: keep only valid ones.
+        let hostname = hostname.filter(|h| valid_hostname(h));
         let key = identity.node_id().to_string();
         let rec = self.records.entry(key).or_insert_with(|| TrustRecord {
             identity: identity.clone(),
@@ -154,9 +287,14 @@ impl TrustStore {
             note_out: None,
             updated: 0,
             last_endpoint: None,
+            key_proven: false,
+            last_init_timestamp: 0,
         });
-        if rec.identity.ed_public != identity.ed_public {
-            return Err(TrustError::KeyMismatch);
+        if rec.identity.static_public != identity.static_public {
+            // A new tunnel key is provisional again, and so is the
+            // handshake history that belonged to the old one.
+            rec.key_proven = false;
+            rec.last_init_timestamp = 0;
         }
         rec.identity = identity.clone();
         rec.address = address;
@@ -166,7 +304,8 @@ impl TrustStore {
         Ok(rec)
     }
 
-    /// Records our own decision about a peer.
+    /// Records our own decision about a peer. Refused, changing nothing,
+    /// if the record would break the store's rules (see the module text).
     pub fn decide(
         &mut self,
         peer: &PublicIdentity,
@@ -174,25 +313,18 @@ impl TrustStore {
         hostname: Option<String>,
         kind: &StatementKind,
         now_unix: u64,
-    ) -> Change {
+    ) -> Result<Change, TrustError> {
         let was = self.is_trusted(&peer.node_id());
-        // Our own decision about a known key cannot mismatch: the key comes
-        // from the same lookup that named the peer.
-        let Ok(rec) = self.entry(peer, address, hostname) else {
-            return Change {
-                was_trusted: was,
-                now_trusted: was,
-            };
-        };
+        let rec = self.entry(peer, address, hostname)?;
         rec.ours = Decision::from_kind(kind);
         if let StatementKind::Request { note } = kind {
             rec.note_out = Some(note.clone());
         }
         rec.updated = now_unix;
-        Change {
+        Ok(Change {
             was_trusted: was,
             now_trusted: rec.trusted(),
-        }
+        })
     }
 
     /// Applies a peer's signed statement about us.
@@ -210,12 +342,24 @@ impl TrustStore {
         if &st.body.to != me {
             return Err(TrustError::NotForUs);
         }
+        if let StatementKind::Request { note } = &st.body.kind {
+            if note.len() > MAX_NOTE {
+                return Err(TrustError::NoteTooLong(note.len()));
+            }
+        }
         let from = st.body.from.node_id();
         let was = self.is_trusted(&from);
-        if let Some(r) = self.get(&from) {
-            if st.body.seq <= r.their_seq {
-                return Err(TrustError::Replayed);
+        match self.get(&from) {
+            Some(r) if st.body.seq <= r.their_seq => return Err(TrustError::Replayed),
+            // A refusal or withdrawal from a node we never dealt with
+            // changes nothing: no record for it.
+            None if !st.body.kind.approves() => {
+                return Ok(Change {
+                    was_trusted: false,
+                    now_trusted: false,
+                })
             }
+            _ => {}
         }
         let rec = self.entry(&st.body.from, address, hostname)?;
         rec.theirs = Decision::from_kind(&st.body.kind);
@@ -228,6 +372,55 @@ impl TrustStore {
             was_trusted: was,
             now_trusted: rec.trusted(),
         })
+    }
+
+    /// A handshake with the peer's recorded key succeeded. Returns true if
+    /// that is new (the caller saves the store).
+    pub fn set_key_proven(&mut self, id: &NodeId) -> bool {
+        match self.records.get_mut(&id.to_string()) {
+            Some(r) if !r.key_proven => {
+                r.key_proven = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records the timestamp of an initiation accepted from the peer.
+    /// Returns true if it grew (the caller saves the store).
+    pub fn set_last_init_timestamp(&mut self, id: &NodeId, ts: u64) -> bool {
+        match self.records.get_mut(&id.to_string()) {
+            Some(r) if ts > r.last_init_timestamp => {
+                r.last_init_timestamp = ts;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets pending requests (asked, not answered) older than the limit,
+    /// then the oldest beyond the cap, so the newest stay visible. Returns
+    /// the ids forgotten.
+    pub fn prune_pending(&mut self, now_unix: u64, limits: PendingLimits) -> Vec<NodeId> {
+        let mut pending: Vec<(u64, String)> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.pending())
+            .map(|(k, r)| (r.updated, k.clone()))
+            .collect();
+        // Oldest first; ties by id, so the order is deterministic.
+        pending.sort();
+        let expired = pending
+            .iter()
+            .take_while(|(t, _)| t.saturating_add(limits.ttl_secs) <= now_unix)
+            .count();
+        let over = (pending.len() - expired).saturating_sub(limits.max);
+        pending
+            .iter()
+            .take(expired + over)
+            .filter_map(|(_, k)| self.records.remove(k))
+            .map(|r| r.identity.node_id())
+            .collect()
     }
 
     /// Remembers where a peer's session came from. Returns true if that is
@@ -278,7 +471,7 @@ mod tests {
         let mut sb = TrustStore::default();
         let req = StatementKind::Request { note: "hi".into() };
         // A requests B.
-        sa.decide(&b.public(), ADDR, None, &req, 1);
+        sa.decide(&b.public(), ADDR, None, &req, 1).unwrap();
         assert!(!sa.is_trusted(&b.node_id()));
         assert_eq!(sa.get(&b.node_id()).unwrap().state(), "requested");
         // B receives the request: pending, not trusted.
@@ -288,7 +481,9 @@ mod tests {
         assert!(r.pending() && !r.trusted());
         assert_eq!(r.note_in.as_deref(), Some("hi"));
         // B approves: trusted on B.
-        let c = sb.decide(&a.public(), ADDR, None, &StatementKind::Approve, 2);
+        let c = sb
+            .decide(&a.public(), ADDR, None, &StatementKind::Approve, 2)
+            .unwrap();
         assert!(c.now_trusted && !c.was_trusted);
         // A receives the approval: trusted on A.
         let c = sa
@@ -307,7 +502,8 @@ mod tests {
     fn one_sided_approval_is_not_trust() {
         let a = id(1);
         let mut sb = TrustStore::default();
-        sb.decide(&a.public(), ADDR, None, &StatementKind::Approve, 1);
+        sb.decide(&a.public(), ADDR, None, &StatementKind::Approve, 1)
+            .unwrap();
         assert!(!sb.is_trusted(&a.node_id()));
     }
 
@@ -315,7 +511,8 @@ mod tests {
     fn replayed_old_approval_cannot_undo_a_revoke() {
         let (a, b) = (id(1), id(2));
         let mut sa = TrustStore::default();
-        sa.decide(&b.public(), ADDR, None, &StatementKind::Approve, 1);
+        sa.decide(&b.public(), ADDR, None, &StatementKind::Approve, 1)
+            .unwrap();
         let approve = statement(&b, &a, StatementKind::Approve, 5);
         sa.receive(&a.node_id(), &approve, ADDR, None, 1).unwrap();
         assert!(sa.is_trusted(&b.node_id()));
@@ -360,10 +557,314 @@ mod tests {
             Some("bee".into()),
             &StatementKind::Approve,
             9,
-        );
+        )
+        .unwrap();
         let _ = a;
         let text = serde_json_like(&s);
         assert!(text.len() > 10);
+    }
+
+    const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+    const ADDR_C: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 4);
+
+    fn request(note: &str) -> StatementKind {
+        StatementKind::Request { note: note.into() }
+    }
+
+    /// `me` trusts `peer` at `addr`: both sides approved.
+    fn trusted_store(me: &Identity, peer: &Identity, addr: Ipv4Addr) -> TrustStore {
+        let mut s = TrustStore::default();
+        s.decide(&peer.public(), addr, Some("bee".into()), &request(""), 1)
+            .unwrap();
+        s.receive(
+            &me.node_id(),
+            &statement(peer, me, StatementKind::Approve, 1),
+            addr,
+            Some("bee".into()),
+            1,
+        )
+        .unwrap();
+        assert!(s.is_trusted(&peer.node_id()));
+        s
+    }
+
+    #[test]
+    fn a_trusted_peers_address_cannot_be_given_to_a_newcomer() {
+        // A lying registry answers a first contact with its own key and
+        // the address of a peer we trust.
+        let (a, b, m) = (id(1), id(2), id(3));
+        let mut sa = trusted_store(&a, &b, ADDR_B);
+        let before = sa.clone();
+        assert_eq!(
+            sa.decide(&m.public(), ADDR_B, None, &request("hi"), 2),
+            Err(TrustError::AddressTaken {
+                address: ADDR_B,
+                holder: b.node_id()
+            })
+        );
+        // Nor through a pushed statement.
+        assert_eq!(
+            sa.receive(
+                &a.node_id(),
+                &statement(&m, &a, request("hi"), 1),
+                ADDR_B,
+                None,
+                2
+            ),
+            Err(TrustError::AddressTaken {
+                address: ADDR_B,
+                holder: b.node_id()
+            })
+        );
+        assert_eq!(sa, before, "nothing recorded");
+        // At an address of its own it is an ordinary request.
+        assert!(sa
+            .receive(
+                &a.node_id(),
+                &statement(&m, &a, request("hi"), 1),
+                ADDR_C,
+                None,
+                2
+            )
+            .is_ok());
+        assert!(sa.get(&m.node_id()).unwrap().pending());
+    }
+
+    #[test]
+    fn an_approved_peers_address_never_changes() {
+        let (a, b) = (id(1), id(2));
+        let mut sa = trusted_store(&a, &b, ADDR_B);
+        assert_eq!(
+            sa.receive(
+                &a.node_id(),
+                &statement(&b, &a, StatementKind::Approve, 2),
+                ADDR_C,
+                None,
+                2
+            ),
+            Err(TrustError::AddressChanged {
+                pinned: ADDR_B,
+                offered: ADDR_C
+            })
+        );
+        assert_eq!(sa.get(&b.node_id()).unwrap().address, ADDR_B);
+        // Before we approved, a registry may still correct it.
+        let mut sb = TrustStore::default();
+        sb.receive(
+            &b.node_id(),
+            &statement(&a, &b, request(""), 1),
+            ADDR_B,
+            None,
+            1,
+        )
+        .unwrap();
+        sb.receive(
+            &b.node_id(),
+            &statement(&a, &b, request(""), 2),
+            ADDR_C,
+            None,
+            1,
+        )
+        .unwrap();
+        assert_eq!(sb.get(&a.node_id()).unwrap().address, ADDR_C);
+    }
+
+    /// `m` claims `b`'s tunnel key: the binding signature signs any 32
+    /// bytes, so `m` can bind `b`'s public key to its own identity.
+    fn claiming(m: &Identity, b: &Identity) -> Identity {
+        let mut bytes = m.to_bytes();
+        bytes[32..].copy_from_slice(&b.to_bytes()[32..]);
+        // Only m's Ed25519 key signs below; b's X25519 secret is used here
+        // solely to derive b's public key, which an attacker has anyway.
+        Identity::from_bytes(&bytes)
+    }
+
+    #[test]
+    fn a_record_claiming_a_proven_key_is_refused() {
+        let (a, b, m) = (id(1), id(2), id(3));
+        let mut sa = trusted_store(&a, &b, ADDR_B);
+        let fake = claiming(&m, &b);
+        assert_eq!(fake.node_id(), m.node_id());
+        let st = statement(&fake, &a, request("let me in"), 1);
+        assert!(st.verify(), "the claim is validly signed");
+        // Unproven, the key is only provisional: both records may exist.
+        assert!(sa.admissible(&fake.public(), ADDR_C).is_ok());
+        // Once a handshake proved b's key, nobody else may claim it.
+        assert!(sa.set_key_proven(&b.node_id()));
+        assert!(!sa.set_key_proven(&b.node_id()), "already proven");
+        assert_eq!(
+            sa.receive(&a.node_id(), &st, ADDR_C, None, 2),
+            Err(TrustError::KeyTaken {
+                holder: b.node_id()
+            })
+        );
+        assert_eq!(
+            sa.decide(&fake.public(), ADDR_C, None, &StatementKind::Approve, 2),
+            Err(TrustError::KeyTaken {
+                holder: b.node_id()
+            })
+        );
+        assert!(sa.get(&m.node_id()).is_none());
+    }
+
+    #[test]
+    fn a_new_tunnel_key_is_provisional_again() {
+        let (a, b, c) = (id(1), id(2), id(3));
+        let mut sa = trusted_store(&a, &b, ADDR_B);
+        sa.set_key_proven(&b.node_id());
+        sa.set_last_init_timestamp(&b.node_id(), 99);
+        // b's identity with another X25519 key (c's), validly bound by b.
+        let rotated = claiming(&b, &c);
+        sa.receive(
+            &a.node_id(),
+            &statement(&rotated, &a, StatementKind::Approve, 2),
+            ADDR_B,
+            None,
+            2,
+        )
+        .unwrap();
+        let r = sa.get(&b.node_id()).unwrap();
+        assert!(!r.key_proven);
+        assert_eq!(r.last_init_timestamp, 0);
+        assert_eq!(r.identity.static_public, c.static_public());
+    }
+
+    #[test]
+    fn init_timestamps_only_grow_and_survive_serialization() {
+        let (a, b) = (id(1), id(2));
+        let mut sa = trusted_store(&a, &b, ADDR_B);
+        assert!(sa.set_last_init_timestamp(&b.node_id(), 1000));
+        assert!(!sa.set_last_init_timestamp(&b.node_id(), 999));
+        assert!(!sa.set_last_init_timestamp(&b.node_id(), 1000));
+        let bytes = serde_json_like(&sa);
+        let back: TrustStore = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.get(&b.node_id()).unwrap().last_init_timestamp, 1000);
+    }
+
+    #[test]
+    fn long_notes_are_refused_and_bad_hostnames_dropped() {
+        let (a, b) = (id(1), id(2));
+        let mut sa = TrustStore::default();
+        let long = statement(&b, &a, request(&"x".repeat(MAX_NOTE + 1)), 1);
+        assert!(long.verify());
+        assert_eq!(
+            sa.receive(&a.node_id(), &long, ADDR_B, None, 1),
+            Err(TrustError::NoteTooLong(MAX_NOTE + 1))
+        );
+        assert!(sa.get(&b.node_id()).is_none());
+        let fits = statement(&b, &a, request(&"x".repeat(MAX_NOTE)), 2);
+        sa.receive(
+            &a.node_id(),
+            &fits,
+            ADDR_B,
+            Some("evil\u{1b}[2Jname".into()),
+            1,
+        )
+        .unwrap();
+        assert_eq!(sa.get(&b.node_id()).unwrap().hostname, None);
+    }
+
+    #[test]
+    fn refusals_from_strangers_leave_no_record() {
+        let (a, b) = (id(1), id(2));
+        let mut sa = TrustStore::default();
+        for (seq, kind) in [(1, StatementKind::Deny), (2, StatementKind::Revoke)] {
+            let c = sa
+                .receive(&a.node_id(), &statement(&b, &a, kind, seq), ADDR_B, None, 1)
+                .unwrap();
+            assert!(!c.now_trusted);
+        }
+        assert_eq!(sa.iter().count(), 0);
+    }
+
+    #[test]
+    fn a_shared_name_is_ambiguous_not_first_match() {
+        let (a, b, c) = (id(1), id(2), id(3));
+        let mut sa = TrustStore::default();
+        for (p, addr) in [(&b, ADDR_B), (&c, ADDR_C)] {
+            sa.receive(
+                &a.node_id(),
+                &statement(p, &a, request(""), 1),
+                addr,
+                Some("builder".into()),
+                1,
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            sa.find(&PeerRef::Name("builder".into())).err(),
+            Some(Ambiguous {
+                name: "builder".into(),
+                count: 2
+            })
+        );
+        assert!(sa
+            .find(&PeerRef::Name("builder".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("use the address or node id"));
+        // Address and id still name one record each.
+        let (id_c, _) = sa.find(&PeerRef::Addr(ADDR_C)).unwrap().unwrap();
+        assert_eq!(id_c, c.node_id());
+        let (id_b, _) = sa.find(&PeerRef::Id(b.node_id())).unwrap().unwrap();
+        assert_eq!(id_b, b.node_id());
+        assert!(sa.find(&PeerRef::Name("nobody".into())).unwrap().is_none());
+    }
+
+    #[test]
+    fn pending_requests_are_capped_and_expire_newest_kept() {
+        let a = id(1);
+        let mut sa = TrustStore::default();
+        let limits = PendingLimits {
+            max: 3,
+            ttl_secs: 100,
+        };
+        // Five requests from five nodes, one per second.
+        let peers: Vec<Identity> = (10..15).map(id).collect();
+        for (i, p) in peers.iter().enumerate() {
+            let addr = Ipv4Addr::new(10, 77, 1, i as u8 + 1);
+            sa.receive(
+                &a.node_id(),
+                &statement(p, &a, request(""), 1),
+                addr,
+                None,
+                1000 + i as u64,
+            )
+            .unwrap();
+        }
+        // A trusted peer is never pruned.
+        let b = id(2);
+        sa.decide(&b.public(), ADDR_B, None, &StatementKind::Approve, 900)
+            .unwrap();
+        sa.receive(
+            &a.node_id(),
+            &statement(&b, &a, StatementKind::Approve, 1),
+            ADDR_B,
+            None,
+            900,
+        )
+        .unwrap();
+        let gone = sa.prune_pending(1004, limits);
+        assert_eq!(
+            gone,
+            vec![peers[0].node_id(), peers[1].node_id()],
+            "the oldest go"
+        );
+        let left: Vec<NodeId> = sa
+            .iter()
+            .filter(|(_, r)| r.pending())
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(left.len(), 3);
+        assert!(left.contains(&peers[4].node_id()), "the newest stays");
+        assert!(sa.is_trusted(&b.node_id()));
+        // A week (here: 100 s) later the rest expire; trust stays.
+        let gone = sa.prune_pending(1103, limits);
+        assert_eq!(gone, vec![peers[2].node_id(), peers[3].node_id()]);
+        let gone = sa.prune_pending(1104, limits);
+        assert_eq!(gone, vec![peers[4].node_id()]);
+        assert_eq!(sa.iter().count(), 1);
+        assert!(sa.is_trusted(&b.node_id()));
     }
 
     // pilot-proto has no JSON dependency; postcard stands in to show the

@@ -412,13 +412,21 @@ impl<T: Tun> Controller<T> {
         info: &PeerInfo,
         kind: &StatementKind,
     ) -> (Result<Change, ApiError>, Effects) {
-        let change = self.trust.decide(
+        let change = match self.trust.decide(
             &info.identity,
             info.address,
             info.hostname.clone(),
             kind,
             unix_now(),
-        );
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                let id = info.identity.node_id();
+                warn!(peer = %id, "trust record refused: {e}");
+                let e = ApiError::new(ErrorCode::InvalidRequest, format!("refused {id}: {e}"));
+                return (Err(e), Effects::default());
+            }
+        };
         if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
             let e = ApiError::new(
                 ErrorCode::Failed,
