@@ -223,6 +223,12 @@ impl<T: Tun> Context<T> {
                 ));
             }
         }
+        if info.address == self.address() {
+            return Err(format!(
+                "the registry returned this node's own address {} for {peer}",
+                info.address
+            ));
+        }
         Ok(info)
     }
 

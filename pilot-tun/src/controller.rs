@@ -21,6 +21,7 @@ use pilot_proto::messages::{
     FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
     ToRegistry,
 };
+use pilot_proto::overlay;
 use pilot_proto::path::Path;
 use pilot_proto::trust::{Change, TrustStore};
 use pilot_proto::wire::{self, Kind, RelayHeader, MSG_RELAY_TO, RELAY_HEADER_LEN};
@@ -272,6 +273,13 @@ impl<T: Tun> Controller<T> {
             hostname,
         } = item;
         let from = statement.body.from.node_id();
+        // The address comes from the registry, unsigned: it must be a
+        // host of our overlay, and not ours.
+        let net = self.ctx.shared.network();
+        if address == self.ctx.address() || net.is_some_and(|n| !n.contains(&address)) {
+            warn!(peer = %from, %address, "trust statement refused: the registry gave an address that is ours or outside the overlay");
+            return (true, Effects::default());
+        }
         match self
             .trust
             .receive(&self.ctx.id, &statement, address, hostname, unix_now())
@@ -303,8 +311,7 @@ impl<T: Tun> Controller<T> {
         let ctx = self.ctx.clone();
         if change.now_trusted && !change.was_trusted {
             if let Some(r) = self.trust.get(&id) {
-                let (addr, st, last) = (r.address, r.identity.static_public, r.last_endpoint);
-                self.tunnels.add_peer(&ctx, id, addr, st, last);
+                self.tunnels.add_peer(&ctx, id, r);
             }
             info!(peer = %id, "peer trusted");
             return self.tunnels.reconnect(&ctx, Some(&id), Instant::now());
@@ -324,12 +331,12 @@ impl<T: Tun> Controller<T> {
             .trust
             .iter()
             .filter(|(_, r)| r.trusted())
-            .map(|(id, r)| (id, r.address, r.identity.static_public, r.last_endpoint))
+            .map(|(id, r)| (id, r.clone()))
             .collect();
         let mut cached = vec![];
-        for (id, addr, st, last) in trusted {
-            self.tunnels.add_peer(&ctx, id, addr, st, last);
-            cached.extend(last);
+        for (id, r) in trusted {
+            self.tunnels.add_peer(&ctx, id, &r);
+            cached.extend(r.last_endpoint);
         }
         cached
     }
@@ -364,9 +371,51 @@ impl<T: Tun> Controller<T> {
         Ok(self.ctx.registration(seq, hostname, nat))
     }
 
-    /// The registry granted an address (and maybe a hostname): remember it.
-    pub fn on_registered(&mut self, address: Ipv4Addr, prefix_len: u8, hostname: Option<String>) {
+    /// Underlay addresses the overlay must not capture: the registry, the
+    /// relay, and every endpoint a peer was reached at.
+    fn must_reach(&self) -> Vec<(Ipv4Addr, String)> {
+        let mut keep = vec![];
+        let mut add = |a: std::net::SocketAddr, what: String| {
+            if let std::net::IpAddr::V4(ip) = a.ip() {
+                keep.push((ip, what));
+            }
+        };
+        add(self.ctx.link.join.addr, "the registry".into());
+        if let Some(r) = self.ctx.relay_link.read().as_ref() {
+            add(r.join.addr, "the relay".into());
+        }
+        for (id, r) in self.trust.iter() {
+            if let Some(e) = r.last_endpoint {
+                add(e, format!("the endpoint of peer {id}"));
+            }
+        }
+        keep
+    }
+
+    /// The registry granted an address (and maybe a hostname). The first
+    /// assignment that passes the bounds ([`overlay::check_assignment`]) is
+    /// pinned in `node.json`; a later, different one is refused. Returns
+    /// the overlay network.
+    pub fn on_registered(
+        &mut self,
+        address: Ipv4Addr,
+        prefix_len: u8,
+        hostname: Option<String>,
+    ) -> Result<Ipv4Net, String> {
+        let network = overlay::check_assignment(address, prefix_len, &self.must_reach())
+            .map_err(|e| e.to_string())?;
         let s = &mut self.node_state;
+        if let (Some(a), Some(p)) = (s.address, s.prefix_len) {
+            if (a, p) != (address, prefix_len) {
+                return Err(format!(
+                    "the registry now assigns {address}/{prefix_len}, but this node has had \
+                     {a}/{p} since its first registration and keeps it (a registry must never \
+                     move a node). If the registry's database was really reset, remove \
+                     \"address\" and \"prefix_len\" from {} and start again",
+                    self.ctx.cfg.state.file("node.json").display()
+                ));
+            }
+        }
         let changed = s.address != Some(address)
             || s.prefix_len != Some(prefix_len)
             || s.hostname != hostname;
@@ -378,14 +427,21 @@ impl<T: Tun> Controller<T> {
                 warn!("cannot save node state: {e}");
             }
         }
+        Ok(network)
     }
 
-    /// The address cached from an earlier registration.
+    /// The address pinned at an earlier registration, if it is within the
+    /// bounds.
     pub fn cached_address(&self) -> Option<(Ipv4Addr, Ipv4Net)> {
         let s = &self.node_state;
-        s.address
-            .zip(s.prefix_len)
-            .and_then(|(a, p)| Ipv4Net::new(a, p).ok().map(|n| (a, n.trunc())))
+        let (a, p) = s.address.zip(s.prefix_len)?;
+        match overlay::check_assignment(a, p, &self.must_reach()) {
+            Ok(net) => Some((a, net)),
+            Err(e) => {
+                warn!("the cached address {a}/{p} is refused: {e}");
+                None
+            }
+        }
     }
 
     /// A peer of the trust store named by hostname, address or node id.
@@ -742,7 +798,9 @@ async fn trust_statement<T: Tun>(
                     code: pilot_proto::messages::ErrorCode::NotFound,
                     ..
                 } => ErrorCode::UnknownPeer,
-                LinkError::Refused { .. } | LinkError::Protocol => ErrorCode::Failed,
+                LinkError::Refused { .. } | LinkError::Protocol | LinkError::Assignment(_) => {
+                    ErrorCode::Failed
+                }
             },
             e.to_string(),
         )),

@@ -12,6 +12,7 @@ pub mod link;
 pub mod node;
 pub mod pathmtu;
 pub mod peers;
+pub mod routes;
 pub mod shared;
 pub mod state;
 pub mod tun;

@@ -39,6 +39,9 @@ pub enum LinkError {
     /// An unexpected answer.
     #[error("unexpected answer from the registry")]
     Protocol,
+    /// The registry assigned an address this node refuses.
+    #[error("refused the registry's address assignment: {0}")]
+    Assignment(String),
 }
 
 /// The registry session and the requests waiting on it.

@@ -140,7 +140,7 @@ impl<T: Tun> Node<T> {
                     Ok(Err(e)) => e.to_string(),
                     _ => "no answer".into(),
                 };
-                warn!("registry not reachable ({why}); coming up on cached address {a}");
+                warn!("registration failed ({why}); coming up on cached address {a}");
                 let _ = shared.net.set((a, n));
             }
             (Ok(Err(e)), None) => {
@@ -158,6 +158,13 @@ impl<T: Tun> Node<T> {
             node.stop_tasks().await;
             return Err(StartError::Registry(LinkError::Protocol));
         };
+        // Before the TUN exists, so our own route is not among them.
+        for r in crate::routes::overlapping(&network, &crate::routes::host_routes()) {
+            warn!(
+                "the overlay {network} overlaps the host's route to {} via {}; addresses of that route inside the overlay will go into the tunnel instead",
+                r.net, r.dev
+            );
+        }
         let tun = match make_tun(address, network) {
             Ok(t) => t,
             Err(e) => {
@@ -285,19 +292,16 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         warn!("hostname not granted: {why}");
     }
     ctx.link.set_observed(observed);
-    let network = Ipv4Net::new(address, prefix_len)
-        .map_err(|_| LinkError::Protocol)?
-        .trunc();
-    if let Some((a, _)) = ctx.shared.net.get() {
-        if *a != address {
-            warn!(cached = %a, assigned = %address, "registry assigned a different address than the cached one; keeping the interface as is until restart");
-        }
-    } else {
-        let _ = ctx.shared.net.set((address, network));
-    }
-    let _ = handle
+    // Checked against the bounds and the pinned address before anything
+    // uses it.
+    let network = handle
         .with(move |c| c.on_registered(address, prefix_len, granted))
-        .await;
+        .await
+        .map_err(|_| LinkError::Protocol)?
+        .map_err(LinkError::Assignment)?;
+    // Set once: a running interface keeps its address (and the pinned one
+    // is the only one accepted anyway).
+    let _ = ctx.shared.net.set((address, network));
     info!(%address, %observed, "registered");
     Ok(())
 }
@@ -338,7 +342,10 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                     handle.submit(|c| c.reconnect_all()).await;
                 }
                 Err(e) => {
-                    debug!("registry: {e}");
+                    match e {
+                        LinkError::Assignment(_) => warn!("registry: {e}"),
+                        _ => debug!("registry: {e}"),
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;

@@ -7,7 +7,7 @@
 //! no `.await` here.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,9 +19,10 @@ use pilot_proto::path::Path;
 use pilot_proto::peer::{Activity, Env, Event, Peer};
 use pilot_proto::pmtu;
 use pilot_proto::session::CipherSuite;
+use pilot_proto::trust::TrustRecord;
 use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA};
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::context::{random_u64, Context};
 use crate::pathmtu::PeerPmtu;
@@ -148,25 +149,26 @@ impl Tunnels {
     }
 
     /// Adds a trusted peer to the control state and the data plane's table.
-    pub fn add_peer<T: Tun>(
-        &mut self,
-        ctx: &Context<T>,
-        id: NodeId,
-        address: Ipv4Addr,
-        static_public: [u8; 32],
-        last_endpoint: Option<SocketAddr>,
-    ) {
+    /// A peer whose address or tunnel key another peer already has is not
+    /// added (the trust store refuses such records; this holds even for a
+    /// store written by an older version).
+    pub fn add_peer<T: Tun>(&mut self, ctx: &Context<T>, id: NodeId, rec: &TrustRecord) {
         if self.peers.contains_key(&id) {
             return;
         }
+        let (address, static_public) = (rec.address, rec.identity.static_public);
+        let mut table = ctx.shared.table.write();
+        let addr_holder = table.by_addr.get(&address).map(|d| d.id);
+        let key_holder = self.by_static.get(&static_public).copied();
+        if let Some(holder) = addr_holder.or(key_holder) {
+            warn!(peer = %id, %holder, %address, "not connecting: another trusted peer has its address or tunnel key");
+            return;
+        }
         let data = Arc::new(PeerData::new(id, address, ctx.timing.reject_after));
-        ctx.shared
-            .table
-            .write()
-            .by_addr
-            .insert(address, data.clone());
+        table.by_addr.insert(address, data.clone());
+        drop(table);
         self.by_static.insert(static_public, id);
-        let machine = Peer::with_timing(id, static_public, last_endpoint, ctx.timing);
+        let machine = Peer::with_timing(id, static_public, rec.last_endpoint, ctx.timing);
         self.peers.insert(id, PeerRuntime::new(data, machine));
     }
 
@@ -408,6 +410,7 @@ impl Tunnels {
         now: Instant,
     ) -> Effects {
         let local = *ctx.nat.lock();
+        let answer = answer.map(|(e, nat)| (outside_overlay(ctx, e), nat));
         self.drive(ctx, id, now, |p, env| {
             p.handle_lookup(now, answer, local, env)
         })
@@ -424,6 +427,7 @@ impl Tunnels {
         now: Instant,
     ) -> Effects {
         let local = *ctx.nat.lock();
+        let endpoints = outside_overlay(ctx, endpoints);
         self.drive(ctx, id, now, |p, env| {
             p.handle_punch(now, endpoints, nat, local, env)
         })
@@ -527,4 +531,16 @@ impl Tunnels {
         }
         fx
     }
+}
+
+/// Drops candidate endpoints inside our overlay: a tunnel sent there would
+/// be routed into the tunnel device itself.
+fn outside_overlay<T: Tun>(ctx: &Context<T>, mut endpoints: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if let Some(net) = ctx.shared.network() {
+        endpoints.retain(|e| match e.ip() {
+            IpAddr::V4(ip) => !net.contains(&ip),
+            IpAddr::V6(_) => true,
+        });
+    }
+    endpoints
 }

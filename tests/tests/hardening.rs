@@ -1,0 +1,124 @@
+//! Regression tests for the adversarial review (issue 10): a registry that
+//! lies, nodes that claim what is not theirs, replayed handshakes, hostile
+//! notes and names, and retries that must not lose or misreport anything.
+//! Each test failed before its fix.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use pilot_registry::SqliteStorage;
+use pilot_tests::*;
+use pilot_tun::control::Request;
+
+fn lo() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A registry whose storage lies as the test says.
+async fn lying_registry(dir: &std::path::Path) -> (RegistryHandle, LiesHandle) {
+    let rdir = dir.join("registry");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let (storage, lies) = Tamper::new(SqliteStorage::open(&rdir.join("registry.db")).unwrap());
+    let reg =
+        RegistryHandle::start_with(&rdir, lo(), "10.77.0.0/16".parse().unwrap(), storage).await;
+    (reg, lies)
+}
+
+type LiesHandle = std::sync::Arc<std::sync::Mutex<Lies>>;
+
+fn node_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("node.json")).unwrap()).unwrap()
+}
+
+/// Finding 1: a registry answers a first contact by name with a newcomer's
+/// key and the address of a peer we already trust. Our traffic for that
+/// peer must not go to the newcomer: the record is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_registry_cannot_give_a_trusted_address_to_a_newcomer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, lies) = lying_registry(dir.path()).await;
+    let (a, mut b) = alpha_beta(dir.path(), &reg).await;
+    let c = TestNode::start(dir.path().join("c"), "gamma", Some(reg.join))
+        .await
+        .unwrap();
+    trust(&a, &b).await;
+    deliver(&a, &mut b, b"before").await;
+    // From now on the registry says gamma lives at beta's address.
+    let gamma = identity_of(&c.dir).node_id();
+    lies.lock().unwrap().address.insert(gamma, b.addr());
+    let r = a
+        .call(Request::TrustRequest {
+            peer: "gamma".into(),
+            note: String::new(),
+        })
+        .await;
+    assert!(!r.ok, "the request must be refused: {:?}", r.data);
+    let err = r.error.unwrap();
+    assert!(
+        err.contains(&b.addr().to_string()) && err.contains("already belongs"),
+        "{err}"
+    );
+    assert_eq!(a.trust_state("gamma").await, "none");
+    // Beta still gets what is sent to its address.
+    deliver(&a, &mut b, b"after").await;
+    for n in [a, b, c] {
+        n.node.shutdown().await;
+    }
+    reg.stop().await;
+}
+
+/// Finding 1: a registry that hands out a huge, or a public, network is
+/// refused before anything is routed into the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_or_public_overlay_is_refused() {
+    for (net, why) in [("0.0.0.0/1", "/1"), ("11.0.0.0/16", "private")] {
+        let dir = tempfile::tempdir().unwrap();
+        let rdir = dir.path().join("registry");
+        std::fs::create_dir_all(&rdir).unwrap();
+        let storage = SqliteStorage::open(&rdir.join("registry.db")).unwrap();
+        let reg = RegistryHandle::start_with(&rdir, lo(), net.parse().unwrap(), storage).await;
+        let err = TestNode::start(dir.path().join("a"), "alpha", Some(reg.join))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a node must not come up on {net}"));
+        let msg = err.to_string();
+        assert!(msg.contains(why), "{net}: {msg}");
+        let state = dir.path().join("a").join("node.json");
+        if state.exists() {
+            assert_eq!(
+                node_json(&dir.path().join("a"))["address"],
+                serde_json::Value::Null
+            );
+        }
+        reg.stop().await;
+    }
+}
+
+/// Finding 1: the node's own address is pinned after its first
+/// registration; a registry that later assigns another one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_own_address_is_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, lies) = lying_registry(dir.path()).await;
+    let a = TestNode::start(dir.path().join("a"), "alpha", Some(reg.join))
+        .await
+        .unwrap();
+    let pinned = a.addr();
+    let id = identity_of(&a.dir).node_id();
+    a.node.shutdown().await;
+    let other = Ipv4Addr::new(10, 77, 200, 200);
+    assert_ne!(pinned, other);
+    lies.lock().unwrap().address.insert(id, other);
+    let a = TestNode::start(dir.path().join("a"), "alpha", None)
+        .await
+        .unwrap();
+    assert_eq!(a.addr(), pinned);
+    assert_eq!(node_json(&a.dir)["address"], pinned.to_string());
+    a.node.shutdown().await;
+    // And the next start still uses the pinned address.
+    let a = TestNode::start(dir.path().join("a"), "alpha", None)
+        .await
+        .unwrap();
+    assert_eq!(a.addr(), pinned);
+    a.node.shutdown().await;
+    reg.stop().await;
+}
