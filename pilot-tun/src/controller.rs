@@ -152,13 +152,20 @@ impl<T: Tun> Controller<T> {
         }
     }
 
-    /// Does the I/O that state changes asked for.
+    /// Does the I/O that state changes asked for. What goes into the trust
+    /// store is saved before anything is sent: an initiation's timestamp
+    /// is on disk before its answer leaves.
     async fn carry_out(&mut self, fx: Effects) {
+        let mut dirty = false;
+        for (id, ts) in fx.init_timestamps {
+            dirty |= self.trust.set_last_init_timestamp(&id, ts);
+        }
         for (id, a) in fx.worked {
-            if self.trust.set_endpoint(&id, a) {
-                if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
-                    warn!("cannot save trust store: {e}");
-                }
+            dirty |= self.trust.set_endpoint(&id, a);
+        }
+        if dirty {
+            if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
+                warn!("cannot save trust store: {e}");
             }
         }
         send_all(&self.ctx, fx.out).await;

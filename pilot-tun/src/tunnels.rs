@@ -48,6 +48,9 @@ pub struct Effects {
     pub lookups: Vec<NodeId>,
     /// Direct endpoints that worked (kept in the trust store).
     pub worked: Vec<(NodeId, SocketAddr)>,
+    /// Timestamps of initiations accepted, kept in the trust store before
+    /// the answers go out, so a restart cannot make one replayable.
+    pub init_timestamps: Vec<(NodeId, u64)>,
 }
 
 impl Effects {
@@ -56,6 +59,7 @@ impl Effects {
         self.out.extend(other.out);
         self.lookups.extend(other.lookups);
         self.worked.extend(other.worked);
+        self.init_timestamps.extend(other.init_timestamps);
     }
 }
 
@@ -168,7 +172,8 @@ impl Tunnels {
         table.by_addr.insert(address, data.clone());
         drop(table);
         self.by_static.insert(static_public, id);
-        let machine = Peer::with_timing(id, static_public, rec.last_endpoint, ctx.timing);
+        let mut machine = Peer::with_timing(id, static_public, rec.last_endpoint, ctx.timing);
+        machine.restore_last_init_timestamp(rec.last_init_timestamp);
         self.peers.insert(id, PeerRuntime::new(data, machine));
     }
 
@@ -497,10 +502,17 @@ impl Tunnels {
             return Effects::default();
         }
         let index = ctx.fresh_index();
-        let (r, fx) = self.drive(ctx, &id, now, |p, _| p.handle_init(now, resp, via, index));
-        if let Some(Err(e)) = r {
-            debug!(peer = %id, "initiation refused: {e}");
-            bump(&drops.bad_handshake);
+        let (r, mut fx) = self.drive(ctx, &id, now, |p, _| {
+            p.handle_init(now, resp, via, index)
+                .map(|()| p.last_init_timestamp())
+        });
+        match r {
+            Some(Ok(ts)) => fx.init_timestamps.push((id, ts)),
+            Some(Err(e)) => {
+                debug!(peer = %id, "initiation refused: {e}");
+                bump(&drops.bad_handshake);
+            }
+            None => {}
         }
         fx
     }

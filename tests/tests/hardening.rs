@@ -4,7 +4,11 @@
 //! Each test failed before its fix.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
+use pilot_proto::handshake;
+use pilot_proto::session::CipherSuite;
+use pilot_proto::wire::{self, Kind};
 use pilot_registry::SqliteStorage;
 use pilot_tests::*;
 use pilot_tun::control::Request;
@@ -27,6 +31,29 @@ type LiesHandle = std::sync::Arc<std::sync::Mutex<Lies>>;
 
 fn node_json(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("node.json")).unwrap()).unwrap()
+}
+
+fn trust_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("trust.json")).unwrap()).unwrap()
+}
+
+/// Where a lab node receives tunnel datagrams.
+async fn listen_addr(n: &TestNode) -> SocketAddr {
+    let listen: SocketAddr = n.ok(Request::Status).await["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    SocketAddr::from(([127, 0, 0, 1], listen.port()))
+}
+
+/// True if a handshake response arrives at `sock` within 1.5 s.
+async fn answered(sock: &tokio::net::UdpSocket) -> bool {
+    let mut buf = vec![0u8; 2048];
+    match tokio::time::timeout(Duration::from_millis(1500), sock.recv(&mut buf)).await {
+        Ok(Ok(n)) => wire::classify(&buf[..n]) == Kind::HandshakeResp,
+        _ => false,
+    }
 }
 
 /// Finding 1: a registry answers a first contact by name with a newcomer's
@@ -120,5 +147,74 @@ async fn the_own_address_is_pinned() {
         .unwrap();
     assert_eq!(a.addr(), pinned);
     a.node.shutdown().await;
+    reg.stop().await;
+}
+
+/// Finding 3: an initiation captured on the wire (here: made with alpha's
+/// keys, which gives the same bytes alpha would send) is answered once;
+/// replayed after beta restarts, it must get no answer. And an initiation
+/// that is never completed must not move beta's endpoint for alpha.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_initiation_does_not_replay_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
+    let (mut a, b) = alpha_beta(dir.path(), &reg).await;
+    trust(&a, &b).await;
+    deliver(&b, &mut a, b"up").await;
+    let alpha = identity_of(&a.dir);
+    let beta = identity_of(&b.dir);
+    let beta_at = listen_addr(&b).await;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let (_, captured) = handshake::initiate(
+        alpha.static_secret(),
+        &beta.static_public(),
+        0x0bad,
+        ts,
+        CipherSuite::Aes256Gcm,
+    )
+    .unwrap();
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let attacker_at = attacker.local_addr().unwrap();
+    attacker.send_to(&captured, beta_at).await.unwrap();
+    assert!(
+        answered(&attacker).await,
+        "beta answers a fresh initiation from alpha's key"
+    );
+    // Nobody completed that handshake: beta still sends to alpha.
+    let peers = b.ok(Request::Peers).await;
+    let endpoint = peers.as_array().unwrap()[0]["endpoint"].clone();
+    assert_ne!(
+        endpoint,
+        serde_json::Value::String(attacker_at.to_string()),
+        "beta's endpoint for alpha moved to the attacker"
+    );
+    let rec = trust_json(&b.dir);
+    assert!(
+        !rec.to_string().contains(&attacker_at.to_string()),
+        "the attacker's address was saved: {rec}"
+    );
+    // Beta restarts; the replay gets nothing.
+    b.node.shutdown().await;
+    let b = TestNode::start(dir.path().join("b"), "beta", None)
+        .await
+        .unwrap();
+    // (The lab's nodes take a new port on every start.)
+    let beta_at = listen_addr(&b).await;
+    let before = b.drops("bad_handshake").await;
+    attacker.send_to(&captured, beta_at).await.unwrap();
+    assert!(
+        !answered(&attacker).await,
+        "beta answered a replayed initiation after its restart"
+    );
+    assert!(b.drops("bad_handshake").await > before);
+    // The real alpha still gets through.
+    let mut b = b;
+    deliver(&a, &mut b, b"still here").await;
+    for n in [a, b] {
+        n.node.shutdown().await;
+    }
     reg.stop().await;
 }
