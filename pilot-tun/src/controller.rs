@@ -163,6 +163,12 @@ impl<T: Tun> Controller<T> {
         for (id, a) in fx.worked {
             dirty |= self.trust.set_endpoint(&id, a);
         }
+        for id in fx.proven {
+            if self.trust.set_key_proven(&id) {
+                debug!(peer = %id, "tunnel key proven by a handshake");
+                dirty = true;
+            }
+        }
         if dirty {
             if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
                 warn!("cannot save trust store: {e}");

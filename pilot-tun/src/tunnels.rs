@@ -51,6 +51,9 @@ pub struct Effects {
     /// Timestamps of initiations accepted, kept in the trust store before
     /// the answers go out, so a restart cannot make one replayable.
     pub init_timestamps: Vec<(NodeId, u64)>,
+    /// Peers with which a handshake succeeded: their tunnel key is theirs
+    /// (kept in the trust store).
+    pub proven: Vec<NodeId>,
 }
 
 impl Effects {
@@ -60,6 +63,7 @@ impl Effects {
         self.lookups.extend(other.lookups);
         self.worked.extend(other.worked);
         self.init_timestamps.extend(other.init_timestamps);
+        self.proven.extend(other.proven);
     }
 }
 
@@ -259,6 +263,7 @@ impl Tunnels {
                 Event::OfferPath(p) => rt.data.set_endpoint(p),
                 Event::Established { path, initiator } => {
                     rt.last_handshake = Some(SystemTime::now());
+                    fx.proven.push(*id);
                     if initiator {
                         info!(peer = %id, path = %path, "session established");
                     } else {

@@ -7,6 +7,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use pilot_proto::handshake;
+use pilot_proto::identity::Identity;
+use pilot_proto::messages::{FromRegistry, Signed, Statement, StatementKind};
 use pilot_proto::session::CipherSuite;
 use pilot_proto::wire::{self, Kind};
 use pilot_registry::SqliteStorage;
@@ -54,6 +56,25 @@ async fn answered(sock: &tokio::net::UdpSocket) -> bool {
         Ok(Ok(n)) => wire::classify(&buf[..n]) == Kind::HandshakeResp,
         _ => false,
     }
+}
+
+/// A statement from `from` (signed by it) to `to`.
+fn statement(from: &Identity, to: &Identity, kind: StatementKind, seq: u64) -> Signed<Statement> {
+    Signed::sign(
+        Statement {
+            kind,
+            from: from.public(),
+            to: to.node_id(),
+            seq,
+        },
+        from,
+    )
+}
+
+fn fresh_identity(seed: u8) -> Identity {
+    let mut bytes = [seed; 64];
+    bytes[0] = 0xfe;
+    Identity::from_bytes(&bytes)
 }
 
 /// Finding 1: a registry answers a first contact by name with a newcomer's
@@ -216,5 +237,77 @@ async fn a_captured_initiation_does_not_replay_after_a_restart() {
     for n in [a, b] {
         n.node.shutdown().await;
     }
+    reg.stop().await;
+}
+
+/// Findings 2 and 5: a node that claims a proven peer's tunnel key, and a
+/// request with an oversized note, leave no record; an ordinary request
+/// after them is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_keys_and_oversized_notes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
+    let (mut a, mut b) = alpha_beta(dir.path(), &reg).await;
+    trust(&a, &b).await;
+    // A handshake with beta's key succeeded: it is proven.
+    deliver(&a, &mut b, b"proven").await;
+    let alpha = identity_of(&a.dir);
+    let beta = identity_of(&b.dir);
+
+    // Mallory registers with its own keys, then signs a request whose
+    // identity carries beta's X25519 key (the binding signs any 32 bytes;
+    // beta's secret is used here only to derive beta's public key).
+    let mallory = fresh_identity(0x31);
+    let mut m = RawClient::register(reg.join, &mallory, "mallory").await;
+    let mut claim = mallory.to_bytes();
+    claim[32..].copy_from_slice(&beta.to_bytes()[32..]);
+    let claiming = Identity::from_bytes(&claim);
+    assert_eq!(claiming.node_id(), mallory.node_id());
+    let st = statement(
+        &claiming,
+        &alpha,
+        StatementKind::Request { note: "hi".into() },
+        10,
+    );
+    assert!(matches!(m.statement(st).await, FromRegistry::Ok { .. }));
+
+    // Nora sends a request with a 300-byte note.
+    let nora = fresh_identity(0x32);
+    let mut n = RawClient::register(reg.join, &nora, "nora").await;
+    let long = "\u{1b}[2J".repeat(75);
+    assert_eq!(long.len(), 300);
+    let st = statement(&nora, &alpha, StatementKind::Request { note: long }, 10);
+    assert!(matches!(n.statement(st).await, FromRegistry::Ok { .. }));
+
+    // Oscar's ordinary request comes after both.
+    let oscar = fresh_identity(0x33);
+    let mut o = RawClient::register(reg.join, &oscar, "oscar").await;
+    let st = statement(
+        &oscar,
+        &alpha,
+        StatementKind::Request { note: "ok".into() },
+        10,
+    );
+    assert!(matches!(o.statement(st).await, FromRegistry::Ok { .. }));
+    eventually(
+        Duration::from_secs(5),
+        "oscar's request arrives",
+        || async { a.trust_state("oscar").await == "pending" },
+    )
+    .await;
+    let pending = a.ok(Request::TrustPending).await;
+    let names: Vec<&str> = pending
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["hostname"].as_str())
+        .collect();
+    assert_eq!(names, vec!["oscar"], "{pending}");
+    assert_eq!(a.trust_state("mallory").await, "none");
+    assert_eq!(a.trust_state("nora").await, "none");
+    // Beta's sessions are still beta's.
+    deliver(&b, &mut a, b"beta").await;
+    a.node.shutdown().await;
+    b.node.shutdown().await;
     reg.stop().await;
 }
