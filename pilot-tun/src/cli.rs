@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::api::{self, exit, ApiError, Endpoint, ErrorCode, ErrorReport, Reply, Request, Status};
 use crate::control;
 use crate::node::{Node, NodeConfig, StartError};
+use crate::sanitize::printable;
 use crate::state::StateDir;
 use crate::tun::{KernelTun, TunConfig};
 
@@ -185,10 +186,29 @@ fn failed(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 
 /// Writes a line to stdout; a closed pipe (`pilot-tun peers | head -1`) is
 /// not an error worth a panic.
+/// Prints a line for people. Every string in it may come from a peer or the
+/// registry, so each line is made printable (no control, escape or bidi
+/// characters) on its way out.
 macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), "{}", printable_lines(&format!($($arg)*)));
+    }};
+}
+
+/// Prints JSON as is: serde escapes control characters, and the data must
+/// reach scripts unaltered.
+macro_rules! say_json {
     ($($arg:tt)*) => {{
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
+}
+
+/// `text` with each line made printable; the line breaks stay.
+fn printable_lines(text: &str) -> String {
+    text.split('\n')
+        .map(printable)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Entry point of the binary.
@@ -238,18 +258,18 @@ fn report(e: &ApiError, json: bool) -> u8 {
     if json {
         print_compact(&ErrorReport::from(e));
     } else {
-        eprintln!("pilot-tun: error: {e}");
+        eprintln!("pilot-tun: error: {}", printable(&e.to_string()));
     }
     e.code.exit_code()
 }
 
 fn print_compact<T: Serialize>(v: &T) {
     // These types always serialize (plain structs, string keys).
-    say!("{}", serde_json::to_string(v).unwrap_or_default());
+    say_json!("{}", serde_json::to_string(v).unwrap_or_default());
 }
 
 fn print_pretty<T: Serialize>(v: &T) {
-    say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    say_json!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ApiError> {
@@ -434,7 +454,7 @@ fn print_text(reply: &Reply) {
             }
         }
         Reply::Ping(p) => {
-            let name = who(&p.hostname, p.address);
+            let name = printable(&who(&p.hostname, p.address));
             let path = match (p.path, &p.relay_reason) {
                 (Some(Endpoint::Direct(a)), _) => format!("direct {a}"),
                 (e, why) => path_text(e, why),

@@ -13,6 +13,7 @@ pub mod node;
 pub mod pathmtu;
 pub mod peers;
 pub mod routes;
+pub mod sanitize;
 pub mod shared;
 pub mod state;
 pub mod tun;

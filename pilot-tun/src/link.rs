@@ -211,9 +211,12 @@ impl RegistryLink {
         .await;
         self.calls.lock().remove(&req);
         match result {
-            Ok(FromRegistry::Error { code, message, .. }) => {
-                Err(LinkError::Refused { code, message })
-            }
+            Ok(FromRegistry::Error { code, message, .. }) => Err(LinkError::Refused {
+                code,
+                // Shown and logged: the registry's words are not trusted
+                // to be free of escape sequences.
+                message: crate::sanitize::printable(&message),
+            }),
             other => other,
         }
     }

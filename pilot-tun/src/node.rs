@@ -289,7 +289,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         }
     }
     if let Some(why) = hostname_refused {
-        warn!("hostname not granted: {why}");
+        warn!("hostname not granted: {}", crate::sanitize::printable(&why));
     }
     ctx.link.set_observed(observed);
     // Checked against the bounds and the pinned address before anything
