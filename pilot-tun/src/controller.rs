@@ -457,22 +457,17 @@ impl<T: Tun> Controller<T> {
         }
     }
 
-    /// A peer of the trust store named by hostname, address or node id.
-    fn find_local(&self, r: &PeerRef) -> Option<PeerInfo> {
-        self.trust
-            .iter()
-            .find(|(id, rec)| match r {
-                PeerRef::Id(x) => id == x,
-                PeerRef::Addr(a) => rec.address == *a,
-                PeerRef::Name(n) => rec.hostname.as_deref() == Some(n.as_str()),
-            })
-            .map(|(_, rec)| PeerInfo {
-                identity: rec.identity.clone(),
-                address: rec.address,
-                hostname: rec.hostname.clone(),
-                endpoints: vec![],
-                nat: Default::default(),
-            })
+    /// A peer of the trust store named by hostname, address or node id; an
+    /// error if several records have that hostname.
+    fn find_local(&self, r: &PeerRef) -> Result<Option<PeerInfo>, String> {
+        let found = self.trust.find(r).map_err(|e| e.to_string())?;
+        Ok(found.map(|(_, rec)| PeerInfo {
+            identity: rec.identity.clone(),
+            address: rec.address,
+            hostname: rec.hostname.clone(),
+            endpoints: vec![],
+            nat: Default::default(),
+        }))
     }
 
     /// Records our own trust statement about `info`.
@@ -730,7 +725,8 @@ async fn resolve<T: Tun>(
     let local = h
         .with(move |c| c.find_local(&wanted))
         .await
-        .map_err(stopped)?;
+        .map_err(stopped)?
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?;
     if let Some(i) = local {
         return Ok(i);
     }

@@ -311,3 +311,48 @@ async fn claimed_keys_and_oversized_notes_are_refused() {
     b.node.shutdown().await;
     reg.stop().await;
 }
+
+/// Finding 8: two records with one name make that name ambiguous; the
+/// address or node id still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_name_is_ambiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, lies) = lying_registry(dir.path()).await;
+    let (a, b) = alpha_beta(dir.path(), &reg).await;
+    let c = TestNode::start(dir.path().join("c"), "gamma", Some(reg.join))
+        .await
+        .unwrap();
+    // The registry calls gamma "beta" too.
+    let gamma = identity_of(&c.dir).node_id();
+    lies.lock().unwrap().hostname.insert(gamma, "beta".into());
+    for n in [&b, &c] {
+        n.ok(Request::TrustRequest {
+            peer: "alpha".into(),
+            note: String::new(),
+        })
+        .await;
+    }
+    eventually(Duration::from_secs(5), "both requests arrive", || async {
+        a.ok(Request::TrustPending).await.as_array().unwrap().len() == 2
+    })
+    .await;
+    let r = a
+        .call(Request::TrustApprove {
+            peer: "beta".into(),
+        })
+        .await;
+    assert!(!r.ok, "approved one of two 'beta's: {:?}", r.data);
+    assert!(r.error.unwrap().contains("ambiguous"));
+    a.ok(Request::TrustApprove {
+        peer: b.addr().to_string(),
+    })
+    .await;
+    assert_eq!(
+        a.ok(Request::TrustPending).await.as_array().unwrap().len(),
+        1
+    );
+    for n in [a, b, c] {
+        n.node.shutdown().await;
+    }
+    reg.stop().await;
+}
