@@ -430,6 +430,9 @@ pub struct DropCounts {
     pub refused_local: u64,
     /// Datagrams of no known kind.
     pub malformed: u64,
+    /// Datagrams the slow path refused: its queue was full (in items or in
+    /// bytes), as under a handshake flood.
+    pub queue_full: u64,
 }
 
 /// Our NAT type, in [`Status`].
@@ -778,6 +781,7 @@ mod tests {
                 rate_limited: 0,
                 refused_local: 3,
                 malformed: 0,
+                queue_full: 0,
             },
             mtu: 1380,
             mtu_cap: None,

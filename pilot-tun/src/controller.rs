@@ -32,7 +32,7 @@ use crate::api::{self, ApiError, ErrorCode, Reply, Request, Response, TrustState
 use crate::context::{unix_micros, unix_now, Context};
 use crate::link::LinkError;
 use crate::peers::bump;
-use crate::shared::Slow;
+use crate::shared::{Slow, SlowReceiver};
 use crate::state::{NodeState, StateError};
 use crate::tun::Tun;
 use crate::tunnels::{Effects, Outgoing, Tunnels};
@@ -128,7 +128,7 @@ impl<T: Tun> Controller<T> {
 
     /// The control task: jobs, packet-loop items and machine deadlines, one
     /// at a time, until the node stops.
-    pub async fn run(mut self, mut slow: mpsc::Receiver<Slow>, mut jobs: mpsc::Receiver<Job<T>>) {
+    pub async fn run(mut self, mut slow: SlowReceiver, mut jobs: mpsc::Receiver<Job<T>>) {
         loop {
             let deadline = self.tunnels.next_deadline();
             let sleep = async move {
@@ -546,7 +546,10 @@ impl<T: Tun> Controller<T> {
                 .duration_since(ctx.started)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            drops: ctx.shared.drops.snapshot(),
+            drops: api::DropCounts {
+                queue_full: ctx.shared.slow_tx.refused(),
+                ..ctx.shared.drops.snapshot()
+            },
             mtu: ctx.shared.mtu.tun(),
             mtu_cap: ctx.shared.mtu.cap,
             underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),

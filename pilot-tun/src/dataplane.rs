@@ -29,7 +29,7 @@ use quinn_udp::RecvMeta;
 use tracing::warn;
 
 use crate::peers::{bump, PeerData, TooBig};
-use crate::shared::{Shared, Slow};
+use crate::shared::{slow_fits, Shared, Slow};
 use crate::tun::{Tun, BATCH, TUN_OFFSET};
 use crate::udp::{SendBatch, RECV_BATCH, RECV_BUF};
 use pilot_proto::path::Path;
@@ -331,12 +331,19 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                         }
                         _ => (seg, Path::Direct(meta.addr), None),
                     };
-                    let slow = |seg: &[u8]| match relayed_from {
-                        Some(src) => Slow::Relayed(src, seg.to_vec()),
-                        None => Slow::Datagram(seg.to_vec(), meta.addr),
+                    // Sized before it is copied: nothing else is worth it.
+                    let slow = |seg: &[u8]| {
+                        if !slow_fits(seg, relayed_from.is_some()) {
+                            bump(&inner.drops.malformed);
+                            return;
+                        }
+                        let _ = inner.slow_tx.try_send(match relayed_from {
+                            Some(src) => Slow::Relayed(src, seg.to_vec()),
+                            None => Slow::Datagram(seg.to_vec(), meta.addr),
+                        });
                     };
                     if wire::classify(seg) != Kind::Data || seg.len() < DATA_OVERHEAD {
-                        let _ = inner.slow_tx.try_send(slow(seg));
+                        slow(seg);
                         continue;
                     }
                     let Ok(h) = wire::DataHeader::parse(seg) else {
@@ -345,7 +352,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                     };
                     let Some((peer, session)) = table.by_index.get(&h.receiver_index) else {
                         // The registry session, or no session at all.
-                        let _ = inner.slow_tx.try_send(slow(seg));
+                        slow(seg);
                         continue;
                     };
                     if relayed_from.is_some_and(|src| src != peer.id) {

@@ -23,7 +23,6 @@ use ipnet::Ipv4Net;
 use parking_lot::Mutex;
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::{FromRegistry, ToRegistry};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -116,7 +115,10 @@ impl<T: Tun> Node<T> {
             cfg.state.save_node(&node_state)?;
         }
 
-        let (slow_tx, slow_rx) = mpsc::channel(4096);
+        let (slow_tx, slow_rx) = crate::shared::slow_queue(
+            crate::shared::SLOW_QUEUE_ITEMS,
+            crate::shared::SLOW_QUEUE_BYTES,
+        );
         let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
         let (controller, handle, jobs) = Controller::new(ctx.clone(), trust, node_state);

@@ -245,6 +245,7 @@ impl Drops {
             rate_limited: l(&self.rate_limited),
             refused_local: l(&self.refused_local),
             malformed: l(&self.malformed),
+            queue_full: 0,
         }
     }
 }

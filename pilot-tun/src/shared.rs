@@ -1,7 +1,9 @@
 //! What the packet loops share with the control task: the peer table, the
 //! drop counters, the UDP socket, the TUN device, our overlay address, the
-//! relay's address and the channel on which the loops hand over what is not
-//! data for a live session. A leaf: nothing here knows the control side.
+//! relay's address and the queue on which the loops hand over what is not
+//! data for a live session ([`SlowSender`], bounded in items and in bytes,
+//! and taking only datagrams of a size the control side can use). A leaf:
+//! nothing here knows the control side.
 //!
 //! Lock order. The packet loops take `table` (read) and, under it, a
 //! [`PeerData`](crate::peers::PeerData)'s own small locks; `relay` is taken
@@ -10,13 +12,15 @@
 //! never holds one across an `.await`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use parking_lot::RwLock;
 use pilot_proto::identity::NodeId;
+use pilot_proto::messages::MAX_MESSAGE;
+use pilot_proto::wire::{self, Kind, DATA_OVERHEAD, INIT_LEN, RESP_LEN};
 use tokio::sync::mpsc;
 
 use crate::peers::{Drops, PeerTable};
@@ -35,6 +39,118 @@ pub enum Slow {
     Control(NodeId, Vec<u8>),
     /// Data moved for a peer whose machine asked to be woken by it.
     Wake(NodeId),
+}
+
+impl Slow {
+    /// The bytes it carries.
+    pub fn len(&self) -> usize {
+        match self {
+            Slow::Datagram(b, _)
+            | Slow::Relayed(_, b)
+            | Slow::NeedSession(_, b)
+            | Slow::Control(_, b) => b.len(),
+            Slow::Wake(_) => 0,
+        }
+    }
+
+    /// True if it carries no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Items the slow-path queue holds at most.
+pub const SLOW_QUEUE_ITEMS: usize = 4096;
+/// Bytes the slow-path queue holds at most (a flood must not make the node
+/// hold hundreds of megabytes in packets it will mostly drop).
+pub const SLOW_QUEUE_BYTES: usize = 2 << 20;
+/// The longest STUN answer taken (RFC 8489's 548-byte guidance).
+pub const MAX_STUN: usize = 548;
+
+/// True if a datagram that is not data for a live session is worth the
+/// slow path: a handshake of its exact size, or (not through the relay) a
+/// STUN answer or a registry message that fits one datagram. Checked
+/// before the datagram is copied; anything else is dropped unread.
+pub fn slow_fits(seg: &[u8], relayed: bool) -> bool {
+    let len = seg.len();
+    match wire::classify(seg) {
+        Kind::HandshakeInit => len == INIT_LEN,
+        Kind::HandshakeResp => len == RESP_LEN,
+        Kind::Stun => !relayed && len <= MAX_STUN,
+        Kind::Data => !relayed && (DATA_OVERHEAD..=DATA_OVERHEAD + MAX_MESSAGE).contains(&len),
+        _ => false,
+    }
+}
+
+/// The packet loops' end of the slow-path queue: never blocks, and refuses
+/// an item when the queue is full in items or in bytes.
+pub struct SlowSender {
+    tx: mpsc::Sender<Slow>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    refused: AtomicU64,
+}
+
+/// The control task's end of the slow-path queue.
+pub struct SlowReceiver {
+    rx: mpsc::Receiver<Slow>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// A slow-path queue of at most `items` items and `max_bytes` bytes.
+pub fn slow_queue(items: usize, max_bytes: usize) -> (SlowSender, SlowReceiver) {
+    let (tx, rx) = mpsc::channel(items);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        SlowSender {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+            refused: AtomicU64::new(0),
+        },
+        SlowReceiver { rx, bytes },
+    )
+}
+
+/// The slow-path queue is full (in items or bytes), or its reader is gone.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("slow-path queue full")]
+pub struct QueueFull;
+
+impl SlowSender {
+    /// Queues `item` unless that would pass a bound.
+    pub fn try_send(&self, item: Slow) -> Result<(), QueueFull> {
+        let n = item.len();
+        let refuse = || {
+            self.bytes.fetch_sub(n, Ordering::Relaxed);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            QueueFull
+        };
+        // Reserve the bytes first, so two loops cannot both pass the bound.
+        if self.bytes.fetch_add(n, Ordering::Relaxed) + n > self.max_bytes {
+            return Err(refuse());
+        }
+        self.tx.try_send(item).map_err(|_| refuse())
+    }
+
+    /// Items refused so far (for `status`).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl SlowReceiver {
+    /// The next item (None once every sender is gone).
+    pub async fn recv(&mut self) -> Option<Slow> {
+        let item = self.rx.recv().await?;
+        self.bytes.fetch_sub(item.len(), Ordering::Relaxed);
+        Some(item)
+    }
 }
 
 /// The TUN MTU and how it came about, shared by the node's tasks.
@@ -87,7 +203,7 @@ pub struct Shared<T: Tun> {
     /// Our address and the overlay network, once known.
     pub net: OnceLock<(Ipv4Addr, Ipv4Net)>,
     /// Items for the control task.
-    pub slow_tx: mpsc::Sender<Slow>,
+    pub slow_tx: SlowSender,
     /// Reference instant for the peers' millisecond clocks.
     pub epoch: Instant,
     /// The TUN MTU.
@@ -98,12 +214,7 @@ pub struct Shared<T: Tun> {
 impl<T: Tun> Shared<T> {
     /// Shared state around a bound socket; `registry` is the registry's
     /// address (also its relay).
-    pub fn new(
-        udp: Udp,
-        slow_tx: mpsc::Sender<Slow>,
-        registry: SocketAddr,
-        mtu_cap: Option<u16>,
-    ) -> Self {
+    pub fn new(udp: Udp, slow_tx: SlowSender, registry: SocketAddr, mtu_cap: Option<u16>) -> Self {
         Shared {
             table: RwLock::new(PeerTable::default()),
             drops: Drops::default(),
@@ -164,5 +275,76 @@ impl<T: Tun> Shared<T> {
         let mut r = self.relay.write();
         r.relay_only = addr;
         r.attached = attached && addr.is_some();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> NodeId {
+        NodeId([7; 16])
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_items() {
+        let (tx, mut rx) = slow_queue(4, 1000);
+        assert!(tx.try_send(Slow::NeedSession(id(), vec![0; 400])).is_ok());
+        assert!(tx.try_send(Slow::NeedSession(id(), vec![0; 400])).is_ok());
+        assert_eq!(
+            tx.try_send(Slow::NeedSession(id(), vec![0; 400])),
+            Err(QueueFull),
+            "1200 bytes would pass the 1000-byte bound"
+        );
+        assert_eq!(tx.queued_bytes(), 800);
+        // Taking one out makes room for it again.
+        assert_eq!(rx.recv().await.map(|i| i.len()), Some(400));
+        assert_eq!(tx.queued_bytes(), 400);
+        assert!(tx.try_send(Slow::NeedSession(id(), vec![0; 400])).is_ok());
+        // The item bound holds for items that carry nothing, too.
+        assert!(tx.try_send(Slow::Wake(id())).is_ok());
+        assert!(tx.try_send(Slow::Wake(id())).is_ok());
+        assert_eq!(tx.try_send(Slow::Wake(id())), Err(QueueFull));
+        assert_eq!(
+            tx.queued_bytes(),
+            800,
+            "a refused item leaves no bytes counted"
+        );
+        assert_eq!(tx.refused(), 2);
+    }
+
+    #[test]
+    fn only_usable_datagrams_take_the_slow_path() {
+        let sized = |first: u8, len: usize| {
+            let mut v = vec![0u8; len];
+            v[0] = first;
+            v
+        };
+        let init = sized(wire::MSG_HANDSHAKE_INIT, INIT_LEN);
+        let resp = sized(wire::MSG_HANDSHAKE_RESP, RESP_LEN);
+        assert!(slow_fits(&init, false) && slow_fits(&init, true));
+        assert!(slow_fits(&resp, false) && slow_fits(&resp, true));
+        // A 64 KiB datagram that starts like a handshake is dropped unread.
+        assert!(!slow_fits(&sized(wire::MSG_HANDSHAKE_INIT, 65_000), false));
+        assert!(!slow_fits(
+            &sized(wire::MSG_HANDSHAKE_RESP, RESP_LEN + 1),
+            true
+        ));
+        // Registry messages fit one datagram; longer is not one.
+        let msg = sized(wire::MSG_DATA, DATA_OVERHEAD + MAX_MESSAGE);
+        assert!(slow_fits(&msg, false));
+        assert!(
+            !slow_fits(&msg, true),
+            "the relay carries no registry messages"
+        );
+        assert!(!slow_fits(
+            &sized(wire::MSG_DATA, DATA_OVERHEAD + MAX_MESSAGE + 1),
+            false
+        ));
+        assert!(!slow_fits(&sized(wire::MSG_DATA, DATA_OVERHEAD - 1), false));
+        // Unknown kinds never.
+        assert!(!slow_fits(&sized(0x00, 100), false));
+        assert!(!slow_fits(&sized(wire::MSG_RELAY_TO, 100), false));
+        assert!(!slow_fits(&[], false));
     }
 }
