@@ -23,7 +23,7 @@ use pilot_proto::messages::{
 };
 use pilot_proto::overlay;
 use pilot_proto::path::Path;
-use pilot_proto::trust::{Change, TrustStore};
+use pilot_proto::trust::{Change, PendingLimits, TrustStore};
 use pilot_proto::wire::{self, Kind, RelayHeader, MSG_RELAY_TO, RELAY_HEADER_LEN};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -42,6 +42,8 @@ pub type Job<T> = Box<dyn FnOnce(&mut Controller<T>) -> Effects + Send>;
 
 /// Jobs waiting for the control task; a sender waits when it is full.
 const JOB_QUEUE: usize = 1024;
+/// How often expired trust requests are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// The control task has stopped (the node is shutting down).
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,8 @@ pub struct Controller<T: Tun> {
     pub node_state: NodeState,
     /// Every trusted peer's tunnel.
     pub tunnels: Tunnels,
+    /// How many trust requests may wait for an answer, and how long.
+    pub pending_limits: PendingLimits,
     handle: Handle<T>,
 }
 
@@ -121,6 +125,7 @@ impl<T: Tun> Controller<T> {
             trust,
             node_state,
             tunnels,
+            pending_limits: PendingLimits::default(),
             handle: handle.clone(),
         };
         (c, handle, rx)
@@ -129,6 +134,8 @@ impl<T: Tun> Controller<T> {
     /// The control task: jobs, packet-loop items and machine deadlines, one
     /// at a time, until the node stops.
     pub async fn run(mut self, mut slow: SlowReceiver, mut jobs: mpsc::Receiver<Job<T>>) {
+        // Requests expire even when nothing new arrives.
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
         loop {
             let deadline = self.tunnels.next_deadline();
             let sleep = async move {
@@ -147,6 +154,14 @@ impl<T: Tun> Controller<T> {
                     None => return,
                 },
                 () = sleep => self.tunnels.on_timeout(&self.ctx, Instant::now()),
+                _ = prune.tick() => {
+                    if self.forget_old_requests() {
+                        if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
+                            warn!("cannot save trust store: {e}");
+                        }
+                    }
+                    Effects::default()
+                }
             };
             self.carry_out(fx).await;
         }
@@ -297,16 +312,19 @@ impl<T: Tun> Controller<T> {
             .trust
             .receive(&self.ctx.id, &statement, address, hostname, unix_now())
         {
-            Ok(change) => match self.ctx.cfg.state.save_trust(&self.trust) {
-                Ok(()) => {
-                    info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
-                    (true, self.apply_change(from, change))
+            Ok(change) => {
+                self.forget_old_requests();
+                match self.ctx.cfg.state.save_trust(&self.trust) {
+                    Ok(()) => {
+                        info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
+                        (true, self.apply_change(from, change))
+                    }
+                    Err(e) => {
+                        warn!("cannot save trust store: {e}");
+                        (false, Effects::default())
+                    }
                 }
-                Err(e) => {
-                    warn!("cannot save trust store: {e}");
-                    (false, Effects::default())
-                }
-            },
+            }
             Err(pilot_proto::trust::TrustError::Replayed) => {
                 // A redelivery of a statement we already applied.
                 debug!(peer = %from, "trust statement already applied");
@@ -317,6 +335,16 @@ impl<T: Tun> Controller<T> {
                 (true, Effects::default())
             }
         }
+    }
+
+    /// Drops pending requests past their age and beyond the cap (the
+    /// newest stay). Returns true if any went; the caller saves.
+    fn forget_old_requests(&mut self) -> bool {
+        let gone = self.trust.prune_pending(unix_now(), self.pending_limits);
+        for id in &gone {
+            info!(peer = %id, "pending trust request forgotten (expired, or too many pending)");
+        }
+        !gone.is_empty()
     }
 
     /// Applies a trust change to the tunnels and the data plane.
