@@ -791,6 +791,20 @@ async fn trust_statement<T: Tun>(
             format!("{peer} is this node itself: name another node"),
         ));
     }
+    // A record the trust store would refuse (an address or key another
+    // peer has) is refused before anything is signed or sent.
+    let (identity, address) = (info.identity.clone(), info.address);
+    if let Err(e) = h
+        .with(move |c| c.trust.admissible(&identity, address))
+        .await
+        .map_err(stopped)?
+    {
+        warn!(peer = %pid, "trust record refused: {e}");
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("refused {pid}: {e}"),
+        ));
+    }
     let seq = h
         .with(|c| c.next_seq())
         .await

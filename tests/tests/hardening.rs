@@ -106,6 +106,9 @@ async fn a_lying_registry_cannot_give_a_trusted_address_to_a_newcomer() {
         "{err}"
     );
     assert_eq!(a.trust_state("gamma").await, "none");
+    // Nothing was signed or sent: gamma never hears of it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.trust_state("alpha").await, "none");
     // Beta still gets what is sent to its address.
     deliver(&a, &mut b, b"after").await;
     for n in [a, b, c] {
