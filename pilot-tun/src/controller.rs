@@ -397,6 +397,28 @@ impl<T: Tun> Controller<T> {
         Ok(seq)
     }
 
+    /// Queues a withdrawal of trust for delivery, on disk before it is
+    /// sent; it replaces anything older queued for the same peer.
+    pub fn queue_withdrawal(&mut self, st: Signed<Statement>) -> Result<(), StateError> {
+        let outbox = &mut self.node_state.outbox;
+        outbox.retain(|o| o.body.to != st.body.to);
+        outbox.push(st);
+        self.ctx.cfg.state.save_node(&self.node_state)
+    }
+
+    /// The registry has our statement `seq` about `to` (or a newer one):
+    /// nothing up to it needs sending again.
+    pub fn delivered(&mut self, to: NodeId, seq: u64) {
+        let outbox = &mut self.node_state.outbox;
+        let before = outbox.len();
+        outbox.retain(|o| !(o.body.to == to && o.body.seq <= seq));
+        if outbox.len() != before {
+            if let Err(e) = self.ctx.cfg.state.save_node(&self.node_state) {
+                warn!("cannot save node state: {e}");
+            }
+        }
+    }
+
     /// A signed registration for the registry or a relay.
     pub fn registration(
         &mut self,
@@ -827,38 +849,39 @@ async fn trust_statement<T: Tun>(
             .and_then(|r| r)
     };
     // Withdrawing trust takes effect locally first, whatever the registry
-    // does; granting it is recorded only once the registry has it.
+    // does, and is queued on disk until the registry has it (so it stops
+    // handing our endpoints to the peer); granting it is recorded only
+    // once the registry has it.
     let mut change = None;
     if !grants {
         change = Some(record(info.clone(), kind.clone()).await?);
+        let queued = statement.clone();
+        h.with(move |c| c.queue_withdrawal(queued))
+            .await
+            .map_err(stopped)?
+            .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
     }
-    let sent = ctx
-        .link
-        .call(&ctx.shared.udp, |req| ToRegistry::Statement {
-            req,
-            statement: statement.clone(),
-        })
-        .await;
-    let delivered = match sent {
-        Ok(FromRegistry::Ok { .. }) => Ok(()),
-        Ok(_) => Err((
-            ErrorCode::Failed,
-            "unexpected answer from the registry".to_string(),
-        )),
-        Err(e) => Err((
-            match &e {
-                LinkError::Unreachable(_) => ErrorCode::RegistryUnreachable,
-                LinkError::Refused {
-                    code: pilot_proto::messages::ErrorCode::NotFound,
-                    ..
-                } => ErrorCode::UnknownPeer,
-                LinkError::Refused { .. } | LinkError::Protocol | LinkError::Assignment(_) => {
-                    ErrorCode::Failed
-                }
-            },
-            e.to_string(),
-        )),
-    };
+    let delivered = send_statement(ctx, &statement).await;
+    if delivered.is_ok() {
+        let _ = h.with(move |c| c.delivered(pid, seq)).await;
+    }
+    let delivered = delivered.map_err(|e| {
+        let code = match &e {
+            LinkError::Unreachable(_) => ErrorCode::RegistryUnreachable,
+            LinkError::Refused {
+                code: pilot_proto::messages::ErrorCode::NotFound,
+                ..
+            } => ErrorCode::UnknownPeer,
+            LinkError::Refused { .. } | LinkError::Protocol | LinkError::Assignment(_) => {
+                ErrorCode::Failed
+            }
+        };
+        let text = match grants {
+            true => e.to_string(),
+            false => format!("{e}; it will be sent again until the registry has it"),
+        };
+        (code, text)
+    });
     if grants {
         if let Err((code, e)) = delivered {
             return Err(ApiError::new(
@@ -887,6 +910,47 @@ async fn trust_statement<T: Tun>(
         delivered: delivered.is_ok(),
         delivery_error: delivered.err().map(|(_, e)| e),
     }))
+}
+
+/// Hands a signed statement of ours to the registry.
+async fn send_statement<T: Tun>(ctx: &Context<T>, st: &Signed<Statement>) -> Result<(), LinkError> {
+    let sent = ctx
+        .link
+        .call(&ctx.shared.udp, |req| ToRegistry::Statement {
+            req,
+            statement: st.clone(),
+        })
+        .await;
+    match sent {
+        Ok(FromRegistry::Ok { .. }) => Ok(()),
+        Ok(_) => Err(LinkError::Protocol),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends again the withdrawals the registry has not acknowledged. One it
+/// now has, or has something newer than (it answers "replayed": our
+/// sequence numbers are never reused), is forgotten; one it refuses
+/// outright is dropped with a warning; the rest wait for the next round.
+pub async fn flush_outbox<T: Tun>(ctx: &Context<T>, h: &Handle<T>) {
+    let Ok(queued) = h.with(|c| c.node_state.outbox.clone()).await else {
+        return;
+    };
+    for st in queued {
+        let (to, seq, kind) = (st.body.to, st.body.seq, st.body.kind.name());
+        match send_statement(ctx, &st).await {
+            Ok(()) => info!(peer = %to, kind, "queued trust statement delivered"),
+            Err(LinkError::Refused {
+                code: pilot_proto::messages::ErrorCode::Replayed,
+                ..
+            }) => info!(peer = %to, kind, "queued trust statement was already delivered"),
+            Err(e @ LinkError::Refused { .. }) => {
+                warn!(peer = %to, kind, "the registry refused a queued trust statement, dropping it: {e}")
+            }
+            Err(_) => return, // unreachable: the next round tries again
+        }
+        let _ = h.with(move |c| c.delivered(to, seq)).await;
+    }
 }
 
 async fn ping_request<T: Tun>(

@@ -342,6 +342,7 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                     backoff = Duration::from_secs(1);
                     // Peers may have moved while we could not ask.
                     handle.submit(|c| c.reconnect_all()).await;
+                    controller::flush_outbox(&ctx, &handle).await;
                 }
                 Err(e) => {
                     match e {
@@ -360,7 +361,10 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
             .call(&ctx.shared.udp, |req| ToRegistry::Ping { req })
             .await
         {
-            Ok(FromRegistry::Pong { observed, .. }) => ctx.link.set_observed(observed),
+            Ok(FromRegistry::Pong { observed, .. }) => {
+                ctx.link.set_observed(observed);
+                controller::flush_outbox(&ctx, &handle).await;
+            }
             _ => {
                 warn!("registry stopped answering; reconnecting");
                 ctx.link.drop_session();

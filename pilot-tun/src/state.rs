@@ -3,7 +3,7 @@
 //! | file | what | written |
 //! |---|---|---|
 //! | `identity.key` | Ed25519 + X25519 secret keys (0600) | once, on first start |
-//! | `node.json` | registry URL, cached address, hostname, port, sequence counter | on change |
+//! | `node.json` | registry URL, pinned address, hostname, port, sequence counter, withdrawals not yet delivered | on change |
 //! | `trust.json` | the trust store | on every trust change |
 //! | `control.sock` | the daemon's control socket | while running |
 //! | `pilot-tun.log` | the background daemon's log | while running |
@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use pilot_proto::hex;
 use pilot_proto::identity::{Identity, IDENTITY_BYTES};
+use pilot_proto::messages::{Signed, Statement};
 use pilot_proto::trust::TrustStore;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +91,10 @@ pub struct NodeState {
     pub port: Option<u16>,
     /// Highest sequence number used in a signed message.
     pub seq: u64,
+    /// Withdrawals of trust (deny, revoke) the registry has not
+    /// acknowledged yet, newest per peer: sent again until it has.
+    #[serde(default)]
+    pub outbox: Vec<Signed<Statement>>,
 }
 
 /// The state directory.
@@ -254,6 +259,7 @@ mod tests {
             hostname: Some("alpha".into()),
             port: Some(5000),
             seq: 42,
+            outbox: vec![],
         };
         s.save_node(&n).unwrap();
         assert_eq!(s.load_node().unwrap(), n);

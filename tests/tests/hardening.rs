@@ -359,3 +359,40 @@ async fn a_shared_name_is_ambiguous() {
     }
     reg.stop().await;
 }
+
+/// Finding 7: a revocation made while the registry is down reaches the
+/// peer once it is back, even across a restart of the revoking node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_while_the_registry_is_down_is_delivered_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let rdir = dir.path().join("registry");
+    let reg = RegistryHandle::start(&rdir, lo()).await;
+    let raddr = reg.addr;
+    let (a, mut b) = alpha_beta(dir.path(), &reg).await;
+    trust(&a, &b).await;
+    deliver(&a, &mut b, b"before").await;
+    reg.stop().await;
+    let r = b
+        .ok(Request::TrustRevoke {
+            peer: "alpha".into(),
+        })
+        .await;
+    assert_eq!(r["delivered"], false);
+    assert_eq!(b.trust_state("alpha").await, "revoked");
+    // Beta restarts while the registry is still down.
+    b.node.shutdown().await;
+    let b = TestNode::start(dir.path().join("b"), "beta", None)
+        .await
+        .unwrap();
+    assert_eq!(b.trust_state("alpha").await, "revoked");
+    let reg = RegistryHandle::start(&rdir, raddr).await;
+    eventually(
+        Duration::from_secs(40),
+        "alpha learns of the revocation",
+        || async { a.trust_state("beta").await == "revoked-by-peer" },
+    )
+    .await;
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+    reg.stop().await;
+}
