@@ -913,16 +913,27 @@ async fn trust_statement<T: Tun>(
 }
 
 /// Hands a signed statement of ours to the registry.
+///
+/// The statement carries a sequence number never used before, so when a
+/// resent copy is answered "replayed", the registry holds an earlier copy
+/// of this very statement (its answer was lost or late): that is success.
 async fn send_statement<T: Tun>(ctx: &Context<T>, st: &Signed<Statement>) -> Result<(), LinkError> {
-    let sent = ctx
+    let (sent, sends) = ctx
         .link
-        .call(&ctx.shared.udp, |req| ToRegistry::Statement {
+        .call_counted(&ctx.shared.udp, |req| ToRegistry::Statement {
             req,
             statement: st.clone(),
         })
         .await;
     match sent {
         Ok(FromRegistry::Ok { .. }) => Ok(()),
+        Err(LinkError::Refused {
+            code: ErrorCode::Replayed,
+            ..
+        }) if sends > 1 => {
+            debug!(peer = %st.body.to, "statement answered 'replayed' after a resend: the first copy was stored");
+            Ok(())
+        }
         Ok(_) => Err(LinkError::Protocol),
         Err(e) => Err(e),
     }

@@ -189,16 +189,31 @@ impl RegistryLink {
         udp: &Udp,
         make: impl Fn(u32) -> ToRegistry,
     ) -> Result<FromRegistry, LinkError> {
+        self.call_counted(udp, make).await.0
+    }
+
+    /// [`call`](Self::call), also saying how many copies of the request
+    /// were sent: an answer may be to a later copy, after the first was
+    /// carried out and its answer lost or late.
+    pub async fn call_counted(
+        &self,
+        udp: &Udp,
+        make: impl Fn(u32) -> ToRegistry,
+    ) -> (Result<FromRegistry, LinkError>, u32) {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let msg = make(req);
-        let bytes = messages::encode(&msg).map_err(|_| LinkError::Protocol)?;
+        let Ok(bytes) = messages::encode(&msg) else {
+            return (Err(LinkError::Protocol), 0);
+        };
         let (tx, mut rx) = oneshot::channel();
         self.calls.lock().insert(req, tx);
+        let mut sends = 0;
         let result = async {
             for _ in 0..CALL_TRIES {
                 let Some(session) = self.session() else {
                     return Err(LinkError::Unreachable(self.join.addr));
                 };
+                sends += 1;
                 self.send_sealed(udp, &session, &bytes).await;
                 match tokio::time::timeout(CALL_RETRY, &mut rx).await {
                     Ok(Ok(answer)) => return Ok(answer),
@@ -210,7 +225,7 @@ impl RegistryLink {
         }
         .await;
         self.calls.lock().remove(&req);
-        match result {
+        let result = match result {
             Ok(FromRegistry::Error { code, message, .. }) => Err(LinkError::Refused {
                 code,
                 // Shown and logged: the registry's words are not trusted
@@ -218,7 +233,8 @@ impl RegistryLink {
                 message: crate::sanitize::printable(&message),
             }),
             other => other,
-        }
+        };
+        (result, sends)
     }
 
     /// Sends a message that expects no answer (acknowledgements).

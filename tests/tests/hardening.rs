@@ -396,3 +396,49 @@ async fn a_revocation_made_while_the_registry_is_down_is_delivered_later() {
     b.node.shutdown().await;
     reg.stop().await;
 }
+
+/// Finding 10: the registry stores an approval but its answer is late; the
+/// node's resend is answered "replayed". The approval was stored and
+/// delivered, so the node must report success, not "nothing changed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_to_a_stored_statement_is_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
+    let proxy = DelayProxy::start(reg.addr).await;
+    let via_proxy = pilot_proto::join::JoinUrl {
+        key: reg.join.key,
+        addr: proxy.addr,
+    };
+    let a = TestNode::start(dir.path().join("a"), "alpha", Some(via_proxy))
+        .await
+        .unwrap();
+    let b = TestNode::start(dir.path().join("b"), "beta", Some(reg.join))
+        .await
+        .unwrap();
+    b.ok(Request::TrustRequest {
+        peer: "alpha".into(),
+        note: String::new(),
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the request arrives", || async {
+        a.trust_state("beta").await == "pending"
+    })
+    .await;
+    // The answer to the first copy is held back past the node's resend.
+    proxy.hold_answers(Duration::from_millis(300), Duration::from_millis(1000));
+    let r = a
+        .call(Request::TrustApprove {
+            peer: "beta".into(),
+        })
+        .await;
+    assert!(r.ok, "approve reported as failed: {:?}", r.error);
+    assert_eq!(r.data["delivered"], true, "{}", r.data);
+    assert_eq!(a.trust_state("beta").await, "trusted");
+    eventually(Duration::from_secs(5), "beta sees the approval", || async {
+        b.trust_state("alpha").await == "trusted"
+    })
+    .await;
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+    reg.stop().await;
+}
