@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use ring::hmac;
 use snow::params::NoiseParams;
+use zeroize::Zeroizing;
 
 use crate::session::{CipherSuite, Session};
 use crate::wire::{
@@ -154,6 +155,7 @@ impl Initiator {
             return Err(HandshakeError::Payload);
         }
         let (send, recv) = self.hs.dangerously_get_raw_split();
+        let (send, recv) = (Zeroizing::new(send), Zeroizing::new(recv));
         Ok(Session::new(
             self.suite,
             self.local_index,
@@ -242,6 +244,7 @@ impl Responder {
         let mac = MacKey::for_static(&self.remote_static).compute(&out[..RESP_LEN - MAC_LEN]);
         out[RESP_LEN - MAC_LEN..].copy_from_slice(&mac);
         let (recv, send) = self.hs.dangerously_get_raw_split();
+        let (recv, send) = (Zeroizing::new(recv), Zeroizing::new(send));
         let session = Session::new(
             self.suite,
             local_index,

@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::hex;
 
@@ -78,7 +79,8 @@ impl FromStr for NodeId {
     }
 }
 
-/// A node's secret keys. Never leaves the state directory.
+/// A node's secret keys. Never leaves the state directory, and is wiped
+/// from memory when dropped (the Ed25519 key wipes itself).
 pub struct Identity {
     signing: SigningKey,
     static_secret: [u8; 32],
@@ -92,11 +94,13 @@ impl Identity {
     /// Builds an identity from 64 bytes of secret material (32 for Ed25519,
     /// 32 for X25519). Fresh identities pass 64 random bytes.
     pub fn from_bytes(bytes: &[u8; IDENTITY_BYTES]) -> Self {
-        let mut ed = [0u8; 32];
+        let mut ed = Zeroizing::new([0u8; 32]);
         ed.copy_from_slice(&bytes[..32]);
         let mut x = [0u8; 32];
         x.copy_from_slice(&bytes[32..]);
+        // StaticSecret wipes itself (and takes `x` by value).
         let secret = x25519_dalek::StaticSecret::from(x);
+        x.zeroize();
         let static_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
         Identity {
             signing: SigningKey::from_bytes(&ed),
@@ -105,9 +109,9 @@ impl Identity {
         }
     }
 
-    /// The secret material, for the key file.
-    pub fn to_bytes(&self) -> [u8; IDENTITY_BYTES] {
-        let mut out = [0u8; IDENTITY_BYTES];
+    /// The secret material, for the key file (wiped when dropped).
+    pub fn to_bytes(&self) -> Zeroizing<[u8; IDENTITY_BYTES]> {
+        let mut out = Zeroizing::new([0u8; IDENTITY_BYTES]);
         out[..32].copy_from_slice(self.signing.as_bytes());
         out[32..].copy_from_slice(&self.static_secret);
         out
@@ -152,6 +156,14 @@ impl Identity {
         }
     }
 }
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        self.static_secret.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Identity {}
 
 /// Checks an Ed25519 signature made by [`Identity::sign`].
 pub fn verify(ed_public: &[u8; 32], domain: &[u8], msg: &[u8], sig: &[u8]) -> bool {
@@ -222,6 +234,16 @@ mod tests {
         let again = Identity::from_bytes(&id.to_bytes());
         assert_eq!(again.ed_public(), id.ed_public());
         assert_eq!(again.static_public(), id.static_public());
+    }
+
+    #[test]
+    fn secret_keys_are_wiped_when_dropped() {
+        // Compile-time: the identity and the bytes it gives out wipe
+        // themselves (reading freed memory to check it would be UB).
+        fn wiped<T: ZeroizeOnDrop>(_: &T) {}
+        let id = test_identity(4);
+        wiped(&id);
+        wiped(&id.to_bytes());
     }
 
     #[test]

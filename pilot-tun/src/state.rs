@@ -11,12 +11,20 @@
 //! Every write goes to a temporary file that is synced and renamed over the
 //! old one, so a crash leaves either the old or the new file, never half of
 //! one. A damaged file is reported with its path and never overwritten.
+//!
+//! The directory holds the node's secret key, so before it is used it must
+//! be ours and closed to others (0700), and its parent must not let other
+//! users replace it. Temporary files are created fresh (`O_EXCL`) and never
+//! through a symbolic link (`O_NOFOLLOW`). Secret bytes read or written
+//! here are wiped from memory afterwards.
 
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
 
 use pilot_proto::hex;
 use pilot_proto::identity::{Identity, IDENTITY_BYTES};
@@ -34,6 +42,14 @@ pub enum StateError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// The state directory, or its parent, is open to other users.
+    #[error("{path}: {problem}")]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        problem: String,
     },
     /// A state file exists but does not parse.
     #[error("{path} is damaged: {detail}. It was left untouched; restore it from a backup or move it away to start that part of the state afresh")]
@@ -55,10 +71,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 /// Writes `bytes` to `path` atomically with the given mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
+    // A temporary file left by a crash goes first (removing a symbolic
+    // link removes the link, not what it points to); then the new one is
+    // created fresh, never opened through a link or over another file.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&tmp)(e)),
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(mode)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
@@ -110,10 +134,66 @@ impl StateDir {
         StateDir { path: path.into() }
     }
 
-    /// Creates the directory (0700) if needed.
+    /// Creates the directory (0700) if needed, and checks that it and its
+    /// parent are safe to keep a secret key in (see the module text).
     pub fn create(&self) -> Result<(), StateError> {
         fs::create_dir_all(&self.path).map_err(io_err(&self.path))?;
-        let _ = fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700));
+        self.check()
+    }
+
+    /// The directory must be ours and closed to others (it is closed if
+    /// it is not), and its parent must be ours or root's and not writable
+    /// by others unless sticky (like /tmp): otherwise another user could
+    /// swap the directory or read the key.
+    pub fn check(&self) -> Result<(), StateError> {
+        let me = nix::unistd::geteuid().as_raw();
+        let unsafe_dir = |path: &Path, problem: String| StateError::Unsafe {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let meta = fs::metadata(&self.path).map_err(io_err(&self.path))?;
+        if !meta.is_dir() {
+            return Err(unsafe_dir(&self.path, "not a directory".into()));
+        }
+        if meta.uid() != me {
+            return Err(unsafe_dir(
+                &self.path,
+                format!(
+                    "the state directory belongs to uid {}, not to this user (uid {me}); run as its owner, or choose another with --state-dir",
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&self.path))?;
+        }
+        let parent = fs::canonicalize(&self.path)
+            .map_err(io_err(&self.path))?
+            .parent()
+            .map(Path::to_path_buf);
+        if let Some(parent) = parent {
+            let pm = fs::metadata(&parent).map_err(io_err(&parent))?;
+            if pm.uid() != me && pm.uid() != 0 {
+                return Err(unsafe_dir(
+                    &parent,
+                    format!(
+                        "the state directory's parent belongs to uid {}, who could replace the state directory; choose another with --state-dir",
+                        pm.uid()
+                    ),
+                ));
+            }
+            let sticky = pm.mode() & 0o1000 != 0;
+            if pm.mode() & 0o022 != 0 && !sticky {
+                return Err(unsafe_dir(
+                    &parent,
+                    format!(
+                        "the state directory's parent is writable by other users (mode {:o}), who could replace the state directory; remove that (chmod go-w) or choose another with --state-dir",
+                        pm.mode() & 0o7777
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -131,7 +211,7 @@ impl StateDir {
     /// whether it is new.
     pub fn load_or_create_identity(&self) -> Result<(Identity, bool), StateError> {
         let path = self.file("identity.key");
-        match fs::read_to_string(&path) {
+        match fs::read_to_string(&path).map(Zeroizing::new) {
             Ok(text) => {
                 let mut lines = text.lines();
                 let header = lines.next().unwrap_or_default();
@@ -139,6 +219,7 @@ impl StateDir {
                 let bytes = (header == "pilot-tun identity v1")
                     .then(|| hex::decode_array::<IDENTITY_BYTES>(body.trim()))
                     .flatten()
+                    .map(Zeroizing::new)
                     .ok_or_else(|| StateError::Corrupt {
                         path: path.clone(),
                         detail: "expected 'pilot-tun identity v1' and 128 hex digits".into(),
@@ -146,13 +227,16 @@ impl StateDir {
                 Ok((Identity::from_bytes(&bytes), false))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut bytes = [0u8; IDENTITY_BYTES];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                let mut bytes = Zeroizing::new([0u8; IDENTITY_BYTES]);
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *bytes)
                     .map_err(|_| StateError::Io {
                         path: path.clone(),
                         source: std::io::Error::other("system random generator failed"),
                     })?;
-                let text = format!("pilot-tun identity v1\n{}\n", hex::encode(&bytes));
+                let text = Zeroizing::new(format!(
+                    "pilot-tun identity v1\n{}\n",
+                    Zeroizing::new(hex::encode(&*bytes)).as_str()
+                ));
                 write_atomic(&path, text.as_bytes(), 0o600)?;
                 Ok((Identity::from_bytes(&bytes), true))
             }
@@ -245,6 +329,69 @@ mod tests {
             fs::read_to_string(s.file("trust.json")).unwrap(),
             "{not json"
         );
+    }
+
+    #[test]
+    fn a_temporary_file_planted_as_a_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path().join("state"));
+        s.create().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, s.file("trust.tmp")).unwrap();
+        s.save_trust(&TrustStore::default()).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = fs::symlink_metadata(s.file("trust.json")).unwrap();
+        assert!(meta.is_file(), "trust.json is a file of its own");
+        assert_eq!(s.load_trust().unwrap(), TrustStore::default());
+        // A stale temporary file from a crash is no obstacle either.
+        fs::write(s.file("node.tmp"), "half a file").unwrap();
+        s.save_node(&NodeState::default()).unwrap();
+        assert_eq!(s.load_node().unwrap(), NodeState::default());
+    }
+
+    #[test]
+    fn a_parent_others_can_write_is_refused_unless_sticky() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("shared");
+        fs::create_dir(&parent).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+        let s = StateDir::new(parent.join("state"));
+        let err = s.create().unwrap_err();
+        assert!(
+            matches!(err, StateError::Unsafe { .. })
+                && err.to_string().contains("writable by other users"),
+            "{err}"
+        );
+        // Sticky, like /tmp: others cannot remove or rename our directory.
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o1777)).unwrap();
+        s.create().unwrap();
+    }
+
+    #[test]
+    fn a_state_directory_open_to_others_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        StateDir::new(&path).create().unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_state_directory_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can give a directory away");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        fs::create_dir(&path).unwrap();
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&path, Some(nobody), None).unwrap();
+        let err = StateDir::new(&path).create().unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
     }
 
     #[test]
