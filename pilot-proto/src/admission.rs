@@ -25,6 +25,7 @@
 //! arrive, and [`ResponderKeys::open`] (4) wherever the DH may run.
 //! Sans-IO: the caller sends the response and keeps the session.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -61,9 +62,11 @@ pub enum Refused {
 }
 
 /// The responder's half of admission: its keys and the per-source limiter.
-pub struct Admission {
+/// A source is an IP address unless the caller keys its buckets finer (a
+/// node keys initiations the relay carried by the node that sent them).
+pub struct Admission<K = IpAddr> {
     keys: ResponderKeys,
-    limiter: RateLimiter<IpAddr>,
+    limiter: RateLimiter<K>,
 }
 
 /// What the Diffie-Hellman step needs: the responder's static secret and
@@ -74,7 +77,7 @@ pub struct ResponderKeys {
     mac: MacKey,
 }
 
-impl Admission {
+impl<K: Hash + Eq + Clone> Admission<K> {
     /// Admission for the owner of `secret` (its X25519 static secret), with
     /// the default rate limit.
     pub fn new(secret: [u8; 32], static_public: &[u8; 32]) -> Self {
@@ -104,13 +107,13 @@ impl Admission {
     }
 
     /// Steps 1-4: shape, MAC, the rate limit of `source` (the IP the
-    /// datagram came from; for a relayed initiation, the relay's), Noise.
+    /// datagram came from, or a finer key the caller chose), Noise.
     /// On success the initiator's static key is authenticated; nothing about
     /// it has been recorded yet.
     pub fn screen(
         &mut self,
         datagram: &[u8],
-        source: IpAddr,
+        source: K,
         now: Instant,
     ) -> Result<Screened, Refused> {
         let init = self.precheck(datagram, source, now)?;
@@ -122,7 +125,7 @@ impl Admission {
     pub fn precheck<'a>(
         &mut self,
         datagram: &'a [u8],
-        source: IpAddr,
+        source: K,
         now: Instant,
     ) -> Result<HandshakeInit<'a>, Refused> {
         let init = HandshakeInit::new_checked(datagram)?;

@@ -1155,6 +1155,8 @@ mod tests {
                     note_out: None,
                     updated: 0,
                     last_endpoint: None,
+                    key_proven: false,
+                    last_init_timestamp: 0,
                 };
                 let state = TrustState::of(ours, theirs);
                 assert_eq!(state.to_string(), rec.state(), "{ours:?}/{theirs:?}");

@@ -928,7 +928,7 @@ async fn send_statement<T: Tun>(ctx: &Context<T>, st: &Signed<Statement>) -> Res
     match sent {
         Ok(FromRegistry::Ok { .. }) => Ok(()),
         Err(LinkError::Refused {
-            code: ErrorCode::Replayed,
+            code: pilot_proto::messages::ErrorCode::Replayed,
             ..
         }) if sends > 1 => {
             debug!(peer = %st.body.to, "statement answered 'replayed' after a resend: the first copy was stored");

@@ -114,11 +114,37 @@ impl<T: Tun> Env for NodeEnv<'_, T> {
     }
 }
 
+/// Whose handshake bucket an initiation takes from: its source address,
+/// or, for one the relay carried, the node the relay names. Every relayed
+/// initiation arrives from the relay's address; keyed by that, one node
+/// flooding through the relay would use up every other relayed peer's
+/// share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HandshakeSource {
+    /// Straight from this address.
+    Addr(IpAddr),
+    /// Through the relay, from this node.
+    Relayed(NodeId),
+}
+
+impl HandshakeSource {
+    /// The source of an initiation that came over `via` (from
+    /// `relayed_from` if the relay carried it; `relay` is the relay's
+    /// address, for a relayed one that names no node).
+    pub fn of(via: Path, relayed_from: Option<NodeId>, relay: IpAddr) -> Self {
+        match (relayed_from, via) {
+            (Some(n), _) => HandshakeSource::Relayed(n),
+            (None, Path::Direct(a)) => HandshakeSource::Addr(a.ip()),
+            (None, Path::Relay) => HandshakeSource::Addr(relay),
+        }
+    }
+}
+
 /// Every trusted peer's tunnel.
 pub struct Tunnels {
     peers: HashMap<NodeId, PeerRuntime>,
     by_static: HashMap<[u8; 32], NodeId>,
-    admission: Admission,
+    admission: Admission<HandshakeSource>,
     pings: HashMap<u64, oneshot::Sender<Instant>>,
     /// When each machine is due, earliest first.
     schedule: BTreeSet<(Instant, NodeId)>,
@@ -473,10 +499,7 @@ impl Tunnels {
         now: Instant,
     ) -> Effects {
         let drops = &ctx.shared.drops;
-        let source = match via {
-            Path::Direct(a) => a.ip(),
-            Path::Relay => ctx.link.join.addr.ip(),
-        };
+        let source = HandshakeSource::of(via, relayed_from, ctx.shared.relay_addr().ip());
         // The one admission path (shared with the registry): shape, the
         // cheap MAC before any Diffie-Hellman, the per-source rate limit,
         // then Noise.
@@ -560,4 +583,31 @@ fn outside_overlay<T: Tun>(ctx: &Context<T>, mut endpoints: Vec<SocketAddr>) -> 
         });
     }
     endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_initiations_take_from_their_senders_bucket() {
+        let relay: IpAddr = "192.0.2.1".parse().unwrap();
+        let (m, b) = (NodeId([1; 16]), NodeId([2; 16]));
+        let of = |n| HandshakeSource::of(Path::Relay, Some(n), relay);
+        assert_ne!(of(m), of(b));
+        let direct = |a: &str| HandshakeSource::of(Path::Direct(a.parse().unwrap()), None, relay);
+        assert_eq!(direct("198.51.100.7:1000"), direct("198.51.100.7:2000"));
+        // M floods through the relay: its bucket runs dry, B's does not.
+        let mut limiter = pilot_proto::ratelimit::RateLimiter::new(
+            pilot_proto::admission::HANDSHAKE_RATE,
+            pilot_proto::admission::HANDSHAKE_BURST,
+        );
+        let now = Instant::now();
+        let allowed = (0..100).filter(|_| limiter.allow(&of(m), now)).count();
+        assert_eq!(allowed, 5, "the burst, then nothing");
+        assert!(
+            limiter.allow(&of(b), now),
+            "another relayed peer still gets through"
+        );
+    }
 }
