@@ -435,8 +435,8 @@ impl<T: Tun> Controller<T> {
     }
 
     /// Underlay addresses the overlay must not capture: the registry, the
-    /// relay, and every endpoint a peer was reached at.
-    fn must_reach(&self) -> Vec<(Ipv4Addr, String)> {
+    /// relay, and (with `peers`) every endpoint a peer was reached at.
+    fn must_reach(&self, peers: bool) -> Vec<(Ipv4Addr, String)> {
         let mut keep = vec![];
         let mut add = |a: std::net::SocketAddr, what: String| {
             if let std::net::IpAddr::V4(ip) = a.ip() {
@@ -447,7 +447,7 @@ impl<T: Tun> Controller<T> {
         if let Some(r) = self.ctx.relay_link.read().as_ref() {
             add(r.join.addr, "the relay".into());
         }
-        for (id, r) in self.trust.iter() {
+        for (id, r) in self.trust.iter().filter(|_| peers) {
             if let Some(e) = r.last_endpoint {
                 add(e, format!("the endpoint of peer {id}"));
             }
@@ -457,15 +457,20 @@ impl<T: Tun> Controller<T> {
 
     /// The registry granted an address (and maybe a hostname). The first
     /// assignment that passes the bounds ([`overlay::check_assignment`]) is
-    /// pinned in `node.json`; a later, different one is refused. Returns
-    /// the overlay network.
+    /// pinned in `node.json`; a later, different one is refused. The
+    /// address becomes the node's (if it has none yet) before any other
+    /// message is handled. Returns the overlay network.
     pub fn on_registered(
         &mut self,
         address: Ipv4Addr,
         prefix_len: u8,
         hostname: Option<String>,
     ) -> Result<Ipv4Net, String> {
-        let network = overlay::check_assignment(address, prefix_len, &self.must_reach())
+        // Peers' endpoints count for a first assignment; once pinned, an
+        // endpoint a peer reported later does not unpin us (candidates
+        // inside the overlay are dropped instead).
+        let first = self.node_state.address.is_none();
+        let network = overlay::check_assignment(address, prefix_len, &self.must_reach(first))
             .map_err(|e| e.to_string())?;
         let s = &mut self.node_state;
         if let (Some(a), Some(p)) = (s.address, s.prefix_len) {
@@ -490,6 +495,8 @@ impl<T: Tun> Controller<T> {
                 warn!("cannot save node state: {e}");
             }
         }
+        // Set once: a running interface keeps its address.
+        let _ = self.ctx.shared.net.set((address, network));
         Ok(network)
     }
 
@@ -498,7 +505,7 @@ impl<T: Tun> Controller<T> {
     pub fn cached_address(&self) -> Option<(Ipv4Addr, Ipv4Net)> {
         let s = &self.node_state;
         let (a, p) = s.address.zip(s.prefix_len)?;
-        match overlay::check_assignment(a, p, &self.must_reach()) {
+        match overlay::check_assignment(a, p, &self.must_reach(false)) {
             Ok(net) => Some((a, net)),
             Err(e) => {
                 warn!("the cached address {a}/{p} is refused: {e}");

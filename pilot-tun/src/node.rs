@@ -296,14 +296,11 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
     ctx.link.set_observed(observed);
     // Checked against the bounds and the pinned address before anything
     // uses it.
-    let network = handle
+    handle
         .with(move |c| c.on_registered(address, prefix_len, granted))
         .await
         .map_err(|_| LinkError::Protocol)?
         .map_err(LinkError::Assignment)?;
-    // Set once: a running interface keeps its address (and the pinned one
-    // is the only one accepted anyway).
-    let _ = ctx.shared.net.set((address, network));
     info!(%address, %observed, "registered");
     Ok(())
 }

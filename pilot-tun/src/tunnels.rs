@@ -202,7 +202,8 @@ impl Tunnels {
         table.by_addr.insert(address, data.clone());
         drop(table);
         self.by_static.insert(static_public, id);
-        let mut machine = Peer::with_timing(id, static_public, rec.last_endpoint, ctx.timing);
+        let last = outside_overlay(ctx, rec.last_endpoint.into_iter().collect());
+        let mut machine = Peer::with_timing(id, static_public, last.first().copied(), ctx.timing);
         machine.restore_last_init_timestamp(rec.last_init_timestamp);
         self.peers.insert(id, PeerRuntime::new(data, machine));
     }
