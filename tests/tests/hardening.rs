@@ -13,7 +13,7 @@ use pilot_proto::session::CipherSuite;
 use pilot_proto::wire::{self, Kind};
 use pilot_registry::SqliteStorage;
 use pilot_tests::*;
-use pilot_tun::control::Request;
+use pilot_tun::api::{Endpoint, Request, TrustChange, TrustState};
 
 fn lo() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -41,11 +41,7 @@ fn trust_json(dir: &std::path::Path) -> serde_json::Value {
 
 /// Where a lab node receives tunnel datagrams.
 async fn listen_addr(n: &TestNode) -> SocketAddr {
-    let listen: SocketAddr = n.ok(Request::Status).await["listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let listen: SocketAddr = n.status().await.listen.expect("a listening socket");
     SocketAddr::from(([127, 0, 0, 1], listen.port()))
 }
 
@@ -99,16 +95,15 @@ async fn a_lying_registry_cannot_give_a_trusted_address_to_a_newcomer() {
             note: String::new(),
         })
         .await;
-    assert!(!r.ok, "the request must be refused: {:?}", r.data);
-    let err = r.error.unwrap();
+    let err = r.expect_err("the request must be refused").error;
     assert!(
         err.contains(&b.addr().to_string()) && err.contains("already belongs"),
         "{err}"
     );
-    assert_eq!(a.trust_state("gamma").await, "none");
+    assert_eq!(a.trust_state("gamma").await, TrustState::None);
     // Nothing was signed or sent: gamma never hears of it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(c.trust_state("alpha").await, "none");
+    assert_eq!(c.trust_state("alpha").await, TrustState::None);
     // Beta still gets what is sent to its address.
     deliver(&a, &mut b, b"after").await;
     for n in [a, b, c] {
@@ -208,11 +203,10 @@ async fn a_captured_initiation_does_not_replay_after_a_restart() {
         "beta answers a fresh initiation from alpha's key"
     );
     // Nobody completed that handshake: beta still sends to alpha.
-    let peers = b.ok(Request::Peers).await;
-    let endpoint = peers.as_array().unwrap()[0]["endpoint"].clone();
+    let peers = b.peers().await;
     assert_ne!(
-        endpoint,
-        serde_json::Value::String(attacker_at.to_string()),
+        peers[0].endpoint,
+        Some(Endpoint::Direct(attacker_at)),
         "beta's endpoint for alpha moved to the attacker"
     );
     let rec = trust_json(&b.dir);
@@ -227,13 +221,13 @@ async fn a_captured_initiation_does_not_replay_after_a_restart() {
         .unwrap();
     // (The lab's nodes take a new port on every start.)
     let beta_at = listen_addr(&b).await;
-    let before = b.drops("bad_handshake").await;
+    let before = b.drops().await.bad_handshake;
     attacker.send_to(&captured, beta_at).await.unwrap();
     assert!(
         !answered(&attacker).await,
         "beta answered a replayed initiation after its restart"
     );
-    assert!(b.drops("bad_handshake").await > before);
+    assert!(b.drops().await.bad_handshake > before);
     // The real alpha still gets through.
     let mut b = b;
     deliver(&a, &mut b, b"still here").await;
@@ -295,19 +289,17 @@ async fn claimed_keys_and_oversized_notes_are_refused() {
     eventually(
         Duration::from_secs(5),
         "oscar's request arrives",
-        || async { a.trust_state("oscar").await == "pending" },
+        || async { a.trust_state("oscar").await == TrustState::Pending },
     )
     .await;
-    let pending = a.ok(Request::TrustPending).await;
+    let pending = a.pending().await;
     let names: Vec<&str> = pending
-        .as_array()
-        .unwrap()
         .iter()
-        .filter_map(|p| p["hostname"].as_str())
+        .filter_map(|p| p.hostname.as_deref())
         .collect();
-    assert_eq!(names, vec!["oscar"], "{pending}");
-    assert_eq!(a.trust_state("mallory").await, "none");
-    assert_eq!(a.trust_state("nora").await, "none");
+    assert_eq!(names, vec!["oscar"], "{pending:?}");
+    assert_eq!(a.trust_state("mallory").await, TrustState::None);
+    assert_eq!(a.trust_state("nora").await, TrustState::None);
     // Beta's sessions are still beta's.
     deliver(&b, &mut a, b"beta").await;
     a.node.shutdown().await;
@@ -336,7 +328,7 @@ async fn a_shared_name_is_ambiguous() {
         .await;
     }
     eventually(Duration::from_secs(5), "both requests arrive", || async {
-        a.ok(Request::TrustPending).await.as_array().unwrap().len() == 2
+        a.pending().await.len() == 2
     })
     .await;
     let r = a
@@ -344,16 +336,13 @@ async fn a_shared_name_is_ambiguous() {
             peer: "beta".into(),
         })
         .await;
-    assert!(!r.ok, "approved one of two 'beta's: {:?}", r.data);
-    assert!(r.error.unwrap().contains("ambiguous"));
+    let err = r.expect_err("approved one of two 'beta's").error;
+    assert!(err.contains("ambiguous"), "{err}");
     a.ok(Request::TrustApprove {
         peer: b.addr().to_string(),
     })
     .await;
-    assert_eq!(
-        a.ok(Request::TrustPending).await.as_array().unwrap().len(),
-        1
-    );
+    assert_eq!(a.pending().await.len(), 1);
     for n in [a, b, c] {
         n.node.shutdown().await;
     }
@@ -372,24 +361,24 @@ async fn a_revocation_made_while_the_registry_is_down_is_delivered_later() {
     trust(&a, &b).await;
     deliver(&a, &mut b, b"before").await;
     reg.stop().await;
-    let r = b
-        .ok(Request::TrustRevoke {
+    let r: TrustChange = b
+        .get(Request::TrustRevoke {
             peer: "alpha".into(),
         })
         .await;
-    assert_eq!(r["delivered"], false);
-    assert_eq!(b.trust_state("alpha").await, "revoked");
+    assert!(!r.delivered);
+    assert_eq!(b.trust_state("alpha").await, TrustState::Revoked);
     // Beta restarts while the registry is still down.
     b.node.shutdown().await;
     let b = TestNode::start(dir.path().join("b"), "beta", None)
         .await
         .unwrap();
-    assert_eq!(b.trust_state("alpha").await, "revoked");
+    assert_eq!(b.trust_state("alpha").await, TrustState::Revoked);
     let reg = RegistryHandle::start(&rdir, raddr).await;
     eventually(
         Duration::from_secs(40),
         "alpha learns of the revocation",
-        || async { a.trust_state("beta").await == "revoked-by-peer" },
+        || async { a.trust_state("beta").await == TrustState::RevokedByPeer },
     )
     .await;
     a.node.shutdown().await;
@@ -421,7 +410,7 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     })
     .await;
     eventually(Duration::from_secs(5), "the request arrives", || async {
-        a.trust_state("beta").await == "pending"
+        a.trust_state("beta").await == TrustState::Pending
     })
     .await;
     // The answer to the first copy is held back past the node's resend.
@@ -431,11 +420,12 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
             peer: "beta".into(),
         })
         .await;
-    assert!(r.ok, "approve reported as failed: {:?}", r.error);
-    assert_eq!(r.data["delivered"], true, "{}", r.data);
-    assert_eq!(a.trust_state("beta").await, "trusted");
+    let r = r.expect("approve reported as failed");
+    let r = TrustChange::try_from(r).expect("a trust change");
+    assert!(r.delivered, "{r:?}");
+    assert_eq!(a.trust_state("beta").await, TrustState::Trusted);
     eventually(Duration::from_secs(5), "beta sees the approval", || async {
-        b.trust_state("alpha").await == "trusted"
+        b.trust_state("alpha").await == TrustState::Trusted
     })
     .await;
     a.node.shutdown().await;
