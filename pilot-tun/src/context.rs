@@ -223,7 +223,9 @@ impl<T: Tun> Context<T> {
                 ));
             }
         }
-        if info.address == self.address() {
+        // Our own record (someone named this node) is the caller's to
+        // refuse; another node's record with our address is a lie.
+        if info.address == self.address() && info.identity.node_id() != self.id {
             return Err(format!(
                 "the registry returned this node's own address {} for {peer}",
                 info.address
