@@ -9,6 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::stun;
 use pilot_proto::wire::{
+    CookieReply,
     self, DataHeader, HandshakeInit, HandshakeResp, Kind, RelayHeader, DATA_HEADER_LEN,
     DATA_OVERHEAD, INIT_LEN, MAC_LEN, MSG_RELAY_FROM, MSG_RELAY_TO, NOISE_INIT_LEN, NOISE_RESP_LEN,
     RELAY_HEADER_LEN, RESP_LEN,
@@ -33,7 +34,17 @@ fn check(data: &[u8], depth: usize) {
         assert_eq!(init.sender_index().to_le_bytes(), data[4..8]);
         assert_eq!(init.noise(), &data[8..8 + NOISE_INIT_LEN]);
         assert_eq!(init.mac_covered(), &data[..INIT_LEN - MAC_LEN]);
-        assert_eq!(init.mac(), &data[INIT_LEN - MAC_LEN..]);
+        assert_eq!(init.mac(), &data[INIT_LEN - MAC_LEN..INIT_LEN]);
+        assert_eq!(
+            init.cookie_mac(),
+            data.get(INIT_LEN..).filter(|m| !m.is_empty())
+        );
+    }
+
+    if let Ok(reply) = CookieReply::new_checked(data) {
+        assert_eq!(kind, Kind::CookieReply);
+        assert_eq!(reply.receiver_index().to_le_bytes(), data[4..8]);
+        assert_eq!(reply.nonce().len() + reply.sealed().len() + 8, data.len());
     }
 
     if let Ok(resp) = HandshakeResp::new_checked(data) {

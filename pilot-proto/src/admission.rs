@@ -6,38 +6,54 @@
 //! 1. shape: length, type and reserved bytes ([`HandshakeInit::new_checked`]);
 //! 2. the MAC keyed by our own static key (one HMAC, no Diffie-Hellman), so
 //!    random datagrams and initiations meant for someone else cost nothing;
-//! 3. the per-source rate limit (default 20/s, burst 5), so one source
+//! 3. under load (more initiations with a good MAC than
+//!    [`LOAD_THRESHOLD`] a second), a cookie: an initiation without a valid
+//!    `mac2` for its source is answered with a cookie reply and goes no
+//!    further ([`crate::cookie`]); forged source addresses stop here. Only
+//!    for responders that turn cookies on ([`Admission::with_cookies`]);
+//! 4. the per-source rate limit (default 20/s, burst 5), so one source
 //!    cannot buy unlimited Diffie-Hellman work;
-//! 4. Noise (the DH work), which authenticates the initiator's static key;
-//! 5. (the caller's step) deciding whether that key is welcome: trust for a
+//! 5. Noise (the DH work), which authenticates the initiator's static key;
+//! 6. (the caller's step) deciding whether that key is welcome: trust for a
 //!    node, anyone for the registry;
-//! 6. the initiation's timestamp must grow per initiator, so a captured
+//! 7. the initiation's timestamp must grow per initiator, so a captured
 //!    initiation cannot be replayed; checked and recorded by
 //!    [`Screened::accept`], which then answers.
 //!
 //! ```text
-//! let screened = admission.screen(datagram, source_ip, now)?;   // 1-4
-//! let last = <the caller's last timestamp for screened.remote_static()>; // 5
-//! let (session, response) = screened.accept(last, local_index, now)?;  // 6
+//! let screened = admission.screen(datagram, source_ip, now)?;   // 1-5
+//! let last = <the caller's last timestamp for screened.remote_static()>; // 6
+//! let (session, response) = screened.accept(last, local_index, now)?;  // 7
 //! ```
 //! A responder that keeps Diffie-Hellman work off its packet path splits
-//! `screen` in two: [`Admission::precheck`] (1-3, cheap) where packets
-//! arrive, and [`ResponderKeys::open`] (4) wherever the DH may run.
+//! `screen` in two: [`Admission::precheck`] (1-4, cheap) where packets
+//! arrive, and [`ResponderKeys::open`] (5) wherever the DH may run.
 //! Sans-IO: the caller sends the response and keeps the session.
 
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::cookie::{CookieBinding, CookieMaker};
 use crate::handshake::{self, HandshakeError, MacKey, Responder};
 use crate::ratelimit::RateLimiter;
 use crate::session::{CipherSuite, Session};
-use crate::wire::{HandshakeInit, WireError, RESP_LEN};
+use crate::wire::{HandshakeInit, WireError, COOKIE_REPLY_LEN, RESP_LEN};
 
 /// Handshakes one source may start per second (DESIGN: 20/s per source).
 pub const HANDSHAKE_RATE: u32 = 20;
 /// Handshakes one source may start at once (DESIGN: burst 5).
 pub const HANDSHAKE_BURST: u32 = 5;
+/// Initiations with a good MAC per second above which a responder with
+/// cookies on is under load. A fleet of a thousand peers rekeying every two
+/// minutes makes about eight a second; a restart of every peer at once
+/// passes it briefly, and costs each of them one round trip more.
+pub const LOAD_THRESHOLD: u32 = 100;
+/// How long a responder stays under load after the rate last passed
+/// [`LOAD_THRESHOLD`].
+pub const LOAD_HOLD: Duration = Duration::from_secs(1);
 
 /// Why an initiation was not admitted. Every case means: drop it, answer
 /// nothing; the variant only says which counter to bump.
@@ -52,6 +68,11 @@ pub enum Refused {
     /// The source is over its handshake rate.
     #[error("handshake rate limit")]
     RateLimited,
+    /// Under load, and the initiation carries no valid cookie for its
+    /// source: send this cookie reply back to where it came from, nothing
+    /// else.
+    #[error("under load: answered with a cookie")]
+    Cookie(Box<[u8; COOKIE_REPLY_LEN]>),
     /// Noise refused the message, or its payload is malformed.
     #[error("handshake refused: {0}")]
     Handshake(#[from] HandshakeError),
@@ -67,6 +88,45 @@ pub enum Refused {
 pub struct Admission<K = IpAddr> {
     keys: ResponderKeys,
     limiter: RateLimiter<K>,
+    cookies: Option<Cookies>,
+    static_public: [u8; 32],
+}
+
+/// The cookie half of admission: the maker and the load meter.
+struct Cookies {
+    maker: CookieMaker,
+    rng: SystemRandom,
+    threshold: u32,
+    window: Option<Instant>,
+    in_window: u32,
+    loaded_until: Option<Instant>,
+}
+
+impl Cookies {
+    /// Counts one initiation with a good MAC; true if under load.
+    fn note(&mut self, now: Instant) -> bool {
+        match self.window {
+            Some(w) if now.saturating_duration_since(w) < Duration::from_secs(1) => {
+                self.in_window += 1
+            }
+            _ => {
+                self.window = Some(now);
+                self.in_window = 1;
+            }
+        }
+        if self.in_window > self.threshold {
+            self.loaded_until = Some(now + LOAD_HOLD);
+        }
+        self.loaded_until.is_some_and(|u| now < u)
+    }
+
+    fn random<const N: usize>(&self) -> [u8; N] {
+        let mut b = [0u8; N];
+        // The system RNG does not fail on Linux; zeros would only weaken
+        // cookies, never open the door.
+        let _ = self.rng.fill(&mut b);
+        b
+    }
 }
 
 /// What the Diffie-Hellman step needs: the responder's static secret and
@@ -77,7 +137,7 @@ pub struct ResponderKeys {
     mac: MacKey,
 }
 
-impl<K: Hash + Eq + Clone> Admission<K> {
+impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
     /// Admission for the owner of `secret` (its X25519 static secret), with
     /// the default rate limit.
     pub fn new(secret: [u8; 32], static_public: &[u8; 32]) -> Self {
@@ -92,7 +152,34 @@ impl<K: Hash + Eq + Clone> Admission<K> {
                 mac: MacKey::for_static(static_public),
             },
             limiter: RateLimiter::new(rate, burst),
+            cookies: None,
+            static_public: *static_public,
         }
+    }
+
+    /// Turns cookies on: above `threshold` initiations with a good MAC per
+    /// second, initiations need a cookie ([`LOAD_THRESHOLD`] is the
+    /// default).
+    pub fn with_cookies(mut self, threshold: u32) -> Self {
+        let rng = SystemRandom::new();
+        let mut first = [0u8; 32];
+        let _ = rng.fill(&mut first);
+        self.cookies = Some(Cookies {
+            maker: CookieMaker::new(&self.static_public, first),
+            rng,
+            threshold,
+            window: None,
+            in_window: 0,
+            loaded_until: None,
+        });
+        self
+    }
+
+    /// True if initiations need a cookie now.
+    pub fn under_load(&self, now: Instant) -> bool {
+        self.cookies
+            .as_ref()
+            .is_some_and(|c| c.loaded_until.is_some_and(|u| now < u))
     }
 
     /// The MAC key of our own static key (it also checks handshake
@@ -106,7 +193,7 @@ impl<K: Hash + Eq + Clone> Admission<K> {
         &self.keys
     }
 
-    /// Steps 1-4: shape, MAC, the rate limit of `source` (the IP the
+    /// Steps 1-5: shape, MAC, cookie under load, the rate limit of `source` (the IP the
     /// datagram came from, or a finer key the caller chose), Noise.
     /// On success the initiator's static key is authenticated; nothing about
     /// it has been recorded yet.
@@ -120,7 +207,8 @@ impl<K: Hash + Eq + Clone> Admission<K> {
         self.keys.open(init)
     }
 
-    /// Steps 1-3 alone (no Diffie-Hellman): shape, MAC, rate limit. The
+    /// Steps 1-4 alone (no Diffie-Hellman): shape, MAC, cookie under
+    /// load, rate limit. The
     /// initiation that passes goes on to [`ResponderKeys::open`].
     pub fn precheck<'a>(
         &mut self,
@@ -131,6 +219,16 @@ impl<K: Hash + Eq + Clone> Admission<K> {
         let init = HandshakeInit::new_checked(datagram)?;
         if !self.keys.mac.verify(init.mac_covered(), init.mac()) {
             return Err(Refused::Mac);
+        }
+        if let Some(c) = &mut self.cookies {
+            if c.maker.needs_secret(now) {
+                let secret = c.random();
+                c.maker.rotate_secret(secret, now);
+            }
+            if c.note(now) && !c.maker.check(&init, &source) {
+                let reply = c.maker.reply(&init, &source, c.random());
+                return Err(Refused::Cookie(Box::new(reply)));
+            }
         }
         if !self.limiter.allow(&source, now) {
             return Err(Refused::RateLimited);
@@ -230,6 +328,59 @@ mod tests {
 
     fn admission(of: &Identity) -> Admission {
         Admission::new(*of.static_secret(), &of.static_public())
+    }
+
+    /// A flood of initiations with good MACs from many (forged) sources:
+    /// past the threshold, each gets a cookie reply and no Diffie-Hellman;
+    /// the initiator that receives its reply gets through with `mac2`, and
+    /// a cookie does not work from another source.
+    #[test]
+    fn under_load_initiations_need_a_cookie_for_their_source() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b).with_cookies(3);
+        let (_, msg) = init(&a, &b, 100);
+        for i in 0..3 {
+            assert!(
+                adm.precheck(&msg, ip(10 + i), now).is_ok(),
+                "below the threshold"
+            );
+        }
+        assert!(!adm.under_load(now));
+        let reply = match adm.precheck(&msg, ip(1), now) {
+            Err(Refused::Cookie(r)) => r,
+            other => panic!("expected a cookie reply, got {:?}", other.map(|_| ())),
+        };
+        assert!(adm.under_load(now));
+        // The reply opens with the responder's key and our mac1.
+        let cookie = crate::cookie::open_reply(&b.static_public(), &reply[..], &msg).unwrap();
+        let with = crate::cookie::with_mac2(&msg, &cookie);
+        let s = adm.screen(&with, ip(1), now).expect("mac2 admits it");
+        assert_eq!(s.remote_static(), &a.static_public());
+        // The same mac2 from another source: another cookie, no Noise.
+        assert!(matches!(
+            adm.precheck(&with, ip(2), now),
+            Err(Refused::Cookie(_))
+        ));
+        // Load passes: plain initiations are admitted again.
+        let later = now + LOAD_HOLD + Duration::from_secs(1);
+        assert!(!adm.under_load(later));
+        assert!(adm.precheck(&msg, ip(3), later).is_ok());
+    }
+
+    #[test]
+    fn without_cookies_there_is_no_load() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b);
+        let (_, msg) = init(&a, &b, 100);
+        for i in 0..200u8 {
+            assert!(!matches!(
+                adm.precheck(&msg, ip(i), now),
+                Err(Refused::Cookie(_))
+            ));
+        }
+        assert!(!adm.under_load(now));
     }
 
     #[test]

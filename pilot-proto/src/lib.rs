@@ -19,6 +19,8 @@
 //! - [`messages`]: the registry control protocol and signed trust statements.
 //! - [`trust`]: the local trust store and its transitions.
 //! - [`overlay`]: the bounds on the overlay network a registry hands out.
+//! - [`cookie`]: cookie replies, so a responder under load spends no
+//!   Diffie-Hellman on forged source addresses.
 //! - [`peer`]: one peer's tunnel as a state machine (handshakes, sessions,
 //!   path, timers, queue), driven by `handle_*` calls and polled for output.
 //! - [`packet`]: the few IPv4 facts the data plane needs, ICMP errors, and
@@ -28,6 +30,7 @@
 //! - [`pmtu`]: each peer's path MTU, found with probes.
 
 pub mod admission;
+pub mod cookie;
 pub mod frame;
 pub mod handshake;
 pub mod hex;

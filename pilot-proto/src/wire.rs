@@ -6,12 +6,16 @@
 //!
 //! ```text
 //! handshake init  (136 B) | A1 | 0 0 0 | sender idx u32le | noise msg1 (112) | mac1 (16) |
+//!   with a cookie (152 B) | A1 | ... as above ...                              | mac1 (16) | mac2 (16) |
+//! cookie reply    ( 52 B) | A3 | 0 0 0 | receiver idx u32le | nonce (12) | sealed cookie (16) | tag (16) |
 //! handshake resp  ( 92 B) | A2 | 0 0 0 | sender idx u32le | receiver idx u32le | noise msg2 (64) | mac1 (16) |
 //! data     (32 B + inner) | A4 | 0 0 0 | receiver idx u32le | counter u64le | ciphertext | tag (16) |
 //! relay to       (20 B + d) | A5 | 0 0 0 | destination node id (16) | tunnel datagram d |
 //! relay from     (20 B + d) | A6 | 0 0 0 | source node id (16)      | tunnel datagram d |
 //! ```
 //! A relay forwards the tunnel datagram untouched: it holds no key to it.
+//! The cookie reply and `mac2` are how a responder under load makes an
+//! initiator prove it receives where it sends from (see [`crate::cookie`]).
 //! The whole 16-byte data header is the AEAD's associated data.
 
 use crate::stun;
@@ -20,6 +24,8 @@ use crate::stun;
 pub const MSG_HANDSHAKE_INIT: u8 = 0xA1;
 /// Type byte of a handshake response.
 pub const MSG_HANDSHAKE_RESP: u8 = 0xA2;
+/// Type byte of a cookie reply.
+pub const MSG_COOKIE: u8 = 0xA3;
 /// Type byte of a data packet.
 pub const MSG_DATA: u8 = 0xA4;
 /// Type byte of a datagram a node hands the relay for another node.
@@ -39,6 +45,14 @@ pub const NOISE_RESP_LEN: usize = 32 + HANDSHAKE_PAYLOAD_LEN + 16;
 pub const MAC_LEN: usize = 16;
 /// Total length of a handshake initiation.
 pub const INIT_LEN: usize = 8 + NOISE_INIT_LEN + MAC_LEN;
+/// Total length of a handshake initiation that carries a cookie MAC.
+pub const INIT_COOKIE_LEN: usize = INIT_LEN + MAC_LEN;
+/// Length of a cookie.
+pub const COOKIE_LEN: usize = 16;
+/// Length of a cookie reply's nonce.
+pub const COOKIE_NONCE_LEN: usize = 12;
+/// Total length of a cookie reply.
+pub const COOKIE_REPLY_LEN: usize = 8 + COOKIE_NONCE_LEN + COOKIE_LEN + TAG_LEN;
 /// Total length of a handshake response.
 pub const RESP_LEN: usize = 12 + NOISE_RESP_LEN + MAC_LEN;
 /// Length of the data header (type, reserved, index, counter).
@@ -57,6 +71,8 @@ pub enum Kind {
     HandshakeInit,
     /// [`HandshakeResp`].
     HandshakeResp,
+    /// [`CookieReply`].
+    CookieReply,
     /// [`DataHeader`].
     Data,
     /// [`RelayHeader`] towards the relay.
@@ -72,6 +88,7 @@ pub fn classify(buf: &[u8]) -> Kind {
     match buf.first() {
         Some(&MSG_HANDSHAKE_INIT) => Kind::HandshakeInit,
         Some(&MSG_HANDSHAKE_RESP) => Kind::HandshakeResp,
+        Some(&MSG_COOKIE) => Kind::CookieReply,
         Some(&MSG_DATA) => Kind::Data,
         Some(&MSG_RELAY_TO) => Kind::RelayTo,
         Some(&MSG_RELAY_FROM) => Kind::RelayFrom,
@@ -109,9 +126,10 @@ fn u32_at(buf: &[u8], at: usize) -> u32 {
 pub struct HandshakeInit<'a>(&'a [u8]);
 
 impl<'a> HandshakeInit<'a> {
-    /// Checks length, type and reserved bytes. After this no accessor panics.
+    /// Checks length (with or without a cookie MAC), type and reserved
+    /// bytes. After this no accessor panics.
     pub fn new_checked(buf: &'a [u8]) -> Result<Self, WireError> {
-        if buf.len() != INIT_LEN {
+        if buf.len() != INIT_LEN && buf.len() != INIT_COOKIE_LEN {
             return Err(WireError::Length(buf.len()));
         }
         check_prefix(buf, MSG_HANDSHAKE_INIT)?;
@@ -131,7 +149,43 @@ impl<'a> HandshakeInit<'a> {
     }
     /// The MAC.
     pub fn mac(&self) -> &'a [u8] {
-        &self.0[INIT_LEN - MAC_LEN..]
+        &self.0[INIT_LEN - MAC_LEN..INIT_LEN]
+    }
+    /// The bytes the cookie MAC covers: the initiation up to and with `mac1`.
+    pub fn cookie_covered(&self) -> &'a [u8] {
+        &self.0[..INIT_LEN]
+    }
+    /// The cookie MAC, if the initiator had a cookie.
+    pub fn cookie_mac(&self) -> Option<&'a [u8]> {
+        self.0.get(INIT_LEN..INIT_COOKIE_LEN)
+    }
+}
+
+/// A checked view of a cookie reply: a responder under load answered an
+/// initiation with a cookie instead of a handshake.
+#[derive(Clone, Copy, Debug)]
+pub struct CookieReply<'a>(&'a [u8]);
+
+impl<'a> CookieReply<'a> {
+    /// Checks length, type and reserved bytes. After this no accessor panics.
+    pub fn new_checked(buf: &'a [u8]) -> Result<Self, WireError> {
+        if buf.len() != COOKIE_REPLY_LEN {
+            return Err(WireError::Length(buf.len()));
+        }
+        check_prefix(buf, MSG_COOKIE)?;
+        Ok(Self(buf))
+    }
+    /// The initiator's session index, echoed from the initiation.
+    pub fn receiver_index(&self) -> u32 {
+        u32_at(self.0, 4)
+    }
+    /// The nonce the cookie is sealed with.
+    pub fn nonce(&self) -> &'a [u8] {
+        &self.0[8..8 + COOKIE_NONCE_LEN]
+    }
+    /// The sealed cookie and its tag.
+    pub fn sealed(&self) -> &'a [u8] {
+        &self.0[8 + COOKIE_NONCE_LEN..]
     }
 }
 
@@ -298,6 +352,26 @@ mod tests {
         assert_eq!(v.mac().len(), MAC_LEN);
         assert_eq!(INIT_LEN, 136);
         assert!(HandshakeInit::new_checked(&init[..135]).is_err());
+        assert_eq!(v.cookie_mac(), None);
+        let mut with_cookie = [0u8; INIT_COOKIE_LEN];
+        with_cookie[..INIT_LEN].copy_from_slice(&init);
+        with_cookie[INIT_LEN..].fill(9);
+        let v = HandshakeInit::new_checked(&with_cookie).unwrap();
+        assert_eq!(v.mac(), &init[INIT_LEN - MAC_LEN..]);
+        assert_eq!(v.cookie_covered(), &init[..]);
+        assert_eq!(v.cookie_mac(), Some(&[9u8; MAC_LEN][..]));
+        assert!(HandshakeInit::new_checked(&with_cookie[..INIT_LEN + 1]).is_err());
+
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        reply[0] = MSG_COOKIE;
+        reply[4..8].copy_from_slice(&5u32.to_le_bytes());
+        assert_eq!(classify(&reply), Kind::CookieReply);
+        let v = CookieReply::new_checked(&reply).unwrap();
+        assert_eq!(v.receiver_index(), 5);
+        assert_eq!(v.nonce().len(), COOKIE_NONCE_LEN);
+        assert_eq!(v.sealed().len(), COOKIE_LEN + TAG_LEN);
+        assert_eq!(COOKIE_REPLY_LEN, 52);
+        assert!(CookieReply::new_checked(&reply[..51]).is_err());
 
         let mut resp = [0u8; RESP_LEN];
         emit_resp_prefix(&mut resp, 7, 9);
