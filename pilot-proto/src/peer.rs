@@ -24,13 +24,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cookie::{self, COOKIE_USE_FOR};
 use crate::handshake::{self, HandshakeError, Initiator, MacKey, Responder};
 use crate::identity::NodeId;
 use crate::messages::{NatType, MAX_ENDPOINTS};
 use crate::path::{Path, PathAction, PathState, RelayReason};
 use crate::session::{CipherSuite, Session};
 use crate::timers::{PeerTimers, TimerAction, Timing, KEEPALIVE};
-use crate::wire::{HandshakeResp, DATA_HEADER_LEN, TAG_LEN};
+use crate::wire::{self, HandshakeResp, COOKIE_LEN, DATA_HEADER_LEN, INIT_LEN, TAG_LEN};
 
 /// Packets kept per peer while it has no session; the oldest goes first.
 pub const QUEUE_LIMIT: usize = 64;
@@ -178,6 +179,20 @@ pub enum Refused {
     /// Noise, MAC or payload failure.
     #[error("handshake failed: {0}")]
     Handshake(HandshakeError),
+    /// A cookie reply that does not open for an initiation of ours.
+    #[error("cookie reply refused: {0}")]
+    Cookie(#[from] crate::cookie::CookieError),
+}
+
+/// One of our initiations, waiting for its response.
+struct InFlight {
+    init: Initiator,
+    sent: Instant,
+    /// The datagram as sent without `mac2` (a cookie reply opens with its
+    /// `mac1`, and the initiation is sent again with the cookie).
+    msg: [u8; INIT_LEN],
+    /// True once it was sent again with a cookie (once is enough).
+    cookied: bool,
 }
 
 /// One trusted peer.
@@ -187,7 +202,10 @@ pub struct Peer {
     static_public: [u8; 32],
     timers: PeerTimers,
     path: PathState,
-    initiators: Vec<(Initiator, Path, Instant)>,
+    initiators: Vec<InFlight>,
+    /// The peer's cookie for our source, when it was under load, and when
+    /// it came.
+    cookie: Option<([u8; COOKIE_LEN], Instant)>,
     sessions: Vec<Arc<Session>>,
     current: Option<Arc<Session>>,
     endpoint: Option<Path>,
@@ -229,6 +247,7 @@ impl Peer {
             timers: PeerTimers::new(timing),
             path: PathState::new(timing),
             initiators: vec![],
+            cookie: None,
             sessions: vec![],
             current: None,
             endpoint: None,
@@ -289,7 +308,7 @@ impl Peer {
     pub fn owns_initiation(&self, index: u32) -> bool {
         self.initiators
             .iter()
-            .any(|(i, _, _)| i.local_index() == index)
+            .any(|f| f.init.local_index() == index)
     }
     /// Local indexes of every live session.
     pub fn session_indexes(&self) -> impl Iterator<Item = u32> + '_ {
@@ -346,8 +365,8 @@ impl Peer {
         for s in &self.sessions {
             add(s.created + self.timing.reject_after);
         }
-        for (_, _, t) in &self.initiators {
-            add(*t + INITIATOR_LIFETIME);
+        for f in &self.initiators {
+            add(f.sent + INITIATOR_LIFETIME);
         }
         if let Some((s, _)) = &self.unconfirmed {
             // Why: the path follows an answered initiation only once the
@@ -538,9 +557,9 @@ impl Peer {
         let pos = self
             .initiators
             .iter()
-            .position(|(i, _, _)| i.local_index() == resp.receiver_index())
+            .position(|f| f.init.local_index() == resp.receiver_index())
             .ok_or(Refused::UnknownIndex)?;
-        let (init, _, sent) = self.initiators.remove(pos);
+        let InFlight { init, sent, .. } = self.initiators.remove(pos);
         let session = init
             .finish(own_mac, resp, now)
             .map_err(Refused::Handshake)?;
@@ -551,6 +570,31 @@ impl Peer {
         self.timers.on_sent(now);
         // Send what waited, or a keepalive so the responder switches.
         self.drain_queue(now, true);
+        Ok(())
+    }
+
+    /// A cookie reply to one of our initiations (see
+    /// [`owns_initiation`](Self::owns_initiation)), arrived over `via`: the
+    /// peer is under load. The cookie is kept for the initiations to come,
+    /// and this one is sent again over `via` with it, once, so the
+    /// handshake does not wait for the retry timer.
+    pub fn handle_cookie(&mut self, now: Instant, reply: &[u8], via: Path) -> Result<(), Refused> {
+        self.last_now = Some(now);
+        let index = wire::CookieReply::new_checked(reply)
+            .map_err(|_| cookie::CookieError::Malformed)?
+            .receiver_index();
+        let f = self
+            .initiators
+            .iter_mut()
+            .find(|f| f.init.local_index() == index)
+            .ok_or(Refused::UnknownIndex)?;
+        let c = cookie::open_reply(&self.static_public, reply, &f.msg)?;
+        self.cookie = Some((c, now));
+        if !f.cookied {
+            f.cookied = true;
+            let bytes = cookie::with_mac2(&f.msg, &c);
+            self.transmits.push_back(Transmit { to: via, bytes });
+        }
         Ok(())
     }
 
@@ -632,7 +676,7 @@ impl Peer {
             });
         }
         self.initiators
-            .retain(|(_, _, t)| now.saturating_duration_since(*t) < INITIATOR_LIFETIME);
+            .retain(|f| now.saturating_duration_since(f.sent) < INITIATOR_LIFETIME);
         match self.path.poll(now) {
             PathAction::Idle => {}
             PathAction::UseRelay(reason) => {
@@ -766,11 +810,10 @@ impl Peer {
 
     /// Sends one initiation, straight to some endpoints or via the relay.
     fn start_handshake(&mut self, now: Instant, via: HandshakeVia, env: &mut dyn Env) {
-        let (kind, dests) = match via {
+        let dests = match via {
             // No direct endpoint known: the relay always reaches the peer.
-            HandshakeVia::Direct(d) if d.is_empty() => (Path::Relay, vec![]),
-            HandshakeVia::Direct(d) => (Path::Direct(d[0]), d),
-            HandshakeVia::Relay => (Path::Relay, vec![]),
+            HandshakeVia::Direct(d) => d,
+            HandshakeVia::Relay => vec![],
         };
         let index = env.fresh_index();
         let ts = env.next_timestamp();
@@ -785,22 +828,35 @@ impl Peer {
         };
         self.timers.on_handshake_sent(now, env.jitter());
         self.timers.on_sent(now);
+        // While the peer's cookie is fresh it was under load lately:
+        // initiations carry it, so they are not answered with a cookie again.
+        let bytes = match self.cookie {
+            Some((c, got)) if now.saturating_duration_since(got) < COOKIE_USE_FOR => {
+                cookie::with_mac2(&msg, &c)
+            }
+            _ => msg.to_vec(),
+        };
         if dests.is_empty() {
             self.transmits.push_back(Transmit {
                 to: Path::Relay,
-                bytes: msg.to_vec(),
+                bytes: bytes.clone(),
             });
         }
         for d in dests {
             self.transmits.push_back(Transmit {
                 to: Path::Direct(d),
-                bytes: msg.to_vec(),
+                bytes: bytes.clone(),
             });
         }
         if self.initiators.len() >= MAX_INITIATORS {
             self.initiators.remove(0);
         }
-        self.initiators.push((init, kind, now));
+        self.initiators.push(InFlight {
+            init,
+            sent: now,
+            msg,
+            cookied: false,
+        });
     }
 
     /// A new session, reached over `via`.

@@ -9,13 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pilot_proto::admission::{Admission, Refused as Admit};
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::Identity;
 use pilot_proto::messages::NatType;
 use pilot_proto::path::{Path, RelayReason};
-use pilot_proto::peer::{Activity, Env, Event, Peer, Transmit};
+use pilot_proto::peer::{Activity, Env, Event, Peer, Refused, Transmit};
 use pilot_proto::session::{CipherSuite, Session};
-use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, TAG_LEN};
+use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, INIT_COOKIE_LEN, TAG_LEN};
 
 const LATENCY: Duration = Duration::from_millis(10);
 const RELAY_LATENCY: Duration = Duration::from_millis(25);
@@ -81,6 +82,11 @@ struct Node {
     /// The machine asked to be woken by the next data packet.
     armed: bool,
     wakeups: usize,
+    /// Set: initiations go through admission with cookies (as the daemon's
+    /// do); the threshold 0 means always under load.
+    admission: Option<Admission>,
+    /// Initiations received with a cookie MAC.
+    cookied_inits: usize,
 }
 
 fn identity(seed: u8) -> Identity {
@@ -112,6 +118,8 @@ impl Node {
             sent_datagrams: 0,
             armed: false,
             wakeups: 0,
+            admission: None,
+            cookied_inits: 0,
         }
     }
 }
@@ -288,15 +296,46 @@ impl Pair {
                 let Ok(init) = wire::HandshakeInit::new_checked(&buf) else {
                     return;
                 };
-                let Ok(resp) = handshake::respond(node.identity.static_secret(), &node.mac, init)
-                else {
-                    return;
+                if init.cookie_mac().is_some() {
+                    node.cookied_inits += 1;
+                }
+                let resp = match &mut node.admission {
+                    Some(adm) => match adm.screen(&buf, d.from_addr.ip(), now) {
+                        Ok(s) => s.into_responder(),
+                        Err(Admit::Cookie(reply)) => {
+                            let back = match via {
+                                Path::Direct(_) => Path::Direct(self.nodes[1 - i].addr),
+                                Path::Relay => Path::Relay,
+                            };
+                            let t = Transmit {
+                                to: back,
+                                bytes: reply.to_vec(),
+                            };
+                            self.put(i, t);
+                            return;
+                        }
+                        Err(_) => return,
+                    },
+                    None => {
+                        match handshake::respond(node.identity.static_secret(), &node.mac, init) {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
                 };
                 if resp.remote_static() != node.peer.static_public() {
                     return; // untrusted: no answer
                 }
                 let index = node.env.fresh_index();
                 let _ = node.peer.handle_init(now, resp, via, index);
+            }
+            Kind::CookieReply => {
+                let Ok(reply) = wire::CookieReply::new_checked(&buf) else {
+                    return;
+                };
+                if node.peer.owns_initiation(reply.receiver_index()) {
+                    let _ = node.peer.handle_cookie(now, &buf, via);
+                }
             }
             Kind::HandshakeResp => {
                 let Ok(resp) = wire::HandshakeResp::new_checked(&buf) else {
@@ -841,4 +880,54 @@ fn a_relayed_responder_takes_the_relay_once_the_initiator_speaks() {
         p.nodes[1].peer.relay_reason(),
         Some(RelayReason::BothHardNat)
     );
+}
+
+/// The responder is under load (every initiation needs a cookie): the
+/// first initiation is answered with a cookie reply, the initiator sends it
+/// again at once with the cookie, and the tunnel is up in a few round trips
+/// instead of after the retry timer. A reply that does not open for our
+/// initiation is refused and changes nothing.
+#[test]
+fn a_responder_under_load_is_reached_with_a_cookie_in_a_few_round_trips() {
+    let mut p = Pair::new();
+    let b = &p.nodes[1];
+    p.nodes[1].admission = Some(
+        Admission::new(*b.identity.static_secret(), &b.identity.static_public()).with_cookies(0),
+    );
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(200));
+    assert_eq!(p.nodes[1].delivered, vec![1], "{:?}", p.nodes[0].events);
+    assert_eq!(
+        p.nodes[1].cookied_inits, 1,
+        "sent again once, with the cookie"
+    );
+    // The rekey two minutes on gets through under load too, and no packet
+    // is lost on the way.
+    let mut c = 1;
+    both_ways(&mut p, secs(125), secs(1), &mut c);
+    assert!(
+        p.nodes[1].cookied_inits >= 2,
+        "the rekey went through a cookie"
+    );
+    assert_eq!(p.nodes[1].delivered.len() as u32, c);
+    // A forged reply for an initiation in flight is refused.
+    let mut q = Pair::new();
+    q.send_app(0, 1);
+    q.idle(Duration::from_millis(25));
+    let init = q.captured_init();
+    let index = wire::HandshakeInit::new_checked(&init)
+        .unwrap()
+        .sender_index();
+    let mut forged = vec![0u8; wire::COOKIE_REPLY_LEN];
+    forged[0] = wire::MSG_COOKIE;
+    forged[4..8].copy_from_slice(&index.to_le_bytes());
+    let now = q.now;
+    assert!(matches!(
+        q.nodes[0].peer.handle_cookie(now, &forged, Path::Relay),
+        Err(Refused::Cookie(_))
+    ));
+    assert!(q.nodes[0]
+        .peer
+        .poll_transmit()
+        .is_none_or(|t| t.bytes.len() != INIT_COOKIE_LEN));
 }
