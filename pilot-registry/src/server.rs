@@ -331,7 +331,7 @@ impl Core {
                     Role::RelayOnly(r) => r.on_message(opened.index, msg, from, &mut cx),
                 })
             }
-            Kind::HandshakeResp | Kind::RelayFrom | Kind::Unknown => {
+            Kind::HandshakeResp | Kind::CookieReply | Kind::RelayFrom | Kind::Unknown => {
                 bump(&self.stats.dropped_malformed);
                 Action::Nothing
             }

@@ -426,6 +426,9 @@ pub struct DropCounts {
     pub bad_handshake: u64,
     /// Handshakes over the per-source rate limit.
     pub rate_limited: u64,
+    /// Initiations answered with a cookie instead of a handshake: this node
+    /// was under load (a legitimate initiator sends again with the cookie).
+    pub cookie_sent: u64,
     /// Local packets to untrusted or unknown addresses (answered with ICMP).
     pub refused_local: u64,
     /// Datagrams of no known kind.
@@ -779,6 +782,7 @@ mod tests {
                 untrusted_handshake: 5,
                 bad_handshake: 1,
                 rate_limited: 0,
+                cookie_sent: 0,
                 refused_local: 3,
                 malformed: 0,
                 queue_full: 0,

@@ -208,6 +208,7 @@ impl<T: Tun> Controller<T> {
                     self.tunnels
                         .on_init(&ctx, &buf, Path::Direct(from), None, now)
                 }
+                Kind::CookieReply => self.tunnels.on_cookie(&ctx, &buf, Path::Direct(from), now),
                 Kind::HandshakeResp => {
                     let Ok(resp) = wire::HandshakeResp::new_checked(&buf) else {
                         bump(&ctx.shared.drops.malformed);
@@ -248,6 +249,7 @@ impl<T: Tun> Controller<T> {
                     self.tunnels
                         .on_init(&ctx, &buf, Path::Relay, Some(src), now)
                 }
+                Kind::CookieReply => self.tunnels.on_cookie(&ctx, &buf, Path::Relay, now),
                 Kind::HandshakeResp => match wire::HandshakeResp::new_checked(&buf) {
                     Ok(resp) => self.tunnels.on_resp(&ctx, resp, Path::Relay, now),
                     Err(_) => {

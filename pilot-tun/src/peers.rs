@@ -195,6 +195,8 @@ pub struct Drops {
     pub bad_handshake: AtomicU64,
     /// Handshakes over the per-source rate limit.
     pub rate_limited: AtomicU64,
+    /// Initiations answered with a cookie (under load).
+    pub cookie_sent: AtomicU64,
     /// Local packets to untrusted or unknown addresses (answered with ICMP).
     pub refused_local: AtomicU64,
     /// Datagrams of no known kind.
@@ -243,6 +245,7 @@ impl Drops {
             untrusted_handshake: l(&self.untrusted_handshake),
             bad_handshake: l(&self.bad_handshake),
             rate_limited: l(&self.rate_limited),
+            cookie_sent: l(&self.cookie_sent),
             refused_local: l(&self.refused_local),
             malformed: l(&self.malformed),
             queue_full: 0,

@@ -20,7 +20,9 @@ use ipnet::Ipv4Net;
 use parking_lot::RwLock;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::MAX_MESSAGE;
-use pilot_proto::wire::{self, Kind, DATA_OVERHEAD, INIT_LEN, RESP_LEN};
+use pilot_proto::wire::{
+    self, Kind, COOKIE_REPLY_LEN, DATA_OVERHEAD, INIT_COOKIE_LEN, INIT_LEN, RESP_LEN,
+};
 use tokio::sync::mpsc;
 
 use crate::peers::{Drops, PeerTable};
@@ -74,7 +76,8 @@ pub const MAX_STUN: usize = 548;
 pub fn slow_fits(seg: &[u8], relayed: bool) -> bool {
     let len = seg.len();
     match wire::classify(seg) {
-        Kind::HandshakeInit => len == INIT_LEN,
+        Kind::HandshakeInit => len == INIT_LEN || len == INIT_COOKIE_LEN,
+        Kind::CookieReply => len == COOKIE_REPLY_LEN,
         Kind::HandshakeResp => len == RESP_LEN,
         Kind::Stun => !relayed && len <= MAX_STUN,
         Kind::Data => !relayed && (DATA_OVERHEAD..=DATA_OVERHEAD + MAX_MESSAGE).contains(&len),

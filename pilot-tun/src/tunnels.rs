@@ -12,7 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pilot_proto::admission::{Admission, Refused};
+use pilot_proto::admission::{Admission, Refused, LOAD_THRESHOLD};
+use pilot_proto::cookie::{CookieBinding, MAX_BINDING};
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::NatType;
 use pilot_proto::path::Path;
@@ -127,6 +128,22 @@ pub enum HandshakeSource {
     Relayed(NodeId),
 }
 
+impl CookieBinding for HandshakeSource {
+    /// A direct initiation's cookie is bound to its source address; a
+    /// relayed one's to the sending node the relay names (the relay is the
+    /// registry's, the one every relayed datagram comes through).
+    fn binding(&self, out: &mut [u8; MAX_BINDING]) -> usize {
+        match self {
+            HandshakeSource::Addr(ip) => ip.binding(out),
+            HandshakeSource::Relayed(node) => {
+                out[0] = b'r';
+                out[1..17].copy_from_slice(&node.0);
+                17
+            }
+        }
+    }
+}
+
 impl HandshakeSource {
     /// The source of an initiation that came over `via` (from
     /// `relayed_from` if the relay carried it; `relay` is the relay's
@@ -153,12 +170,13 @@ pub struct Tunnels {
 
 impl Tunnels {
     /// No peers yet; initiations to the owner of `secret` are admitted
-    /// with the default per-source rate limit.
+    /// with the default per-source rate limit, and need a cookie while
+    /// more than [`LOAD_THRESHOLD`] a second arrive.
     pub fn new(secret: [u8; 32], static_public: &[u8; 32]) -> Self {
         Tunnels {
             peers: HashMap::new(),
             by_static: HashMap::new(),
-            admission: Admission::new(secret, static_public),
+            admission: Admission::new(secret, static_public).with_cookies(LOAD_THRESHOLD),
             pings: HashMap::new(),
             schedule: BTreeSet::new(),
             due: HashMap::new(),
@@ -514,6 +532,28 @@ impl Tunnels {
                 bump(&drops.rate_limited);
                 return Effects::default();
             }
+            Err(Refused::Cookie(reply)) => {
+                // Under load: the cookie goes back where the initiation
+                // came from, and that is all it costs us.
+                bump(&drops.cookie_sent);
+                let out = match (via, relayed_from) {
+                    (Path::Direct(_), _) => Outgoing {
+                        bytes: reply.to_vec(),
+                        to: via,
+                        peer: NodeId([0; 16]),
+                    },
+                    (Path::Relay, Some(node)) => Outgoing {
+                        bytes: reply.to_vec(),
+                        to: Path::Relay,
+                        peer: node,
+                    },
+                    (Path::Relay, None) => return Effects::default(),
+                };
+                return Effects {
+                    out: vec![out],
+                    ..Effects::default()
+                };
+            }
             Err(_) => {
                 bump(&drops.bad_handshake);
                 return Effects::default();
@@ -542,6 +582,35 @@ impl Tunnels {
                 bump(&drops.bad_handshake);
             }
             None => {}
+        }
+        fx
+    }
+
+    /// A cookie reply to one of our initiations: that peer is under load.
+    pub fn on_cookie<T: Tun>(
+        &mut self,
+        ctx: &Context<T>,
+        buf: &[u8],
+        via: Path,
+        now: Instant,
+    ) -> Effects {
+        let Ok(reply) = wire::CookieReply::new_checked(buf) else {
+            bump(&ctx.shared.drops.malformed);
+            return Effects::default();
+        };
+        let found = self
+            .peers
+            .iter()
+            .find(|(_, rt)| rt.machine.owns_initiation(reply.receiver_index()))
+            .map(|(id, _)| *id);
+        let Some(id) = found else {
+            bump(&ctx.shared.drops.bad_handshake);
+            return Effects::default();
+        };
+        let (r, fx) = self.drive(ctx, &id, now, |p, _| p.handle_cookie(now, buf, via));
+        if let Some(Err(e)) = r {
+            debug!(peer = %id, "cookie reply refused: {e}");
+            bump(&ctx.shared.drops.bad_handshake);
         }
         fx
     }

@@ -432,3 +432,78 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     b.node.shutdown().await;
     reg.stop().await;
 }
+
+/// Finding 4: anyone who knows a node's public key can make initiations
+/// whose MAC checks, from any source address. A flood of them puts the node
+/// under load: it answers them with cookie replies instead of spending a
+/// Diffie-Hellman on each, and a trusted peer still gets through (its
+/// initiation is answered with a cookie, and sent again with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_valid_mac_initiations_is_answered_with_cookies() {
+    use pilot_proto::wire::{INIT_LEN, MAC_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
+    let (mut a, mut b) = alpha_beta(dir.path(), &reg).await;
+    let beta = identity_of(&b.dir);
+    let beta_at = listen_addr(&b).await;
+    let mac = handshake::MacKey::for_static(&beta.static_public());
+    let flood = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let junk = move |i: u32| {
+        let mut init = [0x5au8; INIT_LEN];
+        init[0] = wire::MSG_HANDSHAKE_INIT;
+        init[1..4].fill(0);
+        init[4..8].copy_from_slice(&i.to_le_bytes());
+        let m = mac.compute(&init[..INIT_LEN - MAC_LEN]);
+        init[INIT_LEN - MAC_LEN..].copy_from_slice(&m);
+        init
+    };
+    // Past the load threshold at once.
+    for i in 0..300u32 {
+        flood.send_to(&junk(i), beta_at).await.unwrap();
+    }
+    let mut buf = vec![0u8; 2048];
+    let mut cookies = 0;
+    for _ in 0..400 {
+        match tokio::time::timeout(Duration::from_millis(300), flood.recv(&mut buf)).await {
+            Ok(Ok(n)) if wire::classify(&buf[..n]) == Kind::CookieReply => cookies += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    assert!(cookies > 0, "no cookie reply came back to the flood");
+    let sent = b.drops().await.cookie_sent;
+    assert!(sent >= cookies, "cookie_sent {sent} < {cookies} received");
+    // The flood goes on (about 400/s) while alpha and beta make friends and
+    // their first handshake; the flood's own cookies keep coming, so beta
+    // stays under load all along.
+    let f = flood.clone();
+    let flooding = tokio::spawn(async move {
+        for round in 0..1200u32 {
+            for k in 0..10 {
+                let _ = f.send_to(&junk(1000 + round * 10 + k), beta_at).await;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let f = flood.clone();
+    let counting = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        let mut n = 0u32;
+        while let Ok(Ok(len)) = tokio::time::timeout(Duration::from_secs(2), f.recv(&mut buf)).await
+        {
+            n += u32::from(wire::classify(&buf[..len]) == Kind::CookieReply);
+        }
+        n
+    });
+    trust(&a, &b).await;
+    deliver(&a, &mut b, b"through the flood").await;
+    deliver(&b, &mut a, b"and back").await;
+    flooding.abort();
+    let during = counting.await.unwrap();
+    assert!(during > 0, "beta was not under load during the handshake");
+    assert!(b.drops().await.cookie_sent > sent);
+    for n in [a, b] {
+        n.node.shutdown().await;
+    }
+    reg.stop().await;
+}
