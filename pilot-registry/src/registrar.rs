@@ -45,6 +45,9 @@ pub enum StatementOutcome {
     NoSuchNode,
     /// Sequence number not newer than the stored statement's.
     Replayed,
+    /// The sender is registered with another tunnel key than the one the
+    /// statement names as its own.
+    KeyMismatch,
 }
 
 /// The endpoints stored for a node: the observed one first, then its own
@@ -125,8 +128,9 @@ fn register_once(
 }
 
 /// Stores a signed trust statement for delivery: it must be signed by its
-/// sender, name a registered recipient, and be newer than the last
-/// statement of the same pair.
+/// sender, name a registered recipient, carry the tunnel key its sender
+/// registered (if it is registered), and be newer than the last statement
+/// of the same pair.
 pub fn store_statement(
     s: &mut dyn Storage,
     st: &Signed<Statement>,
@@ -138,6 +142,13 @@ pub fn store_statement(
         return Ok(StatementOutcome::NoSuchNode);
     }
     let from = st.body.from.node_id();
+    // Its tunnel key must be the one the sender registered (and proved by
+    // its handshake): the binding alone would let it name anyone's key.
+    if s.node(&from)?
+        .is_some_and(|row| row.identity.static_public != st.body.from.static_public)
+    {
+        return Ok(StatementOutcome::KeyMismatch);
+    }
     if s.statement_seq(&from, &st.body.to)?
         .is_some_and(|seq| st.body.seq <= seq)
     {
@@ -391,6 +402,34 @@ mod tests {
             s.statement_seq(&a.node_id(), &b.node_id()).unwrap(),
             Some(4)
         );
+    }
+
+    /// Issue 10, finding 2, below the session check: a statement whose
+    /// sender is registered with another tunnel key is not stored.
+    #[test]
+    fn a_statement_naming_a_key_its_sender_did_not_register_is_refused() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b, m) = (id(1), id(2), id(3));
+        for n in [&a, &b, &m] {
+            ok(register(&mut s, &reg(n, 1, None), net(), obs()).unwrap());
+        }
+        // m's Ed25519 key with b's X25519 key: a valid signature and binding.
+        let mut bytes = [3u8; 64];
+        bytes[32..].copy_from_slice(&[2u8; 32]);
+        let forged = Identity::from_bytes(&bytes);
+        let claim = statement(&forged, &a, StatementKind::Approve, 5);
+        assert!(claim.verify());
+        assert_eq!(
+            store_statement(&mut s, &claim).unwrap(),
+            StatementOutcome::KeyMismatch
+        );
+        assert_eq!(s.statement_seq(&m.node_id(), &a.node_id()).unwrap(), None);
+        assert!(s.inbox(&a.node_id()).unwrap().is_empty());
+        // m's own key is fine.
+        assert!(matches!(
+            store_statement(&mut s, &statement(&m, &a, StatementKind::Approve, 5)).unwrap(),
+            StatementOutcome::Stored(_)
+        ));
     }
 
     #[test]
