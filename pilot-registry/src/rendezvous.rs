@@ -12,7 +12,7 @@ use std::time::Instant;
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, ErrorCode, FromRegistry, NatType, PeerInfo, ToRegistry};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
@@ -253,6 +253,12 @@ impl Rendezvous {
                     Ok(StatementOutcome::BadSignature) => {
                         bump(&cx.stats.refused);
                         error(req, ErrorCode::Invalid, "statement not signed by this node")
+                    }
+                    // Stored and queued by an earlier copy whose answer
+                    // the node did not get: the same answer, nothing else.
+                    Ok(StatementOutcome::Resent) => {
+                        debug!(%from, %to, kind, "trust statement resent");
+                        FromRegistry::Ok { req }
                     }
                     Ok(StatementOutcome::KeyMismatch) => {
                         bump(&cx.stats.refused);
@@ -680,13 +686,16 @@ mod tests {
         };
         assert_eq!((r[0].to, got), (2, &st));
         assert_eq!((r[1].to, &r[1].msg), (1, &FromRegistry::Ok { req: 4 }));
-        // The same statement again is a replay.
+        // Another statement under the same sequence number is a replay.
+        let mut other = st.clone();
+        other.body.kind = StatementKind::Revoke;
+        let other = Signed::sign(other.body, &b.nodes[0].0);
         assert!(b
             .send(
                 0,
                 ToRegistry::Statement {
                     req: 5,
-                    statement: st
+                    statement: other
                 }
             )
             .is_empty());
@@ -698,6 +707,25 @@ mod tests {
                 ..
             }
         ));
+        // The same statement again (a resend whose answer was lost) is
+        // acknowledged, and not pushed again (issue 10, finding 10).
+        assert!(b
+            .send(
+                0,
+                ToRegistry::Statement {
+                    req: 4,
+                    statement: st
+                }
+            )
+            .is_empty());
+        let r = b.finish().await;
+        assert_eq!(
+            r,
+            vec![Reply {
+                to: 1,
+                msg: FromRegistry::Ok { req: 4 }
+            }]
+        );
         // b acknowledges; the mailbox then finds nothing more.
         assert!(b.send(1, ToRegistry::Ack { push: *push }).is_empty());
 
@@ -841,8 +869,14 @@ mod tests {
                 ..
             }
         ));
-        // A replayed registration.
-        let m = b.register(0, 1, 4);
+        // A replayed registration: another one under the same sequence
+        // number (the same one again is a resend, answered as the first;
+        // issue 10, finding 10).
+        let mut m = b.register(0, 1, 4);
+        if let ToRegistry::Register { reg, .. } = &mut m {
+            reg.body.hostname = Some("another-name".into());
+            *reg = Signed::sign(reg.body.clone(), &b.nodes[0].0);
+        }
         assert!(b.send(0, m).is_empty());
         let r = b.finish().await;
         assert!(matches!(
@@ -852,6 +886,13 @@ mod tests {
                 ..
             }
         ));
+        let m = b.register(0, 1, 5);
+        assert!(b.send(0, m).is_empty());
+        let r = b.finish().await;
+        assert!(
+            matches!(r[0].msg, FromRegistry::Registered { req: 5, .. }),
+            "{r:?}"
+        );
     }
 
     /// Issue 10, finding 2: a node's statement carries its public identity,
