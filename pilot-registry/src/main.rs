@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
-use pilot_registry::{server, state, Config, Registry, SqliteStorage};
+use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
 
 /// The rendezvous server of a pilot-tun network.
 ///
@@ -31,7 +31,9 @@ struct Cli {
     /// Where the key and the database live.
     #[arg(long, default_value = "/var/lib/pilot-registry")]
     state_dir: PathBuf,
-    /// The overlay network addresses are handed out from.
+    /// The overlay network addresses are handed out from: part of a private
+    /// range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10),
+    /// with a prefix between /8 and /28.
     #[arg(long, default_value = pilot_proto::DEFAULT_NETWORK)]
     network: Ipv4Net,
     /// Relay bandwidth per node, in megabits per second (relayed traffic is
@@ -69,12 +71,7 @@ fn run() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    if !cli.network.network().is_private() || cli.network.prefix_len() > 30 {
-        bail!(
-            "--network {} must be a private IPv4 range (such as 10.77.0.0/16) with room for at least two nodes",
-            cli.network
-        );
-    }
+    pool::check_network(cli.network).context("--network")?;
     let advertise = match (cli.advertise, cli.listen.ip().is_unspecified()) {
         (Some(a), _) => a,
         (None, false) => cli.listen,

@@ -6,11 +6,73 @@
 //! following addresses, wrapping around. Never the network or broadcast
 //! address; in pools larger than a /24, never an address ending in .0 or
 //! .255 either (valid, but they confuse people and some tools).
+//!
+//! The pool itself is bounded ([`check_network`]): every node installs it
+//! as a route into its tunnel device, so it must be a private range
+//! (RFC 1918 or RFC 6598) and neither huge nor too small to be useful.
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
+
+/// The private ranges an overlay network may come from: RFC 1918 and the
+/// shared address space of RFC 6598.
+pub const PRIVATE_RANGES: [&str; 4] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
+/// The widest overlay network: wider would reach past 10.0.0.0/8, the
+/// largest private range.
+pub const MIN_PREFIX: u8 = 8;
+/// The narrowest overlay network: a /28 holds 14 nodes.
+pub const MAX_PREFIX: u8 = 28;
+
+/// Why a network cannot be the overlay network.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    /// The prefix is wider than [`MIN_PREFIX`] or narrower than
+    /// [`MAX_PREFIX`].
+    #[error("{0}: a /{len} prefix is out of bounds; use a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}, such as 10.77.0.0/16", len = .0.prefix_len())]
+    Prefix(Ipv4Net),
+    /// Host bits are set, so it is unclear which network is meant.
+    #[error("{given} has host bits set; write the network as {network}")]
+    HostBits {
+        /// As given.
+        given: Ipv4Net,
+        /// The network it lies in.
+        network: Ipv4Net,
+    },
+    /// Not inside one of [`PRIVATE_RANGES`].
+    #[error("{0} is not a private range: use part of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 (RFC 1918) or of 100.64.0.0/10 (RFC 6598), such as 10.77.0.0/16")]
+    NotPrivate(Ipv4Net),
+}
+
+/// Checks that `network` may be the overlay network: a prefix between
+/// [`MIN_PREFIX`] and [`MAX_PREFIX`], no host bits, and wholly inside one
+/// of [`PRIVATE_RANGES`].
+pub fn check_network(network: Ipv4Net) -> Result<(), NetworkError> {
+    if !(MIN_PREFIX..=MAX_PREFIX).contains(&network.prefix_len()) {
+        return Err(NetworkError::Prefix(network));
+    }
+    if network.addr() != network.network() {
+        return Err(NetworkError::HostBits {
+            given: network,
+            network: network.trunc(),
+        });
+    }
+    let private = PRIVATE_RANGES.iter().any(|r| {
+        // The constants above parse; a range that did not would only
+        // refuse more.
+        r.parse::<Ipv4Net>().is_ok_and(|r| r.contains(&network))
+    });
+    if !private {
+        return Err(NetworkError::NotPrivate(network));
+    }
+    Ok(())
+}
 
 /// The addresses `id` may get in `network`, in the order they are tried.
 /// Empty for a network too small to hold a node besides its network and
@@ -173,5 +235,76 @@ mod tests {
         });
         assert_eq!(r, Err("disk"));
         assert_eq!(asked, 1);
+    }
+
+    /// Issue 10, finding 1 (registry side): the overlay network is a
+    /// private range between /8 and /28.
+    #[test]
+    fn the_overlay_network_is_a_private_range_of_sane_size() {
+        for ok in [
+            "10.77.0.0/16",
+            "10.0.0.0/8",
+            "10.9.0.0/28",
+            "172.16.0.0/12",
+            "172.31.255.240/28",
+            "192.168.0.0/16",
+            "192.168.5.0/24",
+            "100.64.0.0/10",
+            "100.127.0.0/16",
+        ] {
+            assert_eq!(check_network(net(ok)), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0/0", "prefix"),
+            ("0.0.0.0/1", "prefix"),
+            ("10.0.0.0/7", "prefix"),
+            ("10.9.0.0/29", "prefix"),
+            ("10.9.0.0/30", "prefix"),
+            ("10.9.0.1/32", "prefix"),
+            ("10.77.1.5/16", "host bits"),
+            ("8.8.0.0/16", "public"),
+            ("11.0.0.0/8", "public"),
+            ("172.0.0.0/12", "public"),
+            ("172.32.0.0/16", "public"),
+            ("172.16.0.0/11", "host bits"),
+            ("172.0.0.0/11", "public"),
+            ("192.168.0.0/15", "public"),
+            ("192.169.0.0/16", "public"),
+            ("100.0.0.0/10", "public"),
+            ("100.0.0.0/9", "public"),
+            ("100.128.0.0/16", "public"),
+            ("127.0.0.0/8", "public"),
+            ("169.254.0.0/16", "public"),
+            ("192.0.2.0/24", "public"),
+            ("224.0.0.0/8", "public"),
+        ] {
+            let e = check_network(net(bad)).unwrap_err();
+            let kind = match e {
+                NetworkError::Prefix(_) => "prefix",
+                NetworkError::HostBits { .. } => "host bits",
+                NetworkError::NotPrivate(_) => "public",
+            };
+            assert_eq!(kind, why, "{bad}: {e}");
+        }
+        assert_eq!(
+            check_network(net("10.77.1.5/16")),
+            Err(NetworkError::HostBits {
+                given: net("10.77.1.5/16"),
+                network: net("10.77.0.0/16")
+            })
+        );
+        let text = check_network(net("8.8.0.0/16")).unwrap_err().to_string();
+        assert!(
+            text.contains("8.8.0.0/16") && text.contains("RFC 1918"),
+            "{text}"
+        );
+        let text = check_network(net("10.0.0.0/7")).unwrap_err().to_string();
+        assert!(
+            text.contains("/7") && text.contains("between /8 and /28"),
+            "{text}"
+        );
+        for r in PRIVATE_RANGES {
+            assert!(r.parse::<Ipv4Net>().is_ok(), "{r}");
+        }
     }
 }

@@ -17,6 +17,9 @@ use crate::storage::{NodeRow, Storage, StorageError};
 pub const PUSH_BATCH: usize = 16;
 
 /// The result of a registration.
+// One per request, moved straight into its answer: boxing the row would
+// cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegisterOutcome {
     /// Registered; the hostname may have been refused.
@@ -28,7 +31,8 @@ pub enum RegisterOutcome {
     },
     /// Not signed by the identity it names, or its key binding is invalid.
     BadSignature,
-    /// Sequence number not newer than the stored one.
+    /// Sequence number not newer than the stored one (and not an exact
+    /// resend of the stored registration, which is answered `Ok` again).
     Replayed,
     /// No free address left.
     PoolExhausted,
@@ -43,8 +47,15 @@ pub enum StatementOutcome {
     BadSignature,
     /// The recipient is not registered.
     NoSuchNode,
-    /// Sequence number not newer than the stored statement's.
+    /// Sequence number not newer than the stored statement's, and not
+    /// exactly the stored statement.
     Replayed,
+    /// The sender is registered with another tunnel key than the one the
+    /// statement names as its own.
+    KeyMismatch,
+    /// Exactly the statement already stored (a resend whose first answer
+    /// was lost): acknowledged, nothing stored or queued again.
+    Resent,
 }
 
 /// The endpoints stored for a node: the observed one first, then its own
@@ -60,9 +71,10 @@ pub fn endpoint_list(observed: SocketAddr, locals: &[SocketAddr]) -> Vec<SocketA
 }
 
 /// Registers (or re-registers) a node seen at `observed`, allocating its
-/// permanent address in `network` on first sight. A write that collides
-/// with another writer's (a shared database) is decided once more on fresh
-/// rows.
+/// permanent address in `network` on first sight. An exact resend of the
+/// registration last accepted is answered as it was, changing nothing. A
+/// write that collides with another writer's (a shared database) is
+/// decided once more on fresh rows.
 pub fn register(
     s: &mut dyn Storage,
     reg: &Signed<Registration>,
@@ -72,22 +84,40 @@ pub fn register(
     if !reg.verify() {
         return Ok(RegisterOutcome::BadSignature);
     }
-    match register_once(s, &reg.body, network, observed) {
-        Err(StorageError::Conflict(_)) => register_once(s, &reg.body, network, observed),
+    let digest = digest(reg);
+    match register_once(s, &reg.body, digest, network, observed) {
+        Err(StorageError::Conflict(_)) => register_once(s, &reg.body, digest, network, observed),
         other => other,
     }
+}
+
+/// SHA-256 of a signed message's encoding: what tells an exact resend
+/// from another message under the same sequence number. `None` if it does
+/// not encode (then nothing is ever taken for a resend of it).
+fn digest(reg: &Signed<Registration>) -> Option<[u8; 32]> {
+    let bytes = messages::encode(reg).ok()?;
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    d.as_ref().try_into().ok()
 }
 
 fn register_once(
     s: &mut dyn Storage,
     reg: &Registration,
+    digest: Option<[u8; 32]>,
     network: Ipv4Net,
     observed: SocketAddr,
 ) -> Result<RegisterOutcome, StorageError> {
     let id = reg.identity.node_id();
     let existing = s.node(&id)?;
-    if existing.as_ref().is_some_and(|row| reg.seq <= row.reg_seq) {
-        return Ok(RegisterOutcome::Replayed);
+    if let Some(row) = existing.as_ref() {
+        // The node resends a registration it got no answer to (the answer
+        // was lost or late): answer it again as stored, write nothing.
+        if reg.seq == row.reg_seq && digest.is_some() && row.reg_digest == digest {
+            return resent(s, reg, row.clone());
+        }
+        if reg.seq <= row.reg_seq {
+            return Ok(RegisterOutcome::Replayed);
+        }
     }
     let current = existing.as_ref().and_then(|r| r.hostname.clone());
     let decision = names::decide(&id, reg.hostname.as_deref(), current.as_deref(), |n| {
@@ -104,6 +134,7 @@ fn register_once(
         hostname,
         endpoints: endpoint_list(observed, &reg.local_endpoints),
         reg_seq: reg.seq,
+        reg_digest: digest,
     };
     match existing {
         Some(old) => {
@@ -124,9 +155,38 @@ fn register_once(
     })
 }
 
+/// The answer to an exact resend of the registration `row` was stored
+/// from: the row, and the hostname refusal the first copy got (the name it
+/// asked for and did not get; its reason is decided again).
+fn resent(
+    s: &mut dyn Storage,
+    reg: &Registration,
+    row: NodeRow,
+) -> Result<RegisterOutcome, StorageError> {
+    let id = row.identity.node_id();
+    let decision = names::decide(&id, reg.hostname.as_deref(), row.hostname.as_deref(), |n| {
+        Ok::<_, StorageError>(s.node_by_name(n)?.map(|r| r.identity.node_id()))
+    })?;
+    let hostname_refused = match decision {
+        NameDecision::Keep => None,
+        NameDecision::Refuse(why) => Some(why),
+        // Free now, but it was not when the first copy was decided (or the
+        // node would hold it): the first answer was a refusal.
+        NameDecision::Grant(name) => Some(format!(
+            "hostname {name:?} was not free when this registration was decided; register again to claim it"
+        )),
+    };
+    Ok(RegisterOutcome::Ok {
+        node: row,
+        hostname_refused,
+    })
+}
+
 /// Stores a signed trust statement for delivery: it must be signed by its
-/// sender, name a registered recipient, and be newer than the last
-/// statement of the same pair.
+/// sender, name a registered recipient, carry the tunnel key its sender
+/// registered (if it is registered), and be newer than the last statement
+/// of the same pair, or exactly that statement again (a resend, answered
+/// [`StatementOutcome::Resent`]).
 pub fn store_statement(
     s: &mut dyn Storage,
     st: &Signed<Statement>,
@@ -138,10 +198,25 @@ pub fn store_statement(
         return Ok(StatementOutcome::NoSuchNode);
     }
     let from = st.body.from.node_id();
-    if s.statement_seq(&from, &st.body.to)?
-        .is_some_and(|seq| st.body.seq <= seq)
+    // Its tunnel key must be the one the sender registered (and proved by
+    // its handshake): the binding alone would let it name anyone's key.
+    if s.node(&from)?
+        .is_some_and(|row| row.identity.static_public != st.body.from.static_public)
     {
-        return Ok(StatementOutcome::Replayed);
+        return Ok(StatementOutcome::KeyMismatch);
+    }
+    match s.statement_seq(&from, &st.body.to)? {
+        // The node resends a statement it got no answer to: exactly the
+        // stored one is acknowledged again (and not queued twice).
+        Some(seq) if st.body.seq == seq => {
+            return Ok(if s.statement(&from, &st.body.to)?.as_ref() == Some(st) {
+                StatementOutcome::Resent
+            } else {
+                StatementOutcome::Replayed
+            });
+        }
+        Some(seq) if st.body.seq < seq => return Ok(StatementOutcome::Replayed),
+        _ => {}
     }
     Ok(StatementOutcome::Stored(s.put_statement(st)?))
 }
@@ -366,9 +441,15 @@ mod tests {
             panic!()
         };
         assert!(s.approves(&a.node_id(), &b.node_id()).unwrap());
+        // Another statement under the same sequence number is a replay (an
+        // exact resend is not: issue 10, finding 10).
+        assert_eq!(
+            store_statement(&mut s, &st(StatementKind::Deny, 3)).unwrap(),
+            StatementOutcome::Replayed
+        );
         assert_eq!(
             store_statement(&mut s, &st(StatementKind::Approve, 3)).unwrap(),
-            StatementOutcome::Replayed
+            StatementOutcome::Resent
         );
         store_statement(&mut s, &st(StatementKind::Revoke, 4)).unwrap();
         assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
@@ -391,6 +472,108 @@ mod tests {
             s.statement_seq(&a.node_id(), &b.node_id()).unwrap(),
             Some(4)
         );
+    }
+
+    /// Issue 10, finding 2, below the session check: a statement whose
+    /// sender is registered with another tunnel key is not stored.
+    #[test]
+    fn a_statement_naming_a_key_its_sender_did_not_register_is_refused() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b, m) = (id(1), id(2), id(3));
+        for n in [&a, &b, &m] {
+            ok(register(&mut s, &reg(n, 1, None), net(), obs()).unwrap());
+        }
+        // m's Ed25519 key with b's X25519 key: a valid signature and binding.
+        let mut bytes = [3u8; 64];
+        bytes[32..].copy_from_slice(&[2u8; 32]);
+        let forged = Identity::from_bytes(&bytes);
+        let claim = statement(&forged, &a, StatementKind::Approve, 5);
+        assert!(claim.verify());
+        assert_eq!(
+            store_statement(&mut s, &claim).unwrap(),
+            StatementOutcome::KeyMismatch
+        );
+        assert_eq!(s.statement_seq(&m.node_id(), &a.node_id()).unwrap(), None);
+        assert!(s.inbox(&a.node_id()).unwrap().is_empty());
+        // m's own key is fine.
+        assert!(matches!(
+            store_statement(&mut s, &statement(&m, &a, StatementKind::Approve, 5)).unwrap(),
+            StatementOutcome::Stored(_)
+        ));
+    }
+
+    /// Issue 10, finding 10: a node resends a request it got no answer to
+    /// (after 700 ms) with the same sequence number. An exact resend of
+    /// what was accepted is answered as the first copy was and changes
+    /// nothing; anything else under a sequence number already used is
+    /// still a replay.
+    #[test]
+    fn an_exact_resend_is_answered_as_the_first_copy_and_changes_nothing() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b) = (id(1), id(2));
+        // Registrations, a granted hostname and a refused one.
+        let first = reg(&a, 5, Some("alpha"));
+        let answer = ok(register(&mut s, &first, net(), obs()).unwrap());
+        assert_eq!(
+            ok(register(&mut s, &first, net(), obs()).unwrap()),
+            answer,
+            "an exact resend gets the first answer"
+        );
+        assert_eq!(s.node(&a.node_id()).unwrap().unwrap(), answer.0);
+        let b_first = reg(&b, 1, Some("alpha"));
+        let b_answer = ok(register(&mut s, &b_first, net(), obs()).unwrap());
+        assert!(b_answer.1.as_deref().unwrap().contains("taken"));
+        assert_eq!(
+            ok(register(&mut s, &b_first, net(), obs()).unwrap()),
+            b_answer,
+            "the refusal is answered again"
+        );
+        for other in [
+            reg(&a, 5, Some("other")),
+            reg(&a, 5, None),
+            reg(&a, 4, None),
+        ] {
+            assert_eq!(
+                register(&mut s, &other, net(), obs()).unwrap(),
+                RegisterOutcome::Replayed,
+                "another registration under a used sequence number"
+            );
+        }
+        assert_eq!(s.node(&a.node_id()).unwrap().unwrap(), answer.0);
+
+        // Statements.
+        let st = statement(&a, &b, StatementKind::Approve, 7);
+        assert!(matches!(
+            store_statement(&mut s, &st).unwrap(),
+            StatementOutcome::Stored(_)
+        ));
+        assert_eq!(
+            store_statement(&mut s, &st).unwrap(),
+            StatementOutcome::Resent,
+            "an exact resend is acknowledged"
+        );
+        assert_eq!(
+            s.inbox(&b.node_id()).unwrap().len(),
+            1,
+            "and not queued a second time"
+        );
+        for other in [
+            statement(&a, &b, StatementKind::Revoke, 7),
+            statement(&a, &b, StatementKind::Approve, 6),
+        ] {
+            assert_eq!(
+                store_statement(&mut s, &other).unwrap(),
+                StatementOutcome::Replayed
+            );
+        }
+        assert!(s.approves(&a.node_id(), &b.node_id()).unwrap());
+        // Once a newer statement is stored, the old one is a replay.
+        store_statement(&mut s, &statement(&a, &b, StatementKind::Revoke, 8)).unwrap();
+        assert_eq!(
+            store_statement(&mut s, &st).unwrap(),
+            StatementOutcome::Replayed
+        );
+        assert!(!s.approves(&a.node_id(), &b.node_id()).unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, ErrorCode, FromRegistry, NatType, PeerInfo, ToRegistry};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
@@ -160,6 +160,23 @@ impl Rendezvous {
                         error(req, ErrorCode::Invalid, "statement not signed by this node"),
                     );
                 }
+                // The binding signature signs whatever 32 bytes its node
+                // names, so only this session's handshake proves which
+                // tunnel key is the node's own: a statement naming another
+                // would let its recipient attribute someone else's sessions
+                // to this node.
+                if statement.body.from.static_public != conn.static_public {
+                    bump(&cx.stats.refused);
+                    warn!(node = %me, "statement names a tunnel key its session did not prove");
+                    return one(
+                        index,
+                        error(
+                            req,
+                            ErrorCode::Invalid,
+                            "the statement names a tunnel key other than the one this control session proved; sign statements with this node's own key",
+                        ),
+                    );
+                }
                 let ticket = Ticket { index, req };
                 let job = Job::Statement { ticket, statement };
                 submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
@@ -236,6 +253,20 @@ impl Rendezvous {
                     Ok(StatementOutcome::BadSignature) => {
                         bump(&cx.stats.refused);
                         error(req, ErrorCode::Invalid, "statement not signed by this node")
+                    }
+                    // Stored and queued by an earlier copy whose answer
+                    // the node did not get: the same answer, nothing else.
+                    Ok(StatementOutcome::Resent) => {
+                        debug!(%from, %to, kind, "trust statement resent");
+                        FromRegistry::Ok { req }
+                    }
+                    Ok(StatementOutcome::KeyMismatch) => {
+                        bump(&cx.stats.refused);
+                        error(
+                            req,
+                            ErrorCode::Invalid,
+                            "the statement names a tunnel key other than the one this node registered",
+                        )
                     }
                     Ok(StatementOutcome::NoSuchNode) => {
                         error(req, ErrorCode::NotFound, "no such node")
@@ -403,7 +434,7 @@ mod tests {
     use super::*;
     use crate::relay::Verdict;
     use crate::sessions::tests::pair;
-    use crate::storage::SqliteStorage;
+    use crate::storage::{SqliteStorage, Storage};
     use crate::store::tests::{gated, open_gate};
     use pilot_proto::identity::Identity;
     use pilot_proto::messages::{
@@ -655,13 +686,16 @@ mod tests {
         };
         assert_eq!((r[0].to, got), (2, &st));
         assert_eq!((r[1].to, &r[1].msg), (1, &FromRegistry::Ok { req: 4 }));
-        // The same statement again is a replay.
+        // Another statement under the same sequence number is a replay.
+        let mut other = st.clone();
+        other.body.kind = StatementKind::Revoke;
+        let other = Signed::sign(other.body, &b.nodes[0].0);
         assert!(b
             .send(
                 0,
                 ToRegistry::Statement {
                     req: 5,
-                    statement: st
+                    statement: other
                 }
             )
             .is_empty());
@@ -673,6 +707,25 @@ mod tests {
                 ..
             }
         ));
+        // The same statement again (a resend whose answer was lost) is
+        // acknowledged, and not pushed again (issue 10, finding 10).
+        assert!(b
+            .send(
+                0,
+                ToRegistry::Statement {
+                    req: 4,
+                    statement: st
+                }
+            )
+            .is_empty());
+        let r = b.finish().await;
+        assert_eq!(
+            r,
+            vec![Reply {
+                to: 1,
+                msg: FromRegistry::Ok { req: 4 }
+            }]
+        );
         // b acknowledges; the mailbox then finds nothing more.
         assert!(b.send(1, ToRegistry::Ack { push: *push }).is_empty());
 
@@ -816,8 +869,14 @@ mod tests {
                 ..
             }
         ));
-        // A replayed registration.
-        let m = b.register(0, 1, 4);
+        // A replayed registration: another one under the same sequence
+        // number (the same one again is a resend, answered as the first;
+        // issue 10, finding 10).
+        let mut m = b.register(0, 1, 4);
+        if let ToRegistry::Register { reg, .. } = &mut m {
+            reg.body.hostname = Some("another-name".into());
+            *reg = Signed::sign(reg.body.clone(), &b.nodes[0].0);
+        }
         assert!(b.send(0, m).is_empty());
         let r = b.finish().await;
         assert!(matches!(
@@ -827,5 +886,82 @@ mod tests {
                 ..
             }
         ));
+        let m = b.register(0, 1, 5);
+        assert!(b.send(0, m).is_empty());
+        let r = b.finish().await;
+        assert!(
+            matches!(r[0].msg, FromRegistry::Registered { req: 5, .. }),
+            "{r:?}"
+        );
+    }
+
+    /// Issue 10, finding 2: a node's statement carries its public identity,
+    /// and the binding signature signs any 32 bytes, so node M can sign a
+    /// statement that names B's tunnel key as its own. The registry takes
+    /// only the key M's own control session proved.
+    #[tokio::test]
+    async fn a_statement_naming_another_nodes_tunnel_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("r.db");
+        let mut b = Bench::new(SqliteStorage::open(&db).unwrap(), 16, 3);
+        for n in 0..3 {
+            b.registered(n).await;
+        }
+        let a_id = b.nodes[0].0.node_id();
+        let m_id = b.nodes[2].0.node_id();
+        // M's Ed25519 key with B's X25519 key, bound by M's own signature
+        // (as M could make without B's secret).
+        let mut forged_bytes = [3u8; 64];
+        forged_bytes[32..].copy_from_slice(&[2u8; 32]);
+        let forged = Identity::from_bytes(&forged_bytes);
+        assert_eq!(forged.node_id(), m_id);
+        assert_eq!(forged.static_public(), b.nodes[1].0.static_public());
+        let claim = Signed::sign(
+            Statement {
+                kind: StatementKind::Request {
+                    note: "it is me, B".into(),
+                },
+                from: forged.public(),
+                to: a_id,
+                seq: 7,
+            },
+            &forged,
+        );
+        assert!(claim.verify(), "the signature and binding are valid");
+        let r = b.send(
+            2,
+            ToRegistry::Statement {
+                req: 9,
+                statement: claim,
+            },
+        );
+        let [Reply {
+            to: 3,
+            msg:
+                FromRegistry::Error {
+                    req: 9,
+                    code: ErrorCode::Invalid,
+                    message,
+                },
+        }] = &r[..]
+        else {
+            panic!("expected a refusal at once: {r:?}")
+        };
+        assert!(message.contains("tunnel key"), "{message}");
+        assert_eq!(
+            b.stats.refused.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Nothing went to storage, so nothing is stored or delivered.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), b.done.recv())
+                .await
+                .is_err(),
+            "no storage job for a refused statement"
+        );
+        let s = SqliteStorage::open(&db).unwrap();
+        assert_eq!(s.statement_seq(&m_id, &a_id).unwrap(), None);
+        assert!(s.inbox(&a_id).unwrap().is_empty());
+        assert!(!s.approves(&m_id, &a_id).unwrap());
     }
 }

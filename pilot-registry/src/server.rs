@@ -431,11 +431,16 @@ mod tests {
 
         async fn send(&mut self, make: impl FnOnce(u32) -> ToRegistry) -> u32 {
             self.req += 1;
-            let bytes = messages::encode(&make(self.req)).unwrap();
+            self.send_as(&make(self.req)).await;
+            self.req
+        }
+
+        /// Sends `msg` as is (a resend keeps its request id).
+        async fn send_as(&self, msg: &ToRegistry) {
+            let bytes = messages::encode(msg).unwrap();
             let mut out = vec![];
             frame::push_sealed(&mut out, &self.session.sender, None, &bytes).unwrap();
             self.sock.send_to(&out, self.to).await.unwrap();
-            self.req
         }
 
         /// The next datagram, if it comes within `WAIT`.
@@ -602,6 +607,134 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(stats.relayed.load(Relaxed), 1);
         assert_eq!(stats.handshakes.load(Relaxed), 2);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
+
+    /// Issue 10, finding 10, as a node sees it: its request is answered
+    /// late (a slow disk), it resends with the same request id and
+    /// sequence number after 700 ms, and the answer to one copy is lost.
+    /// Every copy of what was stored is acknowledged as stored, the
+    /// statement is delivered once, and a different message under the same
+    /// sequence number is still a replay.
+    #[tokio::test]
+    async fn a_resend_of_what_was_stored_is_acknowledged() {
+        let (storage, gate) = gated();
+        open_gate(&gate);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            storage,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        let reg_req = a.register(1).await;
+        let Some(registered @ FromRegistry::Registered { .. }) = a.answer(reg_req).await else {
+            panic!("a registers")
+        };
+        let req = b.register(1).await;
+        assert!(matches!(
+            b.answer(req).await,
+            Some(FromRegistry::Registered { .. })
+        ));
+
+        // The disk is slow: a's statement gets no answer for a while.
+        close_gate(&gate);
+        let statement = Signed::sign(
+            Statement {
+                kind: StatementKind::Approve,
+                from: a.id.public(),
+                to: b.id.node_id(),
+                seq: 2,
+            },
+            &a.id,
+        );
+        let msg = ToRegistry::Statement {
+            req: 50,
+            statement: statement.clone(),
+        };
+        a.send_as(&msg).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        a.send_as(&msg).await; // the node's resend, while the first waits
+        open_gate(&gate);
+        assert_eq!(a.answer(50).await, Some(FromRegistry::Ok { req: 50 }));
+        // The answer to the last copy is lost: the node sends it again.
+        a.send_as(&msg).await;
+        assert_eq!(
+            a.answer(50).await,
+            Some(FromRegistry::Ok { req: 50 }),
+            "a resend of the stored statement is not a replay"
+        );
+        // A different statement under the same sequence number is.
+        let mut other = statement.clone();
+        other.body.kind = StatementKind::Revoke;
+        let other = Signed::sign(other.body, &a.id);
+        a.send_as(&ToRegistry::Statement {
+            req: 51,
+            statement: other,
+        })
+        .await;
+        assert!(matches!(
+            a.answer(51).await,
+            Some(FromRegistry::Error {
+                code: messages::ErrorCode::Replayed,
+                ..
+            })
+        ));
+        // The same for a registration whose answer was lost.
+        let reg = Signed::sign(
+            Registration {
+                identity: a.id.public(),
+                hostname: None,
+                seq: 1,
+                local_endpoints: vec![],
+                nat: NatType::PerDestination,
+            },
+            &a.id,
+        );
+        a.send_as(&ToRegistry::Register { req: reg_req, reg }).await;
+        assert_eq!(a.answer(reg_req).await, Some(registered));
+
+        // b was pushed the statement under one push id only: pushes are
+        // resent until acknowledged, so b acknowledges the first, and for
+        // three mailbox ticks nothing else comes.
+        let mut pushes = std::collections::BTreeSet::new();
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            let Ok(Some(mut d)) = tokio::time::timeout(WAIT, b.recv()).await else {
+                break;
+            };
+            let Ok(n) = b.session.open(&mut d) else {
+                continue;
+            };
+            let msg: FromRegistry =
+                messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap();
+            if let FromRegistry::Push {
+                id,
+                item: messages::PushItem::Statement { statement: s, .. },
+            } = msg
+            {
+                assert_eq!(s, statement);
+                if pushes.insert(id) {
+                    b.send_as(&ToRegistry::Ack { push: id }).await;
+                }
+            }
+        }
+        assert_eq!(pushes.len(), 1, "delivered once: {pushes:?}");
         let _ = stop.send(());
         task.await.unwrap().unwrap();
     }

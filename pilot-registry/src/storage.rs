@@ -60,6 +60,10 @@ pub struct NodeRow {
     pub endpoints: Vec<SocketAddr>,
     /// Last accepted registration sequence number.
     pub reg_seq: u64,
+    /// SHA-256 of the last accepted registration as signed, so an exact
+    /// resend (its answer was lost) is told from a replay; `None` for a
+    /// row stored before the registry kept it.
+    pub reg_digest: Option<[u8; 32]>,
 }
 
 /// What the registry keeps. One implementation per database; persistence
@@ -84,6 +88,17 @@ pub trait Storage: Send {
     fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError>;
     /// The sequence number of the stored statement of `from` about `to`.
     fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError>;
+    /// The stored statement of `from` about `to`, exactly as signed, so an
+    /// exact resend (its answer was lost) is told from a replay. The
+    /// default keeps none: a backend without it answers every resend
+    /// "replayed", as registries did before. A wrapper should pass it on.
+    fn statement(
+        &self,
+        _from: &NodeId,
+        _to: &NodeId,
+    ) -> Result<Option<Signed<Statement>>, StorageError> {
+        Ok(None)
+    }
     /// Stores a statement as the newest of its pair and queues it for the
     /// recipient, atomically. Returns the push id.
     fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError>;
@@ -98,10 +113,11 @@ pub trait Storage: Send {
 }
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to `i+1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     node_id    TEXT PRIMARY KEY,
     ed_public  BLOB NOT NULL,
@@ -127,7 +143,11 @@ CREATE TABLE inbox (
     body  BLOB NOT NULL
 );
 CREATE INDEX inbox_to ON inbox (to_id, id);
-"#];
+"#,
+    r#"
+ALTER TABLE nodes ADD COLUMN reg_digest BLOB;
+"#,
+];
 
 /// The embedded default: SQLite in WAL mode.
 pub struct SqliteStorage {
@@ -173,6 +193,7 @@ impl SqliteStorage {
             hostname: r.get(4)?,
             reg_seq: r.get(5)?,
             endpoints: r.get(6)?,
+            reg_digest: r.get(7)?,
         })
     }
 
@@ -182,7 +203,7 @@ impl SqliteStorage {
         p: &dyn rusqlite::ToSql,
     ) -> Result<Option<NodeRow>, StorageError> {
         let sql = format!(
-            "SELECT ed_public, static_pub, binding, address, hostname, reg_seq, endpoints FROM nodes WHERE {where_}"
+            "SELECT ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest FROM nodes WHERE {where_}"
         );
         let raw = self
             .conn
@@ -200,6 +221,7 @@ struct RawNode {
     hostname: Option<String>,
     reg_seq: i64,
     endpoints: String,
+    reg_digest: Option<Vec<u8>>,
 }
 
 impl RawNode {
@@ -223,6 +245,10 @@ impl RawNode {
                 .map(|s| s.parse().map_err(|_| corrupt("endpoints")))
                 .collect::<Result<_, _>>()?,
             reg_seq: self.reg_seq as u64,
+            reg_digest: self
+                .reg_digest
+                .map(|d| d.try_into().map_err(|_| corrupt("reg_digest")))
+                .transpose()?,
         })
     }
 }
@@ -258,7 +284,7 @@ impl Storage for SqliteStorage {
     fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
         let id = row.identity.node_id().to_string();
         self.conn.execute(
-            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 id,
                 &row.identity.ed_public[..],
@@ -267,7 +293,8 @@ impl Storage for SqliteStorage {
                 u32::from(row.address),
                 row.hostname,
                 row.reg_seq as i64,
-                join_endpoints(&row.endpoints)
+                join_endpoints(&row.endpoints),
+                row.reg_digest.as_ref().map(|d| &d[..])
             ],
         )?;
         Ok(())
@@ -276,14 +303,15 @@ impl Storage for SqliteStorage {
     fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
         let id = row.identity.node_id().to_string();
         let n = self.conn.execute(
-            "UPDATE nodes SET static_pub = ?2, binding = ?3, hostname = ?4, reg_seq = ?5, endpoints = ?6 WHERE node_id = ?1",
+            "UPDATE nodes SET static_pub = ?2, binding = ?3, hostname = ?4, reg_seq = ?5, endpoints = ?6, reg_digest = ?7 WHERE node_id = ?1",
             params![
                 id,
                 &row.identity.static_public[..],
                 row.identity.binding,
                 row.hostname,
                 row.reg_seq as i64,
-                join_endpoints(&row.endpoints)
+                join_endpoints(&row.endpoints),
+                row.reg_digest.as_ref().map(|d| &d[..])
             ],
         )?;
         if n == 0 {
@@ -310,6 +338,28 @@ impl Storage for SqliteStorage {
             )
             .optional()?
             .map(|s| s as u64))
+    }
+
+    fn statement(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+    ) -> Result<Option<Signed<Statement>>, StorageError> {
+        let body = self
+            .conn
+            .query_row(
+                "SELECT body FROM statements WHERE from_id = ?1 AND to_id = ?2",
+                [from.to_string(), to.to_string()],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()?;
+        body.map(|b| {
+            messages::decode(&b).map_err(|e| StorageError::Corrupt {
+                table: "statements",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
     }
 
     fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
@@ -400,6 +450,7 @@ mod tests {
                 "192.0.2.10:4000".parse().unwrap(),
             ],
             reg_seq: 1,
+            reg_digest: Some([n; 32]),
         }
     }
 
@@ -465,6 +516,7 @@ mod tests {
         let mut r = row(1, 9, Some("alpha"));
         r.reg_seq = 7;
         r.endpoints = vec!["198.51.100.1:1".parse().unwrap()];
+        r.reg_digest = Some([9; 32]);
         s.update_node(&r).unwrap();
         let got = s.node(&id(1).node_id()).unwrap().unwrap();
         assert_eq!(
@@ -474,6 +526,7 @@ mod tests {
         );
         assert_eq!((got.hostname.as_deref(), got.reg_seq), (Some("alpha"), 7));
         assert_eq!(got.endpoints, r.endpoints);
+        assert_eq!(got.reg_digest, Some([9; 32]));
         s.set_endpoints(&id(1).node_id(), &[]).unwrap();
         assert!(s
             .node(&id(1).node_id())
@@ -500,6 +553,7 @@ mod tests {
         };
         let (an, bn) = (a.node_id(), b.node_id());
         assert_eq!(s.statement_seq(&an, &bn).unwrap(), None);
+        assert_eq!(s.statement(&an, &bn).unwrap(), None);
         assert!(!s.approves(&an, &bn).unwrap());
         let p1 = s.put_statement(&st(StatementKind::Approve, 3)).unwrap();
         assert!(s.approves(&an, &bn).unwrap());
@@ -507,6 +561,12 @@ mod tests {
         s.put_statement(&st(StatementKind::Revoke, 4)).unwrap();
         assert!(!s.approves(&an, &bn).unwrap());
         assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(4));
+        assert_eq!(
+            s.statement(&an, &bn).unwrap(),
+            Some(st(StatementKind::Revoke, 4)),
+            "the newest, exactly as signed"
+        );
+        assert_eq!(s.statement(&bn, &an).unwrap(), None);
         let inbox = s.inbox(&bn).unwrap();
         assert_eq!(inbox.len(), 2);
         assert_eq!(inbox[0].0, p1);
@@ -516,5 +576,45 @@ mod tests {
         // Someone else cannot ack b's mail.
         s.ack(&an, inbox[1].0).unwrap();
         assert_eq!(s.inbox(&bn).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            let r = row(1, 5, Some("alpha"));
+            conn.execute(
+                "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    r.identity.node_id().to_string(),
+                    &r.identity.ed_public[..],
+                    &r.identity.static_public[..],
+                    r.identity.binding,
+                    u32::from(r.address),
+                    r.hostname,
+                    1i64,
+                    join_endpoints(&r.endpoints)
+                ],
+            )
+            .unwrap();
+        }
+        let s = SqliteStorage::open(&path).unwrap();
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let got = s.node(&id(1).node_id()).unwrap().unwrap();
+        assert_eq!(
+            got,
+            NodeRow {
+                reg_digest: None,
+                ..row(1, 5, Some("alpha"))
+            }
+        );
     }
 }

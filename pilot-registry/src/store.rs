@@ -406,6 +406,13 @@ pub(crate) mod tests {
         fn statement_seq(&self, f: &NodeId, t: &NodeId) -> Result<Option<u64>, StorageError> {
             self.inner.statement_seq(f, t)
         }
+        fn statement(
+            &self,
+            f: &NodeId,
+            t: &NodeId,
+        ) -> Result<Option<Signed<Statement>>, StorageError> {
+            self.inner.statement(f, t)
+        }
         fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
             self.wait();
             self.inner.put_statement(st)
