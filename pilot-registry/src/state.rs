@@ -50,7 +50,8 @@ pub fn effective_uid() -> Result<u32> {
         .context("/proc/self/status has no effective uid")
 }
 
-/// Loads `<dir>/registry.key`, creating it (mode 0600) on first start.
+/// Loads `<dir>/registry.key`, creating it (mode 0600) on first start,
+/// once [`prepare_dir`] made sure the directory is safe to keep it in.
 /// A damaged key file is an error, never silently replaced: the key is what
 /// every node has pinned.
 pub fn load_or_create_key(dir: &Path) -> Result<[u8; 32]> {
