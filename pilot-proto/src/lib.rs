@@ -27,11 +27,14 @@
 //! - [`pmtu`]: each peer's path MTU, found with probes.
 
 pub mod admission;
+pub mod armor;
+pub mod cert;
 pub mod frame;
 pub mod handshake;
 pub mod hex;
 pub mod identity;
 pub mod join;
+pub mod lifetime;
 pub mod messages;
 pub mod mtu;
 pub mod packet;
