@@ -41,6 +41,8 @@ pub mod packet;
 pub mod path;
 pub mod peer;
 pub mod pmtu;
+pub mod policy;
+pub mod ports;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;
