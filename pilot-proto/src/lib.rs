@@ -29,6 +29,7 @@
 pub mod admission;
 pub mod armor;
 pub mod cert;
+pub mod flow;
 pub mod frame;
 pub mod handshake;
 pub mod hex;
