@@ -28,6 +28,7 @@
 
 pub mod admission;
 pub mod armor;
+pub mod audit;
 pub mod cert;
 pub mod flow;
 pub mod frame;
