@@ -27,6 +27,7 @@
 //! - [`pmtu`]: each peer's path MTU, found with probes.
 
 pub mod admission;
+pub mod aggregate;
 pub mod armor;
 pub mod audit;
 pub mod cert;
