@@ -50,6 +50,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod session;
 pub mod stun;
+pub mod succession;
 pub mod timers;
 pub mod trust;
 pub mod wire;
