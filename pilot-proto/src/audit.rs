@@ -446,9 +446,14 @@ pub enum Problem {
         /// The seq found.
         found: u64,
     },
-    /// `prev` is not the previous line's hash.
-    #[error("does not link to the line before: that line was changed, or lines were removed or reordered")]
+    /// `prev` is not the previous line's hash, and no line after it tells
+    /// which of the two was changed (its own `prev`, or the line before).
+    #[error("does not link to the line before: this line or the one before it was changed")]
     Link,
+    /// Changed after it was written: the line after it, intact, recorded
+    /// another hash for it.
+    #[error("changed after it was written (the next line recorded another hash for it)")]
+    Changed,
     /// A checkpoint without a valid signature by the keys given.
     #[error("checkpoint signature is not valid for the node key")]
     BadSignature,
@@ -476,6 +481,15 @@ pub struct Verifier<'k> {
     report: Report,
     key_floor: usize,
     head_seen: bool,
+    unlinked: Option<Unlinked>,
+}
+
+/// A line that did not link to the one before; the next line decides which
+/// of the two was changed.
+#[derive(Debug)]
+struct Unlinked {
+    line: usize,
+    hash: [u8; 32],
 }
 
 impl<'k> Verifier<'k> {
@@ -498,23 +512,78 @@ impl<'k> Verifier<'k> {
             },
             key_floor: 0,
             head_seen: false,
+            unlinked: None,
         }
     }
 
     /// Checks the next line (without its newline).
     pub fn push(&mut self, line: &[u8]) -> Result<(), BadLine> {
         self.line_no += 1;
-        self.check(line).map_err(|problem| BadLine {
-            line: self.line_no,
-            problem,
-        })
+        if let Some(p) = self.unlinked.take() {
+            // Line `p.line` did not link to the line before it. If this line
+            // links to it, it is intact, and the line before it was changed.
+            let intact = parse_line(line).is_ok_and(|e| e.prev == p.hash);
+            return Err(if intact {
+                BadLine {
+                    line: p.line - 1,
+                    problem: Problem::Changed,
+                }
+            } else {
+                BadLine {
+                    line: p.line,
+                    problem: Problem::Link,
+                }
+            });
+        }
+        match self.check(line) {
+            Ok(()) => Ok(()),
+            Err((back, problem)) => Err(BadLine {
+                line: self.line_no - back,
+                problem,
+            }),
+        }
     }
 
-    fn check(&mut self, line: &[u8]) -> Result<(), Problem> {
+    /// Checks one line; an error names the line `back` lines before this one.
+    fn check(&mut self, line: &[u8]) -> Result<(), (usize, Problem)> {
+        let here = |p: Problem| (0, p);
         if line.is_empty() {
-            return Err(Problem::Empty);
+            return Err(here(Problem::Empty));
         }
-        let e = parse_line(line)?;
+        let e = parse_line(line).map_err(|e| here(e.into()))?;
+        self.check_place(&e).map_err(here)?;
+        let linked = self.last.is_none_or(|h| e.prev == h.hash);
+        let head = Head {
+            seq: e.seq,
+            hash: line_hash(line),
+        };
+        self.check_signature(line, &e, head).map_err(here)?;
+        if !linked {
+            // A checkpoint's valid signature covers its `prev`, so the line
+            // before it was changed; otherwise the next line tells.
+            if e.kind == CHECKPOINT {
+                return Err((1, Problem::Changed));
+            }
+            self.unlinked = Some(Unlinked {
+                line: self.line_no,
+                hash: head.hash,
+            });
+            return Ok(());
+        }
+        if let Some(want) = self.opts.expect_head.filter(|w| w.seq == e.seq) {
+            if want.hash != head.hash {
+                return Err(here(Problem::HeadMismatch(want.seq)));
+            }
+            self.head_seen = true;
+        }
+        self.last = Some(head);
+        self.report.last = Some(head);
+        self.report.lines += 1;
+        Ok(())
+    }
+
+    /// The line's seq (and, for the first line, its link) in the chain.
+    fn check_place(&self, e: &Entry) -> Result<(), Problem> {
         match self.last {
             None if e.seq != 0 || e.prev != [0; 32] => {
                 return Err(Problem::Start {
@@ -534,13 +603,14 @@ impl<'k> Verifier<'k> {
                     found: e.seq,
                 })
             }
-            Some(h) if e.prev != h.hash => return Err(Problem::Link),
             _ => {}
         }
-        let head = Head {
-            seq: e.seq,
-            hash: line_hash(line),
-        };
+        Ok(())
+    }
+
+    /// A checkpoint's signature (and the report's count of what it signs);
+    /// no signature anywhere else.
+    fn check_signature(&mut self, line: &[u8], e: &Entry, head: Head) -> Result<(), Problem> {
         if e.kind == CHECKPOINT {
             let msg = signed_part(line).ok_or(Problem::BadSignature)?;
             let sig = e.sig.as_deref().ok_or(Problem::BadSignature)?;
@@ -568,20 +638,17 @@ impl<'k> Verifier<'k> {
         } else {
             self.report.unsigned_trailing += 1;
         }
-        if let Some(want) = self.opts.expect_head.filter(|w| w.seq == e.seq) {
-            if want.hash != head.hash {
-                return Err(Problem::HeadMismatch(want.seq));
-            }
-            self.head_seen = true;
-        }
-        self.last = Some(head);
-        self.report.last = Some(head);
-        self.report.lines += 1;
         Ok(())
     }
 
     /// The verdict once every line was fed.
     pub fn finish(self) -> Result<Report, BadLine> {
+        if let Some(p) = self.unlinked {
+            return Err(BadLine {
+                line: p.line,
+                problem: Problem::Link,
+            });
+        }
         match self.opts.expect_head {
             Some(h) if !self.head_seen => Err(BadLine {
                 line: self.line_no + 1,
@@ -669,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn changing_any_byte_anywhere_is_caught_at_that_line_or_the_next() {
+    fn changing_any_byte_anywhere_is_caught_and_its_line_named() {
         let id = node(1);
         let log = sample(&id);
         let starts: Vec<usize> = std::iter::once(0)
@@ -687,13 +754,48 @@ mod tests {
                 bad[pos] ^= flip;
                 let err = verify(&bad, &keys(&id), VerifyOptions::default())
                     .expect_err(&format!("byte {pos} ^ {flip:#x} not caught"));
-                assert!(
-                    err.line == line || err.line == line + 1,
-                    "byte {pos} (line {line}) reported at line {}: {err}",
-                    err.line
-                );
+                assert_eq!(err.line, line, "byte {pos} ^ {flip:#x}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_change_in_the_unsigned_tail_is_named_as_precisely_as_it_can_be() {
+        let id = node(1);
+        let mut w = Writer::new();
+        let mut log = Vec::new();
+        for i in 0..3 {
+            log.extend(w.append(&id, T0 + i, "deny", &json!({"n": i})).unwrap());
+        }
+        let ls: Vec<Vec<u8>> = lines(&log).iter().map(|l| l.to_vec()).collect();
+        let verify_edited = |k: usize, edit: &dyn Fn(&mut Vec<u8>)| -> BadLine {
+            let mut v = ls.clone();
+            edit(&mut v[k]);
+            verify(&v.concat(), &keys(&id), VerifyOptions::default()).unwrap_err()
+        };
+        let set_n = |to: u8| {
+            move |l: &mut Vec<u8>| {
+                let at = l.windows(4).position(|w| w == br#""n":"#).unwrap() + 4;
+                l[at] = to;
+            }
+        };
+        // Line 1 changed: line 2 does not link, line 3 vouches for line 2,
+        // so line 1 is named.
+        let e = verify_edited(0, &set_n(b'7'));
+        assert_eq!(e.line, 1);
+        assert!(matches!(e.problem, Problem::Changed), "{e}");
+        // Line 2 changed: line 3 does not link and nothing after it tells
+        // whether line 2 or line 3's record of it changed.
+        let e = verify_edited(1, &set_n(b'7'));
+        assert_eq!(e.line, 3);
+        assert!(e.to_string().contains("this line or the one before"), "{e}");
+        // Line 3's record of line 2 changed: the same answer.
+        let e = verify_edited(2, &|l: &mut Vec<u8>| {
+            let at = l.windows(8).position(|w| w == br#""prev":""#).unwrap() + 8;
+            l[at] = if l[at] == b'0' { b'1' } else { b'0' };
+        });
+        assert_eq!(e.line, 3);
+        assert!(matches!(e.problem, Problem::Link), "{e}");
     }
 
     #[test]
