@@ -280,7 +280,9 @@ impl Writer {
             })
         };
         let e = parse(lines.len() - 1)?;
-        w.next_seq = e.seq + 1;
+        // A log at u64::MAX cannot continue: the next line repeats the
+        // number and fails verification rather than wrapping to 0.
+        w.next_seq = e.seq.saturating_add(1);
         w.prev = line_hash(last);
         for i in (0..lines.len()).rev() {
             let e = parse(i)?;
@@ -315,7 +317,7 @@ impl Writer {
 
     fn push(&mut self, line: &[u8], out: &mut Vec<u8>) {
         self.prev = line_hash(line);
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         out.extend_from_slice(line);
         out.push(b'\n');
     }
@@ -357,10 +359,7 @@ impl Writer {
         let mut out = Vec::with_capacity(line.len() + 1);
         self.push(&line, &mut out);
         self.since_checkpoint = 0;
-        self.signed = Some(Head {
-            seq: self.next_seq - 1,
-            hash: self.prev,
-        });
+        self.signed = self.last();
         out
     }
 
@@ -525,7 +524,7 @@ impl<'k> Verifier<'k> {
             let intact = parse_line(line).is_ok_and(|e| e.prev == p.hash);
             return Err(if intact {
                 BadLine {
-                    line: p.line - 1,
+                    line: p.line.saturating_sub(1),
                     problem: Problem::Changed,
                 }
             } else {
@@ -538,7 +537,7 @@ impl<'k> Verifier<'k> {
         match self.check(line) {
             Ok(()) => Ok(()),
             Err((back, problem)) => Err(BadLine {
-                line: self.line_no - back,
+                line: self.line_no.saturating_sub(back),
                 problem,
             }),
         }
@@ -584,6 +583,8 @@ impl<'k> Verifier<'k> {
 
     /// The line's seq (and, for the first line, its link) in the chain.
     fn check_place(&self, e: &Entry) -> Result<(), Problem> {
+        // Sequence numbers never wrap: nothing follows u64::MAX.
+        let follows = |h: Head| h.seq.checked_add(1) == Some(e.seq);
         match self.last {
             None if e.seq != 0 || e.prev != [0; 32] => {
                 return Err(Problem::Start {
@@ -591,15 +592,15 @@ impl<'k> Verifier<'k> {
                     link: hex::encode(&[0; 32]),
                 })
             }
-            Some(h) if self.report.lines == 0 && (e.seq != h.seq + 1 || e.prev != h.hash) => {
+            Some(h) if self.report.lines == 0 && (!follows(h) || e.prev != h.hash) => {
                 return Err(Problem::Start {
-                    expected: h.seq + 1,
+                    expected: h.seq.saturating_add(1),
                     link: hex::encode(&h.hash),
                 })
             }
-            Some(h) if e.seq != h.seq.wrapping_add(1) => {
+            Some(h) if !follows(h) => {
                 return Err(Problem::Sequence {
-                    expected: h.seq.wrapping_add(1),
+                    expected: h.seq.saturating_add(1),
                     found: e.seq,
                 })
             }
@@ -1052,6 +1053,31 @@ mod tests {
         log.extend(w.checkpoint(&old, T0 + 2));
         let err = verify(&log, &both, VerifyOptions::default()).unwrap_err();
         assert!(matches!(err.problem, Problem::RetiredKey));
+    }
+
+    #[test]
+    fn extreme_sequence_numbers_are_errors_not_overflows() {
+        let id = node(1);
+        let log = sample(&id);
+        let end = Head {
+            seq: u64::MAX,
+            hash: [0; 32],
+        };
+        let opts = VerifyOptions {
+            expect_head: None,
+            after: Some(end),
+        };
+        let err = verify(&log, &keys(&id), opts).unwrap_err();
+        assert!(matches!(err.problem, Problem::Start { .. }), "{err}");
+        let last = format!(
+            r#"{{"seq":{},"time":1,"kind":"x","details":null,"prev":"{}"}}"#,
+            u64::MAX,
+            "00".repeat(32)
+        );
+        let mut w = Writer::resume(format!("{last}\n").as_bytes())
+            .unwrap()
+            .writer;
+        assert!(w.append(&id, T0, "y", &json!({})).is_ok());
     }
 
     #[test]
