@@ -28,14 +28,30 @@
 //! - [`mtu`]: tunnel overhead per path, the TUN MTU, and what to do with a
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
+//!
+//! Fleet trust (issue 9; pure types, wired into the daemon step by step):
+//! - [`cert`]: owner keys, certificates binding a node id to tags, owner
+//!   revocations; [`armor`] and [`lifetime`] are their text forms.
+//! - [`ports`] and [`policy`]: port scopes, rules and grants, and the
+//!   per-packet decision; [`flow`]: the bounded tables that let replies and
+//!   later fragments through.
+//! - [`succession`]: identity rotation signed by the old and the new key.
+//! - [`audit`]: the hash-chained, signed audit log; [`aggregate`]: bounded
+//!   per-minute counting of repeated events for it.
 
 pub mod admission;
+pub mod aggregate;
+pub mod armor;
+pub mod audit;
+pub mod cert;
 pub mod cookie;
+pub mod flow;
 pub mod frame;
 pub mod handshake;
 pub mod hex;
 pub mod identity;
 pub mod join;
+pub mod lifetime;
 pub mod messages;
 pub mod mtu;
 pub mod overlay;
@@ -43,10 +59,13 @@ pub mod packet;
 pub mod path;
 pub mod peer;
 pub mod pmtu;
+pub mod policy;
+pub mod ports;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;
 pub mod stun;
+pub mod succession;
 pub mod timers;
 pub mod trust;
 pub mod wire;

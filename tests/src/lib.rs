@@ -400,6 +400,13 @@ impl<S: Storage> Storage for Tamper<S> {
     fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError> {
         self.inner.statement_seq(from, to)
     }
+    fn statement(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+    ) -> Result<Option<Signed<Statement>>, StorageError> {
+        self.inner.statement(from, to)
+    }
     fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
         self.inner.put_statement(st)
     }
