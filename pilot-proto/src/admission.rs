@@ -35,6 +35,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::cookie::{CookieBinding, CookieMaker};
 use crate::handshake::{self, HandshakeError, MacKey, Responder};
@@ -236,6 +237,14 @@ impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
         Ok(init)
     }
 }
+
+impl Drop for ResponderKeys {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for ResponderKeys {}
 
 impl ResponderKeys {
     /// Step 4: Noise (the Diffie-Hellman work) on an initiation that passed

@@ -27,6 +27,7 @@ use pilot_proto::stun;
 use pilot_proto::wire::{self, Kind};
 use tokio::net::UdpSocket;
 use tracing::debug;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::admission::{self, Admitted, Gate};
 use crate::mailbox::Mailbox;
@@ -55,10 +56,18 @@ pub struct Config {
     pub relay_only: bool,
 }
 
+impl Drop for Config {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Config {}
+
 /// The public key for a secret key.
 pub fn public_key(secret: &[u8; 32]) -> [u8; 32] {
     // Same derivation snow and the node use: the identity module.
-    let mut bytes = [0u8; 64];
+    let mut bytes = zeroize::Zeroizing::new([0u8; 64]);
     bytes[32..].copy_from_slice(secret);
     pilot_proto::identity::Identity::from_bytes(&bytes).static_public()
 }
@@ -382,6 +391,15 @@ mod tests {
     };
     use pilot_proto::session::{CipherSuite, Session};
     use pilot_proto::wire::{RelayHeader, DATA_HEADER_LEN, MSG_RELAY_FROM, MSG_RELAY_TO};
+
+    #[test]
+    fn the_secret_key_is_wiped_when_dropped() {
+        // Compile-time: the configuration and the admission keys holding
+        // the registry's secret wipe it (reading freed memory would be UB).
+        fn wiped<T: ZeroizeOnDrop>() {}
+        wiped::<Config>();
+        wiped::<pilot_proto::admission::ResponderKeys>();
+    }
 
     const WAIT: Duration = Duration::from_secs(2);
 
