@@ -434,7 +434,8 @@ pub struct DropCounts {
     /// Datagrams of no known kind.
     pub malformed: u64,
     /// Datagrams the slow path refused: its queue was full (in items or in
-    /// bytes), as under a handshake flood.
+    /// bytes), as under a handshake flood. (Absent from older daemons.)
+    #[serde(default)]
     pub queue_full: u64,
 }
 
