@@ -428,6 +428,8 @@ pub struct DropCounts {
     pub rate_limited: u64,
     /// Initiations answered with a cookie instead of a handshake: this node
     /// was under load (a legitimate initiator sends again with the cookie).
+    /// (Absent from older daemons.)
+    #[serde(default)]
     pub cookie_sent: u64,
     /// Local packets to untrusted or unknown addresses (answered with ICMP).
     pub refused_local: u64,

@@ -204,8 +204,8 @@ fn status_doc() -> Value {
         "uptime_secs": 7,
         "drops": {
             "auth": 1, "replay": 2, "inner_address": 3, "untrusted_handshake": 4,
-            "bad_handshake": 5, "rate_limited": 6, "refused_local": 7, "malformed": 8,
-            "queue_full": 9
+            "bad_handshake": 5, "rate_limited": 6, "cookie_sent": 10, "refused_local": 7,
+            "malformed": 8, "queue_full": 9
         },
         "mtu": 1380,
         "mtu_cap": null,
