@@ -14,7 +14,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use pilot_proto::audit;
+use pilot_proto::cert::{parse_tags, Certificate, OwnerKey, Revocation};
+use pilot_proto::cookie;
 use pilot_proto::handshake::{self, MacKey};
+use pilot_proto::identity::NodeId;
+use pilot_proto::succession::Succession;
 use pilot_proto::identity::Identity;
 use pilot_proto::messages::{
     encode, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, Registration, Signed,
@@ -322,4 +327,52 @@ fn main() {
     out.put("packet", "fragment", &ipv4(17, 0x2001, 5, &[0; 8]));
     out.put("packet", "options-ihl15", &ipv4(6, 0, 15, &tcp_syn));
     out.put("packet", "header-only", &ipv4(6, 0, 5, &[]));
+
+    // Fleet trust: a certificate, a revocation and a succession (binary and
+    // armored), scopes and lifetimes, a TCP packet for the grant's
+    // inspection, a short audit log, and a cookie reply.
+    let owner = OwnerKey::from_secret(&[7; 32]);
+    let tags = parse_tags("build,ci").expect("literal tags");
+    let cert = Certificate::issue(&owner, NodeId([9; 16]), tags, 1_800_000_000, 30 * 86_400)
+        .expect("issue");
+    out.put("fleet", "cert", &cert.to_bytes());
+    out.put("fleet", "cert-armored", cert.to_armored().as_bytes());
+    let rev = Revocation::sign(&owner, NodeId([9; 16]), 1_800_000_100);
+    out.put("fleet", "revocation", &rev.to_bytes());
+    out.put("fleet", "revocation-armored", rev.to_armored().as_bytes());
+    let succ = Succession::sign(&a, &b, 1, 1_800_000_200);
+    out.put("fleet", "succession", &succ.to_bytes());
+    out.put("fleet", "succession-armored", succ.to_armored().as_bytes());
+    out.put("fleet", "scope", b"tcp/8080,tcp/9000-9100,udp/53,icmp");
+    out.put("fleet", "lifetime", b"30d");
+    let mut syn = vec![0u8; 40];
+    syn[0] = 0x45;
+    syn[3] = 40;
+    syn[9] = 6;
+    syn[12..16].copy_from_slice(&[10, 77, 0, 1]);
+    syn[16..20].copy_from_slice(&[10, 77, 0, 2]);
+    syn[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    syn[22..24].copy_from_slice(&8080u16.to_be_bytes());
+    syn[32] = 0x50;
+    syn[33] = 0x02;
+    out.put("fleet", "tcp-syn", &syn);
+    let mut log = Vec::new();
+    let mut writer = audit::Writer::new();
+    log.extend(
+        writer
+            .append(&a, 1_800_000_000, "approve", &serde_json::json!({"peer": "beta"}))
+            .expect("append"),
+    );
+    log.extend(writer.checkpoint(&a, 1_800_000_001));
+    out.put("fleet", "audit", &log);
+    let maker = cookie::CookieMaker::new(&responder.static_public(), [3; 32]);
+    let init = &wire[0].1;
+    let reply = maker.reply(
+        &HandshakeInit::new_checked(init).expect("own init"),
+        &std::net::IpAddr::from([192, 0, 2, 1]),
+        [4; 12],
+    );
+    out.put("fleet", "cookie-reply", &reply);
+    out.put("wire", "cookie-reply", &reply);
+    out.put("wire", "init-with-cookie", &cookie::with_mac2(init, &[6; 16]));
 }
