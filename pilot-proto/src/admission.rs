@@ -41,7 +41,7 @@ use crate::cookie::{CookieBinding, CookieMaker};
 use crate::handshake::{self, HandshakeError, MacKey, Responder};
 use crate::ratelimit::RateLimiter;
 use crate::session::{CipherSuite, Session};
-use crate::wire::{HandshakeInit, WireError, COOKIE_REPLY_LEN, RESP_LEN};
+use crate::wire::{HandshakeInit, WireError, COOKIE_NONCE_LEN, COOKIE_REPLY_LEN, RESP_LEN};
 
 /// Handshakes one source may start per second (DESIGN: 20/s per source).
 pub const HANDSHAKE_RATE: u32 = 20;
@@ -89,6 +89,10 @@ pub enum Refused {
 pub struct Admission<K = IpAddr> {
     keys: ResponderKeys,
     limiter: RateLimiter<K>,
+    /// Cookie replies per source, under load: a legitimate initiator needs
+    /// one per attempt; a flood from a source gets a few and then silence,
+    /// so answering it costs little more than dropping it.
+    replies: RateLimiter<K>,
     cookies: Option<Cookies>,
     static_public: [u8; 32],
 }
@@ -101,6 +105,10 @@ struct Cookies {
     window: Option<Instant>,
     in_window: u32,
     loaded_until: Option<Instant>,
+    /// Reply nonces: a random prefix and a counter (no system call per
+    /// reply, never repeated under one secret's seal key).
+    nonce_prefix: [u8; 4],
+    nonce_count: u64,
 }
 
 impl Cookies {
@@ -119,6 +127,14 @@ impl Cookies {
             self.loaded_until = Some(now + LOAD_HOLD);
         }
         self.loaded_until.is_some_and(|u| now < u)
+    }
+
+    fn next_nonce(&mut self) -> [u8; COOKIE_NONCE_LEN] {
+        self.nonce_count = self.nonce_count.wrapping_add(1);
+        let mut n = [0u8; COOKIE_NONCE_LEN];
+        n[..4].copy_from_slice(&self.nonce_prefix);
+        n[4..].copy_from_slice(&self.nonce_count.to_le_bytes());
+        n
     }
 
     fn random<const N: usize>(&self) -> [u8; N] {
@@ -153,6 +169,7 @@ impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
                 mac: MacKey::for_static(static_public),
             },
             limiter: RateLimiter::new(rate, burst),
+            replies: RateLimiter::new(rate, burst),
             cookies: None,
             static_public: *static_public,
         }
@@ -165,6 +182,8 @@ impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
         let rng = SystemRandom::new();
         let mut first = [0u8; 32];
         let _ = rng.fill(&mut first);
+        let mut prefix = [0u8; 4];
+        let _ = rng.fill(&mut prefix);
         self.cookies = Some(Cookies {
             maker: CookieMaker::new(&self.static_public, first),
             rng,
@@ -172,6 +191,8 @@ impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
             window: None,
             in_window: 0,
             loaded_until: None,
+            nonce_prefix: prefix,
+            nonce_count: 0,
         });
         self
     }
@@ -227,7 +248,11 @@ impl<K: Hash + Eq + Clone + CookieBinding> Admission<K> {
                 c.maker.rotate_secret(secret, now);
             }
             if c.note(now) && !c.maker.check(&init, &source) {
-                let reply = c.maker.reply(&init, &source, c.random());
+                if !self.replies.allow(&source, now) {
+                    return Err(Refused::RateLimited);
+                }
+                let nonce = c.next_nonce();
+                let reply = c.maker.reply(&init, &source, nonce);
                 return Err(Refused::Cookie(Box::new(reply)));
             }
         }
@@ -375,6 +400,42 @@ mod tests {
         let later = now + LOAD_HOLD + Duration::from_secs(1);
         assert!(!adm.under_load(later));
         assert!(adm.precheck(&msg, ip(3), later).is_ok());
+    }
+
+    /// Under load, one source gets a few cookie replies (the burst) and
+    /// then silence: answering a flood costs about what dropping it does.
+    /// Another source still gets its reply.
+    #[test]
+    fn cookie_replies_are_rationed_per_source() {
+        let (a, b) = ids();
+        let now = Instant::now();
+        let mut adm = admission(&b).with_cookies(0);
+        let (_, msg) = init(&a, &b, 100);
+        let mut replies = 0;
+        let mut silent = 0;
+        for _ in 0..100 {
+            match adm.precheck(&msg, ip(1), now) {
+                Err(Refused::Cookie(_)) => replies += 1,
+                Err(Refused::RateLimited) => silent += 1,
+                other => panic!("unexpected {:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(replies, HANDSHAKE_BURST as usize);
+        assert_eq!(silent, 100 - replies);
+        assert!(matches!(
+            adm.precheck(&msg, ip(2), now),
+            Err(Refused::Cookie(_))
+        ));
+        // Replies carry distinct nonces.
+        let r1 = match adm.precheck(&msg, ip(3), now) {
+            Err(Refused::Cookie(r)) => r,
+            _ => panic!("a cookie"),
+        };
+        let r2 = match adm.precheck(&msg, ip(4), now) {
+            Err(Refused::Cookie(r)) => r,
+            _ => panic!("a cookie"),
+        };
+        assert_ne!(r1[8..20], r2[8..20]);
     }
 
     #[test]

@@ -447,7 +447,9 @@ async fn a_flood_of_valid_mac_initiations_is_answered_with_cookies() {
     let beta = identity_of(&b.dir);
     let beta_at = listen_addr(&b).await;
     let mac = handshake::MacKey::for_static(&beta.static_public());
-    let flood = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    // From its own address: cookie replies are rationed per source, and
+    // the lab's nodes all live on 127.0.0.1.
+    let flood = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap());
     let junk = move |i: u32| {
         let mut init = [0x5au8; INIT_LEN];
         init[0] = wire::MSG_HANDSHAKE_INIT;
