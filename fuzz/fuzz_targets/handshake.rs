@@ -98,10 +98,10 @@ fuzz_target!(|data: &[u8]| {
     // As received: a forged MAC stops it before any DH.
     respond(f, data, now);
     if HandshakeInit::new_checked(data).is_ok() {
-        let mut buf = [0u8; INIT_LEN];
-        buf.copy_from_slice(data);
+        // With or without a cookie MAC after it (152 or 136 bytes).
+        let mut buf = data.to_vec();
         let mac = f.responder_mac.compute(&buf[..INIT_LEN - MAC_LEN]);
-        buf[INIT_LEN - MAC_LEN..].copy_from_slice(&mac);
+        buf[INIT_LEN - MAC_LEN..INIT_LEN].copy_from_slice(&mac);
         respond(f, &buf, now);
     }
     if HandshakeResp::new_checked(data).is_ok() {
