@@ -266,7 +266,14 @@ async fn claimed_keys_and_oversized_notes_are_refused() {
         StatementKind::Request { note: "hi".into() },
         10,
     );
-    assert!(matches!(m.statement(st).await, FromRegistry::Ok { .. }));
+    // The registry refuses it: the key is not the one mallory's session
+    // proved (registry side of finding 2). A registry that carried it
+    // anyway would still not get a record into alpha's store: the trust
+    // store refuses a key a proven record holds (its unit tests).
+    assert!(
+        matches!(m.statement(st).await, FromRegistry::Error { .. }),
+        "the registry carried a statement naming another node's key"
+    );
 
     // Nora sends a request with a 300-byte note.
     let nora = fresh_identity(0x32);
