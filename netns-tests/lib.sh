@@ -456,3 +456,180 @@ lab_two_hosts() {
   A=$(addr_of a alpha); B=$(addr_of b beta)
   log "alpha=$A beta=$B"
 }
+
+# --- workers, crashes and reaping (stress scenarios s14-s17, scripts/stress-*.sh)
+
+# bg_fn LABEL FUNC [ARGS...]: run FUNC (a function of the scenario, e.g. a
+# worker loop) in a background subshell with its output in $WORK/LABEL.log;
+# its pid is recorded as `bg` records one. Inside it, `fail` or a failing
+# command ends the worker only (with the line, in its log), and whatever it
+# started with `bg` is stopped when it ends. `wait_fn` collects its status.
+bg_fn() {
+  local label=$1; shift
+  printf '  $ %s &   (worker %s)\n' "$*" "$label" >&2
+  (
+    PIDS=()
+    WORKER_LEVEL=$BASH_SUBSHELL
+    SCENARIO="$SCENARIO/$label"
+    trap '_worker_exit' EXIT
+    trap 'exit 143' TERM INT
+    trap '_worker_err $? "$BASH_COMMAND" "$LINENO"' ERR
+    "$@"
+  ) >"$WORK/$label.log" 2>&1 &
+  PIDS+=($!)
+  echo $! >"$WORK/$label.pid"
+}
+_worker_exit() {
+  local rc=$? p
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  exit $rc
+}
+_worker_err() {
+  [ "$BASH_SUBSHELL" -le "$WORKER_LEVEL" ] || exit "$1"
+  trap - ERR
+  printf '[%s] FAIL: unexpected exit status %s at line %s: %s\n' "$SCENARIO" "$1" "$3" "$2" >&2
+  exit "$1"
+}
+
+# wait_fn SECONDS LABEL: wait until the worker started as `bg_fn LABEL ...`
+# has ended; fail the scenario (with the end of its log) unless it ended
+# with status 0.
+wait_fn() {
+  local secs=$1 label=$2 pid rc=0
+  pid=$(bg_pid "$label")
+  wait_for "$secs" "worker $label (pid $pid) ends" gone "$pid"
+  wait "$pid" || rc=$?
+  forget "$pid"
+  [ "$rc" -eq 0 ] || { tail -n 40 "$WORK/$label.log" >&2; fail "worker $label ended with status $rc (its log is above)"; }
+}
+
+# node_crash NS NAME: SIGKILL NAME's daemon (by the pid `node_up` recorded),
+# wait until it is gone, and leave its state directory as the crash left it
+# (`node_up` starts it again). Sets CRASH_MS (the time of the kill, now_ms).
+node_crash() {
+  local ns=$1 name=$2 pid
+  pid=$(cat "$WORK/$name/daemon.pid")
+  printf '  (%s)$ kill -9 %s   (%s'"'"'s daemon)\n' "$ns" "$pid" "$name" >&2
+  CRASH_MS=$(now_ms)
+  kill -9 "$pid"
+  wait_for 10 "$name's daemon (pid $pid) dies on SIGKILL" gone "$pid"
+  rm -f "$WORK/$name/daemon.pid"
+}
+
+# daemon_rss_kb NAME: the VmRSS (kB) of NAME's daemon, from /proc; "registry"
+# names the registry started by `start_registry`.
+daemon_rss_kb() {
+  local pid
+  if [ "$1" = registry ]; then pid=$(bg_pid registry); else pid=$(cat "$WORK/$1/daemon.pid"); fi
+  awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status"
+}
+
+# reap_on_exit: after `setup_lab`, in scenarios with workers: on exit, before
+# `cleanup`, stop the workers and background processes (SIGTERM, SIGKILL
+# after 3 s), then kill by pid whatever still runs inside this run's
+# namespaces apart from the daemons (a worker's nc, ping or CLI call that
+# outlived it), so that no process outlives its namespace.
+reap_on_exit() { trap '_reap_then_cleanup' EXIT; }
+_reap_then_cleanup() {
+  local rc=$? p ns f i daemons=" "
+  set +e
+  trap - ERR
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for ((i = 0; i < 30; i++)); do
+    local left=0
+    for p in "${PIDS[@]}"; do alive "$p" && left=1; done
+    [ "$left" -eq 1 ] || break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do alive "$p" && kill -9 "$p" 2>/dev/null; done
+  for f in "$WORK"/*/daemon.pid; do [ -f "$f" ] && daemons+="$(cat "$f") "; done
+  for ns in "${NSES[@]}"; do
+    for p in $(ip netns pids "$PFX-$ns" 2>/dev/null); do
+      [[ $daemons == *" $p "* ]] || kill -9 "$p" 2>/dev/null
+    done
+  done
+  (exit $rc)
+  cleanup
+}
+
+# not_running LABEL: the process started as `bg NS LABEL ...` has exited.
+not_running() { ! bg_running "$1"; }
+
+# stats_ms FILE: "n=N p50=X p99=Y max=Z" of the integers (ms) in FILE, one a line.
+stats_ms() {
+  python3 - "$1" <<'PY'
+import sys
+xs = sorted(int(l) for l in open(sys.argv[1]) if l.strip())
+def pct(p):
+    return xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))] if xs else "-"
+print(f"n={len(xs)} p50={pct(0.5)} p99={pct(0.99)} max={xs[-1] if xs else '-'}")
+PY
+}
+
+# The pacing filter of `xfer_try`: stdin to stdout at about argv[1] kB/s.
+_PACE='
+import sys, time
+rate, sent, t0 = float(sys.argv[1]) * 1024, 0, time.monotonic()
+while True:
+    b = sys.stdin.buffer.read(16384)
+    if not b:
+        break
+    sys.stdout.buffer.write(b)
+    sys.stdout.buffer.flush()
+    sent += len(b)
+    ahead = sent / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+'
+
+# xfer_try FROM_NS TO_NS TO_ADDR PORT FILE LABEL SECS [KBPS]: send FILE over
+# TCP (nc) from FROM_NS to TO_ADDR:PORT, where it starts a listener in TO_NS;
+# paced to about KBPS kB/s if given. Returns 0 if the receiver got exactly
+# FILE (same sha256) within SECS, else 1, with the reason in XFER_WHY (also
+# printed). Sets XFER_MS. It never fails the scenario: it is for loops that
+# count failures (and, run by `bg_fn`, for a transfer that spans an event).
+xfer_try() {
+  local from=$1 to=$2 addr=$3 port=$4 file=$5 label=$6 secs=$7 kbps=${8:-0}
+  local out="$WORK/$label.out" t0 rc=0 want got size
+  XFER_WHY= XFER_MS=0
+  rm -f "$out"
+  # A listener left on the port (SO_REUSEPORT) would take half the connections.
+  poll 5 eval '! listening "$to" "$port" "$addr"' \
+    || { XFER_WHY="the port $addr:$port in $to is still taken"; log "transfer $label: $XFER_WHY"; return 1; }
+  bg "$to" "rx-$label" timeout "$secs" sh -c "exec nc -l $addr $port >$out"
+  if ! poll 5 listening "$to" "$port" "$addr"; then
+    XFER_WHY="no listener on $addr:$port in $to"
+  else
+    t0=$(now_ms)
+    if [ "$kbps" -gt 0 ]; then
+      onq "$from" timeout "$secs" sh -c 'python3 -c "$1" "$2" <"$3" | nc -N -w 10 "$4" "$5"' \
+        pace "$_PACE" "$kbps" "$file" "$addr" "$port" || rc=$?
+    else
+      onq "$from" timeout "$secs" nc -N -w 10 "$addr" "$port" <"$file" || rc=$?
+    fi
+    poll 10 not_running "rx-$label" || XFER_WHY="the receiver was still open 10 s after the sender ended (sender exit $rc)"
+    XFER_MS=$(( $(now_ms) - t0 ))
+  fi
+  # TERM, not KILL: `timeout` passes it on to nc (a KILL would orphan nc).
+  if bg_running "rx-$label"; then stop_bg "rx-$label"; else forget "$(bg_pid "rx-$label")"; fi
+  if [ -z "$XFER_WHY" ]; then
+    size=$(stat -c %s "$out" 2>/dev/null || echo 0)
+    want=$(sha256sum <"$file" | cut -d' ' -f1)
+    got=$(sha256sum <"$out" | cut -d' ' -f1)
+    if [ "$size" -ne "$(stat -c %s "$file")" ]; then
+      XFER_WHY="received $size of $(stat -c %s "$file") bytes (sender exit $rc)"
+    elif [ "$want" != "$got" ]; then
+      XFER_WHY="sha256 differs: sent $want, received $got"
+    fi
+  fi
+  rm -f "$out"
+  [ -n "$XFER_WHY" ] || return 0
+  log "transfer $label $from -> $to $addr:$port failed: $XFER_WHY"
+  return 1
+}
+
+# ping_until NS ADDR SECS: ping ADDR from NS every 50 ms until one echo is
+# answered; returns 1 if none was within SECS. (For time measurements: its
+# resolution is 50 ms, where `wait_for` polls every 100 ms.)
+ping_until() { onq "$1" ping -q -c1 -i0.05 -w "$3" "$2" >/dev/null 2>&1; }
