@@ -23,7 +23,8 @@
 #     "interrupted" transfer: counted, allowed to break). Then the time from
 #     the node's `up` until a ping answers both ways is the reconnect time,
 #     and the next transfer ("after reconnect") must arrive whole.
-# The joiners loop too: two fresh identities come up, trust each other,
+# CHURN_EVENTS (e.g. "crash") limits the events to those kinds, equally
+# likely. The joiners loop too: two fresh identities come up, trust each other,
 # transfer, go down and their state is deleted (join and leave for good).
 # The scenario fails if any clean or after-reconnect transfer fails, a pair
 # does not reconnect within 15 s, or a join does not complete.
@@ -87,6 +88,25 @@ interrupted() {
   fi
 }
 
+# evidence ID VICTIM PARTNER ACTION T_UP: what each side knew when they had
+# not reconnected within 15 s, in $WORK/evidence-ID (shown at the end).
+evidence() {
+  local id=$1 v=$2 q=$3 n f=$WORK/evidence-$1
+  {
+    echo "== $v's $4 (up at $5 ms): $q <-> $v no ping both ways within 15 s (now $(now_ms) ms)"
+    echo "-- ping $q -> $v: $(onq "$q" ping -c1 -W1 "${ADDR[$v]}" >/dev/null 2>&1 && echo answers || echo silent)," \
+      "$v -> $q: $(onq "$v" ping -c1 -W1 "${ADDR[$q]}" >/dev/null 2>&1 && echo answers || echo silent)"
+    for n in "$v:$q" "$q:$v"; do
+      echo "-- ${n%%:*}'s entry for ${n#*:} (peers --json), and drops:"
+      peer_of "${n%%:*}" "${n%%:*}" "${n#*:}" "" 2>&1 || true
+      status_of "${n%%:*}" "${n%%:*}" drops 2>&1 || true
+      echo "-- the last 30 lines of ${n%%:*}'s log:"
+      tail -n 30 "$WORK/${n%%:*}/pilot-tun.log" | sed 's/\x1b\[[0-9;]*m//g'
+    done
+  } >"$f" 2>&1
+  log "pair $1: $v and $q did not reconnect within 15 s of $v's $4; evidence in ${f##*/}"
+}
+
 # pair_worker PAIR A B SEED: the loop described at the top, until END.
 pair_worker() {
   local p=$1 a=$2 b=$3 k=0 victim partner action label during t_up
@@ -101,7 +121,11 @@ pair_worker() {
       continue
     fi
     if [ $((RANDOM % 2)) -eq 0 ]; then victim=$a partner=$b; else victim=$b partner=$a; fi
-    case $((RANDOM % 10)) in [0-3]) action=restart ;; [4-6]) action=crash ;; *) action=leave ;; esac
+    if [ -n "${CHURN_EVENTS:-}" ]; then
+      read -ra evs <<<"$CHURN_EVENTS"; action=${evs[RANDOM % ${#evs[@]}]}
+    else
+      case $((RANDOM % 10)) in [0-3]) action=restart ;; [4-6]) action=crash ;; *) action=leave ;; esac
+    fi
     during=$((RANDOM % 2))
     label="i$p-$k"
     if [ "$during" = 1 ]; then
@@ -119,8 +143,12 @@ pair_worker() {
     if ping_until "$partner" "${ADDR[$victim]}" 15 && ping_until "$victim" "${ADDR[$partner]}" 15; then
       echo "reconnect $action $(( $(now_ms) - t_up ))" >>"$WORK/res-$p"
     else
-      echo "reconnect-failed $action $victim" >>"$WORK/res-$p"
-      log "pair $p: $victim and $partner did not reconnect within 15 s of $victim's $action"
+      evidence "$p-$k" "$victim" "$partner" "$action" "$t_up"
+      if ping_until "$partner" "${ADDR[$victim]}" 60 && ping_until "$victim" "${ADDR[$partner]}" 60; then
+        echo "reconnect-failed $action $victim $partner: both ways only after $(( $(now_ms) - t_up )) ms" >>"$WORK/res-$p"
+      else
+        echo "reconnect-failed $action $victim $partner: not within 75 s" >>"$WORK/res-$p"
+      fi
     fi
     [ "$during" = 0 ] || wait_fn 70 "$label"
     clean_xfer "$p" after "$partner" "$victim" "${ADDR[$victim]}"
@@ -216,6 +244,7 @@ for f in fails + rfail:
     print("  " + f)
 PY
 while read -r line; do log "$line"; done <"$WORK/summary"
+for f in "$WORK"/evidence-*; do [ -f "$f" ] && { log "${f##*/}:"; cat "$f" >&2; }; done
 failed=$(sed -n 's/^FAILED //p' "$WORK/summary")
 grep -q "^events: {}" "$WORK/summary" && fail "no churn event happened in ${SECS} s"
 [ "$failed" -eq 0 ] || fail "$failed transfers, reconnects or joins failed (listed above)"
