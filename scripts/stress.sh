@@ -4,7 +4,8 @@
 # test suite runs the same scenarios short):
 #
 #   sudo scripts/stress.sh churn      [--nodes 20] [--duration 600] [--time-scale 10]
-#                                     [--xfer-kb 1024] [--seed N]      (s14_churn)
+#                                     [--xfer-kb 1024] [--seed N]
+#                                     [--events "restart crash leave"]  (s14_churn)
 #   sudo scripts/stress.sh partitions [--cut 60]                         (s15_partitions)
 #   sudo scripts/stress.sh crashes    [--rounds 100] [--seed N]          (s16_crashes)
 #   sudo scripts/stress.sh loss                                          (s17_loss)
@@ -16,7 +17,8 @@
 #             and leave, sessions rekey (timers --time-scale times faster),
 #             while every pair moves checksummed data. Prints transfers
 #             completed and failed, reconnect times p50/p99. Goal: 0 failed
-#             after reconnect. Default 20 nodes (+2 joiners), 10 minutes.
+#             after reconnect. Default 20 nodes (+2 joiners), 10 minutes;
+#             --events limits the churn to some kinds (e.g. "crash").
 # partitions: cuts (on the underlay bridge) node<->registry with a transfer
 #             across it, node<->node, a node from everyone, the registry
 #             from everyone with a transfer across it; each lasts --cut
@@ -40,7 +42,7 @@ what=$1; shift
 case $what in -h|--help) usage; exit 0 ;; churn|partitions|crashes|loss) ;;
   *) echo "stress.sh: unknown run '$what' (churn, partitions, crashes, loss)" >&2; exit 2 ;; esac
 
-NODES=20 DURATION=600 SCALE=10 XFER_KB=1024 SEED= CUT=60 ROUNDS=100 JSON= BUILD=1 KEEP=
+NODES=20 DURATION=600 SCALE=10 XFER_KB=1024 SEED= EVENTS= CUT=60 ROUNDS=100 JSON= BUILD=1 KEEP=
 while [ $# -gt 0 ]; do
   case $1 in
     --nodes) NODES=$2; shift 2 ;;
@@ -48,6 +50,7 @@ while [ $# -gt 0 ]; do
     --time-scale) SCALE=$2; shift 2 ;;
     --xfer-kb) XFER_KB=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
+    --events) EVENTS=$2; shift 2 ;;
     --cut) CUT=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --json) JSON=$(realpath -m "$2"); shift 2 ;;
@@ -73,6 +76,7 @@ case $what in
     scenario=netns-tests/s14_churn.sh; limit=$(( DURATION + 600 ))
     env=(CHURN_NODES="$NODES" CHURN_SECONDS="$DURATION" CHURN_TIME_SCALE="$SCALE" CHURN_XFER_KB="$XFER_KB")
     [ -z "$SEED" ] || env+=(CHURN_SEED="$SEED")
+    [ -z "$EVENTS" ] || env+=(CHURN_EVENTS="$EVENTS")
     [ -z "$JSON" ] || env+=(CHURN_JSON="$JSON") ;;
   partitions)
     scenario=netns-tests/s15_partitions.sh; limit=$(( 4 * CUT + 600 ))
