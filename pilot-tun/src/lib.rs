@@ -3,6 +3,7 @@
 //! directly over fake TUN devices).
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod context;
 pub mod control;
