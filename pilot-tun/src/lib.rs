@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod audit_cmd;
 pub mod cli;
 pub mod context;
 pub mod control;
