@@ -125,6 +125,21 @@ async fn trust_changes_are_logged_with_their_statement_hashes_on_both_sides() {
         assert_eq!(received[0]["peer"].as_str(), Some(from_id.as_str()));
         assert_eq!(received[0]["seq"], sent[0]["seq"]);
     }
+    // The registry carried each of them and logged the same hash.
+    let rd = dir.path().join("registry");
+    for (from, kind, _, _) in sent_received {
+        let hash = find(from, kind)[0]["statement"].clone();
+        eventually(Duration::from_secs(5), "the registry logs it", || {
+            let (rd, hash) = (rd.clone(), hash.clone());
+            async move {
+                find(&rd, "statement-carried")
+                    .iter()
+                    .any(|d| d["statement"] == hash && d["kind"] == kind)
+            }
+        })
+        .await;
+    }
+    assert!(!find(&rd, "registration").is_empty());
     assert_eq!(find(&ad, "revoke")[0]["state"], "revoked");
     assert_eq!(find(&bd, "approve")[0]["state"], "trusted");
     assert_eq!(entries(&ad)[0].0, "node-start");
