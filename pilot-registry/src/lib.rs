@@ -19,8 +19,10 @@
 //! - [`pool`], [`names`]: the address pool and hostname rules.
 //! - [`storage`]: persistence behind one trait (SQLite).
 //! - [`stats`], [`state`]: counters; the key file and join URL.
+//! - [`audit`]: the audit log's writer thread and per-minute counts.
 
 pub mod admission;
+pub mod audit;
 pub mod mailbox;
 pub mod names;
 pub mod pool;

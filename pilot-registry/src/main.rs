@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
 use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
@@ -21,6 +21,9 @@ use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
+    /// Without a command: serve. `audit` reads the audit log instead.
+    #[command(subcommand)]
+    command: Option<RegistryCommand>,
     /// UDP address to serve on (STUN, control, relay all share it).
     #[arg(long, default_value = "0.0.0.0:7946")]
     listen: SocketAddr,
@@ -28,8 +31,8 @@ struct Cli {
     /// 0.0.0.0 (the registry cannot guess which of its addresses is public).
     #[arg(long)]
     advertise: Option<SocketAddr>,
-    /// Where the key and the database live.
-    #[arg(long, default_value = "/var/lib/pilot-registry")]
+    /// Where the key, the database and the audit log live.
+    #[arg(long, global = true, default_value = "/var/lib/pilot-registry")]
     state_dir: PathBuf,
     /// The overlay network addresses are handed out from: part of a private
     /// range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10),
@@ -58,6 +61,127 @@ struct Cli {
     log: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum RegistryCommand {
+    /// Read and check the audit log in --state-dir (audit.jsonl): the
+    /// registrations, the trust statements carried (their SHA-256 only) and
+    /// the relay's admissions and refusals per pair and minute, in a hash
+    /// chain with checkpoints signed by a key derived from registry.key.
+    /// Works whether or not the registry runs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// The entries, oldest first.
+    Show {
+        /// Only entries since this time: RFC 3339 or an age (10m, 2h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// The log of a relay-only instance (audit-relay.jsonl).
+        #[arg(long)]
+        relay: bool,
+    },
+    /// Check every hash link and checkpoint signature. Exit 0: intact;
+    /// exit 1: the first bad line is named. Reports the last signed head
+    /// (keep it elsewhere and give it back with --expect-head to prove
+    /// nothing up to it was cut or rewritten).
+    Verify {
+        /// A head printed by an earlier verify (`<seq>:<hash>`).
+        #[arg(long, value_name = "HEAD")]
+        expect_head: Option<String>,
+        /// The log of a relay-only instance (audit-relay.jsonl).
+        #[arg(long)]
+        relay: bool,
+    },
+}
+
+/// `pilot-registry audit …`: the files, no server. Returns the exit code.
+fn audit(dir: &std::path::Path, cmd: AuditCommand) -> Result<i32> {
+    use pilot_audit::read::{self, Failure};
+    use pilot_registry::audit::{REGISTRY_LOG, RELAY_LOG};
+    let name = |relay: bool| if relay { RELAY_LOG } else { REGISTRY_LOG };
+    match cmd {
+        AuditCommand::Show { since, relay } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let since = since
+                .map(|s| pilot_audit::time::parse_since(&s, now))
+                .transpose()
+                .context("--since")?;
+            let (entries, bad) = read::entries(dir, name(relay))
+                .with_context(|| format!("cannot read the audit log in {}", dir.display()))?;
+            for e in entries
+                .iter()
+                .filter(|e| since.is_none_or(|t| e.entry.time >= t))
+            {
+                println!(
+                    "{}  {:>6}  {:<22} {}",
+                    pilot_proto::lifetime::utc(e.entry.time),
+                    e.entry.seq,
+                    e.entry.kind,
+                    e.entry.details
+                );
+            }
+            for (p, why) in bad {
+                println!("unreadable: {} line {}: {why}", p.file.display(), p.line);
+            }
+            Ok(0)
+        }
+        AuditCommand::Verify { expect_head, relay } => {
+            let expect = expect_head
+                .map(|h| h.parse::<pilot_proto::audit::Head>())
+                .transpose()
+                .context("--expect-head")?;
+            if !dir.join("registry.key").exists() {
+                bail!(
+                    "{} has no registry.key: the key that checks the audit log's signatures is derived from it (is --state-dir the registry's?)",
+                    dir.display()
+                );
+            }
+            let secret = state::load_or_create_key(dir)?;
+            let key = pilot_registry::audit::public_key(&secret);
+            let out = read::verify(dir, name(relay), &[key], expect)
+                .with_context(|| format!("cannot read the audit log in {}", dir.display()))?;
+            if out.files.is_empty() {
+                bail!("no audit log in {}", dir.display());
+            }
+            let signed = match out.signed_head {
+                Some(h) => format!(
+                    "signed head: {h} ({} entries after it not signed yet)",
+                    out.unsigned_after
+                ),
+                None => format!(
+                    "no signed head ({} entries not signed yet)",
+                    out.unsigned_after
+                ),
+            };
+            match &out.result {
+                Ok(r) => {
+                    println!(
+                        "audit log intact: {} lines in {} files, from seq {}",
+                        r.lines,
+                        out.files.len(),
+                        out.first_seq.unwrap_or(0)
+                    );
+                    println!("{signed}");
+                    Ok(0)
+                }
+                Err(f) => {
+                    println!("audit log NOT intact: {f}");
+                    if let Failure::Line { .. } = f {
+                        println!("before it, {signed}");
+                    }
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("pilot-registry: error: {e:#}");
@@ -66,7 +190,11 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(RegistryCommand::Audit(cmd)) = cli.command.take() {
+        let code = audit(&cli.state_dir, cmd)?;
+        std::process::exit(code);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
@@ -125,7 +253,8 @@ fn run() -> Result<()> {
                 relay_only: cli.relay_only,
             },
             storage,
-        );
+        )
+        .with_audit(&cli.state_dir);
         let alt_port = cli
             .stun_alt_port
             .unwrap_or_else(|| cli.listen.port().wrapping_add(1));

@@ -235,6 +235,7 @@ impl Rendezvous {
                 kind,
                 outcome,
                 mail,
+                ..
             } => {
                 self.pending.remove(&ticket);
                 let req = ticket.req;

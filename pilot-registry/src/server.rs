@@ -30,7 +30,9 @@ use tracing::debug;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::admission::{self, Admitted, Gate};
+use crate::audit;
 use crate::mailbox::Mailbox;
+use crate::registrar::{RegisterOutcome, StatementOutcome};
 use crate::relay::{Relay, Verdict};
 use crate::relay_only::RelayOnly;
 use crate::rendezvous::{Cx, Rendezvous};
@@ -79,6 +81,7 @@ pub struct Registry<S: Storage> {
     config: Config,
     storage: S,
     stats: Arc<Stats>,
+    audit_dir: Option<std::path::PathBuf>,
 }
 
 /// The role that answers control messages.
@@ -97,6 +100,7 @@ struct Core {
     role: Role,
     store: Store,
     stats: Arc<Stats>,
+    audit: audit::Audit,
 }
 
 impl<S: Storage + 'static> Registry<S> {
@@ -108,7 +112,15 @@ impl<S: Storage + 'static> Registry<S> {
             config,
             storage,
             stats: Arc::new(Stats::default()),
+            audit_dir: None,
         }
+    }
+
+    /// Keeps the audit log ([`crate::audit`]) in `dir` (the state
+    /// directory).
+    pub fn with_audit(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.audit_dir = Some(dir.into());
+        self
     }
 
     /// Also answers STUN on a second socket (another port), so nodes can
@@ -132,7 +144,19 @@ impl<S: Storage + 'static> Registry<S> {
             config,
             storage,
             stats,
+            audit_dir,
         } = self;
+        let (sink, audit_thread) = match &audit_dir {
+            Some(dir) => {
+                let name = match config.relay_only {
+                    true => audit::RELAY_LOG,
+                    false => audit::REGISTRY_LOG,
+                };
+                let (sink, t) = audit::Sink::spawn(dir, name, &config.secret)?;
+                (sink, Some(t))
+            }
+            None => (audit::Sink::off(), None),
+        };
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
         let (store, mut done, store_thread) =
@@ -156,6 +180,7 @@ impl<S: Storage + 'static> Registry<S> {
             role,
             store,
             stats,
+            audit: audit::Audit::new(sink),
         };
         let result = serve(
             &socket,
@@ -175,6 +200,9 @@ impl<S: Storage + 'static> Registry<S> {
         let _ = tokio::task::spawn_blocking(move || {
             let _ = store_thread.join();
             let _ = gate_thread.join();
+            if let Some(t) = audit_thread {
+                let _ = t.join();
+            }
         })
         .await;
         result
@@ -291,14 +319,33 @@ impl Core {
                 }
             },
             Kind::RelayTo => {
-                match self.relay.on_datagram(
+                // Who and to whom, for the audit's per-minute counts (read
+                // before the relay rewrites the header).
+                let to = wire::RelayHeader::parse(buf).ok().map(|h| h.node);
+                let sender = match self.sessions.node_at(&from) {
+                    Some(n) => audit::From::Node(n),
+                    None => audit::From::Addr(from.ip()),
+                };
+                let verdict = self.relay.on_datagram(
                     buf,
                     from,
                     now,
                     &self.sessions,
                     &self.store,
                     &self.stats,
-                ) {
+                );
+                let what = match verdict {
+                    Verdict::Forward(_) => "admitted",
+                    Verdict::Held => "held",
+                    Verdict::Drop => "refused",
+                };
+                self.audit.count(audit::Key {
+                    kind: "relay",
+                    what,
+                    from: sender,
+                    to,
+                });
+                match verdict {
                     Verdict::Forward(to) => Action::Send(to),
                     Verdict::Held | Verdict::Drop => Action::Nothing,
                 }
@@ -348,6 +395,7 @@ impl Core {
     }
 
     fn on_done(&mut self, done: Done, now: Instant) -> Vec<Reply> {
+        self.audit_done(&done);
         let (role, mut cx) = self.split(now);
         match role {
             Role::Registry(r) => r.on_done(done, &mut cx),
@@ -355,7 +403,42 @@ impl Core {
         }
     }
 
+    /// What a committed job leaves in the audit log.
+    fn audit_done(&mut self, done: &Done) {
+        match done {
+            Done::Registered { id, outcome, .. } => {
+                let reason = match outcome {
+                    Ok(RegisterOutcome::Ok { node, .. }) => {
+                        self.audit
+                            .registered(*id, node.address, node.hostname.clone());
+                        return;
+                    }
+                    Ok(RegisterOutcome::BadSignature) => "bad-signature",
+                    Ok(RegisterOutcome::Replayed) => "replayed",
+                    Ok(RegisterOutcome::PoolExhausted) => "pool-exhausted",
+                    Err(_) => return,
+                };
+                self.audit.count(audit::Key {
+                    kind: "registration-refused",
+                    what: reason,
+                    from: audit::From::Node(*id),
+                    to: None,
+                });
+            }
+            Done::Stated {
+                from,
+                to,
+                kind,
+                statement,
+                outcome: Ok(StatementOutcome::Stored(_)),
+                ..
+            } => self.audit.carried(*from, *to, kind, statement),
+            _ => {}
+        }
+    }
+
     fn on_tick(&mut self, now: Instant) {
+        self.audit.tick();
         self.sessions.expire(now);
         if matches!(self.role, Role::Registry(_)) {
             self.mailbox.on_tick(&self.sessions, &self.store);

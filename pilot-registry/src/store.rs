@@ -158,6 +158,8 @@ pub enum Done {
         approves: bool,
         /// What it says (for the log).
         kind: &'static str,
+        /// SHA-256 (hex) of the signed statement, for the audit log.
+        statement: String,
         /// The decision.
         outcome: Result<StatementOutcome, StorageError>,
         /// What now waits for the recipient (when stored).
@@ -240,6 +242,7 @@ pub fn run(s: &mut dyn Storage, network: Ipv4Net, job: Job) -> Option<Done> {
                 to,
                 approves: statement.body.kind.approves(),
                 kind: statement.body.kind.name(),
+                statement: crate::audit::statement_hash(&statement),
                 outcome,
                 mail,
             }

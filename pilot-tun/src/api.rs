@@ -441,6 +441,86 @@ pub struct DropCounts {
     pub queue_full: u64,
 }
 
+/// `audit show`: the audit log's entries (read from the state directory,
+/// not verified: `audit verify` does that).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditShow {
+    /// The entries, oldest first (with `--since`, those written since).
+    pub entries: Vec<AuditEntry>,
+    /// Lines that are not entries (`audit verify` says more).
+    pub unreadable: Vec<AuditLine>,
+}
+
+/// One entry of the audit log, in [`AuditShow`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its place in the chain, from 0.
+    pub seq: u64,
+    /// Unix time it was written.
+    pub time: u64,
+    /// The same time, RFC 3339 UTC.
+    pub utc: String,
+    /// What happened (the README's "Audit log" lists the kinds).
+    pub kind: String,
+    /// The facts, as written.
+    pub details: serde_json::Value,
+    /// The file it is in.
+    pub file: String,
+    /// Its line in that file, from 1.
+    pub line: u64,
+}
+
+/// A line of the audit log and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLine {
+    /// The file.
+    pub file: String,
+    /// The line in it, from 1.
+    pub line: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// `audit verify`: whether the audit log is intact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerify {
+    /// True if every line verified (and the expected head is there).
+    pub ok: bool,
+    /// The files read, oldest first.
+    pub files: Vec<String>,
+    /// The node's Ed25519 public key (hex) that checked the signatures.
+    pub key: String,
+    /// The seq of the oldest entry kept (0 unless older files were
+    /// rotated away).
+    pub first_seq: Option<u64>,
+    /// Lines that verified (before the first bad one).
+    pub lines: u64,
+    /// The last checkpoint that verified: every line up to it is signed.
+    pub signed_head: Option<String>,
+    /// Entries after it that verified: chained, but not signed yet.
+    pub unsigned_after: u64,
+    /// The `--expect-head` given.
+    pub expect_head: Option<String>,
+    /// What is wrong, when not `ok`.
+    pub problem: Option<String>,
+    /// The first bad line, when one is to blame.
+    pub bad_line: Option<AuditLine>,
+    /// Seqs of `log-damaged` entries: damaged files the daemon set aside.
+    pub damaged: Vec<u64>,
+}
+
+/// `audit head`: the last signed head, to keep elsewhere and give back to
+/// `audit verify --expect-head`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// `<seq>:<sha256 hex>`.
+    pub head: String,
+    /// Its seq.
+    pub seq: u64,
+    /// Entries written after it, not signed yet.
+    pub unsigned_after: u64,
+}
+
 /// Our NAT type, in [`Status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Nat {
@@ -914,6 +994,81 @@ mod tests {
         }
     }
 
+    const HASH: &str = "9c1f3e5a7b2d4f6081a3c5e7092b4d6f8a1c3e5b7d9f0a2c4e6081b3d5f7a9c1";
+    const HEAD: &str = "1300:4be0c2f1d3a5e7f9b1c3d5e7f90a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e2f41";
+
+    fn audit_show() -> AuditShow {
+        AuditShow {
+            entries: vec![
+                AuditEntry {
+                    seq: 1314,
+                    time: 1_750_000_000,
+                    utc: "2025-06-15T15:06:40Z".into(),
+                    kind: "approve".into(),
+                    details: json!({
+                        "address": "10.77.92.132",
+                        "delivered": true,
+                        "hostname": "alpha",
+                        "kind": "approve",
+                        "peer": ID_A,
+                        "seq": 1_750_000_000_123_456u64,
+                        "state": "trusted",
+                        "statement": HASH,
+                    }),
+                    file: "/var/lib/pilot-tun/audit.jsonl".into(),
+                    line: 15,
+                },
+                AuditEntry {
+                    seq: 1315,
+                    time: 1_750_000_021,
+                    utc: "2025-06-15T15:07:01Z".into(),
+                    kind: "handshake-refused-count".into(),
+                    details: json!({
+                        "count": 212,
+                        "minute": 1_749_999_960u64,
+                        "reason": "rate-limited",
+                        "source": "198.51.100.7",
+                    }),
+                    file: "/var/lib/pilot-tun/audit.jsonl".into(),
+                    line: 16,
+                },
+            ],
+            unreadable: vec![],
+        }
+    }
+
+    fn audit_verify() -> AuditVerify {
+        let problem = "changed after it was written (the next line recorded another hash for it)";
+        AuditVerify {
+            ok: false,
+            files: vec![
+                "/var/lib/pilot-tun/audit.jsonl.1".into(),
+                "/var/lib/pilot-tun/audit.jsonl".into(),
+            ],
+            key: "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29".into(),
+            first_seq: Some(0),
+            lines: 1316,
+            signed_head: Some(HEAD.into()),
+            unsigned_after: 15,
+            expect_head: None,
+            problem: Some(format!("/var/lib/pilot-tun/audit.jsonl line 17: {problem}")),
+            bad_line: Some(AuditLine {
+                file: "/var/lib/pilot-tun/audit.jsonl".into(),
+                line: 17,
+                problem: problem.into(),
+            }),
+            damaged: vec![],
+        }
+    }
+
+    fn audit_head() -> AuditHead {
+        AuditHead {
+            head: HEAD.into(),
+            seq: 1300,
+            unsigned_after: 16,
+        }
+    }
+
     fn error() -> ErrorReport {
         ErrorReport {
             ok: false,
@@ -935,6 +1090,9 @@ mod tests {
             ("trust-change", pretty(&trust_change())),
             ("ping", pretty(&ping())),
             ("down", pretty(&Stopping { stopping: true })),
+            ("audit-show", pretty(&audit_show())),
+            ("audit-verify", pretty(&audit_verify())),
+            ("audit-head", pretty(&audit_head())),
             ("error", pretty(&error())),
         ]
     }
@@ -987,6 +1145,9 @@ mod tests {
         round_trip(&trust_change());
         round_trip(&ping());
         round_trip(&error());
+        round_trip(&audit_show());
+        round_trip(&audit_verify());
+        round_trip(&audit_head());
     }
 
     #[test]

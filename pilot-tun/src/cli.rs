@@ -92,6 +92,10 @@ enum Command {
     /// Ask for, grant, refuse and withdraw trust.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Read and check the audit log: what this node decided and refused,
+    /// in a hash chain the node key signs. Works without the daemon.
+    #[command(subcommand, long_about = AUDIT_ABOUT)]
+    Audit(AuditCommand),
     /// Measure round trips through the tunnel to a trusted peer, and show the
     /// path (direct endpoint or relay, and why). Exits 1 if no echo came back.
     Ping {
@@ -132,6 +136,44 @@ enum TrustCommand {
     },
     /// All trust records.
     List,
+}
+
+/// `audit --help`.
+const AUDIT_ABOUT: &str = "\
+Read and check the audit log: what this node decided and refused, in a hash chain the node key signs.
+
+The daemon appends one JSON line per event to <state-dir>/audit.jsonl: trust requests, approvals, denials and revocations (with the SHA-256 of each signed statement, sent or received), pending requests forgotten, handshakes refused (counted per source and minute), start and stop. Each line carries the hash of the line before; a checkpoint line signed by the node key follows every 100 entries, comes every 5 minutes while entries wait, and when the daemon stops. Files rotate at 16 MiB (4 old ones kept) without breaking the chain.
+
+These commands read the files directly, so they work whether or not the daemon runs (they need read access to the state directory: run them as the daemon's user, usually with sudo).
+
+A typical routine: run `pilot-tun audit head` now and then and keep what it prints somewhere the node cannot write (a ticket, another host). Later, `pilot-tun audit verify --expect-head <that head>` proves that nothing up to it was changed, removed or reordered; without a head, verify proves the log is one unbroken signed chain, but not that whole lines were not cut from its end or whole old files removed.";
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// The entries, oldest first (text: one line each; --json: every field).
+    Show {
+        /// Only entries written since this time: RFC 3339
+        /// (2025-07-01T12:00:00Z, 2025-07-01T14:00:00+02:00) or an age
+        /// (10m, 2h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
+    /// Check the whole chain: every hash link and every checkpoint
+    /// signature (against the node key in identity.key). Exit 0: intact;
+    /// exit 1: the first line that was changed, removed, inserted or moved
+    /// is named. Reports the last signed head and how many entries after it
+    /// are not signed yet.
+    Verify {
+        /// A head printed earlier by `audit head` (`<seq>:<hash>`): the
+        /// line with that seq must still be there, unchanged, so nothing
+        /// up to it was rewritten or cut.
+        #[arg(long, value_name = "HEAD")]
+        expect_head: Option<String>,
+    },
+    /// Print the last signed head (`<seq>:<hash>`), to keep elsewhere and
+    /// give back to `audit verify --expect-head`. Fails if the log does not
+    /// verify.
+    Head,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -304,6 +346,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
     let req = match cli.command {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
         Command::Up(args) => return up_background(&cli.common, &args, argv),
+        Command::Audit(a) => return audit(&cli.common, &state, a),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -351,6 +394,128 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         print_text(&reply);
     }
     Ok(code)
+}
+
+/// The `audit` commands: no daemon, just the files.
+fn audit(common: &Common, state: &StateDir, cmd: AuditCommand) -> Outcome {
+    match cmd {
+        AuditCommand::Show { since } => {
+            let since = since
+                .map(|s| pilot_audit::time::parse_since(&s, crate::context::unix_now()))
+                .transpose()
+                .map_err(|e| failed(ErrorCode::Usage, format!("--since: {e}")))?;
+            let doc = crate::audit_cmd::show(state, since)?;
+            if common.json {
+                print_pretty(&doc);
+            } else {
+                print_audit_show(&doc);
+            }
+            Ok(exit::OK)
+        }
+        AuditCommand::Verify { expect_head } => {
+            let expect = expect_head
+                .map(|h| h.parse::<pilot_proto::audit::Head>())
+                .transpose()
+                .map_err(|e| failed(ErrorCode::Usage, format!("--expect-head: {e}")))?;
+            let doc = crate::audit_cmd::verify(state, expect)?;
+            if common.json {
+                print_pretty(&doc);
+            } else {
+                print_audit_verify(&doc);
+            }
+            Ok(if doc.ok { exit::OK } else { exit::FAILED })
+        }
+        AuditCommand::Head => {
+            let doc = crate::audit_cmd::head(state)?;
+            if common.json {
+                print_pretty(&doc);
+            } else {
+                say!("{}", doc.head);
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn print_audit_show(doc: &api::AuditShow) {
+    if doc.entries.is_empty() {
+        say!("no entries");
+    }
+    for e in &doc.entries {
+        let details = match &e.details {
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        say!("{}  {:>6}  {:<24} {}", e.utc, e.seq, e.kind, details);
+    }
+    for u in &doc.unreadable {
+        say!("unreadable: {} line {}: {}", u.file, u.line, u.problem);
+    }
+    if !doc.unreadable.is_empty() {
+        say!("(`pilot-tun audit verify` checks the whole chain)");
+    }
+}
+
+fn print_audit_verify(doc: &api::AuditVerify) {
+    let files = doc.files.len();
+    if doc.ok {
+        say!(
+            "audit log intact: {} lines in {} file{}, from seq {}{}",
+            doc.lines,
+            files,
+            if files == 1 { "" } else { "s" },
+            doc.first_seq.unwrap_or(0),
+            if doc.first_seq.unwrap_or(0) > 0 {
+                " (older files were rotated away)"
+            } else {
+                ""
+            }
+        );
+    } else {
+        say!(
+            "audit log NOT intact: {}",
+            doc.problem.as_deref().unwrap_or("?")
+        );
+    }
+    match &doc.signed_head {
+        Some(h) => say!(
+            "signed head: {h}{}",
+            match doc.unsigned_after {
+                0 => String::new(),
+                n => format!(" ({n} entries after it are chained but not signed yet)"),
+            }
+        ),
+        None => say!(
+            "no signed head{}",
+            match doc.unsigned_after {
+                0 => String::new(),
+                n => format!(" ({n} entries are chained but not signed yet)"),
+            }
+        ),
+    }
+    if let (Some(h), true) = (&doc.expect_head, doc.ok) {
+        say!("expected head {h}: present and unchanged");
+    }
+    if !doc.damaged.is_empty() {
+        say!(
+            "note: {} log-damaged entr{} (seq {}): the daemon found a damaged file at start and kept it aside; `pilot-tun audit show` has the details",
+            doc.damaged.len(),
+            if doc.damaged.len() == 1 { "y" } else { "ies" },
+            doc.damaged
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 }
 
 fn or_dash(s: &Option<String>) -> &str {
@@ -941,6 +1106,29 @@ mod tests {
             assert_eq!(e.code, ErrorCode::Usage, "{bad}");
             assert!(e.error.contains("hostname"), "{}", e.error);
         }
+    }
+
+    #[test]
+    fn audit_help_teaches_the_routine() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let audit = cmd.find_subcommand_mut("audit").unwrap();
+        let help = audit.render_long_help().to_string();
+        for needle in [
+            "audit head",
+            "--expect-head",
+            "whether or not the daemon runs",
+            "rotate",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from audit --help");
+        }
+        let cli = Cli::try_parse_from(argv(&["audit", "verify", "--expect-head", "3:ab"])).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCommand::Verify {
+                expect_head: Some(_)
+            })
+        ));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::api::{self, ApiError, ErrorCode, Reply, Request, Response, TrustState};
+use crate::audit::{statement_details, NodeAudit};
 use crate::context::{unix_micros, unix_now, Context};
 use crate::link::LinkError;
 use crate::peers::bump;
@@ -44,6 +45,9 @@ pub type Job<T> = Box<dyn FnOnce(&mut Controller<T>) -> Effects + Send>;
 const JOB_QUEUE: usize = 1024;
 /// How often expired trust requests are looked for.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often the audit log's minute counts are written out (and a
+/// checkpoint made if entries have waited long).
+const AUDIT_TICK: Duration = Duration::from_secs(15);
 
 /// The control task has stopped (the node is shutting down).
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,8 @@ pub struct Controller<T: Tun> {
     pub tunnels: Tunnels,
     /// How many trust requests may wait for an answer, and how long.
     pub pending_limits: PendingLimits,
+    /// The audit log (`audit.jsonl`).
+    pub audit: NodeAudit,
     handle: Handle<T>,
 }
 
@@ -116,6 +122,7 @@ impl<T: Tun> Controller<T> {
         ctx: Arc<Context<T>>,
         trust: TrustStore,
         node_state: NodeState,
+        audit: NodeAudit,
     ) -> (Self, Handle<T>, mpsc::Receiver<Job<T>>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let handle = Handle { tx };
@@ -126,6 +133,7 @@ impl<T: Tun> Controller<T> {
             node_state,
             tunnels,
             pending_limits: PendingLimits::default(),
+            audit,
             handle: handle.clone(),
         };
         (c, handle, rx)
@@ -136,6 +144,7 @@ impl<T: Tun> Controller<T> {
     pub async fn run(mut self, mut slow: SlowReceiver, mut jobs: mpsc::Receiver<Job<T>>) {
         // Requests expire even when nothing new arrives.
         let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut audit_tick = tokio::time::interval(AUDIT_TICK);
         loop {
             let deadline = self.tunnels.next_deadline();
             let sleep = async move {
@@ -162,6 +171,10 @@ impl<T: Tun> Controller<T> {
                     }
                     Effects::default()
                 }
+                _ = audit_tick.tick() => {
+                    self.audit.tick(&self.ctx.identity, unix_now());
+                    Effects::default()
+                }
             };
             self.carry_out(fx).await;
         }
@@ -171,6 +184,12 @@ impl<T: Tun> Controller<T> {
     /// store is saved before anything is sent: an initiation's timestamp
     /// is on disk before its answer leaves.
     async fn carry_out(&mut self, fx: Effects) {
+        if !fx.refused.is_empty() {
+            let now = unix_now();
+            for r in fx.refused {
+                self.audit.refused(&self.ctx.identity, now, r);
+            }
+        }
         let mut dirty = false;
         for (id, ts) in fx.init_timestamps {
             dirty |= self.trust.set_last_init_timestamp(&id, ts);
@@ -306,8 +325,12 @@ impl<T: Tun> Controller<T> {
         // The address comes from the registry, unsigned: it must be a
         // host of our overlay, and not ours.
         let net = self.ctx.shared.network();
+        let mut details = statement_details(&statement, &from.to_string());
         if address == self.ctx.address() || net.is_some_and(|n| !n.contains(&address)) {
             warn!(peer = %from, %address, "trust statement refused: the registry gave an address that is ours or outside the overlay");
+            details["reason"] =
+                format!("the registry gave address {address}, ours or outside the overlay").into();
+            self.record_audit("statement-refused", details);
             return (true, Effects::default());
         }
         match self
@@ -319,6 +342,8 @@ impl<T: Tun> Controller<T> {
                 match self.ctx.cfg.state.save_trust(&self.trust) {
                     Ok(()) => {
                         info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
+                        details["state"] = self.state_word(&from).into();
+                        self.record_audit("statement-received", details);
                         (true, self.apply_change(from, change))
                     }
                     Err(e) => {
@@ -334,6 +359,8 @@ impl<T: Tun> Controller<T> {
             }
             Err(e) => {
                 warn!(peer = %from, "trust statement refused: {e}");
+                details["reason"] = e.to_string().into();
+                self.record_audit("statement-refused", details);
                 (true, Effects::default())
             }
         }
@@ -342,11 +369,48 @@ impl<T: Tun> Controller<T> {
     /// Drops pending requests past their age and beyond the cap (the
     /// newest stay). Returns true if any went; the caller saves.
     fn forget_old_requests(&mut self) -> bool {
-        let gone = self.trust.prune_pending(unix_now(), self.pending_limits);
+        let now = unix_now();
+        let ttl = self.pending_limits.ttl_secs;
+        let expired: std::collections::BTreeSet<NodeId> = self
+            .trust
+            .iter()
+            .filter(|(_, r)| r.pending() && r.updated.saturating_add(ttl) <= now)
+            .map(|(id, _)| id)
+            .collect();
+        let gone = self.trust.prune_pending(now, self.pending_limits);
         for id in &gone {
             info!(peer = %id, "pending trust request forgotten (expired, or too many pending)");
+            let reason = if expired.contains(id) {
+                "expired"
+            } else {
+                "over-cap"
+            };
+            self.record_audit(
+                "pending-forgotten",
+                serde_json::json!({"peer": id.to_string(), "reason": reason}),
+            );
         }
         !gone.is_empty()
+    }
+
+    /// Appends an entry to the audit log.
+    pub fn record_audit(&mut self, kind: &str, details: serde_json::Value) {
+        self.audit
+            .record(&self.ctx.identity, unix_now(), kind, details);
+    }
+
+    /// At shutdown: the last counts, `node-stop` and a signed head.
+    pub fn close_audit(&mut self) {
+        self.audit.close(&self.ctx.identity, unix_now());
+    }
+
+    /// The trust state with a peer, as the CLI words it.
+    fn state_word(&self, id: &NodeId) -> String {
+        self.trust
+            .get(id)
+            .map(|r| TrustState::of(r.ours, r.theirs))
+            .unwrap_or(TrustState::None)
+            .to_string()
     }
 
     /// Applies a trust change to the tunnels and the data plane.
@@ -910,6 +974,13 @@ async fn trust_statement<T: Tun>(
         })
         .await
         .map_err(stopped)?;
+    let mut details = statement_details(&statement, &pid.to_string());
+    details["hostname"] = serde_json::json!(info.hostname);
+    details["address"] = info.address.to_string().into();
+    details["delivered"] = delivered.is_ok().into();
+    details["state"] = state.to_string().into();
+    let name = kind.name();
+    let _ = h.with(move |c| c.record_audit(name, details)).await;
     Ok(Reply::Trust(api::TrustChange {
         peer: pid.to_string(),
         hostname: info.hostname,
@@ -958,17 +1029,27 @@ pub async fn flush_outbox<T: Tun>(ctx: &Context<T>, h: &Handle<T>) {
     };
     for st in queued {
         let (to, seq, kind) = (st.body.to, st.body.seq, st.body.kind.name());
-        match send_statement(ctx, &st).await {
-            Ok(()) => info!(peer = %to, kind, "queued trust statement delivered"),
+        let mut details = statement_details(&st, &to.to_string());
+        let entry = match send_statement(ctx, &st).await {
+            Ok(()) => {
+                info!(peer = %to, kind, "queued trust statement delivered");
+                "statement-delivered"
+            }
             Err(LinkError::Refused {
                 code: pilot_proto::messages::ErrorCode::Replayed,
                 ..
-            }) => info!(peer = %to, kind, "queued trust statement was already delivered"),
+            }) => {
+                info!(peer = %to, kind, "queued trust statement was already delivered");
+                "statement-delivered"
+            }
             Err(e @ LinkError::Refused { .. }) => {
-                warn!(peer = %to, kind, "the registry refused a queued trust statement, dropping it: {e}")
+                warn!(peer = %to, kind, "the registry refused a queued trust statement, dropping it: {e}");
+                details["reason"] = e.to_string().into();
+                "statement-dropped"
             }
             Err(_) => return, // unreachable: the next round tries again
-        }
+        };
+        let _ = h.with(move |c| c.record_audit(entry, details)).await;
         let _ = h.with(move |c| c.delivered(to, seq)).await;
     }
 }

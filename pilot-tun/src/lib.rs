@@ -3,6 +3,8 @@
 //! directly over fake TUN devices).
 
 pub mod api;
+pub mod audit;
+pub mod audit_cmd;
 pub mod cli;
 pub mod context;
 pub mod control;

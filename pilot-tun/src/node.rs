@@ -27,8 +27,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::api::{Request, Response};
-use crate::context::Context;
+use crate::audit::NodeAudit;
 pub use crate::context::NodeConfig;
+use crate::context::{unix_now, Context};
 use crate::controller::{self, Controller, Handle};
 use crate::link::{LinkError, RegistryLink};
 use crate::shared::Shared;
@@ -92,6 +93,17 @@ impl<T: Tun> Node<T> {
         if new {
             info!(id = %identity.node_id(), "created a new identity");
         }
+        let mut audit = NodeAudit::open(&cfg.state, &identity, unix_now())?;
+        audit.record(
+            &identity,
+            unix_now(),
+            "node-start",
+            serde_json::json!({
+                "node_id": identity.node_id().to_string(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+            }),
+        );
         if node_state.registry.as_deref() != Some(&join.to_string()) {
             if node_state.registry.is_some() && node_state.address.is_some() {
                 warn!("registry changed; the cached address belongs to the old network");
@@ -121,7 +133,7 @@ impl<T: Tun> Node<T> {
         );
         let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
-        let (controller, handle, jobs) = Controller::new(ctx.clone(), trust, node_state);
+        let (controller, handle, jobs) = Controller::new(ctx.clone(), trust, node_state, audit);
         let node = Node {
             ctx: ctx.clone(),
             handle: handle.clone(),
@@ -198,6 +210,15 @@ impl<T: Tun> Node<T> {
     }
 
     async fn stop_tasks(&self) {
+        // The audit log's last entries and signed head, while the control
+        // task still runs (bounded: a wedged task must not hold up the stop).
+        let close = self.handle.with(|c| c.close_audit());
+        if tokio::time::timeout(Duration::from_secs(2), close)
+            .await
+            .is_err()
+        {
+            warn!("the audit log could not be closed in time; its last entries stay unsigned");
+        }
         let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock());
         for t in &tasks {
             t.abort();

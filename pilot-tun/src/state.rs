@@ -7,6 +7,7 @@
 //! | `trust.json` | the trust store | on every trust change |
 //! | `control.sock` | the daemon's control socket | while running |
 //! | `pilot-tun.log` | the background daemon's log | while running |
+//! | `audit.jsonl`, `audit.jsonl.<n>` | the audit log and its rotated files ([`crate::audit`]) | appended by the daemon |
 //!
 //! Every write goes to a temporary file that is synced and renamed over the
 //! old one, so a crash leaves either the old or the new file, never half of
@@ -98,6 +99,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateErr
         }
     }
     Ok(())
+}
+
+/// The identity in the text of `identity.key`.
+fn parse_identity(path: &Path, text: &str) -> Result<Identity, StateError> {
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    let body = lines.next().unwrap_or_default();
+    let bytes = (header == "pilot-tun identity v1")
+        .then(|| hex::decode_array::<IDENTITY_BYTES>(body.trim()))
+        .flatten()
+        .map(Zeroizing::new)
+        .ok_or_else(|| StateError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "expected 'pilot-tun identity v1' and 128 hex digits".into(),
+        })?;
+    Ok(Identity::from_bytes(&bytes))
 }
 
 /// What the node remembers between runs besides keys and trust.
@@ -207,25 +224,30 @@ impl StateDir {
         self.file("control.sock")
     }
 
+    /// The node's Ed25519 public key, from `identity.key` (which is never
+    /// created here): what checks the audit log's signatures. The secret
+    /// part is read, used to derive it, and wiped.
+    pub fn load_public_key(&self) -> Result<[u8; 32], StateError> {
+        let path = self.file("identity.key");
+        match fs::read_to_string(&path).map(Zeroizing::new) {
+            Ok(text) => Ok(parse_identity(&path, &text)?.ed_public()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StateError::Io {
+                path,
+                source: std::io::Error::new(
+                    e.kind(),
+                    "no identity here: is this the node's state directory (--state-dir)?",
+                ),
+            }),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     /// Loads the identity, creating one on first start. Returns it and
     /// whether it is new.
     pub fn load_or_create_identity(&self) -> Result<(Identity, bool), StateError> {
         let path = self.file("identity.key");
         match fs::read_to_string(&path).map(Zeroizing::new) {
-            Ok(text) => {
-                let mut lines = text.lines();
-                let header = lines.next().unwrap_or_default();
-                let body = lines.next().unwrap_or_default();
-                let bytes = (header == "pilot-tun identity v1")
-                    .then(|| hex::decode_array::<IDENTITY_BYTES>(body.trim()))
-                    .flatten()
-                    .map(Zeroizing::new)
-                    .ok_or_else(|| StateError::Corrupt {
-                        path: path.clone(),
-                        detail: "expected 'pilot-tun identity v1' and 128 hex digits".into(),
-                    })?;
-                Ok((Identity::from_bytes(&bytes), false))
-            }
+            Ok(text) => Ok((parse_identity(&path, &text)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut bytes = Zeroizing::new([0u8; IDENTITY_BYTES]);
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *bytes)
@@ -303,11 +325,21 @@ mod tests {
         let (b, new) = s.load_or_create_identity().unwrap();
         assert!(!new);
         assert_eq!(a.node_id(), b.node_id());
+        assert_eq!(s.load_public_key().unwrap(), a.ed_public());
         let mode = fs::metadata(s.file("identity.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_public_key_is_read_never_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        let err = s.load_public_key().unwrap_err();
+        assert!(err.to_string().contains("no identity here"), "{err}");
+        assert!(!s.file("identity.key").exists());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Effects {
     /// Peers with which a handshake succeeded: their tunnel key is theirs
     /// (kept in the trust store).
     pub proven: Vec<NodeId>,
+    /// Initiations refused, for the audit log's per-minute counts.
+    pub refused: Vec<Refusal>,
 }
 
 impl Effects {
@@ -65,6 +67,15 @@ impl Effects {
         self.worked.extend(other.worked);
         self.init_timestamps.extend(other.init_timestamps);
         self.proven.extend(other.proven);
+        self.refused.extend(other.refused);
+    }
+
+    /// Nothing to do but record a refused initiation.
+    fn refusal(reason: RefusalReason, source: HandshakeSource) -> Self {
+        Effects {
+            refused: vec![Refusal { reason, source }],
+            ..Effects::default()
+        }
     }
 }
 
@@ -120,7 +131,7 @@ impl<T: Tun> Env for NodeEnv<'_, T> {
 /// initiation arrives from the relay's address; keyed by that, one node
 /// flooding through the relay would use up every other relayed peer's
 /// share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HandshakeSource {
     /// Straight from this address.
     Addr(IpAddr),
@@ -155,6 +166,40 @@ impl HandshakeSource {
             (None, Path::Relay) => HandshakeSource::Addr(relay),
         }
     }
+}
+
+/// Why a handshake initiation was refused (for the audit log's counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RefusalReason {
+    /// A valid initiation from a key this node does not trust.
+    UntrustedKey,
+    /// A bad MAC, a failed Noise read, a replayed timestamp.
+    BadHandshake,
+    /// Over the per-source rate limit.
+    RateLimited,
+    /// Under load: answered with a cookie instead.
+    CookieSent,
+}
+
+impl RefusalReason {
+    /// The word in the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalReason::UntrustedKey => "untrusted-key",
+            RefusalReason::BadHandshake => "bad-handshake",
+            RefusalReason::RateLimited => "rate-limited",
+            RefusalReason::CookieSent => "cookie-sent",
+        }
+    }
+}
+
+/// A refused initiation: why, and from where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Refusal {
+    /// Why.
+    pub reason: RefusalReason,
+    /// From where (an address, or the node the relay named).
+    pub source: HandshakeSource,
 }
 
 /// Every trusted peer's tunnel.
@@ -530,12 +575,13 @@ impl Tunnels {
             }
             Err(Refused::RateLimited) => {
                 bump(&drops.rate_limited);
-                return Effects::default();
+                return Effects::refusal(RefusalReason::RateLimited, source);
             }
             Err(Refused::Cookie(reply)) => {
                 // Under load: the cookie goes back where the initiation
                 // came from, and that is all it costs us.
                 bump(&drops.cookie_sent);
+                let mut fx = Effects::refusal(RefusalReason::CookieSent, source);
                 let out = match (via, relayed_from) {
                     (Path::Direct(_), _) => Outgoing {
                         bytes: reply.to_vec(),
@@ -547,16 +593,14 @@ impl Tunnels {
                         to: Path::Relay,
                         peer: node,
                     },
-                    (Path::Relay, None) => return Effects::default(),
+                    (Path::Relay, None) => return fx,
                 };
-                return Effects {
-                    out: vec![out],
-                    ..Effects::default()
-                };
+                fx.out.push(out);
+                return fx;
             }
             Err(_) => {
                 bump(&drops.bad_handshake);
-                return Effects::default();
+                return Effects::refusal(RefusalReason::BadHandshake, source);
             }
         };
         // Only the local trust store decides: an unknown or untrusted key
@@ -564,11 +608,11 @@ impl Tunnels {
         let Some(id) = self.by_static.get(resp.remote_static()).copied() else {
             bump(&drops.untrusted_handshake);
             debug!(?via, "handshake from an untrusted key ignored");
-            return Effects::default();
+            return Effects::refusal(RefusalReason::UntrustedKey, source);
         };
         if relayed_from.is_some_and(|r| r != id) {
             bump(&drops.bad_handshake);
-            return Effects::default();
+            return Effects::refusal(RefusalReason::BadHandshake, source);
         }
         let index = ctx.fresh_index();
         let (r, mut fx) = self.drive(ctx, &id, now, |p, _| {
@@ -580,6 +624,10 @@ impl Tunnels {
             Some(Err(e)) => {
                 debug!(peer = %id, "initiation refused: {e}");
                 bump(&drops.bad_handshake);
+                fx.refused.push(Refusal {
+                    reason: RefusalReason::BadHandshake,
+                    source,
+                });
             }
             None => {}
         }

@@ -268,3 +268,142 @@ fn ping_without_any_echo_exits_1_after_its_report() {
     );
     assert!(stderr(&o).contains("pilot-tun peers"), "{}", stderr(&o));
 }
+
+/// A state directory with an identity and an audit log of `n` entries
+/// (signed at the end, as a daemon that stopped leaves it).
+fn audit_state(n: u64) -> tempfile::TempDir {
+    use pilot_tun::audit::NodeAudit;
+    use pilot_tun::state::StateDir;
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path());
+    let (id, _) = state.load_or_create_identity().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut log = NodeAudit::open(&state, &id, now - 7200).unwrap();
+    for i in 0..n {
+        // The first half two hours ago, the rest now.
+        let t = if i < n / 2 { now - 7200 } else { now };
+        log.record(&id, t, "approve", json!({"peer": format!("p{i}")}));
+    }
+    log.close(&id, now);
+    dir
+}
+
+fn audit_json(state: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["--json", "audit"];
+    all.extend_from_slice(args);
+    let o = pilot_tun(state, &all);
+    let v = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    (o.status.code(), v)
+}
+
+#[test]
+fn audit_verify_passes_then_names_the_changed_line_without_a_daemon() {
+    let dir = audit_state(150);
+    let (code, v) = audit_json(dir.path(), &["verify"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["ok"], true);
+    // 150 entries, node-stop, two checkpoints.
+    assert_eq!(v["lines"], 153);
+    assert_eq!(v["unsigned_after"], 0);
+    let head = v["signed_head"].as_str().unwrap().to_string();
+    assert!(head.starts_with("152:"), "{head}");
+
+    // `audit head` prints the same head, alone on its line.
+    let o = pilot_tun(dir.path(), &["audit", "head"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o).trim(), head);
+    let o = pilot_tun(dir.path(), &["audit", "verify", "--expect-head", &head]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("present and unchanged"),
+        "{}",
+        stdout(&o)
+    );
+
+    // One byte of line 40 changes: exit 1, line 40 named.
+    let path = dir.path().join("audit.jsonl");
+    let text = std::fs::read(&path).unwrap();
+    let mut bytes = text.clone();
+    let line40 = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .nth(38)
+        .unwrap()
+        .0
+        + 1;
+    let at = line40 + 30;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, v) = audit_json(dir.path(), &["verify"]);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["bad_line"]["line"], 40, "{v}");
+    assert_eq!(v["lines"], 39);
+    let o = pilot_tun(dir.path(), &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("NOT intact") && stdout(&o).contains("line 40"),
+        "{}",
+        stdout(&o)
+    );
+    // `audit head` has nothing to vouch for now.
+    let o = pilot_tun(dir.path(), &["audit", "head"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+
+    // Restored, but cut after the head: only --expect-head shows it.
+    let cut = text
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .nth(99)
+        .unwrap()
+        .0
+        + 1;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let (code, v) = audit_json(dir.path(), &["verify"]);
+    assert_eq!(code, Some(0), "a shorter log verifies: {v}");
+    let (code, v) = audit_json(dir.path(), &["verify", "--expect-head", &head]);
+    assert_eq!(code, Some(1), "{v}");
+    assert!(
+        v["problem"].as_str().unwrap().contains("ends before"),
+        "{v}"
+    );
+}
+
+#[test]
+fn audit_show_filters_by_time_and_reads_without_a_daemon() {
+    let dir = audit_state(10);
+    let (code, v) = audit_json(dir.path(), &["show"]);
+    assert_eq!(code, Some(0), "{v}");
+    let all = v["entries"].as_array().unwrap().len();
+    assert_eq!(all, 12, "10 entries, node-stop, checkpoint");
+    assert_eq!(v["entries"][0]["details"]["peer"], "p0");
+    assert_eq!(v["entries"][0]["line"], 1);
+    let (_, v) = audit_json(dir.path(), &["show", "--since", "1h"]);
+    assert_eq!(v["entries"].as_array().unwrap().len(), 7, "{v}");
+    let o = pilot_tun(dir.path(), &["audit", "show", "--since", "2h"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("approve"), "{}", stdout(&o));
+    let (code, v) = audit_json(dir.path(), &["show", "--since", "yesterday"]);
+    assert_eq!((code, v["code"].as_str()), (Some(2), Some("usage")), "{v}");
+}
+
+#[test]
+fn audit_commands_say_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, v) = audit_json(dir.path(), &["verify"]);
+    assert_eq!(code, Some(1));
+    assert!(v["error"].as_str().unwrap().contains("no audit log"), "{v}");
+    let dir = audit_state(3);
+    std::fs::remove_file(dir.path().join("identity.key")).unwrap();
+    let (code, v) = audit_json(dir.path(), &["verify"]);
+    assert_eq!(code, Some(1));
+    assert!(v["error"].as_str().unwrap().contains("node key"), "{v}");
+    let (code, v) = audit_json(dir.path(), &["verify", "--expect-head", "nonsense"]);
+    assert_eq!((code, v["code"].as_str()), (Some(2), Some("usage")), "{v}");
+}

@@ -73,7 +73,8 @@ impl RegistryHandle {
                 relay_only: false,
             },
             storage,
-        );
+        )
+        .with_audit(dir);
         let stats = reg.stats();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
