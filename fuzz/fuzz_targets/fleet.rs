@@ -1,7 +1,8 @@
 //! The fleet-trust formats a node reads from others: owner certificates,
 //! owner revocations and identity successions (binary and armored), port
 //! scopes and lifetimes typed by people, the packet inspection that grants
-//! run on, an audit log handed to `audit verify`, and cookie replies. None
+//! run on and a scoped peer's filter, an audit log handed to `audit
+//! verify`, and cookie replies. None
 //! may panic; a decoded certificate, revocation or succession re-encodes to
 //! bytes that decode to the same value, and checking it gives the same
 //! answer after the round trip.
@@ -14,7 +15,7 @@ use pilot_proto::cert::{Certificate, OwnerPublic, Revocation};
 use pilot_proto::identity::NodeId;
 use pilot_proto::ports::{Scope, Traffic};
 use pilot_proto::succession::Succession;
-use pilot_proto::{cookie, flow, lifetime};
+use pilot_proto::{cookie, filter, flow, lifetime};
 
 const OWNER: OwnerPublic = OwnerPublic([7; 32]);
 const NODE: NodeId = NodeId([9; 16]);
@@ -55,6 +56,19 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = flow::inspect(data);
+    // A scoped peer's filter, both ways, on the same bytes: never panics,
+    // and a packet it cannot read never passes.
+    let grant = |s: &str| {
+        pilot_proto::policy::EffectiveGrant::from_peer(s.parse().expect("a valid scope"), None, NOW)
+    };
+    let mut f = filter::Filter::new(grant("tcp/22,udp/53,icmp"), grant("tcp/8080"));
+    let now = std::time::Instant::now();
+    for dir in [filter::Direction::Outbound, filter::Direction::Inbound] {
+        let (v, _) = f.check(data, dir, now, NOW);
+        if flow::inspect(data).is_err() {
+            assert_eq!(v, filter::Verdict::Drop);
+        }
+    }
     let _ = audit::verify(data, &[[7; 32]], VerifyOptions::default());
     let _ = cookie::open_reply(&[5; 32], data, data);
 });

@@ -45,6 +45,7 @@ pub mod armor;
 pub mod audit;
 pub mod cert;
 pub mod cookie;
+pub mod filter;
 pub mod flow;
 pub mod frame;
 pub mod handshake;

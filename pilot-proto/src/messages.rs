@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{self, Identity, NodeId, PublicIdentity};
+use crate::policy::Grant;
+use crate::ports::Scope;
 
 /// Longest note on a trust request, in bytes.
 pub const MAX_NOTE: usize = 256;
@@ -111,18 +113,87 @@ pub enum StatementKind {
     Deny,
     /// "I no longer trust you." Ends any session at once.
     Revoke,
+    /// `Request` with a scope: what the signer lets the peer open on it
+    /// (and until when), and what it would like to open on the peer (shown
+    /// to the operator there; asking grants nothing). Sent only when a
+    /// scope or an expiry is given, so nodes that predate scopes still read
+    /// every plain request.
+    RequestScoped {
+        /// Free text shown in `trust pending`.
+        note: String,
+        /// What the peer may open on the signer.
+        allow: Grant,
+        /// What the signer asks to open on the peer.
+        want: Option<Scope>,
+    },
+    /// `Approve` with a scope and an expiry (see `RequestScoped`).
+    ApproveScoped {
+        /// What the peer may open on the signer.
+        allow: Grant,
+    },
 }
 
 impl StatementKind {
+    /// A request granting `allow` and asking for `want`, in the plain form
+    /// when it grants everything for good and asks nothing in particular.
+    pub fn request(note: String, allow: Grant, want: Option<Scope>) -> Self {
+        if allow == Grant::everything() && want.is_none() {
+            StatementKind::Request { note }
+        } else {
+            StatementKind::RequestScoped { note, allow, want }
+        }
+    }
+
+    /// An approval granting `allow`, in the plain form when that is
+    /// everything for good.
+    pub fn approve(allow: Grant) -> Self {
+        if allow == Grant::everything() {
+            StatementKind::Approve
+        } else {
+            StatementKind::ApproveScoped { allow }
+        }
+    }
+
     /// True for the statements that grant trust.
     pub fn approves(&self) -> bool {
-        matches!(self, StatementKind::Request { .. } | StatementKind::Approve)
+        self.grant().is_some()
     }
+
+    /// What the signer lets the peer open on it: everything for the plain
+    /// forms, nothing (`None`) for a refusal or a withdrawal.
+    pub fn grant(&self) -> Option<Grant> {
+        match self {
+            StatementKind::Request { .. } | StatementKind::Approve => Some(Grant::everything()),
+            StatementKind::RequestScoped { allow, .. } | StatementKind::ApproveScoped { allow } => {
+                Some(allow.clone())
+            }
+            StatementKind::Deny | StatementKind::Revoke => None,
+        }
+    }
+
+    /// The note of a request.
+    pub fn note(&self) -> Option<&str> {
+        match self {
+            StatementKind::Request { note } | StatementKind::RequestScoped { note, .. } => {
+                Some(note)
+            }
+            _ => None,
+        }
+    }
+
+    /// What a request asks to open on the receiver, if it says.
+    pub fn want(&self) -> Option<&Scope> {
+        match self {
+            StatementKind::RequestScoped { want, .. } => want.as_ref(),
+            _ => None,
+        }
+    }
+
     /// A short name for logs and the CLI.
     pub fn name(&self) -> &'static str {
         match self {
-            StatementKind::Request { .. } => "request",
-            StatementKind::Approve => "approve",
+            StatementKind::Request { .. } | StatementKind::RequestScoped { .. } => "request",
+            StatementKind::Approve | StatementKind::ApproveScoped { .. } => "approve",
             StatementKind::Deny => "deny",
             StatementKind::Revoke => "revoke",
         }

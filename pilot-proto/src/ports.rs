@@ -21,7 +21,7 @@ const IPPROTO_UDP: u8 = 17;
 
 /// What one packet that opens something asks for: a protocol and, for TCP
 /// and UDP, a destination port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Traffic {
     /// TCP to this destination port.
     Tcp(u16),

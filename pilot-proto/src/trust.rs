@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{NodeId, PublicIdentity};
 use crate::messages::{valid_hostname, PeerRef, Signed, Statement, StatementKind, MAX_NOTE};
+use crate::policy::{Contribution, EffectiveGrant, Grant, Source};
+use crate::ports::Scope;
 
 /// One side's decision about the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -43,9 +45,9 @@ pub enum Decision {
 impl Decision {
     fn from_kind(kind: &StatementKind) -> Self {
         match kind {
-            StatementKind::Request { .. } | StatementKind::Approve => Decision::Approved,
+            _ if kind.approves() => Decision::Approved,
             StatementKind::Deny => Decision::Denied,
-            StatementKind::Revoke => Decision::Revoked,
+            _ => Decision::Revoked,
         }
     }
 }
@@ -83,13 +85,72 @@ pub struct TrustRecord {
     /// peer, kept across restarts so a captured one cannot be replayed.
     #[serde(default)]
     pub last_init_timestamp: u64,
+    /// What we let it open on us, while `ours` is approved (records from
+    /// before scopes: everything).
+    #[serde(default = "Grant::everything")]
+    pub granted: Grant,
+    /// What it lets us open on it, from its signed statement, while
+    /// `theirs` is approved.
+    #[serde(default = "Grant::everything")]
+    pub granted_us: Grant,
+    /// What its request asked to open on us, if it said.
+    #[serde(default)]
+    pub want_in: Option<Scope>,
+    /// What our request asked to open on it, if we said.
+    #[serde(default)]
+    pub want_out: Option<Scope>,
 }
 
 impl TrustRecord {
+    /// A record of a peer nothing was said about yet.
+    pub fn new(identity: PublicIdentity, address: Ipv4Addr, hostname: Option<String>) -> Self {
+        TrustRecord {
+            identity,
+            address,
+            hostname,
+            ours: Decision::None,
+            theirs: Decision::None,
+            their_seq: 0,
+            note_in: None,
+            note_out: None,
+            updated: 0,
+            last_endpoint: None,
+            key_proven: false,
+            last_init_timestamp: 0,
+            granted: Grant::everything(),
+            granted_us: Grant::everything(),
+            want_in: None,
+            want_out: None,
+        }
+    }
+
     /// Both sides approved.
     pub fn trusted(&self) -> bool {
         self.ours == Decision::Approved && self.theirs == Decision::Approved
     }
+    /// The grants in force at `unix`: what the peer may open on us (our
+    /// grant) and what we may open on it (its signed grant). Nothing either
+    /// way unless both approved.
+    pub fn grants(&self, unix: u64) -> (EffectiveGrant, EffectiveGrant) {
+        if !self.trusted() {
+            return (EffectiveGrant::none(), EffectiveGrant::none());
+        }
+        let ours = EffectiveGrant::build(
+            vec![Contribution {
+                source: Source::Manual,
+                scope: self.granted.scope.clone(),
+                until: self.granted.expires_at,
+            }],
+            unix,
+        );
+        let theirs = EffectiveGrant::from_peer(
+            self.granted_us.scope.clone(),
+            self.granted_us.expires_at,
+            unix,
+        );
+        (ours, theirs)
+    }
+
     /// It asked us and we have not answered.
     pub fn pending(&self) -> bool {
         self.theirs == Decision::Approved && self.ours == Decision::None
@@ -276,20 +337,10 @@ impl TrustStore {
         // Hostnames come unsigned from the registry: keep only valid ones.
         let hostname = hostname.filter(|h| valid_hostname(h));
         let key = identity.node_id().to_string();
-        let rec = self.records.entry(key).or_insert_with(|| TrustRecord {
-            identity: identity.clone(),
-            address,
-            hostname: hostname.clone(),
-            ours: Decision::None,
-            theirs: Decision::None,
-            their_seq: 0,
-            note_in: None,
-            note_out: None,
-            updated: 0,
-            last_endpoint: None,
-            key_proven: false,
-            last_init_timestamp: 0,
-        });
+        let rec = self
+            .records
+            .entry(key)
+            .or_insert_with(|| TrustRecord::new(identity.clone(), address, hostname.clone()));
         if rec.identity.static_public != identity.static_public {
             // A new tunnel key is provisional again, and so is the
             // handshake history that belonged to the old one.
@@ -317,8 +368,12 @@ impl TrustStore {
         let was = self.is_trusted(&peer.node_id());
         let rec = self.entry(peer, address, hostname)?;
         rec.ours = Decision::from_kind(kind);
-        if let StatementKind::Request { note } = kind {
-            rec.note_out = Some(note.clone());
+        if let Some(note) = kind.note() {
+            rec.note_out = Some(note.to_owned());
+            rec.want_out = kind.want().cloned();
+        }
+        if let Some(g) = kind.grant() {
+            rec.granted = g;
         }
         rec.updated = now_unix;
         Ok(Change {
@@ -342,7 +397,7 @@ impl TrustStore {
         if &st.body.to != me {
             return Err(TrustError::NotForUs);
         }
-        if let StatementKind::Request { note } = &st.body.kind {
+        if let Some(note) = st.body.kind.note() {
             if note.len() > MAX_NOTE {
                 return Err(TrustError::NoteTooLong(note.len()));
             }
@@ -364,8 +419,12 @@ impl TrustStore {
         let rec = self.entry(&st.body.from, address, hostname)?;
         rec.theirs = Decision::from_kind(&st.body.kind);
         rec.their_seq = st.body.seq;
-        if let StatementKind::Request { note } = &st.body.kind {
-            rec.note_in = Some(note.clone());
+        if let Some(note) = st.body.kind.note() {
+            rec.note_in = Some(note.to_owned());
+            rec.want_in = st.body.kind.want().cloned();
+        }
+        if let Some(g) = st.body.kind.grant() {
+            rec.granted_us = g;
         }
         rec.updated = now_unix;
         Ok(Change {
@@ -496,6 +555,77 @@ mod tests {
             )
             .unwrap();
         assert!(c.now_trusted);
+    }
+
+    #[test]
+    fn scoped_statements_carry_their_grants_both_ways() {
+        let (a, b) = (id(1), id(2));
+        let mut sa = TrustStore::default();
+        let mut sb = TrustStore::default();
+        let grant = |s: &str, t| Grant {
+            scope: s.parse().unwrap(),
+            expires_at: t,
+        };
+        // Everything for good still travels in the plain form that nodes
+        // without scopes read.
+        assert_eq!(
+            StatementKind::request("n".into(), Grant::everything(), None),
+            StatementKind::Request { note: "n".into() }
+        );
+        assert_eq!(
+            StatementKind::approve(Grant::everything()),
+            StatementKind::Approve
+        );
+        let req = StatementKind::request(
+            "n".into(),
+            grant("icmp", None),
+            Some("tcp/8080".parse().unwrap()),
+        );
+        assert_eq!(req.name(), "request");
+        sa.decide(&b.public(), ADDR, None, &req, 1).unwrap();
+        let st = statement(&a, &b, req, 1);
+        // Signed bytes survive the wire.
+        let back: Signed<Statement> =
+            crate::messages::decode(&crate::messages::encode(&st).unwrap()).unwrap();
+        assert!(back.verify());
+        sb.receive(&b.node_id(), &back, ADDR, None, 1).unwrap();
+        let r = sb.get(&a.node_id()).unwrap();
+        assert!(r.pending());
+        assert_eq!(r.want_in, Some("tcp/8080".parse().unwrap()));
+        assert_eq!(r.granted_us, grant("icmp", None));
+        let appr = StatementKind::approve(grant("tcp/8080", Some(5000)));
+        assert_eq!(appr.name(), "approve");
+        sb.decide(&a.public(), ADDR, None, &appr, 2).unwrap();
+        sa.receive(&a.node_id(), &statement(&b, &a, appr, 1), ADDR, None, 2)
+            .unwrap();
+        let ra = sa.get(&b.node_id()).unwrap();
+        assert!(ra.trusted());
+        // a's view: it granted icmp, and may open tcp/8080 until 5000.
+        let (inbound, outbound) = ra.grants(4000);
+        assert_eq!(inbound.scope(4000).to_string(), "icmp");
+        assert_eq!(outbound.scope(4000).to_string(), "tcp/8080");
+        assert_eq!(outbound.valid_until(), Some(5000));
+        assert!(!outbound.admits(5000), "ended at its expiry");
+        // b's view mirrors it.
+        let (inbound, outbound) = sb.get(&a.node_id()).unwrap().grants(4000);
+        assert_eq!(inbound.scope(4000).to_string(), "tcp/8080");
+        assert_eq!(outbound.scope(4000).to_string(), "icmp");
+        // A forged scope (the registry widening it) breaks the signature.
+        let mut forged = statement(&b, &a, StatementKind::approve(grant("tcp/8080", None)), 2);
+        forged.body.kind = StatementKind::Approve;
+        assert!(matches!(
+            sa.receive(&a.node_id(), &forged, ADDR, None, 3),
+            Err(TrustError::BadSignature)
+        ));
+        // Not trusted: nothing either way, whatever the records say.
+        let lone = TrustRecord::new(b.public(), ADDR, None);
+        assert!(!lone.grants(1).0.admits(1) && !lone.grants(1).1.admits(1));
+        // Records written before scopes read as everything.
+        let old = r#"{"identity":IDENT,"address":"10.77.0.2","hostname":null,"ours":"Approved","theirs":"Approved","their_seq":1,"note_in":null,"note_out":null,"updated":1}"#
+            .replace("IDENT", &serde_json::to_string(&b.public()).unwrap());
+        let rec: TrustRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(rec.granted, Grant::everything());
+        assert_eq!(rec.granted_us, Grant::everything());
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use pilot_proto::messages::NatType;
+use pilot_proto::policy::Grant;
+use pilot_proto::ports::Scope;
 use pilot_proto::session::CipherSuite;
 use pilot_proto::trust;
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,15 @@ pub enum Request {
         peer: String,
         /// Note for the peer's operator.
         note: String,
+        /// What the peer may open on us (absent: everything).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<Scope>,
+        /// Seconds from now until our grant ends (absent: never).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_in_secs: Option<u64>,
+        /// What we ask to open on the peer (shown to its operator).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        want: Option<Scope>,
     },
     /// Requests waiting for our answer: [`PendingRequest`]s.
     TrustPending,
@@ -37,6 +48,12 @@ pub enum Request {
     TrustApprove {
         /// Hostname, address or node id.
         peer: String,
+        /// What the peer may open on us (absent: everything).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<Scope>,
+        /// Seconds from now until the grant ends (absent: never).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_in_secs: Option<u64>,
     },
     /// Refuse a peer's request: [`TrustChange`].
     TrustDeny {
@@ -56,6 +73,16 @@ pub enum Request {
         peer: String,
         /// How many echoes.
         count: u32,
+    },
+    /// Whether traffic would pass to and from a peer, and what decides:
+    /// [`Explanation`].
+    Explain {
+        /// Hostname, address or node id.
+        peer: String,
+        /// The traffic to judge (`tcp/22`, `udp/53`, `icmp`); absent: only
+        /// the grants.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traffic: Option<String>,
     },
     /// Stop the daemon: [`Stopping`].
     Down,
@@ -85,6 +112,8 @@ pub enum Reply {
     Trust(TrustChange),
     /// To `ping`.
     Ping(PingReport),
+    /// To `explain`.
+    Explain(Explanation),
     /// To `down`.
     Down(Stopping),
 }
@@ -103,6 +132,7 @@ impl Reply {
             | Request::TrustDeny { .. }
             | Request::TrustRevoke { .. } => Reply::Trust(from_value(data)?),
             Request::Ping { .. } => Reply::Ping(from_value(data)?),
+            Request::Explain { .. } => Reply::Explain(from_value(data)?),
             Request::Down => Reply::Down(from_value(data)?),
         })
     }
@@ -130,6 +160,7 @@ reply_into! {
     TrustList => Vec<TrustEntry>,
     Trust => TrustChange,
     Ping => PingReport,
+    Explain => Explanation,
     Down => Stopping,
 }
 
@@ -439,6 +470,16 @@ pub struct DropCounts {
     /// bytes), as under a handshake flood. (Absent from older daemons.)
     #[serde(default)]
     pub queue_full: u64,
+    /// Packets from peers outside the grant this node gave them (or
+    /// belonging to no open flow), dropped after decryption. (Absent from
+    /// older daemons.)
+    #[serde(default)]
+    pub policy_in: u64,
+    /// Local packets outside the grant a peer gave this node, refused
+    /// before encryption (answered with ICMP administratively prohibited).
+    /// (Absent from older daemons.)
+    #[serde(default)]
+    pub policy_out: u64,
 }
 
 /// `audit show`: the audit log's entries (read from the state directory,
@@ -604,6 +645,79 @@ pub struct Peer {
     /// Path MTU discovery: "searching", "confirmed" or "unconfirmed" (no
     /// answers to probes).
     pub path_mtu_state: Option<String>,
+    /// What it may open on us, while we approve it. (Absent from older
+    /// daemons.)
+    #[serde(default)]
+    pub granted: Option<GrantView>,
+    /// What we may open on it, by its signed statement, while it approves
+    /// us. (Absent from older daemons.)
+    #[serde(default)]
+    pub granted_us: Option<GrantView>,
+}
+
+/// A grant as `peers`, `trust list` and `explain` show it: what it opens
+/// and until when. A grant that ended opens `none`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// What it opens now: `all`, `none`, or a list such as
+    /// `tcp/8080,tcp/9000-9100,udp/53,icmp`.
+    pub scope: Scope,
+    /// Unix time it ends (absent: never).
+    pub expires_at: Option<u64>,
+}
+
+impl GrantView {
+    /// The view of `g` at `unix`.
+    pub fn of(g: &Grant, unix: u64) -> Self {
+        let live = g.expires_at.is_none_or(|t| unix < t);
+        GrantView {
+            scope: if live { g.scope.clone() } else { Scope::none() },
+            expires_at: g.expires_at,
+        }
+    }
+}
+
+impl fmt::Display for GrantView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.scope)?;
+        if let Some(t) = self.expires_at {
+            write!(f, " until {}", pilot_proto::lifetime::utc(t))?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer to `explain`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// The peer's node id.
+    pub peer: String,
+    /// Its hostname.
+    pub hostname: Option<String>,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// The trust state between us.
+    pub state: TrustState,
+    /// The traffic judged, as given (`tcp/22`), if any.
+    pub traffic: Option<String>,
+    /// What the peer may open on us, and the verdict on `traffic`.
+    pub inbound: DirectionExplained,
+    /// What we may open on the peer, and the verdict on `traffic`.
+    pub outbound: DirectionExplained,
+}
+
+/// One direction of an [`Explanation`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionExplained {
+    /// What is open now (`none` unless both sides approve).
+    pub scope: Scope,
+    /// When the earliest part of it ends, if it does.
+    pub until: Option<u64>,
+    /// Whether `traffic` would pass (absent without `traffic`).
+    pub passes: Option<bool>,
+    /// What decided: `manual grant`, `the peer's grant`, `rule 3`, or why
+    /// nothing passes (`not granted`, `not trusted: pending`, `revoked`).
+    pub decided_by: String,
 }
 
 /// Where a peer's packets go: a UDP endpoint, or the relay. In JSON,
@@ -754,6 +868,12 @@ pub struct PendingRequest {
     pub address: Ipv4Addr,
     /// The note on its request.
     pub note: Option<String>,
+    /// What it asks to open on us, if it said. (Absent from older daemons.)
+    #[serde(default)]
+    pub want: Option<Scope>,
+    /// What it lets us open on it. (Absent from older daemons.)
+    #[serde(default)]
+    pub offers: Option<GrantView>,
 }
 
 /// One record in the answer to `trust list`.
@@ -771,6 +891,14 @@ pub struct TrustEntry {
     pub ours: Decision,
     /// Its decision about us.
     pub theirs: Decision,
+    /// What it may open on us, while we approve it. (Absent from older
+    /// daemons.)
+    #[serde(default)]
+    pub granted: Option<GrantView>,
+    /// What we may open on it, while it approves us. (Absent from older
+    /// daemons.)
+    #[serde(default)]
+    pub granted_us: Option<GrantView>,
 }
 
 /// The answer to `trust request|approve|deny|revoke`.
@@ -869,6 +997,8 @@ mod tests {
                 refused_local: 3,
                 malformed: 0,
                 queue_full: 0,
+                policy_in: 0,
+                policy_out: 1,
             },
             mtu: 1380,
             mtu_cap: None,
@@ -900,6 +1030,8 @@ mod tests {
                 mtu: Some(1380),
                 path_mtu: Some(1440),
                 path_mtu_state: Some("confirmed".into()),
+                granted: Some(all()),
+                granted_us: Some(scoped()),
             },
             Peer {
                 node_id: "9a1c0e5d7b3f42618e0d2c4b6a8f1e3d".into(),
@@ -917,6 +1049,8 @@ mod tests {
                 mtu: Some(1360),
                 path_mtu: Some(1440),
                 path_mtu_state: Some("searching".into()),
+                granted: Some(all()),
+                granted_us: Some(all()),
             },
             Peer {
                 node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
@@ -934,6 +1068,8 @@ mod tests {
                 mtu: None,
                 path_mtu: None,
                 path_mtu_state: None,
+                granted: None,
+                granted_us: Some(all()),
             },
         ]
     }
@@ -944,7 +1080,45 @@ mod tests {
             hostname: Some("alpha".into()),
             address: Ipv4Addr::new(10, 77, 92, 132),
             note: Some("build agent needs the cache".into()),
+            want: Some("tcp/8080".parse().unwrap()),
+            offers: Some(all()),
         }]
+    }
+
+    fn all() -> GrantView {
+        GrantView {
+            scope: Scope::all(),
+            expires_at: None,
+        }
+    }
+
+    fn scoped() -> GrantView {
+        GrantView {
+            scope: "tcp/8080,icmp".parse().unwrap(),
+            expires_at: Some(1_798_675_200),
+        }
+    }
+
+    fn explanation() -> Explanation {
+        Explanation {
+            peer: ID_B.into(),
+            hostname: Some("beta".into()),
+            address: Ipv4Addr::new(10, 77, 84, 77),
+            state: TrustState::Trusted,
+            traffic: Some("tcp/22".into()),
+            inbound: DirectionExplained {
+                scope: Scope::all(),
+                until: None,
+                passes: Some(true),
+                decided_by: "manual grant".into(),
+            },
+            outbound: DirectionExplained {
+                scope: "tcp/8080,icmp".parse().unwrap(),
+                until: Some(1_798_675_200),
+                passes: Some(false),
+                decided_by: "not granted".into(),
+            },
+        }
     }
 
     fn trust_list() -> Vec<TrustEntry> {
@@ -956,6 +1130,8 @@ mod tests {
                 state: TrustState::Trusted,
                 ours: Decision::Approved,
                 theirs: Decision::Approved,
+                granted: Some(all()),
+                granted_us: Some(scoped()),
             },
             TrustEntry {
                 node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
@@ -964,6 +1140,8 @@ mod tests {
                 state: TrustState::Pending,
                 ours: Decision::None,
                 theirs: Decision::Approved,
+                granted: None,
+                granted_us: Some(all()),
             },
         ]
     }
@@ -1089,6 +1267,7 @@ mod tests {
             ("trust-list", pretty(&trust_list())),
             ("trust-change", pretty(&trust_change())),
             ("ping", pretty(&ping())),
+            ("explain", pretty(&explanation())),
             ("down", pretty(&Stopping { stopping: true })),
             ("audit-show", pretty(&audit_show())),
             ("audit-verify", pretty(&audit_verify())),
@@ -1144,6 +1323,7 @@ mod tests {
         round_trip(&trust_list());
         round_trip(&trust_change());
         round_trip(&ping());
+        round_trip(&explanation());
         round_trip(&error());
         round_trip(&audit_show());
         round_trip(&audit_verify());
@@ -1189,12 +1369,19 @@ mod tests {
                 Request::TrustRequest {
                     peer: "beta".into(),
                     note: "hi".into(),
+                    allow: None,
+                    expires_in_secs: None,
+                    want: None,
                 },
                 json!({"cmd": "trust_request", "peer": "beta", "note": "hi"}),
             ),
             (Request::TrustPending, json!({"cmd": "trust_pending"})),
             (
-                Request::TrustApprove { peer: "a".into() },
+                Request::TrustApprove {
+                    peer: "a".into(),
+                    allow: None,
+                    expires_in_secs: None,
+                },
                 json!({"cmd": "trust_approve", "peer": "a"}),
             ),
             (
@@ -1313,18 +1500,13 @@ mod tests {
         for ours in all {
             for theirs in all {
                 let rec = TrustRecord {
-                    identity: Identity::from_bytes(&[7; 64]).public(),
-                    address: Ipv4Addr::new(10, 77, 0, 1),
-                    hostname: None,
                     ours,
                     theirs,
-                    their_seq: 0,
-                    note_in: None,
-                    note_out: None,
-                    updated: 0,
-                    last_endpoint: None,
-                    key_proven: false,
-                    last_init_timestamp: 0,
+                    ..TrustRecord::new(
+                        Identity::from_bytes(&[7; 64]).public(),
+                        Ipv4Addr::new(10, 77, 0, 1),
+                        None,
+                    )
                 };
                 let state = TrustState::of(ours, theirs);
                 assert_eq!(state.to_string(), rec.state(), "{ours:?}/{theirs:?}");

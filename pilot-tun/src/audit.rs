@@ -18,6 +18,10 @@
 //! | `handshake-refused` | `reason`, `source`, `minute` | the first refusal of its kind from a source in a minute |
 //! | `handshake-refused-count` | `reason`, `source`, `minute`, `count` | the minute is over: how many there were |
 //! | `handshake-refused-dropped` | `minute`, `count` | refusals not counted per source: the table was full |
+//! | `grant` | `peer`, `inbound`, `outbound`, `inbound_until`, `outbound_until` | the grants in force with a trusted peer changed (scopes as `trust list` words them) |
+//! | `policy-allow`, `policy-deny` | `peer`, `direction` (`in`, `out`), `traffic` (`tcp/22`, `icmp`, ...), `minute` | the first such decision of a peer's filter in a minute (peers with scoped or expiring grants only) |
+//! | `policy-count` | `peer`, `direction`, `traffic`, `allowed`, `minute`, `count` | the minute is over: how many there were |
+//! | `policy-dropped` | `peer`, `minute`, `count` | decisions not counted per kind: the peer's table was full |
 //! | `log-damaged` | `kept_as`, `line`, `problem`, `dropped_bytes` | a damaged file was set aside at start |
 //!
 //! Refusal reasons: `untrusted-key`, `bad-handshake`, `rate-limited`,
@@ -27,8 +31,10 @@
 //! running (the chain stays whole: nothing half-written remains).
 
 use pilot_audit::file::{FileError, Limits, LogFile};
-use pilot_proto::aggregate::{Aggregator, Recorded};
+use pilot_proto::aggregate::{Aggregator, Flushed, Recorded};
+use pilot_proto::filter::Noted;
 use pilot_proto::identity::Identity;
+use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, Signed, Statement};
 use serde_json::{json, Value};
 use tracing::warn;
@@ -133,6 +139,60 @@ impl NodeAudit {
                     "source": source_text(&r.source),
                     "minute": minute,
                 }),
+            );
+        }
+    }
+
+    /// A peer's filter decided something for the first time this minute.
+    pub fn decision(&mut self, signer: &Identity, now: u64, peer: &NodeId, n: Noted) {
+        let minute = now - now % pilot_proto::lifetime::MINUTE;
+        let kind = if n.allowed {
+            "policy-allow"
+        } else {
+            "policy-deny"
+        };
+        self.record(
+            signer,
+            now,
+            kind,
+            json!({
+                "peer": peer.to_string(),
+                "direction": n.direction.name(),
+                "traffic": n.traffic.to_string(),
+                "minute": minute,
+            }),
+        );
+    }
+
+    /// A peer's filter counts for the minutes that are over.
+    pub fn decision_counts(
+        &mut self,
+        signer: &Identity,
+        now: u64,
+        peer: &NodeId,
+        f: Flushed<Noted>,
+    ) {
+        for c in f.counts {
+            self.record(
+                signer,
+                now,
+                "policy-count",
+                json!({
+                    "peer": peer.to_string(),
+                    "direction": c.key.direction.name(),
+                    "traffic": c.key.traffic.to_string(),
+                    "allowed": c.key.allowed,
+                    "minute": c.minute,
+                    "count": c.count,
+                }),
+            );
+        }
+        for (minute, count) in f.dropped {
+            self.record(
+                signer,
+                now,
+                "policy-dropped",
+                json!({"peer": peer.to_string(), "minute": minute, "count": count}),
             );
         }
     }

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::PeerRef;
+use pilot_proto::ports::Scope;
 use pilot_proto::session::CipherSuite;
 use serde::Serialize;
 
-use crate::api::{self, exit, ApiError, Endpoint, ErrorCode, ErrorReport, Reply, Request, Status};
+use crate::api::{
+    self, exit, ApiError, Endpoint, ErrorCode, ErrorReport, GrantView, Reply, Request, Status,
+};
 use crate::control;
 use crate::node::{Node, NodeConfig, StartError};
 use crate::sanitize::printable;
@@ -96,6 +99,15 @@ enum Command {
     /// in a hash chain the node key signs. Works without the daemon.
     #[command(subcommand, long_about = AUDIT_ABOUT)]
     Audit(AuditCommand),
+    /// Whether traffic would pass to and from a peer, and which grant
+    /// decided (or why nothing passes).
+    Explain {
+        /// Hostname, 10.x address or node id.
+        peer: String,
+        /// The traffic to judge: `tcp/22`, `udp/53` or `icmp`. Without it,
+        /// what is open each way.
+        traffic: Option<String>,
+    },
     /// Measure round trips through the tunnel to a trusted peer, and show the
     /// path (direct endpoint or relay, and why). Exits 1 if no echo came back.
     Ping {
@@ -107,6 +119,26 @@ enum Command {
     },
 }
 
+/// What a peer may open on this node: `--allow` and `--expires`.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+struct GrantArgs {
+    /// What the peer may open on this node: connections it starts, by
+    /// protocol and destination port, e.g. `tcp/8080,tcp/9000-9100,udp/53,icmp`
+    /// (`all` is everything, the default). Replies to connections this node
+    /// opens always pass. Both ends enforce it: this node drops what is
+    /// outside, and the peer refuses it locally at once.
+    #[arg(long, value_name = "PORTS")]
+    allow: Option<Scope>,
+    /// How long the grant lasts (`8h`, `30d`, `90m`; at most 365d); it
+    /// ends on time even with the registry down. Default: until revoked.
+    #[arg(long, value_name = "LIFETIME", value_parser = parse_lifetime)]
+    expires: Option<u64>,
+}
+
+fn parse_lifetime(s: &str) -> Result<u64, String> {
+    pilot_proto::lifetime::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(Subcommand, Debug)]
 enum TrustCommand {
     /// Ask a peer for mutual trust (this also approves it on our side).
@@ -116,13 +148,22 @@ enum TrustCommand {
         /// A note shown to the peer's operator.
         #[arg(long, default_value = "")]
         note: String,
+        #[command(flatten)]
+        grant: GrantArgs,
+        /// What we ask to open on the peer, shown to its operator in
+        /// `trust pending` (asking grants nothing: its operator decides).
+        #[arg(long, value_name = "PORTS")]
+        want: Option<Scope>,
     },
     /// Requests from peers waiting for our answer.
     Pending,
-    /// Approve a peer (normally one that asked us).
+    /// Approve a peer (normally one that asked us). Approving again
+    /// replaces the grant: narrow it, widen it or renew its expiry.
     Approve {
         /// Hostname, 10.x address or node id.
         peer: String,
+        #[command(flatten)]
+        grant: GrantArgs,
     },
     /// Refuse a peer's request.
     Deny {
@@ -351,10 +392,26 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
         Command::Ping { peer, count } => Request::Ping { peer, count },
+        Command::Explain { peer, traffic } => Request::Explain { peer, traffic },
         Command::Trust(t) => match t {
-            TrustCommand::Request { peer, note } => Request::TrustRequest { peer, note },
+            TrustCommand::Request {
+                peer,
+                note,
+                grant,
+                want,
+            } => Request::TrustRequest {
+                peer,
+                note,
+                allow: grant.allow,
+                expires_in_secs: grant.expires,
+                want,
+            },
             TrustCommand::Pending => Request::TrustPending,
-            TrustCommand::Approve { peer } => Request::TrustApprove { peer },
+            TrustCommand::Approve { peer, grant } => Request::TrustApprove {
+                peer,
+                allow: grant.allow,
+                expires_in_secs: grant.expires,
+            },
             TrustCommand::Deny { peer } => Request::TrustDeny { peer },
             TrustCommand::Revoke { peer } => Request::TrustRevoke { peer },
             TrustCommand::List => Request::TrustList,
@@ -363,7 +420,8 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
     let mut timeout = Duration::from_secs(cli.common.timeout);
     match &req {
         Request::TrustRequest { peer, .. }
-        | Request::TrustApprove { peer }
+        | Request::TrustApprove { peer, .. }
+        | Request::Explain { peer, .. }
         | Request::TrustDeny { peer }
         | Request::TrustRevoke { peer } => check_peer(peer)?,
         Request::Ping { peer, count } => {
@@ -575,6 +633,9 @@ fn print_text(reply: &Reply) {
                     human_bytes(p.rx_bytes),
                     human_bytes(p.tx_bytes),
                 );
+                if let Some(g) = grants_text(&p.granted, &p.granted_us) {
+                    say!("    {g}");
+                }
             }
         }
         Reply::Pending(list) => {
@@ -590,6 +651,12 @@ fn print_text(reply: &Reply) {
                     p.node_id,
                     or_dash(&p.note)
                 );
+                if let Some(w) = &p.want {
+                    say!("    asks to open here: {w}");
+                }
+                if let Some(o) = &p.offers {
+                    say!("    lets us open there: {o}");
+                }
             }
             say!("answer with `pilot-tun trust approve <peer>` or `pilot-tun trust deny <peer>`");
         }
@@ -605,6 +672,9 @@ fn print_text(reply: &Reply) {
                     p.state.to_string(),
                     p.node_id
                 );
+                if let Some(g) = grants_text(&p.granted, &p.granted_us) {
+                    say!("    {g}");
+                }
             }
         }
         Reply::Trust(t) => {
@@ -636,8 +706,44 @@ fn print_text(reply: &Reply) {
                 );
             }
         }
+        Reply::Explain(e) => {
+            say!(
+                "{} ({}): {}",
+                who(&e.hostname, e.address),
+                e.address,
+                e.state
+            );
+            for (label, d) in [
+                ("it may open here", &e.inbound),
+                ("we may open there", &e.outbound),
+            ] {
+                let until = d
+                    .until
+                    .map(|t| format!(" until {}", pilot_proto::lifetime::utc(t)))
+                    .unwrap_or_default();
+                say!("{label}: {}{until}", d.scope);
+                if let (Some(t), Some(passes)) = (&e.traffic, d.passes) {
+                    let verdict = if passes { "passes" } else { "refused" };
+                    say!("  {t}: {verdict} ({})", d.decided_by);
+                }
+            }
+        }
         Reply::Down(_) => say!("stopped"),
     }
+}
+
+/// "may open here: tcp/8080; we may open there: all", or nothing when
+/// neither side approved yet.
+fn grants_text(granted: &Option<GrantView>, granted_us: &Option<GrantView>) -> Option<String> {
+    if granted.is_none() && granted_us.is_none() {
+        return None;
+    }
+    let show = |g: &Option<GrantView>| g.as_ref().map_or("-".to_string(), |g| g.to_string());
+    Some(format!(
+        "may open here: {}; we may open there: {}",
+        show(granted),
+        show(granted_us)
+    ))
 }
 
 fn print_status(d: &Status) {

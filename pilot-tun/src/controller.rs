@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::Ipv4Net;
+use pilot_proto::filter::Direction;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{
     FromRegistry, PeerInfo, PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
@@ -23,12 +24,14 @@ use pilot_proto::messages::{
 };
 use pilot_proto::overlay;
 use pilot_proto::path::Path;
-use pilot_proto::trust::{Change, PendingLimits, TrustStore};
+use pilot_proto::policy::{Decision, Denial, EffectiveGrant, Grant};
+use pilot_proto::ports::{Scope, Traffic};
+use pilot_proto::trust::{Change, Decision as TrustDecision, PendingLimits, TrustStore};
 use pilot_proto::wire::{self, Kind, RelayHeader, MSG_RELAY_TO, RELAY_HEADER_LEN};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::api::{self, ApiError, ErrorCode, Reply, Request, Response, TrustState};
+use crate::api::{self, ApiError, ErrorCode, GrantView, Reply, Request, Response, TrustState};
 use crate::audit::{statement_details, NodeAudit};
 use crate::context::{unix_micros, unix_now, Context};
 use crate::link::LinkError;
@@ -172,6 +175,7 @@ impl<T: Tun> Controller<T> {
                     Effects::default()
                 }
                 _ = audit_tick.tick() => {
+                    self.flush_decisions(false);
                     self.audit.tick(&self.ctx.identity, unix_now());
                     Effects::default()
                 }
@@ -221,6 +225,10 @@ impl<T: Tun> Controller<T> {
         match item {
             Slow::NeedSession(id, pkt) => self.tunnels.on_need_session(&ctx, &id, pkt, now),
             Slow::Wake(id) => self.tunnels.on_wake(&ctx, &id, now),
+            Slow::Noted(id, n) => {
+                self.audit.decision(&ctx.identity, unix_now(), &id, n);
+                Effects::default()
+            }
             Slow::Control(id, msg) => self.tunnels.on_control(&ctx, &id, &msg, now),
             Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
                 Kind::HandshakeInit => {
@@ -401,7 +409,53 @@ impl<T: Tun> Controller<T> {
 
     /// At shutdown: the last counts, `node-stop` and a signed head.
     pub fn close_audit(&mut self) {
+        self.flush_decisions(true);
         self.audit.close(&self.ctx.identity, unix_now());
+    }
+
+    /// Moves the filters' per-minute decision counts into the audit log
+    /// (every count with `all`, at shutdown).
+    fn flush_decisions(&mut self, all: bool) {
+        let now = unix_now();
+        let counts: Vec<_> = self
+            .tunnels
+            .peers()
+            .iter()
+            .filter_map(|(id, rt)| Some((*id, rt.data.with_filter(|f| f.flush_noted(now, all))?)))
+            .filter(|(_, f)| !f.is_empty())
+            .collect();
+        for (id, f) in counts {
+            self.audit.decision_counts(&self.ctx.identity, now, &id, f);
+        }
+    }
+
+    /// Installs the grants of a trusted peer's record in the data plane's
+    /// filter; records them in the audit log when `audit` and they changed.
+    fn refresh_grants(&mut self, id: &NodeId, audit: bool) {
+        let now = unix_now();
+        let Some(r) = self.trust.get(id) else { return };
+        let Some(rt) = self.tunnels.peers().get(id) else {
+            return;
+        };
+        let (inbound, outbound) = r.grants(now);
+        let details = serde_json::json!({
+            "peer": id.to_string(),
+            "inbound": inbound.scope(now).to_string(),
+            "inbound_until": inbound.valid_until(),
+            "outbound": outbound.scope(now).to_string(),
+            "outbound_until": outbound.valid_until(),
+        });
+        let before = rt.data.with_filter(|f| {
+            (
+                f.grant(Direction::Inbound).clone(),
+                f.grant(Direction::Outbound).clone(),
+            )
+        });
+        let changed = before.as_ref() != Some(&(inbound.clone(), outbound.clone()));
+        rt.data.set_grants(inbound, outbound, now);
+        if audit && changed {
+            self.record_audit("grant", details);
+        }
     }
 
     /// The trust state with a peer, as the CLI words it.
@@ -420,12 +474,17 @@ impl<T: Tun> Controller<T> {
             if let Some(r) = self.trust.get(&id) {
                 self.tunnels.add_peer(&ctx, id, r);
             }
+            self.refresh_grants(&id, true);
             info!(peer = %id, "peer trusted");
             return self.tunnels.reconnect(&ctx, Some(&id), Instant::now());
         }
         if change.was_trusted && !change.now_trusted {
             self.tunnels.remove_peer(&ctx, &id);
             info!(peer = %id, "peer no longer trusted; sessions dropped");
+        }
+        if change.now_trusted && change.was_trusted {
+            // Still trusted, perhaps with other grants.
+            self.refresh_grants(&id, true);
         }
         Effects::default()
     }
@@ -443,6 +502,7 @@ impl<T: Tun> Controller<T> {
         let mut cached = vec![];
         for (id, r) in trusted {
             self.tunnels.add_peer(&ctx, id, &r);
+            self.refresh_grants(&id, false);
             cached.extend(r.last_endpoint);
         }
         cached
@@ -683,6 +743,7 @@ impl<T: Tun> Controller<T> {
     /// `peers`.
     pub fn peers(&self) -> Vec<api::Peer> {
         let now = Instant::now();
+        let unix = unix_now();
         self.trust
             .iter()
             .map(|(id, r)| {
@@ -717,6 +778,10 @@ impl<T: Tun> Controller<T> {
                         .map(|p| p.pmtu.inner_mtu(self.ctx.shared.mtu.tun())),
                     path_mtu: rt.and_then(|p| p.pmtu.path_mtu()),
                     path_mtu_state: rt.and_then(|p| p.pmtu.state()).map(str::to_string),
+                    granted: (r.ours == TrustDecision::Approved)
+                        .then(|| GrantView::of(&r.granted, unix)),
+                    granted_us: (r.theirs == TrustDecision::Approved)
+                        .then(|| GrantView::of(&r.granted_us, unix)),
                 }
             })
             .collect()
@@ -724,6 +789,7 @@ impl<T: Tun> Controller<T> {
 
     /// `trust pending`.
     pub fn trust_pending(&self) -> Vec<api::PendingRequest> {
+        let unix = unix_now();
         self.trust
             .iter()
             .filter(|(_, r)| r.pending())
@@ -732,12 +798,15 @@ impl<T: Tun> Controller<T> {
                 hostname: r.hostname.clone(),
                 address: r.address,
                 note: r.note_in.clone(),
+                want: r.want_in.clone(),
+                offers: Some(GrantView::of(&r.granted_us, unix)),
             })
             .collect()
     }
 
     /// `trust list`.
     pub fn trust_list(&self) -> Vec<api::TrustEntry> {
+        let unix = unix_now();
         self.trust
             .iter()
             .map(|(id, r)| api::TrustEntry {
@@ -747,6 +816,10 @@ impl<T: Tun> Controller<T> {
                 state: TrustState::of(r.ours, r.theirs),
                 ours: r.ours.into(),
                 theirs: r.theirs.into(),
+                granted: (r.ours == TrustDecision::Approved)
+                    .then(|| GrantView::of(&r.granted, unix)),
+                granted_us: (r.theirs == TrustDecision::Approved)
+                    .then(|| GrantView::of(&r.granted_us, unix)),
             })
             .collect()
     }
@@ -813,7 +886,13 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
         Request::TrustList => Ok(Reply::TrustList(
             h.with(|c| c.trust_list()).await.map_err(stopped)?,
         )),
-        Request::TrustRequest { peer, note } => {
+        Request::TrustRequest {
+            peer,
+            note,
+            allow,
+            expires_in_secs,
+            want,
+        } => {
             if note.len() > pilot_proto::messages::MAX_NOTE {
                 return Err(ApiError::new(
                     ErrorCode::InvalidRequest,
@@ -823,11 +902,18 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
                     ),
                 ));
             }
-            trust_statement(ctx, h, &peer, StatementKind::Request { note }).await
+            let allow = grant_of(allow, expires_in_secs)?;
+            trust_statement(ctx, h, &peer, StatementKind::request(note, allow, want)).await
         }
-        Request::TrustApprove { peer } => {
-            trust_statement(ctx, h, &peer, StatementKind::Approve).await
+        Request::TrustApprove {
+            peer,
+            allow,
+            expires_in_secs,
+        } => {
+            let allow = grant_of(allow, expires_in_secs)?;
+            trust_statement(ctx, h, &peer, StatementKind::approve(allow)).await
         }
+        Request::Explain { peer, traffic } => explain(ctx, h, &peer, traffic).await,
         Request::TrustDeny { peer } => trust_statement(ctx, h, &peer, StatementKind::Deny).await,
         Request::TrustRevoke { peer } => {
             trust_statement(ctx, h, &peer, StatementKind::Revoke).await
@@ -838,6 +924,109 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
             Ok(Reply::Down(api::Stopping { stopping: true }))
         }
     }
+}
+
+/// The grant a `trust request|approve` asks for: `allow` (everything when
+/// absent) until `expires_in_secs` from now.
+fn grant_of(allow: Option<Scope>, expires_in_secs: Option<u64>) -> Result<Grant, ApiError> {
+    let expires_at = match expires_in_secs {
+        None => None,
+        Some(0) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "an expiry must be in the future: give a lifetime such as 8h or 30d",
+            ))
+        }
+        Some(s) if s > pilot_proto::cert::MAX_LIFETIME => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a grant lasts at most {}: renew it by approving again",
+                    pilot_proto::lifetime::format(pilot_proto::cert::MAX_LIFETIME)
+                ),
+            ))
+        }
+        Some(s) => Some(unix_now() + s),
+    };
+    let scope = allow.unwrap_or_else(Scope::all);
+    if scope.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "a grant of nothing is a refusal: use `trust deny` or `trust revoke`",
+        ));
+    }
+    Ok(Grant { scope, expires_at })
+}
+
+/// `explain`: whether `traffic` would pass each way with a known peer, and
+/// what decides.
+async fn explain<T: Tun>(
+    ctx: &Arc<Context<T>>,
+    h: &Handle<T>,
+    peer: &str,
+    traffic: Option<String>,
+) -> Response {
+    let parsed: Option<Traffic> = match &traffic {
+        None => None,
+        Some(t) => Some(t.parse().map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{e}: give traffic as tcp/22, udp/53 or icmp"),
+            )
+        })?),
+    };
+    let info = resolve(ctx, h, peer).await?;
+    let pid = info.identity.node_id();
+    let now = unix_now();
+    let found = h
+        .with(move |c| c.trust.get(&pid).cloned())
+        .await
+        .map_err(stopped)?;
+    let (state, inbound, outbound) = match &found {
+        Some(r) => {
+            let (i, o) = r.grants(now);
+            (TrustState::of(r.ours, r.theirs), i, o)
+        }
+        None => (
+            TrustState::None,
+            EffectiveGrant::none(),
+            EffectiveGrant::none(),
+        ),
+    };
+    let side = |g: &EffectiveGrant| {
+        let verdict = parsed.map(|t| g.decide(t, now));
+        let decided_by = if state != TrustState::Trusted {
+            format!("not trusted: {state}")
+        } else {
+            match verdict {
+                Some(Decision::Allow(s)) => s.to_string(),
+                Some(Decision::Deny(Denial::Revoked)) => "revoked".into(),
+                Some(Decision::Deny(Denial::NotGranted)) => "not granted".into(),
+                None => g
+                    .parts()
+                    .iter()
+                    .map(|p| p.source.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        };
+        api::DirectionExplained {
+            scope: g.scope(now),
+            until: g.valid_until(),
+            passes: verdict
+                .map(|v| state == TrustState::Trusted && matches!(v, Decision::Allow(_))),
+            decided_by,
+        }
+    };
+    Ok(Reply::Explain(api::Explanation {
+        peer: info.identity.node_id().to_string(),
+        hostname: info.hostname.clone(),
+        address: info.address,
+        state,
+        traffic,
+        inbound: side(&inbound),
+        outbound: side(&outbound),
+    }))
 }
 
 /// Resolves a CLI peer name: the trust store first, then the registry.

@@ -18,6 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use pilot_proto::filter::{Direction, Noted, Verdict};
+use pilot_proto::identity::NodeId;
 use pilot_proto::mtu::{self, Family, Fit};
 use pilot_proto::packet;
 use pilot_proto::session::{OpenError, Session};
@@ -126,6 +128,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
         };
         let now = Instant::now();
         let now_ms = inner.now_ms(now);
+        let unix = UnixClock::default();
         let relay = inner.relay_addr();
         icmp.clear();
         told.clear();
@@ -152,6 +155,30 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                     }
                     continue;
                 };
+                // Scoped or expiring trust: what the peer granted us decides
+                // what we may open on it; a refusal is answered at once.
+                if !peer.unfiltered() {
+                    let (verdict, noted) = peer.check(pkt, Direction::Outbound, now, unix.get());
+                    note(&inner, peer, noted);
+                    match verdict {
+                        Verdict::Pass => {}
+                        Verdict::Deny(..) => {
+                            bump(&inner.drops.policy_out);
+                            let mut out = vec![0u8; TUN_OFFSET + 128];
+                            if let Some(len) =
+                                packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])
+                            {
+                                out.truncate(TUN_OFFSET + len);
+                                icmp.push(out);
+                            }
+                            continue;
+                        }
+                        Verdict::Drop => {
+                            bump(&inner.drops.policy_out);
+                            continue;
+                        }
+                    }
+                }
                 // Consecutive packets mostly go to the same peer: look its
                 // session, endpoint and path MTU up once per run, not per
                 // packet (the locks are shared with the receiving loop on
@@ -296,6 +323,8 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
     let mut out: Vec<Vec<u8>> = (0..RECV_BATCH * 64)
         .map(|_| Vec::with_capacity(TUN_OFFSET + 2048))
         .collect();
+    // Peers told of a refused packet in this batch.
+    let mut told: Vec<NodeId> = Vec::with_capacity(4);
     loop {
         let n = match inner.udp.recv_batch(&mut bufs, &mut metas).await {
             Ok(n) => n,
@@ -306,6 +335,8 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
         };
         let now = Instant::now();
         let now_ms = inner.now_ms(now);
+        let unix = UnixClock::default();
+        told.clear();
         let me = inner.address();
         let mut k = 0;
         let mut last: Option<(Arc<Session>, Path)> = None;
@@ -407,6 +438,29 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                             continue;
                         }
                     }
+                    if !peer.unfiltered() {
+                        let (verdict, noted) =
+                            peer.check(inner_pkt, Direction::Inbound, now, unix.get());
+                        note(&inner, peer, noted);
+                        if verdict != Verdict::Pass {
+                            bump(&inner.drops.policy_in);
+                            // Tell the peer's program at once (its node
+                            // may not know our grant yet), once per peer
+                            // and batch.
+                            if matches!(verdict, Verdict::Deny(..)) && !told.contains(&peer.id) {
+                                let mut icmp = vec![0u8; 128];
+                                if let Some(len) =
+                                    packet::icmp_admin_prohibited(inner_pkt, &mut icmp)
+                                {
+                                    icmp.truncate(len);
+                                    told.push(peer.id);
+                                    let _ =
+                                        inner.slow_tx.try_send(Slow::NeedSession(peer.id, icmp));
+                                }
+                            }
+                            continue;
+                        }
+                    }
                     peer.rx_bytes.fetch_add(plain as u64, Ordering::Relaxed);
                     o.truncate(DATA_HEADER_LEN + plain);
                     k += 1;
@@ -420,6 +474,32 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                 }
             }
         }
+    }
+}
+
+/// Passes a filter decision worth an audit entry to the control task.
+#[inline]
+fn note<T: Tun>(shared: &Shared<T>, peer: &PeerData, noted: Option<Noted>) {
+    if let Some(n) = noted {
+        let _ = shared.slow_tx.try_send(Slow::Noted(peer.id, n));
+    }
+}
+
+/// The wall clock in unix seconds, read at most once per batch and only
+/// if a filtered peer needs it.
+#[derive(Default)]
+struct UnixClock(std::cell::Cell<Option<u64>>);
+
+impl UnixClock {
+    fn get(&self) -> u64 {
+        if let Some(t) = self.0.get() {
+            return t;
+        }
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.0.set(Some(t));
+        t
     }
 }
 

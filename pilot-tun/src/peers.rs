@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use pilot_proto::filter::{Direction, Filter, Noted, Verdict};
 use pilot_proto::identity::NodeId;
 use pilot_proto::path::Path;
+use pilot_proto::policy::EffectiveGrant;
 use pilot_proto::session::Session;
 
 /// A counter on a cache line of its own: the TUN loop writes the send-side
@@ -57,6 +59,11 @@ pub struct PeerData {
     /// discovery (`crate::pathmtu`); 0 while unknown (no limit but the
     /// TUN's).
     path_mtu: AtomicU32,
+    /// Both grants open everything for good: no packet is filtered (plain
+    /// mutual trust, the common case, costs one relaxed load).
+    open: AtomicBool,
+    /// The filter for scoped or expiring grants (`None` while open).
+    filter: Mutex<Option<Filter>>,
 }
 
 impl PeerData {
@@ -75,7 +82,51 @@ impl PeerData {
             last_data_rx_ms: Padded::default(),
             wake: AtomicBool::new(false),
             path_mtu: AtomicU32::new(0),
+            open: AtomicBool::new(true),
+            filter: Mutex::new(None),
         }
+    }
+
+    /// Installs the grants: `inbound`, what the peer may open on us, and
+    /// `outbound`, what we may open on it. Flows already open stay open.
+    pub fn set_grants(&self, inbound: EffectiveGrant, outbound: EffectiveGrant, unix: u64) {
+        let mut f = self.filter.lock();
+        if Filter::open(&inbound, &outbound, unix) {
+            *f = None;
+            self.open.store(true, Ordering::Release);
+            return;
+        }
+        match f.as_mut() {
+            Some(filter) => filter.set_grants(inbound, outbound),
+            None => *f = Some(Filter::new(inbound, outbound)),
+        }
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// True if no packet needs the filter.
+    #[inline]
+    pub fn unfiltered(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The filter's verdict on `pkt` (pass, if there is no filter).
+    pub fn check(
+        &self,
+        pkt: &[u8],
+        direction: Direction,
+        now: Instant,
+        unix: u64,
+    ) -> (Verdict, Option<Noted>) {
+        match self.filter.lock().as_mut() {
+            Some(f) => f.check(pkt, direction, now, unix),
+            None => (Verdict::Pass, None),
+        }
+    }
+
+    /// Runs `f` on the filter, if there is one (the control side: counts,
+    /// scopes).
+    pub fn with_filter<R>(&self, f: impl FnOnce(&mut Filter) -> R) -> Option<R> {
+        self.filter.lock().as_mut().map(f)
     }
 
     /// The largest outer datagram its path carries (0: unknown).
@@ -201,6 +252,12 @@ pub struct Drops {
     pub refused_local: AtomicU64,
     /// Datagrams of no known kind.
     pub malformed: AtomicU64,
+    /// Packets from peers outside the grant we gave them (or belonging to
+    /// no open flow), dropped after decryption.
+    pub policy_in: AtomicU64,
+    /// Local packets outside the grant a peer gave us (answered with ICMP
+    /// administratively prohibited when they open something).
+    pub policy_out: AtomicU64,
     /// Local packets larger than their peer's path allows, by what became
     /// of them (none is dropped unless its send fails).
     pub too_big: TooBig,
@@ -247,6 +304,8 @@ impl Drops {
             rate_limited: l(&self.rate_limited),
             cookie_sent: l(&self.cookie_sent),
             refused_local: l(&self.refused_local),
+            policy_in: l(&self.policy_in),
+            policy_out: l(&self.policy_out),
             malformed: l(&self.malformed),
             queue_full: 0,
         }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use parking_lot::RwLock;
+use pilot_proto::filter::Noted;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::MAX_MESSAGE;
 use pilot_proto::wire::{
@@ -41,6 +42,9 @@ pub enum Slow {
     Control(NodeId, Vec<u8>),
     /// Data moved for a peer whose machine asked to be woken by it.
     Wake(NodeId),
+    /// A peer's filter decided something for the first time this minute
+    /// (for the audit log).
+    Noted(NodeId, Noted),
 }
 
 impl Slow {
@@ -51,7 +55,7 @@ impl Slow {
             | Slow::Relayed(_, b)
             | Slow::NeedSession(_, b)
             | Slow::Control(_, b) => b.len(),
-            Slow::Wake(_) => 0,
+            Slow::Wake(_) | Slow::Noted(..) => 0,
         }
     }
 

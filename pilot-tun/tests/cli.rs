@@ -205,7 +205,7 @@ fn status_doc() -> Value {
         "drops": {
             "auth": 1, "replay": 2, "inner_address": 3, "untrusted_handshake": 4,
             "bad_handshake": 5, "rate_limited": 6, "cookie_sent": 10, "refused_local": 7,
-            "malformed": 8, "queue_full": 9
+            "malformed": 8, "queue_full": 9, "policy_in": 11, "policy_out": 12
         },
         "mtu": 1380,
         "mtu_cap": null,

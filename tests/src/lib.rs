@@ -315,6 +315,9 @@ pub async fn trust(a: &TestNode, b: &TestNode) {
     a.ok(Request::TrustRequest {
         peer: b.name.clone(),
         note: format!("{} wants in", a.name),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     eventually(Duration::from_secs(5), "request arrives", || async {
@@ -323,6 +326,8 @@ pub async fn trust(a: &TestNode, b: &TestNode) {
     .await;
     b.ok(Request::TrustApprove {
         peer: a.name.clone(),
+        allow: None,
+        expires_in_secs: None,
     })
     .await;
     eventually(Duration::from_secs(5), "approval arrives", || async {

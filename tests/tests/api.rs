@@ -78,6 +78,9 @@ async fn control_socket_answers_are_the_documented_types() {
     c.ok(Request::TrustRequest {
         peer: "alpha".into(),
         note: "let me in".into(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     eventually(
@@ -170,6 +173,9 @@ async fn control_socket_answers_are_the_documented_types() {
     let line = serde_json::to_string(&Request::TrustRequest {
         peer: "gamma".into(),
         note: long,
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .unwrap();
     refused(&sock, &line, ErrorCode::InvalidRequest).await;
@@ -181,6 +187,8 @@ async fn control_socket_answers_are_the_documented_types() {
         &sock,
         &Request::TrustApprove {
             peer: "gamma".into(),
+            allow: None,
+            expires_in_secs: None,
         },
     )
     .await

@@ -93,6 +93,9 @@ async fn a_lying_registry_cannot_give_a_trusted_address_to_a_newcomer() {
         .call(Request::TrustRequest {
             peer: "gamma".into(),
             note: String::new(),
+            allow: None,
+            expires_in_secs: None,
+            want: None,
         })
         .await;
     let err = r.expect_err("the request must be refused").error;
@@ -331,6 +334,9 @@ async fn a_shared_name_is_ambiguous() {
         n.ok(Request::TrustRequest {
             peer: "alpha".into(),
             note: String::new(),
+            allow: None,
+            expires_in_secs: None,
+            want: None,
         })
         .await;
     }
@@ -341,12 +347,16 @@ async fn a_shared_name_is_ambiguous() {
     let r = a
         .call(Request::TrustApprove {
             peer: "beta".into(),
+            allow: None,
+            expires_in_secs: None,
         })
         .await;
     let err = r.expect_err("approved one of two 'beta's").error;
     assert!(err.contains("ambiguous"), "{err}");
     a.ok(Request::TrustApprove {
         peer: b.addr().to_string(),
+        allow: None,
+        expires_in_secs: None,
     })
     .await;
     assert_eq!(a.pending().await.len(), 1);
@@ -414,6 +424,9 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     b.ok(Request::TrustRequest {
         peer: "alpha".into(),
         note: String::new(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     eventually(Duration::from_secs(5), "the request arrives", || async {
@@ -425,6 +438,8 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     let r = a
         .call(Request::TrustApprove {
             peer: "beta".into(),
+            allow: None,
+            expires_in_secs: None,
         })
         .await;
     let r = r.expect("approve reported as failed");

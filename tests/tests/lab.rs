@@ -51,6 +51,9 @@ async fn trust_lifecycle_with_three_nodes() {
     a.ok(Request::TrustRequest {
         peer: "beta".into(),
         note: "ci runner".into(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     eventually(Duration::from_secs(5), "beta sees the request", || async {
@@ -66,6 +69,8 @@ async fn trust_lifecycle_with_three_nodes() {
 
     b.ok(Request::TrustApprove {
         peer: "alpha".into(),
+        allow: None,
+        expires_in_secs: None,
     })
     .await;
     eventually(
@@ -94,6 +99,9 @@ async fn trust_lifecycle_with_three_nodes() {
     c.ok(Request::TrustRequest {
         peer: a.addr().to_string(),
         note: String::new(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     eventually(
@@ -191,6 +199,9 @@ async fn registry_restart_loses_nothing() {
     c.ok(Request::TrustRequest {
         peer: "beta".into(),
         note: "while you slept".into(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
 
@@ -218,6 +229,9 @@ async fn registry_restart_loses_nothing() {
     d.ok(Request::TrustRequest {
         peer: "alpha".into(),
         note: String::new(),
+        allow: None,
+        expires_in_secs: None,
+        want: None,
     })
     .await;
     assert_eq!(a.addr(), a_addr);
