@@ -50,6 +50,12 @@
 #          BENCH_JSON      where the JSON goes (default ./bench-results.json)
 #          BENCH_SKIP_BUILD=1  use the binaries already in target/release
 #                          (or PILOT_BIN) instead of running cargo build
+#          BENCH_GRANT     a scope such as "tcp/5201,udp/5201,icmp": both
+#                          daemons approve each other with --allow BENCH_GRANT,
+#                          so every packet both ways goes through the per-peer
+#                          policy filter (default: plain trust, no filter).
+#                          Compare a run with it and one without for the
+#                          policy's cost.
 #          NETNS_KEEP=1    keep the work directory (raw iperf3/ping output, logs)
 #
 # Network safety: traffic flows only between the two namespaces created here;
@@ -258,6 +264,12 @@ PA=$(cat "$WORK/alpha/daemon.pid"); PB=$(cat "$WORK/beta/daemon.pid")
 A=$(addr_of a alpha); B=$(addr_of b beta)
 [[ $A == 10.* && $B == 10.* ]] || fail "overlay addresses not in 10.x: alpha=$A beta=$B"
 trust_pair a alpha b beta
+if [ -n "${BENCH_GRANT:-}" ]; then
+  step "scoped grants both ways: $BENCH_GRANT"
+  ptq b beta trust approve alpha --allow "$BENCH_GRANT" >&2
+  ptq a alpha trust approve beta --allow "$BENCH_GRANT" >&2
+  fact pilot-tun grant "$BENCH_GRANT"
+fi
 wait_for 15 "ping alpha -> beta over pilot-tun" onq a ping -c1 -W1 "$B"
 ptq a alpha --json peers >"$RES/pilot-tun-peers-before.json"
 EP=$(python3 -c 'import json,sys; print(" ".join(str(p.get("endpoint")) for p in json.load(open(sys.argv[1]))))' "$RES/pilot-tun-peers-before.json")
