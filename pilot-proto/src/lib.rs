@@ -29,12 +29,13 @@
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
 //!
-//! Fleet trust (issue 9; pure types, wired into the daemon step by step):
+//! Fleet trust (issue 9; wired into the daemon step by step):
 //! - [`cert`]: owner keys, certificates binding a node id to tags, owner
 //!   revocations; [`armor`] and [`lifetime`] are their text forms.
 //! - [`ports`] and [`policy`]: port scopes, rules and grants, and the
 //!   per-packet decision; [`flow`]: the bounded tables that let replies and
-//!   later fragments through.
+//!   later fragments through; [`filter`]: one peer's packet filter built
+//!   from both (in the daemon for scoped and expiring manual grants).
 //! - [`succession`]: identity rotation signed by the old and the new key.
 //! - [`audit`]: the hash-chained, signed audit log; [`aggregate`]: bounded
 //!   per-minute counting of repeated events for it.
