@@ -5,7 +5,8 @@
 //!   ports), on a mix of allowed and denied packets, on the fast path and on
 //!   the scan it falls back to after a contribution ends;
 //! - the flow-table lookup a reply costs;
-//! - reading the packet facts (`inspect`) of a TCP segment.
+//! - reading the packet facts (`inspect`) of a TCP segment;
+//! - a scoped peer's whole filter check on a TCP stream, both directions.
 
 use std::net::Ipv4Addr;
 use std::time::Instant;
@@ -155,4 +156,38 @@ fn inspect_tcp(bencher: Bencher<'_, '_>) {
     pkt[16..20].copy_from_slice(&[10, 77, 0, 2]);
     pkt[20..24].copy_from_slice(&[0x9c, 0x40, 0x1f, 0x90]);
     bencher.bench_local(|| black_box(flow::inspect(black_box(&pkt))));
+}
+
+/// A scoped peer's whole per-packet check, as the data plane runs it on a
+/// TCP stream it opened (grants of 1 and 100 rules): read the packet, find
+/// its flow open (a reply) or decide it and note the flow. The outbound
+/// segments to the granted port and the inbound replies alternate.
+#[divan::bench(args = [1, 100])]
+fn filter_tcp_stream(bencher: Bencher<'_, '_>, rules: u16) {
+    use pilot_proto::filter::{Direction, Filter};
+    let mut f = Filter::new(grant(rules, false), grant(rules, false));
+    let seg = |src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16| {
+        let mut pkt = vec![0u8; 1400];
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&1400u16.to_be_bytes());
+        pkt[9] = 6;
+        pkt[12..16].copy_from_slice(&src);
+        pkt[16..20].copy_from_slice(&dst);
+        pkt[20..22].copy_from_slice(&sp.to_be_bytes());
+        pkt[22..24].copy_from_slice(&dp.to_be_bytes());
+        pkt
+    };
+    let (me, peer) = ([10, 77, 0, 1], [10, 77, 0, 2]);
+    let out = seg(me, peer, 40_000, 8001);
+    let back = seg(peer, me, 8001, 40_000);
+    let now = Instant::now();
+    let mut i = 0u32;
+    bencher.bench_local(|| {
+        i += 1;
+        if i % 2 == 0 {
+            black_box(f.check(black_box(&out), Direction::Outbound, now, NOW))
+        } else {
+            black_box(f.check(black_box(&back), Direction::Inbound, now, NOW))
+        }
+    });
 }
