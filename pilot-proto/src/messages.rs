@@ -15,6 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::cert::{OwnerPublic, Tag};
 use crate::identity::{self, Identity, NodeId, PublicIdentity};
 use crate::policy::Grant;
 use crate::ports::Scope;
@@ -131,6 +132,17 @@ pub enum StatementKind {
         /// What the peer may open on the signer.
         allow: Grant,
     },
+    /// "My policy rules admit your certificate: I approve you with this
+    /// grant; here is my certificate, so that yours may admit me." Made by
+    /// the signer's node itself, never typed; the receiver checks `cert`
+    /// against its own rules before it answers in kind.
+    Policy {
+        /// The signer's owner certificate ([`crate::cert::Certificate::to_bytes`]).
+        cert: Vec<u8>,
+        /// What the peer may open on the signer (the union of the signer's
+        /// matching rules, ending no later than the receiver's certificate).
+        allow: Grant,
+    },
 }
 
 impl StatementKind {
@@ -164,9 +176,9 @@ impl StatementKind {
     pub fn grant(&self) -> Option<Grant> {
         match self {
             StatementKind::Request { .. } | StatementKind::Approve => Some(Grant::everything()),
-            StatementKind::RequestScoped { allow, .. } | StatementKind::ApproveScoped { allow } => {
-                Some(allow.clone())
-            }
+            StatementKind::RequestScoped { allow, .. }
+            | StatementKind::ApproveScoped { allow }
+            | StatementKind::Policy { allow, .. } => Some(allow.clone()),
             StatementKind::Deny | StatementKind::Revoke => None,
         }
     }
@@ -194,6 +206,7 @@ impl StatementKind {
         match self {
             StatementKind::Request { .. } | StatementKind::RequestScoped { .. } => "request",
             StatementKind::Approve | StatementKind::ApproveScoped { .. } => "approve",
+            StatementKind::Policy { .. } => "policy",
             StatementKind::Deny => "deny",
             StatementKind::Revoke => "revoke",
         }
@@ -357,6 +370,56 @@ pub enum ToRegistry {
         /// Request id.
         req: u32,
     },
+    /// Publishes this node's owner certificate ([`Certificate::to_bytes`]),
+    /// replacing the one published before, so that nodes whose policy
+    /// rules name its owner and one of its tags find it. Answered `Ok`, or
+    /// `Error(Invalid)` when it does not verify for the sender (its owner's
+    /// signature, its holder, its expiry). The registry checks only that it
+    /// is well-formed: every node checks a certificate itself before it
+    /// trusts anything because of it.
+    ///
+    /// [`Certificate::to_bytes`]: crate::cert::Certificate::to_bytes
+    PublishCert {
+        /// Request id.
+        req: u32,
+        /// The certificate.
+        cert: Vec<u8>,
+    },
+    /// The published certificates from `owner` that carry `tag` and have
+    /// not expired, in holder id order, after `after`: answered with
+    /// `Certs` (a page; ask again after the last holder while `more`).
+    FindCerts {
+        /// Request id.
+        req: u32,
+        /// The owner.
+        owner: OwnerPublic,
+        /// The tag.
+        tag: Tag,
+        /// Only holders with a larger node id.
+        after: Option<NodeId>,
+    },
+    /// Hands an owner's revocation ([`Revocation::to_bytes`]) to the
+    /// registry, which keeps it for good and sends it at once to every node
+    /// with a session (`Revoked`). Answered `Ok`, or `Error(Invalid)` when
+    /// its signature does not verify.
+    ///
+    /// [`Revocation::to_bytes`]: crate::cert::Revocation::to_bytes
+    PublishRevocation {
+        /// Request id.
+        req: u32,
+        /// The revocation.
+        revocation: Vec<u8>,
+    },
+    /// The revocations kept from `owner`, in revoked node id order, after
+    /// `after`: answered with `Revocations` (a page, as `Certs`).
+    FindRevocations {
+        /// Request id.
+        req: u32,
+        /// The owner.
+        owner: OwnerPublic,
+        /// Only revoked nodes with a larger id.
+        after: Option<NodeId>,
+    },
 }
 
 /// Why the registry refused a request.
@@ -444,6 +507,34 @@ pub enum FromRegistry {
         req: u32,
         /// The node's endpoint as the registry sees it.
         observed: SocketAddr,
+    },
+    /// Answer to `FindCerts`: certificates ([`Certificate::to_bytes`]),
+    /// unverified (check each).
+    ///
+    /// [`Certificate::to_bytes`]: crate::cert::Certificate::to_bytes
+    Certs {
+        /// Request id.
+        req: u32,
+        /// This page, in holder id order.
+        certs: Vec<Vec<u8>>,
+        /// More follow: ask again after the last holder.
+        more: bool,
+    },
+    /// Answer to `FindRevocations`: revocations, unverified (check each).
+    Revocations {
+        /// Request id.
+        req: u32,
+        /// This page, in revoked node id order.
+        revocations: Vec<Vec<u8>>,
+        /// More follow: ask again after the last revoked node.
+        more: bool,
+    },
+    /// An owner's revocation just handed to the registry, sent once to
+    /// every node with a session (not acknowledged: a node that missed it
+    /// asks with `FindRevocations` when it connects).
+    Revoked {
+        /// The revocation, unverified.
+        revocation: Vec<u8>,
     },
 }
 

@@ -60,7 +60,12 @@ impl RelayOnly {
                 req,
                 observed: from,
             },
-            ToRegistry::Lookup { req, .. } | ToRegistry::Statement { req, .. } => error(
+            ToRegistry::Lookup { req, .. }
+            | ToRegistry::Statement { req, .. }
+            | ToRegistry::PublishCert { req, .. }
+            | ToRegistry::FindCerts { req, .. }
+            | ToRegistry::PublishRevocation { req, .. }
+            | ToRegistry::FindRevocations { req, .. } => error(
                 req,
                 ErrorCode::Invalid,
                 "this instance only relays; ask the registry",

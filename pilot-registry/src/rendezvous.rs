@@ -147,6 +147,19 @@ impl Rendezvous {
                 )
             }
             (ToRegistry::Ack { .. }, None) => vec![],
+            // Fleet certificates and revocations: not kept by this registry
+            // yet (the registry side of issue 9 replaces this arm).
+            (ToRegistry::PublishCert { req, .. }, _)
+            | (ToRegistry::FindCerts { req, .. }, _)
+            | (ToRegistry::PublishRevocation { req, .. }, _)
+            | (ToRegistry::FindRevocations { req, .. }, _) => one(
+                index,
+                error(
+                    req,
+                    ErrorCode::Invalid,
+                    "this registry keeps no certificates yet",
+                ),
+            ),
             (ToRegistry::Lookup { req, peer }, Some(me)) => {
                 let ticket = Ticket { index, req };
                 let job = Job::Lookup { ticket, peer, me };

@@ -266,8 +266,12 @@ impl RegistryLink {
             | FromRegistry::Peer { req, .. }
             | FromRegistry::Ok { req }
             | FromRegistry::Error { req, .. }
-            | FromRegistry::Pong { req, .. } => Some(*req),
-            FromRegistry::Push { .. } | FromRegistry::Punch { .. } => None,
+            | FromRegistry::Pong { req, .. }
+            | FromRegistry::Certs { req, .. }
+            | FromRegistry::Revocations { req, .. } => Some(*req),
+            FromRegistry::Push { .. }
+            | FromRegistry::Punch { .. }
+            | FromRegistry::Revoked { .. } => None,
         };
         match req {
             Some(r) => {
