@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{NodeId, PublicIdentity};
 use crate::messages::{valid_hostname, PeerRef, Signed, Statement, StatementKind, MAX_NOTE};
-use crate::policy::{Contribution, EffectiveGrant, Grant, Source};
+use crate::policy::{Contribution, EffectiveGrant, Grant, RuleId, Source};
 use crate::ports::Scope;
 
 /// One side's decision about the other.
@@ -99,6 +99,14 @@ pub struct TrustRecord {
     /// What our request asked to open on it, if we said.
     #[serde(default)]
     pub want_out: Option<Scope>,
+    /// Its owner certificate, as it presented it (checked again at every
+    /// use, never trusted for being here).
+    #[serde(default)]
+    pub cert: Option<Vec<u8>>,
+    /// The policy rules whose match made our approval (empty: the
+    /// operator approved by hand).
+    #[serde(default)]
+    pub by_rules: Vec<RuleId>,
 }
 
 impl TrustRecord {
@@ -121,6 +129,8 @@ impl TrustRecord {
             granted_us: Grant::everything(),
             want_in: None,
             want_out: None,
+            cert: None,
+            by_rules: Vec::new(),
         }
     }
 
@@ -135,9 +145,13 @@ impl TrustRecord {
         if !self.trusted() {
             return (EffectiveGrant::none(), EffectiveGrant::none());
         }
+        let source = match self.by_rules.first() {
+            Some(id) => Source::Rule(*id),
+            None => Source::Manual,
+        };
         let ours = EffectiveGrant::build(
             vec![Contribution {
-                source: Source::Manual,
+                source,
                 scope: self.granted.scope.clone(),
                 until: self.granted.expires_at,
             }],
@@ -431,6 +445,25 @@ impl TrustStore {
             was_trusted: was,
             now_trusted: rec.trusted(),
         })
+    }
+
+    /// Records what policy made our approval of `id`: the certificate the
+    /// rules admitted (`None` keeps the one recorded) and the rules (empty:
+    /// the operator approved by hand).
+    pub fn set_policy(&mut self, id: &NodeId, cert: Option<Vec<u8>>, by_rules: Vec<RuleId>) {
+        if let Some(r) = self.records.get_mut(&id.to_string()) {
+            if cert.is_some() {
+                r.cert = cert;
+            }
+            r.by_rules = by_rules;
+        }
+    }
+
+    /// Records the certificate a peer presented (checked at every use).
+    pub fn set_peer_cert(&mut self, id: &NodeId, cert: Vec<u8>) {
+        if let Some(r) = self.records.get_mut(&id.to_string()) {
+            r.cert = Some(cert);
+        }
     }
 
     /// A handshake with the peer's recorded key succeeded. Returns true if

@@ -84,6 +84,39 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traffic: Option<String>,
     },
+    /// Installs this node's owner certificate (armored text): [`CertInfo`].
+    CertInstall {
+        /// The certificate, as `owner sign` wrote it.
+        cert: String,
+    },
+    /// This node's certificate: [`CertInfo`].
+    CertShow,
+    /// Adds a policy rule: [`PolicyRule`].
+    PolicyAllow {
+        /// The owner's public key.
+        owner: String,
+        /// The tag a peer's certificate must carry.
+        tag: String,
+        /// What a matching peer may open (absent: everything).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ports: Option<Scope>,
+        /// Seconds from now until the rule ends (absent: never).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_in_secs: Option<u64>,
+    },
+    /// The policy rules: [`PolicyRule`]s.
+    PolicyList,
+    /// Removes a policy rule: the remaining [`PolicyRule`]s.
+    PolicyRemove {
+        /// The rule's id.
+        id: u32,
+    },
+    /// Hands an owner's revocation (armored) to the daemon, which sends it
+    /// to the registry and applies it: [`RevocationReport`].
+    OwnerRevoke {
+        /// The revocation, as `owner revoke` made it.
+        revocation: String,
+    },
     /// Stop the daemon: [`Stopping`].
     Down,
 }
@@ -114,6 +147,14 @@ pub enum Reply {
     Ping(PingReport),
     /// To `explain`.
     Explain(Explanation),
+    /// To `cert install` and `cert show`.
+    Cert(CertInfo),
+    /// To `policy list` and `policy remove`.
+    Policy(Vec<PolicyRule>),
+    /// To `policy allow`.
+    Rule(PolicyRule),
+    /// To `owner revoke`.
+    Revocation(RevocationReport),
     /// To `down`.
     Down(Stopping),
 }
@@ -133,6 +174,10 @@ impl Reply {
             | Request::TrustRevoke { .. } => Reply::Trust(from_value(data)?),
             Request::Ping { .. } => Reply::Ping(from_value(data)?),
             Request::Explain { .. } => Reply::Explain(from_value(data)?),
+            Request::CertInstall { .. } | Request::CertShow => Reply::Cert(from_value(data)?),
+            Request::PolicyList | Request::PolicyRemove { .. } => Reply::Policy(from_value(data)?),
+            Request::PolicyAllow { .. } => Reply::Rule(from_value(data)?),
+            Request::OwnerRevoke { .. } => Reply::Revocation(from_value(data)?),
             Request::Down => Reply::Down(from_value(data)?),
         })
     }
@@ -161,6 +206,10 @@ reply_into! {
     Trust => TrustChange,
     Ping => PingReport,
     Explain => Explanation,
+    Cert => CertInfo,
+    Policy => Vec<PolicyRule>,
+    Rule => PolicyRule,
+    Revocation => RevocationReport,
     Down => Stopping,
 }
 
@@ -685,6 +734,64 @@ impl fmt::Display for GrantView {
         }
         Ok(())
     }
+}
+
+/// An owner certificate, in `cert show`, `cert install` and `owner sign`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertInfo {
+    /// The node it certifies.
+    pub node_id: String,
+    /// The owner's public key.
+    pub owner: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Unix time it was signed.
+    pub issued_at: u64,
+    /// Unix time it ends.
+    pub expires_at: u64,
+    /// Valid now for this node (`owner sign`: for the node named).
+    pub valid: bool,
+}
+
+/// A policy rule, in `policy list` and `policy allow`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRule {
+    /// Its id (for `policy remove`; never reused).
+    pub id: u32,
+    /// The owner whose certificates it trusts.
+    pub owner: String,
+    /// The tag a certificate must carry.
+    pub tag: String,
+    /// What a matching peer may open here.
+    pub ports: Scope,
+    /// Unix time it ends (absent: never).
+    pub expires_at: Option<u64>,
+}
+
+/// The answer to `owner revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationReport {
+    /// The owner that revoked.
+    pub owner: String,
+    /// The node revoked (with every successor).
+    pub node_id: String,
+    /// True if the registry took it (it spreads it to every node online).
+    pub delivered: bool,
+    /// Why it did not, if it did not.
+    pub delivery_error: Option<String>,
+    /// True if this node keeps it (a rule of this node names the owner).
+    pub kept_here: bool,
+    /// Peers this node withdrew its approval from because of it.
+    pub withdrawn: Vec<String>,
+}
+
+/// The owner key `owner new` wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerKeyInfo {
+    /// The public key, for `policy allow --owner`.
+    pub owner: String,
+    /// Where the secret key is (mode 0600).
+    pub file: String,
 }
 
 /// The answer to `explain`.

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pilot_proto::join::JoinUrl;
+use pilot_proto::cert::{Certificate, OwnerKey, Revocation};
+use pilot_proto::identity::NodeId;
 use pilot_proto::messages::PeerRef;
+use std::os::unix::fs::OpenOptionsExt;
 use pilot_proto::ports::Scope;
 use pilot_proto::session::CipherSuite;
 use serde::Serialize;
@@ -99,6 +102,19 @@ enum Command {
     /// in a hash chain the node key signs. Works without the daemon.
     #[command(subcommand, long_about = AUDIT_ABOUT)]
     Audit(AuditCommand),
+    /// Fleet owner keys (kept off the nodes): make one, certify nodes with
+    /// tags, revoke a node for good. `new` and `sign` need no daemon.
+    #[command(subcommand)]
+    Owner(OwnerCommand),
+    /// This node's owner certificate: install the one `owner sign` wrote,
+    /// or show it.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Policy rules: admit peers whose owner certificate carries a tag,
+    /// with no request or approval typed (their rules must admit this
+    /// node too).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Whether traffic would pass to and from a peer, and which grant
     /// decided (or why nothing passes).
     Explain {
@@ -137,6 +153,86 @@ struct GrantArgs {
 
 fn parse_lifetime(s: &str) -> Result<u64, String> {
     pilot_proto::lifetime::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+enum OwnerCommand {
+    /// Make an owner key (Ed25519); prints its public form for
+    /// `policy allow --owner`. Keep the file off the nodes.
+    New {
+        /// Where to write the secret key (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Certify a node: bind its node id to tags, for a bounded time.
+    Sign {
+        /// The owner key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The node id to certify (`pilot-tun status` on it shows it).
+        #[arg(long)]
+        node: String,
+        /// Its tags, comma-separated (1-8 of a-z, 0-9, '-').
+        #[arg(long)]
+        tags: String,
+        /// How long it is valid (default 30d, at most 365d; renew by
+        /// signing again).
+        #[arg(long, value_parser = parse_lifetime, default_value = "30d")]
+        expires: u64,
+        /// Where to write the certificate (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a node for good (and every successor of it): hands the
+    /// signed revocation to this host's daemon, which sends it to the
+    /// registry; every node with a rule for this owner drops the node.
+    Revoke {
+        /// The owner key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The node id to revoke.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// Give the daemon its certificate (checked: it must be for this node
+    /// and valid); it presents it to peers and to the registry.
+    Install {
+        /// The file `owner sign` wrote.
+        file: PathBuf,
+    },
+    /// The installed certificate.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Admit peers whose certificate from OWNER carries TAG, to PORTS.
+    Allow {
+        /// The owner's public key (`owner new` printed it).
+        #[arg(long)]
+        owner: String,
+        /// The tag a peer's certificate must carry.
+        #[arg(long)]
+        tag: String,
+        /// What such a peer may open here, e.g. `tcp/8080,udp/53,icmp`
+        /// (default: all).
+        #[arg(long, value_name = "PORTS")]
+        ports: Option<Scope>,
+        /// How long the rule lasts (`24h`, `30d`); default: until removed.
+        #[arg(long, value_name = "LIFETIME", value_parser = parse_lifetime)]
+        expires: Option<u64>,
+    },
+    /// The rules.
+    List,
+    /// Remove a rule; peers admitted only by it lose their approval.
+    Remove {
+        /// The rule's id (`policy list`).
+        id: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -388,6 +484,34 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
         Command::Up(args) => return up_background(&cli.common, &args, argv),
         Command::Audit(a) => return audit(&cli.common, &state, a),
+        Command::Owner(OwnerCommand::New { out }) => return owner_new(&cli.common, &out),
+        Command::Owner(OwnerCommand::Sign {
+            key,
+            node,
+            tags,
+            expires,
+            out,
+        }) => return owner_sign(&cli.common, &key, &node, &tags, expires, out.as_deref()),
+        Command::Owner(OwnerCommand::Revoke { key, node }) => Request::OwnerRevoke {
+            revocation: owner_revocation(&key, &node)?,
+        },
+        Command::Cert(CertCommand::Install { file }) => Request::CertInstall {
+            cert: read_small_file(&file)?,
+        },
+        Command::Cert(CertCommand::Show) => Request::CertShow,
+        Command::Policy(PolicyCommand::Allow {
+            owner,
+            tag,
+            ports,
+            expires,
+        }) => Request::PolicyAllow {
+            owner,
+            tag,
+            ports,
+            expires_in_secs: expires,
+        },
+        Command::Policy(PolicyCommand::List) => Request::PolicyList,
+        Command::Policy(PolicyCommand::Remove { id }) => Request::PolicyRemove { id },
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -728,8 +852,168 @@ fn print_text(reply: &Reply) {
                 }
             }
         }
+        Reply::Cert(c) => print_cert(c),
+        Reply::Policy(list) => {
+            if list.is_empty() {
+                say!("no policy rules: `pilot-tun policy allow --owner <key> --tag <tag>` adds one");
+            }
+            for r in list {
+                print_rule(r);
+            }
+        }
+        Reply::Rule(r) => print_rule(r),
+        Reply::Revocation(r) => {
+            say!("revoked {} (owner {})", r.node_id, r.owner);
+            match &r.delivery_error {
+                None => say!("the registry has it and sends it to every node online"),
+                Some(e) => say!("warning: the registry did not take it: {e}; try again"),
+            }
+            if r.kept_here {
+                say!("kept here; approvals withdrawn: {}", r.withdrawn.len());
+            }
+        }
         Reply::Down(_) => say!("stopped"),
     }
+}
+
+fn print_cert(c: &api::CertInfo) {
+    say!("node:    {}", c.node_id);
+    say!("owner:   {}", c.owner);
+    say!("tags:    {}", c.tags.join(","));
+    say!(
+        "valid:   {} to {}{}",
+        pilot_proto::lifetime::utc(c.issued_at),
+        pilot_proto::lifetime::utc(c.expires_at),
+        if c.valid { "" } else { "  (NOT valid now)" }
+    );
+}
+
+fn print_rule(r: &api::PolicyRule) {
+    let until = r
+        .expires_at
+        .map(|t| format!(" until {}", pilot_proto::lifetime::utc(t)))
+        .unwrap_or_default();
+    say!(
+        "{:>3}  owner {}  tag {}  ports {}{until}",
+        r.id,
+        r.owner,
+        r.tag,
+        r.ports
+    );
+}
+
+/// Reads a certificate, key or revocation file (small: at most the armour
+/// limit).
+fn read_small_file(path: &std::path::Path) -> Result<String, ApiError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| failed(ErrorCode::Usage, format!("{}: {e}", path.display())))?;
+    if meta.len() > pilot_proto::armor::MAX_ARMORED_BYTES as u64 {
+        return Err(failed(
+            ErrorCode::Usage,
+            format!("{} is too large to be a key or certificate", path.display()),
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| failed(ErrorCode::Usage, format!("{}: {e}", path.display())))
+}
+
+fn read_owner_key(path: &std::path::Path) -> Result<OwnerKey, ApiError> {
+    let text = zeroize::Zeroizing::new(read_small_file(path)?);
+    OwnerKey::from_text(&text)
+        .map_err(|e| failed(ErrorCode::Usage, format!("{}: {e}", path.display())))
+}
+
+fn parse_node_id(s: &str) -> Result<NodeId, ApiError> {
+    s.parse().map_err(|_| {
+        failed(
+            ErrorCode::Usage,
+            format!("{s:?} is not a node id (32 hex digits; `pilot-tun status` on the node shows it)"),
+        )
+    })
+}
+
+/// `owner new`: a fresh key, written 0600 and never over another file.
+fn owner_new(common: &Common, out: &std::path::Path) -> Outcome {
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret[..])
+        .map_err(|_| failed(ErrorCode::Failed, "the system's random number source failed"))?;
+    let key = OwnerKey::from_secret(&secret);
+    let text = zeroize::Zeroizing::new(key.to_text());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            failed(
+                ErrorCode::Failed,
+                format!("cannot create {}: {e} (an existing key is never overwritten)", out.display()),
+            )
+        })?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| failed(ErrorCode::Failed, format!("{}: {e}", out.display())))?;
+    let doc = api::OwnerKeyInfo {
+        owner: key.public().to_string(),
+        file: out.display().to_string(),
+    };
+    if common.json {
+        print_pretty(&doc);
+    } else {
+        say!("owner key written to {} (keep it off the nodes)", doc.file);
+        say!("public: {}", doc.owner);
+    }
+    Ok(exit::OK)
+}
+
+/// `owner sign`.
+fn owner_sign(
+    common: &Common,
+    key: &std::path::Path,
+    node: &str,
+    tags: &str,
+    lifetime: u64,
+    out: Option<&std::path::Path>,
+) -> Outcome {
+    let owner = read_owner_key(key)?;
+    let node = parse_node_id(node)?;
+    let tags = pilot_proto::cert::parse_tags(tags)
+        .map_err(|e| failed(ErrorCode::Usage, format!("--tags: {e}")))?;
+    let now = crate::context::unix_now();
+    let cert = Certificate::issue(&owner, node, tags, now, lifetime)
+        .map_err(|e| failed(ErrorCode::Usage, e.to_string()))?;
+    let text = cert.to_armored();
+    let doc = api::CertInfo {
+        node_id: node.to_string(),
+        owner: owner.public().to_string(),
+        tags: cert.body.tags.iter().map(|t| t.to_string()).collect(),
+        issued_at: cert.body.issued_at,
+        expires_at: cert.body.expires_at,
+        valid: true,
+    };
+    match out {
+        Some(path) => {
+            crate::state::write_atomic(path, text.as_bytes(), 0o644)
+                .map_err(|e| failed(ErrorCode::Failed, e.to_string()))?;
+            if common.json {
+                print_pretty(&doc);
+            } else {
+                print_cert(&doc);
+                say!("written to {}: `pilot-tun cert install {}` on the node", path.display(), path.display());
+            }
+        }
+        None => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `owner revoke`: the signed revocation, armored, for the daemon.
+fn owner_revocation(key: &std::path::Path, node: &str) -> Result<String, ApiError> {
+    let owner = read_owner_key(key)?;
+    let node = parse_node_id(node)?;
+    Ok(Revocation::sign(&owner, node, crate::context::unix_now()).to_armored())
 }
 
 /// "may open here: tcp/8080; we may open there: all", or nothing when

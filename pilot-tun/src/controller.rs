@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::Ipv4Net;
+use pilot_proto::cert::Revocation;
 use pilot_proto::filter::Direction;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{
@@ -115,7 +116,11 @@ pub struct Controller<T: Tun> {
     pub pending_limits: PendingLimits,
     /// The audit log (`audit.jsonl`).
     pub audit: NodeAudit,
-    handle: Handle<T>,
+    /// `fleet.json`: certificate, rules, revocations.
+    pub fleet: crate::fleet::FleetState,
+    /// Policy approvals chosen but not yet recorded.
+    pub pending: crate::fleetctl::PolicyPending,
+    pub(crate) handle: Handle<T>,
 }
 
 impl<T: Tun> Controller<T> {
@@ -126,6 +131,7 @@ impl<T: Tun> Controller<T> {
         trust: TrustStore,
         node_state: NodeState,
         audit: NodeAudit,
+        fleet: crate::fleet::FleetState,
     ) -> (Self, Handle<T>, mpsc::Receiver<Job<T>>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let handle = Handle { tx };
@@ -137,6 +143,8 @@ impl<T: Tun> Controller<T> {
             tunnels,
             pending_limits: PendingLimits::default(),
             audit,
+            fleet,
+            pending: Default::default(),
             handle: handle.clone(),
         };
         (c, handle, rx)
@@ -148,6 +156,8 @@ impl<T: Tun> Controller<T> {
         // Requests expire even when nothing new arrives.
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         let mut audit_tick = tokio::time::interval(AUDIT_TICK);
+        let mut fleet_tick = tokio::time::interval(crate::fleetctl::FLEET_SYNC_EVERY);
+        fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.tunnels.next_deadline();
             let sleep = async move {
@@ -171,6 +181,12 @@ impl<T: Tun> Controller<T> {
                         if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
                             warn!("cannot save trust store: {e}");
                         }
+                    }
+                    Effects::default()
+                }
+                _ = fleet_tick.tick() => {
+                    if !self.fleet.rules.is_empty() || self.fleet.cert.is_some() {
+                        self.fleet_sync_soon();
                     }
                     Effects::default()
                 }
@@ -316,6 +332,15 @@ impl<T: Tun> Controller<T> {
                 self.tunnels
                     .on_punch(&ctx, &peer, endpoints, nat, Instant::now())
             }
+            FromRegistry::Revoked { revocation } => {
+                match Revocation::from_bytes(&revocation) {
+                    Ok(r) => {
+                        self.on_revocation(r);
+                    }
+                    Err(e) => debug!("unreadable revocation from the registry: {e}"),
+                }
+                Effects::default()
+            }
             _ => Effects::default(),
         }
     }
@@ -352,7 +377,15 @@ impl<T: Tun> Controller<T> {
                         info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
                         details["state"] = self.state_word(&from).into();
                         self.record_audit("statement-received", details);
-                        (true, self.apply_change(from, change))
+                        let fx = self.apply_change(from, change);
+                        if let StatementKind::Policy { cert, .. } = &statement.body.kind {
+                            // Its rules admit us; do ours admit it?
+                            self.trust.set_peer_cert(&from, cert.clone());
+                            if let Some(act) = self.policy_act(from, Some(cert)) {
+                                self.spawn_act(from, act);
+                            }
+                        }
+                        (true, fx)
                     }
                     Err(e) => {
                         warn!("cannot save trust store: {e}");
@@ -683,6 +716,10 @@ impl<T: Tun> Controller<T> {
             );
             return (Err(e), Effects::default());
         }
+        self.note_policy_record(&info.identity.node_id(), kind);
+        if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
+            warn!("cannot save trust store: {e}");
+        }
         let fx = self.apply_change(info.identity.node_id(), change);
         (Ok(change), fx)
     }
@@ -914,6 +951,45 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
             trust_statement(ctx, h, &peer, StatementKind::approve(allow)).await
         }
         Request::Explain { peer, traffic } => explain(ctx, h, &peer, traffic).await,
+        Request::CertInstall { cert } => h
+            .with(move |c| c.cert_install(&cert))
+            .await
+            .map_err(stopped)?
+            .map(Reply::Cert),
+        Request::CertShow => h
+            .with(|c| c.cert_info())
+            .await
+            .map_err(stopped)?
+            .map(Reply::Cert)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "no certificate installed: `pilot-tun cert install <file>` installs the one `pilot-tun owner sign` wrote",
+                )
+            }),
+        Request::PolicyAllow {
+            owner,
+            tag,
+            ports,
+            expires_in_secs,
+        } => h
+            .with(move |c| c.policy_allow(&owner, &tag, ports, expires_in_secs))
+            .await
+            .map_err(stopped)?
+            .map(Reply::Rule),
+        Request::PolicyList => Ok(Reply::Policy(
+            h.with(|c| c.policy_list()).await.map_err(stopped)?,
+        )),
+        Request::PolicyRemove { id } => h
+            .with(move |c| c.policy_remove(id))
+            .await
+            .map_err(stopped)?
+            .map(Reply::Policy),
+        Request::OwnerRevoke { revocation } => {
+            crate::fleetctl::owner_revoke(ctx, h, &revocation)
+                .await
+                .map(Reply::Revocation)
+        }
         Request::TrustDeny { peer } => trust_statement(ctx, h, &peer, StatementKind::Deny).await,
         Request::TrustRevoke { peer } => {
             trust_statement(ctx, h, &peer, StatementKind::Revoke).await
@@ -1061,7 +1137,7 @@ async fn resolve<T: Tun>(
     })
 }
 
-async fn trust_statement<T: Tun>(
+pub(crate) async fn trust_statement<T: Tun>(
     ctx: &Arc<Context<T>>,
     h: &Handle<T>,
     peer: &str,
@@ -1073,6 +1149,12 @@ async fn trust_statement<T: Tun>(
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
             format!("{peer} is this node itself: name another node"),
+        ));
+    }
+    if kind.approves() && h.with(move |c| c.fleet.is_revoked(&pid)).await.map_err(stopped)? {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{pid} was revoked by its owner: it cannot be approved here again"),
         ));
     }
     // A record the trust store would refuse (an address or key another

@@ -10,6 +10,8 @@ pub mod context;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod fleet;
+pub mod fleetctl;
 pub mod link;
 pub mod node;
 pub mod pathmtu;

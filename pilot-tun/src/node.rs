@@ -85,6 +85,7 @@ impl<T: Tun> Node<T> {
         let (identity, new) = cfg.state.load_or_create_identity()?;
         let mut node_state = cfg.state.load_node()?;
         let trust = cfg.state.load_trust()?;
+        let mut fleet = cfg.state.load_fleet()?;
         let join: JoinUrl = match (&cfg.registry, &node_state.registry) {
             (Some(j), _) => *j,
             (None, Some(s)) => s.parse().map_err(|_| StartError::BadRegistry(s.clone()))?,
@@ -133,7 +134,11 @@ impl<T: Tun> Node<T> {
         );
         let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
-        let (controller, handle, jobs) = Controller::new(ctx.clone(), trust, node_state, audit);
+        for problem in fleet.sanitize(&ctx.id, unix_now()) {
+            warn!("fleet.json: dropped {problem}");
+        }
+        let (controller, handle, jobs) =
+            Controller::new(ctx.clone(), trust, node_state, audit, fleet);
         let node = Node {
             ctx: ctx.clone(),
             handle: handle.clone(),
@@ -322,6 +327,14 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         .await
         .map_err(|_| LinkError::Protocol)?
         .map_err(LinkError::Assignment)?;
+    // Certificates and revocations may have changed while we were away.
+    let _ = handle
+        .with(|c| {
+            if !c.fleet.rules.is_empty() || c.fleet.cert.is_some() {
+                c.fleet_sync_soon();
+            }
+        })
+        .await;
     info!(%address, %observed, "registered");
     Ok(())
 }

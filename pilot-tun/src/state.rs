@@ -5,6 +5,7 @@
 //! | `identity.key` | Ed25519 + X25519 secret keys (0600) | once, on first start |
 //! | `node.json` | registry URL, pinned address, hostname, port, sequence counter, withdrawals not yet delivered | on change |
 //! | `trust.json` | the trust store | on every trust change |
+//! | `fleet.json` | this node's owner certificate, policy rules and the owner revocations it keeps ([`crate::fleet`]) | on every change |
 //! | `control.sock` | the daemon's control socket | while running |
 //! | `pilot-tun.log` | the background daemon's log | while running |
 //! | `audit.jsonl`, `audit.jsonl.<n>` | the audit log and its rotated files ([`crate::audit`]) | appended by the daemon |
@@ -304,6 +305,16 @@ impl StateDir {
     /// Loads `trust.json` (empty store if absent).
     pub fn load_trust(&self) -> Result<TrustStore, StateError> {
         self.load_json("trust.json")
+    }
+
+    /// Loads `fleet.json` (empty if absent).
+    pub fn load_fleet(&self) -> Result<crate::fleet::FleetState, StateError> {
+        self.load_json("fleet.json")
+    }
+
+    /// Saves `fleet.json`.
+    pub fn save_fleet(&self, f: &crate::fleet::FleetState) -> Result<(), StateError> {
+        self.save_json("fleet.json", f)
     }
 
     /// Saves `trust.json`.
