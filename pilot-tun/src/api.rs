@@ -1206,6 +1206,56 @@ mod tests {
         }
     }
 
+    const OWNER: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+
+    fn owner_new() -> OwnerKeyInfo {
+        OwnerKeyInfo {
+            owner: OWNER.into(),
+            file: "owner.key".into(),
+        }
+    }
+
+    fn cert_info() -> CertInfo {
+        CertInfo {
+            node_id: ID_A.into(),
+            owner: OWNER.into(),
+            tags: vec!["build".into(), "ci".into()],
+            issued_at: 1_796_083_200,
+            expires_at: 1_798_675_200,
+            valid: true,
+        }
+    }
+
+    fn policy_list() -> Vec<PolicyRule> {
+        vec![
+            PolicyRule {
+                id: 1,
+                owner: OWNER.into(),
+                tag: "build".into(),
+                ports: "tcp/8080,icmp".parse().unwrap(),
+                expires_at: None,
+            },
+            PolicyRule {
+                id: 3,
+                owner: OWNER.into(),
+                tag: "ci".into(),
+                ports: "tcp/9000-9100".parse().unwrap(),
+                expires_at: Some(1_796_169_600),
+            },
+        ]
+    }
+
+    fn revocation_report() -> RevocationReport {
+        RevocationReport {
+            owner: OWNER.into(),
+            node_id: ID_A.into(),
+            delivered: true,
+            delivery_error: None,
+            kept_here: true,
+            withdrawn: vec![ID_A.into()],
+        }
+    }
+
     fn explanation() -> Explanation {
         Explanation {
             peer: ID_B.into(),
@@ -1375,6 +1425,10 @@ mod tests {
             ("trust-change", pretty(&trust_change())),
             ("ping", pretty(&ping())),
             ("explain", pretty(&explanation())),
+            ("owner-new", pretty(&owner_new())),
+            ("cert", pretty(&cert_info())),
+            ("policy-list", pretty(&policy_list())),
+            ("owner-revoke", pretty(&revocation_report())),
             ("down", pretty(&Stopping { stopping: true })),
             ("audit-show", pretty(&audit_show())),
             ("audit-verify", pretty(&audit_verify())),
@@ -1431,6 +1485,10 @@ mod tests {
         round_trip(&trust_change());
         round_trip(&ping());
         round_trip(&explanation());
+        round_trip(&owner_new());
+        round_trip(&cert_info());
+        round_trip(&policy_list());
+        round_trip(&revocation_report());
         round_trip(&error());
         round_trip(&audit_show());
         round_trip(&audit_verify());

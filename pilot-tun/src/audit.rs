@@ -22,6 +22,10 @@
 //! | `policy-allow`, `policy-deny` | `peer`, `direction` (`in`, `out`), `traffic` (`tcp/22`, `icmp`, ...), `minute` | the first such decision of a peer's filter in a minute (peers with scoped or expiring grants only) |
 //! | `policy-count` | `peer`, `direction`, `traffic`, `allowed`, `minute`, `count` | the minute is over: how many there were |
 //! | `policy-dropped` | `peer`, `minute`, `count` | decisions not counted per kind: the peer's table was full |
+//! | `cert-installed` | `owner`, `tags`, `expires_at`, `cert` (SHA-256) | `cert install` |
+//! | `policy-rule-added`, `policy-rule-removed` | `id`, `owner`, `tag`, `ports`, `expires_at` | `policy allow`, `policy remove` |
+//! | `owner-revocation` | `owner`, `node` | an owner's revocation this node keeps (a rule names the owner) |
+//! | `policy` (in `request`... rows above) | | approvals and withdrawals the rules make are statements like typed ones (kind `policy` or `revoke`) |
 //! | `log-damaged` | `kept_as`, `line`, `problem`, `dropped_bytes` | a damaged file was set aside at start |
 //!
 //! Refusal reasons: `untrusted-key`, `bad-handshake`, `rate-limited`,
