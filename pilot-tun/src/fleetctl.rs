@@ -37,11 +37,19 @@ pub const FLEET_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs
 /// Pages asked for one owner and tag in one sync, at most.
 const MAX_PAGES: usize = 64;
 
-/// What the control task remembers between choosing to approve a peer by
-/// policy and recording that approval.
+/// What the control task remembers between choosing to act on a peer by
+/// policy and recording the statement (so a typed statement is told from
+/// one the rules made).
 #[derive(Default)]
 pub struct PolicyPending {
-    by_peer: HashMap<NodeId, (Vec<u8>, Vec<RuleId>)>,
+    by_peer: HashMap<NodeId, Pending>,
+}
+
+enum Pending {
+    /// An approval: the certificate admitted and the rules that did.
+    Approve(Vec<u8>, Vec<RuleId>),
+    /// A withdrawal.
+    Withdraw,
 }
 
 /// What to say to a peer on the rules' behalf.
@@ -226,7 +234,7 @@ impl<T: Tun> Controller<T> {
                 }
                 self.pending
                     .by_peer
-                    .insert(peer, (cert.unwrap_or_default(), adm.rules));
+                    .insert(peer, Pending::Approve(cert.unwrap_or_default(), adm.rules));
                 Some(Act::Approve(StatementKind::Policy {
                     cert: own,
                     allow: adm.grant,
@@ -235,19 +243,25 @@ impl<T: Tun> Controller<T> {
             _ if by_rules && ours == TrustDecision::Approved => Some(Act::Withdraw),
             _ => None,
         }
+        .inspect(|act| {
+            if matches!(act, Act::Withdraw) {
+                self.pending.by_peer.insert(peer, Pending::Withdraw);
+            }
+        })
     }
 
     /// After recording our statement about `peer`: which rules made it, and
     /// the certificate they admitted (cleared for a typed approval).
     pub fn note_policy_record(&mut self, peer: &NodeId, kind: &StatementKind) {
-        match kind {
-            StatementKind::Policy { .. } => {
-                if let Some((cert, rules)) = self.pending.by_peer.remove(peer) {
-                    self.trust.set_policy(peer, Some(cert), rules);
-                }
+        let pending = self.pending.by_peer.remove(peer);
+        match (kind, pending) {
+            (StatementKind::Policy { .. }, Some(Pending::Approve(cert, rules))) => {
+                self.trust.set_policy(peer, Some(cert), rules);
             }
-            k if k.approves() => self.trust.set_policy(peer, None, Vec::new()),
-            _ => {}
+            // The rules withdrew: they may approve again later.
+            (StatementKind::Revoke, Some(Pending::Withdraw)) => {}
+            // Typed by the operator: the rules leave this peer alone.
+            _ => self.trust.set_policy(peer, None, Vec::new()),
         }
     }
 
