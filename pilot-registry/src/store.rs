@@ -348,7 +348,8 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::storage::SqliteStorage;
+    use crate::storage::{CertRow, RevocationRow, SqliteStorage};
+    use pilot_proto::cert::{OwnerPublic, Tag};
     use pilot_proto::identity::Identity;
     use std::net::Ipv4Addr;
     use std::sync::{Arc, Condvar, Mutex};
@@ -432,6 +433,38 @@ pub(crate) mod tests {
         }
         fn node_count(&self) -> Result<u64, StorageError> {
             self.inner.node_count()
+        }
+        fn put_cert(&mut self, c: &CertRow) -> Result<(), StorageError> {
+            self.wait();
+            self.inner.put_cert(c)
+        }
+        fn find_certs(
+            &self,
+            o: &OwnerPublic,
+            t: &Tag,
+            a: Option<&NodeId>,
+            now: u64,
+            limit: usize,
+        ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+            self.inner.find_certs(o, t, a, now, limit)
+        }
+        fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.put_revocation(r)
+        }
+        fn revoked(&self, o: &OwnerPublic, n: &NodeId) -> Result<bool, StorageError> {
+            self.inner.revoked(o, n)
+        }
+        fn revocation_counts(&self, o: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+            self.inner.revocation_counts(o)
+        }
+        fn find_revocations(
+            &self,
+            o: &OwnerPublic,
+            a: Option<&NodeId>,
+            limit: usize,
+        ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+            self.inner.find_revocations(o, a, limit)
         }
     }
 

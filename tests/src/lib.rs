@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::join::JoinUrl;
@@ -20,7 +21,7 @@ use pilot_proto::messages::{
 };
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
-use pilot_registry::storage::{NodeRow, StorageError};
+use pilot_registry::storage::{CertRow, NodeRow, RevocationRow, StorageError};
 use pilot_registry::{Config, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
     DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
@@ -427,6 +428,36 @@ impl<S: Storage> Storage for Tamper<S> {
     }
     fn node_count(&self) -> Result<u64, StorageError> {
         self.inner.node_count()
+    }
+    fn put_cert(&mut self, cert: &CertRow) -> Result<(), StorageError> {
+        self.inner.put_cert(cert)
+    }
+    fn find_certs(
+        &self,
+        owner: &OwnerPublic,
+        tag: &Tag,
+        after: Option<&NodeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        self.inner.find_certs(owner, tag, after, now, limit)
+    }
+    fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+        self.inner.put_revocation(r)
+    }
+    fn revoked(&self, owner: &OwnerPublic, node: &NodeId) -> Result<bool, StorageError> {
+        self.inner.revoked(owner, node)
+    }
+    fn revocation_counts(&self, owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        self.inner.revocation_counts(owner)
+    }
+    fn find_revocations(
+        &self,
+        owner: &OwnerPublic,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        self.inner.find_revocations(owner, after, limit)
     }
 }
 
