@@ -142,9 +142,10 @@ pub trait Storage: Send {
     /// Number of registered nodes.
     fn node_count(&self) -> Result<u64, StorageError>;
     /// Stores `cert` as its holder's only certificate, replacing the one
-    /// stored before (with its tags). The default keeps none and says so;
-    /// a wrapper should pass it on, like every certificate method.
-    fn put_cert(&mut self, _cert: &CertRow) -> Result<(), StorageError> {
+    /// stored before (with its tags). False if exactly these bytes were
+    /// stored already (nothing changed). The default keeps none and says
+    /// so; a wrapper should pass it on, like every certificate method.
+    fn put_cert(&mut self, _cert: &CertRow) -> Result<bool, StorageError> {
         Err(StorageError::Unsupported("certificates"))
     }
     /// The certificates from `owner` carrying `tag` that expire after
@@ -538,10 +539,16 @@ impl Storage for SqliteStorage {
             .query_row("SELECT count(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    fn put_cert(&mut self, cert: &CertRow) -> Result<(), StorageError> {
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
         let holder = cert.holder.to_string();
         let owner = &cert.owner.0[..];
         let tx = self.conn.transaction()?;
+        let same = tx
+            .prepare_cached("SELECT 1 FROM certs WHERE holder = ?1 AND bytes = ?2")?
+            .exists(params![holder, cert.bytes])?;
+        if same {
+            return Ok(false);
+        }
         tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&holder])?;
         tx.execute(
             "INSERT INTO certs (holder, owner, expires_at, bytes) VALUES (?1, ?2, ?3, ?4)
@@ -555,7 +562,7 @@ impl Storage for SqliteStorage {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     fn find_certs(
@@ -872,7 +879,8 @@ mod tests {
         assert!(find(&s, None, 1000, 100).is_empty());
         assert!(find(&s, None, u64::MAX, 100).is_empty());
         // A holder's new certificate replaces the old one with its tags.
-        s.put_cert(&cert(3, 2, "cache", 2000)).unwrap();
+        assert!(!s.put_cert(&cert(3, 1, "build,ci", 1000)).unwrap(), "same");
+        assert!(s.put_cert(&cert(3, 2, "cache", 2000)).unwrap());
         assert_eq!(holders(&find(&s, None, 100, 100)), [1, 2, 4, 5, 8].map(nid));
         let by2 = s
             .find_certs(&owner(2), &"cache".parse().unwrap(), None, 100, 10)

@@ -434,7 +434,7 @@ pub(crate) mod tests {
         fn node_count(&self) -> Result<u64, StorageError> {
             self.inner.node_count()
         }
-        fn put_cert(&mut self, c: &CertRow) -> Result<(), StorageError> {
+        fn put_cert(&mut self, c: &CertRow) -> Result<bool, StorageError> {
             self.wait();
             self.inner.put_cert(c)
         }

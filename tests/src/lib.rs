@@ -429,7 +429,7 @@ impl<S: Storage> Storage for Tamper<S> {
     fn node_count(&self) -> Result<u64, StorageError> {
         self.inner.node_count()
     }
-    fn put_cert(&mut self, cert: &CertRow) -> Result<(), StorageError> {
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
         self.inner.put_cert(cert)
     }
     fn find_certs(
