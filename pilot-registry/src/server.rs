@@ -31,6 +31,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::admission::{self, Admitted, Gate};
 use crate::audit;
+use crate::fleet::{CertOutcome, RevocationOutcome};
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
 use crate::relay::{Relay, Verdict};
@@ -72,6 +73,13 @@ pub fn public_key(secret: &[u8; 32]) -> [u8; 32] {
     let mut bytes = zeroize::Zeroizing::new([0u8; 64]);
     bytes[32..].copy_from_slice(secret);
     pilot_proto::identity::Identity::from_bytes(&bytes).static_public()
+}
+
+/// The wall clock, as Unix seconds (0 if it is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The rendezvous server.
@@ -433,6 +441,29 @@ impl Core {
                 outcome: Ok(StatementOutcome::Stored(_)),
                 ..
             } => self.audit.carried(*from, *to, kind, statement),
+            Done::CertPublished { from, outcome, .. } => match outcome {
+                Ok(CertOutcome::Stored {
+                    facts,
+                    changed: true,
+                }) => self.audit.cert_published(facts),
+                Ok(CertOutcome::Refused(r)) => self.audit.count(audit::Key {
+                    kind: "cert-refused",
+                    what: r.reason(),
+                    from: audit::From::Node(*from),
+                    to: None,
+                }),
+                _ => {}
+            },
+            Done::RevocationPublished { from, outcome, .. } => match outcome {
+                Ok(RevocationOutcome::Kept(facts)) => self.audit.revocation_kept(facts, *from),
+                Ok(RevocationOutcome::Refused(r)) => self.audit.count(audit::Key {
+                    kind: "revocation-refused",
+                    what: r.reason(),
+                    from: audit::From::Node(*from),
+                    to: None,
+                }),
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -457,6 +488,7 @@ impl Core {
                 store: &self.store,
                 stats: &self.stats,
                 now,
+                unix: unix_now(),
             },
         )
     }
