@@ -555,11 +555,37 @@ impl RawClient {
                 | FromRegistry::Error { req: r, .. }
                 | FromRegistry::Registered { req: r, .. }
                 | FromRegistry::Peer { req: r, .. }
+                | FromRegistry::Certs { req: r, .. }
+                | FromRegistry::Revocations { req: r, .. }
                     if *r == req =>
                 {
                     return msg
                 }
                 _ => continue, // pushes and other answers
+            }
+        }
+    }
+
+    /// The next message that answers no request (a push, a punch, a
+    /// revocation), if one comes within `wait`. Answers are skipped.
+    pub async fn unsolicited(&mut self, wait: Duration) -> Option<FromRegistry> {
+        let until = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let n = tokio::time::timeout_at(until, self.sock.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let Ok(plain) = self.session.open(&mut buf[..n]) else {
+                continue;
+            };
+            let msg: FromRegistry =
+                messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain]).ok()?;
+            if let FromRegistry::Push { .. }
+            | FromRegistry::Punch { .. }
+            | FromRegistry::Revoked { .. } = msg
+            {
+                return Some(msg);
             }
         }
     }
