@@ -20,6 +20,9 @@
 //! | `relay` | `verdict` (`admitted`, `held`, `refused`), `from` (node, or address if unknown), `to`, `minute`: first of its kind in a minute |
 //! | `relay-count`, `relay-dropped` | the same with `count` once the minute is over; events beyond the table |
 //! | `registration-refused` | `node`, `reason`, `minute` (then a `-count` line) |
+//! | `cert-published` | `holder`, `owner`, `tags`, `expires_at`, `cert` (SHA-256 of the certificate as kept): a certificate new to the registry |
+//! | `revocation-kept` | `owner`, `node`, `by` (the node that handed it in), `revocation` (SHA-256): a revocation new to the registry |
+//! | `cert-refused`, `revocation-refused` | `from` (the sending node), `reason`, `minute` (then a `-count` line) |
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -273,6 +276,34 @@ impl Audit {
         );
     }
 
+    /// A certificate the storage kept (new or changed).
+    pub fn cert_published(&self, c: &crate::fleet::CertFacts) {
+        let tags: Vec<&str> = c.tags.iter().map(|t| t.as_str()).collect();
+        self.sink.record(
+            "cert-published",
+            json!({
+                "holder": c.holder.to_string(),
+                "owner": c.owner.to_string(),
+                "tags": tags,
+                "expires_at": c.expires_at,
+                "cert": pilot_proto::hex::encode(&c.hash),
+            }),
+        );
+    }
+
+    /// A revocation the storage kept (new).
+    pub fn revocation_kept(&self, r: &crate::fleet::RevocationFacts, by: NodeId) {
+        self.sink.record(
+            "revocation-kept",
+            json!({
+                "owner": r.owner.to_string(),
+                "node": r.node.to_string(),
+                "by": by.to_string(),
+                "revocation": pilot_proto::hex::encode(&r.hash),
+            }),
+        );
+    }
+
     /// Writes out the counts of the minutes that are over.
     pub fn tick(&mut self) {
         let f = self.counts.flush(unix_now());
@@ -285,6 +316,8 @@ impl Audit {
             d["count"] = c.count.into();
             let kind = match c.key.kind {
                 "relay" => "relay-count",
+                "cert-refused" => "cert-refused-count",
+                "revocation-refused" => "revocation-refused-count",
                 _ => "registration-refused-count",
             };
             self.sink.record(kind, d);

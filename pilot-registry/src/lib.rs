@@ -16,6 +16,7 @@
 //! - [`admission`]: the handshake thread (Noise off the packet path).
 //! - [`store`]: the storage thread and its bounded queue.
 //! - [`registrar`]: what a registration or statement may change.
+//! - [`fleet`]: which owner certificates and revocations are kept, in pages.
 //! - [`pool`], [`names`]: the address pool and hostname rules.
 //! - [`storage`]: persistence behind one trait (SQLite).
 //! - [`stats`], [`state`]: counters; the key file and join URL.
@@ -23,6 +24,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod fleet;
 pub mod mailbox;
 pub mod names;
 pub mod pool;

@@ -1,6 +1,7 @@
 //! The rendezvous handlers: what the registry answers to each control
 //! message (register, look up, hand over a trust statement, acknowledge,
-//! ping). Handlers return [`Reply`]s and queue storage [`Job`]s; they never
+//! ping, publish and find owner certificates and revocations). Handlers
+//! return [`Reply`]s and queue storage [`Job`]s; they never
 //! send and never wait. A request that needs storage is answered when its
 //! job comes back committed ([`Rendezvous::on_done`]), or at once with
 //! "busy" when the storage queue is full.
@@ -14,6 +15,7 @@ use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, ErrorCode, FromRegistry, NatType, PeerInfo, ToRegistry};
 use tracing::{debug, info, warn};
 
+use crate::fleet::{CertOutcome, Page, RevocationOutcome};
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
 use crate::relay::Relay;
@@ -35,6 +37,8 @@ pub struct Cx<'a> {
     pub stats: &'a Stats,
     /// Now.
     pub now: Instant,
+    /// Now, as Unix seconds (certificate expiry).
+    pub unix: u64,
 }
 
 /// The registry role's own state.
@@ -89,6 +93,21 @@ fn one(to: u32, msg: FromRegistry) -> Vec<Reply> {
     vec![Reply { to, msg }]
 }
 
+/// The answer carrying a page read from storage.
+fn page_answer(
+    req: u32,
+    page: Result<Page, crate::storage::StorageError>,
+    wrap: impl FnOnce(u32, Vec<Vec<u8>>, bool) -> FromRegistry,
+) -> FromRegistry {
+    match page {
+        Ok(Page { items, more }) => wrap(req, items, more),
+        Err(e) => {
+            warn!("storage: {e}");
+            error(req, ErrorCode::Internal, "registry storage failed")
+        }
+    }
+}
+
 impl Rendezvous {
     /// The handlers of a registry handing out addresses in `network` and
     /// telling nodes about `relays`.
@@ -140,26 +159,65 @@ impl Rendezvous {
                     observed: from,
                 },
             ),
-            (ToRegistry::Lookup { req, .. }, None) | (ToRegistry::Statement { req, .. }, None) => {
-                one(
-                    index,
-                    error(req, ErrorCode::NotRegistered, "register first"),
-                )
-            }
-            (ToRegistry::Ack { .. }, None) => vec![],
-            // Fleet certificates and revocations: not kept by this registry
-            // yet (the registry side of issue 9 replaces this arm).
-            (ToRegistry::PublishCert { req, .. }, _)
-            | (ToRegistry::FindCerts { req, .. }, _)
-            | (ToRegistry::PublishRevocation { req, .. }, _)
-            | (ToRegistry::FindRevocations { req, .. }, _) => one(
+            (ToRegistry::Lookup { req, .. }, None)
+            | (ToRegistry::Statement { req, .. }, None)
+            | (ToRegistry::PublishCert { req, .. }, None)
+            | (ToRegistry::FindCerts { req, .. }, None)
+            | (ToRegistry::PublishRevocation { req, .. }, None)
+            | (ToRegistry::FindRevocations { req, .. }, None) => one(
                 index,
-                error(
-                    req,
-                    ErrorCode::Invalid,
-                    "this registry keeps no certificates yet",
-                ),
+                error(req, ErrorCode::NotRegistered, "register first"),
             ),
+            (ToRegistry::Ack { .. }, None) => vec![],
+            // Everything about certificates and revocations is checked on
+            // the storage thread (signatures are not checked on this loop).
+            (ToRegistry::PublishCert { req, cert }, Some(me)) => {
+                let ticket = Ticket { index, req };
+                let job = Job::PublishCert {
+                    ticket,
+                    me,
+                    cert,
+                    now: cx.unix,
+                };
+                submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
+            }
+            (
+                ToRegistry::FindCerts {
+                    req,
+                    owner,
+                    tag,
+                    after,
+                },
+                Some(_),
+            ) => {
+                let ticket = Ticket { index, req };
+                let job = Job::FindCerts {
+                    ticket,
+                    owner,
+                    tag,
+                    after,
+                    now: cx.unix,
+                };
+                submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
+            }
+            (ToRegistry::PublishRevocation { req, revocation }, Some(me)) => {
+                let ticket = Ticket { index, req };
+                let job = Job::PublishRevocation {
+                    ticket,
+                    from: me,
+                    revocation,
+                };
+                submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
+            }
+            (ToRegistry::FindRevocations { req, owner, after }, Some(_)) => {
+                let ticket = Ticket { index, req };
+                let job = Job::FindRevocations {
+                    ticket,
+                    owner,
+                    after,
+                };
+                submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
+            }
             (ToRegistry::Lookup { req, peer }, Some(me)) => {
                 let ticket = Ticket { index, req };
                 let job = Job::Lookup { ticket, peer, me };
@@ -314,6 +372,89 @@ impl Rendezvous {
                 vec![]
             }
             Done::Approvals { .. } => vec![],
+            Done::CertPublished {
+                ticket,
+                from,
+                outcome,
+            } => {
+                self.pending.remove(&ticket);
+                let req = ticket.req;
+                let msg = match outcome {
+                    Ok(CertOutcome::Stored { facts, changed }) => {
+                        if changed {
+                            let tags: Vec<&str> = facts.tags.iter().map(|t| t.as_str()).collect();
+                            info!(holder = %from, owner = %facts.owner, tags = %tags.join(","), expires_at = facts.expires_at, "certificate published");
+                        }
+                        FromRegistry::Ok { req }
+                    }
+                    Ok(CertOutcome::Refused(r)) => {
+                        bump(&cx.stats.refused);
+                        debug!(node = %from, reason = r.reason(), "certificate refused");
+                        error(req, ErrorCode::Invalid, &r.message())
+                    }
+                    Err(e) => {
+                        warn!("storage: {e}");
+                        error(req, ErrorCode::Internal, "registry storage failed")
+                    }
+                };
+                one(ticket.index, msg)
+            }
+            Done::CertsFound { ticket, page } => {
+                self.pending.remove(&ticket);
+                let msg = page_answer(ticket.req, page, |req, certs, more| FromRegistry::Certs {
+                    req,
+                    certs,
+                    more,
+                });
+                one(ticket.index, msg)
+            }
+            Done::RevocationPublished {
+                ticket,
+                from,
+                outcome,
+            } => {
+                self.pending.remove(&ticket);
+                let req = ticket.req;
+                let msg = match outcome {
+                    Ok(RevocationOutcome::Kept(facts)) => {
+                        info!(owner = %facts.owner, node = %facts.node, by = %from, "owner revocation kept");
+                        // Every node online hears of it once, now; the
+                        // others ask when they connect.
+                        let mut online: Vec<u32> = cx.sessions.registered().collect();
+                        online.sort_unstable();
+                        let mut out = one(ticket.index, FromRegistry::Ok { req });
+                        out.extend(online.into_iter().map(|to| Reply {
+                            to,
+                            msg: FromRegistry::Revoked {
+                                revocation: facts.bytes.clone(),
+                            },
+                        }));
+                        return out;
+                    }
+                    Ok(RevocationOutcome::Known(_)) => FromRegistry::Ok { req },
+                    Ok(RevocationOutcome::Refused(r)) => {
+                        bump(&cx.stats.refused);
+                        debug!(node = %from, reason = r.reason(), "revocation refused");
+                        error(req, ErrorCode::Invalid, &r.message())
+                    }
+                    Err(e) => {
+                        warn!("storage: {e}");
+                        error(req, ErrorCode::Internal, "registry storage failed")
+                    }
+                };
+                one(ticket.index, msg)
+            }
+            Done::RevocationsFound { ticket, page } => {
+                self.pending.remove(&ticket);
+                let msg = page_answer(ticket.req, page, |req, revocations, more| {
+                    FromRegistry::Revocations {
+                        req,
+                        revocations,
+                        more,
+                    }
+                });
+                one(ticket.index, msg)
+            }
         }
     }
 
@@ -450,6 +591,9 @@ mod tests {
     use crate::sessions::tests::pair;
     use crate::storage::{SqliteStorage, Storage};
     use crate::store::tests::{gated, open_gate};
+    use pilot_proto::cert::{
+        parse_tags, Certificate, OwnerKey, Revocation, Tag, DEFAULT_LIFETIME, MAX_TAGS, MAX_TAG_LEN,
+    };
     use pilot_proto::identity::Identity;
     use pilot_proto::messages::{
         PeerRef, PushItem, Registration, Signed, Statement, StatementKind,
@@ -470,7 +614,12 @@ mod tests {
         stats: Stats,
         role: Rendezvous,
         nodes: Vec<(Identity, Session)>,
+        /// The wall clock the handlers see (Unix seconds).
+        unix: u64,
     }
+
+    /// The Bench's wall clock.
+    const NOW: u64 = 1_750_000_000;
 
     fn addr(i: usize) -> SocketAddr {
         SocketAddr::from(([198, 51, 100, 1], 4000 + i as u16))
@@ -498,6 +647,7 @@ mod tests {
                 stats: Stats::default(),
                 role: Rendezvous::new("10.77.0.0/16".parse().unwrap(), vec![]),
                 nodes: ids,
+                unix: NOW,
             }
         }
 
@@ -511,6 +661,7 @@ mod tests {
                     store: &self.store,
                     stats: &self.stats,
                     now: Instant::now(),
+                    unix: self.unix,
                 },
             )
         }
@@ -977,5 +1128,404 @@ mod tests {
         assert_eq!(s.statement_seq(&m_id, &a_id).unwrap(), None);
         assert!(s.inbox(&a_id).unwrap().is_empty());
         assert!(!s.approves(&m_id, &a_id).unwrap());
+    }
+
+    fn owner(n: u8) -> OwnerKey {
+        OwnerKey::from_secret(&[n; 32])
+    }
+
+    fn tag(t: &str) -> Tag {
+        t.parse().unwrap()
+    }
+
+    /// A certificate for `node` issued at `issued` for 30 days.
+    fn cert_for(o: &OwnerKey, node: NodeId, tags: &str, issued: u64) -> Vec<u8> {
+        Certificate::issue(o, node, parse_tags(tags).unwrap(), issued, DEFAULT_LIFETIME)
+            .unwrap()
+            .to_bytes()
+    }
+
+    /// The one answer to request `req` on session `to`: an error's code
+    /// and message.
+    fn refused(r: &[Reply], to: u32, req: u32) -> (ErrorCode, String) {
+        match r {
+            [Reply {
+                to: t,
+                msg:
+                    FromRegistry::Error {
+                        req: q,
+                        code,
+                        message,
+                    },
+            }] if *t == to && *q == req => (*code, message.clone()),
+            _ => panic!("expected one error for {req} on {to}: {r:?}"),
+        }
+    }
+
+    impl Bench {
+        /// Node `n` sends `msg`, which needs storage; its answers.
+        async fn stored(&mut self, n: usize, msg: ToRegistry) -> Vec<Reply> {
+            assert!(self.send(n, msg).is_empty(), "answered once stored");
+            self.finish().await
+        }
+
+        async fn find(
+            &mut self,
+            n: usize,
+            req: u32,
+            o: &OwnerKey,
+            t: &str,
+            after: Option<NodeId>,
+        ) -> (Vec<Vec<u8>>, bool) {
+            let msg = ToRegistry::FindCerts {
+                req,
+                owner: o.public(),
+                tag: tag(t),
+                after,
+            };
+            let r = self.stored(n, msg).await;
+            match &r[..] {
+                [Reply {
+                    msg:
+                        FromRegistry::Certs {
+                            req: q,
+                            certs,
+                            more,
+                        },
+                    ..
+                }] if *q == req => (certs.clone(), *more),
+                _ => panic!("{r:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn certificate_and_revocation_requests_need_a_registered_session() {
+        let mut b = Bench::new(SqliteStorage::in_memory().unwrap(), 16, 1);
+        let o = owner(1);
+        let me = b.nodes[0].0.node_id();
+        let msgs = [
+            ToRegistry::PublishCert {
+                req: 1,
+                cert: cert_for(&o, me, "build", NOW),
+            },
+            ToRegistry::FindCerts {
+                req: 2,
+                owner: o.public(),
+                tag: tag("build"),
+                after: None,
+            },
+            ToRegistry::PublishRevocation {
+                req: 3,
+                revocation: Revocation::sign(&o, me, NOW).to_bytes(),
+            },
+            ToRegistry::FindRevocations {
+                req: 4,
+                owner: o.public(),
+                after: None,
+            },
+        ];
+        for (i, m) in msgs.into_iter().enumerate() {
+            let r = b.send(0, m);
+            let (code, _) = refused(&r, 1, i as u32 + 1);
+            assert_eq!(code, ErrorCode::NotRegistered);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), b.done.recv())
+                .await
+                .is_err(),
+            "nothing went to storage"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_publishes_only_its_own_live_genuine_certificate() {
+        let mut b = Bench::new(SqliteStorage::in_memory().unwrap(), 16, 2);
+        b.registered(0).await;
+        b.registered(1).await;
+        let o = owner(1);
+        let (a_id, b_id) = (b.nodes[0].0.node_id(), b.nodes[1].0.node_id());
+        // b hands in a's certificate: refused.
+        let a_cert = cert_for(&o, a_id, "build", NOW);
+        let r = b
+            .stored(
+                1,
+                ToRegistry::PublishCert {
+                    req: 5,
+                    cert: a_cert.clone(),
+                },
+            )
+            .await;
+        let (code, message) = refused(&r, 2, 5);
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("only its own certificate"), "{message}");
+        // A forged one: b's certificate, tags raised after signing.
+        let mut forged = Certificate::from_bytes(&cert_for(&o, b_id, "build", NOW)).unwrap();
+        forged.body.tags = parse_tags("admin,build").unwrap();
+        let r = b
+            .stored(
+                1,
+                ToRegistry::PublishCert {
+                    req: 6,
+                    cert: forged.to_bytes(),
+                },
+            )
+            .await;
+        let (code, message) = refused(&r, 2, 6);
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("signature is invalid"), "{message}");
+        // An expired one, and garbage.
+        let old = cert_for(&o, b_id, "build", NOW - DEFAULT_LIFETIME);
+        let r = b
+            .stored(1, ToRegistry::PublishCert { req: 7, cert: old })
+            .await;
+        let (code, message) = refused(&r, 2, 7);
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("expired"), "{message}");
+        let r = b
+            .stored(
+                1,
+                ToRegistry::PublishCert {
+                    req: 8,
+                    cert: vec![1; 40],
+                },
+            )
+            .await;
+        let (code, message) = refused(&r, 2, 8);
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("not a certificate"), "{message}");
+        assert_eq!(
+            b.stats.refused.load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
+        // None of those is found.
+        assert_eq!(b.find(0, 9, &o, "build", None).await, (vec![], false));
+        assert_eq!(b.find(0, 10, &o, "admin", None).await, (vec![], false));
+
+        // a publishes its own: found by owner and tag, not by another tag
+        // or owner, and no longer once it expired.
+        let r = b
+            .stored(
+                0,
+                ToRegistry::PublishCert {
+                    req: 11,
+                    cert: a_cert.clone(),
+                },
+            )
+            .await;
+        assert_eq!(r, one(1, FromRegistry::Ok { req: 11 }));
+        assert_eq!(
+            b.find(1, 12, &o, "build", None).await,
+            (vec![a_cert.clone()], false)
+        );
+        assert_eq!(b.find(1, 13, &o, "cache", None).await, (vec![], false));
+        assert_eq!(
+            b.find(1, 14, &owner(2), "build", None).await,
+            (vec![], false)
+        );
+        assert_eq!(
+            b.find(1, 15, &o, "build", Some(a_id)).await,
+            (vec![], false)
+        );
+        b.unix = NOW + DEFAULT_LIFETIME;
+        assert_eq!(b.find(1, 16, &o, "build", None).await, (vec![], false));
+        b.unix = NOW;
+        // Its new certificate replaces it.
+        let newer = cert_for(&o, a_id, "cache", NOW + 1);
+        let r = b
+            .stored(
+                0,
+                ToRegistry::PublishCert {
+                    req: 17,
+                    cert: newer.clone(),
+                },
+            )
+            .await;
+        assert_eq!(r, one(1, FromRegistry::Ok { req: 17 }));
+        assert_eq!(b.find(1, 18, &o, "build", None).await, (vec![], false));
+        assert_eq!(b.find(1, 19, &o, "cache", None).await, (vec![newer], false));
+    }
+
+    #[tokio::test]
+    async fn twenty_large_certificates_come_in_full_pages_that_fit_a_datagram() {
+        let mut b = Bench::new(SqliteStorage::in_memory().unwrap(), 64, 21);
+        let o = owner(1);
+        let tags = (0..MAX_TAGS)
+            .map(|i| format!("{i}{}", "t".repeat(MAX_TAG_LEN - 1)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let first = tags.split(',').next().unwrap().to_string();
+        let mut all = vec![];
+        for n in 0..21 {
+            b.registered(n).await;
+            if n == 20 {
+                break; // the asker holds none
+            }
+            let cert = cert_for(&o, b.nodes[n].0.node_id(), &tags, NOW);
+            let r = b
+                .stored(
+                    n,
+                    ToRegistry::PublishCert {
+                        req: 2,
+                        cert: cert.clone(),
+                    },
+                )
+                .await;
+            assert_eq!(r, one(n as u32 + 1, FromRegistry::Ok { req: 2 }));
+            all.push((b.nodes[n].0.node_id(), cert));
+        }
+        all.sort();
+        let mut got = vec![];
+        let mut after = None;
+        for page in 0.. {
+            assert!(page < 20, "paging ends");
+            let (certs, more) = b.find(20, 100 + page, &o, &first, after).await;
+            let answer = FromRegistry::Certs {
+                req: u32::MAX,
+                certs: certs.clone(),
+                more,
+            };
+            let len = messages::encode(&answer)
+                .expect("one control message")
+                .len();
+            assert!(len <= messages::MAX_MESSAGE, "{len}");
+            assert!(!certs.is_empty());
+            after = Some(
+                Certificate::from_bytes(certs.last().unwrap())
+                    .unwrap()
+                    .body
+                    .node,
+            );
+            got.extend(certs);
+            if !more {
+                break;
+            }
+        }
+        let want: Vec<Vec<u8>> = all.into_iter().map(|(_, c)| c).collect();
+        assert_eq!(got, want, "every holder once, in id order");
+    }
+
+    #[tokio::test]
+    async fn a_revocation_reaches_every_online_node_once_and_ends_the_listing() {
+        let mut b = Bench::new(SqliteStorage::in_memory().unwrap(), 16, 4);
+        for n in 0..3 {
+            b.registered(n).await;
+        }
+        // Session 4 never registers: it is nobody's and hears nothing.
+        let o = owner(1);
+        let a_id = b.nodes[0].0.node_id();
+        let c_id = b.nodes[2].0.node_id();
+        for n in [0, 2] {
+            let cert = cert_for(&o, b.nodes[n].0.node_id(), "build", NOW);
+            b.stored(n, ToRegistry::PublishCert { req: 2, cert }).await;
+        }
+        assert_eq!(b.find(1, 3, &o, "build", None).await.0.len(), 2);
+        // A revocation of a, forged by owner 2 under owner 1's name.
+        let mut forged = Revocation::sign(&owner(2), a_id, NOW);
+        forged.body.owner = o.public();
+        let r = b
+            .stored(
+                1,
+                ToRegistry::PublishRevocation {
+                    req: 4,
+                    revocation: forged.to_bytes(),
+                },
+            )
+            .await;
+        let (code, message) = refused(&r, 2, 4);
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("not its owner's"), "{message}");
+        assert_eq!(b.find(1, 5, &o, "build", None).await.0.len(), 2);
+        // The genuine one, handed in by b (any node may: the owner signed
+        // it): b is answered, and every registered node is told.
+        let rev = Revocation::sign(&o, a_id, NOW).to_bytes();
+        let r = b
+            .stored(
+                1,
+                ToRegistry::PublishRevocation {
+                    req: 6,
+                    revocation: rev.clone(),
+                },
+            )
+            .await;
+        let revoked = FromRegistry::Revoked {
+            revocation: rev.clone(),
+        };
+        let mut want = one(2, FromRegistry::Ok { req: 6 });
+        for to in 1..=3 {
+            want.push(Reply {
+                to,
+                msg: revoked.clone(),
+            });
+        }
+        assert_eq!(r, want);
+        // Handed in again: acknowledged, told to nobody again.
+        let r = b
+            .stored(
+                2,
+                ToRegistry::PublishRevocation {
+                    req: 7,
+                    revocation: rev.clone(),
+                },
+            )
+            .await;
+        assert_eq!(r, one(3, FromRegistry::Ok { req: 7 }));
+        // a is no longer listed, and may not publish it again.
+        let (certs, _) = b.find(1, 8, &o, "build", None).await;
+        assert_eq!(certs, vec![cert_for(&o, c_id, "build", NOW)]);
+        let r = b
+            .stored(
+                0,
+                ToRegistry::PublishCert {
+                    req: 9,
+                    cert: cert_for(&o, a_id, "build", NOW + 9),
+                },
+            )
+            .await;
+        let (_, message) = refused(&r, 1, 9);
+        assert!(message.contains("revoked"), "{message}");
+        // Found by whoever asks for owner 1's revocations.
+        let r = b
+            .stored(
+                1,
+                ToRegistry::FindRevocations {
+                    req: 10,
+                    owner: o.public(),
+                    after: None,
+                },
+            )
+            .await;
+        assert_eq!(
+            r,
+            one(
+                2,
+                FromRegistry::Revocations {
+                    req: 10,
+                    revocations: vec![rev],
+                    more: false
+                }
+            )
+        );
+        let r = b
+            .stored(
+                1,
+                ToRegistry::FindRevocations {
+                    req: 11,
+                    owner: o.public(),
+                    after: Some(a_id),
+                },
+            )
+            .await;
+        assert_eq!(
+            r,
+            one(
+                2,
+                FromRegistry::Revocations {
+                    req: 11,
+                    revocations: vec![],
+                    more: false
+                }
+            )
+        );
     }
 }

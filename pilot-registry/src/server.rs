@@ -31,6 +31,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::admission::{self, Admitted, Gate};
 use crate::audit;
+use crate::fleet::{CertOutcome, RevocationOutcome};
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
 use crate::relay::{Relay, Verdict};
@@ -72,6 +73,13 @@ pub fn public_key(secret: &[u8; 32]) -> [u8; 32] {
     let mut bytes = zeroize::Zeroizing::new([0u8; 64]);
     bytes[32..].copy_from_slice(secret);
     pilot_proto::identity::Identity::from_bytes(&bytes).static_public()
+}
+
+/// The wall clock, as Unix seconds (0 if it is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The rendezvous server.
@@ -433,6 +441,29 @@ impl Core {
                 outcome: Ok(StatementOutcome::Stored(_)),
                 ..
             } => self.audit.carried(*from, *to, kind, statement),
+            Done::CertPublished { from, outcome, .. } => match outcome {
+                Ok(CertOutcome::Stored {
+                    facts,
+                    changed: true,
+                }) => self.audit.cert_published(facts),
+                Ok(CertOutcome::Refused(r)) => self.audit.count(audit::Key {
+                    kind: "cert-refused",
+                    what: r.reason(),
+                    from: audit::From::Node(*from),
+                    to: None,
+                }),
+                _ => {}
+            },
+            Done::RevocationPublished { from, outcome, .. } => match outcome {
+                Ok(RevocationOutcome::Kept(facts)) => self.audit.revocation_kept(facts, *from),
+                Ok(RevocationOutcome::Refused(r)) => self.audit.count(audit::Key {
+                    kind: "revocation-refused",
+                    what: r.reason(),
+                    from: audit::From::Node(*from),
+                    to: None,
+                }),
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -457,6 +488,7 @@ impl Core {
                 store: &self.store,
                 stats: &self.stats,
                 now,
+                unix: unix_now(),
             },
         )
     }
@@ -570,11 +602,32 @@ mod tests {
                     | FromRegistry::Error { req: r, .. }
                     | FromRegistry::Peer { req: r, .. }
                     | FromRegistry::Pong { req: r, .. }
+                    | FromRegistry::Certs { req: r, .. }
+                    | FromRegistry::Revocations { req: r, .. }
                         if *r == req =>
                     {
                         return Some(msg)
                     }
                     _ => continue,
+                }
+            }
+        }
+
+        /// The next message that answers no request (a push), if one
+        /// comes within `WAIT`.
+        async fn unsolicited(&self) -> Option<FromRegistry> {
+            loop {
+                let mut d = self.recv().await?;
+                let Ok(n) = self.session.open(&mut d) else {
+                    continue;
+                };
+                let msg: FromRegistry =
+                    messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap();
+                if let FromRegistry::Revoked { .. }
+                | FromRegistry::Push { .. }
+                | FromRegistry::Punch { .. } = msg
+                {
+                    return Some(msg);
                 }
             }
         }
@@ -838,5 +891,161 @@ mod tests {
         assert_eq!(pushes.len(), 1, "delivered once: {pushes:?}");
         let _ = stop.send(());
         task.await.unwrap().unwrap();
+    }
+
+    /// Fleet trust over the real socket: a node publishes its own owner
+    /// certificate and no one else's, a forged certificate or revocation is
+    /// refused, a genuine revocation reaches every connected node as
+    /// `Revoked`, and the audit log records what was kept and refused.
+    #[tokio::test]
+    async fn certificates_and_revocations_over_the_wire_with_their_audit() {
+        use pilot_proto::cert::{parse_tags, Certificate, OwnerKey, Revocation};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            crate::storage::SqliteStorage::in_memory().unwrap(),
+        )
+        .with_audit(dir.path());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        let mut c = Client::connect(addr, &key, 3).await;
+        for n in [&mut a, &mut b, &mut c] {
+            let req = n.register(1).await;
+            assert!(matches!(
+                n.answer(req).await,
+                Some(FromRegistry::Registered { .. })
+            ));
+        }
+        let owner = OwnerKey::from_secret(&[5; 32]);
+        let now = unix_now();
+        let issue = |node: NodeId, tags: &str| {
+            Certificate::issue(&owner, node, parse_tags(tags).unwrap(), now, 3600).unwrap()
+        };
+        let a_cert = issue(a.id.node_id(), "build").to_bytes();
+        let invalid = |m: Option<FromRegistry>| match m {
+            Some(FromRegistry::Error {
+                code: messages::ErrorCode::Invalid,
+                message,
+                ..
+            }) => message,
+            other => panic!("expected a refusal: {other:?}"),
+        };
+
+        let req = a
+            .send(|req| ToRegistry::PublishCert {
+                req,
+                cert: a_cert.clone(),
+            })
+            .await;
+        assert_eq!(a.answer(req).await, Some(FromRegistry::Ok { req }));
+        // b hands in a's certificate; c a forged one of its own.
+        let cert = a_cert.clone();
+        let req = b.send(|req| ToRegistry::PublishCert { req, cert }).await;
+        assert!(invalid(b.answer(req).await).contains("only its own"));
+        let mut forged = issue(c.id.node_id(), "build");
+        forged.body.tags = parse_tags("admin").unwrap();
+        let cert = forged.to_bytes();
+        let req = c.send(|req| ToRegistry::PublishCert { req, cert }).await;
+        assert!(invalid(c.answer(req).await).contains("signature"));
+        // b finds a, and only a.
+        let find = |req| ToRegistry::FindCerts {
+            req,
+            owner: owner.public(),
+            tag: "build".parse().unwrap(),
+            after: None,
+        };
+        let req = b.send(find).await;
+        assert_eq!(
+            b.answer(req).await,
+            Some(FromRegistry::Certs {
+                req,
+                certs: vec![a_cert.clone()],
+                more: false
+            })
+        );
+
+        // c hands in a revocation of a: first forged, then genuine.
+        let mut bad = Revocation::sign(&OwnerKey::from_secret(&[6; 32]), a.id.node_id(), now);
+        bad.body.owner = owner.public();
+        let revocation = bad.to_bytes();
+        let req = c
+            .send(|req| ToRegistry::PublishRevocation { req, revocation })
+            .await;
+        assert!(invalid(c.answer(req).await).contains("not its owner's"));
+        let rev = Revocation::sign(&owner, a.id.node_id(), now).to_bytes();
+        let revocation = rev.clone();
+        let req = c
+            .send(|req| ToRegistry::PublishRevocation { req, revocation })
+            .await;
+        assert_eq!(c.answer(req).await, Some(FromRegistry::Ok { req }));
+        let told = Some(FromRegistry::Revoked {
+            revocation: rev.clone(),
+        });
+        assert_eq!(a.unsolicited().await, told, "the revoked node too");
+        assert_eq!(b.unsolicited().await, told);
+        let req = b.send(find).await;
+        assert_eq!(
+            b.answer(req).await,
+            Some(FromRegistry::Certs {
+                req,
+                certs: vec![],
+                more: false
+            })
+        );
+
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+        let log = crate::audit::REGISTRY_LOG;
+        let out =
+            pilot_audit::read::verify(dir.path(), log, &[crate::audit::public_key(&secret)], None)
+                .unwrap();
+        out.result.expect("the audit chain verifies");
+        let (entries, _) = pilot_audit::read::entries(dir.path(), log).unwrap();
+        let of = |kind: &str| -> Vec<serde_json::Value> {
+            entries
+                .iter()
+                .filter(|e| e.entry.kind == kind)
+                .map(|e| e.entry.details.clone())
+                .collect()
+        };
+        let hash = |b: &[u8]| pilot_proto::hex::encode(&crate::fleet::sha256(b));
+        let published = of("cert-published");
+        assert_eq!(published.len(), 1, "{published:?}");
+        assert_eq!(published[0]["holder"], a.id.node_id().to_string());
+        assert_eq!(published[0]["owner"], owner.public().to_string());
+        assert_eq!(published[0]["tags"], serde_json::json!(["build"]));
+        assert_eq!(published[0]["expires_at"], now + 3600);
+        assert_eq!(published[0]["cert"], hash(&a_cert));
+        let mut reasons: Vec<String> = of("cert-refused")
+            .iter()
+            .map(|d| d["reason"].as_str().unwrap().to_string())
+            .collect();
+        reasons.sort();
+        assert_eq!(reasons, ["bad-signature", "other-node"]);
+        let kept = of("revocation-kept");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0]["node"], a.id.node_id().to_string());
+        assert_eq!(kept[0]["by"], c.id.node_id().to_string());
+        assert_eq!(kept[0]["revocation"], hash(&rev));
+        let refused = of("revocation-refused");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0]["reason"], "bad-signature");
+        assert_eq!(refused[0]["from"], c.id.node_id().to_string());
+        assert_eq!(of("revocation-refused-count")[0]["count"], 1);
     }
 }

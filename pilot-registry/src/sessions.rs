@@ -103,6 +103,14 @@ impl Sessions {
         Some((index, self.conns.get(&index)?))
     }
 
+    /// The session of every node online here, each once (its newest).
+    pub fn registered(&self) -> impl Iterator<Item = u32> + '_ {
+        self.online
+            .values()
+            .copied()
+            .filter(|i| self.conns.contains_key(i))
+    }
+
     /// The node whose control session is at `addr` (relayed datagrams are
     /// accepted only from there).
     pub fn node_at(&self, addr: &SocketAddr) -> Option<NodeId> {

@@ -11,6 +11,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
+use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::{NodeId, PublicIdentity};
 use pilot_proto::messages::{self, Signed, Statement};
 use rusqlite::{params, Connection, ErrorCode as SqlErrorCode, OptionalExtension};
@@ -36,6 +37,9 @@ pub enum StorageError {
     /// The database was written by a newer registry.
     #[error("database schema version {0} is newer than this registry understands ({SCHEMA_VERSION}); upgrade pilot-registry")]
     TooNew(i64),
+    /// This backend does not keep what was asked to store.
+    #[error("this storage backend keeps no {0}")]
+    Unsupported(&'static str),
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -64,6 +68,33 @@ pub struct NodeRow {
     /// resend (its answer was lost) is told from a replay; `None` for a
     /// row stored before the registry kept it.
     pub reg_digest: Option<[u8; 32]>,
+}
+
+/// A node's published owner certificate, with what matching needs read
+/// out of it (by the rules above the trait, which verified it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertRow {
+    /// The node it certifies (and that published it).
+    pub holder: NodeId,
+    /// The owner that signed it.
+    pub owner: OwnerPublic,
+    /// Its tags.
+    pub tags: Vec<Tag>,
+    /// Unix time from which it is no longer valid.
+    pub expires_at: u64,
+    /// The certificate ([`pilot_proto::cert::Certificate::to_bytes`]).
+    pub bytes: Vec<u8>,
+}
+
+/// An owner's revocation of a node id, as kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationRow {
+    /// The owner that signed it.
+    pub owner: OwnerPublic,
+    /// The node it withdraws.
+    pub node: NodeId,
+    /// The revocation ([`pilot_proto::cert::Revocation::to_bytes`]).
+    pub bytes: Vec<u8>,
 }
 
 /// What the registry keeps. One implementation per database; persistence
@@ -110,10 +141,55 @@ pub trait Storage: Send {
     fn ack(&mut self, to: &NodeId, push: u64) -> Result<(), StorageError>;
     /// Number of registered nodes.
     fn node_count(&self) -> Result<u64, StorageError>;
+    /// Stores `cert` as its holder's only certificate, replacing the one
+    /// stored before (with its tags). False if exactly these bytes were
+    /// stored already (nothing changed). The default keeps none and says
+    /// so; a wrapper should pass it on, like every certificate method.
+    fn put_cert(&mut self, _cert: &CertRow) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("certificates"))
+    }
+    /// The certificates from `owner` carrying `tag` that expire after
+    /// `now`, whose holder `owner` has not revoked, as (holder, bytes) in
+    /// holder id order, holders above `after` only, at most `limit`.
+    fn find_certs(
+        &self,
+        _owner: &OwnerPublic,
+        _tag: &Tag,
+        _after: Option<&NodeId>,
+        _now: u64,
+        _limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        Ok(vec![])
+    }
+    /// Keeps a revocation unless one of its owner for its node is kept
+    /// already (then nothing changes: a revocation is permanent, the first
+    /// is enough); in the same commit, forgets the revoked node's
+    /// certificate if `owner` signed it. True if it was new.
+    fn put_revocation(&mut self, _r: &RevocationRow) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("revocations"))
+    }
+    /// True if `owner` revoked `node`.
+    fn revoked(&self, _owner: &OwnerPublic, _node: &NodeId) -> Result<bool, StorageError> {
+        Ok(false)
+    }
+    /// Revocations kept: (of `owner`, of all owners).
+    fn revocation_counts(&self, _owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        Ok((0, 0))
+    }
+    /// The revocations of `owner`, as (revoked node, bytes) in node id
+    /// order, nodes above `after` only, at most `limit`.
+    fn find_revocations(
+        &self,
+        _owner: &OwnerPublic,
+        _after: Option<&NodeId>,
+        _limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        Ok(vec![])
+    }
 }
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to `i+1`.
 const MIGRATIONS: &[&str] = &[
@@ -147,7 +223,41 @@ CREATE INDEX inbox_to ON inbox (to_id, id);
     r#"
 ALTER TABLE nodes ADD COLUMN reg_digest BLOB;
 "#,
+    // Owner certificates (one per holder) with their tags apart, indexed
+    // for "owner O, tag T, holders after H"; owner revocations.
+    r#"
+CREATE TABLE certs (
+    holder     TEXT PRIMARY KEY,
+    owner      BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    bytes      BLOB NOT NULL
+);
+CREATE TABLE cert_tags (
+    owner  BLOB NOT NULL,
+    tag    TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    PRIMARY KEY (owner, tag, holder)
+) WITHOUT ROWID;
+CREATE INDEX cert_tags_holder ON cert_tags (holder);
+CREATE TABLE revocations (
+    owner BLOB NOT NULL,
+    node  TEXT NOT NULL,
+    bytes BLOB NOT NULL,
+    PRIMARY KEY (owner, node)
+) WITHOUT ROWID;
+"#,
 ];
+
+/// A Unix time or count as SQLite's signed integer (times past year
+/// 292 billion are as good as never).
+fn sql_u64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// The lower bound for "ids after `after`": every hex id is above "".
+fn after_key(after: Option<&NodeId>) -> String {
+    after.map(NodeId::to_string).unwrap_or_default()
+}
 
 /// The embedded default: SQLite in WAL mode.
 pub struct SqliteStorage {
@@ -428,6 +538,134 @@ impl Storage for SqliteStorage {
             .conn
             .query_row("SELECT count(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
     }
+
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
+        let holder = cert.holder.to_string();
+        let owner = &cert.owner.0[..];
+        let tx = self.conn.transaction()?;
+        let same = tx
+            .prepare_cached("SELECT 1 FROM certs WHERE holder = ?1 AND bytes = ?2")?
+            .exists(params![holder, cert.bytes])?;
+        if same {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&holder])?;
+        tx.execute(
+            "INSERT INTO certs (holder, owner, expires_at, bytes) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (holder) DO UPDATE SET owner = ?2, expires_at = ?3, bytes = ?4",
+            params![holder, owner, sql_u64(cert.expires_at), cert.bytes],
+        )?;
+        for tag in &cert.tags {
+            tx.execute(
+                "INSERT OR IGNORE INTO cert_tags (owner, tag, holder) VALUES (?1, ?2, ?3)",
+                params![owner, tag.as_str(), holder],
+            )?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn find_certs(
+        &self,
+        owner: &OwnerPublic,
+        tag: &Tag,
+        after: Option<&NodeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.holder, c.bytes FROM cert_tags t JOIN certs c ON c.holder = t.holder
+             WHERE t.owner = ?1 AND t.tag = ?2 AND t.holder > ?3
+               AND c.owner = ?1 AND c.expires_at > ?4
+               AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.owner = ?1 AND r.node = t.holder)
+             ORDER BY t.holder LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                &owner.0[..],
+                tag.as_str(),
+                after_key(after),
+                sql_u64(now),
+                sql_u64(limit as u64)
+            ],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )?;
+        collect_by_node(rows, "certs")
+    }
+
+    fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+        let node = r.node.to_string();
+        let owner = &r.owner.0[..];
+        let tx = self.conn.transaction()?;
+        let new = tx.execute(
+            "INSERT OR IGNORE INTO revocations (owner, node, bytes) VALUES (?1, ?2, ?3)",
+            params![owner, node, r.bytes],
+        )? == 1;
+        let gone = tx.execute(
+            "DELETE FROM certs WHERE holder = ?1 AND owner = ?2",
+            params![node, owner],
+        )?;
+        if gone > 0 {
+            tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&node])?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    fn revoked(&self, owner: &OwnerPublic, node: &NodeId) -> Result<bool, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM revocations WHERE owner = ?1 AND node = ?2")?;
+        Ok(stmt.exists(params![&owner.0[..], node.to_string()])?)
+    }
+
+    fn revocation_counts(&self, owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        let mine = self.conn.query_row(
+            "SELECT count(*) FROM revocations WHERE owner = ?1",
+            [&owner.0[..]],
+            |r| r.get::<_, i64>(0),
+        )?;
+        let all = self
+            .conn
+            .query_row("SELECT count(*) FROM revocations", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok((mine as u64, all as u64))
+    }
+
+    fn find_revocations(
+        &self,
+        owner: &OwnerPublic,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node, bytes FROM revocations WHERE owner = ?1 AND node > ?2
+             ORDER BY node LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![&owner.0[..], after_key(after), sql_u64(limit as u64)],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        )?;
+        collect_by_node(rows, "revocations")
+    }
+}
+
+/// Reads (node id text, bytes) rows.
+fn collect_by_node(
+    rows: impl Iterator<Item = rusqlite::Result<(String, Vec<u8>)>>,
+    table: &'static str,
+) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+    let mut out = vec![];
+    for row in rows {
+        let (id, bytes) = row?;
+        let id = id.parse().map_err(|_| StorageError::Corrupt {
+            table,
+            detail: format!("node id '{id}'"),
+        })?;
+        out.push((id, bytes));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -576,6 +814,189 @@ mod tests {
         // Someone else cannot ack b's mail.
         s.ack(&an, inbox[1].0).unwrap();
         assert_eq!(s.inbox(&bn).unwrap().len(), 1);
+    }
+
+    fn owner(n: u8) -> OwnerPublic {
+        OwnerPublic([n; 32])
+    }
+
+    fn tags(list: &str) -> Vec<Tag> {
+        pilot_proto::cert::parse_tags(list).unwrap()
+    }
+
+    fn nid(n: u8) -> NodeId {
+        NodeId([n; 16])
+    }
+
+    fn cert(holder: u8, o: u8, list: &str, expires_at: u64) -> CertRow {
+        CertRow {
+            holder: nid(holder),
+            owner: owner(o),
+            tags: tags(list),
+            expires_at,
+            bytes: vec![holder, o, list.len() as u8],
+        }
+    }
+
+    fn holders(found: &[(NodeId, Vec<u8>)]) -> Vec<NodeId> {
+        found.iter().map(|(n, _)| *n).collect()
+    }
+
+    #[test]
+    fn certificates_are_found_by_owner_and_tag_in_pages_while_live() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let build: Tag = "build".parse().unwrap();
+        for h in 1..=5 {
+            s.put_cert(&cert(h, 1, "build,ci", 1000)).unwrap();
+        }
+        s.put_cert(&cert(6, 1, "cache", 1000)).unwrap();
+        s.put_cert(&cert(7, 2, "build", 1000)).unwrap();
+        s.put_cert(&cert(8, 1, "build", 500)).unwrap();
+        let find = |s: &SqliteStorage, after: Option<NodeId>, now, limit| {
+            s.find_certs(&owner(1), &build, after.as_ref(), now, limit)
+                .unwrap()
+        };
+        // Owner 1's `build` holders, in id order; not 6 (another tag), not
+        // 7 (another owner).
+        let all = find(&s, None, 100, 100);
+        assert_eq!(
+            holders(&all),
+            [1, 2, 3, 4, 5, 8].map(nid),
+            "every live match, ordered"
+        );
+        assert_eq!(all[0].1, cert(1, 1, "build,ci", 1000).bytes);
+        // Pages of two.
+        let p1 = find(&s, None, 100, 2);
+        assert_eq!(holders(&p1), [nid(1), nid(2)]);
+        let p2 = find(&s, Some(nid(2)), 100, 2);
+        assert_eq!(holders(&p2), [nid(3), nid(4)]);
+        let p3 = find(&s, Some(nid(4)), 100, 2);
+        assert_eq!(holders(&p3), [nid(5), nid(8)]);
+        assert!(find(&s, Some(nid(8)), 100, 2).is_empty());
+        // Expiry: 8 is gone at 500, everything at 1000.
+        assert_eq!(holders(&find(&s, None, 499, 100)).len(), 6);
+        assert_eq!(holders(&find(&s, None, 500, 100)), [1, 2, 3, 4, 5].map(nid));
+        assert!(find(&s, None, 1000, 100).is_empty());
+        assert!(find(&s, None, u64::MAX, 100).is_empty());
+        // A holder's new certificate replaces the old one with its tags.
+        assert!(!s.put_cert(&cert(3, 1, "build,ci", 1000)).unwrap(), "same");
+        assert!(s.put_cert(&cert(3, 2, "cache", 2000)).unwrap());
+        assert_eq!(holders(&find(&s, None, 100, 100)), [1, 2, 4, 5, 8].map(nid));
+        let by2 = s
+            .find_certs(&owner(2), &"cache".parse().unwrap(), None, 100, 10)
+            .unwrap();
+        assert_eq!(by2, vec![(nid(3), cert(3, 2, "cache", 2000).bytes)]);
+        // An expiry past i64 is kept as the largest one SQLite holds.
+        s.put_cert(&cert(9, 1, "build", u64::MAX)).unwrap();
+        let late = i64::MAX as u64 - 1;
+        assert_eq!(holders(&find(&s, Some(nid(8)), late, 100)), [nid(9)]);
+    }
+
+    #[test]
+    fn revocations_are_kept_once_paged_and_withdraw_certificates() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let build: Tag = "build".parse().unwrap();
+        for h in 1..=3 {
+            s.put_cert(&cert(h, 1, "build", 1000)).unwrap();
+        }
+        s.put_cert(&cert(4, 2, "build", 1000)).unwrap();
+        let rev = |o: u8, n: u8, b: u8| RevocationRow {
+            owner: owner(o),
+            node: nid(n),
+            bytes: vec![o, n, b],
+        };
+        assert!(!s.revoked(&owner(1), &nid(2)).unwrap());
+        assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (0, 0));
+        assert!(s.put_revocation(&rev(1, 2, 0)).unwrap(), "new");
+        assert!(!s.put_revocation(&rev(1, 2, 0)).unwrap(), "a resend");
+        assert!(
+            !s.put_revocation(&rev(1, 2, 9)).unwrap(),
+            "another revocation of the same node changes nothing"
+        );
+        assert!(s.revoked(&owner(1), &nid(2)).unwrap());
+        assert!(!s.revoked(&owner(2), &nid(2)).unwrap());
+        // The revoked node's certificate from that owner is gone.
+        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+        assert_eq!(holders(&found), [nid(1), nid(3)]);
+        // Owner 2 revoking node 1 does not touch owner 1's certificate of it.
+        assert!(s.put_revocation(&rev(2, 1, 0)).unwrap());
+        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+        assert_eq!(holders(&found), [nid(1), nid(3)]);
+        // Published after its revocation (the rules refuse that; storage
+        // still never lists it).
+        s.put_cert(&cert(2, 1, "build", 1000)).unwrap();
+        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+        assert_eq!(holders(&found), [nid(1), nid(3)]);
+        // Paging, in node order, with the first bytes kept.
+        for n in [9, 5, 7] {
+            assert!(s.put_revocation(&rev(1, n, 0)).unwrap());
+        }
+        assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (4, 5));
+        let p1 = s.find_revocations(&owner(1), None, 3).unwrap();
+        assert_eq!(holders(&p1), [2, 5, 7].map(nid));
+        assert_eq!(p1[0].1, vec![1, 2, 0]);
+        let p2 = s.find_revocations(&owner(1), Some(&nid(7)), 3).unwrap();
+        assert_eq!(holders(&p2), [nid(9)]);
+        assert_eq!(
+            holders(&s.find_revocations(&owner(2), None, 3).unwrap()),
+            [nid(1)]
+        );
+        assert!(s.find_revocations(&owner(3), None, 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_2_database_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (a, b) = (id(1), id(2));
+        let st = Signed::sign(
+            Statement {
+                kind: StatementKind::Approve,
+                from: a.public(),
+                to: b.node_id(),
+                seq: 3,
+            },
+            &a,
+        );
+        {
+            // A registry of schema version 2, with a node and a statement.
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..2] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            let mut s = SqliteStorage { conn };
+            s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+            s.put_statement(&st).unwrap();
+            assert!(s.conn.prepare("SELECT 1 FROM certs").is_err());
+        }
+        let mut s = SqliteStorage::open(&path).unwrap();
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(
+            s.node(&a.node_id()).unwrap(),
+            Some(row(1, 5, Some("alpha")))
+        );
+        assert_eq!(s.statement(&a.node_id(), &b.node_id()).unwrap(), Some(st));
+        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
+        // The new tables work, and survive a reopen.
+        s.put_cert(&cert(1, 1, "build", 1000)).unwrap();
+        s.put_revocation(&RevocationRow {
+            owner: owner(1),
+            node: nid(2),
+            bytes: vec![1],
+        })
+        .unwrap();
+        drop(s);
+        let s = SqliteStorage::open(&path).unwrap();
+        let found = s
+            .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
+            .unwrap();
+        assert_eq!(holders(&found), [nid(1)]);
+        assert!(s.revoked(&owner(1), &nid(2)).unwrap());
     }
 
     #[test]

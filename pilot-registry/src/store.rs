@@ -12,10 +12,12 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
 use ipnet::Ipv4Net;
+use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{NatType, PeerRef, PushItem, Registration, Signed, Statement};
 use tracing::warn;
 
+use crate::fleet::{self, CertOutcome, Page, RevocationOutcome};
 use crate::registrar::{self, RegisterOutcome, StatementOutcome};
 use crate::storage::{NodeRow, Storage, StorageError};
 
@@ -92,6 +94,48 @@ pub enum Job {
     Approvals {
         /// (from, to) pairs: does `from` approve `to`?
         pairs: Vec<(NodeId, NodeId)>,
+    },
+    /// Check and keep a node's owner certificate ([`fleet::publish_cert`]).
+    PublishCert {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The sending node, which the certificate must name.
+        me: NodeId,
+        /// The certificate, as sent.
+        cert: Vec<u8>,
+        /// Now, Unix seconds.
+        now: u64,
+    },
+    /// A page of live certificates from an owner with a tag.
+    FindCerts {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The owner.
+        owner: OwnerPublic,
+        /// The tag.
+        tag: Tag,
+        /// Holders after this one only.
+        after: Option<NodeId>,
+        /// Now, Unix seconds.
+        now: u64,
+    },
+    /// Check and keep an owner's revocation ([`fleet::publish_revocation`]).
+    PublishRevocation {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The node that handed it in (for the audit).
+        from: NodeId,
+        /// The revocation, as sent.
+        revocation: Vec<u8>,
+    },
+    /// A page of an owner's revocations.
+    FindRevocations {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The owner.
+        owner: OwnerPublic,
+        /// Revoked nodes after this one only.
+        after: Option<NodeId>,
     },
 }
 
@@ -176,6 +220,38 @@ pub enum Done {
     Approvals {
         /// ((from, to), approves) for every pair that could be read.
         approvals: Vec<((NodeId, NodeId), bool)>,
+    },
+    /// A published certificate was decided.
+    CertPublished {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The node that sent it.
+        from: NodeId,
+        /// The decision.
+        outcome: Result<CertOutcome, StorageError>,
+    },
+    /// A page of certificates was read.
+    CertsFound {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The page.
+        page: Result<Page, StorageError>,
+    },
+    /// A revocation handed in was decided.
+    RevocationPublished {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The node that handed it in.
+        from: NodeId,
+        /// The decision.
+        outcome: Result<RevocationOutcome, StorageError>,
+    },
+    /// A page of revocations was read.
+    RevocationsFound {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The page.
+        page: Result<Page, StorageError>,
     },
 }
 
@@ -263,6 +339,43 @@ pub fn run(s: &mut dyn Storage, network: Ipv4Net, job: Job) -> Option<Done> {
             }
             return None;
         }
+        Job::PublishCert {
+            ticket,
+            me,
+            cert,
+            now,
+        } => Done::CertPublished {
+            ticket,
+            from: me,
+            outcome: fleet::publish_cert(s, &me, &cert, now),
+        },
+        Job::FindCerts {
+            ticket,
+            owner,
+            tag,
+            after,
+            now,
+        } => Done::CertsFound {
+            ticket,
+            page: fleet::find_certs(s, &owner, &tag, after.as_ref(), now),
+        },
+        Job::PublishRevocation {
+            ticket,
+            from,
+            revocation,
+        } => Done::RevocationPublished {
+            ticket,
+            from,
+            outcome: fleet::publish_revocation(s, &revocation),
+        },
+        Job::FindRevocations {
+            ticket,
+            owner,
+            after,
+        } => Done::RevocationsFound {
+            ticket,
+            page: fleet::find_revocations(s, &owner, after.as_ref()),
+        },
         Job::Approvals { pairs } => Done::Approvals {
             approvals: pairs
                 .into_iter()
@@ -348,7 +461,8 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::storage::SqliteStorage;
+    use crate::storage::{CertRow, RevocationRow, SqliteStorage};
+    use pilot_proto::cert::{OwnerPublic, Tag};
     use pilot_proto::identity::Identity;
     use std::net::Ipv4Addr;
     use std::sync::{Arc, Condvar, Mutex};
@@ -432,6 +546,38 @@ pub(crate) mod tests {
         }
         fn node_count(&self) -> Result<u64, StorageError> {
             self.inner.node_count()
+        }
+        fn put_cert(&mut self, c: &CertRow) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.put_cert(c)
+        }
+        fn find_certs(
+            &self,
+            o: &OwnerPublic,
+            t: &Tag,
+            a: Option<&NodeId>,
+            now: u64,
+            limit: usize,
+        ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+            self.inner.find_certs(o, t, a, now, limit)
+        }
+        fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.put_revocation(r)
+        }
+        fn revoked(&self, o: &OwnerPublic, n: &NodeId) -> Result<bool, StorageError> {
+            self.inner.revoked(o, n)
+        }
+        fn revocation_counts(&self, o: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+            self.inner.revocation_counts(o)
+        }
+        fn find_revocations(
+            &self,
+            o: &OwnerPublic,
+            a: Option<&NodeId>,
+            limit: usize,
+        ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+            self.inner.find_revocations(o, a, limit)
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::handshake::{self, MacKey};
 use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::join::JoinUrl;
@@ -20,7 +21,7 @@ use pilot_proto::messages::{
 };
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
-use pilot_registry::storage::{NodeRow, StorageError};
+use pilot_registry::storage::{CertRow, NodeRow, RevocationRow, StorageError};
 use pilot_registry::{Config, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
     DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
@@ -428,6 +429,36 @@ impl<S: Storage> Storage for Tamper<S> {
     fn node_count(&self) -> Result<u64, StorageError> {
         self.inner.node_count()
     }
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
+        self.inner.put_cert(cert)
+    }
+    fn find_certs(
+        &self,
+        owner: &OwnerPublic,
+        tag: &Tag,
+        after: Option<&NodeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        self.inner.find_certs(owner, tag, after, now, limit)
+    }
+    fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+        self.inner.put_revocation(r)
+    }
+    fn revoked(&self, owner: &OwnerPublic, node: &NodeId) -> Result<bool, StorageError> {
+        self.inner.revoked(owner, node)
+    }
+    fn revocation_counts(&self, owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        self.inner.revocation_counts(owner)
+    }
+    fn find_revocations(
+        &self,
+        owner: &OwnerPublic,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        self.inner.find_revocations(owner, after, limit)
+    }
 }
 
 /// The node id of the identity kept in a node's state directory.
@@ -524,11 +555,37 @@ impl RawClient {
                 | FromRegistry::Error { req: r, .. }
                 | FromRegistry::Registered { req: r, .. }
                 | FromRegistry::Peer { req: r, .. }
+                | FromRegistry::Certs { req: r, .. }
+                | FromRegistry::Revocations { req: r, .. }
                     if *r == req =>
                 {
                     return msg
                 }
                 _ => continue, // pushes and other answers
+            }
+        }
+    }
+
+    /// The next message that answers no request (a push, a punch, a
+    /// revocation), if one comes within `wait`. Answers are skipped.
+    pub async fn unsolicited(&mut self, wait: Duration) -> Option<FromRegistry> {
+        let until = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let n = tokio::time::timeout_at(until, self.sock.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let Ok(plain) = self.session.open(&mut buf[..n]) else {
+                continue;
+            };
+            let msg: FromRegistry =
+                messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain]).ok()?;
+            if let FromRegistry::Push { .. }
+            | FromRegistry::Punch { .. }
+            | FromRegistry::Revoked { .. } = msg
+            {
+                return Some(msg);
             }
         }
     }
