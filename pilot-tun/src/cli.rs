@@ -10,14 +10,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pilot_proto::join::JoinUrl;
 use pilot_proto::cert::{Certificate, OwnerKey, Revocation};
 use pilot_proto::identity::NodeId;
+use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::PeerRef;
-use std::os::unix::fs::OpenOptionsExt;
 use pilot_proto::ports::Scope;
 use pilot_proto::session::CipherSuite;
 use serde::Serialize;
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::api::{
     self, exit, ApiError, Endpoint, ErrorCode, ErrorReport, GrantView, Reply, Request, Status,
@@ -855,7 +855,9 @@ fn print_text(reply: &Reply) {
         Reply::Cert(c) => print_cert(c),
         Reply::Policy(list) => {
             if list.is_empty() {
-                say!("no policy rules: `pilot-tun policy allow --owner <key> --tag <tag>` adds one");
+                say!(
+                    "no policy rules: `pilot-tun policy allow --owner <key> --tag <tag>` adds one"
+                );
             }
             for r in list {
                 print_rule(r);
@@ -927,7 +929,9 @@ fn parse_node_id(s: &str) -> Result<NodeId, ApiError> {
     s.parse().map_err(|_| {
         failed(
             ErrorCode::Usage,
-            format!("{s:?} is not a node id (32 hex digits; `pilot-tun status` on the node shows it)"),
+            format!(
+                "{s:?} is not a node id (32 hex digits; `pilot-tun status` on the node shows it)"
+            ),
         )
     })
 }
@@ -935,8 +939,14 @@ fn parse_node_id(s: &str) -> Result<NodeId, ApiError> {
 /// `owner new`: a fresh key, written 0600 and never over another file.
 fn owner_new(common: &Common, out: &std::path::Path) -> Outcome {
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret[..])
-        .map_err(|_| failed(ErrorCode::Failed, "the system's random number source failed"))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret[..]).map_err(
+        |_| {
+            failed(
+                ErrorCode::Failed,
+                "the system's random number source failed",
+            )
+        },
+    )?;
     let key = OwnerKey::from_secret(&secret);
     let text = zeroize::Zeroizing::new(key.to_text());
     let mut f = std::fs::OpenOptions::new()
@@ -947,7 +957,10 @@ fn owner_new(common: &Common, out: &std::path::Path) -> Outcome {
         .map_err(|e| {
             failed(
                 ErrorCode::Failed,
-                format!("cannot create {}: {e} (an existing key is never overwritten)", out.display()),
+                format!(
+                    "cannot create {}: {e} (an existing key is never overwritten)",
+                    out.display()
+                ),
             )
         })?;
     f.write_all(text.as_bytes())
@@ -999,7 +1012,11 @@ fn owner_sign(
                 print_pretty(&doc);
             } else {
                 print_cert(&doc);
-                say!("written to {}: `pilot-tun cert install {}` on the node", path.display(), path.display());
+                say!(
+                    "written to {}: `pilot-tun cert install {}` on the node",
+                    path.display(),
+                    path.display()
+                );
             }
         }
         None => {

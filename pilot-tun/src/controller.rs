@@ -1151,7 +1151,11 @@ pub(crate) async fn trust_statement<T: Tun>(
             format!("{peer} is this node itself: name another node"),
         ));
     }
-    if kind.approves() && h.with(move |c| c.fleet.is_revoked(&pid)).await.map_err(stopped)? {
+    if kind.approves()
+        && h.with(move |c| c.fleet.is_revoked(&pid))
+            .await
+            .map_err(stopped)?
+    {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
             format!("{pid} was revoked by its owner: it cannot be approved here again"),

@@ -121,12 +121,7 @@ impl FleetState {
 
     /// Checks `cert` (bytes as they travel) presented by `holder` against
     /// the rules at `now`.
-    pub fn admit(
-        &self,
-        cert: &[u8],
-        holder: &NodeId,
-        now: u64,
-    ) -> Result<Admission, NotAdmitted> {
+    pub fn admit(&self, cert: &[u8], holder: &NodeId, now: u64) -> Result<Admission, NotAdmitted> {
         let c = Certificate::from_bytes(cert).map_err(|e| NotAdmitted::Invalid(e.to_string()))?;
         let verified = c
             .verify(&c.body.owner, holder, now)
@@ -213,8 +208,12 @@ mod tests {
 
     fn fleet_with_rule(o: &OwnerKey, tag: &str, scope: &str) -> FleetState {
         let mut f = FleetState::default();
-        f.rules
-            .add(o.public(), tag.parse().unwrap(), scope.parse().unwrap(), None);
+        f.rules.add(
+            o.public(),
+            tag.parse().unwrap(),
+            scope.parse().unwrap(),
+            None,
+        );
         f
     }
 

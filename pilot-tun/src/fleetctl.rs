@@ -143,7 +143,10 @@ impl<T: Tun> Controller<T> {
         let id = self.fleet.rules.add(owner, tag, scope, expires_at);
         self.save_fleet()?;
         let rule = api::PolicyRule::from(self.fleet.rules.get(id).expect("just added"));
-        self.record_audit("policy-rule-added", serde_json::to_value(&rule).unwrap_or_default());
+        self.record_audit(
+            "policy-rule-added",
+            serde_json::to_value(&rule).unwrap_or_default(),
+        );
         self.fleet_sync_soon();
         Ok(rule)
     }
@@ -205,7 +208,8 @@ impl<T: Tun> Controller<T> {
     /// nothing, an approval (new, or with a changed grant), or a
     /// withdrawal. Remembers the certificate and the rules for the record.
     pub fn policy_act(&mut self, peer: NodeId, cert: Option<&[u8]>) -> Option<Act> {
-        if peer == self.ctx.id {
+        // One act at a time per peer (the rules' last word is in flight).
+        if peer == self.ctx.id || self.pending.by_peer.contains_key(&peer) {
             return None;
         }
         let now = unix_now();
@@ -260,6 +264,8 @@ impl<T: Tun> Controller<T> {
             }
             // The rules withdrew: they may approve again later.
             (StatementKind::Revoke, Some(Pending::Withdraw)) => {}
+            // Only the rules make these.
+            (StatementKind::Policy { .. }, _) => {}
             // Typed by the operator: the rules leave this peer alone.
             _ => self.trust.set_policy(peer, None, Vec::new()),
         }
@@ -293,7 +299,11 @@ impl<T: Tun> Controller<T> {
             let name = kind.name();
             match crate::controller::trust_statement(&ctx, &h, &peer.to_string(), kind).await {
                 Ok(_) => info!(%peer, statement = name, "policy rules acted"),
-                Err(e) => warn!(%peer, statement = name, "policy statement not made: {}", e.error),
+                Err(e) => {
+                    warn!(%peer, statement = name, "policy statement not made: {}", e.error);
+                    // The next sync tries again.
+                    let _ = h.with(move |c| c.pending.by_peer.remove(&peer)).await;
+                }
             }
         });
     }
@@ -313,7 +323,8 @@ pub async fn owner_revoke<T: Tun>(
     text: &str,
 ) -> Result<api::RevocationReport, ApiError> {
     let invalid = |e: String| ApiError::new(ErrorCode::InvalidRequest, e);
-    let r = Revocation::from_armored(text).map_err(|e| invalid(format!("not a revocation: {e}")))?;
+    let r =
+        Revocation::from_armored(text).map_err(|e| invalid(format!("not a revocation: {e}")))?;
     r.verify(&r.body.owner)
         .map_err(|e| invalid(format!("the revocation does not verify: {e}")))?;
     let bytes = r.to_bytes();
@@ -329,7 +340,10 @@ pub async fn owner_revoke<T: Tun>(
         Ok(FromRegistry::Error { message, .. }) => {
             (false, Some(crate::sanitize::printable(&message)))
         }
-        Ok(_) => (false, Some("unexpected answer from the registry".to_string())),
+        Ok(_) => (
+            false,
+            Some("unexpected answer from the registry".to_string()),
+        ),
         Err(e) => (false, Some(e.to_string())),
     };
     let (owner, node) = (r.body.owner, r.body.node);

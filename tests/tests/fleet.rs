@@ -79,8 +79,15 @@ async fn refused(a: &mut TestNode, b: &mut TestNode, pkt: &[u8]) {
     a.drain();
     b.drain();
     a.send(pkt.to_vec()).await;
-    let answer = a.recv(Duration::from_secs(2)).await.expect("an ICMP answer");
-    assert_eq!((answer[9], answer[20], answer[21]), (1, 3, 13), "{answer:?}");
+    let answer = a
+        .recv(Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|| panic!("{} got no ICMP answer for a packet to {}", a.name, b.name));
+    assert_eq!(
+        (answer[9], answer[20], answer[21]),
+        (1, 3, 13),
+        "{answer:?}"
+    );
     assert!(b.recv(Duration::from_millis(400)).await.is_none());
 }
 
@@ -108,10 +115,14 @@ async fn rules_admit_certified_nodes_without_approvals_and_revocation_withdraws(
     assert_eq!(rule.id, 1);
     allow(&a, &owner, "cache", "icmp").await;
 
-    eventually(Duration::from_secs(20), "alpha and beta trust each other", || async {
-        a.trust_state("beta").await == TrustState::Trusted
-            && b.trust_state("alpha").await == TrustState::Trusted
-    })
+    eventually(
+        Duration::from_secs(20),
+        "alpha and beta trust each other",
+        || async {
+            a.trust_state("beta").await == TrustState::Trusted
+                && b.trust_state("alpha").await == TrustState::Trusted
+        },
+    )
     .await;
     let (aa, ba) = (a.addr(), b.addr());
     arrives(&a, &mut b, &udp(aa, ba, 5000, b"build output")).await;
@@ -127,7 +138,12 @@ async fn rules_admit_certified_nodes_without_approvals_and_revocation_withdraws(
     // Nobody else gets in: not the uncertified node, not the other owner's.
     for n in [&c, &d] {
         for who in ["alpha", "beta"] {
-            assert_ne!(n.trust_state(who).await, TrustState::Trusted, "{} trusts {who}", n.name);
+            assert_ne!(
+                n.trust_state(who).await,
+                TrustState::Trusted,
+                "{} trusts {who}",
+                n.name
+            );
         }
     }
     assert_ne!(b.trust_state("delta").await, TrustState::Trusted);
@@ -187,6 +203,10 @@ async fn rules_admit_certified_nodes_without_approvals_and_revocation_withdraws(
     assert!(report.delivered, "{report:?}");
     eventually(Duration::from_secs(5), "beta withdraws alpha", || async {
         b.trust_state("alpha").await != TrustState::Trusted
+    })
+    .await;
+    eventually(Duration::from_secs(5), "alpha hears of it", || async {
+        a.trust_state("beta").await != TrustState::Trusted
     })
     .await;
     let (aa, ba) = (a.addr(), b.addr());
