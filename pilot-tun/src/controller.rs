@@ -119,7 +119,7 @@ pub struct Controller<T: Tun> {
     /// `fleet.json`: certificate, rules, revocations.
     pub fleet: crate::fleet::FleetState,
     /// Policy approvals chosen but not yet recorded.
-    pub pending: crate::fleetctl::PolicyPending,
+    pub pending: crate::fleet::PolicyPending,
     pub(crate) handle: Handle<T>,
 }
 
@@ -156,7 +156,7 @@ impl<T: Tun> Controller<T> {
         // Requests expire even when nothing new arrives.
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         let mut audit_tick = tokio::time::interval(AUDIT_TICK);
-        let mut fleet_tick = tokio::time::interval(crate::fleetctl::FLEET_SYNC_EVERY);
+        let mut fleet_tick = tokio::time::interval(crate::fleet::FLEET_SYNC_EVERY);
         fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.tunnels.next_deadline();
@@ -986,7 +986,7 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
             .map_err(stopped)?
             .map(Reply::Policy),
         Request::OwnerRevoke { revocation } => {
-            crate::fleetctl::owner_revoke(ctx, h, &revocation)
+            owner_revoke(ctx, h, &revocation)
                 .await
                 .map(Reply::Revocation)
         }
@@ -1103,6 +1103,52 @@ async fn explain<T: Tun>(
         inbound: side(&inbound),
         outbound: side(&outbound),
     }))
+}
+
+/// `owner revoke`: checks the revocation, hands it to the registry (which
+/// sends it to every node online), and applies it here.
+pub async fn owner_revoke<T: Tun>(
+    ctx: &Arc<Context<T>>,
+    h: &Handle<T>,
+    text: &str,
+) -> Result<api::RevocationReport, ApiError> {
+    let invalid = |e: String| ApiError::new(ErrorCode::InvalidRequest, e);
+    let r =
+        Revocation::from_armored(text).map_err(|e| invalid(format!("not a revocation: {e}")))?;
+    r.verify(&r.body.owner)
+        .map_err(|e| invalid(format!("the revocation does not verify: {e}")))?;
+    let bytes = r.to_bytes();
+    let (delivered, delivery_error) = match ctx
+        .link
+        .call(&ctx.shared.udp, |req| ToRegistry::PublishRevocation {
+            req,
+            revocation: bytes.clone(),
+        })
+        .await
+    {
+        Ok(FromRegistry::Ok { .. }) => (true, None),
+        Ok(FromRegistry::Error { message, .. }) => {
+            (false, Some(crate::sanitize::printable(&message)))
+        }
+        Ok(_) => (
+            false,
+            Some("unexpected answer from the registry".to_string()),
+        ),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    let (owner, node) = (r.body.owner, r.body.node);
+    let (kept_here, withdrawn) = h
+        .with(move |c| c.on_revocation(r))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
+    Ok(api::RevocationReport {
+        owner: owner.to_string(),
+        node_id: node.to_string(),
+        delivered,
+        delivery_error,
+        kept_here,
+        withdrawn: withdrawn.iter().map(|n| n.to_string()).collect(),
+    })
 }
 
 /// Resolves a CLI peer name: the trust store first, then the registry.

@@ -145,13 +145,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                     // not hang (unless it is outside the overlay or us).
                     if dst != me && network.is_some_and(|n| n.contains(&dst)) {
                         bump(&inner.drops.refused_local);
-                        let mut out = vec![0u8; TUN_OFFSET + 128];
-                        if let Some(len) =
-                            packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])
-                        {
-                            out.truncate(TUN_OFFSET + len);
-                            icmp.push(out);
-                        }
+                        icmp.extend(admin_prohibited(pkt));
                     }
                     continue;
                 };
@@ -164,13 +158,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                         Verdict::Pass => {}
                         Verdict::Deny(..) => {
                             bump(&inner.drops.policy_out);
-                            let mut out = vec![0u8; TUN_OFFSET + 128];
-                            if let Some(len) =
-                                packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])
-                            {
-                                out.truncate(TUN_OFFSET + len);
-                                icmp.push(out);
-                            }
+                            icmp.extend(admin_prohibited(pkt));
                             continue;
                         }
                         Verdict::Drop => {
@@ -249,6 +237,15 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
             let _ = tun.send_batch(&mut icmp).await;
         }
     }
+}
+
+/// The ICMP "administratively prohibited" answer to a local packet, ready
+/// for the TUN (behind its offset), if one may be sent.
+fn admin_prohibited(pkt: &[u8]) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; TUN_OFFSET + 128];
+    let len = packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])?;
+    out.truncate(TUN_OFFSET + len);
+    Some(out)
 }
 
 /// Where [`too_big`] puts what it makes.

@@ -9,10 +9,31 @@
 //! matters only to a node with a rule naming its owner (others neither
 //! keep it nor act on it).
 
+use std::collections::HashMap;
+
 use pilot_proto::cert::{Certificate, OwnerPublic, Revocation, Tag, VerifiedCert};
 use pilot_proto::identity::NodeId;
 use pilot_proto::policy::{evaluate, Grant, PeerFacts, RuleId, Rules};
 use serde::{Deserialize, Serialize};
+
+/// How often the rules are checked again and the registry asked for new
+/// certificates and revocations (also after every registration and every
+/// change of the certificate or the rules).
+pub const FLEET_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// What the control task remembers between choosing to act on a peer by
+/// policy and recording the statement (so a typed statement is told from
+/// one the rules made).
+#[derive(Default)]
+pub struct PolicyPending {
+    pub(crate) by_peer: HashMap<NodeId, Pending>,
+}
+
+pub(crate) enum Pending {
+    /// An approval: the certificate admitted and the rules that did.
+    Approve(Vec<u8>, Vec<RuleId>),
+    /// A withdrawal.
+    Withdraw,
+}
 
 /// The most revocations kept (the oldest go first past it).
 pub const MAX_REVOCATIONS: usize = 10_000;

@@ -14,7 +14,6 @@
 //! - an approval or refusal the operator typed is never overridden, except
 //!   that an owner revocation withdraws everything.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use pilot_proto::cert::{Certificate, Revocation};
@@ -28,29 +27,11 @@ use tracing::{debug, info, warn};
 use crate::api::{self, ApiError, ErrorCode};
 use crate::context::{unix_now, Context};
 use crate::controller::{Controller, Handle};
+use crate::fleet::Pending;
 use crate::tun::Tun;
 
-/// How often the rules are checked again and the registry asked for new
-/// certificates and revocations (also after every registration and every
-/// change of the certificate or the rules).
-pub const FLEET_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Pages asked for one owner and tag in one sync, at most.
 const MAX_PAGES: usize = 64;
-
-/// What the control task remembers between choosing to act on a peer by
-/// policy and recording the statement (so a typed statement is told from
-/// one the rules made).
-#[derive(Default)]
-pub struct PolicyPending {
-    by_peer: HashMap<NodeId, Pending>,
-}
-
-enum Pending {
-    /// An approval: the certificate admitted and the rules that did.
-    Approve(Vec<u8>, Vec<RuleId>),
-    /// A withdrawal.
-    Withdraw,
-}
 
 /// What to say to a peer on the rules' behalf.
 #[derive(Debug)]
@@ -313,52 +294,6 @@ impl<T: Tun> Controller<T> {
         let (ctx, h) = (self.ctx.clone(), self.handle.clone());
         tokio::spawn(async move { fleet_sync(ctx, h).await });
     }
-}
-
-/// `owner revoke`: checks the revocation, hands it to the registry (which
-/// sends it to every node online), and applies it here.
-pub async fn owner_revoke<T: Tun>(
-    ctx: &Arc<Context<T>>,
-    h: &Handle<T>,
-    text: &str,
-) -> Result<api::RevocationReport, ApiError> {
-    let invalid = |e: String| ApiError::new(ErrorCode::InvalidRequest, e);
-    let r =
-        Revocation::from_armored(text).map_err(|e| invalid(format!("not a revocation: {e}")))?;
-    r.verify(&r.body.owner)
-        .map_err(|e| invalid(format!("the revocation does not verify: {e}")))?;
-    let bytes = r.to_bytes();
-    let (delivered, delivery_error) = match ctx
-        .link
-        .call(&ctx.shared.udp, |req| ToRegistry::PublishRevocation {
-            req,
-            revocation: bytes.clone(),
-        })
-        .await
-    {
-        Ok(FromRegistry::Ok { .. }) => (true, None),
-        Ok(FromRegistry::Error { message, .. }) => {
-            (false, Some(crate::sanitize::printable(&message)))
-        }
-        Ok(_) => (
-            false,
-            Some("unexpected answer from the registry".to_string()),
-        ),
-        Err(e) => (false, Some(e.to_string())),
-    };
-    let (owner, node) = (r.body.owner, r.body.node);
-    let (kept_here, withdrawn) = h
-        .with(move |c| c.on_revocation(r))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
-    Ok(api::RevocationReport {
-        owner: owner.to_string(),
-        node_id: node.to_string(),
-        delivered,
-        delivery_error,
-        kept_here,
-        withdrawn: withdrawn.iter().map(|n| n.to_string()).collect(),
-    })
 }
 
 /// Publishes our certificate, fetches the revocations of the owners our
