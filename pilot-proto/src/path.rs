@@ -207,6 +207,14 @@ impl PathState {
         }
     }
 
+    /// Adds direct candidates known without the registry (the endpoint in
+    /// use, the one that worked before a restart) when it gave none.
+    pub fn seed_candidates(&mut self, known: Vec<SocketAddr>) {
+        if self.candidates.is_empty() {
+            self.candidates = known;
+        }
+    }
+
     /// The selected path stopped working (the session was lost): start over.
     pub fn reset(&mut self) {
         self.selected = None;
@@ -436,5 +444,17 @@ mod tests {
         p.on_direct(ep(3));
         p.on_relay(RelayReason::NoDirectAnswer);
         assert_eq!(p.selected(), Some(Path::Direct(ep(3))));
+    }
+
+    #[test]
+    fn candidates_known_without_the_registry_are_probed() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.seed_candidates(vec![ep(4)]);
+        assert_eq!(p.start(t0), PathAction::ProbeDirect(vec![ep(4)]));
+        // The registry's answer replaces them; a seed never replaces it.
+        p.set_candidates(vec![ep(5)], t0);
+        p.seed_candidates(vec![ep(4)]);
+        assert_eq!(p.candidates(), &[ep(5)]);
     }
 }

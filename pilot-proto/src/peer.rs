@@ -784,6 +784,13 @@ impl Peer {
 
     /// Starts a handshake on the path the path state chooses.
     fn connect(&mut self, now: Instant, env: &mut dyn Env) {
+        if self.path.selected().is_none() {
+            // The path state hears of candidates from the registry; before
+            // its first answer (right after a restart) the endpoint in use
+            // or the one that worked last time is worth a probe too, not
+            // "no direct endpoint known".
+            self.path.seed_candidates(self.destinations());
+        }
         let via = match self.path.selected() {
             Some(Path::Direct(_)) => HandshakeVia::Direct(self.destinations()),
             Some(Path::Relay) => HandshakeVia::Relay,

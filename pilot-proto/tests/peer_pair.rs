@@ -931,3 +931,58 @@ fn a_responder_under_load_is_reached_with_a_cookie_in_a_few_round_trips() {
         .poll_transmit()
         .is_none_or(|t| t.bytes.len() != INIT_COOKIE_LEN));
 }
+
+// ---- a peer that comes back elsewhere ----
+
+impl Pair {
+    /// Node 0 restarts at `addr` (a new UDP port): a new machine that
+    /// knows node 1's endpoint from its trust store, with a handshake clock
+    /// past the old one (it is wall-clock time in the daemon).
+    fn restart_a_at(&mut self, addr: SocketAddr) {
+        let (a, b) = (identity(1), identity(2));
+        let b_addr = self.nodes[1].addr;
+        let mut n = Node::new(&a, &b, addr, 500);
+        n.peer = Peer::new(b.node_id(), b.static_public(), Some(b_addr));
+        n.env.timestamp = 1_000_000;
+        self.nodes[0] = n;
+    }
+}
+
+/// Finding 2: after a crash the node comes back on a new port and its
+/// first packet asks for a session before the registry answered. It
+/// probes the endpoint its trust store kept (it used to go to the relay
+/// with "no direct endpoint known"), and the responder takes the new port
+/// as soon as the new session's first packet authenticates.
+#[test]
+fn a_restart_on_a_new_port_is_followed_at_once() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    let new_addr: SocketAddr = "192.0.2.1:1999".parse().unwrap();
+    p.restart_a_at(new_addr);
+    let restart = p.elapsed();
+    p.send_app(0, 1_000);
+    p.idle(restart + Duration::from_millis(500));
+    assert!(
+        !p.nodes[0]
+            .events
+            .iter()
+            .any(|(_, e)| e.starts_with("RelayFallback")),
+        "{:?}",
+        p.nodes[0].events
+    );
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(new_addr)), "B follows at once");
+    assert!(p.nodes[1].delivered.contains(&1_000));
+    let before = p.nodes[0].delivered.len();
+    both_ways(
+        &mut p,
+        restart + secs(2),
+        Duration::from_millis(100),
+        &mut c,
+    );
+    assert!(
+        p.nodes[0].delivered.len() > before + 10,
+        "B reaches A again"
+    );
+}
