@@ -10,6 +10,8 @@
 //!   notices more than a short pause.
 //! - While relayed, probe direct again every [`DIRECT_RETRY`] and at once when
 //!   the peer's endpoints change; the first direct answer takes over.
+//! - A stray relayed packet never moves a direct path; a new session that
+//!   came through the relay does (the caller decides which is which).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -205,6 +207,18 @@ impl PathState {
             self.selected = Some(Path::Relay);
             self.relay_reason = Some(reason);
         }
+    }
+
+    /// Moves to the relay even from a direct path: a new session came up
+    /// through the relay. Direct is probed again after [`DIRECT_RETRY`],
+    /// not at once (the peer just chose the relay).
+    pub fn switch_to_relay(&mut self, reason: RelayReason, now: Instant) {
+        if self.selected != Some(Path::Relay) {
+            self.last_burst = Some(now);
+        }
+        self.selected = Some(Path::Relay);
+        self.relay_reason = Some(reason);
+        self.probing_since = None;
     }
 
     /// Adds direct candidates known without the registry (the endpoint in

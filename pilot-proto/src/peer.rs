@@ -636,13 +636,18 @@ impl Peer {
             }
         }
         // The initiator of a session we answered sent on it: the handshake
-        // completed, and the path it came over may be taken now.
-        if let Some((_, via)) = self.unconfirmed.take_if(|(s, _)| s.has_received()) {
+        // completed, and the path it came over is taken now, even a new
+        // port or the relay in place of a direct endpoint (a restarted or
+        // cut-off peer comes back that way).
+        if let Some((session, via)) = self.unconfirmed.take_if(|(s, _)| s.has_received()) {
+            // A session we initiated since then chose the path already.
+            let newest = self.sessions.iter().all(|o| o.created <= session.created);
             match via {
                 // The data plane heard from the peer elsewhere since: the
                 // newer authenticated source wins.
                 Path::Direct(_) if a.endpoint != Some(via) => {}
-                _ => self.take_path(via, false),
+                Path::Relay if !newest => {}
+                _ => self.take_path(now, via, false),
             }
             if !self.queue.is_empty() {
                 self.drain_queue(now, false);
@@ -883,7 +888,7 @@ impl Peer {
             current,
         });
         if initiator {
-            self.take_path(via, true);
+            self.take_path(now, via, true);
         } else {
             // An initiation proves nothing about where the peer is: anyone
             // who captured one can replay it, or forward it from elsewhere.
@@ -901,22 +906,44 @@ impl Peer {
 
     /// Takes `via` as the peer's path: a handshake over it completed (we
     /// initiated), or a packet on a session we answered authenticated.
-    fn take_path(&mut self, via: Path, initiator: bool) {
+    fn take_path(&mut self, now: Instant, via: Path, initiator: bool) {
         match via {
             Path::Direct(a) => {
                 self.path.on_direct(a);
                 self.set_endpoint(via, true);
                 self.events.push_back(Event::DirectWorked(a));
             }
+            // A new session through the relay moves the peer off a direct
+            // endpoint: the peer chose the relay because its direct path
+            // went silent or it knew no direct endpoint for us (a restart
+            // on a new port), and sending on to the old endpoint would
+            // leave its side dark.
+            //
+            // Why this cannot be used to push a working direct pair onto
+            // the relay: the move needs a *new* session, i.e. a handshake
+            // whose initiation carried a timestamp newer than any accepted
+            // before (a replayed initiation is refused), answered by us,
+            // and then a data packet that authenticates with that
+            // session's keys, which only the peer holds. A relayed packet
+            // on an existing session (replayed, or late from an older
+            // relayed session) moves nothing: the data plane never lets a
+            // relayed packet replace a direct endpoint, and the replay
+            // window drops copies. The relay names the node it forwards
+            // from by the address of that node's authenticated registry
+            // session, so a stranger cannot hand it an initiation as the
+            // peer's without spoofing the peer's address on the path; one
+            // who can (or the relay itself) could just as well drop the
+            // direct path, which moves the pair to the relay by design.
+            // Either way the relay reads nothing, and the direct retry
+            // moves the pair back once direct answers.
             Path::Relay => {
                 let reason = self.path.relay_reason().unwrap_or(if initiator {
                     RelayReason::NoDirectAnswer
                 } else {
                     RelayReason::PeerRelayed
                 });
-                self.path.on_relay(reason);
-                let force = self.path.selected() == Some(Path::Relay);
-                self.set_endpoint(via, force);
+                self.path.switch_to_relay(reason, now);
+                self.set_endpoint(via, true);
             }
         }
     }

@@ -932,7 +932,127 @@ fn a_responder_under_load_is_reached_with_a_cookie_in_a_few_round_trips() {
         .is_none_or(|t| t.bytes.len() != INIT_COOKIE_LEN));
 }
 
-// ---- a peer that comes back elsewhere ----
+// ---- a path that dies, a peer that comes back elsewhere ----
+
+impl Pair {
+    /// Puts `bytes` on the relay towards node `to`, as if its peer had sent
+    /// them through the relay now (a late or replayed datagram).
+    fn inject_relayed(&mut self, to: usize, bytes: Vec<u8>) {
+        self.seq += 1;
+        let from_addr = self.nodes[1 - to].addr;
+        self.wire.insert(
+            (self.now + RELAY_LATENCY, self.seq),
+            InFlight {
+                to,
+                from_addr,
+                dest: Path::Relay,
+                bytes,
+            },
+        );
+    }
+
+    /// Takes the first data datagram on the wire towards `to` over a path
+    /// of this kind (relay or not) off the wire: it never arrives, and the
+    /// caller holds a copy.
+    fn withhold_data(&mut self, to: usize, relayed: bool) -> Option<Vec<u8>> {
+        let key = self
+            .wire
+            .iter()
+            .find(|(_, d)| {
+                d.to == to
+                    && (d.dest == Path::Relay) == relayed
+                    && wire::classify(&d.bytes) == Kind::Data
+            })
+            .map(|(k, _)| *k)?;
+        self.wire.remove(&key).map(|d| d.bytes)
+    }
+
+    /// A copy of the first data datagram on the wire towards `to` (the
+    /// original still arrives).
+    fn peek_data(&self, to: usize) -> Option<Vec<u8>> {
+        self.wire
+            .values()
+            .find(|d| d.to == to && wire::classify(&d.bytes) == Kind::Data)
+            .map(|d| d.bytes.clone())
+    }
+
+    /// When node `i` first logged an event starting with `prefix` at or
+    /// after `since`.
+    fn first_event(&self, i: usize, prefix: &str, since: Duration) -> Option<Duration> {
+        self.nodes[i]
+            .events
+            .iter()
+            .find(|(t, e)| *t >= since && e.starts_with(prefix))
+            .map(|(t, _)| *t)
+    }
+}
+
+/// Node `i` sends one packet every `every` until `until`; returns the
+/// numbers sent, from `*counter + 1` on.
+fn one_way(p: &mut Pair, i: usize, until: Duration, every: Duration, counter: &mut u32) {
+    let mut c = *counter;
+    p.run(until, Some(every), |p| {
+        c += 1;
+        p.send_app(i, c);
+    });
+    *counter = c;
+}
+
+/// A relayed packet that is not a new session's never moves a responder
+/// off a working direct path: neither one late from an older session
+/// through the relay (it authenticates: its counter was never seen), nor a
+/// copy of a direct packet replayed through the relay, nor one of the
+/// current session that arrives only through the relay.
+#[test]
+fn stale_or_replayed_relayed_packets_do_not_move_a_direct_path() {
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.nodes[0].nat = NatType::PerDestination;
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    assert_eq!(p.path(1), Some(Path::Relay));
+    // A datagram of the relayed session, held back by the relay.
+    c += 1;
+    p.send_app(0, c);
+    let late = p.withhold_data(1, true).expect("relayed data on the wire");
+    p.direct_ok = true;
+    both_ways(&mut p, secs(100), Duration::from_millis(100), &mut c);
+    let a_addr = p.nodes[0].addr;
+    assert_eq!(p.path(1), Some(Path::Direct(a_addr)), "went direct");
+    let uses_before = p.nodes[1]
+        .events
+        .iter()
+        .filter(|(_, e)| e == "UsePath(Relay)")
+        .count();
+    // 1. The late one arrives through the relay.
+    p.inject_relayed(1, late);
+    both_ways(&mut p, secs(103), Duration::from_millis(100), &mut c);
+    // 2. A direct datagram is replayed through the relay after it arrived.
+    c += 1;
+    p.send_app(0, c);
+    let copy = p.peek_data(1).expect("direct data on the wire");
+    both_ways(&mut p, secs(104), Duration::from_millis(100), &mut c);
+    p.inject_relayed(1, copy);
+    // 3. A direct datagram is lost on the direct path and a copy of it
+    //    arrives only through the relay.
+    c += 1;
+    p.send_app(0, c);
+    let copy = p.withhold_data(1, false).expect("direct data on the wire");
+    p.inject_relayed(1, copy);
+    both_ways(&mut p, secs(110), Duration::from_millis(100), &mut c);
+    assert_eq!(
+        p.path(1),
+        Some(Path::Direct(a_addr)),
+        "B still sends direct"
+    );
+    let uses_after = p.nodes[1]
+        .events
+        .iter()
+        .filter(|(_, e)| e == "UsePath(Relay)")
+        .count();
+    assert_eq!(uses_before, uses_after, "{:?}", p.nodes[1].events);
+    assert!(*p.nodes[0].delivered.last().unwrap() + 2 >= c);
+}
 
 impl Pair {
     /// Node 0 restarts at `addr` (a new UDP port): a new machine that
@@ -983,6 +1103,47 @@ fn a_restart_on_a_new_port_is_followed_at_once() {
     );
     assert!(
         p.nodes[0].delivered.len() > before + 10,
+        "B reaches A again"
+    );
+}
+
+/// The same restart, but from the new port only the relay gets through:
+/// the responder leaves A's old (dead) port for the relay as soon as the
+/// new session's first packet authenticates, instead of ~39 s later.
+#[test]
+fn a_restart_that_comes_back_relayed_is_followed_at_once() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    let new_addr: SocketAddr = "192.0.2.1:1999".parse().unwrap();
+    p.restart_a_at(new_addr);
+    p.direct_ok = false;
+    let restart = p.elapsed();
+    p.send_app(0, 1_000);
+    p.idle(restart + secs(4));
+    assert_eq!(p.path(0), Some(Path::Relay));
+    let established = p
+        .first_event(0, "Established(Relay, initiator=true)", restart)
+        .expect("A came back through the relay");
+    let moved = p
+        .first_event(1, "UsePath(Relay)", restart)
+        .unwrap_or_else(|| panic!("B stayed on A's old port: {:?}", p.nodes[1].events));
+    assert!(
+        moved - established <= Duration::from_millis(1_500),
+        "B moved {:?} after the handshake",
+        moved - established
+    );
+    let before = p.nodes[0].delivered.len();
+    let mut d = 5_000;
+    one_way(
+        &mut p,
+        1,
+        restart + secs(6),
+        Duration::from_millis(100),
+        &mut d,
+    );
+    assert!(
+        p.nodes[0].delivered.len() >= before + 15,
         "B reaches A again"
     );
 }
