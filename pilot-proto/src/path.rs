@@ -10,6 +10,8 @@
 //!   notices more than a short pause.
 //! - While relayed, probe direct again every [`DIRECT_RETRY`] and at once when
 //!   the peer's endpoints change; the first direct answer takes over.
+//! - A direct path that goes silent under traffic (the peer's timers say so)
+//!   is given up for the relay at once, and retried like any relayed peer's.
 //! - A stray relayed packet never moves a direct path; a new session that
 //!   came through the relay does (the caller decides which is which).
 
@@ -49,6 +51,8 @@ pub enum RelayReason {
     NoCandidates,
     /// The peer's handshake came through the relay.
     PeerRelayed,
+    /// The direct path in use stopped answering.
+    DirectSilent,
 }
 
 impl RelayReason {
@@ -59,6 +63,7 @@ impl RelayReason {
             RelayReason::NoDirectAnswer => "direct probes unanswered",
             RelayReason::NoCandidates => "no direct endpoint known",
             RelayReason::PeerRelayed => "the peer connected through the relay",
+            RelayReason::DirectSilent => "the direct path went silent",
         }
     }
 }
@@ -210,8 +215,9 @@ impl PathState {
     }
 
     /// Moves to the relay even from a direct path: a new session came up
-    /// through the relay. Direct is probed again after [`DIRECT_RETRY`],
-    /// not at once (the peer just chose the relay).
+    /// through the relay, or the direct path went silent. Direct is probed
+    /// again after [`DIRECT_RETRY`], not at once (it was just found wanting,
+    /// or the peer just chose the relay).
     pub fn switch_to_relay(&mut self, reason: RelayReason, now: Instant) {
         if self.selected != Some(Path::Relay) {
             self.last_burst = Some(now);
@@ -458,6 +464,27 @@ mod tests {
         p.on_direct(ep(3));
         p.on_relay(RelayReason::NoDirectAnswer);
         assert_eq!(p.selected(), Some(Path::Direct(ep(3))));
+    }
+
+    #[test]
+    fn a_switch_to_the_relay_leaves_direct_and_retries_it_a_minute_later() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_candidates(vec![ep(1)], t0);
+        p.on_direct(ep(1));
+        let t1 = t0 + Duration::from_secs(300);
+        p.switch_to_relay(RelayReason::DirectSilent, t1);
+        assert_eq!(p.selected(), Some(Path::Relay));
+        assert_eq!(p.relay_reason(), Some(RelayReason::DirectSilent));
+        // Direct was just found wanting: not probed again at once.
+        assert_eq!(p.poll(t1), PathAction::Idle);
+        assert_eq!(p.next_deadline(t1), Some(t1 + DIRECT_RETRY));
+        assert_eq!(
+            p.poll(t1 + DIRECT_RETRY),
+            PathAction::ProbeDirect(vec![ep(1)])
+        );
+        p.on_direct(ep(1));
+        assert_eq!(p.selected(), Some(Path::Direct(ep(1))));
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
 pub const CTL_PING: u8 = 0x01;
 /// In-tunnel control: an echo reply (the request's nonce follows).
 pub const CTL_PONG: u8 = 0x02;
+/// The high half of the nonce of a path heartbeat (an echo request the
+/// machine sends itself, see [`TimerAction::Heartbeat`]); its answer is no
+/// [`Event::Pong`]. A caller's random nonce has this half with odds of
+/// 2^-32, and then only its pong is missed.
+const HEARTBEAT_NONCE: u64 = 0x6862_6561_0000_0000;
 
 /// What the machine needs from the node around it: keys, and the sources of
 /// indexes, timestamps and randomness (passed in, so tests are exact).
@@ -221,6 +226,7 @@ pub struct Peer {
     last_sync: Option<Instant>,
     last_now: Option<Instant>,
     seen: Activity,
+    heartbeats: u32,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -261,6 +267,7 @@ impl Peer {
             last_sync: None,
             last_now: None,
             seen: Activity::default(),
+            heartbeats: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -460,9 +467,12 @@ impl Peer {
             (Some(&CTL_PONG), 9) => {
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&msg[1..9]);
-                self.events.push_back(Event::Pong {
-                    nonce: u64::from_le_bytes(n),
-                });
+                let nonce = u64::from_le_bytes(n);
+                // A heartbeat's answer did its work by arriving (the data
+                // plane saw an authenticated packet).
+                if nonce & 0xffff_ffff_0000_0000 != HEARTBEAT_NONCE {
+                    self.events.push_back(Event::Pong { nonce });
+                }
                 true
             }
             _ => false,
@@ -700,8 +710,17 @@ impl Peer {
             TimerAction::Idle => {}
             TimerAction::Handshake => {
                 let unanswered = self.timers.handshake_in_flight();
-                if unanswered && self.path.selected().is_some() && self.current.is_none() {
-                    // The chosen path stopped answering: choose again.
+                let direct = matches!(self.path.selected(), Some(Path::Direct(_)));
+                if unanswered
+                    && self.path.selected().is_some()
+                    && (self.current.is_none() || direct)
+                {
+                    // The chosen path stopped answering: choose again (a
+                    // short direct burst, then the relay). A direct path is
+                    // chosen again even while its session is young: retrying
+                    // a dead endpoint until the give-up would leave the pair
+                    // dark although the relay reaches it. A relayed peer
+                    // with a session retries through the relay.
                     self.path.reset();
                 }
                 if self.destinations().is_empty() && self.path.selected().is_none() {
@@ -719,6 +738,31 @@ impl Peer {
                 self.current = None;
                 self.events.push_back(Event::ClearCurrent);
                 self.timers.clear_session();
+            }
+            TimerAction::Heartbeat => {
+                self.timers.on_heartbeat_sent(now);
+                if self.current.is_some() {
+                    self.heartbeats = self.heartbeats.wrapping_add(1);
+                    let nonce = HEARTBEAT_NONCE | u64::from(self.heartbeats);
+                    let mut msg = vec![CTL_PING];
+                    msg.extend_from_slice(&nonce.to_le_bytes());
+                    self.send_first(now, msg);
+                }
+            }
+            TimerAction::PathSilent => {
+                self.timers.on_path_given_up();
+                // A silent relay has no better path to go to; the no-reply
+                // handshake follows it.
+                if matches!(self.endpoint, Some(Path::Direct(_))) {
+                    self.path.switch_to_relay(RelayReason::DirectSilent, now);
+                    // What we send goes through the relay at once, on the
+                    // session we have; the peer moves when the new session
+                    // through the relay reaches it (see `take_path`).
+                    self.set_endpoint(Path::Relay, true);
+                    self.events
+                        .push_back(Event::RelayFallback(RelayReason::DirectSilent));
+                    self.start_handshake(now, HandshakeVia::Relay, env);
+                }
             }
             TimerAction::GiveUp => {
                 self.timers.cancel_handshake();

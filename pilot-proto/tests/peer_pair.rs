@@ -998,6 +998,149 @@ fn one_way(p: &mut Pair, i: usize, until: Duration, every: Duration, counter: &m
     *counter = c;
 }
 
+/// A direct pair with A sending to B every 500 ms (B only receives); at
+/// 10 s the direct path dies both ways while both still reach the relay.
+/// Returns the pair at the cut and the counter.
+fn cut_under_one_way_traffic() -> (Pair, u32) {
+    let mut p = Pair::new();
+    let mut c = 0;
+    one_way(&mut p, 0, secs(10), Duration::from_millis(500), &mut c);
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    p.direct_ok = false;
+    (p, c)
+}
+
+/// Finding 1 of docs/stress.md, the initiator's half: its session is young
+/// (well within the reject age), so it used to retry the dead endpoint
+/// until the 90 s handshake give-up. Now the silent path is given up
+/// within the design's 6.5 s (plus the 1 s activity sync) and the traffic
+/// goes through the relay.
+#[test]
+fn a_young_session_whose_direct_path_goes_silent_moves_to_the_relay() {
+    let (mut p, mut c) = cut_under_one_way_traffic();
+    let cut = p.elapsed();
+    let sent_at_cut = c;
+    one_way(
+        &mut p,
+        0,
+        cut + secs(15),
+        Duration::from_millis(500),
+        &mut c,
+    );
+    let fallback = p
+        .first_event(0, "RelayFallback", cut)
+        .unwrap_or_else(|| panic!("A never left the dead path: {:?}", p.nodes[0].events));
+    assert!(
+        fallback - cut <= Duration::from_millis(7_500),
+        "given up {:?} after the cut",
+        fallback - cut
+    );
+    assert!(
+        p.nodes[0]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= cut && e == "RelayFallback(DirectSilent)"),
+        "{:?}",
+        p.nodes[0].events
+    );
+    assert_eq!(p.path(0), Some(Path::Relay));
+    // Everything sent since 10 s after the cut arrived (through the relay).
+    let late: Vec<u32> = p.nodes[1]
+        .delivered
+        .iter()
+        .copied()
+        .filter(|n| *n > sent_at_cut + 20)
+        .collect();
+    assert!(
+        late.len() as u32 + 2 >= c - sent_at_cut - 20,
+        "{} of {} delivered",
+        late.len(),
+        c - sent_at_cut - 20
+    );
+}
+
+/// Finding 1, the responder's half: B answers A's handshake through the
+/// relay while its own endpoint for A is the dead direct one. Once A's
+/// first packet on that new session authenticates, B sends through the
+/// relay too (it used to keep the direct endpoint for good).
+#[test]
+fn a_responder_on_a_direct_path_follows_a_new_session_through_the_relay() {
+    let (mut p, mut c) = cut_under_one_way_traffic();
+    let cut = p.elapsed();
+    one_way(
+        &mut p,
+        0,
+        cut + secs(12),
+        Duration::from_millis(500),
+        &mut c,
+    );
+    let answered = p
+        .first_event(1, "Established(Relay, initiator=false)", cut)
+        .unwrap_or_else(|| panic!("B answered no relayed handshake: {:?}", p.nodes[1].events));
+    let moved = p
+        .first_event(1, "UsePath(Relay)", answered)
+        .unwrap_or_else(|| panic!("B kept its direct endpoint: {:?}", p.nodes[1].events));
+    assert!(
+        moved - answered <= Duration::from_millis(1_500),
+        "B moved {:?} after answering",
+        moved - answered
+    );
+    assert_eq!(p.path(1), Some(Path::Relay));
+    assert_eq!(
+        p.nodes[1].peer.relay_reason(),
+        Some(RelayReason::PeerRelayed)
+    );
+    // B's packets reach A again.
+    let before = p.nodes[0].delivered.len();
+    let mut d = 1000;
+    one_way(
+        &mut p,
+        1,
+        cut + secs(14),
+        Duration::from_millis(500),
+        &mut d,
+    );
+    assert!(
+        p.nodes[0].delivered.len() >= before + 3,
+        "{:?}",
+        &p.nodes[0].delivered[before..]
+    );
+}
+
+/// The stress run's case: pings both ways every 500 ms, the direct path
+/// dies, both sides answer again through the relay within 10 s; when the
+/// direct path heals they go back to direct (the relayed side retries
+/// direct every 60 s).
+#[test]
+fn pings_resume_through_the_relay_and_go_direct_again_after_the_heal() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(10), Duration::from_millis(500), &mut c);
+    p.direct_ok = false;
+    let cut = p.elapsed();
+    let at_cut = c;
+    both_ways(&mut p, cut + secs(10), Duration::from_millis(500), &mut c);
+    for i in 0..2 {
+        assert_eq!(p.path(i), Some(Path::Relay), "node {i}");
+        let last = *p.nodes[i].delivered.last().unwrap();
+        assert!(
+            last + 2 >= c && last > at_cut,
+            "node {i}: last {last} of {c}"
+        );
+    }
+    // Through the relay for a while, then the heal.
+    both_ways(&mut p, cut + secs(30), Duration::from_millis(500), &mut c);
+    p.direct_ok = true;
+    let heal = p.elapsed();
+    both_ways(&mut p, heal + secs(70), Duration::from_millis(500), &mut c);
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    for i in 0..2 {
+        assert!(*p.nodes[i].delivered.last().unwrap() + 2 >= c);
+    }
+}
+
 /// A relayed packet that is not a new session's never moves a responder
 /// off a working direct path: neither one late from an older session
 /// through the relay (it authenticates: its counter was never seen), nor a
