@@ -705,6 +705,12 @@ impl Peer {
                 self.start_handshake(now, HandshakeVia::Direct(c), env);
                 return;
             }
+            PathAction::PingDirect(addr) => {
+                // Not counted as sent: it may well be lost, and the relay
+                // path still needs its keepalives.
+                let msg = self.heartbeat_msg();
+                self.seal_to(Path::Direct(addr), &msg);
+            }
         }
         match self.timers.poll(now) {
             TimerAction::Idle => {}
@@ -742,10 +748,7 @@ impl Peer {
             TimerAction::Heartbeat => {
                 self.timers.on_heartbeat_sent(now);
                 if self.current.is_some() {
-                    self.heartbeats = self.heartbeats.wrapping_add(1);
-                    let nonce = HEARTBEAT_NONCE | u64::from(self.heartbeats);
-                    let mut msg = vec![CTL_PING];
-                    msg.extend_from_slice(&nonce.to_le_bytes());
+                    let msg = self.heartbeat_msg();
                     self.send_first(now, msg);
                 }
             }
@@ -753,8 +756,8 @@ impl Peer {
                 self.timers.on_path_given_up();
                 // A silent relay has no better path to go to; the no-reply
                 // handshake follows it.
-                if matches!(self.endpoint, Some(Path::Direct(_))) {
-                    self.path.switch_to_relay(RelayReason::DirectSilent, now);
+                if let Some(Path::Direct(left)) = self.endpoint {
+                    self.path.direct_went_silent(left, now);
                     // What we send goes through the relay at once, on the
                     // session we have; the peer moves when the new session
                     // through the relay reaches it (see `take_path`).
@@ -858,7 +861,7 @@ impl Peer {
                     self.set_endpoint(Path::Relay, true);
                     HandshakeVia::Relay
                 }
-                PathAction::Idle => return,
+                PathAction::Idle | PathAction::PingDirect(_) => return,
             },
         };
         self.start_handshake(now, via, env);
@@ -989,6 +992,30 @@ impl Peer {
                 self.path.switch_to_relay(reason, now);
                 self.set_endpoint(via, true);
             }
+        }
+    }
+
+    /// An echo request of our own (a heartbeat): its answer is no
+    /// [`Event::Pong`].
+    fn heartbeat_msg(&mut self) -> Vec<u8> {
+        self.heartbeats = self.heartbeats.wrapping_add(1);
+        let nonce = HEARTBEAT_NONCE | u64::from(self.heartbeats);
+        let mut msg = vec![CTL_PING];
+        msg.extend_from_slice(&nonce.to_le_bytes());
+        msg
+    }
+
+    /// Seals `msg` with the current session and sends it to `to`, whatever
+    /// the endpoint in use.
+    fn seal_to(&mut self, to: Path, msg: &[u8]) {
+        let Some(session) = self.current.clone() else {
+            return;
+        };
+        let mut buf = vec![0u8; DATA_HEADER_LEN + msg.len() + TAG_LEN];
+        buf[DATA_HEADER_LEN..DATA_HEADER_LEN + msg.len()].copy_from_slice(msg);
+        if let Ok(n) = session.sender.seal(&mut buf, msg.len()) {
+            buf.truncate(n);
+            self.transmits.push_back(Transmit { to, bytes: buf });
         }
     }
 
