@@ -10,13 +10,21 @@
 //!   notices more than a short pause.
 //! - While relayed, probe direct again every [`DIRECT_RETRY`] and at once when
 //!   the peer's endpoints change; the first direct answer takes over.
+//! - A direct path that goes silent under traffic (the peer's timers say so)
+//!   is given up for the relay at once. It was working a moment ago, so it
+//!   is likely to come back: every [`PATH_HEARTBEAT`] an echo on the
+//!   session in use goes straight to it, and an authenticated answer moves
+//!   both sides back (no handshake needed). The burst every
+//!   [`DIRECT_RETRY`] goes on as for any relayed peer.
+//! - A stray relayed packet never moves a direct path; a new session that
+//!   came through the relay does (the caller decides which is which).
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::messages::NatType;
 
-pub use crate::timers::{DIRECT_RETRY, DIRECT_TIMEOUT, PROBE_INTERVAL};
+pub use crate::timers::{DIRECT_RETRY, DIRECT_TIMEOUT, PATH_HEARTBEAT, PROBE_INTERVAL};
 
 /// Where a peer's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +55,8 @@ pub enum RelayReason {
     NoCandidates,
     /// The peer's handshake came through the relay.
     PeerRelayed,
+    /// The direct path in use stopped answering.
+    DirectSilent,
 }
 
 impl RelayReason {
@@ -57,6 +67,7 @@ impl RelayReason {
             RelayReason::NoDirectAnswer => "direct probes unanswered",
             RelayReason::NoCandidates => "no direct endpoint known",
             RelayReason::PeerRelayed => "the peer connected through the relay",
+            RelayReason::DirectSilent => "the direct path went silent",
         }
     }
 }
@@ -70,6 +81,11 @@ pub enum PathAction {
     ProbeDirect(Vec<SocketAddr>),
     /// Start using the relay (handshake through it if there is no session).
     UseRelay(RelayReason),
+    /// Send an in-tunnel echo request on the session in use straight to
+    /// this endpoint, the direct path that went silent: if it is back, the
+    /// authenticated packet moves the peer's side to it and the answer
+    /// ours.
+    PingDirect(SocketAddr),
 }
 
 /// The path state of one peer.
@@ -84,6 +100,9 @@ pub struct PathState {
     last_burst: Option<Instant>,
     local_nat: NatType,
     peer_nat: NatType,
+    /// The direct endpoint given up for silence, while relayed because of
+    /// it, and when it was last pinged.
+    silent_direct: Option<(SocketAddr, Instant)>,
 }
 
 impl PathState {
@@ -197,6 +216,7 @@ impl PathState {
         self.selected = Some(Path::Direct(from));
         self.relay_reason = None;
         self.probing_since = None;
+        self.silent_direct = None;
     }
 
     /// The relay path is in use.
@@ -207,10 +227,40 @@ impl PathState {
         }
     }
 
+    /// Moves to the relay even from a direct path: a new session came up
+    /// through the relay, or the direct path went silent. Direct is probed
+    /// again after [`DIRECT_RETRY`], not at once (it was just found wanting,
+    /// or the peer just chose the relay).
+    pub fn switch_to_relay(&mut self, reason: RelayReason, now: Instant) {
+        if self.selected != Some(Path::Relay) {
+            self.last_burst = Some(now);
+        }
+        self.selected = Some(Path::Relay);
+        self.relay_reason = Some(reason);
+        self.probing_since = None;
+    }
+
+    /// The direct endpoint `left` went silent under traffic: the relay
+    /// carries the pair, and `left` is pinged every [`PATH_HEARTBEAT`]
+    /// until it answers or the path is chosen again.
+    pub fn direct_went_silent(&mut self, left: SocketAddr, now: Instant) {
+        self.switch_to_relay(RelayReason::DirectSilent, now);
+        self.silent_direct = Some((left, now));
+    }
+
+    /// Adds direct candidates known without the registry (the endpoint in
+    /// use, the one that worked before a restart) when it gave none.
+    pub fn seed_candidates(&mut self, known: Vec<SocketAddr>) {
+        if self.candidates.is_empty() {
+            self.candidates = known;
+        }
+    }
+
     /// The selected path stopped working (the session was lost): start over.
     pub fn reset(&mut self) {
         self.selected = None;
         self.probing_since = None;
+        self.silent_direct = None;
     }
 
     /// The earliest instant at which [`poll`](Self::poll) may answer
@@ -222,12 +272,20 @@ impl PathState {
                 .map_or(since, |t| t + self.timing.probe_interval);
             return Some(next.min(since + self.timing.direct_timeout));
         }
-        match self.selected {
+        let ping = self
+            .silent_direct
+            .filter(|_| self.selected == Some(Path::Relay))
+            .map(|(_, t)| t + self.timing.path_heartbeat);
+        let retry = match self.selected {
             Some(Path::Relay) if !self.both_hard() && !self.candidates.is_empty() => Some(
                 self.last_burst
                     .map_or(now, |t| t + self.timing.direct_retry),
             ),
             _ => None,
+        };
+        match (ping, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -242,6 +300,12 @@ impl PathState {
                 (false, a) => a,
             },
             Some(Path::Relay) => {
+                if let Some((addr, t)) = self.silent_direct {
+                    if now.saturating_duration_since(t) >= self.timing.path_heartbeat {
+                        self.silent_direct = Some((addr, now));
+                        return PathAction::PingDirect(addr);
+                    }
+                }
                 if self.both_hard() {
                     return PathAction::Idle;
                 }
@@ -308,6 +372,7 @@ mod tests {
                 }
             }
             PathAction::UseRelay(r) => p.on_relay(*r),
+            PathAction::PingDirect(_) => unreachable!("no path here goes silent"),
         };
         let first = p.start(t0);
         apply(&mut p, &first);
@@ -436,5 +501,74 @@ mod tests {
         p.on_direct(ep(3));
         p.on_relay(RelayReason::NoDirectAnswer);
         assert_eq!(p.selected(), Some(Path::Direct(ep(3))));
+    }
+
+    #[test]
+    fn a_switch_to_the_relay_leaves_direct_and_retries_it_a_minute_later() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_candidates(vec![ep(1)], t0);
+        p.on_direct(ep(1));
+        let t1 = t0 + Duration::from_secs(300);
+        p.switch_to_relay(RelayReason::DirectSilent, t1);
+        assert_eq!(p.selected(), Some(Path::Relay));
+        assert_eq!(p.relay_reason(), Some(RelayReason::DirectSilent));
+        // Direct was just found wanting: not probed again at once.
+        assert_eq!(p.poll(t1), PathAction::Idle);
+        assert_eq!(p.next_deadline(t1), Some(t1 + DIRECT_RETRY));
+        assert_eq!(
+            p.poll(t1 + DIRECT_RETRY),
+            PathAction::ProbeDirect(vec![ep(1)])
+        );
+        p.on_direct(ep(1));
+        assert_eq!(p.selected(), Some(Path::Direct(ep(1))));
+    }
+
+    #[test]
+    fn a_direct_path_given_up_for_silence_is_pinged_until_it_answers() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_candidates(vec![ep(1)], t0);
+        p.on_direct(ep(1));
+        p.direct_went_silent(ep(1), t0);
+        assert_eq!(p.selected(), Some(Path::Relay));
+        assert_eq!(p.relay_reason(), Some(RelayReason::DirectSilent));
+        let mut pings = vec![];
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(10) {
+            now += Duration::from_millis(100);
+            match p.poll(now) {
+                PathAction::PingDirect(a) => {
+                    assert_eq!(a, ep(1));
+                    pings.push(now.duration_since(t0).as_millis());
+                }
+                PathAction::Idle => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(pings, vec![3000, 6000, 9000]);
+        assert_eq!(p.next_deadline(now), Some(t0 + Duration::from_secs(12)));
+        // It answered: direct again, no more pings.
+        p.on_direct(ep(1));
+        assert_eq!(p.next_deadline(now), None);
+        assert_eq!(p.poll(now + Duration::from_secs(5)), PathAction::Idle);
+        // A relay chosen for other reasons pings nothing.
+        p.switch_to_relay(RelayReason::PeerRelayed, now);
+        assert!(!matches!(
+            p.poll(now + Duration::from_secs(5)),
+            PathAction::PingDirect(_)
+        ));
+    }
+
+    #[test]
+    fn candidates_known_without_the_registry_are_probed() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.seed_candidates(vec![ep(4)]);
+        assert_eq!(p.start(t0), PathAction::ProbeDirect(vec![ep(4)]));
+        // The registry's answer replaces them; a seed never replaces it.
+        p.set_candidates(vec![ep(5)], t0);
+        p.seed_candidates(vec![ep(4)]);
+        assert_eq!(p.candidates(), &[ep(5)]);
     }
 }

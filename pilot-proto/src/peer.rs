@@ -55,6 +55,11 @@ pub const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
 pub const CTL_PING: u8 = 0x01;
 /// In-tunnel control: an echo reply (the request's nonce follows).
 pub const CTL_PONG: u8 = 0x02;
+/// The high half of the nonce of a path heartbeat (an echo request the
+/// machine sends itself, see [`TimerAction::Heartbeat`]); its answer is no
+/// [`Event::Pong`]. A caller's random nonce has this half with odds of
+/// 2^-32, and then only its pong is missed.
+const HEARTBEAT_NONCE: u64 = 0x6862_6561_0000_0000;
 
 /// What the machine needs from the node around it: keys, and the sources of
 /// indexes, timestamps and randomness (passed in, so tests are exact).
@@ -221,6 +226,7 @@ pub struct Peer {
     last_sync: Option<Instant>,
     last_now: Option<Instant>,
     seen: Activity,
+    heartbeats: u32,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -261,6 +267,7 @@ impl Peer {
             last_sync: None,
             last_now: None,
             seen: Activity::default(),
+            heartbeats: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -460,9 +467,12 @@ impl Peer {
             (Some(&CTL_PONG), 9) => {
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&msg[1..9]);
-                self.events.push_back(Event::Pong {
-                    nonce: u64::from_le_bytes(n),
-                });
+                let nonce = u64::from_le_bytes(n);
+                // A heartbeat's answer did its work by arriving (the data
+                // plane saw an authenticated packet).
+                if nonce & 0xffff_ffff_0000_0000 != HEARTBEAT_NONCE {
+                    self.events.push_back(Event::Pong { nonce });
+                }
                 true
             }
             _ => false,
@@ -636,13 +646,18 @@ impl Peer {
             }
         }
         // The initiator of a session we answered sent on it: the handshake
-        // completed, and the path it came over may be taken now.
-        if let Some((_, via)) = self.unconfirmed.take_if(|(s, _)| s.has_received()) {
+        // completed, and the path it came over is taken now, even a new
+        // port or the relay in place of a direct endpoint (a restarted or
+        // cut-off peer comes back that way).
+        if let Some((session, via)) = self.unconfirmed.take_if(|(s, _)| s.has_received()) {
+            // A session we initiated since then chose the path already.
+            let newest = self.sessions.iter().all(|o| o.created <= session.created);
             match via {
                 // The data plane heard from the peer elsewhere since: the
                 // newer authenticated source wins.
                 Path::Direct(_) if a.endpoint != Some(via) => {}
-                _ => self.take_path(via, false),
+                Path::Relay if !newest => {}
+                _ => self.take_path(now, via, false),
             }
             if !self.queue.is_empty() {
                 self.drain_queue(now, false);
@@ -690,13 +705,28 @@ impl Peer {
                 self.start_handshake(now, HandshakeVia::Direct(c), env);
                 return;
             }
+            PathAction::PingDirect(addr) => {
+                // Not counted as sent: it may well be lost, and the relay
+                // path still needs its keepalives.
+                let msg = self.heartbeat_msg();
+                self.seal_to(Path::Direct(addr), &msg);
+            }
         }
         match self.timers.poll(now) {
             TimerAction::Idle => {}
             TimerAction::Handshake => {
                 let unanswered = self.timers.handshake_in_flight();
-                if unanswered && self.path.selected().is_some() && self.current.is_none() {
-                    // The chosen path stopped answering: choose again.
+                let direct = matches!(self.path.selected(), Some(Path::Direct(_)));
+                if unanswered
+                    && self.path.selected().is_some()
+                    && (self.current.is_none() || direct)
+                {
+                    // The chosen path stopped answering: choose again (a
+                    // short direct burst, then the relay). A direct path is
+                    // chosen again even while its session is young: retrying
+                    // a dead endpoint until the give-up would leave the pair
+                    // dark although the relay reaches it. A relayed peer
+                    // with a session retries through the relay.
                     self.path.reset();
                 }
                 if self.destinations().is_empty() && self.path.selected().is_none() {
@@ -714,6 +744,28 @@ impl Peer {
                 self.current = None;
                 self.events.push_back(Event::ClearCurrent);
                 self.timers.clear_session();
+            }
+            TimerAction::Heartbeat => {
+                self.timers.on_heartbeat_sent(now);
+                if self.current.is_some() {
+                    let msg = self.heartbeat_msg();
+                    self.send_first(now, msg);
+                }
+            }
+            TimerAction::PathSilent => {
+                self.timers.on_path_given_up();
+                // A silent relay has no better path to go to; the no-reply
+                // handshake follows it.
+                if let Some(Path::Direct(left)) = self.endpoint {
+                    self.path.direct_went_silent(left, now);
+                    // What we send goes through the relay at once, on the
+                    // session we have; the peer moves when the new session
+                    // through the relay reaches it (see `take_path`).
+                    self.set_endpoint(Path::Relay, true);
+                    self.events
+                        .push_back(Event::RelayFallback(RelayReason::DirectSilent));
+                    self.start_handshake(now, HandshakeVia::Relay, env);
+                }
             }
             TimerAction::GiveUp => {
                 self.timers.cancel_handshake();
@@ -784,6 +836,13 @@ impl Peer {
 
     /// Starts a handshake on the path the path state chooses.
     fn connect(&mut self, now: Instant, env: &mut dyn Env) {
+        if self.path.selected().is_none() {
+            // The path state hears of candidates from the registry; before
+            // its first answer (right after a restart) the endpoint in use
+            // or the one that worked last time is worth a probe too, not
+            // "no direct endpoint known".
+            self.path.seed_candidates(self.destinations());
+        }
         let via = match self.path.selected() {
             Some(Path::Direct(_)) => HandshakeVia::Direct(self.destinations()),
             Some(Path::Relay) => HandshakeVia::Relay,
@@ -802,7 +861,7 @@ impl Peer {
                     self.set_endpoint(Path::Relay, true);
                     HandshakeVia::Relay
                 }
-                PathAction::Idle => return,
+                PathAction::Idle | PathAction::PingDirect(_) => return,
             },
         };
         self.start_handshake(now, via, env);
@@ -876,7 +935,7 @@ impl Peer {
             current,
         });
         if initiator {
-            self.take_path(via, true);
+            self.take_path(now, via, true);
         } else {
             // An initiation proves nothing about where the peer is: anyone
             // who captured one can replay it, or forward it from elsewhere.
@@ -894,23 +953,69 @@ impl Peer {
 
     /// Takes `via` as the peer's path: a handshake over it completed (we
     /// initiated), or a packet on a session we answered authenticated.
-    fn take_path(&mut self, via: Path, initiator: bool) {
+    fn take_path(&mut self, now: Instant, via: Path, initiator: bool) {
         match via {
             Path::Direct(a) => {
                 self.path.on_direct(a);
                 self.set_endpoint(via, true);
                 self.events.push_back(Event::DirectWorked(a));
             }
+            // A new session through the relay moves the peer off a direct
+            // endpoint: the peer chose the relay because its direct path
+            // went silent or it knew no direct endpoint for us (a restart
+            // on a new port), and sending on to the old endpoint would
+            // leave its side dark.
+            //
+            // Why this cannot be used to push a working direct pair onto
+            // the relay: the move needs a *new* session, i.e. a handshake
+            // whose initiation carried a timestamp newer than any accepted
+            // before (a replayed initiation is refused), answered by us,
+            // and then a data packet that authenticates with that
+            // session's keys, which only the peer holds. A relayed packet
+            // on an existing session (replayed, or late from an older
+            // relayed session) moves nothing: the data plane never lets a
+            // relayed packet replace a direct endpoint, and the replay
+            // window drops copies. The relay names the node it forwards
+            // from by the address of that node's authenticated registry
+            // session, so a stranger cannot hand it an initiation as the
+            // peer's without spoofing the peer's address on the path; one
+            // who can (or the relay itself) could just as well drop the
+            // direct path, which moves the pair to the relay by design.
+            // Either way the relay reads nothing, and the direct retry
+            // moves the pair back once direct answers.
             Path::Relay => {
                 let reason = self.path.relay_reason().unwrap_or(if initiator {
                     RelayReason::NoDirectAnswer
                 } else {
                     RelayReason::PeerRelayed
                 });
-                self.path.on_relay(reason);
-                let force = self.path.selected() == Some(Path::Relay);
-                self.set_endpoint(via, force);
+                self.path.switch_to_relay(reason, now);
+                self.set_endpoint(via, true);
             }
+        }
+    }
+
+    /// An echo request of our own (a heartbeat): its answer is no
+    /// [`Event::Pong`].
+    fn heartbeat_msg(&mut self) -> Vec<u8> {
+        self.heartbeats = self.heartbeats.wrapping_add(1);
+        let nonce = HEARTBEAT_NONCE | u64::from(self.heartbeats);
+        let mut msg = vec![CTL_PING];
+        msg.extend_from_slice(&nonce.to_le_bytes());
+        msg
+    }
+
+    /// Seals `msg` with the current session and sends it to `to`, whatever
+    /// the endpoint in use.
+    fn seal_to(&mut self, to: Path, msg: &[u8]) {
+        let Some(session) = self.current.clone() else {
+            return;
+        };
+        let mut buf = vec![0u8; DATA_HEADER_LEN + msg.len() + TAG_LEN];
+        buf[DATA_HEADER_LEN..DATA_HEADER_LEN + msg.len()].copy_from_slice(msg);
+        if let Ok(n) = session.sender.seal(&mut buf, msg.len()) {
+            buf.truncate(n);
+            self.transmits.push_back(Transmit { to, bytes: buf });
         }
     }
 

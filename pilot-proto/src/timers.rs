@@ -28,6 +28,17 @@ pub const PASSIVE_KEEPALIVE: Duration = Duration::from_secs(10);
 /// the session (it restarted): start a new handshake.
 pub const NO_REPLY: Duration = Duration::from_secs(15);
 
+/// Data sent and nothing heard for this long: ask the peer for a sign of
+/// life (an in-tunnel echo it answers at once), so a dead path shows in
+/// seconds rather than at the no-reply handshake.
+pub const PATH_HEARTBEAT: Duration = Duration::from_secs(3);
+/// While a heartbeat goes unanswered, it is sent again this often (one
+/// lost echo or answer must not condemn a working path).
+pub const HEARTBEAT_REPEAT: Duration = Duration::from_secs(1);
+/// Data sent and nothing heard for this long, heartbeats included: the path
+/// is silent; give it up for the relay.
+pub const PATH_GIVE_UP: Duration = Duration::from_millis(6500);
+
 /// How long direct probes get before traffic falls back to the relay.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a relayed peer is probed directly again.
@@ -59,6 +70,12 @@ pub struct Timing {
     pub passive_keepalive: Duration,
     /// [`NO_REPLY`].
     pub no_reply: Duration,
+    /// [`PATH_HEARTBEAT`].
+    pub path_heartbeat: Duration,
+    /// [`HEARTBEAT_REPEAT`].
+    pub heartbeat_repeat: Duration,
+    /// [`PATH_GIVE_UP`].
+    pub path_give_up: Duration,
     /// [`DIRECT_TIMEOUT`].
     pub direct_timeout: Duration,
     /// [`DIRECT_RETRY`].
@@ -79,6 +96,9 @@ impl Timing {
         peer_silent: PEER_SILENT,
         passive_keepalive: PASSIVE_KEEPALIVE,
         no_reply: NO_REPLY,
+        path_heartbeat: PATH_HEARTBEAT,
+        heartbeat_repeat: HEARTBEAT_REPEAT,
+        path_give_up: PATH_GIVE_UP,
         direct_timeout: DIRECT_TIMEOUT,
         direct_retry: DIRECT_RETRY,
         probe_interval: PROBE_INTERVAL,
@@ -99,6 +119,9 @@ impl Timing {
             peer_silent: d.peer_silent / f,
             passive_keepalive: d.passive_keepalive / f,
             no_reply: d.no_reply / f,
+            path_heartbeat: d.path_heartbeat / f,
+            heartbeat_repeat: d.heartbeat_repeat / f,
+            path_give_up: d.path_give_up / f,
             direct_timeout: d.direct_timeout / f,
             direct_retry: d.direct_retry / f,
             probe_interval: d.probe_interval / f,
@@ -125,6 +148,13 @@ pub enum TimerAction {
     ExpireSession,
     /// The handshake went unanswered too long: stop, drop queued packets.
     GiveUp,
+    /// Data went unanswered for [`PATH_HEARTBEAT`]: send the peer an
+    /// in-tunnel echo request (and call
+    /// [`PeerTimers::on_heartbeat_sent`]).
+    Heartbeat,
+    /// Data and heartbeats went unanswered for [`PATH_GIVE_UP`]: the path
+    /// in use is silent (call [`PeerTimers::on_path_given_up`]).
+    PathSilent,
 }
 
 /// The instants the rules depend on.
@@ -144,6 +174,10 @@ pub struct PeerTimers {
     /// The first data received since we last sent anything: the passive
     /// keepalive counts from here, so a steady one-way stream is answered.
     unreplied_since: Option<Instant>,
+    /// The last heartbeat sent in the current unanswered spell.
+    heartbeat_sent: Option<Instant>,
+    /// The current unanswered spell already gave its path up.
+    path_given_up: bool,
 }
 
 impl PeerTimers {
@@ -162,7 +196,7 @@ impl PeerTimers {
         self.handshake_started = None;
         self.handshake_sent = None;
         self.last_received = Some(now);
-        self.unanswered_since = None;
+        self.end_unanswered();
     }
     /// The session was dropped (revocation, expiry).
     pub fn clear_session(&mut self) {
@@ -179,8 +213,25 @@ impl PeerTimers {
     pub fn on_received(&mut self, now: Instant) {
         self.last_received = Some(now);
         if self.unanswered_since.is_some_and(|u| now >= u) {
-            self.unanswered_since = None;
+            self.end_unanswered();
         }
+    }
+    /// The peer answered (or the spell is moot): forget the spell's
+    /// heartbeats and verdict with it.
+    fn end_unanswered(&mut self) {
+        self.unanswered_since = None;
+        self.heartbeat_sent = None;
+        self.path_given_up = false;
+    }
+    /// A heartbeat (echo request) went out.
+    pub fn on_heartbeat_sent(&mut self, now: Instant) {
+        self.heartbeat_sent = Some(now);
+        self.last_sent = Some(now);
+    }
+    /// The silent path was given up; the spell asks for nothing more until
+    /// the peer is heard from (the no-reply handshake still follows).
+    pub fn on_path_given_up(&mut self) {
+        self.path_given_up = true;
     }
     /// A data packet (not a keepalive) was sent.
     pub fn on_data_sent(&mut self, now: Instant) {
@@ -211,7 +262,7 @@ impl PeerTimers {
         self.handshake_started = None;
         self.handshake_sent = None;
         // Given up: unanswered data does not start the next round by itself.
-        self.unanswered_since = None;
+        self.end_unanswered();
     }
     /// True while an initiation is unanswered.
     pub fn handshake_in_flight(&self) -> bool {
@@ -256,11 +307,31 @@ impl PeerTimers {
             return self.keepalive_due(now);
         }
         if self.session_started.is_some() {
-            // Why: data went out and nothing came back for 15 s although the
-            // peer answers data within 10 s (below): it lost the session.
             if let Some(sent) = self.unanswered_since {
-                if now.saturating_duration_since(sent) >= self.timing.no_reply {
+                let quiet = now.saturating_duration_since(sent);
+                // Why: data went out and nothing came back for 15 s although
+                // the peer answers data within 10 s (below): it lost the
+                // session.
+                if quiet >= self.timing.no_reply {
                     return TimerAction::Handshake;
+                }
+                if !self.path_given_up {
+                    // Why: not even a heartbeat was answered for 6.5 s: the
+                    // path is dead (a cut, a NAT that forgot us); another
+                    // path must carry the pair long before the no-reply
+                    // handshake.
+                    if quiet >= self.timing.path_give_up {
+                        return TimerAction::PathSilent;
+                    }
+                    // Why: a peer that only receives answers data no sooner
+                    // than its passive keepalive; an echo request is answered
+                    // at once, so silence after it means the path.
+                    let repeat = self.heartbeat_sent.is_none_or(|h| {
+                        now.saturating_duration_since(h) >= self.timing.heartbeat_repeat
+                    });
+                    if quiet >= self.timing.path_heartbeat && repeat {
+                        return TimerAction::Heartbeat;
+                    }
                 }
             }
             // Why: the peer sent data and we said nothing for 10 s; tell it
@@ -321,6 +392,14 @@ impl PeerTimers {
         } else if let Some(s) = self.session_started {
             if let Some(u) = self.unanswered_since {
                 add(u + self.timing.no_reply);
+                if !self.path_given_up {
+                    add(u + self.timing.path_give_up);
+                    add(self
+                        .heartbeat_sent
+                        .map_or(u + self.timing.path_heartbeat, |h| {
+                            h + self.timing.heartbeat_repeat
+                        }));
+                }
             }
             if let Some(r) = self.unreplied_since {
                 add(r + self.timing.passive_keepalive);
@@ -375,6 +454,8 @@ mod tests {
                 TimerAction::Keepalive => t.on_sent(now),
                 TimerAction::ExpireSession => t.clear_session(),
                 TimerAction::GiveUp => t.cancel_handshake(),
+                TimerAction::Heartbeat => t.on_heartbeat_sent(now),
+                TimerAction::PathSilent => t.on_path_given_up(),
             }
             log.push((secs, action));
         }
@@ -473,6 +554,15 @@ mod tests {
         t.on_received(s - Duration::from_secs(1));
         t.on_sent(s);
         t.on_data_sent(s);
+        // First the path rules (heartbeats, then the silent path given up;
+        // see `a_silent_path_is_heartbeaten_then_given_up`).
+        for _ in 0..10 {
+            match t.poll(s + Duration::from_secs(14)) {
+                TimerAction::Heartbeat => t.on_heartbeat_sent(s + Duration::from_secs(5)),
+                TimerAction::PathSilent => t.on_path_given_up(),
+                _ => break,
+            }
+        }
         assert_eq!(t.poll(s + Duration::from_secs(14)), TimerAction::Idle);
         assert_eq!(t.next_deadline(), Some(s + NO_REPLY));
         assert_eq!(t.poll(s + NO_REPLY), TimerAction::Handshake);
@@ -548,5 +638,87 @@ mod tests {
             }
         }
         assert_eq!(answers, vec![101, 202, 303]);
+    }
+
+    /// Drives a session whose data stops being answered at `s`: the actions
+    /// due, by the millisecond, acting on each as the machine does.
+    fn silent_spell(t: &mut PeerTimers, s: Instant, until: Duration) -> Vec<(u128, TimerAction)> {
+        let mut log = vec![];
+        let mut now = s;
+        for _ in 0..100 {
+            let Some(next) = t.next_deadline() else { break };
+            now = next.max(now);
+            if now > s + until {
+                break;
+            }
+            let a = t.poll(now);
+            match a {
+                TimerAction::Heartbeat => t.on_heartbeat_sent(now),
+                TimerAction::PathSilent => t.on_path_given_up(),
+                TimerAction::Keepalive => t.on_sent(now),
+                TimerAction::Handshake => t.on_handshake_sent(now, Duration::ZERO),
+                TimerAction::Idle => now += Duration::from_millis(1),
+                _ => {}
+            }
+            if a != TimerAction::Idle {
+                log.push((now.duration_since(s).as_millis(), a));
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn a_silent_path_is_heartbeaten_then_given_up() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        t.on_sent(start);
+        let s = start + Duration::from_secs(20);
+        t.on_received(s - Duration::from_millis(100));
+        t.on_sent(s);
+        t.on_data_sent(s);
+        let log = silent_spell(&mut t, s, Duration::from_secs(16));
+        assert_eq!(
+            log,
+            vec![
+                (3000, TimerAction::Heartbeat),
+                (4000, TimerAction::Heartbeat),
+                (5000, TimerAction::Heartbeat),
+                (6000, TimerAction::Heartbeat),
+                (6500, TimerAction::PathSilent),
+                (15000, TimerAction::Handshake),
+            ],
+            "heartbeats every second from 3 s, the path given up at 6.5 s, the no-reply handshake at 15 s"
+        );
+    }
+
+    #[test]
+    fn an_answered_heartbeat_keeps_the_path() {
+        let start = Instant::now();
+        let mut t = PeerTimers::default();
+        t.on_session(start, true);
+        let s = start + Duration::from_secs(1);
+        t.on_sent(s);
+        t.on_data_sent(s);
+        assert_eq!(t.poll(s + PATH_HEARTBEAT), TimerAction::Heartbeat);
+        t.on_heartbeat_sent(s + PATH_HEARTBEAT);
+        // The echo's answer: the spell is over, nothing is due.
+        t.on_received(s + PATH_HEARTBEAT + Duration::from_millis(20));
+        assert_eq!(t.poll(s + PATH_GIVE_UP), TimerAction::Idle);
+        assert_eq!(t.poll(s + NO_REPLY), TimerAction::Idle);
+        // The next spell starts its own heartbeats.
+        let s2 = s + Duration::from_secs(30);
+        t.on_sent(s2);
+        t.on_data_sent(s2);
+        assert_eq!(t.next_deadline(), Some(s2 + PATH_HEARTBEAT));
+        assert_eq!(t.poll(s2 + PATH_HEARTBEAT), TimerAction::Heartbeat);
+    }
+
+    #[test]
+    fn a_scaled_timing_keeps_the_path_rules_in_order() {
+        let t = Timing::scaled(10);
+        assert!(t.path_heartbeat < t.path_give_up && t.path_give_up < t.no_reply);
+        assert!(t.heartbeat_repeat < t.path_give_up - t.path_heartbeat);
+        assert_eq!(t.path_give_up, Duration::from_millis(650));
     }
 }

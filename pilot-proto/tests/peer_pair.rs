@@ -363,6 +363,8 @@ impl Pair {
                 if !s.initiator && node.current.as_ref().is_none_or(|c| c.created < s.created) {
                     node.current = Some(s.clone());
                 }
+                node.activity.endpoint = node.endpoint;
+                node.activity.current = node.current.as_ref().map(|s| s.local_index);
                 if plain > 0 {
                     node.activity.last_data_rx = Some(now);
                     let inner = &buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
@@ -370,12 +372,13 @@ impl Pair {
                         let n = u32::from_be_bytes(inner[20..24].try_into().unwrap());
                         node.delivered.push(n);
                     } else {
+                        // As the daemon does: the machine hears of the
+                        // data plane's state before the message.
                         let inner = inner.to_vec();
+                        node.peer.handle_activity(now, node.activity);
                         node.peer.handle_control(now, &inner);
                     }
                 }
-                node.activity.endpoint = node.endpoint;
-                node.activity.current = node.current.as_ref().map(|s| s.local_index);
                 if plain > 0 {
                     self.wake(i);
                 }
@@ -930,4 +933,381 @@ fn a_responder_under_load_is_reached_with_a_cookie_in_a_few_round_trips() {
         .peer
         .poll_transmit()
         .is_none_or(|t| t.bytes.len() != INIT_COOKIE_LEN));
+}
+
+// ---- a path that dies, a peer that comes back elsewhere ----
+
+impl Pair {
+    /// Puts `bytes` on the relay towards node `to`, as if its peer had sent
+    /// them through the relay now (a late or replayed datagram).
+    fn inject_relayed(&mut self, to: usize, bytes: Vec<u8>) {
+        self.seq += 1;
+        let from_addr = self.nodes[1 - to].addr;
+        self.wire.insert(
+            (self.now + RELAY_LATENCY, self.seq),
+            InFlight {
+                to,
+                from_addr,
+                dest: Path::Relay,
+                bytes,
+            },
+        );
+    }
+
+    /// Takes the first data datagram on the wire towards `to` over a path
+    /// of this kind (relay or not) off the wire: it never arrives, and the
+    /// caller holds a copy.
+    fn withhold_data(&mut self, to: usize, relayed: bool) -> Option<Vec<u8>> {
+        let key = self
+            .wire
+            .iter()
+            .find(|(_, d)| {
+                d.to == to
+                    && (d.dest == Path::Relay) == relayed
+                    && wire::classify(&d.bytes) == Kind::Data
+            })
+            .map(|(k, _)| *k)?;
+        self.wire.remove(&key).map(|d| d.bytes)
+    }
+
+    /// A copy of the first data datagram on the wire towards `to` (the
+    /// original still arrives).
+    fn peek_data(&self, to: usize) -> Option<Vec<u8>> {
+        self.wire
+            .values()
+            .find(|d| d.to == to && wire::classify(&d.bytes) == Kind::Data)
+            .map(|d| d.bytes.clone())
+    }
+
+    /// When node `i` first logged an event starting with `prefix` at or
+    /// after `since`.
+    fn first_event(&self, i: usize, prefix: &str, since: Duration) -> Option<Duration> {
+        self.nodes[i]
+            .events
+            .iter()
+            .find(|(t, e)| *t >= since && e.starts_with(prefix))
+            .map(|(t, _)| *t)
+    }
+}
+
+/// Node `i` sends one packet every `every` until `until`; returns the
+/// numbers sent, from `*counter + 1` on.
+fn one_way(p: &mut Pair, i: usize, until: Duration, every: Duration, counter: &mut u32) {
+    let mut c = *counter;
+    p.run(until, Some(every), |p| {
+        c += 1;
+        p.send_app(i, c);
+    });
+    *counter = c;
+}
+
+/// A direct pair with A sending to B every 500 ms (B only receives); at
+/// 10 s the direct path dies both ways while both still reach the relay.
+/// Returns the pair at the cut and the counter.
+fn cut_under_one_way_traffic() -> (Pair, u32) {
+    let mut p = Pair::new();
+    let mut c = 0;
+    one_way(&mut p, 0, secs(10), Duration::from_millis(500), &mut c);
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    p.direct_ok = false;
+    (p, c)
+}
+
+/// Finding 1 of docs/stress.md, the initiator's half: its session is young
+/// (well within the reject age), so it used to retry the dead endpoint
+/// until the 90 s handshake give-up. Now the silent path is given up
+/// within the design's 6.5 s (plus the 1 s activity sync) and the traffic
+/// goes through the relay.
+#[test]
+fn a_young_session_whose_direct_path_goes_silent_moves_to_the_relay() {
+    let (mut p, mut c) = cut_under_one_way_traffic();
+    let cut = p.elapsed();
+    let sent_at_cut = c;
+    one_way(
+        &mut p,
+        0,
+        cut + secs(15),
+        Duration::from_millis(500),
+        &mut c,
+    );
+    let fallback = p
+        .first_event(0, "RelayFallback", cut)
+        .unwrap_or_else(|| panic!("A never left the dead path: {:?}", p.nodes[0].events));
+    assert!(
+        fallback - cut <= Duration::from_millis(7_500),
+        "given up {:?} after the cut",
+        fallback - cut
+    );
+    assert!(
+        p.nodes[0]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= cut && e == "RelayFallback(DirectSilent)"),
+        "{:?}",
+        p.nodes[0].events
+    );
+    assert_eq!(p.path(0), Some(Path::Relay));
+    // Everything sent since 10 s after the cut arrived (through the relay).
+    let late: Vec<u32> = p.nodes[1]
+        .delivered
+        .iter()
+        .copied()
+        .filter(|n| *n > sent_at_cut + 20)
+        .collect();
+    assert!(
+        late.len() as u32 + 2 >= c - sent_at_cut - 20,
+        "{} of {} delivered",
+        late.len(),
+        c - sent_at_cut - 20
+    );
+}
+
+/// Finding 1, the responder's half: B answers A's handshake through the
+/// relay while its own endpoint for A is the dead direct one. Once A's
+/// first packet on that new session authenticates, B sends through the
+/// relay too (it used to keep the direct endpoint for good).
+#[test]
+fn a_responder_on_a_direct_path_follows_a_new_session_through_the_relay() {
+    let (mut p, mut c) = cut_under_one_way_traffic();
+    let cut = p.elapsed();
+    one_way(
+        &mut p,
+        0,
+        cut + secs(12),
+        Duration::from_millis(500),
+        &mut c,
+    );
+    let answered = p
+        .first_event(1, "Established(Relay, initiator=false)", cut)
+        .unwrap_or_else(|| panic!("B answered no relayed handshake: {:?}", p.nodes[1].events));
+    let moved = p
+        .first_event(1, "UsePath(Relay)", answered)
+        .unwrap_or_else(|| panic!("B kept its direct endpoint: {:?}", p.nodes[1].events));
+    assert!(
+        moved - answered <= Duration::from_millis(1_500),
+        "B moved {:?} after answering",
+        moved - answered
+    );
+    assert_eq!(p.path(1), Some(Path::Relay));
+    assert_eq!(
+        p.nodes[1].peer.relay_reason(),
+        Some(RelayReason::PeerRelayed)
+    );
+    // B's packets reach A again.
+    let before = p.nodes[0].delivered.len();
+    let mut d = 1000;
+    one_way(
+        &mut p,
+        1,
+        cut + secs(14),
+        Duration::from_millis(500),
+        &mut d,
+    );
+    assert!(
+        p.nodes[0].delivered.len() >= before + 3,
+        "{:?}",
+        &p.nodes[0].delivered[before..]
+    );
+}
+
+/// The stress run's case: pings both ways every 500 ms, the direct path
+/// dies, both sides answer again through the relay within 10 s; when the
+/// direct path heals they go back to direct within a few seconds (the
+/// side that gave it up pings it every 3 s), so a relay outage after that
+/// (s15's registry cut) does not touch them.
+#[test]
+fn pings_resume_through_the_relay_and_go_direct_again_after_the_heal() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(10), Duration::from_millis(500), &mut c);
+    p.direct_ok = false;
+    let cut = p.elapsed();
+    let at_cut = c;
+    both_ways(&mut p, cut + secs(10), Duration::from_millis(500), &mut c);
+    for i in 0..2 {
+        assert_eq!(p.path(i), Some(Path::Relay), "node {i}");
+        let last = *p.nodes[i].delivered.last().unwrap();
+        assert!(
+            last + 2 >= c && last > at_cut,
+            "node {i}: last {last} of {c}"
+        );
+    }
+    // Through the relay for a while, then the heal.
+    both_ways(&mut p, cut + secs(30), Duration::from_millis(500), &mut c);
+    p.direct_ok = true;
+    let heal = p.elapsed();
+    both_ways(&mut p, heal + secs(4), Duration::from_millis(500), &mut c);
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
+    for i in 0..2 {
+        assert_eq!(p.nodes[i].peer.relay_reason(), None, "node {i}");
+    }
+    // The relay goes away: the direct pair does not notice.
+    p.relay_ok = false;
+    let at_outage = c;
+    both_ways(&mut p, heal + secs(30), Duration::from_millis(500), &mut c);
+    for i in 0..2 {
+        let got = p.nodes[i]
+            .delivered
+            .iter()
+            .filter(|n| **n > at_outage)
+            .count() as u32;
+        assert!(
+            got + 2 >= c - at_outage,
+            "node {i}: {got} of {}",
+            c - at_outage
+        );
+        assert_eq!(p.path(i).map(|p| p == Path::Relay), Some(false), "node {i}");
+    }
+}
+
+/// A relayed packet that is not a new session's never moves a responder
+/// off a working direct path: neither one late from an older session
+/// through the relay (it authenticates: its counter was never seen), nor a
+/// copy of a direct packet replayed through the relay, nor one of the
+/// current session that arrives only through the relay.
+#[test]
+fn stale_or_replayed_relayed_packets_do_not_move_a_direct_path() {
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.nodes[0].nat = NatType::PerDestination;
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    assert_eq!(p.path(1), Some(Path::Relay));
+    // A datagram of the relayed session, held back by the relay.
+    c += 1;
+    p.send_app(0, c);
+    let late = p.withhold_data(1, true).expect("relayed data on the wire");
+    p.direct_ok = true;
+    both_ways(&mut p, secs(100), Duration::from_millis(100), &mut c);
+    let a_addr = p.nodes[0].addr;
+    assert_eq!(p.path(1), Some(Path::Direct(a_addr)), "went direct");
+    let uses_before = p.nodes[1]
+        .events
+        .iter()
+        .filter(|(_, e)| e == "UsePath(Relay)")
+        .count();
+    // 1. The late one arrives through the relay.
+    p.inject_relayed(1, late);
+    both_ways(&mut p, secs(103), Duration::from_millis(100), &mut c);
+    // 2. A direct datagram is replayed through the relay after it arrived.
+    c += 1;
+    p.send_app(0, c);
+    let copy = p.peek_data(1).expect("direct data on the wire");
+    both_ways(&mut p, secs(104), Duration::from_millis(100), &mut c);
+    p.inject_relayed(1, copy);
+    // 3. A direct datagram is lost on the direct path and a copy of it
+    //    arrives only through the relay.
+    c += 1;
+    p.send_app(0, c);
+    let copy = p.withhold_data(1, false).expect("direct data on the wire");
+    p.inject_relayed(1, copy);
+    both_ways(&mut p, secs(110), Duration::from_millis(100), &mut c);
+    assert_eq!(
+        p.path(1),
+        Some(Path::Direct(a_addr)),
+        "B still sends direct"
+    );
+    let uses_after = p.nodes[1]
+        .events
+        .iter()
+        .filter(|(_, e)| e == "UsePath(Relay)")
+        .count();
+    assert_eq!(uses_before, uses_after, "{:?}", p.nodes[1].events);
+    assert!(*p.nodes[0].delivered.last().unwrap() + 2 >= c);
+}
+
+impl Pair {
+    /// Node 0 restarts at `addr` (a new UDP port): a new machine that
+    /// knows node 1's endpoint from its trust store, with a handshake clock
+    /// past the old one (it is wall-clock time in the daemon).
+    fn restart_a_at(&mut self, addr: SocketAddr) {
+        let (a, b) = (identity(1), identity(2));
+        let b_addr = self.nodes[1].addr;
+        let mut n = Node::new(&a, &b, addr, 500);
+        n.peer = Peer::new(b.node_id(), b.static_public(), Some(b_addr));
+        n.env.timestamp = 1_000_000;
+        self.nodes[0] = n;
+    }
+}
+
+/// Finding 2: after a crash the node comes back on a new port and its
+/// first packet asks for a session before the registry answered. It
+/// probes the endpoint its trust store kept (it used to go to the relay
+/// with "no direct endpoint known"), and the responder takes the new port
+/// as soon as the new session's first packet authenticates.
+#[test]
+fn a_restart_on_a_new_port_is_followed_at_once() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    let new_addr: SocketAddr = "192.0.2.1:1999".parse().unwrap();
+    p.restart_a_at(new_addr);
+    let restart = p.elapsed();
+    p.send_app(0, 1_000);
+    p.idle(restart + Duration::from_millis(500));
+    assert!(
+        !p.nodes[0]
+            .events
+            .iter()
+            .any(|(_, e)| e.starts_with("RelayFallback")),
+        "{:?}",
+        p.nodes[0].events
+    );
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(new_addr)), "B follows at once");
+    assert!(p.nodes[1].delivered.contains(&1_000));
+    let before = p.nodes[0].delivered.len();
+    both_ways(
+        &mut p,
+        restart + secs(2),
+        Duration::from_millis(100),
+        &mut c,
+    );
+    assert!(
+        p.nodes[0].delivered.len() > before + 10,
+        "B reaches A again"
+    );
+}
+
+/// The same restart, but from the new port only the relay gets through:
+/// the responder leaves A's old (dead) port for the relay as soon as the
+/// new session's first packet authenticates, instead of ~39 s later.
+#[test]
+fn a_restart_that_comes_back_relayed_is_followed_at_once() {
+    let mut p = Pair::new();
+    let mut c = 0;
+    both_ways(&mut p, secs(5), Duration::from_millis(100), &mut c);
+    let new_addr: SocketAddr = "192.0.2.1:1999".parse().unwrap();
+    p.restart_a_at(new_addr);
+    p.direct_ok = false;
+    let restart = p.elapsed();
+    p.send_app(0, 1_000);
+    p.idle(restart + secs(4));
+    assert_eq!(p.path(0), Some(Path::Relay));
+    let established = p
+        .first_event(0, "Established(Relay, initiator=true)", restart)
+        .expect("A came back through the relay");
+    let moved = p
+        .first_event(1, "UsePath(Relay)", restart)
+        .unwrap_or_else(|| panic!("B stayed on A's old port: {:?}", p.nodes[1].events));
+    assert!(
+        moved - established <= Duration::from_millis(1_500),
+        "B moved {:?} after the handshake",
+        moved - established
+    );
+    let before = p.nodes[0].delivered.len();
+    let mut d = 5_000;
+    one_way(
+        &mut p,
+        1,
+        restart + secs(6),
+        Duration::from_millis(100),
+        &mut d,
+    );
+    assert!(
+        p.nodes[0].delivered.len() >= before + 15,
+        "B reaches A again"
+    );
 }

@@ -200,7 +200,12 @@ impl PeerData {
 
     /// Records where authenticated packets come from (roaming, upgrade from
     /// relay to direct). A packet through the relay never replaces a direct
-    /// endpoint: direct wins while it works.
+    /// endpoint: direct wins while it works, and one relayed packet (late
+    /// from an older session, or one an attacker replays) proves nothing
+    /// about the direct path. Leaving a direct endpoint for the relay is the
+    /// peer machine's call, made with [`force_endpoint`](Self::force_endpoint)
+    /// when a new session came through the relay or the direct path went
+    /// silent.
     pub fn set_endpoint(&self, e: Path) {
         // Called for every received packet: unchanged is the common case
         // and needs only the shared lock.
@@ -215,8 +220,8 @@ impl PeerData {
         }
     }
 
-    /// Switches to the relay even from a direct endpoint (the direct path
-    /// went silent).
+    /// Sends to `e` from now on, even the relay in place of a direct
+    /// endpoint (the machine's [`Event::UsePath`](pilot_proto::peer::Event)).
     pub fn force_endpoint(&self, e: Path) {
         *self.endpoint.write() = Some(e);
     }
@@ -315,4 +320,43 @@ impl Drops {
 /// Adds one to a counter.
 pub fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pilot_proto::identity::NodeId;
+
+    fn direct(port: u16) -> Path {
+        Path::Direct(([192, 0, 2, 11], port).into())
+    }
+
+    #[test]
+    fn a_relayed_packet_never_replaces_a_direct_endpoint_but_the_machine_may() {
+        let p = PeerData::new(
+            NodeId([7; 16]),
+            Ipv4Addr::new(10, 0, 0, 7),
+            Duration::from_secs(180),
+        );
+        p.set_endpoint(Path::Relay);
+        assert_eq!(p.endpoint(), Some(Path::Relay), "nothing better known");
+        p.set_endpoint(direct(1000));
+        assert_eq!(p.endpoint(), Some(direct(1000)), "direct wins");
+        p.set_endpoint(Path::Relay);
+        assert_eq!(
+            p.endpoint(),
+            Some(direct(1000)),
+            "a relayed packet moves nothing"
+        );
+        p.set_endpoint(direct(2000));
+        assert_eq!(p.endpoint(), Some(direct(2000)), "roaming");
+        p.force_endpoint(Path::Relay);
+        assert_eq!(p.endpoint(), Some(Path::Relay), "the machine's choice");
+        p.set_endpoint(direct(2000));
+        assert_eq!(
+            p.endpoint(),
+            Some(direct(2000)),
+            "and direct again once it answers"
+        );
+    }
 }
