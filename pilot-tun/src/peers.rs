@@ -45,6 +45,10 @@ pub struct PeerData {
     pub rx_bytes: Padded,
     /// Inner bytes sent.
     pub tx_bytes: Padded,
+    /// Inner packets received (for `--metrics-per-peer`).
+    pub rx_packets: Padded,
+    /// Inner packets sent (for `--metrics-per-peer`).
+    pub tx_packets: Padded,
     /// Milliseconds since the node's epoch of the last authenticated packet.
     pub last_rx_ms: Padded,
     /// Milliseconds since the node's epoch of the last packet sent.
@@ -77,6 +81,8 @@ impl PeerData {
             endpoint: RwLock::new(None),
             rx_bytes: Padded::default(),
             tx_bytes: Padded::default(),
+            rx_packets: Padded::default(),
+            tx_packets: Padded::default(),
             last_rx_ms: Padded::default(),
             last_tx_ms: Padded::default(),
             last_data_rx_ms: Padded::default(),
@@ -200,25 +206,30 @@ impl PeerData {
 
     /// Records where authenticated packets come from (roaming, upgrade from
     /// relay to direct). A packet through the relay never replaces a direct
-    /// endpoint: direct wins while it works.
-    pub fn set_endpoint(&self, e: Path) {
+    /// endpoint: direct wins while it works. True if it replaced another
+    /// endpoint (a path change; the first endpoint is none).
+    pub fn set_endpoint(&self, e: Path) -> bool {
         // Called for every received packet: unchanged is the common case
         // and needs only the shared lock.
         if *self.endpoint.read() == Some(e) {
-            return;
+            return false;
         }
         let mut ep = self.endpoint.write();
         match (*ep, e) {
-            (Some(Path::Direct(_)), Path::Relay) => {}
-            (cur, new) if cur != Some(new) => *ep = Some(new),
-            _ => {}
+            (Some(Path::Direct(_)), Path::Relay) => false,
+            (cur, new) if cur != Some(new) => {
+                *ep = Some(new);
+                cur.is_some()
+            }
+            _ => false,
         }
     }
 
     /// Switches to the relay even from a direct endpoint (the direct path
-    /// went silent).
-    pub fn force_endpoint(&self, e: Path) {
-        *self.endpoint.write() = Some(e);
+    /// went silent). True if it replaced another endpoint.
+    pub fn force_endpoint(&self, e: Path) -> bool {
+        let old = self.endpoint.write().replace(e);
+        old.is_some_and(|o| o != e)
     }
 }
 
@@ -229,6 +240,58 @@ pub struct PeerTable {
     pub by_addr: HashMap<Ipv4Addr, Arc<PeerData>>,
     /// Live sessions by our local index.
     pub by_index: HashMap<u32, (Arc<PeerData>, Arc<Session>)>,
+}
+
+/// Node-wide totals for `/metrics` (`--metrics`): traffic, handshakes,
+/// path changes and round trips. The packet loops add their traffic once
+/// per batch, so these cost nothing per packet; the rest is written by the
+/// control task. Unlike the per-peer counters they survive the peer.
+#[derive(Default)]
+pub struct Totals {
+    /// Inner bytes received (the UDP loop).
+    pub rx_bytes: Padded,
+    /// Inner packets received (the UDP loop).
+    pub rx_packets: Padded,
+    /// Of the inner bytes received, those that came through a relay.
+    pub rx_relayed_bytes: Padded,
+    /// Inner bytes sent (the TUN loop).
+    pub tx_bytes: Padded,
+    /// Inner packets sent (the TUN loop).
+    pub tx_packets: Padded,
+    /// Of the inner bytes sent, those that went through a relay.
+    pub tx_relayed_bytes: Padded,
+    /// Handshake initiations sent to peers (retries count again).
+    pub handshakes_started: AtomicU64,
+    /// Sessions we initiated that came up.
+    pub handshakes_completed_initiator: AtomicU64,
+    /// Sessions a peer initiated that came up.
+    pub handshakes_completed_responder: AtomicU64,
+    /// A peer's packets moved from one path to another (roaming, relay to
+    /// direct and back).
+    pub path_changes: AtomicU64,
+    /// Round trips to peers: handshakes we initiated, and pings.
+    pub rtt: RttHistogram,
+}
+
+/// Round trips in seconds ([`pilot_metrics::histogram::LATENCY_SECONDS`]).
+pub struct RttHistogram(pub pilot_metrics::Histogram);
+
+impl Default for RttHistogram {
+    fn default() -> Self {
+        RttHistogram(pilot_metrics::Histogram::new(
+            pilot_metrics::histogram::LATENCY_SECONDS,
+        ))
+    }
+}
+
+impl Totals {
+    /// Counts a path change if `changed` (what [`PeerData::set_endpoint`]
+    /// and [`PeerData::force_endpoint`] return).
+    pub fn path_changed(&self, changed: bool) {
+        if changed {
+            bump(&self.path_changes);
+        }
+    }
 }
 
 /// Counters for `status`.

@@ -21,7 +21,7 @@ use pilot_proto::peer::{Activity, Env, Event, Peer};
 use pilot_proto::pmtu;
 use pilot_proto::session::CipherSuite;
 use pilot_proto::trust::TrustRecord;
-use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA};
+use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA, MSG_HANDSHAKE_INIT};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -318,6 +318,9 @@ impl Tunnels {
         );
         let r = f(&mut rt.machine, &mut NodeEnv { ctx });
         while let Some(t) = rt.machine.poll_transmit() {
+            if t.bytes.first() == Some(&MSG_HANDSHAKE_INIT) {
+                bump(&shared.totals.handshakes_started);
+            }
             if t.bytes.first() == Some(&MSG_DATA) {
                 let inner_len = t.bytes.len().saturating_sub(DATA_OVERHEAD);
                 rt.data
@@ -349,10 +352,21 @@ impl Tunnels {
                     }
                 }
                 Event::ClearCurrent => rt.data.clear_session(),
-                Event::UsePath(p) => rt.data.force_endpoint(p),
-                Event::OfferPath(p) => rt.data.set_endpoint(p),
+                Event::UsePath(p) => shared.totals.path_changed(rt.data.force_endpoint(p)),
+                Event::OfferPath(p) => shared.totals.path_changed(rt.data.set_endpoint(p)),
                 Event::Established { path, initiator } => {
                     rt.last_handshake = Some(SystemTime::now());
+                    // Our own handshake just completed: its round trip is
+                    // the machine's RTT now.
+                    let t = &shared.totals;
+                    if initiator {
+                        bump(&t.handshakes_completed_initiator);
+                        if let Some(rtt) = rt.machine.rtt() {
+                            t.rtt.0.observe_duration(rtt);
+                        }
+                    } else {
+                        bump(&t.handshakes_completed_responder);
+                    }
                     fx.proven.push(*id);
                     if initiator {
                         info!(peer = %id, path = %path, "session established");
