@@ -379,3 +379,37 @@ impl Drops {
 pub fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_change_is_a_replaced_endpoint() {
+        let p = PeerData::new(
+            NodeId([1; 16]),
+            Ipv4Addr::new(10, 77, 0, 2),
+            Duration::from_secs(180),
+        );
+        let direct = |port| Path::Direct(([192, 0, 2, 12], port).into());
+        let totals = Totals::default();
+        let count = |changed| totals.path_changed(changed);
+        // The first endpoint is not a change; the same one again neither.
+        count(p.set_endpoint(direct(4000)));
+        count(p.set_endpoint(direct(4000)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 0);
+        // Roaming to another port is.
+        count(p.set_endpoint(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 1);
+        // A relayed packet does not replace a direct path...
+        count(p.set_endpoint(Path::Relay));
+        assert_eq!(p.endpoint(), Some(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 1);
+        // ...but forcing the relay does, and back to direct again.
+        count(p.force_endpoint(Path::Relay));
+        count(p.force_endpoint(Path::Relay));
+        count(p.set_endpoint(direct(4001)));
+        assert_eq!(p.endpoint(), Some(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 3);
+    }
+}
