@@ -285,6 +285,17 @@ impl Default for RttHistogram {
 }
 
 impl Totals {
+    /// One packet sent outside the TUN loop (by the control task: packets
+    /// that waited for a session).
+    pub fn sent(&self, len: usize, relayed: bool) {
+        self.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        bump(&self.tx_packets);
+        if relayed {
+            self.tx_relayed_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a path change if `changed` (what [`PeerData::set_endpoint`]
     /// and [`PeerData::force_endpoint`] return).
     pub fn path_changed(&self, changed: bool) {

@@ -326,6 +326,11 @@ impl Tunnels {
                 rt.data
                     .tx_bytes
                     .fetch_add(inner_len as u64, Ordering::Relaxed);
+                // Packets that waited for the session (keepalives carry none).
+                if inner_len > 0 {
+                    rt.data.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    shared.totals.sent(inner_len, t.to == Path::Relay);
+                }
             }
             fx.out.push(Outgoing {
                 bytes: t.bytes,
