@@ -20,7 +20,8 @@
 # which asked for them; alpha's loopback listener is not reachable from
 # beta's namespace. Headless Chromium loads the registry's status page: its
 # DOM shows two nodes online and lists both hostnames, and a screenshot is
-# written.
+# written. A second daemon asking for a port already taken fails to start
+# and names it.
 SCENARIO=s22_metrics
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -134,3 +135,14 @@ chrome --screenshot="$WORK/status.png" --window-size=1000,900 http://192.0.2.1:9
 [ -s "$WORK/status.png" ] || fail "the screenshot is empty"
 [ "$(od -An -tx1 -N4 "$WORK/status.png" | tr -d ' ')" = 89504e47 ] || fail "the screenshot is not a PNG"
 pass "Chromium: the status page shows 2 nodes online and both hostnames; screenshot $(stat -c %s "$WORK/status.png") bytes"
+
+# --- a taken port is named, and nothing is left running -----------------------
+# (Last: this third node registers, which would change the counts above.)
+if on_to "$WORK/taken.txt" a "$BIN/pilot-tun" --state-dir "$WORK/gamma" up --name gamma \
+  --dev pilot1 --registry "$JOIN" --metrics 9464; then
+  fail "a second daemon in a started with --metrics on alpha's port 9464"
+fi
+grep -q "127.0.0.1:9464" "$WORK/taken.txt" \
+  || fail "the error for a taken --metrics port does not name it: $(cat "$WORK/taken.txt")"
+poll 10 eval '! onq a ip link show pilot1 >/dev/null 2>&1' || fail "the failed start left pilot1 behind"
+pass "--metrics on a taken port fails the start: $(tail -1 "$WORK/taken.txt")"
