@@ -13,6 +13,10 @@ have tcpdump  || need+=(tcpdump)
 have nc       || need+=(netcat-openbsd)
 have python3  || need+=(python3)
 have curl     || need+=(curl)
+# s22_metrics: promtool checks the /metrics scrapes; headless Chromium
+# loads the registry's status page.
+have promtool || need+=(prometheus)
+have chromium || need+=(chromium)
 for extra in "$@"; do
   case "$extra" in
     wireguard-go) have wireguard-go || need+=(wireguard-go) ;;

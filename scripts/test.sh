@@ -24,7 +24,7 @@ cargo fmt --all -- --check
 
 step "no import cycles between a crate's modules"
 scripts/check-modules.py --self-test
-scripts/check-modules.py pilot-proto pilot-registry pilot-tun
+scripts/check-modules.py pilot-proto pilot-registry pilot-tun pilot-metrics
 
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --locked --release --all-targets -- -D warnings

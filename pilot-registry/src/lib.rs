@@ -8,6 +8,8 @@
 //! Modules, by role (each uses only modules listed after it, so nothing
 //! imports in a circle):
 //! - [`server`]: the socket loop; drives the roles and sends what they return.
+//! - [`web`]: the HTTP pages: `/metrics` for Prometheus and the status page.
+//! - [`view`]: what those pages see of the running registry.
 //! - [`relay_only`]: the relay-only instance's answers to control messages.
 //! - [`rendezvous`]: the registry's answers to control messages.
 //! - [`mailbox`]: pushes of stored trust statements, until acknowledged.
@@ -38,7 +40,10 @@ pub mod state;
 pub mod stats;
 pub mod storage;
 pub mod store;
+pub mod view;
+pub mod web;
 
 pub use server::{Config, Registry};
 pub use stats::Stats;
 pub use storage::{SqliteStorage, Storage};
+pub use view::View;

@@ -56,6 +56,14 @@ struct Cli {
     /// their NAT maps per destination (default: --listen's port + 1; 0: off).
     #[arg(long)]
     stun_alt_port: Option<u16>,
+    /// Serve Prometheus metrics at http://ADDR/metrics and a status page
+    /// at http://ADDR/ (off by default). A port alone listens on 127.0.0.1.
+    #[arg(long, value_name = "ADDR", value_parser = pilot_metrics::parse_listen)]
+    metrics: Option<SocketAddr>,
+    /// List the nodes (hostname, address, online) on the status page; by
+    /// default it shows counts only.
+    #[arg(long, requires = "metrics")]
+    status_list_nodes: bool,
     /// Log filter (tracing syntax), e.g. `info` or `pilot_registry=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -255,6 +263,15 @@ fn run() -> Result<()> {
             storage,
         )
         .with_audit(&cli.state_dir);
+        if let Some(addr) = cli.metrics {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for --metrics (is the port in use, or the address not on this host?)")
+            })?;
+            let view = registry.view();
+            view.set_list(if cli.status_list_nodes { pilot_registry::view::MAX_LISTED } else { 0 });
+            tokio::spawn(pilot_registry::web::serve(listener, registry.stats(), view));
+            println!("metrics: http://{addr}/metrics  status page: http://{addr}/");
+        }
         let alt_port = cli
             .stun_alt_port
             .unwrap_or_else(|| cli.listen.port().wrapping_add(1));

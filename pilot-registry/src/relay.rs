@@ -64,7 +64,13 @@ pub struct Relay {
     held: HashMap<Pair, Vec<Vec<u8>>>,
     held_total: usize,
     limiter: RateLimiter<NodeId>,
+    /// When each pair last had a datagram forwarded (for the gauge of pairs
+    /// in use; forgotten after [`ACTIVE_FOR`]).
+    active: HashMap<Pair, Instant>,
 }
+
+/// A pair counts as relayed through for this long after its last datagram.
+pub const ACTIVE_FOR: Duration = Duration::from_secs(60);
 
 enum Known {
     Yes,
@@ -81,7 +87,14 @@ impl Relay {
             held: HashMap::new(),
             held_total: 0,
             limiter: RateLimiter::new(rate, rate.max(1 << 20) / 4),
+            active: HashMap::new(),
         }
+    }
+
+    /// Pairs (sender, recipient) forwarded for within the last
+    /// [`ACTIVE_FOR`] (as of the last tick).
+    pub fn active_pairs(&self) -> usize {
+        self.active.len()
     }
 
     /// Records what storage now says (a statement was stored, or read).
@@ -225,6 +238,10 @@ impl Relay {
         }
         .emit(buf);
         bump(&stats.relayed);
+        stats
+            .relayed_bytes
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.active.insert((src, dst), now);
         Verdict::Forward(to)
     }
 
@@ -285,6 +302,8 @@ impl Relay {
     /// go stale, forget idle ones, and give up on datagrams whose question
     /// went unanswered (asked again by the next datagram).
     pub fn on_tick(&mut self, now: Instant, store: &Store, stats: &Stats) {
+        self.active
+            .retain(|_, t| now.saturating_duration_since(*t) < ACTIVE_FOR);
         self.approvals
             .retain(|_, e| e.used || now.saturating_duration_since(e.fetched) < FORGET_AFTER);
         let due: Vec<Pair> = self

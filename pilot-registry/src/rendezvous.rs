@@ -284,6 +284,7 @@ impl Rendezvous {
                 peer,
             } => {
                 self.pending.remove(&ticket);
+                bump(&cx.stats.lookups);
                 let msg = match found {
                     Ok(Some(found)) => return self.looked(ticket, me, found, cx),
                     Ok(None) => error(
@@ -312,6 +313,7 @@ impl Rendezvous {
                 let req = ticket.req;
                 let msg = match outcome {
                     Ok(StatementOutcome::Stored(_)) => {
+                        bump(&cx.stats.statements);
                         cx.relay.set(from, to, approves, cx.now);
                         info!(%from, %to, kind, "trust statement");
                         cx.mailbox.note(to);
@@ -371,7 +373,6 @@ impl Rendezvous {
                 self.pending.remove(&ticket);
                 vec![]
             }
-            Done::Approvals { .. } => vec![],
             Done::CertPublished {
                 ticket,
                 from,
@@ -455,6 +456,7 @@ impl Rendezvous {
                 });
                 one(ticket.index, msg)
             }
+            Done::Approvals { .. } | Done::Census { .. } => vec![],
         }
     }
 
@@ -479,6 +481,7 @@ impl Rendezvous {
                     return vec![]; // the session expired meanwhile
                 }
                 cx.sessions.attach(ticket.index, id, nat);
+                bump(&cx.stats.registrations);
                 cx.mailbox.note(id);
                 info!(%id, address = %node.address, hostname = ?node.hostname, from = %observed, "registered");
                 let mut out = one(

@@ -41,6 +41,7 @@ use crate::sessions::{Reply, Sessions};
 use crate::stats::{bump, Stats};
 use crate::storage::Storage;
 use crate::store::{self, Done, Store};
+use crate::view::View;
 
 /// What the registry is configured with.
 pub struct Config {
@@ -89,8 +90,12 @@ pub struct Registry<S: Storage> {
     config: Config,
     storage: S,
     stats: Arc<Stats>,
+    view: Arc<View>,
     audit_dir: Option<std::path::PathBuf>,
 }
+
+/// Ticks (half seconds) between two counts of the registered nodes.
+const CENSUS_EVERY: u32 = 4;
 
 /// The role that answers control messages.
 enum Role {
@@ -109,12 +114,21 @@ struct Core {
     store: Store,
     stats: Arc<Stats>,
     audit: audit::Audit,
+    view: Arc<View>,
+    ticks: u32,
 }
 
 impl<S: Storage + 'static> Registry<S> {
     /// A registry serving on an already-bound socket.
     pub fn new(socket: UdpSocket, config: Config, storage: S) -> Self {
+        let view = View::new(
+            config.network,
+            config.relays.clone(),
+            config.relay_only,
+            socket.local_addr().ok(),
+        );
         Registry {
+            view: Arc::new(view),
             socket,
             alt_stun: None,
             config,
@@ -143,6 +157,12 @@ impl<S: Storage + 'static> Registry<S> {
         self.stats.clone()
     }
 
+    /// What the metrics and the status page see (shared, like
+    /// [`Registry::stats`]).
+    pub fn view(&self) -> Arc<View> {
+        self.view.clone()
+    }
+
     /// Serves until `shutdown` completes. On the way out the storage
     /// thread finishes the jobs already queued before this returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
@@ -152,6 +172,7 @@ impl<S: Storage + 'static> Registry<S> {
             config,
             storage,
             stats,
+            view,
             audit_dir,
         } = self;
         let (sink, audit_thread) = match &audit_dir {
@@ -167,8 +188,12 @@ impl<S: Storage + 'static> Registry<S> {
         };
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
-        let (store, mut done, store_thread) =
-            Store::spawn(storage, config.network, store::DEFAULT_QUEUE_DEPTH)?;
+        let (store, mut done, store_thread) = Store::spawn_timed(
+            storage,
+            config.network,
+            store::DEFAULT_QUEUE_DEPTH,
+            stats.clone(),
+        )?;
         let (gate, mut admitted, gate_thread) = Gate::spawn(
             admission.keys().clone(),
             stats.clone(),
@@ -189,6 +214,8 @@ impl<S: Storage + 'static> Registry<S> {
             store,
             stats,
             audit: audit::Audit::new(sink),
+            view,
+            ticks: 0,
         };
         let result = serve(
             &socket,
@@ -284,6 +311,10 @@ async fn serve(
                     for (to, bytes) in core.relay.learned(approvals, now, &core.sessions, &core.stats) {
                         let _ = socket.send_to(&bytes, to).await;
                     }
+                    continue;
+                }
+                if let Done::Census { count, nodes } = d {
+                    core.view.census(count.ok(), nodes, &core.sessions);
                     continue;
                 }
                 core.on_done(d, now)
@@ -475,6 +506,15 @@ impl Core {
             self.mailbox.on_tick(&self.sessions, &self.store);
         }
         self.relay.on_tick(now, &self.store, &self.stats);
+        self.view.tick(&self.sessions, self.relay.active_pairs());
+        // Counting the nodes is the storage thread's work; when its queue
+        // is full the count waits for the next round.
+        if self.ticks % CENSUS_EVERY == 0 {
+            let _ = self.store.submit(store::Job::Census {
+                list: self.view.list(),
+            });
+        }
+        self.ticks = self.ticks.wrapping_add(1);
     }
 
     /// The role and the state it may touch, borrowed apart.

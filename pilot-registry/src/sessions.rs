@@ -92,6 +92,21 @@ impl Sessions {
         true
     }
 
+    /// Control sessions, registered or not.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True if there is no control session.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Nodes online (registered on a session).
+    pub fn online_count(&self) -> usize {
+        self.online.len()
+    }
+
     /// A session.
     pub fn get(&self, index: u32) -> Option<&Conn> {
         self.conns.get(&index)

@@ -1,11 +1,22 @@
 //! Counters of what the registry saw, did and dropped, shared by its
-//! threads (plain atomics: any role bumps them, anyone reads a snapshot).
+//! threads (plain atomics: any role bumps them, anyone reads a snapshot),
+//! and the storage thread's job durations.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use pilot_metrics::histogram::{Histogram, STORAGE_SECONDS};
 
 /// Counters of what the registry saw and dropped.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Registrations accepted (a node registering again counts again).
+    pub registrations: AtomicU64,
+    /// Lookups answered (found or not).
+    pub lookups: AtomicU64,
+    /// Trust statements stored for delivery.
+    pub statements: AtomicU64,
+    /// Bytes of the datagrams relayed (relay headers included).
+    pub relayed_bytes: AtomicU64,
     /// STUN Binding requests answered.
     pub stun: AtomicU64,
     /// Handshakes completed.
@@ -36,6 +47,52 @@ pub struct Stats {
     /// Work dropped because its queue was full: handshakes waiting for the
     /// admission thread, acknowledgements and endpoint updates for storage.
     pub dropped_busy: AtomicU64,
+    /// How long the storage thread took per job, by kind.
+    pub storage: StorageTimes,
+}
+
+/// The storage thread's job durations, one histogram per kind of job
+/// (the names [`StorageTimes::KINDS`] lists).
+#[derive(Debug)]
+pub struct StorageTimes {
+    by_kind: [Histogram; StorageTimes::KINDS.len()],
+}
+
+impl Default for StorageTimes {
+    fn default() -> Self {
+        StorageTimes {
+            by_kind: std::array::from_fn(|_| Histogram::new(STORAGE_SECONDS)),
+        }
+    }
+}
+
+impl StorageTimes {
+    /// The kinds of storage job, as the `job` label names them.
+    pub const KINDS: [&'static str; 11] = [
+        "register",
+        "attach",
+        "lookup",
+        "statement",
+        "mail",
+        "ack",
+        "observed",
+        "approvals",
+        "census",
+        "certificate",
+        "revocation",
+    ];
+
+    /// Records a job of kind `kind` (one of [`Self::KINDS`]) that took `d`.
+    pub fn observe(&self, kind: &str, d: std::time::Duration) {
+        if let Some(i) = Self::KINDS.iter().position(|k| *k == kind) {
+            self.by_kind[i].observe_duration(d);
+        }
+    }
+
+    /// Each kind with its histogram.
+    pub fn each(&self) -> impl Iterator<Item = (&'static str, &Histogram)> {
+        Self::KINDS.iter().copied().zip(self.by_kind.iter())
+    }
 }
 
 impl Stats {
@@ -43,6 +100,10 @@ impl Stats {
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
+            ("registrations", l(&self.registrations)),
+            ("lookups", l(&self.lookups)),
+            ("statements", l(&self.statements)),
+            ("relayed_bytes", l(&self.relayed_bytes)),
             ("stun", l(&self.stun)),
             ("handshakes", l(&self.handshakes)),
             ("messages", l(&self.messages)),

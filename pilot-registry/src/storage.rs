@@ -186,6 +186,11 @@ pub trait Storage: Send {
     ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
         Ok(vec![])
     }
+    /// Up to `limit` registered nodes, by address (for the status page's
+    /// list). The default lists none; a wrapper should pass it on.
+    fn nodes(&self, _limit: usize) -> Result<Vec<NodeRow>, StorageError> {
+        Ok(vec![])
+    }
 }
 
 /// Current schema version.
@@ -649,6 +654,19 @@ impl Storage for SqliteStorage {
         )?;
         collect_by_node(rows, "revocations")
     }
+
+    fn nodes(&self, limit: usize) -> Result<Vec<NodeRow>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest FROM nodes ORDER BY address LIMIT ?1",
+        )?;
+        let raw = stmt
+            .query_map(
+                [i64::try_from(limit).unwrap_or(i64::MAX)],
+                Self::row_to_node,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        raw.into_iter().map(RawNode::decode).collect()
+    }
 }
 
 /// Reads (node id text, bytes) rows.
@@ -719,6 +737,24 @@ mod tests {
         assert!(!s.address_taken(Ipv4Addr::new(10, 77, 0, 7)).unwrap());
         assert_eq!(s.node_count().unwrap(), 2);
         assert_eq!(s.node(&id(3).node_id()).unwrap(), None);
+    }
+
+    #[test]
+    fn nodes_are_listed_by_address_up_to_the_limit() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        s.insert_node(&row(1, 9, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 3, None)).unwrap();
+        s.insert_node(&row(3, 6, Some("gamma"))).unwrap();
+        let all = s.nodes(10).unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|r| r.address.octets()[3])
+                .collect::<Vec<_>>(),
+            vec![3, 6, 9]
+        );
+        assert_eq!(all[2], row(1, 9, Some("alpha")));
+        assert_eq!(s.nodes(2).unwrap().len(), 2);
+        assert!(s.nodes(0).unwrap().is_empty());
     }
 
     #[test]

@@ -9,7 +9,9 @@
 
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use ipnet::Ipv4Net;
 use pilot_proto::cert::{OwnerPublic, Tag};
@@ -19,6 +21,7 @@ use tracing::warn;
 
 use crate::fleet::{self, CertOutcome, Page, RevocationOutcome};
 use crate::registrar::{self, RegisterOutcome, StatementOutcome};
+use crate::stats::Stats;
 use crate::storage::{NodeRow, Storage, StorageError};
 
 /// Jobs that may wait in the queue. At about a millisecond of disk each,
@@ -137,6 +140,32 @@ pub enum Job {
         /// Revoked nodes after this one only.
         after: Option<NodeId>,
     },
+    /// Count the registered nodes, and list up to `list` of them (for the
+    /// metrics and the status page).
+    Census {
+        /// How many nodes to list (0: count only).
+        list: usize,
+    },
+}
+
+impl Job {
+    /// The kind of job, as the storage latency histogram labels it (one of
+    /// [`crate::stats::StorageTimes::KINDS`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Register { .. } => "register",
+            Job::Attach { .. } => "attach",
+            Job::Lookup { .. } => "lookup",
+            Job::Statement { .. } => "statement",
+            Job::Mail { .. } => "mail",
+            Job::Ack { .. } => "ack",
+            Job::Observed { .. } => "observed",
+            Job::Approvals { .. } => "approvals",
+            Job::Census { .. } => "census",
+            Job::PublishCert { .. } | Job::FindCerts { .. } => "certificate",
+            Job::PublishRevocation { .. } | Job::FindRevocations { .. } => "revocation",
+        }
+    }
 }
 
 /// A peer found by a lookup.
@@ -252,6 +281,13 @@ pub enum Done {
         ticket: Ticket,
         /// The page.
         page: Result<Page, StorageError>,
+    },
+    /// The registered nodes counted (and some listed).
+    Census {
+        /// How many are registered.
+        count: Result<u64, StorageError>,
+        /// Those listed, by address (empty unless asked for).
+        nodes: Vec<NodeRow>,
     },
 }
 
@@ -376,6 +412,16 @@ pub fn run(s: &mut dyn Storage, network: Ipv4Net, job: Job) -> Option<Done> {
             ticket,
             page: fleet::find_revocations(s, &owner, after.as_ref()),
         },
+        Job::Census { list } => Done::Census {
+            count: s.node_count(),
+            nodes: match list {
+                0 => vec![],
+                n => s.nodes(n).unwrap_or_else(|e| {
+                    warn!("storage: {e}");
+                    vec![]
+                }),
+            },
+        },
         Job::Approvals { pairs } => Done::Approvals {
             approvals: pairs
                 .into_iter()
@@ -425,9 +471,19 @@ impl Store {
     /// arrive on the returned receiver. The thread ends, after finishing the
     /// jobs already queued, once every `Store` handle is dropped.
     pub fn spawn<S: Storage + 'static>(
+        storage: S,
+        network: Ipv4Net,
+        depth: usize,
+    ) -> std::io::Result<(Store, tokio::sync::mpsc::Receiver<Done>, JoinHandle<()>)> {
+        Self::spawn_timed(storage, network, depth, Arc::new(Stats::default()))
+    }
+
+    /// [`Store::spawn`], recording each job's duration in `stats.storage`.
+    pub fn spawn_timed<S: Storage + 'static>(
         mut storage: S,
         network: Ipv4Net,
         depth: usize,
+        stats: Arc<Stats>,
     ) -> std::io::Result<(Store, tokio::sync::mpsc::Receiver<Done>, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(depth);
         // Done jobs are bounded too: if the socket loop fell behind, the
@@ -437,7 +493,10 @@ impl Store {
             .name("registry-storage".into())
             .spawn(move || {
                 while let Ok(job) = queue.recv() {
-                    if let Some(done) = run(&mut storage, network, job) {
+                    let (kind, started) = (job.kind(), Instant::now());
+                    let done = run(&mut storage, network, job);
+                    stats.storage.observe(kind, started.elapsed());
+                    if let Some(done) = done {
                         if done_tx.blocking_send(done).is_err() {
                             // The socket loop is gone (shutting down): finish
                             // the queued writes, answer nobody.
@@ -522,6 +581,9 @@ pub(crate) mod tests {
         }
         fn statement_seq(&self, f: &NodeId, t: &NodeId) -> Result<Option<u64>, StorageError> {
             self.inner.statement_seq(f, t)
+        }
+        fn nodes(&self, limit: usize) -> Result<Vec<NodeRow>, StorageError> {
+            self.inner.nodes(limit)
         }
         fn statement(
             &self,

@@ -351,6 +351,14 @@ struct UpArgs {
     /// Stay in the foreground (logs to stderr) instead of detaching.
     #[arg(long)]
     foreground: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    /// A port alone listens on 127.0.0.1.
+    #[arg(long, value_name = "ADDR", value_parser = pilot_metrics::parse_listen)]
+    metrics: Option<SocketAddr>,
+    /// Add per-peer series (node id and hostname labels) to the metrics.
+    /// Off by default: they tell whoever can scrape whom this node trusts.
+    #[arg(long, requires = "metrics")]
+    metrics_per_peer: bool,
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -1235,6 +1243,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
     let mtu = args.mtu.unwrap_or(pilot_proto::DEFAULT_MTU);
     let offload = !args.no_offload;
     let json = common.json;
+    let (metrics, metrics_per_peer) = (args.metrics, args.metrics_per_peer);
     rt.block_on(async move {
         let node = Node::start(cfg, |address, network| {
             KernelTun::create(&TunConfig {
@@ -1256,6 +1265,15 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
                 ),
             )
         })?;
+        if let Some(addr) = metrics {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                failed(
+                    ErrorCode::StartFailed,
+                    format!("cannot listen on {addr} for --metrics: {e} (is the port in use? choose another)"),
+                )
+            })?;
+            node.serve_metrics(listener, metrics_per_peer);
+        }
         let status = node
             .request(Request::Status)
             .await

@@ -14,7 +14,7 @@
 //! Both read the peer table under a read lock once per batch. Anything that
 //! is not data for a live session goes to the control side.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -133,6 +133,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
         icmp.clear();
         told.clear();
         let mut route: Option<Route> = None;
+        // This batch's traffic, added to the node's totals once at its end.
+        let mut sent = BatchCount::default();
         {
             let table = inner.table.read();
             for i in 0..n {
@@ -214,6 +216,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                 };
                 if sealed {
                     peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    peer.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    sent.add(len, relayed);
                     peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
                 } else {
                     let _ = inner
@@ -222,6 +226,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                 }
             }
         }
+        let t = &inner.totals;
+        sent.flush(&t.tx_bytes, &t.tx_packets, &t.tx_relayed_bytes);
         if let Err(e) = batch.flush(&inner.udp).await {
             tracing::debug!("UDP send: {e}");
         }
@@ -337,6 +343,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
         let me = inner.address();
         let mut k = 0;
         let mut last: Option<(Arc<Session>, Path)> = None;
+        let mut received = BatchCount::default();
         {
             let table = inner.table.read();
             for (buf, meta) in bufs.iter().zip(metas.iter()).take(n) {
@@ -409,7 +416,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                         .is_some_and(|(s, v)| Arc::ptr_eq(s, session) && *v == via);
                     if !same {
                         peer.last_rx_ms.store(now_ms, Ordering::Relaxed);
-                        peer.set_endpoint(via);
+                        inner.totals.path_changed(peer.set_endpoint(via));
                         if !session.initiator {
                             peer.promote(session);
                         }
@@ -459,17 +466,48 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                         }
                     }
                     peer.rx_bytes.fetch_add(plain as u64, Ordering::Relaxed);
+                    peer.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    received.add(plain, via == Path::Relay);
                     o.truncate(DATA_HEADER_LEN + plain);
                     k += 1;
                 }
             }
         }
+        let t = &inner.totals;
+        received.flush(&t.rx_bytes, &t.rx_packets, &t.rx_relayed_bytes);
         if k > 0 {
             if let Some(tun) = inner.tun.get() {
                 if let Err(e) = tun.send_batch(&mut out[..k]).await {
                     tracing::debug!("TUN write: {e}");
                 }
             }
+        }
+    }
+}
+
+/// One batch's inner traffic in one direction, counted in plain integers
+/// and added to the node's totals once per batch.
+#[derive(Default)]
+struct BatchCount {
+    bytes: u64,
+    packets: u64,
+    relayed_bytes: u64,
+}
+
+impl BatchCount {
+    fn add(&mut self, len: usize, relayed: bool) {
+        self.bytes += len as u64;
+        self.packets += 1;
+        if relayed {
+            self.relayed_bytes += len as u64;
+        }
+    }
+
+    fn flush(&self, bytes: &AtomicU64, packets: &AtomicU64, relayed: &AtomicU64) {
+        if self.packets > 0 {
+            bytes.fetch_add(self.bytes, Ordering::Relaxed);
+            packets.fetch_add(self.packets, Ordering::Relaxed);
+            relayed.fetch_add(self.relayed_bytes, Ordering::Relaxed);
         }
     }
 }

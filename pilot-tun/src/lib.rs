@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod fleet;
 pub mod fleetctl;
 pub mod link;
+pub mod metrics;
 pub mod node;
 pub mod pathmtu;
 pub mod peers;

@@ -260,6 +260,18 @@ impl<T: Tun> Node<T> {
         Ok(())
     }
 
+    /// Serves Prometheus metrics on `listener` (`--metrics`), per peer
+    /// too if `per_peer` (`--metrics-per-peer`).
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener, per_peer: bool) {
+        let t = tokio::spawn(crate::metrics::serve(
+            listener,
+            self.ctx.clone(),
+            self.handle.clone(),
+            per_peer,
+        ));
+        self.tasks.lock().push(t);
+    }
+
     /// Waits for a `down` request.
     pub async fn stopped(&self) {
         self.ctx.stop.notified().await;

@@ -45,6 +45,10 @@ pub struct PeerData {
     pub rx_bytes: Padded,
     /// Inner bytes sent.
     pub tx_bytes: Padded,
+    /// Inner packets received (for `--metrics-per-peer`).
+    pub rx_packets: Padded,
+    /// Inner packets sent (for `--metrics-per-peer`).
+    pub tx_packets: Padded,
     /// Milliseconds since the node's epoch of the last authenticated packet.
     pub last_rx_ms: Padded,
     /// Milliseconds since the node's epoch of the last packet sent.
@@ -77,6 +81,8 @@ impl PeerData {
             endpoint: RwLock::new(None),
             rx_bytes: Padded::default(),
             tx_bytes: Padded::default(),
+            rx_packets: Padded::default(),
+            tx_packets: Padded::default(),
             last_rx_ms: Padded::default(),
             last_tx_ms: Padded::default(),
             last_data_rx_ms: Padded::default(),
@@ -205,25 +211,31 @@ impl PeerData {
     /// about the direct path. Leaving a direct endpoint for the relay is the
     /// peer machine's call, made with [`force_endpoint`](Self::force_endpoint)
     /// when a new session came through the relay or the direct path went
-    /// silent.
-    pub fn set_endpoint(&self, e: Path) {
+    /// silent. True if it replaced another endpoint (a path change; the
+    /// first endpoint is none).
+    pub fn set_endpoint(&self, e: Path) -> bool {
         // Called for every received packet: unchanged is the common case
         // and needs only the shared lock.
         if *self.endpoint.read() == Some(e) {
-            return;
+            return false;
         }
         let mut ep = self.endpoint.write();
         match (*ep, e) {
-            (Some(Path::Direct(_)), Path::Relay) => {}
-            (cur, new) if cur != Some(new) => *ep = Some(new),
-            _ => {}
+            (Some(Path::Direct(_)), Path::Relay) => false,
+            (cur, new) if cur != Some(new) => {
+                *ep = Some(new);
+                cur.is_some()
+            }
+            _ => false,
         }
     }
 
     /// Sends to `e` from now on, even the relay in place of a direct
     /// endpoint (the machine's [`Event::UsePath`](pilot_proto::peer::Event)).
-    pub fn force_endpoint(&self, e: Path) {
-        *self.endpoint.write() = Some(e);
+    /// True if it replaced another endpoint.
+    pub fn force_endpoint(&self, e: Path) -> bool {
+        let old = self.endpoint.write().replace(e);
+        old.is_some_and(|o| o != e)
     }
 }
 
@@ -234,6 +246,69 @@ pub struct PeerTable {
     pub by_addr: HashMap<Ipv4Addr, Arc<PeerData>>,
     /// Live sessions by our local index.
     pub by_index: HashMap<u32, (Arc<PeerData>, Arc<Session>)>,
+}
+
+/// Node-wide totals for `/metrics` (`--metrics`): traffic, handshakes,
+/// path changes and round trips. The packet loops add their traffic once
+/// per batch, so these cost nothing per packet; the rest is written by the
+/// control task. Unlike the per-peer counters they survive the peer.
+#[derive(Default)]
+pub struct Totals {
+    /// Inner bytes received (the UDP loop).
+    pub rx_bytes: Padded,
+    /// Inner packets received (the UDP loop).
+    pub rx_packets: Padded,
+    /// Of the inner bytes received, those that came through a relay.
+    pub rx_relayed_bytes: Padded,
+    /// Inner bytes sent (the TUN loop).
+    pub tx_bytes: Padded,
+    /// Inner packets sent (the TUN loop).
+    pub tx_packets: Padded,
+    /// Of the inner bytes sent, those that went through a relay.
+    pub tx_relayed_bytes: Padded,
+    /// Handshake initiations sent to peers (retries count again).
+    pub handshakes_started: AtomicU64,
+    /// Sessions we initiated that came up.
+    pub handshakes_completed_initiator: AtomicU64,
+    /// Sessions a peer initiated that came up.
+    pub handshakes_completed_responder: AtomicU64,
+    /// A peer's packets moved from one path to another (roaming, relay to
+    /// direct and back).
+    pub path_changes: AtomicU64,
+    /// Round trips to peers: handshakes we initiated, and pings.
+    pub rtt: RttHistogram,
+}
+
+/// Round trips in seconds ([`pilot_metrics::histogram::LATENCY_SECONDS`]).
+pub struct RttHistogram(pub pilot_metrics::Histogram);
+
+impl Default for RttHistogram {
+    fn default() -> Self {
+        RttHistogram(pilot_metrics::Histogram::new(
+            pilot_metrics::histogram::LATENCY_SECONDS,
+        ))
+    }
+}
+
+impl Totals {
+    /// One packet sent outside the TUN loop (by the control task: packets
+    /// that waited for a session).
+    pub fn sent(&self, len: usize, relayed: bool) {
+        self.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        bump(&self.tx_packets);
+        if relayed {
+            self.tx_relayed_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a path change if `changed` (what [`PeerData::set_endpoint`]
+    /// and [`PeerData::force_endpoint`] return).
+    pub fn path_changed(&self, changed: bool) {
+        if changed {
+            bump(&self.path_changes);
+        }
+    }
 }
 
 /// Counters for `status`.
@@ -358,5 +433,34 @@ mod tests {
             Some(direct(2000)),
             "and direct again once it answers"
         );
+    }
+
+    #[test]
+    fn a_path_change_is_a_replaced_endpoint() {
+        let p = PeerData::new(
+            NodeId([1; 16]),
+            Ipv4Addr::new(10, 77, 0, 2),
+            Duration::from_secs(180),
+        );
+        let direct = |port| Path::Direct(([192, 0, 2, 12], port).into());
+        let totals = Totals::default();
+        let count = |changed| totals.path_changed(changed);
+        // The first endpoint is not a change; the same one again neither.
+        count(p.set_endpoint(direct(4000)));
+        count(p.set_endpoint(direct(4000)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 0);
+        // Roaming to another port is.
+        count(p.set_endpoint(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 1);
+        // A relayed packet does not replace a direct path...
+        count(p.set_endpoint(Path::Relay));
+        assert_eq!(p.endpoint(), Some(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 1);
+        // ...but forcing the relay does, and back to direct again.
+        count(p.force_endpoint(Path::Relay));
+        count(p.force_endpoint(Path::Relay));
+        count(p.set_endpoint(direct(4001)));
+        assert_eq!(p.endpoint(), Some(direct(4001)));
+        assert_eq!(totals.path_changes.load(Ordering::Relaxed), 3);
     }
 }

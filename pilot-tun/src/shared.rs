@@ -26,7 +26,7 @@ use pilot_proto::wire::{
 };
 use tokio::sync::mpsc;
 
-use crate::peers::{Drops, PeerTable};
+use crate::peers::{Drops, PeerTable, Totals};
 use crate::tun::Tun;
 use crate::udp::Udp;
 
@@ -203,6 +203,8 @@ pub struct Shared<T: Tun> {
     pub table: RwLock<PeerTable>,
     /// Drop counters.
     pub drops: Drops,
+    /// Node-wide traffic and event totals (for `--metrics`).
+    pub totals: Totals,
     /// The tunnel socket.
     pub udp: Udp,
     /// The TUN device, once created.
@@ -225,6 +227,7 @@ impl<T: Tun> Shared<T> {
         Shared {
             table: RwLock::new(PeerTable::default()),
             drops: Drops::default(),
+            totals: Totals::default(),
             udp,
             tun: OnceLock::new(),
             net: OnceLock::new(),

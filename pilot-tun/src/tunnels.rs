@@ -21,7 +21,7 @@ use pilot_proto::peer::{Activity, Env, Event, Peer};
 use pilot_proto::pmtu;
 use pilot_proto::session::CipherSuite;
 use pilot_proto::trust::TrustRecord;
-use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA};
+use pilot_proto::wire::{self, DATA_OVERHEAD, MSG_DATA, MSG_HANDSHAKE_INIT};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -318,11 +318,19 @@ impl Tunnels {
         );
         let r = f(&mut rt.machine, &mut NodeEnv { ctx });
         while let Some(t) = rt.machine.poll_transmit() {
+            if t.bytes.first() == Some(&MSG_HANDSHAKE_INIT) {
+                bump(&shared.totals.handshakes_started);
+            }
             if t.bytes.first() == Some(&MSG_DATA) {
                 let inner_len = t.bytes.len().saturating_sub(DATA_OVERHEAD);
                 rt.data
                     .tx_bytes
                     .fetch_add(inner_len as u64, Ordering::Relaxed);
+                // Packets that waited for the session (keepalives carry none).
+                if inner_len > 0 {
+                    rt.data.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    shared.totals.sent(inner_len, t.to == Path::Relay);
+                }
             }
             fx.out.push(Outgoing {
                 bytes: t.bytes,
@@ -349,10 +357,21 @@ impl Tunnels {
                     }
                 }
                 Event::ClearCurrent => rt.data.clear_session(),
-                Event::UsePath(p) => rt.data.force_endpoint(p),
-                Event::OfferPath(p) => rt.data.set_endpoint(p),
+                Event::UsePath(p) => shared.totals.path_changed(rt.data.force_endpoint(p)),
+                Event::OfferPath(p) => shared.totals.path_changed(rt.data.set_endpoint(p)),
                 Event::Established { path, initiator } => {
                     rt.last_handshake = Some(SystemTime::now());
+                    // Our own handshake just completed: its round trip is
+                    // the machine's RTT now.
+                    let t = &shared.totals;
+                    if initiator {
+                        bump(&t.handshakes_completed_initiator);
+                        if let Some(rtt) = rt.machine.rtt() {
+                            t.rtt.0.observe_duration(rtt);
+                        }
+                    } else {
+                        bump(&t.handshakes_completed_responder);
+                    }
                     fx.proven.push(*id);
                     if initiator {
                         info!(peer = %id, path = %path, "session established");
