@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -37,7 +38,7 @@ use crate::tun::{KernelTun, TunConfig};
 /// Peers are named by hostname, 10.x address or node id.
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = VERSION.as_str(),
     about,
     long_about,
     propagate_version = true,
@@ -49,6 +50,17 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// `--version`: the release, the commit it was built from (see build.rs)
+/// and the wire protocol it speaks.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (commit {}, wire protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("PILOT_GIT_COMMIT"),
+        pilot_proto::PROTOCOL_VERSION
+    )
+});
 
 /// The exit codes, for `--help` (the README has the same table).
 const EXIT_CODES: &str = "\
@@ -116,6 +128,20 @@ enum Command {
         /// How many echoes (200 ms apart, at most 100).
         #[arg(short, long, default_value_t = 3)]
         count: u32,
+    },
+    /// Print a shell completion script, e.g.
+    /// `pilot-tun completions bash > /etc/bash_completion.d/pilot-tun`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: crate::shell_docs::Shell,
+    },
+    /// Print the man page (roff: `pilot-tun man | man -l -`), or with
+    /// --out-dir write it and one page per subcommand there.
+    Man {
+        /// Write pilot-tun.1, pilot-tun-up.1, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -388,6 +414,8 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
         Command::Up(args) => return up_background(&cli.common, &args, argv),
         Command::Audit(a) => return audit(&cli.common, &state, a),
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { out_dir } => return man(out_dir.as_deref()),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -452,6 +480,34 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         print_text(&reply);
     }
     Ok(code)
+}
+
+/// `completions`: the script on stdout.
+fn completions(shell: crate::shell_docs::Shell) -> Outcome {
+    use clap::CommandFactory;
+    let script = crate::shell_docs::completions(Cli::command(), shell);
+    crate::shell_docs::print(&script)
+        .map_err(|e| failed(ErrorCode::Failed, format!("cannot write the script: {e}")))?;
+    Ok(exit::OK)
+}
+
+/// `man`: the page on stdout, or every page into a directory.
+fn man(out_dir: Option<&std::path::Path>) -> Outcome {
+    use clap::CommandFactory;
+    match out_dir {
+        None => crate::shell_docs::print(&crate::shell_docs::man_page(Cli::command()))
+            .map_err(|e| failed(ErrorCode::Failed, format!("cannot write the man page: {e}")))?,
+        Some(dir) => {
+            let files = crate::shell_docs::man_pages_to(Cli::command(), dir).map_err(|e| {
+                failed(
+                    ErrorCode::Failed,
+                    format!("cannot write the man pages into {}: {e}", dir.display()),
+                )
+            })?;
+            say!("wrote {} man pages to {}", files.len(), dir.display());
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// The `audit` commands: no daemon, just the files.

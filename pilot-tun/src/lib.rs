@@ -17,6 +17,7 @@ pub mod peers;
 pub mod routes;
 pub mod sanitize;
 pub mod shared;
+pub mod shell_docs;
 pub mod state;
 pub mod tun;
 pub mod tunnels;
