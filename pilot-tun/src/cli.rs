@@ -129,6 +129,22 @@ enum Command {
         #[arg(short, long, default_value_t = 3)]
         count: u32,
     },
+    /// Check the network path to the registry: whether UDP works, the NAT
+    /// type and public endpoint, the registry's and a relay's round trips,
+    /// and whether the gateway answers NAT-PMP or PCP. Works with or
+    /// without a daemon running (from a UDP socket of its own). Exits 0 if
+    /// all is well, 5 if UDP to the registry gets no answer, 1 if the
+    /// registry answers but the handshake or the pings fail.
+    Netcheck {
+        /// The registry's join URL. Default: the running daemon's, else
+        /// the one saved in the state directory.
+        #[arg(long)]
+        registry: Option<String>,
+        /// A relay-only instance to time as well (ip:port). Default: the
+        /// one the running daemon uses, if any.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+    },
     /// Print a shell completion script, e.g.
     /// `pilot-tun completions bash > /etc/bash_completion.d/pilot-tun`.
     Completions {
@@ -414,6 +430,9 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         Command::Up(args) if args.foreground => return up_foreground(&cli.common, args),
         Command::Up(args) => return up_background(&cli.common, &args, argv),
         Command::Audit(a) => return audit(&cli.common, &state, a),
+        Command::Netcheck { registry, relay } => {
+            return netcheck(&cli.common, &state, registry, relay)
+        }
         Command::Completions { shell } => return completions(shell),
         Command::Man { out_dir } => return man(out_dir.as_deref()),
         Command::Down => Request::Down,
@@ -480,6 +499,27 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         print_text(&reply);
     }
     Ok(code)
+}
+
+/// `netcheck`: the report, and an exit code for its verdict.
+fn netcheck(
+    common: &Common,
+    state: &StateDir,
+    registry: Option<String>,
+    relay: Option<SocketAddr>,
+) -> Outcome {
+    let opts = crate::netcheck::Options {
+        registry,
+        relay,
+        ask_gateway: true,
+    };
+    let report = runtime(1)?.block_on(crate::netcheck::run(state, &opts))?;
+    if common.json {
+        print_pretty(&report);
+    } else {
+        say!("{}", crate::netcheck::text(&report));
+    }
+    Ok(crate::netcheck::exit_code(&report))
 }
 
 /// `completions`: the script on stdout.

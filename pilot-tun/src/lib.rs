@@ -11,6 +11,7 @@ pub mod control;
 pub mod controller;
 pub mod dataplane;
 pub mod link;
+pub mod netcheck;
 pub mod node;
 pub mod pathmtu;
 pub mod peers;
