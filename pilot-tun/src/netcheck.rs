@@ -173,14 +173,14 @@ fn registry_url(
         let saved = state.load_node().map_err(|e| {
             ApiError::new(
                 ErrorCode::Usage,
-                format!("no daemon runs and the saved registry URL cannot be read ({e}): give --registry <join-url>, or run as the daemon's user (sudo)"),
+                format!("no daemon answered and the saved registry URL cannot be read ({e}): give --registry <join-url>, or run as the daemon's user (sudo)"),
             )
         })?;
         let url = saved.registry.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Usage,
                 format!(
-                    "no registry to check: give --registry <join-url> ({} holds none, and no daemon runs for it)",
+                    "no registry to check: give --registry <join-url> ({} holds none, and no daemon answered for it)",
                     state.path.display()
                 ),
             )
