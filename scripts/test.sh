@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it:
 #   1. formatting, lints, and no import cycles between a crate's modules,
-#   2. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
+#   2. the Debian package (scripts/package.sh --no-build: built from the
+#      release binaries, its control fields and paths checked),
+#   3. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
 #      lab (pilot-tests: registry + nodes over fake TUN devices),
-#   3. the netns scenarios (real TUN, real kernel TCP, real processes; root),
-#   4. a short smoke run of every fuzz target.
+#   4. the netns scenarios (real TUN, real kernel TCP, real processes; root),
+#   5. a short smoke run of every fuzz target.
 # Usage: sudo scripts/test.sh            (everything)
 #        FUZZ_SECONDS=60 scripts/test.sh (longer fuzzing)
-#        SKIP_NETNS=1 scripts/test.sh    (no root: steps 1, 2 and 4)
+#        SKIP_NETNS=1 scripts/test.sh    (no root: all but step 4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,9 @@ cargo clippy --locked --release --all-targets -- -D warnings
 
 step "build"
 cargo build --locked --release --workspace --bins
+
+step "Debian package (cargo deb on the binaries just built, checked with dpkg-deb)"
+scripts/package.sh --no-build >/dev/null
 
 step "unit and in-process tests"
 cargo test --locked --release --workspace

@@ -271,6 +271,16 @@ mod tests {
         )
     }
 
+    #[test]
+    fn the_prologue_carries_the_protocol_version() {
+        // A bump of PROTOCOL_VERSION must reach the handshake, so that
+        // programs of different versions fail at the first message instead
+        // of misreading each other later.
+        let want = format!("pilot-tun/v{}", crate::PROTOCOL_VERSION);
+        assert_eq!(PROLOGUE, want.as_bytes());
+        assert!(MAC_DOMAIN.starts_with(want.as_bytes()));
+    }
+
     fn handshake(suite: CipherSuite) -> (Session, Session) {
         let (a, b) = ids();
         let now = Instant::now();

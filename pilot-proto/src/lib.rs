@@ -72,6 +72,17 @@ pub mod timers;
 pub mod trust;
 pub mod wire;
 
+/// The wire protocol's version, shown by `--version` on both binaries.
+///
+/// It names everything two programs must agree on to talk: the datagram
+/// formats in [`wire`] and [`stun`] use, the Noise handshake in
+/// [`handshake`] (its pattern and prologue, which carries this number), and
+/// the encoding of the registry messages in [`messages`]. Bump it with any
+/// change an older node or registry cannot read or would misread; a new
+/// optional field appended where old readers ignore it, or anything that only
+/// changes local behaviour, does not bump it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// Overlay MTU on a 1500-byte underlay: 1500 - 20 (IPv4) - 8 (UDP) - 16 (our
 /// header) - 16 (AEAD tag) = 1440, with 20 bytes left for an IPv6 underlay or
 /// a relay header.

@@ -2,12 +2,30 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::LazyLock;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
 use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
+
+// Completions and man pages from the clap definitions: the same code as
+// `pilot-tun completions` and `pilot-tun man` (that crate's module; this
+// crate does not depend on pilot-tun).
+#[path = "../../pilot-tun/src/shell_docs.rs"]
+mod shell_docs;
+
+/// `--version`: the release, the commit it was built from (the build
+/// script is pilot-tun/build.rs) and the wire protocol it speaks.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (commit {}, wire protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("PILOT_GIT_COMMIT"),
+        pilot_proto::PROTOCOL_VERSION
+    )
+});
 
 /// The rendezvous server of a pilot-tun network.
 ///
@@ -19,7 +37,7 @@ use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
 /// On start it prints `join: pilot://<key>@<ip:port>`; give that URL to
 /// `pilot-tun up --registry`. The same URL is written to <state-dir>/join-url.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version = VERSION.as_str(), about, long_about)]
 struct Cli {
     /// Without a command: serve. `audit` reads the audit log instead.
     #[command(subcommand)]
@@ -78,6 +96,21 @@ enum RegistryCommand {
     /// Works whether or not the registry runs.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a shell completion script, e.g.
+    /// `pilot-registry completions bash > /etc/bash_completion.d/pilot-registry`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: shell_docs::Shell,
+    },
+    /// Print the man page (roff: `pilot-registry man | man -l -`), or with
+    /// --out-dir write it and one page per subcommand there.
+    Man {
+        /// Write pilot-registry.1, pilot-registry-audit.1, ... into this
+        /// directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,9 +232,30 @@ fn main() {
 
 fn run() -> Result<()> {
     let mut cli = Cli::parse();
-    if let Some(RegistryCommand::Audit(cmd)) = cli.command.take() {
-        let code = audit(&cli.state_dir, cmd)?;
-        std::process::exit(code);
+    match cli.command.take() {
+        Some(RegistryCommand::Audit(cmd)) => {
+            let code = audit(&cli.state_dir, cmd)?;
+            std::process::exit(code);
+        }
+        Some(RegistryCommand::Completions { shell }) => {
+            use clap::CommandFactory;
+            return Ok(shell_docs::print(&shell_docs::completions(
+                Cli::command(),
+                shell,
+            ))?);
+        }
+        Some(RegistryCommand::Man { out_dir: None }) => {
+            use clap::CommandFactory;
+            return Ok(shell_docs::print(&shell_docs::man_page(Cli::command()))?);
+        }
+        Some(RegistryCommand::Man { out_dir: Some(dir) }) => {
+            use clap::CommandFactory;
+            let files = shell_docs::man_pages_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+            println!("wrote {} man pages to {}", files.len(), dir.display());
+            return Ok(());
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))

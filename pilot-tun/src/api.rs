@@ -639,6 +639,73 @@ impl From<NatType> for Nat {
     }
 }
 
+/// `netcheck`: what the network between this host and its registry
+/// allows, measured from a UDP socket of its own (with or without a
+/// daemon running), plus what a running daemon reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Netcheck {
+    /// The registry probed (from the join URL).
+    pub registry: SocketAddr,
+    /// True if the registry answered over UDP (STUN or the handshake).
+    pub udp: bool,
+    /// True if the registry completed the handshake, proving it holds the
+    /// join URL's key; false if it answered STUN but never the handshake
+    /// (a wrong key in the join URL); null if nothing answered.
+    pub registry_key_ok: Option<bool>,
+    /// Our NAT type, as seen from this probe's socket.
+    pub nat: Nat,
+    /// Our endpoint as the registry's port saw this probe's socket.
+    pub public_endpoint: Option<SocketAddr>,
+    /// The same, seen by the registry's second STUN port (another port
+    /// than `public_endpoint`: the NAT maps per destination).
+    pub public_endpoint_alt: Option<SocketAddr>,
+    /// Round trips of control pings to the registry, in milliseconds; null
+    /// where no answer came.
+    pub registry_rtt_ms: Vec<Option<f64>>,
+    /// The relay-only instance, if one is configured.
+    pub relay: Option<RelayCheck>,
+    /// Port mapping protocols on the default gateway.
+    pub port_mapping: PortMapping,
+    /// What the daemon of `--state-dir` reports, if one runs.
+    pub daemon: Option<DaemonNet>,
+    /// What is wrong and what to do, when something is.
+    pub problem: Option<String>,
+}
+
+/// A relay instance's round trips, in [`Netcheck`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayCheck {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Round trips of control pings, in milliseconds (null: no answer).
+    pub rtt_ms: Vec<Option<f64>>,
+}
+
+/// Which port mapping protocol answered on the default gateway (UDP 5351),
+/// in [`Netcheck`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// The default gateway probed (null: no default route).
+    pub gateway: Option<Ipv4Addr>,
+    /// NAT-PMP (RFC 6886) answered.
+    pub nat_pmp: bool,
+    /// PCP (RFC 6887) answered.
+    pub pcp: bool,
+    /// The external address NAT-PMP reported.
+    pub external_address: Option<Ipv4Addr>,
+}
+
+/// The network as a running daemon sees it, in [`Netcheck`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonNet {
+    /// Its NAT type, as last measured.
+    pub nat: Nat,
+    /// Its tunnel socket's public endpoint (what peers use).
+    pub public_endpoint: Option<SocketAddr>,
+    /// True while the registry answers it.
+    pub registry_reachable: bool,
+}
+
 /// A data cipher, in [`Status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cipher {
@@ -1404,6 +1471,34 @@ mod tests {
         }
     }
 
+    fn netcheck() -> Netcheck {
+        Netcheck {
+            registry: "203.0.113.5:7946".parse().unwrap(),
+            udp: true,
+            registry_key_ok: Some(true),
+            nat: Nat::EndpointIndependent,
+            public_endpoint: Some("198.51.100.7:40112".parse().unwrap()),
+            public_endpoint_alt: Some("198.51.100.7:40112".parse().unwrap()),
+            registry_rtt_ms: vec![Some(12.41), Some(11.87), Some(12.02)],
+            relay: Some(RelayCheck {
+                addr: "203.0.113.6:7946".parse().unwrap(),
+                rtt_ms: vec![Some(14.2), None, Some(13.9)],
+            }),
+            port_mapping: PortMapping {
+                gateway: Some(Ipv4Addr::new(192, 168, 1, 1)),
+                nat_pmp: true,
+                pcp: false,
+                external_address: Some(Ipv4Addr::new(198, 51, 100, 7)),
+            },
+            daemon: Some(DaemonNet {
+                nat: Nat::EndpointIndependent,
+                public_endpoint: Some("198.51.100.7:41641".parse().unwrap()),
+                registry_reachable: true,
+            }),
+            problem: None,
+        }
+    }
+
     fn error() -> ErrorReport {
         ErrorReport {
             ok: false,
@@ -1433,6 +1528,7 @@ mod tests {
             ("audit-show", pretty(&audit_show())),
             ("audit-verify", pretty(&audit_verify())),
             ("audit-head", pretty(&audit_head())),
+            ("netcheck", pretty(&netcheck())),
             ("error", pretty(&error())),
         ]
     }
@@ -1493,6 +1589,7 @@ mod tests {
         round_trip(&audit_show());
         round_trip(&audit_verify());
         round_trip(&audit_head());
+        round_trip(&netcheck());
     }
 
     #[test]

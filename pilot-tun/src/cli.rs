@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -40,7 +41,7 @@ use crate::tun::{KernelTun, TunConfig};
 /// Peers are named by hostname, 10.x address or node id.
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = VERSION.as_str(),
     about,
     long_about,
     propagate_version = true,
@@ -52,6 +53,17 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// `--version`: the release, the commit it was built from (see build.rs)
+/// and the wire protocol it speaks.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (commit {}, wire protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("PILOT_GIT_COMMIT"),
+        pilot_proto::PROTOCOL_VERSION
+    )
+});
 
 /// The exit codes, for `--help` (the README has the same table).
 const EXIT_CODES: &str = "\
@@ -132,6 +144,36 @@ enum Command {
         /// How many echoes (200 ms apart, at most 100).
         #[arg(short, long, default_value_t = 3)]
         count: u32,
+    },
+    /// Check the network path to the registry: whether UDP works, the NAT
+    /// type and public endpoint, the registry's and a relay's round trips,
+    /// and whether the gateway answers NAT-PMP or PCP. Works with or
+    /// without a daemon running (from a UDP socket of its own). Exits 0 if
+    /// all is well, 5 if UDP to the registry gets no answer, 1 if the
+    /// registry answers but the handshake or the pings fail.
+    Netcheck {
+        /// The registry's join URL. Default: the running daemon's, else
+        /// the one saved in the state directory.
+        #[arg(long)]
+        registry: Option<String>,
+        /// A relay-only instance to time as well (ip:port). Default: the
+        /// one the running daemon uses, if any.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+    },
+    /// Print a shell completion script, e.g.
+    /// `pilot-tun completions bash > /etc/bash_completion.d/pilot-tun`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: crate::shell_docs::Shell,
+    },
+    /// Print the man page (roff: `pilot-tun man | man -l -`), or with
+    /// --out-dir write it and one page per subcommand there.
+    Man {
+        /// Write pilot-tun.1, pilot-tun-up.1, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -520,6 +562,11 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         },
         Command::Policy(PolicyCommand::List) => Request::PolicyList,
         Command::Policy(PolicyCommand::Remove { id }) => Request::PolicyRemove { id },
+        Command::Netcheck { registry, relay } => {
+            return netcheck(&cli.common, &state, registry, relay)
+        }
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { out_dir } => return man(out_dir.as_deref()),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -584,6 +631,55 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         print_text(&reply);
     }
     Ok(code)
+}
+
+/// `netcheck`: the report, and an exit code for its verdict.
+fn netcheck(
+    common: &Common,
+    state: &StateDir,
+    registry: Option<String>,
+    relay: Option<SocketAddr>,
+) -> Outcome {
+    let opts = crate::netcheck::Options {
+        registry,
+        relay,
+        ask_gateway: true,
+    };
+    let report = runtime(1)?.block_on(crate::netcheck::run(state, &opts))?;
+    if common.json {
+        print_pretty(&report);
+    } else {
+        say!("{}", crate::netcheck::text(&report));
+    }
+    Ok(crate::netcheck::exit_code(&report))
+}
+
+/// `completions`: the script on stdout.
+fn completions(shell: crate::shell_docs::Shell) -> Outcome {
+    use clap::CommandFactory;
+    let script = crate::shell_docs::completions(Cli::command(), shell);
+    crate::shell_docs::print(&script)
+        .map_err(|e| failed(ErrorCode::Failed, format!("cannot write the script: {e}")))?;
+    Ok(exit::OK)
+}
+
+/// `man`: the page on stdout, or every page into a directory.
+fn man(out_dir: Option<&std::path::Path>) -> Outcome {
+    use clap::CommandFactory;
+    match out_dir {
+        None => crate::shell_docs::print(&crate::shell_docs::man_page(Cli::command()))
+            .map_err(|e| failed(ErrorCode::Failed, format!("cannot write the man page: {e}")))?,
+        Some(dir) => {
+            let files = crate::shell_docs::man_pages_to(Cli::command(), dir).map_err(|e| {
+                failed(
+                    ErrorCode::Failed,
+                    format!("cannot write the man pages into {}: {e}", dir.display()),
+                )
+            })?;
+            say!("wrote {} man pages to {}", files.len(), dir.display());
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// The `audit` commands: no daemon, just the files.

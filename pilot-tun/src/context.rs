@@ -243,13 +243,7 @@ impl<T: Tun> Context<T> {
         let alt = SocketAddr::new(primary.ip(), primary.port().wrapping_add(1));
         let (a, b) = tokio::join!(self.stun(primary), self.stun(alt));
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let own = local_endpoints(port);
-        let nat = match (a, b) {
-            (Some(a), _) if own.contains(&a) => NatType::None,
-            (Some(a), Some(b)) if a == b => NatType::EndpointIndependent,
-            (Some(_), Some(_)) => NatType::PerDestination,
-            _ => NatType::Unknown,
-        };
+        let nat = nat_type(&local_endpoints(port), a, b);
         if let Some(a) = a {
             self.link.set_observed(a);
         }
@@ -337,6 +331,23 @@ fn timing_from_env() -> Timing {
             tracing::warn!("{TIME_SCALE_ENV} must be a whole number from 1 to 1000; ignored");
             Timing::DEFAULT
         }
+    }
+}
+
+/// The NAT type from the endpoints two STUN servers on different ports saw
+/// (`a` the registry's port, `b` its second STUN port) and our own
+/// endpoints: one of ours means no NAT, the same public endpoint for both
+/// means endpoint-independent mapping. (`pilot-tun netcheck` uses it too.)
+pub(crate) fn nat_type(
+    own: &[SocketAddr],
+    a: Option<SocketAddr>,
+    b: Option<SocketAddr>,
+) -> NatType {
+    match (a, b) {
+        (Some(a), _) if own.contains(&a) => NatType::None,
+        (Some(a), Some(b)) if a == b => NatType::EndpointIndependent,
+        (Some(_), Some(_)) => NatType::PerDestination,
+        _ => NatType::Unknown,
     }
 }
 
