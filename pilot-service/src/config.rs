@@ -17,12 +17,12 @@ use serde::de::DeserializeOwned;
 pub enum ConfigError {
     /// The file could not be read (a missing default file is not an
     /// error; a missing `--config` file is).
-    #[error("cannot read the config file {path}: {source}")]
+    #[error("cannot read the config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the sentence; not a separate cause, so it is said once).
+        error: std::io::Error,
     },
     /// A key that no flag has.
     #[error("{path}:{line}: unknown key `{key}` ({known})")]
@@ -81,10 +81,10 @@ pub fn load<T: DeserializeOwned>(
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(None),
-        Err(source) => {
+        Err(error) => {
             return Err(ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                error,
             })
         }
     };
