@@ -892,9 +892,10 @@ impl From<StartError> for ApiError {
         let code = match &e {
             StartError::NoRegistry | StartError::BadRegistry(_) => ErrorCode::Usage,
             StartError::Registry(_) => ErrorCode::RegistryUnreachable,
-            StartError::State(_) | StartError::Bind { .. } | StartError::Tun(_) => {
-                ErrorCode::StartFailed
-            }
+            StartError::State(_)
+            | StartError::Bind { .. }
+            | StartError::Tun(_)
+            | StartError::WrongRegistryKey(_) => ErrorCode::StartFailed,
         };
         ApiError::new(code, e.to_string())
     }
