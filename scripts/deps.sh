@@ -13,6 +13,7 @@ have tcpdump  || need+=(tcpdump)
 have nc       || need+=(netcat-openbsd)
 have python3  || need+=(python3)
 have curl     || need+=(curl)
+have systemd-analyze || need+=(systemd)   # scripts/check-units.sh
 for extra in "$@"; do
   case "$extra" in
     wireguard-go) have wireguard-go || need+=(wireguard-go) ;;

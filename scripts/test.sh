@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it:
-#   1. formatting, lints, and no import cycles between a crate's modules,
+#   1. formatting, lints, no import cycles between a crate's modules, and
+#      the systemd units (systemd-analyze verify),
 #   2. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
 #      lab (pilot-tests: registry + nodes over fake TUN devices),
 #   3. the netns scenarios (real TUN, real kernel TCP, real processes; root),
@@ -31,6 +32,10 @@ cargo clippy --locked --release --all-targets -- -D warnings
 
 step "build"
 cargo build --locked --release --workspace --bins
+
+step "systemd units (systemd-analyze verify)"
+scripts/check-units.sh --self-test
+scripts/check-units.sh
 
 step "unit and in-process tests"
 cargo test --locked --release --workspace
