@@ -11,3 +11,9 @@ pub mod logging;
 pub mod notify;
 pub mod ports;
 pub mod rotate;
+
+/// The tests that change the process environment (`NOTIFY_SOCKET`,
+/// `JOURNAL_STREAM`) run one at a time: `setenv` while another thread
+/// reads the environment is not safe.
+#[cfg(test)]
+pub(crate) static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

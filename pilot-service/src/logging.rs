@@ -135,6 +135,7 @@ mod tests {
 
     #[test]
     fn journald_is_recognised_by_its_stream_only() {
+        let _g = crate::ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let st = nix::sys::stat::fstat(std::io::stderr()).unwrap();
         std::env::set_var("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino));
         assert!(under_journald());

@@ -74,10 +74,7 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// The tests change the process environment: one at a time.
-    static ENV: Mutex<()> = Mutex::new(());
+    use crate::ENV_LOCK as ENV;
 
     fn with_socket<R>(value: &str, f: impl FnOnce() -> R) -> R {
         let _g = ENV.lock().unwrap_or_else(|p| p.into_inner());
