@@ -17,6 +17,7 @@ have curl     || need+=(curl)
 # loads the registry's status page.
 have promtool || need+=(prometheus)
 have chromium || need+=(chromium)
+have systemd-analyze || need+=(systemd)   # scripts/check-units.sh
 for extra in "$@"; do
   case "$extra" in
     wireguard-go) have wireguard-go || need+=(wireguard-go) ;;

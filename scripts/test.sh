@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it:
-#   1. formatting, lints, and no import cycles between a crate's modules,
+#   1. formatting, lints, no import cycles between a crate's modules, and
+#      the systemd units (systemd-analyze verify),
 #   2. the Debian package (scripts/package.sh --no-build: built from the
 #      release binaries, its control fields and paths checked),
 #   3. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
@@ -26,7 +27,7 @@ cargo fmt --all -- --check
 
 step "no import cycles between a crate's modules"
 scripts/check-modules.py --self-test
-scripts/check-modules.py pilot-proto pilot-registry pilot-tun pilot-metrics
+scripts/check-modules.py pilot-proto pilot-registry pilot-tun pilot-metrics pilot-service
 
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --locked --release --all-targets -- -D warnings
@@ -34,6 +35,9 @@ cargo clippy --locked --release --all-targets -- -D warnings
 step "build"
 cargo build --locked --release --workspace --bins
 
+step "systemd units (systemd-analyze verify)"
+scripts/check-units.sh --self-test
+scripts/check-units.sh
 step "Debian package (cargo deb on the binaries just built, checked with dpkg-deb)"
 scripts/package.sh --no-build >/dev/null
 

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
 use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
+use pilot_service::logging::{self, LogFormat};
+use pilot_service::{notify, ports};
+
+mod cli_config;
 
 // Completions and man pages from the clap definitions: the same code as
 // `pilot-tun completions` and `pilot-tun man` (that crate's module; this
@@ -85,6 +89,14 @@ struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `pilot_registry=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text or as JSON objects (one a line). Colour only on
+    /// a terminal; no timestamps of our own under journald.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Config file (TOML; one key per flag, flags win over it). Default:
+    /// /etc/pilot-registry/pilot-registry.toml if it exists.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +235,24 @@ fn audit(dir: &std::path::Path, cmd: AuditCommand) -> Result<i32> {
     }
 }
 
+/// A bind failure, with the fix: who holds a busy port, or which flag
+/// chooses another address.
+fn bind_error(addr: SocketAddr, e: std::io::Error, flag: &str) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot bind UDP {addr}: {}; stop it, or choose another with {flag}",
+            ports::udp_in_use(addr)
+        ),
+        std::io::ErrorKind::AddrNotAvailable => anyhow::anyhow!(
+            "cannot bind UDP {addr}: the address is not on this host; choose one of its own with {flag}"
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "cannot bind UDP {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a higher one with {flag}"
+        ),
+        _ => anyhow::anyhow!("cannot bind UDP {addr}: {e}"),
+    }
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("pilot-registry: error: {e:#}");
@@ -231,7 +261,9 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let mut cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli_config::apply(&mut cli, &matches)?;
     match cli.command.take() {
         Some(RegistryCommand::Audit(cmd)) => {
             let code = audit(&cli.state_dir, cmd)?;
@@ -257,10 +289,7 @@ fn run() -> Result<()> {
         }
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(&cli.log, cli.log_format, logging::Output::Stderr)?;
     pool::check_network(cli.network).context("--network")?;
     let advertise = match (cli.advertise, cli.listen.ip().is_unspecified()) {
         (Some(a), _) => a,
@@ -288,23 +317,29 @@ fn run() -> Result<()> {
     rt.block_on(async move {
         let socket = tokio::net::UdpSocket::bind(cli.listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot bind UDP {} (is another registry running there, or is the address not on this host?)",
-                    cli.listen
-                )
-            })?;
+            .map_err(|e| bind_error(cli.listen, e, "--listen"))?;
         let join = JoinUrl {
             key: server::public_key(&secret),
             addr: advertise,
         };
         if cli.relay_only {
-            println!("relay: {} (key {})", advertise, pilot_proto::hex::encode(&join.key));
+            println!(
+                "relay: {} (key {})",
+                advertise,
+                pilot_proto::hex::encode(&join.key)
+            );
         } else {
-            state::write_private(&cli.state_dir.join("join-url"), format!("{join}\n").as_bytes())?;
+            state::write_private(
+                &cli.state_dir.join("join-url"),
+                format!("{join}\n").as_bytes(),
+            )?;
             println!("join: {join}");
         }
-        println!("network: {}  state: {}", cli.network, cli.state_dir.display());
+        println!(
+            "network: {}  state: {}",
+            cli.network,
+            cli.state_dir.display()
+        );
         let mut registry = Registry::new(
             socket,
             Config {
@@ -333,17 +368,29 @@ fn run() -> Result<()> {
             let alt = SocketAddr::new(cli.listen.ip(), alt_port);
             let s = tokio::net::UdpSocket::bind(alt)
                 .await
-                .with_context(|| format!("cannot bind the second STUN port {alt} (choose one with --stun-alt-port, or 0 for none)"))?;
+                .map_err(|e| bind_error(alt, e, "--stun-alt-port (0 for none)"))?;
             registry = registry.with_alt_stun(s);
         }
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("install SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
             }
+            notify::stopping();
         };
+        // Every socket is bound: datagrams from now on are served.
+        notify::ready(&format!(
+            "{} {advertise}, network {}",
+            if cli.relay_only {
+                "relaying on"
+            } else {
+                "serving"
+            },
+            cli.network
+        ));
         registry.run(shutdown).await?;
         Ok(())
     })

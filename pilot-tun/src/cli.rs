@@ -10,13 +10,15 @@ use std::process::ExitCode;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use pilot_proto::cert::{Certificate, OwnerKey, Revocation};
 use pilot_proto::identity::NodeId;
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::PeerRef;
 use pilot_proto::ports::Scope;
 use pilot_proto::session::CipherSuite;
+use pilot_service::logging::{self, LogFormat};
+use pilot_service::{caps, notify, rotate};
 use serde::Serialize;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -28,6 +30,8 @@ use crate::node::{Node, NodeConfig, StartError};
 use crate::sanitize::printable;
 use crate::state::StateDir;
 use crate::tun::{KernelTun, TunConfig};
+
+mod config;
 
 /// pilot-tun: a permanent 10.x address for this host on an encrypted overlay
 /// network, reachable only by peers that both sides approved.
@@ -93,6 +97,10 @@ struct Common {
     /// echoes take).
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 15)]
     timeout: u64,
+    /// Config file (TOML; one key per flag of `up`, flags win over it).
+    /// Default: /etc/pilot-tun/pilot-tun.toml if it exists.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -404,6 +412,10 @@ struct UpArgs {
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text or as JSON objects (one a line). Colour only on
+    /// a terminal; no timestamps of our own under journald.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 /// What a command ends with: an exit code, or an error to report.
@@ -443,9 +455,11 @@ fn printable_lines(text: &str) -> String {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let cli = match Cli::try_parse_from(&argv) {
+    let json = wants_json(&argv);
+    let cli = match parse(&argv) {
         Ok(cli) => cli,
-        Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
+        Err(Ok(e)) => return ExitCode::from(usage_error(e, json)),
+        Err(Err(e)) => return ExitCode::from(report(&e, json)),
     };
     let json = cli.common.json;
     let code = match run(cli, &argv) {
@@ -453,6 +467,20 @@ pub fn main() -> ExitCode {
         Err(e) => report(&e, json),
     };
     ExitCode::from(code)
+}
+
+/// The arguments, with what the config file sets where they left it open:
+/// a bad argument (clap's error) or a bad config file.
+fn parse(argv: &[OsString]) -> Result<Cli, Result<clap::Error, ApiError>> {
+    let matches = Cli::command().try_get_matches_from(argv).map_err(Ok)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(Ok)?;
+    let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
+    let up = match &mut cli.command {
+        Command::Up(a) => Some(a),
+        _ => None,
+    };
+    config::apply(&mut cli.common, up, sub).map_err(Err)?;
+    Ok(cli)
 }
 
 /// True if `--json` is among the arguments (before a `--`).
@@ -1269,21 +1297,59 @@ impl From<StartError> for ApiError {
         let code = match &e {
             StartError::NoRegistry | StartError::BadRegistry(_) => ErrorCode::Usage,
             StartError::Registry(_) => ErrorCode::RegistryUnreachable,
-            StartError::State(_) | StartError::Bind { .. } | StartError::Tun(_) => {
-                ErrorCode::StartFailed
-            }
+            StartError::State(_)
+            | StartError::Bind { .. }
+            | StartError::Tun(_)
+            | StartError::WrongRegistryKey(_) => ErrorCode::StartFailed,
         };
         ApiError::new(code, e.to_string())
     }
 }
 
+/// Set by `up` (background) for the daemon it starts: the log file its
+/// standard error already is, which the daemon then rotates
+/// ([`rotate::Rotating`]).
+const LOG_FILE_ENV: &str = "PILOT_LOG_FILE";
+
+/// Where the daemon logs: the rotating file `up` gave it, else stderr.
+fn log_output() -> Result<logging::Output, ApiError> {
+    let Some(path) = std::env::var_os(LOG_FILE_ENV).map(PathBuf::from) else {
+        return Ok(logging::Output::Stderr);
+    };
+    // Only if standard error really is that file (not a stale variable).
+    use std::os::unix::fs::MetadataExt;
+    let same = match (
+        std::fs::metadata(&path),
+        nix::sys::stat::fstat(std::io::stderr()),
+    ) {
+        (Ok(m), Ok(st)) => m.dev() == st.st_dev && m.ino() == st.st_ino,
+        _ => false,
+    };
+    if !same {
+        return Ok(logging::Output::Stderr);
+    }
+    rotate::Rotating::open(&path, rotate::DEFAULT_MAX_BYTES, rotate::DEFAULT_KEEP)
+        .and_then(|r| r.follow_stdio())
+        .map(logging::Output::File)
+        .map_err(|e| failed(ErrorCode::StartFailed, format!("cannot open the log: {e}")))
+}
+
+/// `up` needs CAP_NET_ADMIN (root has it); said before the state
+/// directory is touched, which would otherwise fail first, less clearly.
+fn preflight_caps() -> Result<(), ApiError> {
+    match caps::has(caps::CAP_NET_ADMIN) {
+        Some(false) => Err(failed(
+            ErrorCode::PermissionDenied,
+            "`up` needs root or CAP_NET_ADMIN (it creates the TUN interface and sets its address): run `sudo pilot-tun up ...`; under systemd, the unit in dist/systemd gives the service that capability",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(&args.log, args.log_format, log_output()?)
+        .map_err(|e| failed(ErrorCode::Usage, e.to_string()))?;
+    preflight_caps()?;
     preflight_tun()?;
     let state = StateDir::new(&common.state_dir);
     let registry = args
@@ -1340,6 +1406,12 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
     let offload = !args.no_offload;
     let json = common.json;
     let (metrics, metrics_per_peer) = (args.metrics, args.metrics_per_peer);
+    notify::status(&format!(
+        "starting: registering at {}",
+        args.registry
+            .as_deref()
+            .unwrap_or("the remembered registry")
+    ));
     rt.block_on(async move {
         let node = Node::start(cfg, |address, network| {
             KernelTun::create(&TunConfig {
@@ -1382,6 +1454,9 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             say!("{}", up_line(&dev, &status));
         }
         let _ = std::io::stdout().flush();
+        // The interface is up with its address and the control socket
+        // answers: ready, for systemd (Type=notify).
+        notify::ready(&printable(&up_line(&dev, &status)));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| failed(ErrorCode::StartFailed, format!("cannot watch SIGTERM: {e}")))?;
         tokio::select! {
@@ -1390,6 +1465,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             _ = term.recv() => {},
         }
         tracing::info!("stopping");
+        notify::stopping();
         node.shutdown().await;
         let _ = std::fs::remove_file(state.socket());
         Ok::<_, ApiError>(())
@@ -1439,7 +1515,9 @@ fn daemon_args(argv: &[OsString]) -> Vec<OsString> {
 }
 
 fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
+    preflight_caps()?;
     preflight_tun()?;
+    logging::filter(&args.log).map_err(|e| failed(ErrorCode::Usage, e.to_string()))?;
     let state = StateDir::new(&common.state_dir);
     state
         .create()
@@ -1462,17 +1540,17 @@ fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
             ),
         )
     };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    // Rotated here if it is full already, so the tail read below is of
+    // the file the daemon writes; the daemon rotates it from then on.
+    let log = rotate::Rotating::open(&log_path, rotate::DEFAULT_MAX_BYTES, rotate::DEFAULT_KEEP)
         .map_err(log_error)?;
-    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let log_start = log.file().metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = std::process::Command::new(exe);
     cmd.args(daemon_args(argv))
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(log_error)?)
-        .stderr(log);
+        .stdout(log.file().try_clone().map_err(log_error)?)
+        .stderr(log.file().try_clone().map_err(log_error)?)
+        .env(LOG_FILE_ENV, &log_path);
     // A session of its own, so the daemon outlives the shell that started it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| {

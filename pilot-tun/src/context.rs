@@ -251,6 +251,12 @@ impl<T: Tun> Context<T> {
         nat
     }
 
+    /// True if `to` answers a STUN binding request (a registry does,
+    /// whatever key a node expects of it).
+    pub async fn answers_stun(&self, to: SocketAddr) -> bool {
+        self.stun(to).await.is_some()
+    }
+
     async fn stun(&self, to: SocketAddr) -> Option<SocketAddr> {
         for _ in 0..3 {
             let mut tid = [0u8; 12];

@@ -52,16 +52,23 @@ pub enum StartError {
     )]
     BadRegistry(String),
     /// UDP socket.
-    #[error("cannot bind UDP {addr}: {source} (is another pilot-tun using the port? choose one with --listen)")]
+    #[error("cannot bind UDP {addr}: {why}; choose another port with --listen")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The error.
         source: std::io::Error,
+        /// What it means: for a busy port, who holds it.
+        why: String,
     },
     /// The registry could not be reached and there is no cached address.
     #[error("{0}; this node has no cached address yet, so it needs the registry once (check the join URL and that UDP to it is open)")]
     Registry(LinkError),
+    /// Something answers STUN at the registry's address, but no handshake
+    /// for the key in the join URL: the URL is for another registry, or
+    /// the registry's key changed.
+    #[error("the registry at {0} answered but not with the key in the join URL: copy the join URL again from the registry (pilot-registry prints it; also in its <state-dir>/join-url) and pass it with --registry")]
+    WrongRegistryKey(SocketAddr),
     /// The TUN device.
     #[error("{0}")]
     Tun(String),
@@ -116,11 +123,12 @@ impl<T: Tun> Node<T> {
         }
 
         let socket = bind_udp(cfg.listen, node_state.port)?;
-        let udp = Udp::new(socket, cfg.offload).map_err(|e| StartError::Bind {
-            addr: cfg
-                .listen
-                .unwrap_or_else(|| "0.0.0.0:0".parse().expect("literal")),
-            source: e,
+        let udp = Udp::new(socket, cfg.offload).map_err(|e| {
+            bind_error(
+                cfg.listen
+                    .unwrap_or_else(|| "0.0.0.0:0".parse().expect("literal")),
+                e,
+            )
         })?;
         let port = udp.local_addr().map(|a| a.port()).ok();
         if port.is_some() && node_state.port != port {
@@ -163,14 +171,14 @@ impl<T: Tun> Node<T> {
                 let _ = shared.net.set((a, n));
             }
             (Ok(Err(e)), None) => {
+                let e = diagnose(&ctx, e).await;
                 node.stop_tasks().await;
-                return Err(StartError::Registry(e));
+                return Err(e);
             }
             (Err(_), None) => {
+                let e = diagnose(&ctx, LinkError::Unreachable(ctx.link.join.addr)).await;
                 node.stop_tasks().await;
-                return Err(StartError::Registry(LinkError::Unreachable(
-                    ctx.link.join.addr,
-                )));
+                return Err(e);
             }
         }
         let Some(&(address, network)) = shared.net.get() else {
@@ -282,14 +290,40 @@ fn bind_udp(
     listen: Option<SocketAddr>,
     last_port: Option<u16>,
 ) -> Result<std::net::UdpSocket, StartError> {
-    let bind = |a: SocketAddr| {
-        std::net::UdpSocket::bind(a).map_err(|e| StartError::Bind { addr: a, source: e })
-    };
+    let bind = |a: SocketAddr| std::net::UdpSocket::bind(a).map_err(|e| bind_error(a, e));
     match (listen, last_port) {
         (Some(a), _) => bind(a),
         (None, Some(p)) => bind(SocketAddr::from(([0, 0, 0, 0], p)))
             .or_else(|_| bind(SocketAddr::from(([0, 0, 0, 0], 0)))),
         (None, None) => bind(SocketAddr::from(([0, 0, 0, 0], 0))),
+    }
+}
+
+/// A bind failure; a busy port names the process holding it.
+fn bind_error(addr: SocketAddr, source: std::io::Error) -> StartError {
+    let why = match source.kind() {
+        std::io::ErrorKind::AddrInUse => pilot_service::ports::udp_in_use(addr),
+        _ => source.to_string(),
+    };
+    StartError::Bind { addr, source, why }
+}
+
+/// Why registration failed, as precisely as can be told: no handshake
+/// answer but a STUN answer from the same address means the registry is
+/// there and refuses our handshake, and its MAC check (keyed by the
+/// registry's public key) is the one thing that silently drops a
+/// handshake from a node it has never seen: the key in the join URL is
+/// not its key.
+async fn diagnose<T: Tun>(ctx: &Context<T>, e: LinkError) -> StartError {
+    match e {
+        LinkError::Unreachable(addr) if ctx.link.session().is_none() => {
+            if ctx.answers_stun(addr).await {
+                StartError::WrongRegistryKey(addr)
+            } else {
+                StartError::Registry(e)
+            }
+        }
+        e => StartError::Registry(e),
     }
 }
 

@@ -407,3 +407,73 @@ fn audit_commands_say_what_is_missing() {
     let (code, v) = audit_json(dir.path(), &["verify", "--expect-head", "nonsense"]);
     assert_eq!((code, v["code"].as_str()), (Some(2), Some("usage")), "{v}");
 }
+
+#[test]
+fn config_file_errors_are_usage_errors_in_json_and_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("pilot-tun.toml");
+    std::fs::write(&cfg, "dev = \"pt0\"\nmtu = 10\n").unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let o = pilot_tun(dir.path(), &["--json", "--config", cfg, "up"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v = json_error(&o);
+    assert_eq!(v["code"], "usage");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("pilot-tun.toml:2: `mtu`: expected a whole number"),
+        "{e}"
+    );
+
+    let o = pilot_tun(dir.path(), &["--config", cfg, "up"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(":2: `mtu`"), "{}", stderr(&o));
+
+    // A file named with --config must exist; every command reads it.
+    let o = pilot_tun(
+        dir.path(),
+        &["--json", "status", "--config", "/nonexistent/p.toml"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let v = json_error(&o);
+    assert!(
+        v["error"].as_str().unwrap().contains("/nonexistent/p.toml"),
+        "{v}"
+    );
+}
+
+/// `up` without CAP_NET_ADMIN says so, in JSON too, and leaves the state
+/// directory alone (it used to fail on it first with a bare "Permission
+/// denied"). As root the test drops to nobody (which drops every
+/// capability).
+#[test]
+fn up_without_cap_net_admin_says_so_before_touching_the_state_directory() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pilot-tun"));
+    cmd.arg("--json")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["up", "--registry", "pilot://00@192.0.2.1:7946"])
+        .env_remove("PILOT_STATE_DIR");
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    } else if std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("CapEff:") && !l.ends_with("0000000000000000"))
+    {
+        eprintln!("skipped: this user has capabilities and is not root to drop them");
+        return;
+    }
+    let o = cmd.output().expect("run pilot-tun");
+    assert_eq!(o.status.code(), Some(4), "{}", stdout(&o));
+    let v = json_error(&o);
+    assert_eq!(v["code"], "permission_denied");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("root or CAP_NET_ADMIN") && e.contains("sudo"),
+        "{e}"
+    );
+    assert!(!state.exists(), "the state directory was not created");
+}
