@@ -18,15 +18,15 @@ use pilot_proto::audit;
 use pilot_proto::cert::{parse_tags, Certificate, OwnerKey, Revocation};
 use pilot_proto::cookie;
 use pilot_proto::handshake::{self, MacKey};
-use pilot_proto::identity::NodeId;
-use pilot_proto::succession::Succession;
 use pilot_proto::identity::Identity;
+use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{
     encode, ErrorCode, FromRegistry, NatType, PeerInfo, PeerRef, PushItem, Registration, Signed,
     Statement, StatementKind, ToRegistry,
 };
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::stun;
+use pilot_proto::succession::Succession;
 use pilot_proto::wire::{
     HandshakeInit, RelayHeader, DATA_HEADER_LEN, MSG_RELAY_FROM, MSG_RELAY_TO, RELAY_HEADER_LEN,
     TAG_LEN,
@@ -360,7 +360,12 @@ fn main() {
     let mut writer = audit::Writer::new();
     log.extend(
         writer
-            .append(&a, 1_800_000_000, "approve", &serde_json::json!({"peer": "beta"}))
+            .append(
+                &a,
+                1_800_000_000,
+                "approve",
+                &serde_json::json!({"peer": "beta"}),
+            )
             .expect("append"),
     );
     log.extend(writer.checkpoint(&a, 1_800_000_001));
@@ -374,5 +379,9 @@ fn main() {
     );
     out.put("fleet", "cookie-reply", &reply);
     out.put("wire", "cookie-reply", &reply);
-    out.put("wire", "init-with-cookie", &cookie::with_mac2(init, &[6; 16]));
+    out.put(
+        "wire",
+        "init-with-cookie",
+        &cookie::with_mac2(init, &[6; 16]),
+    );
 }

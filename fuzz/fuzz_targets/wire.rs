@@ -9,10 +9,9 @@
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::stun;
 use pilot_proto::wire::{
-    CookieReply,
-    self, DataHeader, HandshakeInit, HandshakeResp, Kind, RelayHeader, DATA_HEADER_LEN,
-    DATA_OVERHEAD, INIT_LEN, MAC_LEN, MSG_RELAY_FROM, MSG_RELAY_TO, NOISE_INIT_LEN, NOISE_RESP_LEN,
-    RELAY_HEADER_LEN, RESP_LEN,
+    self, CookieReply, DataHeader, HandshakeInit, HandshakeResp, Kind, RelayHeader,
+    DATA_HEADER_LEN, DATA_OVERHEAD, INIT_LEN, MAC_LEN, MSG_RELAY_FROM, MSG_RELAY_TO,
+    NOISE_INIT_LEN, NOISE_RESP_LEN, RELAY_HEADER_LEN, RESP_LEN,
 };
 
 fuzz_target!(|data: &[u8]| check(data, 0));
