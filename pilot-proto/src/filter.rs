@@ -206,6 +206,7 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::tests::ipv4;
     use crate::policy::{Contribution, Source};
     use std::net::Ipv4Addr;
     use std::time::Duration;
@@ -213,21 +214,6 @@ mod tests {
     const ME: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
     const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
     const T0: u64 = 1_800_000_000;
-
-    fn ipv4(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8], frag: (bool, u16)) -> Vec<u8> {
-        let mut p = vec![0u8; 20];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        p[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
-        let f = (u16::from(frag.0) << 13) | frag.1;
-        p[6..8].copy_from_slice(&f.to_be_bytes());
-        p[8] = 64;
-        p[9] = proto;
-        p[12..16].copy_from_slice(&src.octets());
-        p[16..20].copy_from_slice(&dst.octets());
-        p.extend_from_slice(l4);
-        p
-    }
 
     fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sp: u16, dp: u16) -> Vec<u8> {
         let mut l4 = sp.to_be_bytes().to_vec();

@@ -416,14 +416,21 @@ impl FragmentTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
     const B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 
     /// An IPv4 packet; `frag` is (more fragments, offset in 8-byte units).
-    fn ipv4(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8], frag: (bool, u16)) -> Vec<u8> {
+    /// (The filter's tests build theirs with it too.)
+    pub(crate) fn ipv4(
+        proto: u8,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        l4: &[u8],
+        frag: (bool, u16),
+    ) -> Vec<u8> {
         let mut p = vec![0u8; 20];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());

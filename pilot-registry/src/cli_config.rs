@@ -184,29 +184,7 @@ mod tests {
         .expect("dist/pilot-registry.toml")
     }
 
-    /// The example with every `# key = value` line uncommented.
-    fn uncommented(text: &str) -> String {
-        text.lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(rest)
-                    if rest.split_once(" = ").is_some_and(|(k, _)| {
-                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-                    }) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn keys(text: &str) -> Vec<String> {
-        text.lines()
-            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_string()))
-            .filter(|k| !k.starts_with('#'))
-            .collect()
-    }
+    use pilot_service::config::{keys_of as keys, uncomment_example as uncommented};
 
     fn parse_with(file: &str, args: &[&str]) -> Result<Cli, ConfigError> {
         let dir = tempfile::tempdir().unwrap();

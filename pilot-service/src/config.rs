@@ -132,6 +132,33 @@ pub fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// An annotated example file with every commented-out `# key = value`
+/// line made live: what the programs' tests parse, to check that the
+/// example names only real keys with valid values.
+pub fn uncomment_example(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The keys a (live) config text sets, in order.
+pub fn keys_of(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_string()))
+        .filter(|k| !k.starts_with('#'))
+        .collect()
+}
+
 /// The key of the `key = value` line around byte `offset`, if there is one.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let start = text[..offset.min(text.len())]
