@@ -30,6 +30,7 @@ struct RegistryFile {
     listen: Option<Spanned<String>>,
     advertise: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
+    database: Option<Spanned<String>>,
     network: Option<Spanned<String>>,
     relay_mbps: Option<Spanned<i64>>,
     relay: Option<Vec<Spanned<String>>>,
@@ -94,6 +95,12 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
     }
     if let (Some(d), false) = (&v.state_dir, given(m, "state_dir")) {
         cli.state_dir = relative_to(&file.path, d);
+    }
+    if let (Some(d), false) = (&v.database, given(m, "database")) {
+        cli.database = Some(
+            pilot_registry::storage_pg::parse_url(d.get_ref())
+                .map_err(|e| file.bad_value("database", d.span(), e))?,
+        );
     }
     if let (Some(n), false) = (&v.network, given(m, "network")) {
         let net: Ipv4Net = n.get_ref().parse().map_err(|_| {
@@ -240,6 +247,7 @@ mod tests {
 listen = "192.0.2.1:7000"
 advertise = "198.51.100.1:7000"
 state-dir = "/srv/reg"
+database = "postgres://pilot:secret@192.0.2.5:5433/reg"
 network = "10.99.0.0/16"
 relay-mbps = 50
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
@@ -258,6 +266,8 @@ log-format = "json"
                 "198.51.100.1:7000",
                 "--state-dir",
                 "/srv/reg",
+                "--database",
+                "postgres://pilot:secret@192.0.2.5:5433/reg",
                 "--network",
                 "10.99.0.0/16",
                 "--relay-mbps",
@@ -325,6 +335,10 @@ log-format = "json"
             ),
             ("advertise = 5\n", "1: `advertise`: "),
             ("log-format = \"xml\"\n", "1: `log-format`: "),
+            (
+                "database = \"/var/lib/pilot-registry/registry.db\"\n",
+                "1: `database`: ",
+            ),
         ];
         for (file, want) in cases {
             let e = parse_with(file, &[]).unwrap_err().to_string();

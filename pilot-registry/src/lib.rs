@@ -20,7 +20,8 @@
 //! - [`registrar`]: what a registration or statement may change.
 //! - [`fleet`]: which owner certificates and revocations are kept, in pages.
 //! - [`pool`], [`names`]: the address pool and hostname rules.
-//! - [`storage`]: persistence behind one trait (SQLite).
+//! - [`storage`]: persistence behind one trait (SQLite);
+//!   [`storage_pg`]: the same on PostgreSQL.
 //! - [`stats`], [`state`]: counters; the key file and join URL.
 //! - [`audit`]: the audit log's writer thread and per-minute counts.
 
@@ -39,6 +40,9 @@ pub mod sessions;
 pub mod state;
 pub mod stats;
 pub mod storage;
+pub mod storage_pg;
+#[cfg(test)]
+mod storage_suite;
 pub mod store;
 pub mod view;
 pub mod web;
@@ -46,4 +50,5 @@ pub mod web;
 pub use server::{Config, Registry};
 pub use stats::Stats;
 pub use storage::{SqliteStorage, Storage};
+pub use storage_pg::PgStorage;
 pub use view::View;

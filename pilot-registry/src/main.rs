@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
-use pilot_registry::{pool, server, state, Config, Registry, SqliteStorage};
+use pilot_registry::{pool, server, state, Config, PgStorage, Registry, SqliteStorage, Storage};
 use pilot_service::logging::{self, LogFormat};
 use pilot_service::{notify, ports};
 
@@ -56,6 +56,12 @@ struct Cli {
     /// Where the key, the database and the audit log live.
     #[arg(long, global = true, default_value = "/var/lib/pilot-registry")]
     state_dir: PathBuf,
+    /// Keep nodes, trust statements and certificates in PostgreSQL instead
+    /// of the SQLite file in --state-dir: a URL like
+    /// postgres://user:password@host:5432/dbname. Its tables are made and
+    /// migrated on start. (The key stays a file in --state-dir.)
+    #[arg(long, env = "PILOT_REGISTRY_DATABASE", value_name = "URL", value_parser = pilot_registry::storage_pg::parse_url, hide_env_values = true)]
+    database: Option<postgres::Config>,
     /// The overlay network addresses are handed out from: part of a private
     /// range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10),
     /// with a prefix between /8 and /28.
@@ -69,8 +75,9 @@ struct Cli {
     /// (repeatable). Start it with --relay-only on the same --state-dir.
     #[arg(long = "relay")]
     relays: Vec<SocketAddr>,
-    /// Only relay: share the registry's --state-dir (its key and database)
-    /// and forward tunnel datagrams between nodes that approved each other.
+    /// Only relay: share the registry's --state-dir (its key and database;
+    /// give the same --database too, if it has one) and forward tunnel
+    /// datagrams between nodes that approved each other.
     /// Nodes learn about it from the registry (--relay on the registry).
     #[arg(long)]
     relay_only: bool,
@@ -253,6 +260,22 @@ fn bind_error(addr: SocketAddr, e: std::io::Error, flag: &str) -> anyhow::Error 
     }
 }
 
+/// Where a `--database` points, for messages: user, host, port and
+/// database name, never the password.
+fn database_name(c: &postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "?".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{}",
+        c.get_user().unwrap_or(""),
+        c.get_dbname().unwrap_or("")
+    )
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("pilot-registry: error: {e:#}");
@@ -307,9 +330,21 @@ fn run() -> Result<()> {
         );
     }
     let secret = state::load_or_create_key(&cli.state_dir)?;
-    let db = cli.state_dir.join("registry.db");
-    let storage = SqliteStorage::open(&db)
-        .with_context(|| format!("cannot open the registry database {}", db.display()))?;
+    let (storage, database): (Box<dyn Storage>, String) = match cli.database.take() {
+        Some(url) => {
+            let at = database_name(&url);
+            let s = PgStorage::open(url).with_context(|| {
+                format!("cannot open the registry database {at} (is PostgreSQL running there, and do the user, password and database name in --database match?)")
+            })?;
+            (Box::new(s), at)
+        }
+        None => {
+            let db = cli.state_dir.join("registry.db");
+            let s = SqliteStorage::open(&db)
+                .with_context(|| format!("cannot open the registry database {}", db.display()))?;
+            (Box::new(s), db.display().to_string())
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -336,7 +371,7 @@ fn run() -> Result<()> {
             println!("join: {join}");
         }
         println!(
-            "network: {}  state: {}",
+            "network: {}  state: {}  database: {database}",
             cli.network,
             cli.state_dir.display()
         );

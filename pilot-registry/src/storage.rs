@@ -1,5 +1,5 @@
 //! Registry storage: one trait that only persists, and the embedded SQLite
-//! implementation.
+//! implementation (PostgreSQL is [`crate::storage_pg`]).
 //!
 //! The rules (which address a node gets, which hostname it may claim, which
 //! sequence numbers are new) live above this trait, in `registrar`, `pool`
@@ -22,6 +22,12 @@ pub enum StorageError {
     /// The database refused.
     #[error("database: {0}")]
     Db(rusqlite::Error),
+    /// The PostgreSQL server refused, or could not be reached.
+    #[error("PostgreSQL: {}", pg_detail(.0))]
+    Pg(postgres::Error),
+    /// The `--database` URL does not parse.
+    #[error("--database: {0}")]
+    Url(String),
     /// A write collided with a row another writer stored meanwhile (an
     /// address or hostname that must be unique). Re-read and decide again.
     #[error("conflicting write: {0}")]
@@ -40,6 +46,22 @@ pub enum StorageError {
     /// This backend does not keep what was asked to store.
     #[error("this storage backend keeps no {0}")]
     Unsupported(&'static str),
+}
+
+/// A PostgreSQL error with what the server or the socket said, not only
+/// its kind ("db error").
+pub(crate) fn pg_detail(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -193,11 +215,98 @@ pub trait Storage: Send {
     }
 }
 
-/// Current schema version.
+/// A boxed backend is a backend: `main` picks SQLite or PostgreSQL at run
+/// time. Every method is passed on, the defaulted ones too (a method
+/// added to the trait must be added here, or the box answers with the
+/// default instead of the backend).
+impl<T: Storage + ?Sized> Storage for Box<T> {
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
+        (**self).node(id)
+    }
+    fn node_by_address(&self, a: Ipv4Addr) -> Result<Option<NodeRow>, StorageError> {
+        (**self).node_by_address(a)
+    }
+    fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
+        (**self).node_by_name(name)
+    }
+    fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
+        (**self).address_taken(a)
+    }
+    fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        (**self).insert_node(row)
+    }
+    fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        (**self).update_node(row)
+    }
+    fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError> {
+        (**self).set_endpoints(id, endpoints)
+    }
+    fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError> {
+        (**self).statement_seq(from, to)
+    }
+    fn statement(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+    ) -> Result<Option<Signed<Statement>>, StorageError> {
+        (**self).statement(from, to)
+    }
+    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
+        (**self).put_statement(st)
+    }
+    fn approves(&self, from: &NodeId, to: &NodeId) -> Result<bool, StorageError> {
+        (**self).approves(from, to)
+    }
+    fn inbox(&self, to: &NodeId) -> Result<Vec<(u64, Signed<Statement>)>, StorageError> {
+        (**self).inbox(to)
+    }
+    fn ack(&mut self, to: &NodeId, push: u64) -> Result<(), StorageError> {
+        (**self).ack(to, push)
+    }
+    fn node_count(&self) -> Result<u64, StorageError> {
+        (**self).node_count()
+    }
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
+        (**self).put_cert(cert)
+    }
+    fn find_certs(
+        &self,
+        owner: &OwnerPublic,
+        tag: &Tag,
+        after: Option<&NodeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        (**self).find_certs(owner, tag, after, now, limit)
+    }
+    fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+        (**self).put_revocation(r)
+    }
+    fn revoked(&self, owner: &OwnerPublic, node: &NodeId) -> Result<bool, StorageError> {
+        (**self).revoked(owner, node)
+    }
+    fn revocation_counts(&self, owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        (**self).revocation_counts(owner)
+    }
+    fn find_revocations(
+        &self,
+        owner: &OwnerPublic,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        (**self).find_revocations(owner, after, limit)
+    }
+    fn nodes(&self, limit: usize) -> Result<Vec<NodeRow>, StorageError> {
+        (**self).nodes(limit)
+    }
+}
+
+/// Current schema version (of both backends: their migrations go in step).
 pub const SCHEMA_VERSION: i64 = 3;
 
-/// Versioned migrations; entry `i` moves the schema from version `i` to `i+1`.
-const MIGRATIONS: &[&str] = &[
+/// Versioned migrations; entry `i` moves the schema from version `i` to
+/// `i+1`. A new one goes into [`crate::storage_pg::MIGRATIONS`] too.
+pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     r#"
 CREATE TABLE nodes (
     node_id    TEXT PRIMARY KEY,
@@ -255,12 +364,12 @@ CREATE TABLE revocations (
 
 /// A Unix time or count as SQLite's signed integer (times past year
 /// 292 billion are as good as never).
-fn sql_u64(v: u64) -> i64 {
+pub(crate) fn sql_u64(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
 /// The lower bound for "ids after `after`": every hex id is above "".
-fn after_key(after: Option<&NodeId>) -> String {
+pub(crate) fn after_key(after: Option<&NodeId>) -> String {
     after.map(NodeId::to_string).unwrap_or_default()
 }
 
@@ -281,7 +390,18 @@ impl SqliteStorage {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(mut conn: Connection) -> Result<Self, StorageError> {
+    /// Opens and migrates up to `version` only (tests start from an older
+    /// schema with it).
+    #[cfg(test)]
+    pub(crate) fn open_at(path: &Path, version: i64) -> Result<Self, StorageError> {
+        Self::init_to(Connection::open(path)?, version)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StorageError> {
+        Self::init_to(conn, SCHEMA_VERSION)
+    }
+
+    fn init_to(mut conn: Connection, target: i64) -> Result<Self, StorageError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -290,13 +410,25 @@ impl SqliteStorage {
         if version > SCHEMA_VERSION {
             return Err(StorageError::TooNew(version));
         }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        for (i, m) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .take(target.max(0) as usize)
+            .skip(version as usize)
+        {
             let tx = conn.transaction()?;
             tx.execute_batch(m)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
         Ok(SqliteStorage { conn })
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StorageError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
@@ -328,19 +460,20 @@ impl SqliteStorage {
     }
 }
 
-struct RawNode {
-    ed: Vec<u8>,
-    st: Vec<u8>,
-    binding: Vec<u8>,
-    address: u32,
-    hostname: Option<String>,
-    reg_seq: i64,
-    endpoints: String,
-    reg_digest: Option<Vec<u8>>,
+/// A node's columns as stored, before they are checked.
+pub(crate) struct RawNode {
+    pub(crate) ed: Vec<u8>,
+    pub(crate) st: Vec<u8>,
+    pub(crate) binding: Vec<u8>,
+    pub(crate) address: u32,
+    pub(crate) hostname: Option<String>,
+    pub(crate) reg_seq: i64,
+    pub(crate) endpoints: String,
+    pub(crate) reg_digest: Option<Vec<u8>>,
 }
 
 impl RawNode {
-    fn decode(self) -> Result<NodeRow, StorageError> {
+    pub(crate) fn decode(self) -> Result<NodeRow, StorageError> {
         let corrupt = |d: &str| StorageError::Corrupt {
             table: "nodes",
             detail: d.to_string(),
@@ -368,7 +501,7 @@ impl RawNode {
     }
 }
 
-fn join_endpoints(endpoints: &[SocketAddr]) -> String {
+pub(crate) fn join_endpoints(endpoints: &[SocketAddr]) -> String {
     endpoints
         .iter()
         .map(|a| a.to_string())
@@ -688,9 +821,10 @@ fn collect_by_node(
 
 #[cfg(test)]
 mod tests {
+    //! What only SQLite has; the rest is in `storage_suite`, run against
+    //! every backend.
     use super::*;
     use pilot_proto::identity::Identity;
-    use pilot_proto::messages::StatementKind;
 
     fn id(n: u8) -> Identity {
         Identity::from_bytes(&[n; 64])
@@ -708,331 +842,6 @@ mod tests {
             reg_seq: 1,
             reg_digest: Some([n; 32]),
         }
-    }
-
-    #[test]
-    fn nodes_survive_a_reopen_and_are_found_three_ways() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        {
-            let mut s = SqliteStorage::open(&path).unwrap();
-            s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
-            s.insert_node(&row(2, 6, None)).unwrap();
-        }
-        let s = SqliteStorage::open(&path).unwrap();
-        let a = id(1).node_id();
-        assert_eq!(s.node(&a).unwrap(), Some(row(1, 5, Some("alpha"))));
-        assert_eq!(
-            s.node_by_name("alpha").unwrap().unwrap().identity,
-            id(1).public()
-        );
-        assert_eq!(
-            s.node_by_address(Ipv4Addr::new(10, 77, 0, 6))
-                .unwrap()
-                .unwrap()
-                .identity,
-            id(2).public()
-        );
-        assert!(s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
-        assert!(!s.address_taken(Ipv4Addr::new(10, 77, 0, 7)).unwrap());
-        assert_eq!(s.node_count().unwrap(), 2);
-        assert_eq!(s.node(&id(3).node_id()).unwrap(), None);
-    }
-
-    #[test]
-    fn nodes_are_listed_by_address_up_to_the_limit() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        s.insert_node(&row(1, 9, Some("alpha"))).unwrap();
-        s.insert_node(&row(2, 3, None)).unwrap();
-        s.insert_node(&row(3, 6, Some("gamma"))).unwrap();
-        let all = s.nodes(10).unwrap();
-        assert_eq!(
-            all.iter()
-                .map(|r| r.address.octets()[3])
-                .collect::<Vec<_>>(),
-            vec![3, 6, 9]
-        );
-        assert_eq!(all[2], row(1, 9, Some("alpha")));
-        assert_eq!(s.nodes(2).unwrap().len(), 2);
-        assert!(s.nodes(0).unwrap().is_empty());
-    }
-
-    #[test]
-    fn unique_address_and_hostname_are_conflicts() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
-        assert!(matches!(
-            s.insert_node(&row(2, 5, None)),
-            Err(StorageError::Conflict(_))
-        ));
-        assert!(matches!(
-            s.insert_node(&row(2, 6, Some("alpha"))),
-            Err(StorageError::Conflict(_))
-        ));
-        s.insert_node(&row(2, 6, None)).unwrap();
-        assert!(matches!(
-            s.update_node(&row(2, 6, Some("alpha"))),
-            Err(StorageError::Conflict(_))
-        ));
-        assert!(
-            matches!(
-                s.update_node(&row(3, 7, None)),
-                Err(StorageError::Conflict(_))
-            ),
-            "updating a node that is not stored"
-        );
-    }
-
-    #[test]
-    fn update_keeps_the_address_and_replaces_the_rest() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        s.insert_node(&row(1, 5, None)).unwrap();
-        let mut r = row(1, 9, Some("alpha"));
-        r.reg_seq = 7;
-        r.endpoints = vec!["198.51.100.1:1".parse().unwrap()];
-        r.reg_digest = Some([9; 32]);
-        s.update_node(&r).unwrap();
-        let got = s.node(&id(1).node_id()).unwrap().unwrap();
-        assert_eq!(
-            got.address,
-            Ipv4Addr::new(10, 77, 0, 5),
-            "address is permanent"
-        );
-        assert_eq!((got.hostname.as_deref(), got.reg_seq), (Some("alpha"), 7));
-        assert_eq!(got.endpoints, r.endpoints);
-        assert_eq!(got.reg_digest, Some([9; 32]));
-        s.set_endpoints(&id(1).node_id(), &[]).unwrap();
-        assert!(s
-            .node(&id(1).node_id())
-            .unwrap()
-            .unwrap()
-            .endpoints
-            .is_empty());
-    }
-
-    #[test]
-    fn statements_are_stored_per_pair_and_queued() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        let (a, b) = (id(1), id(2));
-        let st = |kind, seq| {
-            Signed::sign(
-                Statement {
-                    kind,
-                    from: a.public(),
-                    to: b.node_id(),
-                    seq,
-                },
-                &a,
-            )
-        };
-        let (an, bn) = (a.node_id(), b.node_id());
-        assert_eq!(s.statement_seq(&an, &bn).unwrap(), None);
-        assert_eq!(s.statement(&an, &bn).unwrap(), None);
-        assert!(!s.approves(&an, &bn).unwrap());
-        let p1 = s.put_statement(&st(StatementKind::Approve, 3)).unwrap();
-        assert!(s.approves(&an, &bn).unwrap());
-        assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(3));
-        s.put_statement(&st(StatementKind::Revoke, 4)).unwrap();
-        assert!(!s.approves(&an, &bn).unwrap());
-        assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(4));
-        assert_eq!(
-            s.statement(&an, &bn).unwrap(),
-            Some(st(StatementKind::Revoke, 4)),
-            "the newest, exactly as signed"
-        );
-        assert_eq!(s.statement(&bn, &an).unwrap(), None);
-        let inbox = s.inbox(&bn).unwrap();
-        assert_eq!(inbox.len(), 2);
-        assert_eq!(inbox[0].0, p1);
-        assert_eq!(inbox[1].1, st(StatementKind::Revoke, 4));
-        s.ack(&bn, p1).unwrap();
-        assert_eq!(s.inbox(&bn).unwrap().len(), 1);
-        // Someone else cannot ack b's mail.
-        s.ack(&an, inbox[1].0).unwrap();
-        assert_eq!(s.inbox(&bn).unwrap().len(), 1);
-    }
-
-    fn owner(n: u8) -> OwnerPublic {
-        OwnerPublic([n; 32])
-    }
-
-    fn tags(list: &str) -> Vec<Tag> {
-        pilot_proto::cert::parse_tags(list).unwrap()
-    }
-
-    fn nid(n: u8) -> NodeId {
-        NodeId([n; 16])
-    }
-
-    fn cert(holder: u8, o: u8, list: &str, expires_at: u64) -> CertRow {
-        CertRow {
-            holder: nid(holder),
-            owner: owner(o),
-            tags: tags(list),
-            expires_at,
-            bytes: vec![holder, o, list.len() as u8],
-        }
-    }
-
-    fn holders(found: &[(NodeId, Vec<u8>)]) -> Vec<NodeId> {
-        found.iter().map(|(n, _)| *n).collect()
-    }
-
-    #[test]
-    fn certificates_are_found_by_owner_and_tag_in_pages_while_live() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        let build: Tag = "build".parse().unwrap();
-        for h in 1..=5 {
-            s.put_cert(&cert(h, 1, "build,ci", 1000)).unwrap();
-        }
-        s.put_cert(&cert(6, 1, "cache", 1000)).unwrap();
-        s.put_cert(&cert(7, 2, "build", 1000)).unwrap();
-        s.put_cert(&cert(8, 1, "build", 500)).unwrap();
-        let find = |s: &SqliteStorage, after: Option<NodeId>, now, limit| {
-            s.find_certs(&owner(1), &build, after.as_ref(), now, limit)
-                .unwrap()
-        };
-        // Owner 1's `build` holders, in id order; not 6 (another tag), not
-        // 7 (another owner).
-        let all = find(&s, None, 100, 100);
-        assert_eq!(
-            holders(&all),
-            [1, 2, 3, 4, 5, 8].map(nid),
-            "every live match, ordered"
-        );
-        assert_eq!(all[0].1, cert(1, 1, "build,ci", 1000).bytes);
-        // Pages of two.
-        let p1 = find(&s, None, 100, 2);
-        assert_eq!(holders(&p1), [nid(1), nid(2)]);
-        let p2 = find(&s, Some(nid(2)), 100, 2);
-        assert_eq!(holders(&p2), [nid(3), nid(4)]);
-        let p3 = find(&s, Some(nid(4)), 100, 2);
-        assert_eq!(holders(&p3), [nid(5), nid(8)]);
-        assert!(find(&s, Some(nid(8)), 100, 2).is_empty());
-        // Expiry: 8 is gone at 500, everything at 1000.
-        assert_eq!(holders(&find(&s, None, 499, 100)).len(), 6);
-        assert_eq!(holders(&find(&s, None, 500, 100)), [1, 2, 3, 4, 5].map(nid));
-        assert!(find(&s, None, 1000, 100).is_empty());
-        assert!(find(&s, None, u64::MAX, 100).is_empty());
-        // A holder's new certificate replaces the old one with its tags.
-        assert!(!s.put_cert(&cert(3, 1, "build,ci", 1000)).unwrap(), "same");
-        assert!(s.put_cert(&cert(3, 2, "cache", 2000)).unwrap());
-        assert_eq!(holders(&find(&s, None, 100, 100)), [1, 2, 4, 5, 8].map(nid));
-        let by2 = s
-            .find_certs(&owner(2), &"cache".parse().unwrap(), None, 100, 10)
-            .unwrap();
-        assert_eq!(by2, vec![(nid(3), cert(3, 2, "cache", 2000).bytes)]);
-        // An expiry past i64 is kept as the largest one SQLite holds.
-        s.put_cert(&cert(9, 1, "build", u64::MAX)).unwrap();
-        let late = i64::MAX as u64 - 1;
-        assert_eq!(holders(&find(&s, Some(nid(8)), late, 100)), [nid(9)]);
-    }
-
-    #[test]
-    fn revocations_are_kept_once_paged_and_withdraw_certificates() {
-        let mut s = SqliteStorage::in_memory().unwrap();
-        let build: Tag = "build".parse().unwrap();
-        for h in 1..=3 {
-            s.put_cert(&cert(h, 1, "build", 1000)).unwrap();
-        }
-        s.put_cert(&cert(4, 2, "build", 1000)).unwrap();
-        let rev = |o: u8, n: u8, b: u8| RevocationRow {
-            owner: owner(o),
-            node: nid(n),
-            bytes: vec![o, n, b],
-        };
-        assert!(!s.revoked(&owner(1), &nid(2)).unwrap());
-        assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (0, 0));
-        assert!(s.put_revocation(&rev(1, 2, 0)).unwrap(), "new");
-        assert!(!s.put_revocation(&rev(1, 2, 0)).unwrap(), "a resend");
-        assert!(
-            !s.put_revocation(&rev(1, 2, 9)).unwrap(),
-            "another revocation of the same node changes nothing"
-        );
-        assert!(s.revoked(&owner(1), &nid(2)).unwrap());
-        assert!(!s.revoked(&owner(2), &nid(2)).unwrap());
-        // The revoked node's certificate from that owner is gone.
-        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
-        assert_eq!(holders(&found), [nid(1), nid(3)]);
-        // Owner 2 revoking node 1 does not touch owner 1's certificate of it.
-        assert!(s.put_revocation(&rev(2, 1, 0)).unwrap());
-        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
-        assert_eq!(holders(&found), [nid(1), nid(3)]);
-        // Published after its revocation (the rules refuse that; storage
-        // still never lists it).
-        s.put_cert(&cert(2, 1, "build", 1000)).unwrap();
-        let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
-        assert_eq!(holders(&found), [nid(1), nid(3)]);
-        // Paging, in node order, with the first bytes kept.
-        for n in [9, 5, 7] {
-            assert!(s.put_revocation(&rev(1, n, 0)).unwrap());
-        }
-        assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (4, 5));
-        let p1 = s.find_revocations(&owner(1), None, 3).unwrap();
-        assert_eq!(holders(&p1), [2, 5, 7].map(nid));
-        assert_eq!(p1[0].1, vec![1, 2, 0]);
-        let p2 = s.find_revocations(&owner(1), Some(&nid(7)), 3).unwrap();
-        assert_eq!(holders(&p2), [nid(9)]);
-        assert_eq!(
-            holders(&s.find_revocations(&owner(2), None, 3).unwrap()),
-            [nid(1)]
-        );
-        assert!(s.find_revocations(&owner(3), None, 3).unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_version_2_database_is_migrated_and_keeps_its_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        let (a, b) = (id(1), id(2));
-        let st = Signed::sign(
-            Statement {
-                kind: StatementKind::Approve,
-                from: a.public(),
-                to: b.node_id(),
-                seq: 3,
-            },
-            &a,
-        );
-        {
-            // A registry of schema version 2, with a node and a statement.
-            let conn = Connection::open(&path).unwrap();
-            for m in &MIGRATIONS[..2] {
-                conn.execute_batch(m).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 2).unwrap();
-            let mut s = SqliteStorage { conn };
-            s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
-            s.put_statement(&st).unwrap();
-            assert!(s.conn.prepare("SELECT 1 FROM certs").is_err());
-        }
-        let mut s = SqliteStorage::open(&path).unwrap();
-        let version: i64 = s
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(
-            s.node(&a.node_id()).unwrap(),
-            Some(row(1, 5, Some("alpha")))
-        );
-        assert_eq!(s.statement(&a.node_id(), &b.node_id()).unwrap(), Some(st));
-        assert_eq!(s.inbox(&b.node_id()).unwrap().len(), 1);
-        // The new tables work, and survive a reopen.
-        s.put_cert(&cert(1, 1, "build", 1000)).unwrap();
-        s.put_revocation(&RevocationRow {
-            owner: owner(1),
-            node: nid(2),
-            bytes: vec![1],
-        })
-        .unwrap();
-        drop(s);
-        let s = SqliteStorage::open(&path).unwrap();
-        let found = s
-            .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
-            .unwrap();
-        assert_eq!(holders(&found), [nid(1)]);
-        assert!(s.revoked(&owner(1), &nid(2)).unwrap());
     }
 
     #[test]

@@ -1,0 +1,662 @@
+//! PostgreSQL behind the [`Storage`] trait: the same tables, migrations and
+//! answers as the embedded SQLite, on a server that several registry
+//! instances can share (`pilot-registry --database postgres://…`).
+//!
+//! Why the synchronous `postgres` crate (the blocking face of
+//! `tokio-postgres`): the trait is synchronous and runs on the storage
+//! thread ([`crate::store`]), never on the packet task. `postgres` drives
+//! `tokio-postgres` on a small current-thread runtime of its own, inside
+//! that thread, so a slow database stalls the storage queue (whose callers
+//! answer "busy") and never the socket loop; and the registry's own runtime
+//! never blocks on a query. The one rule that follows: open and use a
+//! [`PgStorage`] outside any async context (main opens it before the
+//! registry's runtime starts; the storage thread is a plain thread).
+//!
+//! Every method that changes state commits before it returns (PostgreSQL's
+//! default `synchronous_commit = on`), as the trait asks. A lost connection
+//! fails the call in progress; the next call connects again. Statements are
+//! prepared once per connection. Identifiers are compared bytewise
+//! (`COLLATE "C"`), as SQLite does, so paging "ids after X" is the same on
+//! both whatever the database's locale. Connections are plain TCP or a Unix
+//! socket without TLS: put the database on the registry's host or a
+//! private network.
+
+use std::cell::{RefCell, RefMut};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use pilot_proto::cert::{OwnerPublic, Tag};
+use pilot_proto::identity::NodeId;
+use pilot_proto::messages::{self, Signed, Statement};
+use postgres::error::SqlState;
+use postgres::{Client, Config, NoTls, Row, Statement as Prepared};
+use tracing::warn;
+
+use crate::storage::{
+    after_key, join_endpoints, pg_detail, sql_u64, CertRow, NodeRow, RawNode, RevocationRow,
+    Storage, StorageError, SCHEMA_VERSION,
+};
+
+/// Versioned migrations, as [`crate::storage`]'s for SQLite: entry `i`
+/// moves the schema from version `i` to `i+1`, and both backends share the
+/// version numbers (the array length makes a migration added to one list
+/// and not the other a compile error).
+pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
+CREATE TABLE nodes (
+    node_id    TEXT COLLATE "C" PRIMARY KEY,
+    ed_public  BYTEA NOT NULL,
+    static_pub BYTEA NOT NULL,
+    binding    BYTEA NOT NULL,
+    address    BIGINT NOT NULL UNIQUE,
+    hostname   TEXT UNIQUE,
+    reg_seq    BIGINT NOT NULL,
+    endpoints  TEXT NOT NULL DEFAULT '',
+    created    BIGINT NOT NULL DEFAULT (extract(epoch FROM now())::bigint)
+);
+CREATE TABLE statements (
+    from_id  TEXT COLLATE "C" NOT NULL,
+    to_id    TEXT COLLATE "C" NOT NULL,
+    seq      BIGINT NOT NULL,
+    approves BOOLEAN NOT NULL,
+    body     BYTEA NOT NULL,
+    PRIMARY KEY (from_id, to_id)
+);
+CREATE TABLE inbox (
+    id    BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    to_id TEXT COLLATE "C" NOT NULL,
+    body  BYTEA NOT NULL
+);
+CREATE INDEX inbox_to ON inbox (to_id, id);
+"#,
+    r#"
+ALTER TABLE nodes ADD COLUMN reg_digest BYTEA;
+"#,
+    r#"
+CREATE TABLE certs (
+    holder     TEXT COLLATE "C" PRIMARY KEY,
+    owner      BYTEA NOT NULL,
+    expires_at BIGINT NOT NULL,
+    bytes      BYTEA NOT NULL
+);
+CREATE TABLE cert_tags (
+    owner  BYTEA NOT NULL,
+    tag    TEXT COLLATE "C" NOT NULL,
+    holder TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (owner, tag, holder)
+);
+CREATE INDEX cert_tags_holder ON cert_tags (holder);
+CREATE TABLE revocations (
+    owner BYTEA NOT NULL,
+    node  TEXT COLLATE "C" NOT NULL,
+    bytes BYTEA NOT NULL,
+    PRIMARY KEY (owner, node)
+);
+"#,
+];
+
+/// The advisory lock two instances starting at once take around their
+/// migrations, so one migrates and the other then finds it done.
+const MIGRATION_LOCK: i64 = 0x7069_6c6f_7472_6567; // "pilotreg"
+
+/// How long opening a connection may take when the URL does not say
+/// (`connect_timeout=`): a registry that cannot reach its database says so
+/// instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `--database` value: a PostgreSQL URL (`postgres://user:password@
+/// host:port/dbname?options`) or `key=value` connection string.
+pub fn parse_url(s: &str) -> Result<Config, String> {
+    let config: Config = s.parse().map_err(|e| {
+        format!(
+            "{}; expected a PostgreSQL URL like postgres://user:password@127.0.0.1:5432/pilot",
+            pg_detail(&e)
+        )
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err(
+            "the URL names no host; expected one like postgres://user:password@127.0.0.1:5432/pilot"
+                .into(),
+        );
+    }
+    Ok(config)
+}
+
+impl From<postgres::Error> for StorageError {
+    fn from(e: postgres::Error) -> Self {
+        match e.code() {
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StorageError::Conflict(pg_detail(&e)),
+            _ => StorageError::Pg(e),
+        }
+    }
+}
+
+/// True if `e` means the connection is gone (the server ended the session,
+/// or the socket failed): the next call must connect again.
+fn connection_lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(db) = e.as_db_error() {
+        return matches!(db.severity(), "FATAL" | "PANIC");
+    }
+    std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// One connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Prepared>,
+    /// A call failed because the connection is gone.
+    lost: bool,
+}
+
+type Params<'a> = &'a [&'a (dyn postgres::types::ToSql + Sync)];
+
+impl Conn {
+    fn open(config: &Config) -> Result<Self, StorageError> {
+        Ok(Conn {
+            client: config.connect(NoTls)?,
+            prepared: HashMap::new(),
+            lost: false,
+        })
+    }
+
+    /// `r` as the trait's result, noting a lost connection on the way.
+    fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, StorageError> {
+        r.map_err(|e| {
+            self.lost |= connection_lost(&e);
+            e.into()
+        })
+    }
+
+    /// `sql` prepared on this connection (once).
+    fn stmt(&mut self, sql: &'static str) -> Result<Prepared, StorageError> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let r = self.client.prepare(sql);
+        let s = self.check(r)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
+        let s = self.stmt(sql)?;
+        let r = self.client.query(&s, params);
+        self.check(r)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, StorageError> {
+        let s = self.stmt(sql)?;
+        let r = self.client.query_opt(&s, params);
+        self.check(r)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, StorageError> {
+        let s = self.stmt(sql)?;
+        let r = self.client.execute(&s, params);
+        self.check(r)
+    }
+
+    /// Runs `f` in a transaction and commits it (rolled back if `f` fails).
+    fn transact<R>(
+        &mut self,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<R, postgres::Error>,
+    ) -> Result<R, StorageError> {
+        let r = (|| {
+            let mut tx = self.client.transaction()?;
+            let out = f(&mut tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        self.check(r)
+    }
+}
+
+/// Registry storage on a PostgreSQL server.
+pub struct PgStorage {
+    config: Config,
+    // The trait reads through `&self` but a client queries through
+    // `&mut`; the storage thread is the only user (the trait is `Send`,
+    // not `Sync`), so a borrow never meets another.
+    conn: RefCell<Conn>,
+}
+
+impl PgStorage {
+    /// Connects to the database at `url` and migrates it to
+    /// [`SCHEMA_VERSION`] (creating the tables in an empty database).
+    pub fn connect(url: &str) -> Result<Self, StorageError> {
+        let config = parse_url(url).map_err(StorageError::Url)?;
+        Self::open(config)
+    }
+
+    /// [`PgStorage::connect`] with a parsed configuration.
+    pub fn open(config: Config) -> Result<Self, StorageError> {
+        Self::open_at(config, SCHEMA_VERSION)
+    }
+
+    /// Opens and migrates up to `version` only (tests start from an older
+    /// schema with it).
+    pub(crate) fn open_at(mut config: Config, version: i64) -> Result<Self, StorageError> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("pilot-registry");
+        }
+        let mut conn = Conn::open(&config)?;
+        migrate(&mut conn.client, version)?;
+        Ok(PgStorage {
+            config,
+            conn: RefCell::new(conn),
+        })
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64, StorageError> {
+        let mut c = self.conn()?;
+        let row = c.query_opt("SELECT version FROM schema_version", &[])?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(0))
+    }
+
+    /// The connection, opened again if the last one was lost.
+    fn conn(&self) -> Result<RefMut<'_, Conn>, StorageError> {
+        let mut c = self.conn.borrow_mut();
+        if c.lost || c.client.is_closed() {
+            warn!("the PostgreSQL connection was lost; connecting again");
+            *c = Conn::open(&self.config)?;
+        }
+        Ok(c)
+    }
+
+    fn query_node(
+        &self,
+        sql: &'static str,
+        p: &(dyn postgres::types::ToSql + Sync),
+    ) -> Result<Option<NodeRow>, StorageError> {
+        let row = self.conn()?.query_opt(sql, &[p])?;
+        row.map(|r| raw_node(&r)?.decode()).transpose()
+    }
+}
+
+/// Brings the schema to `target`, in one transaction under the migration
+/// lock.
+fn migrate(client: &mut Client, target: i64) -> Result<(), StorageError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let version: i64 = match tx.query_opt("SELECT version FROM schema_version", &[])? {
+        Some(r) => r.try_get(0)?,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::TooNew(version));
+    }
+    if version >= target {
+        return Ok(());
+    }
+    for m in &MIGRATIONS[version as usize..target as usize] {
+        tx.batch_execute(m)?;
+    }
+    tx.execute("UPDATE schema_version SET version = $1", &[&target])?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn raw_node(r: &Row) -> Result<RawNode, StorageError> {
+    let address: i64 = r.try_get(3)?;
+    Ok(RawNode {
+        ed: r.try_get(0)?,
+        st: r.try_get(1)?,
+        binding: r.try_get(2)?,
+        address: u32::try_from(address).map_err(|_| StorageError::Corrupt {
+            table: "nodes",
+            detail: format!("address {address}"),
+        })?,
+        hostname: r.try_get(4)?,
+        reg_seq: r.try_get(5)?,
+        endpoints: r.try_get(6)?,
+        reg_digest: r.try_get(7)?,
+    })
+}
+
+/// Decodes a stored statement.
+fn statement_of(body: &[u8], table: &'static str) -> Result<Signed<Statement>, StorageError> {
+    messages::decode(body).map_err(|e| StorageError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+/// Reads (node id text, bytes) rows.
+fn by_node(rows: Vec<Row>, table: &'static str) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+    rows.iter()
+        .map(|r| {
+            let id: String = r.try_get(0)?;
+            let id = id.parse().map_err(|_| StorageError::Corrupt {
+                table,
+                detail: format!("node id '{id}'"),
+            })?;
+            Ok((id, r.try_get(1)?))
+        })
+        .collect()
+}
+
+// The SQL lives in constants so each is prepared once per connection (the
+// cache is keyed by the text).
+macro_rules! select_node {
+    ($where:literal) => {
+        concat!(
+            "SELECT ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest FROM nodes WHERE ",
+            $where
+        )
+    };
+}
+
+impl Storage for PgStorage {
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
+        self.query_node(select_node!("node_id = $1"), &id.to_string())
+    }
+
+    fn node_by_address(&self, a: Ipv4Addr) -> Result<Option<NodeRow>, StorageError> {
+        self.query_node(select_node!("address = $1"), &i64::from(u32::from(a)))
+    }
+
+    fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
+        self.query_node(select_node!("hostname = $1"), &name)
+    }
+
+    fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
+        Ok(self
+            .conn()?
+            .query_opt(
+                "SELECT 1 FROM nodes WHERE address = $1",
+                &[&i64::from(u32::from(a))],
+            )?
+            .is_some())
+    }
+
+    fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        self.conn()?.execute(
+            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &row.identity.node_id().to_string(),
+                &&row.identity.ed_public[..],
+                &&row.identity.static_public[..],
+                &row.identity.binding,
+                &i64::from(u32::from(row.address)),
+                &row.hostname,
+                &(row.reg_seq as i64),
+                &join_endpoints(&row.endpoints),
+                &row.reg_digest.as_ref().map(|d| &d[..]),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
+        let id = row.identity.node_id().to_string();
+        let n = self.conn()?.execute(
+            "UPDATE nodes SET static_pub = $2, binding = $3, hostname = $4, reg_seq = $5, endpoints = $6, reg_digest = $7 WHERE node_id = $1",
+            &[
+                &id,
+                &&row.identity.static_public[..],
+                &row.identity.binding,
+                &row.hostname,
+                &(row.reg_seq as i64),
+                &join_endpoints(&row.endpoints),
+                &row.reg_digest.as_ref().map(|d| &d[..]),
+            ],
+        )?;
+        if n == 0 {
+            return Err(StorageError::Conflict(format!("node {id} is not stored")));
+        }
+        Ok(())
+    }
+
+    fn set_endpoints(&mut self, id: &NodeId, endpoints: &[SocketAddr]) -> Result<(), StorageError> {
+        self.conn()?.execute(
+            "UPDATE nodes SET endpoints = $2 WHERE node_id = $1",
+            &[&id.to_string(), &join_endpoints(endpoints)],
+        )?;
+        Ok(())
+    }
+
+    fn statement_seq(&self, from: &NodeId, to: &NodeId) -> Result<Option<u64>, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT seq FROM statements WHERE from_id = $1 AND to_id = $2",
+            &[&from.to_string(), &to.to_string()],
+        )?;
+        Ok(row
+            .map(|r| r.try_get::<_, i64>(0))
+            .transpose()?
+            .map(|s| s as u64))
+    }
+
+    fn statement(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+    ) -> Result<Option<Signed<Statement>>, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT body FROM statements WHERE from_id = $1 AND to_id = $2",
+            &[&from.to_string(), &to.to_string()],
+        )?;
+        row.map(|r| statement_of(r.try_get(0)?, "statements"))
+            .transpose()
+    }
+
+    fn put_statement(&mut self, st: &Signed<Statement>) -> Result<u64, StorageError> {
+        let from = st.body.from.node_id().to_string();
+        let to = st.body.to.to_string();
+        let body = messages::encode(st).map_err(|e| StorageError::Corrupt {
+            table: "statements",
+            detail: e.to_string(),
+        })?;
+        let mut c = self.conn()?;
+        let upsert = c.stmt(
+            "INSERT INTO statements (from_id, to_id, seq, approves, body) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (from_id, to_id) DO UPDATE SET seq = $3, approves = $4, body = $5",
+        )?;
+        let queue = c.stmt("INSERT INTO inbox (to_id, body) VALUES ($1, $2) RETURNING id")?;
+        let id: i64 = c.transact(|tx| {
+            tx.execute(
+                &upsert,
+                &[
+                    &from,
+                    &to,
+                    &(st.body.seq as i64),
+                    &st.body.kind.approves(),
+                    &body,
+                ],
+            )?;
+            tx.query_one(&queue, &[&to, &body])?.try_get(0)
+        })?;
+        Ok(id as u64)
+    }
+
+    fn approves(&self, from: &NodeId, to: &NodeId) -> Result<bool, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT approves FROM statements WHERE from_id = $1 AND to_id = $2",
+            &[&from.to_string(), &to.to_string()],
+        )?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(false))
+    }
+
+    fn inbox(&self, to: &NodeId) -> Result<Vec<(u64, Signed<Statement>)>, StorageError> {
+        let rows = self.conn()?.query(
+            "SELECT id, body FROM inbox WHERE to_id = $1 ORDER BY id",
+            &[&to.to_string()],
+        )?;
+        rows.iter()
+            .map(|r| {
+                let id: i64 = r.try_get(0)?;
+                Ok((id as u64, statement_of(r.try_get(1)?, "inbox")?))
+            })
+            .collect()
+    }
+
+    fn ack(&mut self, to: &NodeId, push: u64) -> Result<(), StorageError> {
+        self.conn()?.execute(
+            "DELETE FROM inbox WHERE id = $1 AND to_id = $2",
+            &[&sql_u64(push), &to.to_string()],
+        )?;
+        Ok(())
+    }
+
+    fn node_count(&self) -> Result<u64, StorageError> {
+        let rows = self.conn()?.query("SELECT count(*) FROM nodes", &[])?;
+        let n: i64 = match rows.first() {
+            Some(r) => r.try_get(0)?,
+            None => 0,
+        };
+        Ok(n as u64)
+    }
+
+    fn put_cert(&mut self, cert: &CertRow) -> Result<bool, StorageError> {
+        let holder = cert.holder.to_string();
+        let owner = &cert.owner.0[..];
+        let mut c = self.conn()?;
+        let same = c.stmt("SELECT 1 FROM certs WHERE holder = $1 AND bytes = $2")?;
+        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
+        let upsert = c.stmt(
+            "INSERT INTO certs (holder, owner, expires_at, bytes) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (holder) DO UPDATE SET owner = $2, expires_at = $3, bytes = $4",
+        )?;
+        let tag = c.stmt(
+            "INSERT INTO cert_tags (owner, tag, holder) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )?;
+        c.transact(|tx| {
+            if tx.query_opt(&same, &[&holder, &cert.bytes])?.is_some() {
+                return Ok(false);
+            }
+            tx.execute(&untag, &[&holder])?;
+            tx.execute(
+                &upsert,
+                &[&holder, &owner, &sql_u64(cert.expires_at), &cert.bytes],
+            )?;
+            for t in &cert.tags {
+                tx.execute(&tag, &[&owner, &t.as_str(), &holder])?;
+            }
+            Ok(true)
+        })
+    }
+
+    fn find_certs(
+        &self,
+        owner: &OwnerPublic,
+        tag: &Tag,
+        after: Option<&NodeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        let rows = self.conn()?.query(
+            "SELECT c.holder, c.bytes FROM cert_tags t JOIN certs c ON c.holder = t.holder
+             WHERE t.owner = $1 AND t.tag = $2 AND t.holder > $3
+               AND c.owner = $1 AND c.expires_at > $4
+               AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.owner = $1 AND r.node = t.holder)
+             ORDER BY t.holder LIMIT $5",
+            &[
+                &&owner.0[..],
+                &tag.as_str(),
+                &after_key(after),
+                &sql_u64(now),
+                &sql_u64(limit as u64),
+            ],
+        )?;
+        by_node(rows, "certs")
+    }
+
+    fn put_revocation(&mut self, r: &RevocationRow) -> Result<bool, StorageError> {
+        let node = r.node.to_string();
+        let owner = &r.owner.0[..];
+        let mut c = self.conn()?;
+        let keep = c.stmt(
+            "INSERT INTO revocations (owner, node, bytes) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )?;
+        let withdraw = c.stmt("DELETE FROM certs WHERE holder = $1 AND owner = $2")?;
+        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
+        c.transact(|tx| {
+            let new = tx.execute(&keep, &[&owner, &node, &r.bytes])? == 1;
+            if tx.execute(&withdraw, &[&node, &owner])? > 0 {
+                tx.execute(&untag, &[&node])?;
+            }
+            Ok(new)
+        })
+    }
+
+    fn revoked(&self, owner: &OwnerPublic, node: &NodeId) -> Result<bool, StorageError> {
+        Ok(self
+            .conn()?
+            .query_opt(
+                "SELECT 1 FROM revocations WHERE owner = $1 AND node = $2",
+                &[&&owner.0[..], &node.to_string()],
+            )?
+            .is_some())
+    }
+
+    fn revocation_counts(&self, owner: &OwnerPublic) -> Result<(u64, u64), StorageError> {
+        let rows = self.conn()?.query(
+            "SELECT count(*) FILTER (WHERE owner = $1), count(*) FROM revocations",
+            &[&&owner.0[..]],
+        )?;
+        let (mine, all): (i64, i64) = match rows.first() {
+            Some(r) => (r.try_get(0)?, r.try_get(1)?),
+            None => (0, 0),
+        };
+        Ok((mine as u64, all as u64))
+    }
+
+    fn find_revocations(
+        &self,
+        owner: &OwnerPublic,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
+        let rows = self.conn()?.query(
+            "SELECT node, bytes FROM revocations WHERE owner = $1 AND node > $2
+             ORDER BY node LIMIT $3",
+            &[&&owner.0[..], &after_key(after), &sql_u64(limit as u64)],
+        )?;
+        by_node(rows, "revocations")
+    }
+
+    fn nodes(&self, limit: usize) -> Result<Vec<NodeRow>, StorageError> {
+        let rows = self.conn()?.query(
+            select_node!("TRUE ORDER BY address LIMIT $1"),
+            &[&sql_u64(limit as u64)],
+        )?;
+        rows.iter().map(|r| raw_node(r)?.decode()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_before_anything_connects() {
+        let c = parse_url("postgres://pilot:secret@127.0.0.1:5433/reg").unwrap();
+        assert_eq!(c.get_ports(), [5433]);
+        assert_eq!(c.get_dbname(), Some("reg"));
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "the password is not printed"
+        );
+        for bad in ["/var/lib/pilot-registry/registry.db", "postgres://"] {
+            let e = parse_url(bad).unwrap_err();
+            assert!(e.contains("postgres://user:password@"), "{bad}: {e}");
+        }
+        let e = parse_url("mysql://x@127.0.0.1/y").unwrap_err();
+        assert!(e.contains("expected a PostgreSQL URL"), "{e}");
+    }
+}

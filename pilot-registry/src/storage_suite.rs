@@ -1,0 +1,705 @@
+//! The storage test suite: every method of the [`Storage`] trait, the
+//! migrations from an older schema and the refusal of a newer one, run
+//! against every backend, so they give the same answers.
+//!
+//! SQLite runs always (a file in a temporary directory). PostgreSQL runs
+//! when `PILOT_TEST_PG` holds a connection URL (`scripts/test.sh` starts a
+//! throwaway cluster with `scripts/pg.sh` and sets it); each test gets a
+//! schema of its own, dropped at the end. Without it the PostgreSQL half
+//! says on the terminal that it was skipped, and passes.
+//!
+//! Each test is a function of a [`Backend`]; `suite!` makes a `#[test]` of
+//! it per backend. The storages under test are `Box<dyn Storage>`, as
+//! `main` holds them, so the box's forwarding is tested too.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+
+use pilot_proto::cert::{OwnerPublic, Tag};
+use pilot_proto::identity::{Identity, NodeId};
+use pilot_proto::messages::{Signed, Statement, StatementKind};
+
+use crate::storage::{
+    CertRow, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, SCHEMA_VERSION,
+};
+use crate::storage_pg::PgStorage;
+
+/// A database under test.
+trait Backend {
+    /// Opens it (again: the same database every time), migrated to
+    /// `version` at most.
+    fn open_at(&self, version: i64) -> Result<Box<dyn Storage>, StorageError>;
+    /// Opens it, migrated to the current version.
+    fn open(&self) -> Box<dyn Storage> {
+        self.open_at(SCHEMA_VERSION).expect("open the database")
+    }
+    /// Its schema version, read from the database.
+    fn schema_version(&self) -> i64;
+    /// Sets the stored schema version (as a newer registry would leave it).
+    fn force_version(&self, v: i64);
+}
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("registry.db")
+    }
+}
+
+impl Backend for Sqlite {
+    fn open_at(&self, version: i64) -> Result<Box<dyn Storage>, StorageError> {
+        Ok(Box::new(SqliteStorage::open_at(&self.path(), version)?))
+    }
+    fn schema_version(&self) -> i64 {
+        SqliteStorage::open_at(&self.path(), 0)
+            .unwrap()
+            .schema_version()
+            .unwrap()
+    }
+    fn force_version(&self, v: i64) {
+        let conn = rusqlite::Connection::open(self.path()).unwrap();
+        conn.pragma_update(None, "user_version", v).unwrap();
+    }
+}
+
+/// A schema of its own in the `PILOT_TEST_PG` database.
+struct Pg {
+    admin: std::cell::RefCell<postgres::Client>,
+    config: postgres::Config,
+    schema: String,
+}
+
+static SKIPPED: Once = Once::new();
+
+impl Pg {
+    /// `None` (after saying so once) when `PILOT_TEST_PG` is not set. A
+    /// URL that is set but does not connect fails the test.
+    fn new() -> Option<Self> {
+        let Ok(url) = std::env::var("PILOT_TEST_PG") else {
+            SKIPPED.call_once(|| {
+                // Straight to the terminal: the test harness would hide a
+                // passing test's eprintln!.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nSKIPPED: the PostgreSQL half of the storage suite (PILOT_TEST_PG is not set; \
+                     scripts/test.sh sets it, or run `scripts/pg.sh cargo test -p pilot-registry`)\n"
+                );
+            });
+            return None;
+        };
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let schema = format!(
+            "pilot_test_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut config = crate::storage_pg::parse_url(&url).expect("PILOT_TEST_PG");
+        let mut admin = config
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PILOT_TEST_PG is set but does not connect: {e:?}"));
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .unwrap();
+        config.options(&format!("-c search_path={schema}"));
+        config.application_name(&schema);
+        Some(Pg {
+            admin: admin.into(),
+            config,
+            schema,
+        })
+    }
+
+    fn admin(&self, sql: &str) {
+        self.admin.borrow_mut().batch_execute(sql).unwrap();
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = self
+            .admin
+            .get_mut()
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
+    }
+}
+
+impl Backend for Pg {
+    fn open_at(&self, version: i64) -> Result<Box<dyn Storage>, StorageError> {
+        Ok(Box::new(PgStorage::open_at(self.config.clone(), version)?))
+    }
+    fn schema_version(&self) -> i64 {
+        PgStorage::open_at(self.config.clone(), 0)
+            .unwrap()
+            .schema_version()
+            .unwrap()
+    }
+    fn force_version(&self, v: i64) {
+        self.admin(&format!(
+            "UPDATE {}.schema_version SET version = {v}",
+            self.schema
+        ));
+    }
+}
+
+/// One `#[test]` per backend for each test function named.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[test] fn $name() { super::$name(&super::Sqlite::new()) } )*
+        }
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(b) = super::Pg::new() {
+                        super::$name(&b)
+                    }
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    nodes_survive_a_reopen_and_are_found_three_ways,
+    nodes_are_listed_by_address_up_to_the_limit,
+    unique_id_address_and_hostname_are_conflicts,
+    update_keeps_the_address_and_replaces_the_rest,
+    statements_are_stored_per_pair_and_queued,
+    pushes_wait_across_a_reopen_until_acknowledged,
+    certificates_are_found_by_owner_and_tag_in_pages_while_live,
+    revocations_are_kept_once_paged_and_withdraw_certificates,
+    an_empty_database_is_created_at_the_current_version,
+    a_previous_version_database_is_migrated_and_keeps_its_rows,
+    a_newer_schema_is_refused,
+);
+
+// PostgreSQL only: what SQLite's single file cannot meet.
+#[test]
+fn postgres_two_instances_migrating_at_once_both_open() {
+    let Some(b) = Pg::new() else { return };
+    std::thread::scope(|s| {
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let config = b.config.clone();
+                s.spawn(move || PgStorage::open(config).map(|_| ()))
+            })
+            .collect();
+        for o in opens {
+            o.join().unwrap().expect("each instance opens");
+        }
+    });
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, None)).unwrap();
+    assert_eq!(s.node_count().unwrap(), 1, "the tables were made once");
+}
+
+#[test]
+fn postgres_a_lost_connection_is_made_again() {
+    let Some(b) = Pg::new() else { return };
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    // The server ends the registry's session (a restart, a failover).
+    b.admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}' AND pid <> pg_backend_pid()",
+        b.schema
+    ));
+    // The call that meets the dead connection may fail; the next connects
+    // again.
+    let mut answers = vec![];
+    for _ in 0..3 {
+        let got = s.node(&id(1).node_id());
+        let ok = got.is_ok();
+        answers.push(got.map(|r| r.is_some()));
+        if ok {
+            break;
+        }
+    }
+    assert!(
+        matches!(answers.last(), Some(Ok(true))),
+        "answers after the connection was ended: {answers:?}"
+    );
+    assert!(answers.len() <= 2, "one failure at most: {answers:?}");
+    s.set_endpoints(&id(1).node_id(), &[]).unwrap();
+}
+
+#[test]
+fn postgres_an_unreachable_server_is_an_error_that_says_so() {
+    // A port nothing listens on: loopback, closed at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = PgStorage::connect(&format!("postgres://pilot@127.0.0.1:{port}/pilot"))
+        .err()
+        .expect("nothing listens there");
+    let text = e.to_string();
+    assert!(matches!(e, StorageError::Pg(_)), "{text}");
+    assert!(
+        text.contains("PostgreSQL:") && text.contains("onnection refused"),
+        "{text}"
+    );
+    let e = PgStorage::connect("not a url").err().unwrap();
+    assert!(matches!(e, StorageError::Url(_)), "{e}");
+}
+
+fn id(n: u8) -> Identity {
+    Identity::from_bytes(&[n; 64])
+}
+
+fn row(n: u8, last: u8, host: Option<&str>) -> NodeRow {
+    NodeRow {
+        identity: id(n).public(),
+        address: Ipv4Addr::new(10, 77, 0, last),
+        hostname: host.map(str::to_string),
+        endpoints: vec![
+            "203.0.113.9:5555".parse().unwrap(),
+            "192.0.2.10:4000".parse().unwrap(),
+        ],
+        reg_seq: 1,
+        reg_digest: Some([n; 32]),
+    }
+}
+
+fn statement(from: &Identity, to: &Identity, kind: StatementKind, seq: u64) -> Signed<Statement> {
+    Signed::sign(
+        Statement {
+            kind,
+            from: from.public(),
+            to: to.node_id(),
+            seq,
+        },
+        from,
+    )
+}
+
+fn owner(n: u8) -> OwnerPublic {
+    OwnerPublic([n; 32])
+}
+
+fn tags(list: &str) -> Vec<Tag> {
+    pilot_proto::cert::parse_tags(list).unwrap()
+}
+
+fn nid(n: u8) -> NodeId {
+    NodeId([n; 16])
+}
+
+fn cert(holder: u8, o: u8, list: &str, expires_at: u64) -> CertRow {
+    CertRow {
+        holder: nid(holder),
+        owner: owner(o),
+        tags: tags(list),
+        expires_at,
+        bytes: vec![holder, o, list.len() as u8],
+    }
+}
+
+fn holders(found: &[(NodeId, Vec<u8>)]) -> Vec<NodeId> {
+    found.iter().map(|(n, _)| *n).collect()
+}
+
+fn nodes_survive_a_reopen_and_are_found_three_ways(b: &dyn Backend) {
+    {
+        let mut s = b.open();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 6, None)).unwrap();
+    }
+    let s = b.open();
+    let a = id(1).node_id();
+    assert_eq!(s.node(&a).unwrap(), Some(row(1, 5, Some("alpha"))));
+    assert_eq!(
+        s.node_by_name("alpha").unwrap().unwrap().identity,
+        id(1).public()
+    );
+    assert_eq!(
+        s.node_by_address(Ipv4Addr::new(10, 77, 0, 6))
+            .unwrap()
+            .unwrap()
+            .identity,
+        id(2).public()
+    );
+    assert!(s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
+    assert!(!s.address_taken(Ipv4Addr::new(10, 77, 0, 7)).unwrap());
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert_eq!(s.node(&id(3).node_id()).unwrap(), None);
+    assert_eq!(s.node_by_name("beta").unwrap(), None);
+    assert_eq!(
+        s.node_by_address(Ipv4Addr::new(10, 77, 0, 7)).unwrap(),
+        None
+    );
+}
+
+fn nodes_are_listed_by_address_up_to_the_limit(b: &dyn Backend) {
+    let mut s = b.open();
+    s.insert_node(&row(1, 9, Some("alpha"))).unwrap();
+    s.insert_node(&row(2, 3, None)).unwrap();
+    s.insert_node(&row(3, 6, Some("gamma"))).unwrap();
+    // An address above 127.x: ordered as an unsigned number, not signed.
+    let mut high = row(4, 1, None);
+    high.address = Ipv4Addr::new(250, 0, 0, 1);
+    s.insert_node(&high).unwrap();
+    let all = s.nodes(10).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.address).collect::<Vec<_>>(),
+        vec![
+            Ipv4Addr::new(10, 77, 0, 3),
+            Ipv4Addr::new(10, 77, 0, 6),
+            Ipv4Addr::new(10, 77, 0, 9),
+            Ipv4Addr::new(250, 0, 0, 1)
+        ]
+    );
+    assert_eq!(all[2], row(1, 9, Some("alpha")));
+    assert_eq!(all[3], high);
+    assert_eq!(s.nodes(2).unwrap().len(), 2);
+    assert!(s.nodes(0).unwrap().is_empty());
+    assert_eq!(s.nodes(usize::MAX).unwrap().len(), 4);
+}
+
+fn unique_id_address_and_hostname_are_conflicts(b: &dyn Backend) {
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    assert!(
+        matches!(
+            s.insert_node(&row(1, 8, None)),
+            Err(StorageError::Conflict(_))
+        ),
+        "the same node id twice"
+    );
+    assert!(matches!(
+        s.insert_node(&row(2, 5, None)),
+        Err(StorageError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.insert_node(&row(2, 6, Some("alpha"))),
+        Err(StorageError::Conflict(_))
+    ));
+    s.insert_node(&row(2, 6, None)).unwrap();
+    assert!(matches!(
+        s.update_node(&row(2, 6, Some("alpha"))),
+        Err(StorageError::Conflict(_))
+    ));
+    assert!(
+        matches!(
+            s.update_node(&row(3, 7, None)),
+            Err(StorageError::Conflict(_))
+        ),
+        "updating a node that is not stored"
+    );
+    // A conflict changed nothing, and the storage goes on working.
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert_eq!(s.node(&id(2).node_id()).unwrap(), Some(row(2, 6, None)));
+}
+
+fn update_keeps_the_address_and_replaces_the_rest(b: &dyn Backend) {
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, None)).unwrap();
+    let mut r = row(1, 9, Some("alpha"));
+    r.reg_seq = 7;
+    r.endpoints = vec!["198.51.100.1:1".parse().unwrap()];
+    r.reg_digest = Some([9; 32]);
+    s.update_node(&r).unwrap();
+    let got = s.node(&id(1).node_id()).unwrap().unwrap();
+    assert_eq!(
+        got.address,
+        Ipv4Addr::new(10, 77, 0, 5),
+        "address is permanent"
+    );
+    assert_eq!((got.hostname.as_deref(), got.reg_seq), (Some("alpha"), 7));
+    assert_eq!(got.endpoints, r.endpoints);
+    assert_eq!(got.reg_digest, Some([9; 32]));
+    // A sequence number past i64 reads back as it was stored.
+    r.reg_seq = u64::MAX - 1;
+    r.reg_digest = None;
+    s.update_node(&r).unwrap();
+    let got = s.node(&id(1).node_id()).unwrap().unwrap();
+    assert_eq!((got.reg_seq, got.reg_digest), (u64::MAX - 1, None));
+    let v6: std::net::SocketAddr = "[2001:db8::1]:7000".parse().unwrap();
+    s.set_endpoints(&id(1).node_id(), &[v6]).unwrap();
+    assert_eq!(s.node(&id(1).node_id()).unwrap().unwrap().endpoints, [v6]);
+    s.set_endpoints(&id(1).node_id(), &[]).unwrap();
+    assert!(s
+        .node(&id(1).node_id())
+        .unwrap()
+        .unwrap()
+        .endpoints
+        .is_empty());
+    // Endpoints of a node that is not stored: nothing to change.
+    s.set_endpoints(&id(2).node_id(), &[v6]).unwrap();
+    assert_eq!(s.node(&id(2).node_id()).unwrap(), None);
+}
+
+fn statements_are_stored_per_pair_and_queued(b: &dyn Backend) {
+    let mut s = b.open();
+    let (a, bb) = (id(1), id(2));
+    let st = |kind, seq| statement(&a, &bb, kind, seq);
+    let (an, bn) = (a.node_id(), bb.node_id());
+    assert_eq!(s.statement_seq(&an, &bn).unwrap(), None);
+    assert_eq!(s.statement(&an, &bn).unwrap(), None);
+    assert!(!s.approves(&an, &bn).unwrap());
+    assert!(s.inbox(&bn).unwrap().is_empty());
+    let p1 = s.put_statement(&st(StatementKind::Approve, 3)).unwrap();
+    assert!(s.approves(&an, &bn).unwrap());
+    assert!(!s.approves(&bn, &an).unwrap(), "approval is one way");
+    assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(3));
+    let p2 = s.put_statement(&st(StatementKind::Revoke, 4)).unwrap();
+    assert!(p2 > p1, "push ids grow: {p1} then {p2}");
+    assert!(!s.approves(&an, &bn).unwrap());
+    assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(4));
+    assert_eq!(
+        s.statement(&an, &bn).unwrap(),
+        Some(st(StatementKind::Revoke, 4)),
+        "the newest, exactly as signed"
+    );
+    assert_eq!(s.statement(&bn, &an).unwrap(), None);
+    assert_eq!(s.statement_seq(&bn, &an).unwrap(), None);
+    let inbox = s.inbox(&bn).unwrap();
+    assert_eq!(inbox.len(), 2);
+    assert_eq!(inbox[0].0, p1);
+    assert_eq!(inbox[0].1, st(StatementKind::Approve, 3));
+    assert_eq!(inbox[1].1, st(StatementKind::Revoke, 4));
+    assert!(s.inbox(&an).unwrap().is_empty(), "nothing for the sender");
+    s.ack(&bn, p1).unwrap();
+    assert_eq!(s.inbox(&bn).unwrap().len(), 1);
+    // Someone else cannot ack b's mail.
+    s.ack(&an, inbox[1].0).unwrap();
+    assert_eq!(s.inbox(&bn).unwrap().len(), 1);
+    // Acks of what is gone or never was change nothing.
+    s.ack(&bn, p1).unwrap();
+    s.ack(&bn, u64::MAX).unwrap();
+    assert_eq!(s.inbox(&bn).unwrap(), vec![inbox[1].clone()]);
+    s.ack(&bn, p2).unwrap();
+    assert!(s.inbox(&bn).unwrap().is_empty());
+    // The statement itself stays after its push is acknowledged.
+    assert_eq!(s.statement_seq(&an, &bn).unwrap(), Some(4));
+}
+
+fn pushes_wait_across_a_reopen_until_acknowledged(b: &dyn Backend) {
+    let (a, bb, c) = (id(1), id(2), id(3));
+    let pushes: Vec<u64> = {
+        let mut s = b.open();
+        vec![
+            s.put_statement(&statement(&a, &bb, StatementKind::Approve, 1))
+                .unwrap(),
+            s.put_statement(&statement(&c, &bb, StatementKind::Approve, 1))
+                .unwrap(),
+            s.put_statement(&statement(&a, &c, StatementKind::Approve, 1))
+                .unwrap(),
+        ]
+    };
+    let mut s = b.open();
+    let waiting = s.inbox(&bb.node_id()).unwrap();
+    assert_eq!(
+        waiting.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        pushes[..2],
+        "b's mail, oldest first"
+    );
+    assert_eq!(waiting[1].1.body.from, c.public());
+    s.ack(&bb.node_id(), pushes[0]).unwrap();
+    drop(s);
+    let mut s = b.open();
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    assert_eq!(s.inbox(&c.node_id()).unwrap().len(), 1);
+    // A push stored after the reopen is newer than every one before.
+    let later = s
+        .put_statement(&statement(&c, &a, StatementKind::Approve, 2))
+        .unwrap();
+    assert!(pushes.iter().all(|p| *p < later), "{pushes:?} then {later}");
+}
+
+fn certificates_are_found_by_owner_and_tag_in_pages_while_live(b: &dyn Backend) {
+    let mut s = b.open();
+    let build: Tag = "build".parse().unwrap();
+    for h in 1..=5 {
+        assert!(s.put_cert(&cert(h, 1, "build,ci", 1000)).unwrap());
+    }
+    s.put_cert(&cert(6, 1, "cache", 1000)).unwrap();
+    s.put_cert(&cert(7, 2, "build", 1000)).unwrap();
+    s.put_cert(&cert(8, 1, "build", 500)).unwrap();
+    let find = |s: &dyn Storage, after: Option<NodeId>, now, limit| {
+        s.find_certs(&owner(1), &build, after.as_ref(), now, limit)
+            .unwrap()
+    };
+    // Owner 1's `build` holders, in id order; not 6 (another tag), not
+    // 7 (another owner).
+    let all = find(&s, None, 100, 100);
+    assert_eq!(
+        holders(&all),
+        [1, 2, 3, 4, 5, 8].map(nid),
+        "every live match, ordered"
+    );
+    assert_eq!(all[0].1, cert(1, 1, "build,ci", 1000).bytes);
+    // Pages of two.
+    let p1 = find(&s, None, 100, 2);
+    assert_eq!(holders(&p1), [nid(1), nid(2)]);
+    let p2 = find(&s, Some(nid(2)), 100, 2);
+    assert_eq!(holders(&p2), [nid(3), nid(4)]);
+    let p3 = find(&s, Some(nid(4)), 100, 2);
+    assert_eq!(holders(&p3), [nid(5), nid(8)]);
+    assert!(find(&s, Some(nid(8)), 100, 2).is_empty());
+    assert!(find(&s, None, 100, 0).is_empty());
+    // Expiry: 8 is gone at 500, everything at 1000.
+    assert_eq!(holders(&find(&s, None, 499, 100)).len(), 6);
+    assert_eq!(holders(&find(&s, None, 500, 100)), [1, 2, 3, 4, 5].map(nid));
+    assert!(find(&s, None, 1000, 100).is_empty());
+    assert!(find(&s, None, u64::MAX, 100).is_empty());
+    // A holder's new certificate replaces the old one with its tags.
+    assert!(!s.put_cert(&cert(3, 1, "build,ci", 1000)).unwrap(), "same");
+    assert!(s.put_cert(&cert(3, 2, "cache", 2000)).unwrap());
+    assert_eq!(holders(&find(&s, None, 100, 100)), [1, 2, 4, 5, 8].map(nid));
+    assert!(s
+        .find_certs(&owner(1), &"ci".parse().unwrap(), None, 100, 10)
+        .unwrap()
+        .iter()
+        .all(|(h, _)| *h != nid(3)));
+    let by2 = s
+        .find_certs(&owner(2), &"cache".parse().unwrap(), None, 100, 10)
+        .unwrap();
+    assert_eq!(by2, vec![(nid(3), cert(3, 2, "cache", 2000).bytes)]);
+    // An expiry past i64 is kept as the largest one the databases hold.
+    s.put_cert(&cert(9, 1, "build", u64::MAX)).unwrap();
+    let late = i64::MAX as u64 - 1;
+    assert_eq!(holders(&find(&s, Some(nid(8)), late, 100)), [nid(9)]);
+    // Ids whose hex starts with a letter sort after the digits, bytewise.
+    s.put_cert(&cert(0xab, 1, "build", 1000)).unwrap();
+    s.put_cert(&cert(0x0c, 1, "build", 1000)).unwrap();
+    assert_eq!(
+        holders(&find(&s, Some(nid(9)), 100, 100)),
+        [nid(0x0c), nid(0xab)]
+    );
+}
+
+fn revocations_are_kept_once_paged_and_withdraw_certificates(b: &dyn Backend) {
+    let mut s = b.open();
+    let build: Tag = "build".parse().unwrap();
+    for h in 1..=3 {
+        s.put_cert(&cert(h, 1, "build", 1000)).unwrap();
+    }
+    s.put_cert(&cert(4, 2, "build", 1000)).unwrap();
+    let rev = |o: u8, n: u8, b: u8| RevocationRow {
+        owner: owner(o),
+        node: nid(n),
+        bytes: vec![o, n, b],
+    };
+    assert!(!s.revoked(&owner(1), &nid(2)).unwrap());
+    assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (0, 0));
+    assert!(s.put_revocation(&rev(1, 2, 0)).unwrap(), "new");
+    assert!(!s.put_revocation(&rev(1, 2, 0)).unwrap(), "a resend");
+    assert!(
+        !s.put_revocation(&rev(1, 2, 9)).unwrap(),
+        "another revocation of the same node changes nothing"
+    );
+    assert!(s.revoked(&owner(1), &nid(2)).unwrap());
+    assert!(!s.revoked(&owner(2), &nid(2)).unwrap());
+    // The revoked node's certificate from that owner is gone.
+    let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+    assert_eq!(holders(&found), [nid(1), nid(3)]);
+    // Owner 2 revoking node 1 does not touch owner 1's certificate of it.
+    assert!(s.put_revocation(&rev(2, 1, 0)).unwrap());
+    let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+    assert_eq!(holders(&found), [nid(1), nid(3)]);
+    // Published after its revocation (the rules refuse that; storage
+    // still never lists it).
+    s.put_cert(&cert(2, 1, "build", 1000)).unwrap();
+    let found = s.find_certs(&owner(1), &build, None, 0, 10).unwrap();
+    assert_eq!(holders(&found), [nid(1), nid(3)]);
+    // Paging, in node order, with the first bytes kept.
+    for n in [9, 5, 7] {
+        assert!(s.put_revocation(&rev(1, n, 0)).unwrap());
+    }
+    assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (4, 5));
+    assert_eq!(s.revocation_counts(&owner(3)).unwrap(), (0, 5));
+    let p1 = s.find_revocations(&owner(1), None, 3).unwrap();
+    assert_eq!(holders(&p1), [2, 5, 7].map(nid));
+    assert_eq!(p1[0].1, vec![1, 2, 0]);
+    let p2 = s.find_revocations(&owner(1), Some(&nid(7)), 3).unwrap();
+    assert_eq!(holders(&p2), [nid(9)]);
+    assert_eq!(
+        holders(&s.find_revocations(&owner(2), None, 3).unwrap()),
+        [nid(1)]
+    );
+    assert!(s.find_revocations(&owner(3), None, 3).unwrap().is_empty());
+    // Kept across a reopen.
+    drop(s);
+    let s = b.open();
+    assert!(s.revoked(&owner(1), &nid(9)).unwrap());
+    assert_eq!(s.revocation_counts(&owner(1)).unwrap(), (4, 5));
+}
+
+fn an_empty_database_is_created_at_the_current_version(b: &dyn Backend) {
+    let s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(s.node_count().unwrap(), 0);
+    assert!(s.nodes(10).unwrap().is_empty());
+    drop(s);
+    // Opening again migrates nothing and loses nothing.
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, None)).unwrap();
+    drop(s);
+    assert_eq!(b.open().node_count().unwrap(), 1);
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+}
+
+fn a_previous_version_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = SCHEMA_VERSION - 1;
+    let (a, bb) = (id(1), id(2));
+    let st = statement(&a, &bb, StatementKind::Approve, 3);
+    {
+        // A registry of the previous schema, with a node, a statement and
+        // a push waiting; it has no certificate tables yet.
+        let mut s = b.open_at(previous).unwrap();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.put_statement(&st).unwrap();
+        assert!(s.put_cert(&cert(1, 1, "build", 1000)).is_err());
+    }
+    assert_eq!(b.schema_version(), previous);
+    let mut s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(
+        s.node(&a.node_id()).unwrap(),
+        Some(row(1, 5, Some("alpha")))
+    );
+    assert_eq!(s.statement(&a.node_id(), &bb.node_id()).unwrap(), Some(st));
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    // The new tables work, and survive a reopen.
+    s.put_cert(&cert(1, 1, "build", 1000)).unwrap();
+    s.put_revocation(&RevocationRow {
+        owner: owner(1),
+        node: nid(2),
+        bytes: vec![1],
+    })
+    .unwrap();
+    drop(s);
+    let s = b.open();
+    let found = s
+        .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
+        .unwrap();
+    assert_eq!(holders(&found), [nid(1)]);
+    assert!(s.revoked(&owner(1), &nid(2)).unwrap());
+}
+
+fn a_newer_schema_is_refused(b: &dyn Backend) {
+    b.open().insert_node(&row(1, 5, None)).unwrap();
+    b.force_version(SCHEMA_VERSION + 1);
+    let e = b.open_at(SCHEMA_VERSION).err().expect("refused");
+    assert!(
+        matches!(e, StorageError::TooNew(v) if v == SCHEMA_VERSION + 1),
+        "{e}"
+    );
+    assert!(e.to_string().contains("upgrade pilot-registry"), "{e}");
+    // Refusing touched no row: back at its own version, it opens whole.
+    b.force_version(SCHEMA_VERSION);
+    assert_eq!(b.open().node_count().unwrap(), 1);
+}
