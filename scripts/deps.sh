@@ -18,6 +18,8 @@ have curl     || need+=(curl)
 have promtool || need+=(prometheus)
 have chromium || need+=(chromium)
 have systemd-analyze || need+=(systemd)   # scripts/check-units.sh
+# scripts/pg.sh (the storage suite) and s25_postgres: the server binaries.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 for extra in "$@"; do
   case "$extra" in
     wireguard-go) have wireguard-go || need+=(wireguard-go) ;;

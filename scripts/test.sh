@@ -5,7 +5,9 @@
 #   2. the Debian package (scripts/package.sh --no-build: built from the
 #      release binaries, its control fields and paths checked),
 #   3. unit tests (pilot-proto, pilot-registry, pilot-tun) and the in-process
-#      lab (pilot-tests: registry + nodes over fake TUN devices),
+#      lab (pilot-tests: registry + nodes over fake TUN devices), with
+#      PILOT_TEST_PG set to a throwaway PostgreSQL cluster (scripts/pg.sh),
+#      so the registry's storage suite runs on both backends,
 #   4. the netns scenarios (real TUN, real kernel TCP, real processes; root),
 #   5. a short smoke run of every fuzz target.
 # Usage: sudo scripts/test.sh            (everything)
@@ -41,8 +43,8 @@ scripts/check-units.sh
 step "Debian package (cargo deb on the binaries just built, checked with dpkg-deb)"
 scripts/package.sh --no-build >/dev/null
 
-step "unit and in-process tests"
-cargo test --locked --release --workspace
+step "unit and in-process tests (the storage suite also on a throwaway PostgreSQL: scripts/pg.sh)"
+scripts/pg.sh cargo test --locked --release --workspace
 
 if [ "${SKIP_NETNS:-0}" != 1 ]; then
   step "netns scenarios"
