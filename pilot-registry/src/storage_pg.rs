@@ -290,7 +290,11 @@ impl PgStorage {
 fn migrate(client: &mut Client, target: i64) -> Result<(), StorageError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    // Quiet: no "already exists, skipping" notice in the log on every start.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)",
+    )?;
     let version: i64 = match tx.query_opt("SELECT version FROM schema_version", &[])? {
         Some(r) => r.try_get(0)?,
         None => {
