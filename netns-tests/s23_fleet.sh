@@ -93,7 +93,7 @@ pass "an expired certificate stops traffic"
 
 # --- an identity rotation: curl keeps working, the address stays -----------------------
 A_ADDR=$(addr_of a build)
-PID_A=$(cat "$WORK/build/daemon.pid")
+PID_A=$(status_of a build pid)
 pt a build identity rotate >&2
 T0=$(now_ms)
 rotated() { local id; id=$(status_of a build node_id 2>/dev/null) && [ -n "$id" ] && [ "$id" != "$ID_A" ]; }
