@@ -53,7 +53,9 @@ wait_for 5 "the registry says it uses PostgreSQL (no password shown)" \
   grep -q "database: postgres://pilot@127.0.0.1:5432/pilot\$" "$WORK/registry.log"
 ! grep -qF "$(cat "$WORK/pg/password")" "$WORK/registry.log" \
   || fail "the registry printed the database password"
-[ "$(sql 'SELECT version FROM schema_version')" = 3 ] || fail "schema not at version 3: $(sql 'SELECT version FROM schema_version')"
+version=$(sql 'SELECT version FROM schema_version')
+[[ $version =~ ^[1-9][0-9]*$ ]] || fail "no schema version in the database: '$version'"
+log "the registry made the tables: schema version $version"
 
 # --- 1. join, trust, traffic ---------------------------------------------------
 node_up a alpha --registry "$JOIN"

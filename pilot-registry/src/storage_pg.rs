@@ -94,6 +94,13 @@ CREATE TABLE revocations (
     PRIMARY KEY (owner, node)
 );
 "#,
+    r#"
+CREATE TABLE successions (
+    old_id TEXT COLLATE "C" PRIMARY KEY,
+    new_id TEXT COLLATE "C" NOT NULL UNIQUE,
+    bytes  BYTEA NOT NULL
+);
+"#,
 ];
 
 /// The advisory lock two instances starting at once take around their
@@ -640,6 +647,58 @@ impl Storage for PgStorage {
             &[&sql_u64(limit as u64)],
         )?;
         rows.iter().map(|r| raw_node(r)?.decode()).collect()
+    }
+
+    fn succeed(
+        &mut self,
+        old: &NodeId,
+        new: &NodeRow,
+        succession: &[u8],
+    ) -> Result<(), StorageError> {
+        let old = old.to_string();
+        let new_id = new.identity.node_id().to_string();
+        let mut c = self.conn()?;
+        let retire = c.stmt("DELETE FROM nodes WHERE node_id = $1")?;
+        let forget = c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?;
+        let unqueue = c.stmt("DELETE FROM inbox WHERE to_id = $1")?;
+        let keep = c.stmt("INSERT INTO successions (old_id, new_id, bytes) VALUES ($1, $2, $3)")?;
+        let insert = c.stmt(
+            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )?;
+        // `None` when `old` is not stored (then nothing is committed).
+        let done = c.transact(|tx| {
+            if tx.execute(&retire, &[&old])? == 0 {
+                return Ok(None);
+            }
+            tx.execute(&forget, &[&old])?;
+            tx.execute(&unqueue, &[&old])?;
+            tx.execute(&keep, &[&old, &new_id, &succession])?;
+            tx.execute(
+                &insert,
+                &[
+                    &new_id,
+                    &&new.identity.ed_public[..],
+                    &&new.identity.static_public[..],
+                    &new.identity.binding,
+                    &i64::from(u32::from(new.address)),
+                    &new.hostname,
+                    &(new.reg_seq as i64),
+                    &join_endpoints(&new.endpoints),
+                    &new.reg_digest.as_ref().map(|d| &d[..]),
+                ],
+            )?;
+            Ok(Some(()))
+        })?;
+        done.ok_or_else(|| StorageError::Conflict(format!("node {old} is not stored")))
+    }
+
+    fn successor(&self, old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT new_id, bytes FROM successions WHERE old_id = $1",
+            &[&old.to_string()],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(by_node(vec![row], "successions")?.pop())
     }
 }
 

@@ -1,5 +1,5 @@
 //! The storage test suite: every method of the [`Storage`] trait, the
-//! migrations from an older schema and the refusal of a newer one, run
+//! migrations from older schemas and the refusal of a newer one, run
 //! against every backend, so they give the same answers.
 //!
 //! SQLite runs always (a file in a temporary directory). PostgreSQL runs
@@ -180,7 +180,9 @@ suite!(
     certificates_are_found_by_owner_and_tag_in_pages_while_live,
     revocations_are_kept_once_paged_and_withdraw_certificates,
     an_empty_database_is_created_at_the_current_version,
-    a_previous_version_database_is_migrated_and_keeps_its_rows,
+    successions_move_a_node_and_retire_its_id,
+    a_version_2_database_is_migrated_and_keeps_its_rows,
+    the_previous_version_is_migrated_and_keeps_its_rows,
     a_newer_schema_is_refused,
 );
 
@@ -652,13 +654,13 @@ fn an_empty_database_is_created_at_the_current_version(b: &dyn Backend) {
     assert_eq!(b.schema_version(), SCHEMA_VERSION);
 }
 
-fn a_previous_version_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
-    let previous = SCHEMA_VERSION - 1;
+fn a_version_2_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = 2;
     let (a, bb) = (id(1), id(2));
     let st = statement(&a, &bb, StatementKind::Approve, 3);
     {
-        // A registry of the previous schema, with a node, a statement and
-        // a push waiting; it has no certificate tables yet.
+        // A registry of schema version 2, with a node, a statement and a
+        // push waiting; it has no certificate tables yet.
         let mut s = b.open_at(previous).unwrap();
         s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
         s.put_statement(&st).unwrap();
@@ -688,6 +690,113 @@ fn a_previous_version_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
         .unwrap();
     assert_eq!(holders(&found), [nid(1)]);
     assert!(s.revoked(&owner(1), &nid(2)).unwrap());
+}
+
+fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = SCHEMA_VERSION - 1;
+    let (a, bb) = (id(1), id(2));
+    let st = statement(&a, &bb, StatementKind::Approve, 3);
+    {
+        // A registry of the previous schema (3: no successions yet) with
+        // nodes, a statement, a push waiting and a certificate.
+        let mut s = b.open_at(previous).unwrap();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 6, None)).unwrap();
+        s.put_statement(&st).unwrap();
+        s.put_cert(&cert(1, 1, "build", 1000)).unwrap();
+        assert!(s
+            .succeed(&a.node_id(), &row(7, 5, Some("alpha")), b"s")
+            .is_err());
+        // The failed succession was rolled back whole.
+        assert_eq!(
+            s.node(&a.node_id()).unwrap(),
+            Some(row(1, 5, Some("alpha")))
+        );
+        assert_eq!(s.node(&id(7).node_id()).unwrap(), None);
+    }
+    assert_eq!(b.schema_version(), previous);
+    let mut s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert_eq!(s.statement(&a.node_id(), &bb.node_id()).unwrap(), Some(st));
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    let found = s
+        .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
+        .unwrap();
+    assert_eq!(holders(&found), [nid(1)]);
+    // The new table works.
+    s.succeed(&a.node_id(), &row(7, 5, Some("alpha")), b"s")
+        .unwrap();
+    assert_eq!(
+        s.successor(&a.node_id()).unwrap(),
+        Some((id(7).node_id(), b"s".to_vec()))
+    );
+}
+
+fn successions_move_a_node_and_retire_its_id(b: &dyn Backend) {
+    let (a, bb, c, a2) = (id(1), id(2), id(3), id(7));
+    let (an, bn, a2n) = (a.node_id(), bb.node_id(), a2.node_id());
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    s.insert_node(&row(2, 6, None)).unwrap();
+    s.put_statement(&statement(&a, &bb, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(&bb, &a, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(
+        &c,
+        &a,
+        StatementKind::Request {
+            note: "hello".into(),
+        },
+        1,
+    ))
+    .unwrap();
+    assert_eq!(s.successor(&an).unwrap(), None);
+    // alpha's successor takes its address and name.
+    let next = row(7, 5, Some("alpha"));
+    s.succeed(&an, &next, b"succession").unwrap();
+    assert_eq!(s.node(&an).unwrap(), None, "the old id is gone");
+    assert_eq!(s.node(&a2n).unwrap(), Some(next.clone()));
+    assert_eq!(s.node_by_name("alpha").unwrap(), Some(next.clone()));
+    assert_eq!(
+        s.node_by_address(Ipv4Addr::new(10, 77, 0, 5)).unwrap(),
+        Some(next.clone())
+    );
+    assert_eq!(s.node_count().unwrap(), 2);
+    // The old id's statements and its undelivered pushes went with it.
+    assert_eq!(s.statement_seq(&an, &bn).unwrap(), None);
+    assert_eq!(s.statement_seq(&bn, &an).unwrap(), None);
+    assert!(!s.approves(&bn, &an).unwrap());
+    assert_eq!(s.statement_seq(&c.node_id(), &an).unwrap(), None);
+    assert!(s.inbox(&an).unwrap().is_empty());
+    assert_eq!(
+        s.successor(&an).unwrap(),
+        Some((a2n, b"succession".to_vec()))
+    );
+    assert_eq!(s.successor(&a2n).unwrap(), None);
+    assert_eq!(s.successor(&bn).unwrap(), None);
+    // The old id again: it is not stored any more.
+    assert!(matches!(
+        s.succeed(&an, &row(8, 5, Some("alpha")), b"again"),
+        Err(StorageError::Conflict(_))
+    ));
+    // beta to an id that already succeeded someone: refused, and beta
+    // stays as it was (one transaction).
+    assert!(matches!(
+        s.succeed(&bn, &row(7, 6, None), b"x"),
+        Err(StorageError::Conflict(_))
+    ));
+    assert_eq!(s.node(&bn).unwrap(), Some(row(2, 6, None)));
+    assert_eq!(s.successor(&bn).unwrap(), None);
+    drop(s);
+    let s = b.open();
+    assert_eq!(
+        s.successor(&an).unwrap(),
+        Some((a2n, b"succession".to_vec())),
+        "kept across a reopen"
+    );
+    assert_eq!(s.node(&a2n).unwrap(), Some(next));
 }
 
 fn a_newer_schema_is_refused(b: &dyn Backend) {
