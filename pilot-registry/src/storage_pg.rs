@@ -1,6 +1,6 @@
 //! PostgreSQL behind the [`Storage`] trait: the same tables, migrations and
-//! answers as the embedded SQLite, on a server that several registry
-//! instances can share (`pilot-registry --database postgres://…`).
+//! answers as the embedded SQLite, on a database server
+//! (`pilot-registry --database postgres://…`).
 //!
 //! Why the synchronous `postgres` crate (the blocking face of
 //! `tokio-postgres`): the trait is synchronous and runs on the storage
@@ -295,6 +295,7 @@ impl PgStorage {
 /// Brings the schema to `target`, in one transaction under the migration
 /// lock.
 fn migrate(client: &mut Client, target: i64) -> Result<(), StorageError> {
+    let target = target.clamp(0, SCHEMA_VERSION);
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     // Quiet: no "already exists, skipping" notice in the log on every start.
