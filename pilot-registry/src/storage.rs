@@ -215,7 +215,7 @@ pub trait Storage: Send {
     }
     /// Moves node `old` to its successor `new` in one transaction: `new`
     /// (carrying `old`'s address and hostname) replaces `old`, whose
-    /// statements and undelivered pushes go, and the succession statement
+    /// statements, undelivered pushes and certificate go, and the succession statement
     /// is kept under `old` so `old` is refused from then on. The default
     /// keeps no successions.
     fn succeed(
@@ -855,6 +855,10 @@ impl Storage for SqliteStorage {
             [&old],
         )?;
         tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&old])?;
+        // Its certificate would point nodes searching by tag at a retired
+        // id; the successor publishes one issued to it, if it has one.
+        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&old])?;
+        tx.execute("DELETE FROM certs WHERE holder = ?1", [&old])?;
         tx.execute(
             "INSERT INTO successions (old_id, new_id, bytes) VALUES (?1, ?2, ?3)",
             params![old, new.identity.node_id().to_string(), succession],

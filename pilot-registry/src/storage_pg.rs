@@ -662,6 +662,8 @@ impl Storage for PgStorage {
         let retire = c.stmt("DELETE FROM nodes WHERE node_id = $1")?;
         let forget = c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?;
         let unqueue = c.stmt("DELETE FROM inbox WHERE to_id = $1")?;
+        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
+        let uncert = c.stmt("DELETE FROM certs WHERE holder = $1")?;
         let keep = c.stmt("INSERT INTO successions (old_id, new_id, bytes) VALUES ($1, $2, $3)")?;
         let insert = c.stmt(
             "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -673,6 +675,10 @@ impl Storage for PgStorage {
             }
             tx.execute(&forget, &[&old])?;
             tx.execute(&unqueue, &[&old])?;
+            // Its certificate would point nodes searching by tag at a
+            // retired id; the successor publishes one issued to it.
+            tx.execute(&untag, &[&old])?;
+            tx.execute(&uncert, &[&old])?;
             tx.execute(&keep, &[&old, &new_id, &succession])?;
             tx.execute(
                 &insert,

@@ -180,6 +180,7 @@ suite!(
     certificates_are_found_by_owner_and_tag_in_pages_while_live,
     revocations_are_kept_once_paged_and_withdraw_certificates,
     an_empty_database_is_created_at_the_current_version,
+    a_succession_moves_the_row_and_drops_the_old_ids_state,
     successions_move_a_node_and_retire_its_id,
     a_version_2_database_is_migrated_and_keeps_its_rows,
     the_previous_version_is_migrated_and_keeps_its_rows,
@@ -731,6 +732,61 @@ fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
         s.successor(&a.node_id()).unwrap(),
         Some((id(7).node_id(), b"s".to_vec()))
     );
+}
+
+fn a_succession_moves_the_row_and_drops_the_old_ids_state(b: &dyn Backend) {
+    let mut s = b.open();
+    let a = row(1, 10, Some("cache"));
+    let old = a.identity.node_id();
+    s.insert_node(&a).unwrap();
+    s.insert_node(&row(3, 11, Some("peer"))).unwrap();
+    let st = |from: u8, to: u8| {
+        Signed::sign(
+            Statement {
+                kind: StatementKind::Approve,
+                from: id(from).public(),
+                to: id(to).node_id(),
+                seq: 1,
+            },
+            &id(from),
+        )
+    };
+    s.put_statement(&st(3, 1)).unwrap();
+    s.put_statement(&st(1, 3)).unwrap();
+    s.put_cert(&CertRow {
+        holder: old,
+        ..cert(0, 1, "build", 1000)
+    })
+    .unwrap();
+    let next = NodeRow {
+        identity: id(2).public(),
+        reg_seq: 0,
+        reg_digest: None,
+        ..a.clone()
+    };
+    s.succeed(&old, &next, b"the succession").unwrap();
+    assert_eq!(s.node(&old).unwrap(), None);
+    assert_eq!(s.node_by_address(a.address).unwrap(), Some(next.clone()));
+    assert_eq!(s.node_by_name("cache").unwrap(), Some(next.clone()));
+    assert_eq!(
+        s.successor(&old).unwrap(),
+        Some((next.identity.node_id(), b"the succession".to_vec()))
+    );
+    assert_eq!(s.successor(&next.identity.node_id()).unwrap(), None);
+    assert_eq!(s.statement_seq(&id(3).node_id(), &old).unwrap(), None);
+    assert_eq!(s.statement_seq(&old, &id(3).node_id()).unwrap(), None);
+    assert!(s.inbox(&old).unwrap().is_empty());
+    let build = "build".parse().unwrap();
+    assert!(s
+        .find_certs(&owner(1), &build, None, 0, 10)
+        .unwrap()
+        .is_empty());
+    // One successor per id, and only of a stored node.
+    assert!(matches!(
+        s.succeed(&old, &row(4, 12, None), b"again"),
+        Err(StorageError::Conflict(_))
+    ));
+    assert_eq!(s.node(&id(4).node_id()).unwrap(), None);
 }
 
 fn successions_move_a_node_and_retire_its_id(b: &dyn Backend) {
