@@ -56,6 +56,7 @@ pub mod join;
 pub mod lifetime;
 pub mod messages;
 pub mod mtu;
+pub mod natpmp;
 pub mod overlay;
 pub mod packet;
 pub mod path;

@@ -451,6 +451,10 @@ pub struct Status {
     /// Local packets larger than their peer's path allows, by what became
     /// of them.
     pub too_big: TooBigCounts,
+    /// The public endpoint the gateway maps to our tunnel port (NAT-PMP),
+    /// if it does.
+    #[serde(default)]
+    pub port_mapping: Option<SocketAddr>,
 }
 
 /// What became of local packets too big for their peer's path, in
@@ -1208,6 +1212,7 @@ mod tests {
                 fragmented_outer: 2,
                 send_failed: 0,
             },
+            port_mapping: Some("203.0.113.10:41641".parse().unwrap()),
         }
     }
 

@@ -431,6 +431,13 @@ struct UpArgs {
     /// new keys, same address, name, trust and grants. Off by default.
     #[arg(long, value_name = "AGE", value_parser = parse_lifetime)]
     rotate_identity_every: Option<u64>,
+    /// Do not ask the gateway for a port mapping. By default the node asks
+    /// its default gateway (NAT-PMP) to forward a public UDP port to the
+    /// tunnel port, renews it while it runs and removes it at `down`; behind
+    /// a NAT that gives every destination a new port, that mapping is what
+    /// lets peers reach this node directly.
+    #[arg(long)]
+    no_port_mapping: bool,
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -1424,6 +1431,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         register_timeout: Duration::from_secs(5),
         mtu: args.mtu,
         rotate_every: args.rotate_identity_every.map(Duration::from_secs),
+        port_mapping: !args.no_port_mapping,
     };
     // One worker per core (the TUN and UDP loops run in parallel);
     // PILOT_THREADS overrides it for experiments.

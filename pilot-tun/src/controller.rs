@@ -556,6 +556,20 @@ impl<T: Tun> Controller<T> {
         cached
     }
 
+    /// Looks every trusted peer up again (our endpoints changed: the
+    /// registry passes them on in a punch request with each answer).
+    pub fn relookup_all(&mut self) -> Effects {
+        Effects {
+            lookups: self
+                .trust
+                .iter()
+                .filter(|(_, r)| r.trusted())
+                .map(|(id, _)| id)
+                .collect(),
+            ..Effects::default()
+        }
+    }
+
     /// Connects every trusted peer without a session.
     pub fn reconnect_all(&mut self) -> Effects {
         let ctx = self.ctx.clone();
@@ -789,6 +803,7 @@ impl<T: Tun> Controller<T> {
             mtu_cap: ctx.shared.mtu.cap,
             underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),
             too_big: ctx.shared.drops.too_big.snapshot(),
+            port_mapping: *ctx.mapped.lock(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod netcheck;
 pub mod node;
 pub mod pathmtu;
 pub mod peers;
+pub mod portmap;
 pub mod rotation;
 pub mod routes;
 pub mod sanitize;

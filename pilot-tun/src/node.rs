@@ -163,6 +163,12 @@ impl<T: Tun> Node<T> {
             ]),
         };
 
+        // The gateway's port mapping is asked for alongside the first
+        // registration; if it comes later, the keeper registers again.
+        if ctx.cfg.port_mapping {
+            let t = tokio::spawn(portmap_keeper(ctx.clone(), handle.clone()));
+            node.tasks.lock().push(t);
+        }
         // Register, or fall back to the cached address.
         let registered =
             tokio::time::timeout(ctx.cfg.register_timeout, connect_registry(&ctx, &handle)).await;
@@ -238,6 +244,17 @@ impl<T: Tun> Node<T> {
     }
 
     async fn stop_tasks(&self) {
+        // The gateway's port mapping goes with the node (bounded: a gateway
+        // that stopped answering must not hold up the stop).
+        let mapped = *self.ctx.mapped.lock();
+        if let (Some(_), Some(gw), Ok(local)) = (
+            mapped,
+            crate::portmap::gateway(),
+            self.ctx.shared.udp.local_addr(),
+        ) {
+            let release = crate::portmap::request(gw, local.port(), 0);
+            let _ = tokio::time::timeout(Duration::from_secs(1), release).await;
+        }
         // The audit log's last entries and signed head, while the control
         // task still runs (bounded: a wedged task must not hold up the stop).
         let close = self.handle.with(|c| c.close_audit());
@@ -448,6 +465,54 @@ async fn announce_succession<T: Tun>(
             Err(LinkError::Protocol)
         }
         Err(_) => Err(LinkError::Protocol),
+    }
+}
+
+/// Keeps a port mapping at the gateway (NAT-PMP) for the tunnel port:
+/// renews it at half its lifetime, retries with a growing pause while the
+/// gateway does not answer, and registers again whenever the mapped
+/// endpoint changes (so peers learn it), then looks the trusted peers up
+/// again (the registry passes our new endpoint to each in a punch request).
+async fn portmap_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
+    let Ok(local) = ctx.shared.udp.local_addr() else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(30);
+    loop {
+        let result = match crate::portmap::gateway() {
+            Some(gw) => {
+                crate::portmap::request(gw, local.port(), crate::portmap::LIFETIME_SECS).await
+            }
+            None => Err(crate::portmap::MapError::NoGateway),
+        };
+        let (now, wait) = match result {
+            Ok(m) => {
+                backoff = Duration::from_secs(30);
+                (
+                    Some(m.external),
+                    (m.lifetime / 2).max(Duration::from_secs(30)),
+                )
+            }
+            Err(e) => {
+                debug!("{e}");
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(600));
+                (None, wait)
+            }
+        };
+        let before = std::mem::replace(&mut *ctx.mapped.lock(), now);
+        if before != now {
+            match now {
+                Some(e) => {
+                    info!(external = %e, "the gateway maps a public port to the tunnel port (NAT-PMP)")
+                }
+                None => warn!("the gateway's port mapping is gone"),
+            }
+            if ctx.link.session().is_some() && connect_registry(&ctx, &handle).await.is_ok() {
+                handle.submit(|c| c.relookup_all()).await;
+            }
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 
