@@ -193,7 +193,7 @@ pub trait Storage: Send {
     }
     /// Moves node `old` to its successor `new` in one transaction: `new`
     /// (carrying `old`'s address and hostname) replaces `old`, whose
-    /// statements and undelivered pushes go, and the succession statement
+    /// statements, undelivered pushes and certificate go, and the succession statement
     /// is kept under `old` so `old` is refused from then on. The default
     /// keeps no successions.
     fn succeed(
@@ -711,6 +711,10 @@ impl Storage for SqliteStorage {
             [&old],
         )?;
         tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&old])?;
+        // Its certificate would point nodes searching by tag at a retired
+        // id; the successor publishes one issued to it, if it has one.
+        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&old])?;
+        tx.execute("DELETE FROM certs WHERE holder = ?1", [&old])?;
         tx.execute(
             "INSERT INTO successions (old_id, new_id, bytes) VALUES (?1, ?2, ?3)",
             params![old, new.identity.node_id().to_string(), succession],
@@ -959,6 +963,62 @@ mod tests {
 
     fn holders(found: &[(NodeId, Vec<u8>)]) -> Vec<NodeId> {
         found.iter().map(|(n, _)| *n).collect()
+    }
+
+    #[test]
+    fn a_succession_moves_the_row_and_drops_the_old_ids_state() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let a = row(1, 10, Some("cache"));
+        let old = a.identity.node_id();
+        s.insert_node(&a).unwrap();
+        s.insert_node(&row(3, 11, Some("peer"))).unwrap();
+        let st = |from: u8, to: u8| {
+            Signed::sign(
+                Statement {
+                    kind: StatementKind::Approve,
+                    from: id(from).public(),
+                    to: id(to).node_id(),
+                    seq: 1,
+                },
+                &id(from),
+            )
+        };
+        s.put_statement(&st(3, 1)).unwrap();
+        s.put_statement(&st(1, 3)).unwrap();
+        s.put_cert(&CertRow {
+            holder: old,
+            ..cert(0, 1, "build", 1000)
+        })
+        .unwrap();
+        let b = NodeRow {
+            identity: id(2).public(),
+            reg_seq: 0,
+            reg_digest: None,
+            ..a.clone()
+        };
+        s.succeed(&old, &b, b"the succession").unwrap();
+        assert_eq!(s.node(&old).unwrap(), None);
+        assert_eq!(s.node_by_address(a.address).unwrap(), Some(b.clone()));
+        assert_eq!(s.node_by_name("cache").unwrap(), Some(b.clone()));
+        assert_eq!(
+            s.successor(&old).unwrap(),
+            Some((b.identity.node_id(), b"the succession".to_vec()))
+        );
+        assert_eq!(s.successor(&b.identity.node_id()).unwrap(), None);
+        assert_eq!(s.statement_seq(&id(3).node_id(), &old).unwrap(), None);
+        assert_eq!(s.statement_seq(&old, &id(3).node_id()).unwrap(), None);
+        assert!(s.inbox(&old).unwrap().is_empty());
+        let build = "build".parse().unwrap();
+        assert!(s
+            .find_certs(&owner(1), &build, None, 0, 10)
+            .unwrap()
+            .is_empty());
+        // One successor per id, and only of a stored node.
+        assert!(matches!(
+            s.succeed(&old, &row(4, 12, None), b"again"),
+            Err(StorageError::Conflict(_))
+        ));
+        assert_eq!(s.node(&id(4).node_id()).unwrap(), None);
     }
 
     #[test]

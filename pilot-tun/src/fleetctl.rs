@@ -316,10 +316,11 @@ pub async fn fleet_sync<T: Tun>(ctx: Arc<Context<T>>, h: Handle<T>) {
     let now = unix_now();
     let Ok((own, owners, wanted)) = h
         .with(move |c| {
-            let own = c
-                .fleet
-                .own_cert(&c.ctx.id, &c.node_state.ancestry(), now)
-                .map(|c| c.to_bytes());
+            // Only a certificate issued to this very id is published: the
+            // registry checks it against the node that publishes it, and an
+            // inherited one (after an identity rotation) is for the peers
+            // that followed the rotation, which have it already.
+            let own = c.fleet.own_cert(&c.ctx.id, &[], now).map(|c| c.to_bytes());
             (own, c.fleet.owners(), c.fleet.wanted(now))
         })
         .await
