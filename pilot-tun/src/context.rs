@@ -99,6 +99,8 @@ pub struct Context<T: Tun> {
     pub started: SystemTime,
     /// The tunnel timers' durations.
     pub timing: Timing,
+    /// The overlay's DNS server: the names it may tell, where it listens.
+    pub dns: Arc<crate::dns::DnsShared>,
 }
 
 impl<T: Tun> Context<T> {
@@ -118,6 +120,7 @@ impl<T: Tun> Context<T> {
             stop: Notify::new(),
             started: SystemTime::now(),
             timing: timing_from_env(),
+            dns: Arc::default(),
         }
     }
 
