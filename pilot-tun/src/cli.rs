@@ -1638,8 +1638,11 @@ fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
     preflight_tun()?;
     logging::filter(&args.log).map_err(|e| failed(ErrorCode::Usage, e.to_string()))?;
     let (name, notice) = node_name(args.name.as_deref())?;
-    if let Some(n) = notice {
-        eprintln!("{}", printable(&n));
+    match notice {
+        // stdout is for the JSON document only.
+        Some(n) if common.json => eprintln!("{}", printable(&n)),
+        Some(n) => say!("{n}"),
+        None => {}
     }
     dns_domain(args)?;
     let state = StateDir::new(&common.state_dir);
@@ -1724,7 +1727,7 @@ fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
                         log_path.display()
                     );
                     if let Some(note) = name_note(name.as_deref(), &status) {
-                        say!("{}", printable(&note));
+                        say!("{note}");
                     }
                 }
                 return Ok(exit::OK);
