@@ -17,8 +17,11 @@
 # - curl build -> cache:8080 works, a connect to cache:22 fails within 1 s;
 # - gamma gets nothing (its connect to cache:8080 fails fast);
 # - build2's traffic stops when its certificate expires;
-# - `owner revoke` of build, handed to gamma's daemon, stops build's curl
-#   within 5 s, and cache refuses to approve build by hand afterwards;
+# - `identity rotate` on build keeps its address and its curl working, with
+#   no action on cache's side;
+# - `owner revoke` of build's first id, handed to gamma's daemon, stops the
+#   rotated build's curl within 5 s, and cache refuses to approve build by
+#   hand afterwards;
 # - the audit logs verify.
 SCENARIO=s23_fleet
 source "$(dirname "$0")/lib.sh"
@@ -88,7 +91,26 @@ build2_stopped() { ! onq e curl -s --max-time 1 -o /dev/null "http://$B:8080/ind
 wait_for 80 "build2's traffic stops when its certificate expires" build2_stopped
 pass "an expired certificate stops traffic"
 
+# --- an identity rotation: curl keeps working, the address stays -----------------------
+A_ADDR=$(addr_of a build)
+PID_A=$(status_of a build pid)
+pt a build identity rotate >&2
+T0=$(now_ms)
+rotated() { local id; id=$(status_of a build node_id 2>/dev/null) && [ -n "$id" ] && [ "$id" != "$ID_A" ]; }
+wait_for 10 "build runs under its new identity" rotated
+ID_A2=$(status_of a build node_id)
+[ "$(addr_of a build)" = "$A_ADDR" ] || fail "build's address changed in the rotation"
+[ "$(status_of a build pid)" = "$PID_A" ] || fail "the daemon's pid changed (it must restart in place)"
+curl_ok() { onq a curl -s --max-time 1 -o /dev/null "http://$B:8080/index.html"; }
+wait_for 10 "build's curl works after the rotation" curl_ok
+log "build's curl worked $(( $(now_ms) - T0 )) ms after the rotation"
+wait_for 5 "cache trusts build's new id" peer_is b cache "$ID_A2" state trusted trust list
+peer_is b cache "$ID_A" state trusted trust list 2>/dev/null && fail "cache still lists build's retired id"
+tcp_blocked_fast a "$B" 22
+pass "an identity rotation keeps curl working and the address, with the rule's scope"
+
 # --- an owner revocation, handed to any daemon ------------------------------------------
+# It names build's first id: a revocation covers every successor of the id.
 on a curl -sS --max-time 5 -o /dev/null "http://$B:8080/index.html" || fail "build's curl before the revocation failed"
 pt c gamma owner revoke --key "$WORK/owner.key" --node "$ID_A" >&2
 T0=$(now_ms)

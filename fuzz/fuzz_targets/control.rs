@@ -8,6 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::cert::{Certificate, Revocation};
 use pilot_proto::messages::{self, FromRegistry, PushItem, ToRegistry};
+use pilot_proto::succession::Succession;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -34,6 +35,8 @@ fn verify_to(m: &ToRegistry) -> Vec<bool> {
         ToRegistry::Statement { statement, .. } => vec![statement.verify()],
         ToRegistry::PublishCert { cert, .. } => vec![cert_ok(cert)],
         ToRegistry::PublishRevocation { revocation, .. } => vec![revocation_ok(revocation)],
+        ToRegistry::Succeed { succession, .. } => vec![Succession::from_bytes(succession)
+            .is_ok_and(|s| s.verify().is_ok())],
         ToRegistry::Lookup { .. }
         | ToRegistry::Ack { .. }
         | ToRegistry::Ping { .. }

@@ -143,6 +143,21 @@ pub enum StatementKind {
         /// matching rules, ending no later than the receiver's certificate).
         allow: Grant,
     },
+    /// "I continue the identity named in `succession` (signed by it and by
+    /// me), and I approve you as it did." Made by a node's daemon after
+    /// `identity rotate`, for every peer its old identity approved; the
+    /// receiver moves its record of the old id to the signer only if the
+    /// succession verifies and its new id is the signer. Added last, so the
+    /// kinds above keep their wire encoding.
+    Succeed {
+        /// The succession statement ([`crate::succession::Succession::to_bytes`]).
+        succession: Vec<u8>,
+        /// What the peer may open on the signer (as the old id granted).
+        allow: Grant,
+        /// The signer's owner certificate, when policy rules made the
+        /// approval (issued to an id of its lineage).
+        cert: Option<Vec<u8>>,
+    },
 }
 
 impl StatementKind {
@@ -178,7 +193,8 @@ impl StatementKind {
             StatementKind::Request { .. } | StatementKind::Approve => Some(Grant::everything()),
             StatementKind::RequestScoped { allow, .. }
             | StatementKind::ApproveScoped { allow }
-            | StatementKind::Policy { allow, .. } => Some(allow.clone()),
+            | StatementKind::Policy { allow, .. }
+            | StatementKind::Succeed { allow, .. } => Some(allow.clone()),
             StatementKind::Deny | StatementKind::Revoke => None,
         }
     }
@@ -207,6 +223,7 @@ impl StatementKind {
             StatementKind::Request { .. } | StatementKind::RequestScoped { .. } => "request",
             StatementKind::Approve | StatementKind::ApproveScoped { .. } => "approve",
             StatementKind::Policy { .. } => "policy",
+            StatementKind::Succeed { .. } => "succeed",
             StatementKind::Deny => "deny",
             StatementKind::Revoke => "revoke",
         }
@@ -420,6 +437,21 @@ pub enum ToRegistry {
         /// Only revoked nodes with a larger id.
         after: Option<NodeId>,
     },
+    /// Sent by a rotated node before it registers under its new identity,
+    /// on a control session that proves the new tunnel key: the succession
+    /// ([`crate::succession::Succession::to_bytes`]) moves the old id's
+    /// address and hostname to the new id, and the old id is refused from
+    /// then on. Answered `Ok` (also for an exact resend), or an error:
+    /// `Invalid` (does not verify, or not for this session's key),
+    /// `NotFound` (the old id is not registered here) or `Retired` (the
+    /// old id already has another successor, or the new one is already
+    /// registered).
+    Succeed {
+        /// Request id.
+        req: u32,
+        /// The succession statement.
+        succession: Vec<u8>,
+    },
 }
 
 /// Why the registry refused a request.
@@ -441,6 +473,9 @@ pub enum ErrorCode {
     /// queue is full); nothing was stored. Retry after a short pause.
     /// Added last, so the codes above keep their wire encoding.
     Busy,
+    /// The identity was succeeded by another (`identity rotate`): it is
+    /// refused from then on; its successor holds its address and name.
+    Retired,
 }
 
 /// Registry to node.

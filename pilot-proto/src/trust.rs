@@ -27,6 +27,7 @@ use crate::identity::{NodeId, PublicIdentity};
 use crate::messages::{valid_hostname, PeerRef, Signed, Statement, StatementKind, MAX_NOTE};
 use crate::policy::{Contribution, EffectiveGrant, Grant, RuleId, Source};
 use crate::ports::Scope;
+use crate::succession::{Standing, Succession, SuccessionError, Successions};
 
 /// One side's decision about the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -227,6 +228,46 @@ pub enum TrustError {
     /// A request's note is longer than [`MAX_NOTE`] bytes.
     #[error("note of {0} bytes is longer than {MAX_NOTE}")]
     NoteTooLong(usize),
+    /// The id was succeeded (identity rotation): refused from then on.
+    #[error("{id} was retired by an identity rotation; its successor is {head}")]
+    Retired {
+        /// The retired id.
+        id: NodeId,
+        /// The current id of its lineage.
+        head: NodeId,
+    },
+    /// The id belongs to a lineage with two successors of one id (a leaked
+    /// key): refused for good.
+    #[error("{0} belongs to a forked succession (two successors of one identity): refused")]
+    Forked(NodeId),
+    /// A succession statement was refused.
+    #[error("succession refused: {0}")]
+    Succession(#[from] SuccessionError),
+    /// A succession of an id this node has no record of.
+    #[error("succession of {0}, a node this one has no record of: ignored")]
+    UnknownPredecessor(NodeId),
+}
+
+/// What accepting a succession changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SuccessionOutcome {
+    /// The record of `old` now belongs to `new`.
+    Moved {
+        /// The retired id.
+        old: NodeId,
+        /// Its successor.
+        new: NodeId,
+        /// The old id was trusted (so the new one is).
+        trusted: bool,
+    },
+    /// Already applied (a redelivery): nothing changed.
+    Known,
+    /// A second successor of one id: every record of the lineage from it
+    /// on was removed (with whether each was trusted), and it stays refused.
+    Forked {
+        /// The removed records.
+        removed: Vec<(NodeId, bool)>,
+    },
 }
 
 /// A name matched more than one record.
@@ -271,6 +312,10 @@ pub struct Change {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustStore {
     records: BTreeMap<String, TrustRecord>,
+    /// The identity rotations of peers this node accepted (and the forks
+    /// it saw): retired and forked ids are refused.
+    #[serde(default)]
+    successions: Successions,
 }
 
 impl TrustStore {
@@ -316,6 +361,11 @@ impl TrustStore {
         address: Ipv4Addr,
     ) -> Result<(), TrustError> {
         let id = identity.node_id();
+        match self.successions.standing(&id) {
+            Standing::Current => {}
+            Standing::Succeeded { head } => return Err(TrustError::Retired { id, head }),
+            Standing::Forked => return Err(TrustError::Forked(id)),
+        }
         if let Some(rec) = self.get(&id) {
             if rec.identity.ed_public != identity.ed_public {
                 return Err(TrustError::KeyMismatch);
@@ -515,6 +565,73 @@ impl TrustStore {
             .collect()
     }
 
+    /// Accepts a peer's identity rotation: the record of the old id moves to
+    /// the new one (keys replaced; address, name, decisions and grants kept;
+    /// the new key unproven until its first handshake). Applied only to ids
+    /// this node has a record of or already followed, which bounds what a
+    /// stranger can make it store. A fork removes every record of the
+    /// lineage from the forked id on.
+    pub fn succeed(
+        &mut self,
+        st: &Succession,
+        now_unix: u64,
+    ) -> Result<SuccessionOutcome, TrustError> {
+        let old = st.old_id();
+        if self.get(&old).is_none() && self.successions.standing(&old) == Standing::Current {
+            return Err(TrustError::UnknownPredecessor(old));
+        }
+        match self.successions.apply(st) {
+            Ok(applied) => {
+                let rec = self
+                    .records
+                    .remove(&old.to_string())
+                    .ok_or(TrustError::UnknownPredecessor(old))?;
+                let trusted = rec.trusted();
+                let mut moved = rec;
+                moved.identity = st.body.new.clone();
+                moved.their_seq = 0;
+                moved.key_proven = false;
+                moved.last_init_timestamp = 0;
+                moved.updated = now_unix;
+                self.records.insert(applied.new.to_string(), moved);
+                Ok(SuccessionOutcome::Moved {
+                    old,
+                    new: applied.new,
+                    trusted,
+                })
+            }
+            Err(SuccessionError::Replayed { .. }) => Ok(SuccessionOutcome::Known),
+            Err(SuccessionError::Fork { .. }) => {
+                let forked: Vec<String> = self
+                    .records
+                    .iter()
+                    .filter(|(_, r)| {
+                        self.successions.standing(&r.identity.node_id()) == Standing::Forked
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let removed = forked
+                    .iter()
+                    .filter_map(|k| self.records.remove(k))
+                    .map(|r| (r.identity.node_id(), r.trusted()))
+                    .collect();
+                Ok(SuccessionOutcome::Forked { removed })
+            }
+            Err(e) => Err(TrustError::Succession(e)),
+        }
+    }
+
+    /// The predecessors of `id` this node followed, oldest first (what an
+    /// inherited certificate or revocation of an earlier id reaches).
+    pub fn ancestry(&self, id: &NodeId) -> Vec<NodeId> {
+        self.successions.ancestry(id)
+    }
+
+    /// Where `id` stands after the rotations this node followed.
+    pub fn standing(&self, id: &NodeId) -> Standing {
+        self.successions.standing(id)
+    }
+
     /// Remembers where a peer's session came from. Returns true if that is
     /// new (the caller saves the store).
     pub fn set_endpoint(&mut self, id: &NodeId, endpoint: SocketAddr) -> bool {
@@ -588,6 +705,132 @@ mod tests {
             )
             .unwrap();
         assert!(c.now_trusted);
+    }
+
+    /// `me` trusts `peer` both ways at ADDR with `granted` on our side.
+    fn trusted_pair(me: &Identity, peer: &Identity, granted: StatementKind) -> TrustStore {
+        let mut s = TrustStore::default();
+        s.decide(&peer.public(), ADDR, Some("cache".into()), &granted, 1)
+            .unwrap();
+        s.receive(
+            &me.node_id(),
+            &statement(peer, me, StatementKind::Approve, 5),
+            ADDR,
+            None,
+            1,
+        )
+        .unwrap();
+        assert!(s.is_trusted(&peer.node_id()));
+        s
+    }
+
+    #[test]
+    fn a_succession_moves_the_record_and_retires_the_old_id() {
+        use crate::succession::Succession;
+        let (me, a, b) = (id(1), id(2), id(3));
+        let scope = StatementKind::approve(Grant {
+            scope: "tcp/8080".parse().unwrap(),
+            expires_at: None,
+        });
+        let mut s = trusted_pair(&me, &a, scope.clone());
+        let before = s.get(&a.node_id()).unwrap().clone();
+        let st = Succession::sign(&a, &b, 1, 100);
+        assert_eq!(
+            s.succeed(&st, 200).unwrap(),
+            SuccessionOutcome::Moved {
+                old: a.node_id(),
+                new: b.node_id(),
+                trusted: true
+            }
+        );
+        assert!(s.get(&a.node_id()).is_none());
+        let r = s.get(&b.node_id()).unwrap();
+        assert!(r.trusted(), "trust moves with the identity");
+        assert_eq!(r.identity, b.public());
+        assert_eq!((r.address, &r.hostname), (before.address, &before.hostname));
+        assert_eq!(
+            (&r.granted, &r.granted_us),
+            (&before.granted, &before.granted_us)
+        );
+        assert_eq!((r.their_seq, r.key_proven), (0, false));
+        assert_eq!(s.ancestry(&b.node_id()), vec![a.node_id()]);
+        // A redelivery changes nothing.
+        assert_eq!(s.succeed(&st, 300).unwrap(), SuccessionOutcome::Known);
+        // The successor's statements are taken from seq 1 on.
+        s.receive(
+            &me.node_id(),
+            &statement(&b, &me, StatementKind::Approve, 1),
+            ADDR,
+            None,
+            3,
+        )
+        .unwrap();
+        // The old key is refused from now on: its statements and any new
+        // record of it.
+        let old = statement(&a, &me, StatementKind::Request { note: "x".into() }, 9);
+        assert!(matches!(
+            s.receive(&me.node_id(), &old, Ipv4Addr::new(10, 77, 0, 9), None, 4),
+            Err(TrustError::Retired { .. })
+        ));
+        assert!(matches!(
+            s.decide(
+                &a.public(),
+                Ipv4Addr::new(10, 77, 0, 9),
+                None,
+                &StatementKind::Approve,
+                4
+            ),
+            Err(TrustError::Retired { .. })
+        ));
+        // It survives a save and a load.
+        let back: TrustStore = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.standing(&a.node_id()), s.standing(&a.node_id()));
+    }
+
+    #[test]
+    fn forged_and_unknown_successions_change_nothing() {
+        use crate::succession::Succession;
+        let (me, a, b, x) = (id(1), id(2), id(3), id(4));
+        let mut s = trusted_pair(&me, &a, StatementKind::Approve);
+        let before = s.clone();
+        // Signed by the new key only (the attacker does not hold a's key).
+        let mut forged = Succession::sign(&x, &b, 1, 100);
+        forged.body.old = a.public();
+        assert!(matches!(
+            s.succeed(&forged, 1),
+            Err(TrustError::Succession(_))
+        ));
+        // A rotation of a node we never dealt with is not stored.
+        let stranger = Succession::sign(&x, &b, 1, 100);
+        assert_eq!(
+            s.succeed(&stranger, 1),
+            Err(TrustError::UnknownPredecessor(x.node_id()))
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_fork_refuses_both_successors_and_the_old_id() {
+        use crate::succession::{Standing, Succession};
+        let (me, a, b, c) = (id(1), id(2), id(3), id(4));
+        let mut s = trusted_pair(&me, &a, StatementKind::Approve);
+        s.succeed(&Succession::sign(&a, &b, 1, 100), 1).unwrap();
+        // The leaked old key makes a second successor.
+        let out = s.succeed(&Succession::sign(&a, &c, 1, 101), 2).unwrap();
+        assert_eq!(
+            out,
+            SuccessionOutcome::Forked {
+                removed: vec![(b.node_id(), true)]
+            }
+        );
+        for n in [&a, &b, &c] {
+            assert!(!s.is_trusted(&n.node_id()));
+            assert_eq!(s.standing(&n.node_id()), Standing::Forked);
+            assert!(matches!(
+                s.decide(&n.public(), ADDR, None, &StatementKind::Approve, 3),
+                Err(TrustError::Forked(_))
+            ));
+        }
     }
 
     #[test]

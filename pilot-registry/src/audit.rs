@@ -268,6 +268,22 @@ impl Audit {
         self.seen.insert(node, now);
     }
 
+    /// An identity rotation the storage committed: the old id's address and
+    /// hostname moved to its successor.
+    pub fn succeeded(&mut self, old: NodeId, node: &crate::storage::NodeRow) {
+        let new = node.identity.node_id();
+        self.sink.record(
+            "succession",
+            json!({
+                "old": old.to_string(),
+                "new": new.to_string(),
+                "address": node.address.to_string(),
+                "hostname": node.hostname,
+            }),
+        );
+        self.seen.remove(&old);
+    }
+
     /// A statement the storage committed for delivery.
     pub fn carried(&self, from: NodeId, to: NodeId, kind: &str, statement: &str) {
         self.sink.record(

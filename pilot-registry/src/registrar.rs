@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement};
+use pilot_proto::succession::Succession;
 
 use crate::names::{self, NameDecision};
 use crate::pool;
@@ -36,6 +37,28 @@ pub enum RegisterOutcome {
     Replayed,
     /// No free address left.
     PoolExhausted,
+    /// The identity was succeeded (identity rotation): refused for good.
+    Retired,
+}
+
+/// The result of a succession handed in by a rotated node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SucceedOutcome {
+    /// The old id's address and hostname now belong to the new id (also
+    /// the answer to an exact resend).
+    Moved {
+        /// The retired id.
+        old: NodeId,
+        /// Its successor, as stored.
+        node: NodeRow,
+    },
+    /// Malformed, not signed by both keys, or not for the session's key.
+    Invalid(String),
+    /// The old id is not registered here.
+    NotFound(NodeId),
+    /// The old id already has another successor (a leaked key), or the new
+    /// id is already registered.
+    Refused(String),
 }
 
 /// The result of handing over a trust statement.
@@ -108,6 +131,9 @@ fn register_once(
     observed: SocketAddr,
 ) -> Result<RegisterOutcome, StorageError> {
     let id = reg.identity.node_id();
+    if s.successor(&id)?.is_some() {
+        return Ok(RegisterOutcome::Retired);
+    }
     let existing = s.node(&id)?;
     if let Some(row) = existing.as_ref() {
         // The node resends a registration it got no answer to (the answer
@@ -180,6 +206,60 @@ fn resent(
         node: row,
         hostname_refused,
     })
+}
+
+/// Moves a registered node to its successor: `bytes` must be a succession
+/// signed by both keys whose new tunnel key is `session_key` (the key the
+/// control session proved). The successor takes the old id's address,
+/// hostname and endpoints; the old id is refused from then on. One
+/// successor per id: a second, different one (only a leaked old key can
+/// sign it) is refused. An exact resend is answered as the first copy.
+pub fn succeed(
+    s: &mut dyn Storage,
+    bytes: &[u8],
+    session_key: &[u8; 32],
+) -> Result<SucceedOutcome, StorageError> {
+    let st = match Succession::from_bytes(bytes) {
+        Ok(st) => st,
+        Err(e) => return Ok(SucceedOutcome::Invalid(e.to_string())),
+    };
+    if let Err(e) = st.verify() {
+        return Ok(SucceedOutcome::Invalid(e.to_string()));
+    }
+    if &st.body.new.static_public != session_key {
+        return Ok(SucceedOutcome::Invalid(
+            "the succession's new tunnel key is not the one this control session proved".into(),
+        ));
+    }
+    let (old, new) = (st.old_id(), st.new_id());
+    if let Some((known, stored)) = s.successor(&old)? {
+        if known == new && stored == bytes {
+            if let Some(node) = s.node(&new)? {
+                return Ok(SucceedOutcome::Moved { old, node });
+            }
+        }
+        return Ok(SucceedOutcome::Refused(format!(
+            "{old} was already succeeded by {known}"
+        )));
+    }
+    if s.node(&new)?.is_some() || s.successor(&new)?.is_some() {
+        return Ok(SucceedOutcome::Refused(format!(
+            "{new} is already registered; a successor must be a new identity"
+        )));
+    }
+    let Some(row) = s.node(&old)? else {
+        return Ok(SucceedOutcome::NotFound(old));
+    };
+    let node = NodeRow {
+        identity: st.body.new.clone(),
+        address: row.address,
+        hostname: row.hostname,
+        endpoints: row.endpoints,
+        reg_seq: 0,
+        reg_digest: None,
+    };
+    s.succeed(&old, &node, bytes)?;
+    Ok(SucceedOutcome::Moved { old, node })
 }
 
 /// Stores a signed trust statement for delivery: it must be signed by its
@@ -635,5 +715,93 @@ mod tests {
         assert_eq!(l[0], o);
         assert_eq!(l.len(), messages::MAX_ENDPOINTS);
         assert_eq!(l[1], SocketAddr::from(([192, 0, 2, 1], 1)));
+    }
+
+    #[test]
+    fn a_succession_moves_address_and_name_and_retires_the_old_id() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b, peer) = (id(1), id(2), id(3));
+        let (row_a, _) = ok(register(&mut s, &reg(&a, 1, Some("cache")), net(), obs()).unwrap());
+        register(&mut s, &reg(&peer, 1, Some("build")), net(), obs()).unwrap();
+        store_statement(&mut s, &statement(&peer, &a, StatementKind::Approve, 1)).unwrap();
+        let st = Succession::sign(&a, &b, 1, 100).to_bytes();
+        let out = succeed(&mut s, &st, &b.static_public()).unwrap();
+        let SucceedOutcome::Moved { old, node } = out else {
+            panic!("expected Moved, got {out:?}")
+        };
+        assert_eq!(old, a.node_id());
+        assert_eq!(
+            (node.address, node.hostname.as_deref()),
+            (row_a.address, Some("cache"))
+        );
+        assert!(s.node(&a.node_id()).unwrap().is_none());
+        // An exact resend is answered as the first copy.
+        assert!(matches!(
+            succeed(&mut s, &st, &b.static_public()).unwrap(),
+            SucceedOutcome::Moved { .. }
+        ));
+        // The successor registers and keeps the address and the name.
+        let (row_b, refused) =
+            ok(register(&mut s, &reg(&b, 1, Some("cache")), net(), obs()).unwrap());
+        assert_eq!((row_b.address, refused), (row_a.address, None));
+        assert_eq!(row_b.hostname.as_deref(), Some("cache"));
+        // The old key is refused for good.
+        assert_eq!(
+            register(&mut s, &reg(&a, 9, Some("cache")), net(), obs()).unwrap(),
+            RegisterOutcome::Retired
+        );
+        // Statements about the old id went with it.
+        assert_eq!(
+            s.statement_seq(&peer.node_id(), &a.node_id()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn forged_foreign_and_second_successions_are_refused() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let (a, b, c, x) = (id(1), id(2), id(3), id(4));
+        ok(register(&mut s, &reg(&a, 1, Some("cache")), net(), obs()).unwrap());
+        // Not signed by the old key.
+        let mut forged = Succession::sign(&x, &b, 1, 100);
+        forged.body.old = a.public();
+        assert!(matches!(
+            succeed(&mut s, &forged.to_bytes(), &b.static_public()).unwrap(),
+            SucceedOutcome::Invalid(_)
+        ));
+        // Garbage.
+        assert!(matches!(
+            succeed(&mut s, &[1, 2, 3], &b.static_public()).unwrap(),
+            SucceedOutcome::Invalid(_)
+        ));
+        // Valid, but handed in on another key's session.
+        let st = Succession::sign(&a, &b, 1, 100).to_bytes();
+        assert!(matches!(
+            succeed(&mut s, &st, &c.static_public()).unwrap(),
+            SucceedOutcome::Invalid(_)
+        ));
+        // Of an id the registry does not know.
+        assert!(matches!(
+            succeed(
+                &mut s,
+                &Succession::sign(&x, &c, 1, 100).to_bytes(),
+                &c.static_public()
+            )
+            .unwrap(),
+            SucceedOutcome::NotFound(_)
+        ));
+        assert!(s.node(&a.node_id()).unwrap().is_some(), "nothing moved");
+        succeed(&mut s, &st, &b.static_public()).unwrap();
+        // A second successor (the leaked old key) is refused.
+        assert!(matches!(
+            succeed(
+                &mut s,
+                &Succession::sign(&a, &c, 1, 101).to_bytes(),
+                &c.static_public()
+            )
+            .unwrap(),
+            SucceedOutcome::Refused(_)
+        ));
+        assert!(s.node(&c.node_id()).unwrap().is_none());
     }
 }

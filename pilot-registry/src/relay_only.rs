@@ -65,7 +65,8 @@ impl RelayOnly {
             | ToRegistry::PublishCert { req, .. }
             | ToRegistry::FindCerts { req, .. }
             | ToRegistry::PublishRevocation { req, .. }
-            | ToRegistry::FindRevocations { req, .. } => error(
+            | ToRegistry::FindRevocations { req, .. }
+            | ToRegistry::Succeed { req, .. } => error(
                 req,
                 ErrorCode::Invalid,
                 "this instance only relays; ask the registry",

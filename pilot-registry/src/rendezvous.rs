@@ -152,6 +152,17 @@ impl Rendezvous {
                 };
                 submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
             }
+            (ToRegistry::Succeed { req, succession }, _) => {
+                // Checked on the storage thread (signatures are not checked
+                // on this loop).
+                let ticket = Ticket { index, req };
+                let job = Job::Succeed {
+                    ticket,
+                    succession,
+                    session_key: conn.static_public,
+                };
+                submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
+            }
             (ToRegistry::Ping { req }, _) => one(
                 index,
                 FromRegistry::Pong {
@@ -276,6 +287,34 @@ impl Rendezvous {
             } => {
                 self.pending.remove(&ticket);
                 self.registered(ticket, id, nat, observed, outcome, mail, cx)
+            }
+            Done::Succeeded { ticket, outcome } => {
+                self.pending.remove(&ticket);
+                let msg = match outcome {
+                    Ok(crate::registrar::SucceedOutcome::Moved { old, node }) => {
+                        info!(%old, new = %node.identity.node_id(), address = %node.address, "identity rotated");
+                        FromRegistry::Ok { req: ticket.req }
+                    }
+                    Ok(crate::registrar::SucceedOutcome::Invalid(why)) => {
+                        bump(&cx.stats.refused);
+                        error(ticket.req, ErrorCode::Invalid, &why)
+                    }
+                    Ok(crate::registrar::SucceedOutcome::NotFound(old)) => error(
+                        ticket.req,
+                        ErrorCode::NotFound,
+                        &format!("{old} is not registered here"),
+                    ),
+                    Ok(crate::registrar::SucceedOutcome::Refused(why)) => {
+                        bump(&cx.stats.refused);
+                        warn!("succession refused: {why}");
+                        error(ticket.req, ErrorCode::Retired, &why)
+                    }
+                    Err(e) => {
+                        warn!("storage: {e}");
+                        error(ticket.req, ErrorCode::Internal, "registry storage failed")
+                    }
+                };
+                one(ticket.index, msg)
             }
             Done::Looked {
                 ticket,
@@ -520,6 +559,14 @@ impl Rendezvous {
                 ErrorCode::PoolExhausted,
                 "no free address in the overlay network",
             ),
+            Ok(RegisterOutcome::Retired) => {
+                bump(&cx.stats.refused);
+                error(
+                    req,
+                    ErrorCode::Retired,
+                    "this identity was retired by an identity rotation; its successor holds its address",
+                )
+            }
             Err(e) => {
                 warn!("storage: {e}");
                 error(req, ErrorCode::Internal, "registry storage failed")

@@ -455,6 +455,7 @@ impl Core {
                     Ok(RegisterOutcome::BadSignature) => "bad-signature",
                     Ok(RegisterOutcome::Replayed) => "replayed",
                     Ok(RegisterOutcome::PoolExhausted) => "pool-exhausted",
+                    Ok(RegisterOutcome::Retired) => "retired",
                     Err(_) => return,
                 };
                 self.audit.count(audit::Key {
@@ -472,6 +473,10 @@ impl Core {
                 outcome: Ok(StatementOutcome::Stored(_)),
                 ..
             } => self.audit.carried(*from, *to, kind, statement),
+            Done::Succeeded {
+                outcome: Ok(crate::registrar::SucceedOutcome::Moved { old, node }),
+                ..
+            } => self.audit.succeeded(*old, node),
             Done::CertPublished { from, outcome, .. } => match outcome {
                 Ok(CertOutcome::Stored {
                     facts,

@@ -191,10 +191,28 @@ pub trait Storage: Send {
     fn nodes(&self, _limit: usize) -> Result<Vec<NodeRow>, StorageError> {
         Ok(vec![])
     }
+    /// Moves node `old` to its successor `new` in one transaction: `new`
+    /// (carrying `old`'s address and hostname) replaces `old`, whose
+    /// statements and undelivered pushes go, and the succession statement
+    /// is kept under `old` so `old` is refused from then on. The default
+    /// keeps no successions.
+    fn succeed(
+        &mut self,
+        _old: &NodeId,
+        _new: &NodeRow,
+        _succession: &[u8],
+    ) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported("successions"))
+    }
+    /// The successor of `old` and the succession statement, if `old` was
+    /// succeeded here.
+    fn successor(&self, _old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
+        Ok(None)
+    }
 }
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to `i+1`.
 const MIGRATIONS: &[&str] = &[
@@ -250,6 +268,14 @@ CREATE TABLE revocations (
     bytes BLOB NOT NULL,
     PRIMARY KEY (owner, node)
 ) WITHOUT ROWID;
+"#,
+    // Identity successions: each retired id with its successor.
+    r#"
+CREATE TABLE successions (
+    old_id TEXT PRIMARY KEY,
+    new_id TEXT NOT NULL UNIQUE,
+    bytes  BLOB NOT NULL
+);
 "#,
 ];
 
@@ -666,6 +692,63 @@ impl Storage for SqliteStorage {
             )?
             .collect::<Result<Vec<_>, _>>()?;
         raw.into_iter().map(RawNode::decode).collect()
+    }
+
+    fn succeed(
+        &mut self,
+        old: &NodeId,
+        new: &NodeRow,
+        succession: &[u8],
+    ) -> Result<(), StorageError> {
+        let old = old.to_string();
+        let tx = self.conn.transaction()?;
+        let gone = tx.execute("DELETE FROM nodes WHERE node_id = ?1", [&old])?;
+        if gone == 0 {
+            return Err(StorageError::Conflict(format!("node {old} is not stored")));
+        }
+        tx.execute(
+            "DELETE FROM statements WHERE from_id = ?1 OR to_id = ?1",
+            [&old],
+        )?;
+        tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&old])?;
+        tx.execute(
+            "INSERT INTO successions (old_id, new_id, bytes) VALUES (?1, ?2, ?3)",
+            params![old, new.identity.node_id().to_string(), succession],
+        )?;
+        tx.execute(
+            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                new.identity.node_id().to_string(),
+                &new.identity.ed_public[..],
+                &new.identity.static_public[..],
+                new.identity.binding,
+                u32::from(new.address),
+                new.hostname,
+                new.reg_seq as i64,
+                join_endpoints(&new.endpoints),
+                new.reg_digest.as_ref().map(|d| &d[..])
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn successor(&self, old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT new_id, bytes FROM successions WHERE old_id = ?1")?;
+        let row: Option<(String, Vec<u8>)> = stmt
+            .query_row([old.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(id, bytes)| {
+            id.parse::<NodeId>()
+                .map(|id| (id, bytes))
+                .map_err(|_| StorageError::Corrupt {
+                    table: "successions",
+                    detail: format!("bad node id {id:?}"),
+                })
+        })
+        .transpose()
     }
 }
 

@@ -140,6 +140,15 @@ pub enum Job {
         /// Revoked nodes after this one only.
         after: Option<NodeId>,
     },
+    /// Move a registered node to its successor ([`registrar::succeed`]).
+    Succeed {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The succession statement, as sent.
+        succession: Vec<u8>,
+        /// The tunnel key the control session proved.
+        session_key: [u8; 32],
+    },
     /// Count the registered nodes, and list up to `list` of them (for the
     /// metrics and the status page).
     Census {
@@ -153,7 +162,7 @@ impl Job {
     /// [`crate::stats::StorageTimes::KINDS`]).
     pub fn kind(&self) -> &'static str {
         match self {
-            Job::Register { .. } => "register",
+            Job::Register { .. } | Job::Succeed { .. } => "register",
             Job::Attach { .. } => "attach",
             Job::Lookup { .. } => "lookup",
             Job::Statement { .. } => "statement",
@@ -281,6 +290,13 @@ pub enum Done {
         ticket: Ticket,
         /// The page.
         page: Result<Page, StorageError>,
+    },
+    /// A succession was decided.
+    Succeeded {
+        /// Whom to answer.
+        ticket: Ticket,
+        /// The decision.
+        outcome: Result<registrar::SucceedOutcome, StorageError>,
     },
     /// The registered nodes counted (and some listed).
     Census {
@@ -411,6 +427,14 @@ pub fn run(s: &mut dyn Storage, network: Ipv4Net, job: Job) -> Option<Done> {
         } => Done::RevocationsFound {
             ticket,
             page: fleet::find_revocations(s, &owner, after.as_ref()),
+        },
+        Job::Succeed {
+            ticket,
+            succession,
+            session_key,
+        } => Done::Succeeded {
+            ticket,
+            outcome: registrar::succeed(s, &succession, &session_key),
         },
         Job::Census { list } => Done::Census {
             count: s.node_count(),

@@ -117,6 +117,10 @@ pub enum Request {
         /// The revocation, as `owner revoke` made it.
         revocation: String,
     },
+    /// Rotates this node's identity (new keys, a succession signed by
+    /// the old and the new key); the daemon restarts under the new identity
+    /// at once, keeping its address and name: [`IdentityRotated`].
+    IdentityRotate,
     /// Stop the daemon: [`Stopping`].
     Down,
 }
@@ -155,6 +159,8 @@ pub enum Reply {
     Rule(PolicyRule),
     /// To `owner revoke`.
     Revocation(RevocationReport),
+    /// To `identity rotate`.
+    Rotated(IdentityRotated),
     /// To `down`.
     Down(Stopping),
 }
@@ -178,6 +184,7 @@ impl Reply {
             Request::PolicyList | Request::PolicyRemove { .. } => Reply::Policy(from_value(data)?),
             Request::PolicyAllow { .. } => Reply::Rule(from_value(data)?),
             Request::OwnerRevoke { .. } => Reply::Revocation(from_value(data)?),
+            Request::IdentityRotate => Reply::Rotated(from_value(data)?),
             Request::Down => Reply::Down(from_value(data)?),
         })
     }
@@ -210,6 +217,7 @@ reply_into! {
     Policy => Vec<PolicyRule>,
     Rule => PolicyRule,
     Revocation => RevocationReport,
+    Rotated => IdentityRotated,
     Down => Stopping,
 }
 
@@ -848,6 +856,23 @@ pub struct CertInfo {
     pub valid: bool,
 }
 
+/// `identity rotate`: the identity retired and the one that continues it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRotated {
+    /// The retired node id (refused by the registry and the peers from now
+    /// on).
+    pub old_node_id: String,
+    /// The new node id.
+    pub new_node_id: String,
+    /// How many rotations this node has made, this one included.
+    pub rotation: u64,
+    /// The overlay address, which stays.
+    pub address: String,
+    /// Peers whose trust moves to the new id (they are told through the
+    /// registry, signed by both keys).
+    pub peers_told: usize,
+}
+
 /// A policy rule, in `policy list` and `policy allow`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRule {
@@ -1333,6 +1358,16 @@ mod tests {
         }
     }
 
+    fn identity_rotated() -> IdentityRotated {
+        IdentityRotated {
+            old_node_id: ID_A.into(),
+            new_node_id: "5c3e0f9d1b2a4c6e8f7a9b0c1d2e3f40".into(),
+            rotation: 1,
+            address: "10.77.92.132".into(),
+            peers_told: 2,
+        }
+    }
+
     fn policy_list() -> Vec<PolicyRule> {
         vec![
             PolicyRule {
@@ -1564,6 +1599,7 @@ mod tests {
             ("cert", pretty(&cert_info())),
             ("policy-list", pretty(&policy_list())),
             ("owner-revoke", pretty(&revocation_report())),
+            ("identity-rotate", pretty(&identity_rotated())),
             ("down", pretty(&Stopping { stopping: true })),
             ("audit-show", pretty(&audit_show())),
             ("audit-verify", pretty(&audit_verify())),
@@ -1625,6 +1661,7 @@ mod tests {
         round_trip(&cert_info());
         round_trip(&policy_list());
         round_trip(&revocation_report());
+        round_trip(&identity_rotated());
         round_trip(&error());
         round_trip(&audit_show());
         round_trip(&audit_verify());

@@ -84,7 +84,9 @@ pub fn show(state: &StateDir, since: Option<u64>) -> Result<AuditShow, ApiError>
 pub fn verify(state: &StateDir, expect: Option<Head>) -> Result<AuditVerify, ApiError> {
     require_log(state)?;
     let key = state.load_public_key().map_err(key_error)?;
-    let out = read::verify(&state.path, pilot_audit::LOG_FILE, &[key], expect)
+    let mut keys = lineage_keys(state, &key);
+    keys.push(key);
+    let out = read::verify(&state.path, pilot_audit::LOG_FILE, &keys, expect)
         .map_err(|e| io_error(state, e))?;
     let (problem, bad_line) = match &out.result {
         Ok(_) => (None, None),
@@ -137,6 +139,26 @@ pub fn head(state: &StateDir) -> Result<AuditHead, ApiError> {
         seq,
         unsigned_after: v.unsigned_after,
     })
+}
+
+/// The keys this node had before its current one `key`, oldest first,
+/// from its identity rotations in `node.json`: only a chain of successions
+/// that each verify (signed by both keys), link up and end at `key` counts,
+/// so an edited file cannot add a key of its own.
+fn lineage_keys(state: &StateDir, key: &[u8; 32]) -> Vec<[u8; 32]> {
+    let Ok(node) = state.load_node() else {
+        return vec![];
+    };
+    let chain = &node.lineage;
+    let linked = chain.iter().all(|st| st.verify().is_ok())
+        && chain
+            .windows(2)
+            .all(|w| w[0].body.new.ed_public == w[1].body.old.ed_public)
+        && chain.last().is_none_or(|st| &st.body.new.ed_public == key);
+    if !linked {
+        return vec![];
+    }
+    chain.iter().map(|st| st.body.old.ed_public).collect()
 }
 
 fn key_error(e: StateError) -> ApiError {

@@ -130,6 +130,10 @@ enum Command {
     /// or show it.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// This node's identity: rotate its keys, keeping its address, name,
+    /// trust and grants (peers follow a succession signed by both keys).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Policy rules: admit peers whose owner certificate carries a tag,
     /// with no request or approval typed (their rules must admit this
     /// node too).
@@ -267,6 +271,19 @@ enum CertCommand {
     },
     /// The installed certificate.
     Show,
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Make new keys and a succession statement signed by the old and the
+    /// new key. The registry moves this node's address and hostname to the
+    /// new node id; every peer that trusted the old id moves its trust and
+    /// grants to the new one when it verifies the statement (no action on
+    /// their side); the old id is refused from then on, also after a leak
+    /// of its key. The daemon restarts under the new identity at once;
+    /// sessions handshake again within seconds. A certificate follows the
+    /// rotation until it expires, for peers that saw the succession.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -432,6 +449,11 @@ struct UpArgs {
     /// Off by default: they tell whoever can scrape whom this node trusts.
     #[arg(long, requires = "metrics")]
     metrics_per_peer: bool,
+    /// Rotate this node's identity when the current one is this old
+    /// (`30d`, `12h`; at most 365d), as `pilot-tun identity rotate` does:
+    /// new keys, same address, name, trust and grants. Off by default.
+    #[arg(long, value_name = "AGE", value_parser = parse_lifetime)]
+    rotate_identity_every: Option<u64>,
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -600,6 +622,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
             cert: read_small_file(&file)?,
         },
         Command::Cert(CertCommand::Show) => Request::CertShow,
+        Command::Identity(IdentityCommand::Rotate) => Request::IdentityRotate,
         Command::Policy(PolicyCommand::Allow {
             owner,
             tag,
@@ -1030,6 +1053,19 @@ fn print_text(reply: &Reply) {
                 say!("kept here; approvals withdrawn: {}", r.withdrawn.len());
             }
         }
+        Reply::Rotated(r) => {
+            say!(
+                "identity rotated (rotation {}): {} -> {}",
+                r.rotation,
+                r.old_node_id,
+                r.new_node_id
+            );
+            say!(
+                "address {} stays; {} peer(s) told; the daemon restarts under the new identity",
+                r.address,
+                r.peers_told
+            );
+        }
         Reply::Down(_) => say!("stopped"),
     }
 }
@@ -1424,6 +1460,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         offload: !args.no_offload,
         register_timeout: Duration::from_secs(5),
         mtu: args.mtu,
+        rotate_every: args.rotate_identity_every.map(Duration::from_secs),
     };
     // One worker per core (the TUN and UDP loops run in parallel);
     // PILOT_THREADS overrides it for experiments.
@@ -1449,7 +1486,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             .as_deref()
             .unwrap_or("the remembered registry")
     ));
-    rt.block_on(async move {
+    let restart = rt.block_on(async move {
         let node = Node::start(cfg, |address, network| {
             KernelTun::create(&TunConfig {
                 name: dev.clone(),
@@ -1509,13 +1546,53 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
         }
-        tracing::info!("stopping");
-        notify::stopping();
+        let restart = node.restart_requested();
+        if restart {
+            tracing::info!("restarting under the rotated identity");
+            notify::status("restarting under a rotated identity");
+        } else {
+            tracing::info!("stopping");
+            notify::stopping();
+        }
         node.shutdown().await;
         let _ = std::fs::remove_file(state.socket());
-        Ok::<_, ApiError>(())
+        Ok::<_, ApiError>(restart)
     })?;
+    drop(rt);
+    if restart {
+        return Err(restart_self());
+    }
     Ok(exit::OK)
+}
+
+/// Replaces this process with a fresh start of the same command (same
+/// pid, so systemd and the `up` that started us keep following it): after
+/// an identity rotation every key-derived piece of state is built anew
+/// from the state directory. Every inherited descriptor but stdio is
+/// closed on exec, so the TUN device and the UDP port are free for the new
+/// start. Returns only if the exec failed.
+fn restart_self() -> ApiError {
+    use std::os::unix::process::CommandExt;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2)
+            .collect();
+        for fd in fds {
+            // SAFETY: fcntl(F_SETFD) only changes a descriptor flag; on a
+            // descriptor that is closed meanwhile it fails with EBADF.
+            unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let exe = std::env::current_exe().unwrap_or_else(|_| argv[0].clone().into());
+    let e = std::process::Command::new(exe).args(&argv[1..]).exec();
+    failed(
+        ErrorCode::Failed,
+        format!("the identity was rotated, but the daemon could not restart itself: {e}; start it again (`pilot-tun up`)"),
+    )
 }
 
 /// "pilot0 up: 10.77.92.132/16  node 140a…  name alpha"

@@ -48,6 +48,9 @@ pub struct NodeConfig {
     /// `--mtu`: the TUN MTU never exceeds it (otherwise it follows the
     /// underlay routes, see [`crate::pathmtu`]).
     pub mtu: Option<u16>,
+    /// `--rotate-identity-every`: rotate the identity when the current one
+    /// is this old (see [`crate::rotation`]).
+    pub rotate_every: Option<Duration>,
 }
 
 /// Seconds since the Unix epoch.
@@ -93,8 +96,11 @@ pub struct Context<T: Tun> {
     pub nat: Mutex<NatType>,
     stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
     last_timestamp: AtomicU64,
-    /// Signals `down`.
+    /// Signals `down` (and, with `restart` set, a restart under a rotated
+    /// identity).
     pub stop: Notify,
+    /// The node stops to start again (its identity was rotated).
+    pub restart: std::sync::atomic::AtomicBool,
     /// When the node started.
     pub started: SystemTime,
     /// The tunnel timers' durations.
@@ -118,6 +124,7 @@ impl<T: Tun> Context<T> {
             stun_pending: Mutex::new(HashMap::new()),
             last_timestamp: AtomicU64::new(0),
             stop: Notify::new(),
+            restart: std::sync::atomic::AtomicBool::new(false),
             started: SystemTime::now(),
             timing: timing_from_env(),
             dns: Arc::default(),

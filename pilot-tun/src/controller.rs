@@ -389,6 +389,20 @@ impl<T: Tun> Controller<T> {
             self.record_audit("statement-refused", details);
             return (true, Effects::default());
         }
+        // A rotated peer: its record moves to the new id first (or the
+        // statement is refused with the succession).
+        let mut moved = Effects::default();
+        if let StatementKind::Succeed { succession, .. } = &statement.body.kind {
+            match self.follow_succession(&statement, succession) {
+                Ok(fx) => moved = fx,
+                Err(why) => {
+                    warn!(peer = %from, "succession refused: {}", crate::sanitize::printable(&why));
+                    details["reason"] = why.into();
+                    self.record_audit("statement-refused", details);
+                    return (true, Effects::default());
+                }
+            }
+        }
         match self
             .trust
             .receive(&self.ctx.id, &statement, address, hostname, unix_now())
@@ -400,7 +414,8 @@ impl<T: Tun> Controller<T> {
                         info!(peer = %from, kind = statement.body.kind.name(), "trust statement received");
                         details["state"] = self.state_word(&from).into();
                         self.record_audit("statement-received", details);
-                        let fx = self.apply_change(from, change);
+                        let mut fx = self.apply_change(from, change);
+                        fx.extend(std::mem::take(&mut moved));
                         if let StatementKind::Policy { cert, .. } = &statement.body.kind {
                             // Its rules admit us; do ours admit it?
                             self.trust.set_peer_cert(&from, cert.clone());
@@ -487,7 +502,7 @@ impl<T: Tun> Controller<T> {
 
     /// Installs the grants of a trusted peer's record in the data plane's
     /// filter; records them in the audit log when `audit` and they changed.
-    fn refresh_grants(&mut self, id: &NodeId, audit: bool) {
+    pub(crate) fn refresh_grants(&mut self, id: &NodeId, audit: bool) {
         let now = unix_now();
         let Some(r) = self.trust.get(id) else { return };
         let Some(rt) = self.tunnels.peers().get(id) else {
@@ -1026,6 +1041,11 @@ pub async fn request<T: Tun>(ctx: &Arc<Context<T>>, h: &Handle<T>, req: Request)
             trust_statement(ctx, h, &peer, StatementKind::Revoke).await
         }
         Request::Ping { peer, count } => ping_request(ctx, h, &peer, count).await,
+        Request::IdentityRotate => h
+            .with(|c| c.rotate_identity())
+            .await
+            .map_err(stopped)?
+            .map(Reply::Rotated),
         Request::Down => {
             ctx.stop.notify_one();
             Ok(Reply::Down(api::Stopping { stopping: true }))
@@ -1229,7 +1249,7 @@ pub(crate) async fn trust_statement<T: Tun>(
         ));
     }
     if kind.approves()
-        && h.with(move |c| c.fleet.is_revoked(&pid))
+        && h.with(move |c| c.fleet.is_revoked(&pid, &c.trust.ancestry(&pid)))
             .await
             .map_err(stopped)?
     {

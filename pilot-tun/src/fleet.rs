@@ -82,12 +82,13 @@ pub enum NotAdmitted {
 
 impl FleetState {
     /// Drops what does not verify (a damaged or edited file must not
-    /// create trust): a certificate that is not for `me`, revocations whose
-    /// signature fails. Returns what was dropped, for the log.
-    pub fn sanitize(&mut self, me: &NodeId, now: u64) -> Vec<String> {
+    /// create trust): a certificate that is not for `me` (or an id `me`
+    /// succeeded, `ancestry`), revocations whose signature fails. Returns
+    /// what was dropped, for the log.
+    pub fn sanitize(&mut self, me: &NodeId, ancestry: &[NodeId], now: u64) -> Vec<String> {
         let mut dropped = Vec::new();
         if let Some(c) = &self.cert {
-            if let Err(e) = c.verify(&c.body.owner, me, now) {
+            if let Err(e) = c.verify_inherited(&c.body.owner, me, ancestry, now) {
                 if !matches!(e, pilot_proto::cert::CertError::Expired(_)) {
                     dropped.push(format!("this node's certificate: {e}"));
                     self.cert = None;
@@ -104,18 +105,21 @@ impl FleetState {
         dropped
     }
 
-    /// This node's certificate, if installed and valid at `now`.
-    pub fn own_cert(&self, me: &NodeId, now: u64) -> Option<&Certificate> {
+    /// This node's certificate, if installed and valid at `now` for `me`
+    /// or an id `me` succeeded (`ancestry`): a certificate follows its
+    /// node through identity rotations until it expires.
+    pub fn own_cert(&self, me: &NodeId, ancestry: &[NodeId], now: u64) -> Option<&Certificate> {
         self.cert
             .as_ref()
-            .filter(|c| c.verify(&c.body.owner, me, now).is_ok())
+            .filter(|c| c.verify_inherited(&c.body.owner, me, ancestry, now).is_ok())
     }
 
-    /// True if an owner the rules name revoked `node`.
-    pub fn is_revoked(&self, node: &NodeId) -> bool {
+    /// True if an owner the rules name revoked `node`, or an id it
+    /// succeeded (`ancestry`).
+    pub fn is_revoked(&self, node: &NodeId, ancestry: &[NodeId]) -> bool {
         self.revocations
             .iter()
-            .any(|r| r.covers(node, &[]) && self.rules.names_owner(&r.body.owner))
+            .any(|r| r.covers(node, ancestry) && self.rules.names_owner(&r.body.owner))
     }
 
     /// The (owner, tag) pairs of the live rules: what to look for at the
@@ -141,13 +145,20 @@ impl FleetState {
     }
 
     /// Checks `cert` (bytes as they travel) presented by `holder` against
-    /// the rules at `now`.
-    pub fn admit(&self, cert: &[u8], holder: &NodeId, now: u64) -> Result<Admission, NotAdmitted> {
+    /// the rules at `now`; `ancestry` are the ids `holder` succeeded, as
+    /// this node verified (a certificate issued to one of them counts).
+    pub fn admit(
+        &self,
+        cert: &[u8],
+        holder: &NodeId,
+        ancestry: &[NodeId],
+        now: u64,
+    ) -> Result<Admission, NotAdmitted> {
         let c = Certificate::from_bytes(cert).map_err(|e| NotAdmitted::Invalid(e.to_string()))?;
         let verified = c
-            .verify(&c.body.owner, holder, now)
+            .verify_inherited(&c.body.owner, holder, ancestry, now)
             .map_err(|e| NotAdmitted::Invalid(e.to_string()))?;
-        if self.is_revoked(holder) {
+        if self.is_revoked(holder, ancestry) {
             return Err(NotAdmitted::Revoked);
         }
         let facts = PeerFacts {
@@ -242,7 +253,9 @@ mod tests {
     fn a_matching_certificate_is_admitted_with_the_rules_scope_until_it_expires() {
         let o = owner(1);
         let f = fleet_with_rule(&o, "cache", "tcp/8080");
-        let a = f.admit(&cert(&o, B, "cache,db", DAY), &B, NOW).unwrap();
+        let a = f
+            .admit(&cert(&o, B, "cache,db", DAY), &B, &[], NOW)
+            .unwrap();
         assert_eq!(a.grant.scope.to_string(), "tcp/8080");
         assert_eq!(a.grant.expires_at, Some(NOW - 10 + DAY));
         assert_eq!(a.rules, vec![1]);
@@ -255,29 +268,29 @@ mod tests {
         // Another owner, another tag, another node's certificate, expired,
         // tampered, garbage.
         assert_eq!(
-            f.admit(&cert(&other, B, "cache", DAY), &B, NOW),
+            f.admit(&cert(&other, B, "cache", DAY), &B, &[], NOW),
             Err(NotAdmitted::NoRule)
         );
         assert_eq!(
-            f.admit(&cert(&o, B, "build", DAY), &B, NOW),
+            f.admit(&cert(&o, B, "build", DAY), &B, &[], NOW),
             Err(NotAdmitted::NoRule)
         );
         assert!(matches!(
-            f.admit(&cert(&o, A, "cache", DAY), &B, NOW),
+            f.admit(&cert(&o, A, "cache", DAY), &B, &[], NOW),
             Err(NotAdmitted::Invalid(_))
         ));
         assert!(matches!(
-            f.admit(&cert(&o, B, "cache", 5), &B, NOW),
+            f.admit(&cert(&o, B, "cache", 5), &B, &[], NOW),
             Err(NotAdmitted::Invalid(_))
         ));
         let mut c = Certificate::from_bytes(&cert(&o, B, "build", DAY)).unwrap();
         c.body.tags = vec!["cache".parse().unwrap()];
         assert!(matches!(
-            f.admit(&c.to_bytes(), &B, NOW),
+            f.admit(&c.to_bytes(), &B, &[], NOW),
             Err(NotAdmitted::Invalid(_))
         ));
         assert!(matches!(
-            f.admit(b"not a certificate", &B, NOW),
+            f.admit(b"not a certificate", &B, &[], NOW),
             Err(NotAdmitted::Invalid(_))
         ));
     }
@@ -287,24 +300,24 @@ mod tests {
         let (o, other) = (owner(1), owner(2));
         let mut f = fleet_with_rule(&o, "cache", "all");
         let c = cert(&o, B, "cache", DAY);
-        assert!(f.admit(&c, &B, NOW).is_ok());
+        assert!(f.admit(&c, &B, &[], NOW).is_ok());
         // A forged one (signed by another key, claiming the owner).
         let mut forged = Revocation::sign(&other, B, NOW);
         forged.body.owner = o.public();
         assert!(f.add_revocation(forged).is_err());
         // One from an owner no rule names.
         assert!(f.add_revocation(Revocation::sign(&other, B, NOW)).is_err());
-        assert!(f.admit(&c, &B, NOW).is_ok());
+        assert!(f.admit(&c, &B, &[], NOW).is_ok());
         // The real one: B is refused from now on, once only kept.
         assert_eq!(f.add_revocation(Revocation::sign(&o, B, NOW)), Ok(true));
         assert_eq!(f.add_revocation(Revocation::sign(&o, B, NOW)), Ok(false));
-        assert_eq!(f.admit(&c, &B, NOW), Err(NotAdmitted::Revoked));
-        assert!(f.is_revoked(&B) && !f.is_revoked(&A));
+        assert_eq!(f.admit(&c, &B, &[], NOW), Err(NotAdmitted::Revoked));
+        assert!(f.is_revoked(&B, &[]) && !f.is_revoked(&A, &[]));
         // It survives a round trip through fleet.json and a sanitize.
         let mut back: FleetState =
             serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
-        assert!(back.sanitize(&A, NOW).is_empty());
-        assert!(back.is_revoked(&B));
+        assert!(back.sanitize(&A, &[], NOW).is_empty());
+        assert!(back.is_revoked(&B, &[]));
     }
 
     #[test]
@@ -315,7 +328,7 @@ mod tests {
         let mut bad = Revocation::sign(&o, B, NOW);
         bad.body.node = A;
         f.revocations.push(bad);
-        let dropped = f.sanitize(&A, NOW);
+        let dropped = f.sanitize(&A, &[], NOW);
         assert_eq!(dropped.len(), 2, "{dropped:?}");
         assert!(f.cert.is_none() && f.revocations.is_empty());
     }

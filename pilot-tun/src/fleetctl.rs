@@ -82,7 +82,10 @@ impl<T: Tun> Controller<T> {
             tags: c.body.tags.iter().map(|t| t.to_string()).collect(),
             issued_at: c.body.issued_at,
             expires_at: c.body.expires_at,
-            valid: self.fleet.own_cert(&self.ctx.id, unix_now()).is_some(),
+            valid: self
+                .fleet
+                .own_cert(&self.ctx.id, &self.node_state.ancestry(), unix_now())
+                .is_some(),
         })
     }
 
@@ -176,7 +179,10 @@ impl<T: Tun> Controller<T> {
         let gone: Vec<NodeId> = self
             .trust
             .iter()
-            .filter(|(id, r)| self.fleet.is_revoked(id) && r.ours == TrustDecision::Approved)
+            .filter(|(id, r)| {
+                self.fleet.is_revoked(id, &self.trust.ancestry(id))
+                    && r.ours == TrustDecision::Approved
+            })
             .map(|(id, _)| id)
             .collect();
         for id in &gone {
@@ -200,17 +206,23 @@ impl<T: Tun> Controller<T> {
         let cert = cert
             .map(<[u8]>::to_vec)
             .or_else(|| rec.and_then(|r| r.cert.clone()));
-        if self.fleet.is_revoked(&peer) {
+        let ancestry = self.trust.ancestry(&peer);
+        if self.fleet.is_revoked(&peer, &ancestry) {
             return (ours == TrustDecision::Approved).then_some(Act::Withdraw);
         }
         // An operator's own decision stands.
         if !by_rules && ours != TrustDecision::None {
             return None;
         }
-        let admitted = cert.as_deref().map(|c| self.fleet.admit(c, &peer, now));
+        let admitted = cert
+            .as_deref()
+            .map(|c| self.fleet.admit(c, &peer, &ancestry, now));
         match admitted {
             Some(Ok(adm)) => {
-                let own = self.fleet.own_cert(&self.ctx.id, now)?.to_bytes();
+                let own = self
+                    .fleet
+                    .own_cert(&self.ctx.id, &self.node_state.ancestry(), now)?
+                    .to_bytes();
                 let same = rec.is_some_and(|r| {
                     r.ours == TrustDecision::Approved && r.granted == adm.grant && by_rules
                 });
@@ -258,7 +270,9 @@ impl<T: Tun> Controller<T> {
         let ids: Vec<NodeId> = self
             .trust
             .iter()
-            .filter(|(_, r)| !r.by_rules.is_empty() || self.fleet.is_revoked(&r.identity.node_id()))
+            .filter(|(id, r)| {
+                !r.by_rules.is_empty() || self.fleet.is_revoked(id, &self.trust.ancestry(id))
+            })
             .map(|(id, _)| id)
             .collect();
         for id in ids {
@@ -302,7 +316,10 @@ pub async fn fleet_sync<T: Tun>(ctx: Arc<Context<T>>, h: Handle<T>) {
     let now = unix_now();
     let Ok((own, owners, wanted)) = h
         .with(move |c| {
-            let own = c.fleet.own_cert(&c.ctx.id, now).map(|c| c.to_bytes());
+            let own = c
+                .fleet
+                .own_cert(&c.ctx.id, &c.node_state.ancestry(), now)
+                .map(|c| c.to_bytes());
             (own, c.fleet.owners(), c.fleet.wanted(now))
         })
         .await

@@ -21,6 +21,7 @@ pub mod node;
 pub mod pathmtu;
 pub mod peers;
 pub mod resolved;
+pub mod rotation;
 pub mod routes;
 pub mod sanitize;
 pub mod shared;

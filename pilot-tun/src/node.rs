@@ -22,7 +22,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use parking_lot::Mutex;
 use pilot_proto::join::JoinUrl;
-use pilot_proto::messages::{FromRegistry, ToRegistry};
+use pilot_proto::messages::{ErrorCode, FromRegistry, ToRegistry};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -89,8 +89,15 @@ impl<T: Tun> Node<T> {
         make_tun: impl FnOnce(Ipv4Addr, Ipv4Net) -> Result<T, String>,
     ) -> Result<Self, StartError> {
         cfg.state.create()?;
+        if let Some(id) = cfg.state.finish_rotation()? {
+            warn!(%id, "finished an identity rotation a stop had cut short");
+        }
         let (identity, new) = cfg.state.load_or_create_identity()?;
         let mut node_state = cfg.state.load_node()?;
+        if node_state.identity_since.is_none() {
+            node_state.identity_since = Some(unix_now());
+            cfg.state.save_node(&node_state)?;
+        }
         let trust = cfg.state.load_trust()?;
         let mut fleet = cfg.state.load_fleet()?;
         let join: JoinUrl = match (&cfg.registry, &node_state.registry) {
@@ -142,7 +149,7 @@ impl<T: Tun> Node<T> {
         );
         let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
-        for problem in fleet.sanitize(&ctx.id, unix_now()) {
+        for problem in fleet.sanitize(&ctx.id, &node_state.ancestry(), unix_now()) {
             warn!("fleet.json: dropped {problem}");
         }
         let (controller, handle, jobs) =
@@ -210,10 +217,18 @@ impl<T: Tun> Node<T> {
             tasks.push(tokio::spawn(relay_keeper(ctx.clone(), handle.clone())));
             tasks.push(tokio::spawn(crate::pathmtu::keeper(ctx.clone())));
         }
+        if let Some(every) = ctx.cfg.rotate_every {
+            let t = tokio::spawn(rotation_keeper(handle.clone(), every));
+            node.tasks.lock().push(t);
+        }
         // Reconnect to trusted peers now: from their cached endpoints at
         // once (works while the registry is down), and from what the
-        // registry says.
+        // registry says; and send what waits in the outbox.
         handle.submit(|c| c.reconnect_all()).await;
+        let (c, h) = (ctx.clone(), handle.clone());
+        node.tasks.lock().push(tokio::spawn(async move {
+            controller::flush_outbox(&c, &h).await
+        }));
         Ok(node)
     }
 
@@ -340,9 +355,15 @@ impl<T: Tun> Node<T> {
         Ok(at)
     }
 
-    /// Waits for a `down` request.
+    /// Waits for a `down` request (or a restart, see
+    /// [`Node::restart_requested`]).
     pub async fn stopped(&self) {
         self.ctx.stop.notified().await;
+    }
+
+    /// The node stopped to start again under a rotated identity.
+    pub fn restart_requested(&self) -> bool {
+        self.ctx.restart.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -387,12 +408,14 @@ async fn diagnose<T: Tun>(ctx: &Context<T>, e: LinkError) -> StartError {
     }
 }
 
-/// Handshake with the registry, then register.
+/// Handshake with the registry, then register (after handing in the
+/// last identity rotation if the registry has not taken it yet).
 async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(), LinkError> {
     let udp = &ctx.shared.udp;
     ctx.link
         .handshake(udp, || ctx.make_init(&ctx.link.join.key))
         .await?;
+    announce_succession(ctx, handle).await?;
     let nat = ctx.detect_nat().await;
     let mut reg = handle
         .with(move |c| c.registration(nat))
@@ -400,6 +423,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         .map_err(|_| LinkError::Protocol)?
         .map_err(|_| LinkError::Protocol)?;
     let mut answer = ctx.attach(&ctx.link, reg.clone()).await?;
+    let mut retried = false;
     // A name another node holds: the next try (`name-2`, `name-3`, …),
     // each a registration of its own, a bounded number of times.
     while let (
@@ -422,6 +446,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
             .map_err(|_| LinkError::Protocol)?
             .map_err(|_| LinkError::Protocol)?;
         answer = ctx.attach(&ctx.link, reg.clone()).await?;
+        retried = true;
     }
     let FromRegistry::Registered {
         address,
@@ -448,7 +473,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
     if let Some(why) = hostname_refused {
         warn!("hostname not granted: {}", crate::sanitize::printable(&why));
     }
-    if let (Some(base), Some(got)) = (&ctx.cfg.hostname, &granted) {
+    if let (Some(base), Some(got), true) = (&ctx.cfg.hostname, &granted, retried) {
         if base != got {
             info!("this node's name is {got:?} ({base:?} is taken on this network)");
         }
@@ -471,6 +496,77 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         .await;
     info!(%address, %observed, "registered");
     Ok(())
+}
+
+/// Hands the registry our last identity rotation, if it is not announced
+/// yet, then queues the peers' copies. A refusal for good (the old id is
+/// unknown here, or already succeeded) is logged and not tried again: the
+/// registration that follows says what the registry makes of us.
+async fn announce_succession<T: Tun>(
+    ctx: &Context<T>,
+    handle: &Handle<T>,
+) -> Result<(), LinkError> {
+    let Ok(Some(succession)) = handle.with(|c| c.unannounced_succession()).await else {
+        return Ok(());
+    };
+    match ctx
+        .link
+        .call(&ctx.shared.udp, |req| ToRegistry::Succeed {
+            req,
+            succession: succession.clone(),
+        })
+        .await
+    {
+        Ok(FromRegistry::Ok { .. }) => {
+            info!("the registry moved our address and name to the new identity")
+        }
+        Err(LinkError::Refused { code, message })
+            if code != ErrorCode::Busy && code != ErrorCode::Internal =>
+        {
+            warn!(
+                "the registry refused our identity rotation ({}): registering as a new node",
+                crate::sanitize::printable(&message)
+            );
+        }
+        Ok(_) => return Err(LinkError::Protocol),
+        Err(e) => return Err(e),
+    }
+    match handle.with(|c| c.announce_succession()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            warn!("cannot save node state: {e}");
+            Err(LinkError::Protocol)
+        }
+        Err(_) => Err(LinkError::Protocol),
+    }
+}
+
+/// Rotates the identity whenever the current one reaches `every` of age
+/// (`--rotate-identity-every`); the rotation restarts the node, so this
+/// task ends with it.
+async fn rotation_keeper<T: Tun>(handle: Handle<T>, every: Duration) {
+    loop {
+        let since = handle
+            .with(|c| c.node_state.identity_since.unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        let due = since.saturating_add(every.as_secs());
+        let now = unix_now();
+        if now < due {
+            // Wake at least hourly: the clock may jump.
+            tokio::time::sleep(Duration::from_secs((due - now).min(3600))).await;
+            continue;
+        }
+        match handle.with(|c| c.rotate_identity()).await {
+            Ok(Ok(r)) => {
+                info!(old = %r.old_node_id, new = %r.new_node_id, "scheduled identity rotation");
+                return;
+            }
+            Ok(Err(e)) => warn!("scheduled identity rotation failed: {e}"),
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
 }
 
 /// Handshake and registration with a relay-only instance.

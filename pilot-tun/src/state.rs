@@ -2,7 +2,8 @@
 //!
 //! | file | what | written |
 //! |---|---|---|
-//! | `identity.key` | Ed25519 + X25519 secret keys (0600) | once, on first start |
+//! | `identity.key` | Ed25519 + X25519 secret keys (0600) | on first start, and at each identity rotation |
+//! | `rotation.pending` | a rotation under way: the new secret keys and the succession statement (0600) | between the steps of `identity rotate`; finished at the next start if a crash cut it short |
 //! | `node.json` | registry URL, pinned address, hostname, port, sequence counter, withdrawals not yet delivered | on change |
 //! | `trust.json` | the trust store | on every trust change |
 //! | `fleet.json` | this node's owner certificate, policy rules and the owner revocations it keeps ([`crate::fleet`]) | on every change |
@@ -29,8 +30,9 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use pilot_proto::hex;
-use pilot_proto::identity::{Identity, IDENTITY_BYTES};
+use pilot_proto::identity::{Identity, NodeId, IDENTITY_BYTES};
 use pilot_proto::messages::{Signed, Statement};
+use pilot_proto::succession::Succession;
 use pilot_proto::trust::TrustStore;
 use serde::{Deserialize, Serialize};
 
@@ -137,7 +139,35 @@ pub struct NodeState {
     /// acknowledged yet, newest per peer: sent again until it has.
     #[serde(default)]
     pub outbox: Vec<Signed<Statement>>,
+    /// This node's identity rotations, oldest first: each signed by the
+    /// identity it retired and the one that continued it.
+    #[serde(default)]
+    pub lineage: Vec<Succession>,
+    /// The registry has the last rotation in `lineage` and the peers' copies
+    /// are queued in `outbox` (false between a rotation and the next
+    /// registration).
+    #[serde(default)]
+    pub succession_announced: bool,
+    /// Unix time the current identity was made (by a rotation), for
+    /// `--rotate-identity-every`; `None` for one older than this field.
+    #[serde(default)]
+    pub identity_since: Option<u64>,
 }
+
+impl NodeState {
+    /// The last rotation, while the registry and the peers have not heard
+    /// of it yet.
+    pub fn unannounced(&self) -> Option<&Succession> {
+        self.lineage.last().filter(|_| !self.succession_announced)
+    }
+
+    /// The ids this node had before its current one, oldest first.
+    pub fn ancestry(&self) -> Vec<NodeId> {
+        self.lineage.iter().map(Succession::old_id).collect()
+    }
+}
+
+const ROTATION_HEADER: &str = "pilot-tun rotation v1";
 
 /// The state directory.
 #[derive(Clone, Debug)]
@@ -290,6 +320,96 @@ impl StateDir {
         })?;
         bytes.push(b'\n');
         write_atomic(&path, &bytes, 0o600)
+    }
+
+    /// Rotates the identity on disk: a new key pair and the succession from
+    /// `old`, signed by both. Written in steps that a crash can cut anywhere
+    /// ([`StateDir::finish_rotation`] completes them at the next start):
+    /// the new keys and the statement go to `rotation.pending` first, then
+    /// into `node.json` (the lineage) and `identity.key`, then the pending
+    /// file goes. Returns the new identity; `node` is updated and saved.
+    pub fn rotate_identity(
+        &self,
+        old: &Identity,
+        node: &mut NodeState,
+        now: u64,
+    ) -> Result<(Identity, Succession), StateError> {
+        let path = self.file("rotation.pending");
+        if path.exists() {
+            return Err(StateError::Unsafe {
+                path,
+                problem: "a rotation is already under way; restart the daemon to finish it".into(),
+            });
+        }
+        let mut bytes = Zeroizing::new([0u8; IDENTITY_BYTES]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut *bytes).map_err(
+            |_| StateError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("system random generator failed"),
+            },
+        )?;
+        let new = Identity::from_bytes(&bytes);
+        let seq = node.lineage.len() as u64 + 1;
+        let st = Succession::sign(old, &new, seq, now);
+        let text = Zeroizing::new(format!(
+            "{ROTATION_HEADER}\n{}\n{}\n",
+            Zeroizing::new(hex::encode(&*bytes)).as_str(),
+            hex::encode(&st.to_bytes())
+        ));
+        write_atomic(&path, text.as_bytes(), 0o600)?;
+        self.finish_rotation()?;
+        *node = self.load_node()?;
+        Ok((new, st))
+    }
+
+    /// Completes a rotation that `rotation.pending` says is under way (a
+    /// crash cut `identity rotate` short): the lineage gets the statement,
+    /// `identity.key` the new keys, and the pending file goes. Each step is
+    /// idempotent. Returns the new id if there was one to finish.
+    pub fn finish_rotation(&self) -> Result<Option<NodeId>, StateError> {
+        let path = self.file("rotation.pending");
+        let text = match fs::read_to_string(&path).map(Zeroizing::new) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let corrupt = |detail: &str| StateError::Corrupt {
+            path: path.clone(),
+            detail: detail.into(),
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(ROTATION_HEADER) {
+            return Err(corrupt("expected 'pilot-tun rotation v1'"));
+        }
+        let secret = lines
+            .next()
+            .and_then(|l| hex::decode_array::<IDENTITY_BYTES>(l.trim()))
+            .map(Zeroizing::new)
+            .ok_or_else(|| corrupt("the new keys are not 128 hex digits"))?;
+        let st = lines
+            .next()
+            .and_then(|l| hex::decode(l.trim()))
+            .and_then(|b| Succession::from_bytes(&b).ok())
+            .ok_or_else(|| corrupt("the succession statement does not decode"))?;
+        let new = Identity::from_bytes(&secret);
+        if st.new_id() != new.node_id() || st.verify().is_err() {
+            return Err(corrupt("the succession does not match the new keys"));
+        }
+        let mut node = self.load_node()?;
+        if node.lineage.last() != Some(&st) {
+            let now = st.body.time;
+            node.lineage.push(st);
+            node.succession_announced = false;
+            node.identity_since = Some(now);
+            self.save_node(&node)?;
+        }
+        let key = Zeroizing::new(format!(
+            "pilot-tun identity v1\n{}\n",
+            Zeroizing::new(hex::encode(&*secret)).as_str()
+        ));
+        write_atomic(&self.file("identity.key"), key.as_bytes(), 0o600)?;
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        Ok(Some(new.node_id()))
     }
 
     /// Loads `node.json` (empty state if absent).
@@ -450,8 +570,84 @@ mod tests {
             port: Some(5000),
             seq: 42,
             outbox: vec![],
+            lineage: vec![],
+            succession_announced: false,
+            identity_since: Some(1_800_000_000),
         };
         s.save_node(&n).unwrap();
         assert_eq!(s.load_node().unwrap(), n);
+    }
+
+    #[test]
+    fn a_rotation_commits_keys_and_lineage_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        s.create().unwrap();
+        let (old, _) = s.load_or_create_identity().unwrap();
+        let mut node = s.load_node().unwrap();
+        let (new, st) = s.rotate_identity(&old, &mut node, 1_800_000_000).unwrap();
+        assert_eq!(
+            s.load_or_create_identity().unwrap().0.node_id(),
+            new.node_id()
+        );
+        assert_eq!(node, s.load_node().unwrap());
+        assert_eq!(node.lineage, vec![st.clone()]);
+        assert_eq!(node.unannounced(), Some(&st));
+        assert_eq!(node.ancestry(), vec![old.node_id()]);
+        assert_eq!(node.identity_since, Some(1_800_000_000));
+        assert!(!s.file("rotation.pending").exists());
+        // The next one continues the chain.
+        node.succession_announced = true;
+        s.save_node(&node).unwrap();
+        let (third, st2) = s.rotate_identity(&new, &mut node, 1_800_000_100).unwrap();
+        assert_eq!(st2.body.seq, 2);
+        assert_eq!(node.ancestry(), vec![old.node_id(), new.node_id()]);
+        assert_eq!(
+            s.load_or_create_identity().unwrap().0.node_id(),
+            third.node_id()
+        );
+    }
+
+    #[test]
+    fn a_rotation_cut_short_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        s.create().unwrap();
+        let (old, _) = s.load_or_create_identity().unwrap();
+        let mut node = s.load_node().unwrap();
+        let (new, st) = s.rotate_identity(&old, &mut node, 1_800_000_000).unwrap();
+        // As if the crash came after the pending file was written and before
+        // anything else: the old key and no lineage, but the pending file.
+        let text = format!(
+            "{ROTATION_HEADER}\n{}\n{}\n",
+            hex::encode(&*new.to_bytes()),
+            hex::encode(&st.to_bytes())
+        );
+        write_atomic(&s.file("rotation.pending"), text.as_bytes(), 0o600).unwrap();
+        let old_key = format!("pilot-tun identity v1\n{}\n", hex::encode(&*old.to_bytes()));
+        write_atomic(&s.file("identity.key"), old_key.as_bytes(), 0o600).unwrap();
+        s.save_node(&NodeState::default()).unwrap();
+        assert_eq!(s.finish_rotation().unwrap(), Some(new.node_id()));
+        assert_eq!(
+            s.load_or_create_identity().unwrap().0.node_id(),
+            new.node_id()
+        );
+        assert_eq!(s.load_node().unwrap().lineage, vec![st]);
+        assert_eq!(s.finish_rotation().unwrap(), None, "nothing left to finish");
+        // A damaged pending file is reported and left alone.
+        write_atomic(
+            &s.file("rotation.pending"),
+            b"pilot-tun rotation v1\nxx\n",
+            0o600,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.finish_rotation(),
+            Err(StateError::Corrupt { .. })
+        ));
+        assert_eq!(
+            s.load_or_create_identity().unwrap().0.node_id(),
+            new.node_id()
+        );
     }
 }

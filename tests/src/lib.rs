@@ -137,6 +137,7 @@ impl TestNode {
             offload: true,
             register_timeout: Duration::from_secs(3),
             mtu: None,
+            rotate_every: None,
         };
         let node = Node::start(cfg, move |_, _| Ok(fake)).await?;
         Ok(TestNode {
@@ -459,6 +460,17 @@ impl<S: Storage> Storage for Tamper<S> {
     ) -> Result<Vec<(NodeId, Vec<u8>)>, StorageError> {
         self.inner.find_revocations(owner, after, limit)
     }
+    fn succeed(
+        &mut self,
+        old: &NodeId,
+        new: &NodeRow,
+        succession: &[u8],
+    ) -> Result<(), StorageError> {
+        self.inner.succeed(old, new, succession)
+    }
+    fn successor(&self, old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
+        self.inner.successor(old)
+    }
 }
 
 /// The node id of the identity kept in a node's state directory.
@@ -482,6 +494,21 @@ impl RawClient {
     /// Connects as `identity` (claiming `hostname`) to the registry of
     /// `join`.
     pub async fn register(join: JoinUrl, identity: &Identity, hostname: &str) -> Self {
+        let (c, answer) = Self::try_register(join, identity, hostname).await;
+        assert!(
+            matches!(answer, FromRegistry::Registered { .. }),
+            "{answer:?}"
+        );
+        c
+    }
+
+    /// Connects as `identity` and asks to register; returns the client and
+    /// the registry's answer, whatever it is.
+    pub async fn try_register(
+        join: JoinUrl,
+        identity: &Identity,
+        hostname: &str,
+    ) -> (Self, FromRegistry) {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -523,11 +550,7 @@ impl RawClient {
             identity,
         );
         let answer = c.call(|req| ToRegistry::Register { req, reg }).await;
-        assert!(
-            matches!(answer, FromRegistry::Registered { .. }),
-            "{answer:?}"
-        );
-        c
+        (c, answer)
     }
 
     /// Sends a request and returns the registry's answer to it.

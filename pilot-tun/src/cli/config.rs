@@ -42,6 +42,7 @@ pub(super) struct UpFile {
     log_format: Option<LogFormat>,
     metrics: Option<Spanned<String>>,
     metrics_per_peer: Option<bool>,
+    rotate_identity_every: Option<Spanned<String>>,
 }
 
 /// True if the argument `id` was given on the command line or by its
@@ -192,6 +193,12 @@ fn apply_up(file: &ConfigFile<UpFile>, up: &mut UpArgs, m: &ArgMatches) -> Resul
     }
     if let (Some(b), false) = (v.metrics_per_peer, given(m, "metrics_per_peer")) {
         up.metrics_per_peer = b;
+    }
+    if let (Some(a), false) = (&v.rotate_identity_every, given(m, "rotate_identity_every")) {
+        up.rotate_identity_every = Some(
+            pilot_proto::lifetime::parse(a.get_ref())
+                .map_err(|e| bad("rotate-identity-every", a, &e.to_string()))?,
+        );
     }
     Ok(())
 }
