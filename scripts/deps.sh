@@ -13,6 +13,7 @@ have tcpdump  || need+=(tcpdump)
 have nc       || need+=(netcat-openbsd)
 have python3  || need+=(python3)
 have curl     || need+=(curl)
+have dig      || need+=(bind9-dnsutils)   # s26_dns
 # s22_metrics: promtool checks the /metrics scrapes; headless Chromium
 # loads the registry's status page.
 have promtool || need+=(prometheus)

@@ -112,6 +112,8 @@ pub struct Context<T: Tun> {
     pub started: SystemTime,
     /// The tunnel timers' durations.
     pub timing: Timing,
+    /// The overlay's DNS server: the names it may tell, where it listens.
+    pub dns: Arc<crate::dns::DnsShared>,
 }
 
 impl<T: Tun> Context<T> {
@@ -133,6 +135,7 @@ impl<T: Tun> Context<T> {
             restart: std::sync::atomic::AtomicBool::new(false),
             started: SystemTime::now(),
             timing: timing_from_env(),
+            dns: Arc::default(),
         }
     }
 

@@ -276,6 +276,10 @@ impl<T: Tun> Node<T> {
     /// Stops every task of the node and waits until they are gone (the UDP
     /// port and the TUN device are released when the last handle drops).
     pub async fn shutdown(self) {
+        let hooked = self.ctx.dns.hooked.lock().take();
+        if let Some(dev) = hooked {
+            let _ = tokio::task::spawn_blocking(move || crate::resolved::unhook(&dev)).await;
+        }
         self.stop_tasks().await;
     }
 
@@ -310,6 +314,62 @@ impl<T: Tun> Node<T> {
             per_peer,
         ));
         self.tasks.lock().push(t);
+    }
+
+    /// Serves DNS for `domain` at our overlay address, port 53 (the TUN
+    /// `dev` must be up with it), and points the host's resolver at it
+    /// where systemd-resolved runs (see [`crate::dns`],
+    /// [`crate::resolved`]). Returns where it listens; an error says why it
+    /// could not bind, and the node runs on without DNS.
+    pub async fn serve_dns(
+        &self,
+        domain: crate::dns::Domain,
+        dev: &str,
+    ) -> Result<SocketAddr, String> {
+        let own = self.address();
+        let socket = crate::dns::bind(own, crate::dns::PORT).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    " (port 53 needs root or CAP_NET_BIND_SERVICE)".to_string()
+                }
+                std::io::ErrorKind::AddrInUse => format!(
+                    " ({})",
+                    pilot_service::ports::udp_in_use(SocketAddr::from((own, crate::dns::PORT)))
+                ),
+                _ => String::new(),
+            };
+            format!("cannot serve DNS on {own}:{}: {e}{hint}", crate::dns::PORT)
+        })?;
+        let at = socket.local_addr().map_err(|e| e.to_string())?;
+        let shared = self.ctx.dns.clone();
+        let t = tokio::spawn(crate::dns::serve(socket, own, domain.clone(), shared));
+        self.tasks.lock().push(t);
+        let (d, name) = (dev.to_string(), domain.as_str());
+        let hook = tokio::task::spawn_blocking(move || crate::resolved::hook(&d, own, &name))
+            .await
+            .unwrap_or_else(|e| crate::resolved::Hook::Manual(e.to_string()));
+        let (host_resolver, hint) = match hook {
+            crate::resolved::Hook::Resolved => {
+                info!(dev, "systemd-resolved sends *.{} to {own}", domain.as_str());
+                *self.ctx.dns.hooked.lock() = Some(dev.to_string());
+                ("systemd-resolved", None)
+            }
+            crate::resolved::Hook::Manual(why) => {
+                info!("DNS for *.{} at {at}; {why}", domain.as_str());
+                ("none", Some(why))
+            }
+        };
+        *self.ctx.dns.serving.lock() = Some(crate::api::DnsStatus {
+            address: at,
+            interface: dev.to_string(),
+            domain: domain.as_str(),
+            host_resolver: host_resolver.into(),
+            hint,
+            names: 0,
+            answered: 0,
+            dropped_not_local: 0,
+        });
+        Ok(at)
     }
 
     /// Waits for a `down` request (or a restart, see
@@ -374,12 +434,37 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         .await?;
     announce_succession(ctx, handle).await?;
     let nat = ctx.detect_nat().await;
-    let reg = handle
+    let mut reg = handle
         .with(move |c| c.registration(nat))
         .await
         .map_err(|_| LinkError::Protocol)?
         .map_err(|_| LinkError::Protocol)?;
-    let answer = ctx.attach(&ctx.link, reg).await?;
+    let mut answer = ctx.attach(&ctx.link, reg.clone()).await?;
+    let mut retried = false;
+    // A name another node holds: the next try (`name-2`, `name-3`, …),
+    // each a registration of its own, a bounded number of times.
+    while let (
+        FromRegistry::Registered {
+            hostname_refused: Some(why),
+            ..
+        },
+        Some(base),
+        Some(asked),
+    ) = (&answer, &ctx.cfg.hostname, &reg.body.hostname)
+    {
+        let next = match crate::hostname::next_try(base, asked) {
+            Some(n) if crate::hostname::refused_as_taken(why) => n,
+            _ => break,
+        };
+        info!("the name {asked:?} is taken on this network; asking for {next:?}");
+        reg = handle
+            .with(move |c| c.registration_named(nat, Some(next)))
+            .await
+            .map_err(|_| LinkError::Protocol)?
+            .map_err(|_| LinkError::Protocol)?;
+        answer = ctx.attach(&ctx.link, reg.clone()).await?;
+        retried = true;
+    }
     let FromRegistry::Registered {
         address,
         prefix_len,
@@ -404,6 +489,11 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
     }
     if let Some(why) = hostname_refused {
         warn!("hostname not granted: {}", crate::sanitize::printable(&why));
+    }
+    if let (Some(base), Some(got), true) = (&ctx.cfg.hostname, &granted, retried) {
+        if base != got {
+            info!("this node's name is {got:?} ({base:?} is taken on this network)");
+        }
     }
     ctx.link.set_observed(observed);
     // Checked against the bounds and the pinned address before anything
