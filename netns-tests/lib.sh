@@ -25,6 +25,7 @@ PFX=${PFX:-pt$$}
 WORK=$(mktemp -d "/tmp/$PFX.XXXX")
 PIDS=()
 NSES=()
+ETC_NETNS=()
 SCENARIO=${SCENARIO:-$(basename "$0" .sh)}
 
 log()  { printf '[%s] %s\n' "$SCENARIO" "$*" >&2; }
@@ -112,6 +113,9 @@ cleanup() {
   done
   for p in "${all[@]}"; do alive "$p" && kill -9 "$p" 2>/dev/null; done
   for ns in "${NSES[@]}"; do ip netns del "$PFX-$ns" 2>/dev/null; done
+  # Only the /etc/netns directories of this run's namespaces (netns_resolv).
+  for d in "${ETC_NETNS[@]}"; do rm -rf -- "$d"; done
+  [ -z "${ETC_NETNS_MADE:-}" ] || rmdir /etc/netns 2>/dev/null
   if [ -n "${NETNS_KEEP:-}" ]; then echo "[$SCENARIO] kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc
 }
@@ -122,11 +126,28 @@ setup_lab() { trap cleanup EXIT INT TERM; trap_errors; }
 
 # --- topology ------------------------------------------------------------------
 
-# mkns NAME: a namespace with loopback up.
+# mkns NAME: a namespace with loopback up, whose programs resolve names
+# through 127.0.0.1 (where nothing answers, so lookups fail at once): no
+# question leaves for the host's nameserver, and none waits for an ICMP
+# answer that the kernel's ICMP rate limit may hold back (python's
+# http.server looks its own address up when it binds).
 mkns() {
   ip netns add "$PFX-$1"
   NSES+=("$1")
   ip -n "$PFX-$1" link set lo up
+  netns_resolv "$1" 127.0.0.1
+}
+
+# netns_resolv NAME NAMESERVER: /etc/netns/$PFX-NAME/resolv.conf with only
+# NAMESERVER in it: programs started in NAME by `ip netns exec` (`on`, `bg`)
+# from now on resolve through it. Cleanup removes exactly that directory (and
+# /etc/netns itself if this run made it and it is empty).
+netns_resolv() {
+  local dir="/etc/netns/$PFX-$1"
+  if [ ! -d /etc/netns ]; then mkdir /etc/netns; ETC_NETNS_MADE=1; fi
+  mkdir -p "$dir"
+  ETC_NETNS+=("$dir")
+  printf 'nameserver %s\noptions timeout:2 attempts:1\n' "$2" >"$dir/resolv.conf"
 }
 
 # switch NAME: a namespace holding a bridge "br0" (an L2 segment).
@@ -269,6 +290,16 @@ node_up() {
   on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" up --name "$name" "$@" \
     | tee "$WORK/$name.up" >&2
   status_of "$ns" "$name" pid >"$WORK/$name/daemon.pid"
+}
+
+# node_up_unnamed NS LABEL [extra up args...]: like node_up, without --name
+# (the node names itself after the machine); LABEL names its state dir.
+node_up_unnamed() {
+  local ns=$1 label=$2; shift 2
+  mkdir -p "$WORK/$label"
+  on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$label" up "$@" \
+    | tee "$WORK/$label.up" >&2
+  status_of "$ns" "$label" pid >"$WORK/$label/daemon.pid"
 }
 
 # node_down NS NAME: `pilot-tun down`, then wait until the daemon process has

@@ -89,6 +89,7 @@ reap() {
     ip netns del "$ns" 2>/dev/null && echo "  (cleaned up leftover namespace $ns)" >&2
   done
   [ -n "${NETNS_KEEP:-}" ] || rm -rf /tmp/"$pfx".????
+  rm -rf /etc/netns/"$pfx"-*   # resolv.conf files of its namespaces (netns_resolv)
   return 0
 }
 

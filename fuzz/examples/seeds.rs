@@ -384,4 +384,35 @@ fn main() {
         "init-with-cookie",
         &cookie::with_mac2(init, &[6; 16]),
     );
+
+    // DNS questions for the `dns` target's table (alpha, cache in pilot).
+    for (name, qname, qtype, edns) in [
+        ("a-cache", "cache.pilot", 1, false),
+        ("a-cache-edns", "cache.pilot", 1, true),
+        ("aaaa-alpha", "alpha.pilot", 28, false),
+        ("a-nobody", "nobody.pilot", 1, false),
+        ("ptr-cache", "2.0.77.10.in-addr.arpa", 12, false),
+        ("ptr-outside", "1.2.0.192.in-addr.arpa", 12, true),
+        ("a-outside", "example.com", 1, false),
+    ] {
+        out.put("dns", name, &dns_query(qname, qtype, edns));
+    }
+}
+
+/// A DNS query for `qname` (dotted, no trailing dot) of type `qtype`, class
+/// IN, recursion desired, with an EDNS OPT record if `edns`.
+fn dns_query(qname: &str, qtype: u16, edns: bool) -> Vec<u8> {
+    let mut q = vec![0x4a, 0x17, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+    for label in qname.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    if edns {
+        // Root name, type OPT, 1232-byte payload, no extended flags, no data.
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    q
 }

@@ -28,6 +28,8 @@
 //! - [`mtu`]: tunnel overhead per path, the TUN MTU, and what to do with a
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
+//! - [`dns`]: DNS answers for the overlay's names (A, PTR; NXDOMAIN and
+//!   REFUSED), from the names a node may tell.
 //!
 //! Fleet trust (issue 9; wired into the daemon step by step):
 //! - [`cert`]: owner keys, certificates binding a node id to tags, owner
@@ -46,6 +48,7 @@ pub mod armor;
 pub mod audit;
 pub mod cert;
 pub mod cookie;
+pub mod dns;
 pub mod filter;
 pub mod flow;
 pub mod frame;
@@ -56,6 +59,7 @@ pub mod join;
 pub mod lifetime;
 pub mod messages;
 pub mod mtu;
+pub mod natpmp;
 pub mod overlay;
 pub mod packet;
 pub mod path;

@@ -103,6 +103,11 @@ pub struct PathState {
     /// The direct endpoint given up for silence, while relayed because of
     /// it, and when it was last pinged.
     silent_direct: Option<(SocketAddr, Instant)>,
+    /// This burst already sent traffic to the relay (after
+    /// [`Timing::relay_after`]); the probes go on.
+    ///
+    /// [`Timing::relay_after`]: crate::timers::Timing::relay_after
+    relay_asked: bool,
 }
 
 impl PathState {
@@ -161,6 +166,7 @@ impl PathState {
         if self.probing_since.is_none() {
             self.probing_since = Some(now);
             self.last_burst = Some(now);
+            self.relay_asked = false;
         }
         self.last_probe = Some(now);
         PathAction::ProbeDirect(self.candidates.clone())
@@ -237,7 +243,12 @@ impl PathState {
         }
         self.selected = Some(Path::Relay);
         self.relay_reason = Some(reason);
-        self.probing_since = None;
+        // The relay this burst asked for came up: the burst probes on (a
+        // slower punch still takes the path). Otherwise direct waits for
+        // the next retry.
+        if !self.relay_asked {
+            self.probing_since = None;
+        }
     }
 
     /// The direct endpoint `left` went silent under traffic: the relay
@@ -261,16 +272,21 @@ impl PathState {
         self.selected = None;
         self.probing_since = None;
         self.silent_direct = None;
+        self.relay_asked = false;
     }
 
     /// The earliest instant at which [`poll`](Self::poll) may answer
     /// something other than `Idle` (`now` if that is at once).
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         if let Some(since) = self.probing_since {
-            let next = self
+            let mut next = self
                 .last_probe
-                .map_or(since, |t| t + self.timing.probe_interval);
-            return Some(next.min(since + self.timing.direct_timeout));
+                .map_or(since, |t| t + self.timing.probe_interval)
+                .min(since + self.timing.direct_timeout);
+            if self.selected.is_none() && !self.relay_asked {
+                next = next.min(since + self.timing.relay_after);
+            }
+            return Some(next);
         }
         let ping = self
             .silent_direct
@@ -292,13 +308,26 @@ impl PathState {
     /// What is due now.
     pub fn poll(&mut self, now: Instant) -> PathAction {
         match self.selected {
-            None => match self.burst_step(now) {
-                (true, _) => {
+            None => {
+                // Unanswered for `relay_after`: traffic goes through the
+                // relay now, once, while the burst probes on.
+                let waited = self
+                    .probing_since
+                    .is_some_and(|s| now.saturating_duration_since(s) >= self.timing.relay_after);
+                if waited && !self.relay_asked {
+                    self.relay_asked = true;
                     self.relay_reason = Some(RelayReason::NoDirectAnswer);
-                    PathAction::UseRelay(RelayReason::NoDirectAnswer)
+                    return PathAction::UseRelay(RelayReason::NoDirectAnswer);
                 }
-                (false, a) => a,
-            },
+                match self.burst_step(now) {
+                    (true, _) if !self.relay_asked => {
+                        self.relay_reason = Some(RelayReason::NoDirectAnswer);
+                        PathAction::UseRelay(RelayReason::NoDirectAnswer)
+                    }
+                    (true, _) => PathAction::Idle,
+                    (false, a) => a,
+                }
+            }
             Some(Path::Relay) => {
                 if let Some((addr, t)) = self.silent_direct {
                     if now.saturating_duration_since(t) >= self.timing.path_heartbeat {
@@ -402,14 +431,30 @@ mod tests {
     }
 
     #[test]
-    fn hard_to_easy_falls_back_after_two_seconds_and_retries_every_minute() {
+    fn hard_to_easy_uses_the_relay_within_a_second_probes_on_and_retries_every_minute() {
         let (p, log) = run(NatType::PerDestination, NatType::EndpointIndependent, 130);
         assert_eq!(p.selected(), Some(Path::Relay));
         assert_eq!(p.relay_reason(), Some(RelayReason::NoDirectAnswer));
+        // Probes at 0 and 0.5 s, the relay at 0.9 s (RELAY_AFTER), then the
+        // burst goes on (1.0 and 1.5 s) until DIRECT_TIMEOUT.
         assert_eq!(
-            log[4],
-            (2, PathAction::UseRelay(RelayReason::NoDirectAnswer)),
+            log[2],
+            (0, PathAction::UseRelay(RelayReason::NoDirectAnswer)),
             "{log:?}"
+        );
+        assert_eq!(
+            log.iter()
+                .filter(|(s, a)| *s < 2 && matches!(a, PathAction::ProbeDirect(_)))
+                .count(),
+            4,
+            "{log:?}"
+        );
+        assert_eq!(
+            log.iter()
+                .filter(|(_, a)| matches!(a, PathAction::UseRelay(_)))
+                .count(),
+            1,
+            "the relay is asked for once: {log:?}"
         );
         let probes: Vec<u64> = log
             .iter()
@@ -417,14 +462,6 @@ mod tests {
             .filter(|(_, a)| matches!(a, PathAction::ProbeDirect(_)))
             .map(|(s, _)| *s)
             .collect();
-        // The first burst: probes every 500 ms for 2 s, then the relay.
-        assert_eq!(
-            log[1..4]
-                .iter()
-                .filter(|(_, a)| matches!(a, PathAction::ProbeDirect(_)))
-                .count(),
-            3
-        );
         let mut bursts = probes.clone();
         bursts.dedup_by(|b, a| *b - *a < 5);
         assert_eq!(
@@ -432,6 +469,31 @@ mod tests {
             vec![0, 60, 120],
             "direct retried in a burst every 60 s: {probes:?}"
         );
+    }
+
+    #[test]
+    fn a_slower_punch_still_takes_the_path_after_the_relay_started() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut p = PathState::default();
+        p.set_nat(NatType::EndpointIndependent, NatType::EndpointIndependent);
+        p.set_candidates(vec![ep(1)], t0);
+        assert!(matches!(p.start(t0), PathAction::ProbeDirect(_)));
+        assert_eq!(p.next_deadline(t0), Some(ms(500)));
+        assert!(matches!(p.poll(ms(500)), PathAction::ProbeDirect(_)));
+        assert_eq!(p.next_deadline(ms(500)), Some(ms(900)));
+        assert_eq!(p.poll(ms(850)), PathAction::Idle);
+        assert_eq!(
+            p.poll(ms(900)),
+            PathAction::UseRelay(RelayReason::NoDirectAnswer)
+        );
+        p.on_relay(RelayReason::NoDirectAnswer);
+        // The burst goes on through the relay's first traffic...
+        assert!(matches!(p.poll(ms(1000)), PathAction::ProbeDirect(_)));
+        // ...and a direct answer within it takes the path.
+        p.on_direct(ep(1));
+        assert_eq!(p.selected(), Some(Path::Direct(ep(1))));
+        assert_eq!(p.relay_reason(), None);
     }
 
     #[test]

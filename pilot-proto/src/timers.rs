@@ -39,8 +39,13 @@ pub const HEARTBEAT_REPEAT: Duration = Duration::from_secs(1);
 /// is silent; give it up for the relay.
 pub const PATH_GIVE_UP: Duration = Duration::from_millis(6500);
 
-/// How long direct probes get before traffic falls back to the relay.
+/// How long a burst of direct probes lasts: a direct answer within it
+/// takes the path, also after traffic went to the relay.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long traffic waits for a direct answer before it starts through the
+/// relay (the burst goes on to [`DIRECT_TIMEOUT`] meanwhile, so a slower
+/// hole punch still wins the path).
+pub const RELAY_AFTER: Duration = Duration::from_millis(900);
 /// How often a relayed peer is probed directly again.
 pub const DIRECT_RETRY: Duration = Duration::from_secs(60);
 /// Probes repeat this often within a probing burst: the first probes of a
@@ -78,6 +83,8 @@ pub struct Timing {
     pub path_give_up: Duration,
     /// [`DIRECT_TIMEOUT`].
     pub direct_timeout: Duration,
+    /// [`RELAY_AFTER`].
+    pub relay_after: Duration,
     /// [`DIRECT_RETRY`].
     pub direct_retry: Duration,
     /// [`PROBE_INTERVAL`].
@@ -100,6 +107,7 @@ impl Timing {
         heartbeat_repeat: HEARTBEAT_REPEAT,
         path_give_up: PATH_GIVE_UP,
         direct_timeout: DIRECT_TIMEOUT,
+        relay_after: RELAY_AFTER,
         direct_retry: DIRECT_RETRY,
         probe_interval: PROBE_INTERVAL,
     };
@@ -123,6 +131,7 @@ impl Timing {
             heartbeat_repeat: d.heartbeat_repeat / f,
             path_give_up: d.path_give_up / f,
             direct_timeout: d.direct_timeout / f,
+            relay_after: d.relay_after / f,
             direct_retry: d.direct_retry / f,
             probe_interval: d.probe_interval / f,
         }

@@ -570,15 +570,21 @@ fn simultaneous_initiation_converges() {
 }
 
 #[test]
-fn falls_back_to_the_relay_after_two_seconds_and_upgrades_when_direct_opens() {
+fn falls_back_to_the_relay_within_a_second_and_upgrades_when_direct_opens() {
     let mut p = Pair::new();
     p.direct_ok = false;
     p.nodes[0].nat = NatType::PerDestination;
     p.send_app(0, 1);
-    p.idle(Duration::from_millis(1900));
+    p.idle(Duration::from_millis(800));
     assert!(
         p.nodes[1].delivered.is_empty(),
         "nothing before the fallback"
+    );
+    p.idle(Duration::from_millis(1500));
+    assert_eq!(
+        p.nodes[1].delivered,
+        vec![1],
+        "delivered through the relay within 1.5 s"
     );
     p.idle(secs(3));
     assert_eq!(p.nodes[1].delivered, vec![1], "delivered through the relay");
@@ -596,6 +602,27 @@ fn falls_back_to_the_relay_after_two_seconds_and_upgrades_when_direct_opens() {
     assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
     assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
     assert!(p.nodes[0].peer.relay_reason().is_none());
+}
+
+#[test]
+fn a_hole_punch_that_answers_after_the_fallback_still_takes_the_path() {
+    let mut p = Pair::new();
+    p.direct_ok = false;
+    p.send_app(0, 1);
+    p.idle(Duration::from_millis(1200));
+    assert_eq!(p.nodes[1].delivered, vec![1], "the relay carried it first");
+    assert_eq!(p.path(0), Some(Path::Relay));
+    // The NATs open while the burst still probes (it lasts 2 s).
+    p.direct_ok = true;
+    let mut c = 1;
+    both_ways(
+        &mut p,
+        Duration::from_millis(2500),
+        Duration::from_millis(100),
+        &mut c,
+    );
+    assert_eq!(p.path(0), Some(Path::Direct(p.nodes[1].addr)));
+    assert_eq!(p.path(1), Some(Path::Direct(p.nodes[0].addr)));
 }
 
 #[test]

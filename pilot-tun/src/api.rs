@@ -451,6 +451,38 @@ pub struct Status {
     /// Local packets larger than their peer's path allows, by what became
     /// of them.
     pub too_big: TooBigCounts,
+    /// The public endpoint the gateway maps to our tunnel port (NAT-PMP),
+    /// if it does.
+    #[serde(default)]
+    pub port_mapping: Option<SocketAddr>,
+    /// The overlay's DNS server, while it runs (left out with `--no-dns`,
+    /// when it could not start, and by daemons from before DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The overlay's DNS server, in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Where it answers: our overlay address, port 53.
+    pub address: SocketAddr,
+    /// The overlay interface (where systemd-resolved gets the server).
+    pub interface: String,
+    /// The overlay's domain (`pilot`: names are `<hostname>.pilot`).
+    pub domain: String,
+    /// How the host's resolver sends it the domain's questions:
+    /// `systemd-resolved` (per-link DNS on the interface, set by the
+    /// daemon) or `none` (see `hint`).
+    pub host_resolver: String,
+    /// With `host_resolver` `none`: what to add so programs use it.
+    pub hint: Option<String>,
+    /// Names it can answer (ours and approved peers').
+    pub names: u64,
+    /// Questions answered.
+    pub answered: u64,
+    /// Queries dropped unanswered because they did not come from this
+    /// host (a peer asking through its tunnel).
+    pub dropped_not_local: u64,
 }
 
 /// What became of local packets too big for their peer's path, in
@@ -1208,8 +1240,21 @@ mod tests {
                 fragmented_outer: 2,
                 send_failed: 0,
             },
+            port_mapping: Some("203.0.113.10:41641".parse().unwrap()),
+            dns: Some(DnsStatus {
+                address: "10.77.92.132:53".parse().unwrap(),
+                interface: "pilot0".into(),
+                domain: "pilot".into(),
+                host_resolver: "none".into(),
+                hint: Some(DNS_HINT_EXAMPLE.into()),
+                names: 3,
+                answered: 12,
+                dropped_not_local: 0,
+            }),
         }
     }
+
+    const DNS_HINT_EXAMPLE: &str = "systemd-resolved is not running: add `nameserver 10.77.92.132` as the first line of /etc/resolv.conf (or run `pilot-tun dns print`)";
 
     fn peers() -> Vec<Peer> {
         vec![

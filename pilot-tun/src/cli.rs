@@ -180,6 +180,10 @@ enum Command {
         #[arg(value_enum)]
         shell: crate::shell_docs::Shell,
     },
+    /// The overlay's DNS server: `dns print` gives the lines that make
+    /// this host's resolver ask it for `*.pilot`.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// Print the man page (roff: `pilot-tun man | man -l -`), or with
     /// --out-dir write it and one page per subcommand there.
     Man {
@@ -187,6 +191,13 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DnsCommand {
+    /// Print the systemd-resolved commands and the /etc/resolv.conf line
+    /// for the running daemon's DNS server (with --json: status's `dns`).
+    Print,
 }
 
 /// What a peer may open on this node: `--allow` and `--expires`.
@@ -394,9 +405,21 @@ struct UpArgs {
     /// later `up` may leave it out.
     #[arg(long)]
     registry: Option<String>,
-    /// Hostname to claim (first come; peers can use it instead of the address).
+    /// Hostname to claim (first come; peers can use it instead of the
+    /// address, and it resolves as <name>.pilot). Default: this machine's
+    /// hostname. Made into a DNS label (lower case, other characters
+    /// become '-', at most 63); a name another node holds becomes
+    /// <name>-2, <name>-3, ...
     #[arg(long)]
     name: Option<String>,
+    /// The overlay's DNS domain: the daemon answers <name>.<domain> for
+    /// itself and the peers it approved, to programs on this host, at its
+    /// overlay address, port 53.
+    #[arg(long, value_name = "DOMAIN", default_value = crate::dns::DEFAULT_DOMAIN)]
+    dns_domain: String,
+    /// Serve no DNS.
+    #[arg(long)]
+    no_dns: bool,
     /// Interface name.
     #[arg(long, default_value = "pilot0")]
     dev: String,
@@ -431,6 +454,13 @@ struct UpArgs {
     /// new keys, same address, name, trust and grants. Off by default.
     #[arg(long, value_name = "AGE", value_parser = parse_lifetime)]
     rotate_identity_every: Option<u64>,
+    /// Do not ask the gateway for a port mapping. By default the node asks
+    /// its default gateway (NAT-PMP) to forward a public UDP port to the
+    /// tunnel port, renews it while it runs and removes it at `down`; behind
+    /// a NAT that gives every destination a new port, that mapping is what
+    /// lets peers reach this node directly.
+    #[arg(long)]
+    no_port_mapping: bool,
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -618,6 +648,7 @@ fn run(cli: Cli, argv: &[OsString]) -> Outcome {
         }
         Command::Completions { shell } => return completions(shell),
         Command::Man { out_dir } => return man(out_dir.as_deref()),
+        Command::Dns(DnsCommand::Print) => return dns_print(&cli.common, &state),
         Command::Down => Request::Down,
         Command::Status => Request::Status,
         Command::Peers => Request::Peers,
@@ -1280,6 +1311,22 @@ fn print_status(d: &Status) {
         too_big.fragmented_inner,
         too_big.fragmented_outer
     );
+    match &d.dns {
+        Some(dns) => {
+            say!(
+                "dns:       {} answers *.{} for this host ({} names, {} answered, {} from elsewhere dropped)",
+                dns.address,
+                printable(&dns.domain),
+                dns.names,
+                dns.answered,
+                dns.dropped_not_local
+            );
+            if let Some(h) = &dns.hint {
+                say!("           host resolver not set up: {}", printable(h));
+            }
+        }
+        None => say!("dns:       off"),
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -1400,21 +1447,18 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             })
         })
         .transpose()?;
-    if let Some(n) = &args.name {
-        if !pilot_proto::messages::valid_hostname(n) {
-            return Err(failed(
-                ErrorCode::Usage,
-                format!("--name {n:?}: a hostname is 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"),
-            ));
-        }
+    let (name, notice) = node_name(args.name.as_deref())?;
+    if let Some(n) = notice {
+        tracing::info!("{n}");
     }
+    let domain = dns_domain(&args)?;
     if state.socket().exists() {
         refuse_if_running(&runtime(1)?, &state)?;
     }
     let cfg = NodeConfig {
         state: state.clone(),
         registry,
-        hostname: args.name.clone(),
+        hostname: name.clone(),
         listen: args.listen,
         suite: match args.cipher {
             Cipher::Aes256Gcm => CipherSuite::Aes256Gcm,
@@ -1424,6 +1468,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         register_timeout: Duration::from_secs(5),
         mtu: args.mtu,
         rotate_every: args.rotate_identity_every.map(Duration::from_secs),
+        port_mapping: !args.no_port_mapping,
     };
     // One worker per core (the TUN and UDP loops run in parallel);
     // PILOT_THREADS overrides it for experiments.
@@ -1479,6 +1524,11 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             })?;
             node.serve_metrics(listener, metrics_per_peer);
         }
+        if let Some(domain) = domain {
+            if let Err(e) = node.serve_dns(domain, &dev).await {
+                tracing::warn!("{e}; the overlay works on without DNS for its names");
+            }
+        }
         let status = node
             .request(Request::Status)
             .await
@@ -1489,6 +1539,9 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             print_compact(&status);
         } else {
             say!("{}", up_line(&dev, &status));
+            if let Some(note) = name_note(name.as_deref(), &status) {
+                say!("{note}");
+            }
         }
         let _ = std::io::stdout().flush();
         // The interface is up with its address and the control socket
@@ -1565,6 +1618,80 @@ fn up_line(dev: &str, s: &Status) -> String {
     )
 }
 
+/// The node's name from `--name` (or the machine's hostname without it),
+/// made into a DNS label, and a notice when that changed it. A `--name`
+/// with nothing usable in it is refused.
+fn node_name(given: Option<&str>) -> Result<(Option<String>, Option<String>), ApiError> {
+    match given {
+        Some(raw) => match crate::hostname::normalize(raw) {
+            Some(n) if n == raw => Ok((Some(n), None)),
+            Some(n) => {
+                let notice = format!("--name {raw:?} is not a DNS label; using {n:?}");
+                Ok((Some(n), Some(notice)))
+            }
+            None => Err(failed(
+                ErrorCode::Usage,
+                format!("--name {raw:?}: nothing of it makes a hostname (1-63 of a-z, 0-9 and '-'; not an address or a node id)"),
+            )),
+        },
+        None => match crate::hostname::from_machine() {
+            Some(n) => Ok((Some(n), None)),
+            None => Ok((
+                None,
+                Some("this machine's hostname makes no DNS label; the node has no name (give one with --name)".into()),
+            )),
+        },
+    }
+}
+
+/// `--dns-domain`, unless `--no-dns`.
+fn dns_domain(args: &UpArgs) -> Result<Option<crate::dns::Domain>, ApiError> {
+    if args.no_dns {
+        return Ok(None);
+    }
+    crate::dns::Domain::parse(&args.dns_domain)
+        .map(Some)
+        .map_err(|e| failed(ErrorCode::Usage, format!("--dns-domain: {e}")))
+}
+
+/// A line for `up` when the node did not get the name it asked for.
+fn name_note(asked: Option<&str>, s: &Status) -> Option<String> {
+    let (asked, got) = (asked?, s.hostname.as_deref()?);
+    (asked != got)
+        .then(|| format!("the name {asked:?} is taken on this network: this node is {got:?}"))
+}
+
+/// `dns print`: the resolver configuration for the running daemon's DNS.
+fn dns_print(common: &Common, state: &StateDir) -> Outcome {
+    let rt = runtime(1)?;
+    let timeout = Duration::from_secs(common.timeout);
+    let reply = rt.block_on(control::call(&state.socket(), &Request::Status, timeout))??;
+    let status = Status::try_from(reply).map_err(|_| {
+        failed(
+            ErrorCode::Failed,
+            "the daemon did not answer with its status",
+        )
+    })?;
+    let Some(dns) = status.dns else {
+        return Err(failed(
+            ErrorCode::Failed,
+            "the daemon serves no DNS (started with --no-dns, or it could not listen: see its log)",
+        ));
+    };
+    if common.json {
+        print_pretty(&dns);
+    } else {
+        let std::net::IpAddr::V4(ip) = dns.address.ip() else {
+            return Err(failed(ErrorCode::Failed, "the DNS address is not IPv4"));
+        };
+        print!(
+            "{}",
+            crate::resolved::stanza(&dns.interface, ip, &dns.domain)
+        );
+    }
+    Ok(exit::OK)
+}
+
 /// One daemon per state directory: refuse to start a second.
 fn refuse_if_running(rt: &tokio::runtime::Runtime, state: &StateDir) -> Result<(), ApiError> {
     let answer = rt.block_on(control::call(
@@ -1595,6 +1722,14 @@ fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
     preflight_caps()?;
     preflight_tun()?;
     logging::filter(&args.log).map_err(|e| failed(ErrorCode::Usage, e.to_string()))?;
+    let (name, notice) = node_name(args.name.as_deref())?;
+    match notice {
+        // stdout is for the JSON document only.
+        Some(n) if common.json => eprintln!("{}", printable(&n)),
+        Some(n) => say!("{n}"),
+        None => {}
+    }
+    dns_domain(args)?;
     let state = StateDir::new(&common.state_dir);
     state
         .create()
@@ -1676,6 +1811,9 @@ fn up_background(common: &Common, args: &UpArgs, argv: &[OsString]) -> Outcome {
                         child.id(),
                         log_path.display()
                     );
+                    if let Some(note) = name_note(name.as_deref(), &status) {
+                        say!("{note}");
+                    }
                 }
                 return Ok(exit::OK);
             }

@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// `--rotate-identity-every`: rotate the identity when the current one
     /// is this old (see [`crate::rotation`]).
     pub rotate_every: Option<Duration>,
+    /// Ask the gateway to map a public port to the tunnel port (NAT-PMP);
+    /// off with `--no-port-mapping`.
+    pub port_mapping: bool,
 }
 
 /// Seconds since the Unix epoch.
@@ -92,8 +95,12 @@ pub struct Context<T: Tun> {
     pub relay_link: RwLock<Option<Arc<RegistryLink>>>,
     /// What the packet loops share.
     pub shared: Arc<Shared<T>>,
-    /// Our NAT type, as last measured.
+    /// Our NAT type, as last measured (as peers must treat it: a gateway
+    /// port mapping makes a per-destination NAT endpoint-independent).
     pub nat: Mutex<NatType>,
+    /// The public endpoint our gateway maps to our tunnel port (NAT-PMP),
+    /// if it does ([`crate::portmap`]).
+    pub mapped: Mutex<Option<SocketAddr>>,
     stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
     last_timestamp: AtomicU64,
     /// Signals `down` (and, with `restart` set, a restart under a rotated
@@ -105,6 +112,8 @@ pub struct Context<T: Tun> {
     pub started: SystemTime,
     /// The tunnel timers' durations.
     pub timing: Timing,
+    /// The overlay's DNS server: the names it may tell, where it listens.
+    pub dns: Arc<crate::dns::DnsShared>,
 }
 
 impl<T: Tun> Context<T> {
@@ -119,12 +128,14 @@ impl<T: Tun> Context<T> {
             relay_link: RwLock::new(None),
             shared,
             nat: Mutex::new(NatType::Unknown),
+            mapped: Mutex::new(None),
             stun_pending: Mutex::new(HashMap::new()),
             last_timestamp: AtomicU64::new(0),
             stop: Notify::new(),
             restart: std::sync::atomic::AtomicBool::new(false),
             started: SystemTime::now(),
             timing: timing_from_env(),
+            dns: Arc::default(),
         }
     }
 
@@ -185,13 +196,21 @@ impl<T: Tun> Context<T> {
         nat: NatType,
     ) -> Signed<Registration> {
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let mut endpoints = local_endpoints(port);
+        if let Some(m) = *self.mapped.lock() {
+            // The mapped endpoint first: it is the one that works from
+            // anywhere.
+            endpoints.retain(|e| *e != m);
+            endpoints.insert(0, m);
+            endpoints.truncate(pilot_proto::messages::MAX_ENDPOINTS - 1);
+        }
         Signed::sign(
             Registration {
                 identity: self.identity.public(),
                 hostname,
                 seq,
-                local_endpoints: local_endpoints(port),
-                nat,
+                local_endpoints: endpoints,
+                nat: self.mapped_nat(nat),
             },
             &self.identity,
         )
@@ -250,12 +269,22 @@ impl<T: Tun> Context<T> {
         let alt = SocketAddr::new(primary.ip(), primary.port().wrapping_add(1));
         let (a, b) = tokio::join!(self.stun(primary), self.stun(alt));
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let nat = nat_type(&local_endpoints(port), a, b);
+        let nat = self.mapped_nat(nat_type(&local_endpoints(port), a, b));
         if let Some(a) = a {
             self.link.set_observed(a);
         }
         *self.nat.lock() = nat;
         nat
+    }
+
+    /// The NAT type peers must assume: with a port mapping at the gateway,
+    /// a per-destination NAT still has one endpoint that anybody reaches
+    /// (the mapped one), as an endpoint-independent NAT has.
+    pub fn mapped_nat(&self, measured: NatType) -> NatType {
+        match (measured, self.mapped.lock().is_some()) {
+            (NatType::PerDestination, true) => NatType::EndpointIndependent,
+            (n, _) => n,
+        }
     }
 
     /// True if `to` answers a STUN binding request (a registry does,

@@ -166,6 +166,7 @@ impl<T: Tun> Controller<T> {
                     None => std::future::pending().await,
                 }
             };
+            let mut names_may_change = true;
             let fx = tokio::select! {
                 job = jobs.recv() => match job {
                     Some(job) => job(&mut self),
@@ -175,7 +176,10 @@ impl<T: Tun> Controller<T> {
                     Some(item) => self.on_slow(item).await,
                     None => return,
                 },
-                () = sleep => self.tunnels.on_timeout(&self.ctx, Instant::now()),
+                () = sleep => {
+                    names_may_change = false;
+                    self.tunnels.on_timeout(&self.ctx, Instant::now())
+                }
                 _ = prune.tick() => {
                     if self.forget_old_requests() {
                         if let Err(e) = self.ctx.cfg.state.save_trust(&self.trust) {
@@ -197,7 +201,26 @@ impl<T: Tun> Controller<T> {
                 }
             };
             self.carry_out(fx).await;
+            if names_may_change {
+                self.publish_names();
+            }
         }
+    }
+
+    /// Publishes the names the DNS server may tell (ours and approved
+    /// peers'), if they changed: after anything but a tunnel timer, which
+    /// never changes a trust record or our name.
+    fn publish_names(&self) {
+        let own = self
+            .node_state
+            .hostname
+            .as_deref()
+            .zip(self.ctx.shared.net.get().map(|(a, _)| *a));
+        let network = self.ctx.shared.network();
+        let fingerprint = crate::dns::Names::fingerprint(&self.trust, own, network);
+        self.ctx.dns.publish_with(fingerprint, || {
+            crate::dns::Names::from_trust(&self.trust, own, network)
+        });
     }
 
     /// Does the I/O that state changes asked for. What goes into the trust
@@ -556,6 +579,20 @@ impl<T: Tun> Controller<T> {
         cached
     }
 
+    /// Looks every trusted peer up again (our endpoints changed: the
+    /// registry passes them on in a punch request with each answer).
+    pub fn relookup_all(&mut self) -> Effects {
+        Effects {
+            lookups: self
+                .trust
+                .iter()
+                .filter(|(_, r)| r.trusted())
+                .map(|(id, _)| id)
+                .collect(),
+            ..Effects::default()
+        }
+    }
+
     /// Connects every trusted peer without a session.
     pub fn reconnect_all(&mut self) -> Effects {
         let ctx = self.ctx.clone();
@@ -598,13 +635,20 @@ impl<T: Tun> Controller<T> {
         &mut self,
         nat: pilot_proto::messages::NatType,
     ) -> Result<Signed<Registration>, StateError> {
+        let hostname = crate::hostname::wanted(
+            self.ctx.cfg.hostname.as_deref(),
+            self.node_state.hostname.as_deref(),
+        );
+        self.registration_named(nat, hostname)
+    }
+
+    /// A signed registration asking for `hostname`.
+    pub fn registration_named(
+        &mut self,
+        nat: pilot_proto::messages::NatType,
+        hostname: Option<String>,
+    ) -> Result<Signed<Registration>, StateError> {
         let seq = self.next_seq()?;
-        let hostname = self
-            .ctx
-            .cfg
-            .hostname
-            .clone()
-            .or_else(|| self.node_state.hostname.clone());
         Ok(self.ctx.registration(seq, hostname, nat))
     }
 
@@ -789,6 +833,8 @@ impl<T: Tun> Controller<T> {
             mtu_cap: ctx.shared.mtu.cap,
             underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),
             too_big: ctx.shared.drops.too_big.snapshot(),
+            port_mapping: *ctx.mapped.lock(),
+            dns: ctx.dns.status(),
         }
     }
 

@@ -38,7 +38,7 @@ const PING_WAIT: Duration = Duration::from_millis(800);
 /// How long the gateway has to answer NAT-PMP or PCP.
 const MAPPING_WAIT: Duration = Duration::from_millis(1000);
 /// The NAT-PMP and PCP server port (RFC 6886, RFC 6887).
-const PORT_MAPPING_PORT: u16 = 5351;
+const PORT_MAPPING_PORT: u16 = pilot_proto::natpmp::PORT;
 
 /// What `netcheck` was told on the command line.
 #[derive(Clone, Debug)]
@@ -351,7 +351,7 @@ async fn port_mapping() -> PortMapping {
     let mut out = PortMapping::default();
     let Some(gw) = std::fs::read_to_string("/proc/net/route")
         .ok()
-        .and_then(|t| default_gateway(&t))
+        .and_then(|t| crate::portmap::default_gateway(&t))
     else {
         return out;
     };
@@ -367,7 +367,7 @@ async fn port_mapping() -> PortMapping {
         Ok(SocketAddr::V4(a)) => *a.ip(),
         _ => Ipv4Addr::UNSPECIFIED,
     };
-    let _ = socket.send(&NAT_PMP_ADDRESS_REQUEST).await;
+    let _ = socket.send(&pilot_proto::natpmp::address_request()).await;
     let _ = socket.send(&pcp_announce(client)).await;
     let until = Instant::now() + MAPPING_WAIT;
     let mut buf = [0u8; 1100];
@@ -390,9 +390,6 @@ async fn port_mapping() -> PortMapping {
     }
     out
 }
-
-/// NAT-PMP "external address" request: version 0, opcode 0.
-const NAT_PMP_ADDRESS_REQUEST: [u8; 2] = [0, 0];
 
 /// A PCP ANNOUNCE request (RFC 6887 §14.1): version 2, opcode 0, lifetime
 /// 0, our address as an IPv4-mapped IPv6 address.
@@ -427,23 +424,6 @@ fn parse_mapping_reply(b: &[u8]) -> Option<MappingReply> {
         [2, op, ..] if op & 0x80 != 0 && b.len() >= 24 => Some(MappingReply::Pcp),
         _ => None,
     }
-}
-
-/// The default IPv4 gateway from the text of /proc/net/route.
-fn default_gateway(route: &str) -> Option<Ipv4Addr> {
-    route.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // Iface Destination Gateway Flags ...; RTF_GATEWAY = 0x2.
-        let (dest, gw, flags) = (f.get(1)?, f.get(2)?, f.get(3)?);
-        let flags = u32::from_str_radix(flags, 16).ok()?;
-        if *dest != "00000000" || flags & 0x2 == 0 {
-            return None;
-        }
-        // The kernel prints the address in host byte order (little-endian
-        // here), so the bytes read back to front.
-        let raw = u32::from_str_radix(gw, 16).ok()?;
-        Some(Ipv4Addr::from(raw.to_le_bytes()))
-    })
 }
 
 /// Milliseconds, to the microsecond.
@@ -562,25 +542,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_gateway_comes_from_the_route_table() {
-        let table = "\
-Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-eth0\t0064A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
-";
-        assert_eq!(
-            default_gateway(table),
-            Some(Ipv4Addr::new(192, 168, 100, 1))
-        );
-        // A default route without RTF_GATEWAY (a point-to-point link), or
-        // none at all: no gateway to ask.
-        let no_gw = "Iface\tDestination\tGateway\tFlags\nwg0\t00000000\t00000000\t0001\n";
-        assert_eq!(default_gateway(no_gw), None);
-        assert_eq!(default_gateway("Iface\tDestination\n"), None);
-        assert_eq!(default_gateway("garbage\nx y\n\n"), None);
-    }
-
-    #[test]
     fn port_mapping_replies_are_told_apart() {
         let mut pmp = [0u8; 12];
         pmp[1] = 128;
@@ -608,7 +569,10 @@ eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
         pcp[1] = 0x80;
         assert_eq!(parse_mapping_reply(&pcp), Some(MappingReply::Pcp));
         // Our own requests, truncated replies, and noise are not answers.
-        assert_eq!(parse_mapping_reply(&NAT_PMP_ADDRESS_REQUEST), None);
+        assert_eq!(
+            parse_mapping_reply(&pilot_proto::natpmp::address_request()),
+            None
+        );
         assert_eq!(
             parse_mapping_reply(&pcp_announce(Ipv4Addr::LOCALHOST)),
             None

@@ -163,6 +163,12 @@ impl<T: Tun> Node<T> {
             ]),
         };
 
+        // The gateway's port mapping is asked for alongside the first
+        // registration; if it comes later, the keeper registers again.
+        if ctx.cfg.port_mapping {
+            let t = tokio::spawn(portmap_keeper(ctx.clone(), handle.clone()));
+            node.tasks.lock().push(t);
+        }
         // Register, or fall back to the cached address.
         let registered =
             tokio::time::timeout(ctx.cfg.register_timeout, connect_registry(&ctx, &handle)).await;
@@ -238,6 +244,17 @@ impl<T: Tun> Node<T> {
     }
 
     async fn stop_tasks(&self) {
+        // The gateway's port mapping goes with the node (bounded: a gateway
+        // that stopped answering must not hold up the stop).
+        let mapped = *self.ctx.mapped.lock();
+        if let (Some(_), Some(gw), Ok(local)) = (
+            mapped,
+            crate::portmap::gateway(),
+            self.ctx.shared.udp.local_addr(),
+        ) {
+            let release = crate::portmap::request(gw, local.port(), 0);
+            let _ = tokio::time::timeout(Duration::from_secs(1), release).await;
+        }
         // The audit log's last entries and signed head, while the control
         // task still runs (bounded: a wedged task must not hold up the stop).
         let close = self.handle.with(|c| c.close_audit());
@@ -259,6 +276,10 @@ impl<T: Tun> Node<T> {
     /// Stops every task of the node and waits until they are gone (the UDP
     /// port and the TUN device are released when the last handle drops).
     pub async fn shutdown(self) {
+        let hooked = self.ctx.dns.hooked.lock().take();
+        if let Some(dev) = hooked {
+            let _ = tokio::task::spawn_blocking(move || crate::resolved::unhook(&dev)).await;
+        }
         self.stop_tasks().await;
     }
 
@@ -293,6 +314,62 @@ impl<T: Tun> Node<T> {
             per_peer,
         ));
         self.tasks.lock().push(t);
+    }
+
+    /// Serves DNS for `domain` at our overlay address, port 53 (the TUN
+    /// `dev` must be up with it), and points the host's resolver at it
+    /// where systemd-resolved runs (see [`crate::dns`],
+    /// [`crate::resolved`]). Returns where it listens; an error says why it
+    /// could not bind, and the node runs on without DNS.
+    pub async fn serve_dns(
+        &self,
+        domain: crate::dns::Domain,
+        dev: &str,
+    ) -> Result<SocketAddr, String> {
+        let own = self.address();
+        let socket = crate::dns::bind(own, crate::dns::PORT).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    " (port 53 needs root or CAP_NET_BIND_SERVICE)".to_string()
+                }
+                std::io::ErrorKind::AddrInUse => format!(
+                    " ({})",
+                    pilot_service::ports::udp_in_use(SocketAddr::from((own, crate::dns::PORT)))
+                ),
+                _ => String::new(),
+            };
+            format!("cannot serve DNS on {own}:{}: {e}{hint}", crate::dns::PORT)
+        })?;
+        let at = socket.local_addr().map_err(|e| e.to_string())?;
+        let shared = self.ctx.dns.clone();
+        let t = tokio::spawn(crate::dns::serve(socket, own, domain.clone(), shared));
+        self.tasks.lock().push(t);
+        let (d, name) = (dev.to_string(), domain.as_str());
+        let hook = tokio::task::spawn_blocking(move || crate::resolved::hook(&d, own, &name))
+            .await
+            .unwrap_or_else(|e| crate::resolved::Hook::Manual(e.to_string()));
+        let (host_resolver, hint) = match hook {
+            crate::resolved::Hook::Resolved => {
+                info!(dev, "systemd-resolved sends *.{} to {own}", domain.as_str());
+                *self.ctx.dns.hooked.lock() = Some(dev.to_string());
+                ("systemd-resolved", None)
+            }
+            crate::resolved::Hook::Manual(why) => {
+                info!("DNS for *.{} at {at}; {why}", domain.as_str());
+                ("none", Some(why))
+            }
+        };
+        *self.ctx.dns.serving.lock() = Some(crate::api::DnsStatus {
+            address: at,
+            interface: dev.to_string(),
+            domain: domain.as_str(),
+            host_resolver: host_resolver.into(),
+            hint,
+            names: 0,
+            answered: 0,
+            dropped_not_local: 0,
+        });
+        Ok(at)
     }
 
     /// Waits for a `down` request (or a restart, see
@@ -357,12 +434,37 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
         .await?;
     announce_succession(ctx, handle).await?;
     let nat = ctx.detect_nat().await;
-    let reg = handle
+    let mut reg = handle
         .with(move |c| c.registration(nat))
         .await
         .map_err(|_| LinkError::Protocol)?
         .map_err(|_| LinkError::Protocol)?;
-    let answer = ctx.attach(&ctx.link, reg).await?;
+    let mut answer = ctx.attach(&ctx.link, reg.clone()).await?;
+    let mut retried = false;
+    // A name another node holds: the next try (`name-2`, `name-3`, …),
+    // each a registration of its own, a bounded number of times.
+    while let (
+        FromRegistry::Registered {
+            hostname_refused: Some(why),
+            ..
+        },
+        Some(base),
+        Some(asked),
+    ) = (&answer, &ctx.cfg.hostname, &reg.body.hostname)
+    {
+        let next = match crate::hostname::next_try(base, asked) {
+            Some(n) if crate::hostname::refused_as_taken(why) => n,
+            _ => break,
+        };
+        info!("the name {asked:?} is taken on this network; asking for {next:?}");
+        reg = handle
+            .with(move |c| c.registration_named(nat, Some(next)))
+            .await
+            .map_err(|_| LinkError::Protocol)?
+            .map_err(|_| LinkError::Protocol)?;
+        answer = ctx.attach(&ctx.link, reg.clone()).await?;
+        retried = true;
+    }
     let FromRegistry::Registered {
         address,
         prefix_len,
@@ -387,6 +489,11 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
     }
     if let Some(why) = hostname_refused {
         warn!("hostname not granted: {}", crate::sanitize::printable(&why));
+    }
+    if let (Some(base), Some(got), true) = (&ctx.cfg.hostname, &granted, retried) {
+        if base != got {
+            info!("this node's name is {got:?} ({base:?} is taken on this network)");
+        }
     }
     ctx.link.set_observed(observed);
     // Checked against the bounds and the pinned address before anything
@@ -448,6 +555,54 @@ async fn announce_succession<T: Tun>(
             Err(LinkError::Protocol)
         }
         Err(_) => Err(LinkError::Protocol),
+    }
+}
+
+/// Keeps a port mapping at the gateway (NAT-PMP) for the tunnel port:
+/// renews it at half its lifetime, retries with a growing pause while the
+/// gateway does not answer, and registers again whenever the mapped
+/// endpoint changes (so peers learn it), then looks the trusted peers up
+/// again (the registry passes our new endpoint to each in a punch request).
+async fn portmap_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
+    let Ok(local) = ctx.shared.udp.local_addr() else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(30);
+    loop {
+        let result = match crate::portmap::gateway() {
+            Some(gw) => {
+                crate::portmap::request(gw, local.port(), crate::portmap::LIFETIME_SECS).await
+            }
+            None => Err(crate::portmap::MapError::NoGateway),
+        };
+        let (now, wait) = match result {
+            Ok(m) => {
+                backoff = Duration::from_secs(30);
+                (
+                    Some(m.external),
+                    (m.lifetime / 2).max(Duration::from_secs(30)),
+                )
+            }
+            Err(e) => {
+                debug!("{e}");
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(600));
+                (None, wait)
+            }
+        };
+        let before = std::mem::replace(&mut *ctx.mapped.lock(), now);
+        if before != now {
+            match now {
+                Some(e) => {
+                    info!(external = %e, "the gateway maps a public port to the tunnel port (NAT-PMP)")
+                }
+                None => warn!("the gateway's port mapping is gone"),
+            }
+            if ctx.link.session().is_some() && connect_registry(&ctx, &handle).await.is_ok() {
+                handle.submit(|c| c.relookup_all()).await;
+            }
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 

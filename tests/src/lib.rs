@@ -138,6 +138,7 @@ impl TestNode {
             register_timeout: Duration::from_secs(3),
             mtu: None,
             rotate_every: None,
+            port_mapping: false,
         };
         let node = Node::start(cfg, move |_, _| Ok(fake)).await?;
         Ok(TestNode {

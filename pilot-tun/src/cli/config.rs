@@ -30,6 +30,8 @@ pub(super) struct UpFile {
     state_dir: Option<PathBuf>,
     registry: Option<Spanned<String>>,
     name: Option<Spanned<String>>,
+    dns_domain: Option<Spanned<String>>,
+    no_dns: Option<bool>,
     dev: Option<String>,
     listen: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
@@ -41,6 +43,7 @@ pub(super) struct UpFile {
     metrics: Option<Spanned<String>>,
     metrics_per_peer: Option<bool>,
     rotate_identity_every: Option<Spanned<String>>,
+    no_port_mapping: Option<bool>,
 }
 
 /// True if the argument `id` was given on the command line or by its
@@ -105,7 +108,9 @@ fn apply_up(file: &ConfigFile<UpFile>, up: &mut UpArgs, m: &ArgMatches) -> Resul
         up.registry = Some(r.get_ref().clone());
     }
     if let (Some(n), false) = (&v.name, given(m, "name")) {
-        if !pilot_proto::messages::valid_hostname(n.get_ref()) {
+        // Made into a label at `up`, like --name; only a name with
+        // nothing usable in it is refused here.
+        if crate::hostname::normalize(n.get_ref()).is_none() {
             return Err(bad(
                 "name",
                 n,
@@ -113,6 +118,19 @@ fn apply_up(file: &ConfigFile<UpFile>, up: &mut UpArgs, m: &ArgMatches) -> Resul
             ));
         }
         up.name = Some(n.get_ref().clone());
+    }
+    if let (Some(d), false) = (&v.dns_domain, given(m, "dns_domain")) {
+        crate::dns::Domain::parse(d.get_ref()).map_err(|e| {
+            bad(
+                "dns-domain",
+                d,
+                &format!("{e}; expected a domain like \"pilot\""),
+            )
+        })?;
+        up.dns_domain = d.get_ref().clone();
+    }
+    if let (Some(b), false) = (v.no_dns, given(m, "no_dns")) {
+        up.no_dns = b;
     }
     if let (Some(d), false) = (&v.dev, given(m, "dev")) {
         up.dev = d.clone();
@@ -176,6 +194,9 @@ fn apply_up(file: &ConfigFile<UpFile>, up: &mut UpArgs, m: &ArgMatches) -> Resul
     }
     if let (Some(b), false) = (v.metrics_per_peer, given(m, "metrics_per_peer")) {
         up.metrics_per_peer = b;
+    }
+    if let (Some(b), false) = (v.no_port_mapping, given(m, "no_port_mapping")) {
+        up.no_port_mapping = b;
     }
     if let (Some(a), false) = (&v.rotate_identity_every, given(m, "rotate_identity_every")) {
         up.rotate_identity_every = Some(
@@ -269,6 +290,8 @@ mod tests {
 state-dir = "/srv/pilot"
 registry = "pilot://0000000000000000000000000000000000000000000000000000000000000000@192.0.2.1:7946"
 name = "alpha"
+dns-domain = "corp.pilot"
+no-dns = true
 dev = "pt7"
 listen = "192.0.2.5:41641"
 mtu = 1380
@@ -289,6 +312,9 @@ log-format = "json"
                 "pilot://0000000000000000000000000000000000000000000000000000000000000000@192.0.2.1:7946",
                 "--name",
                 "alpha",
+                "--dns-domain",
+                "corp.pilot",
+                "--no-dns",
                 "--dev",
                 "pt7",
                 "--listen",
@@ -358,7 +384,9 @@ log-format = "json"
                 "1: `cipher`: expected \"aes256-gcm\"",
             ),
             ("registry = \"http://x\"\n", "1: `registry`: "),
-            ("name = \"-x\"\n", "1: `name`: expected a hostname"),
+            // "-x" would be made into "x"; nothing is left of "_-_".
+            ("name = \"_-_\"\n", "1: `name`: expected a hostname"),
+            ("dns-domain = \"a..b\"\n", "1: `dns-domain`: "),
             ("log = \"x=loud\"\n", "1: `log`: "),
             ("log-format = \"xml\"\n", "1: `log-format`: "),
             ("foreground = \"yes\"\n", "1: `foreground`: "),

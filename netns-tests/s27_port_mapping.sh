@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# s27 — port mapping: a host behind a hard NAT whose router runs miniupnpd
+# (NAT-PMP) gets a direct path to a host behind another hard NAT.
+#
+#                      203.0.113.0/24 (switch "inet")
+#   +-----------------+   +-------------------+   +-------------------+
+#   | reg .1          |   | nM  .23 miniupnpd |   | nH  .24           |
+#   | registry        |   | hard NAT, NAT-PMP |   | hard NAT          |
+#   | stund .2 / .3   |   +---------+---------+   +---------+---------+
+#   +-----------------+             | 198.51.100.0/26       | 198.51.100.64/26
+#                                hM .10                  hH .74
+#
+# Without the mapping this pair is the matrix's hard<->hard cell: relayed
+# (s06). miniupnpd refuses to forward when its external address is in a
+# reserved range, and the documentation ranges are; its STUN mode (against
+# stund, which answers CHANGE-REQUEST from a second address) learns that
+# the address is reachable from outside and lifts that. Checks:
+# - the node on hM gets a mapping at start (status: port_mapping, and its
+#   NAT counts as endpoint-independent), and miniupnpd installed it;
+# - hM <-> hH goes direct, both ends, with a checksummed transfer;
+# - `down` on hM removes the mapping at the router.
+SCENARIO=s27_port_mapping
+source "$(dirname "$0")/lib.sh"
+setup_lab
+for t in nft miniupnpd stund python3 nc; do need "$t"; done
+
+switch inet
+mkns reg; plug reg inet 203.0.113.1/24
+onq reg ip addr add 203.0.113.2/24 dev eth0
+onq reg ip addr add 203.0.113.3/24 dev eth0
+bg reg stund stund -h 203.0.113.2 -a 203.0.113.3
+
+# The miniupnpd router: a hard NAT (a new port per destination) with a
+# stateful firewall, except for what miniupnpd forwards (ct status dnat);
+# miniupnpd's own chains in the table it manages ("inet filter").
+mkns nM; switch m
+plug nM inet 203.0.113.23/24 wan
+plug nM m 198.51.100.1/26 lan
+onq nM sysctl -qw net.ipv4.ip_forward=1
+onq nM nft -f - <<'NFT'
+table ip nat {
+  chain post { type nat hook postrouting priority 100; policy accept; ip saddr 198.51.100.0/26 oifname "wan" masquerade fully-random; }
+}
+table inet fw {
+  chain forward { type filter hook forward priority 0; policy accept; iifname "wan" ct state established,related accept; iifname "wan" ct status dnat accept; iifname "wan" drop; }
+}
+table inet filter {
+  chain forward { type filter hook forward priority 1; policy accept; jump miniupnpd; }
+  chain miniupnpd { }
+  chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }
+  chain postrouting { type nat hook postrouting priority 99; policy accept; jump postrouting_miniupnpd; }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+}
+NFT
+cat >"$WORK/miniupnpd.conf" <<CONF
+ext_ifname=wan
+listening_ip=lan
+enable_natpmp=yes
+enable_upnp=no
+ext_perform_stun=yes
+ext_stun_host=203.0.113.2
+ext_stun_port=3478
+secure_mode=yes
+system_uptime=no
+lease_file=$WORK/upnp.leases
+uuid=3c6b9a2e-5f1d-4e8a-9b7c-2d4e6f8a0b1c
+allow 1024-65535 198.51.100.0/26 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+CONF
+bg nM miniupnpd miniupnpd -f "$WORK/miniupnpd.conf" -d
+behind hM m 198.51.100.10/26 198.51.100.1
+
+nat_router nH 203.0.113.24 h 198.51.100.65/26 hard
+behind hH h 198.51.100.74/26 198.51.100.65
+
+# miniupnpd answers NAT-PMP once its STUN check is done (a few seconds).
+natpmp_up() {
+  onq hM python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+s.sendto(bytes([0, 0]), ("198.51.100.1", 5351))
+d = s.recv(64)
+assert d[:4] == bytes([0, 128, 0, 0]), d.hex()'
+}
+wait_for 20 "miniupnpd answers NAT-PMP with success" natpmp_up
+grep -q "Port forwarding is now enabled" "$WORK/miniupnpd.log" \
+  || fail "miniupnpd did not enable port forwarding: $(tail -5 "$WORK/miniupnpd.log")"
+
+start_registry reg 203.0.113.1
+node_up hM hm --registry "$JOIN" >/dev/null
+node_up hH hh --registry "$JOIN" >/dev/null
+
+# --- the mapping ------------------------------------------------------------------
+mapped() { local m; m=$(status_of hM hm port_mapping 2>/dev/null) && [ "${m%%:*}" = 203.0.113.23 ]; }
+wait_for 10 "hm has a port mapping at 203.0.113.23" mapped
+MAP=$(status_of hM hm port_mapping)
+[ "$(status_of hM hm nat)" = endpoint-independent ] \
+  || fail "with a mapping, hm's NAT should count as endpoint-independent, got $(status_of hM hm nat)"
+[ "$(status_of hH hh nat)" = "per-destination (hard)" ] || fail "hh should see a hard NAT"
+PORT=$(status_of hM hm listen); PORT=${PORT##*:}
+dnat_rule() { onq nM nft list chain inet filter prerouting_miniupnpd | grep -q "dport ${MAP##*:} dnat ip to 198.51.100.10:$PORT"; }
+dnat_rule || fail "miniupnpd has no rule forwarding ${MAP##*:} to 198.51.100.10:$PORT: $(onq nM nft list chain inet filter prerouting_miniupnpd)"
+pass "the node behind the miniupnpd router holds a NAT-PMP mapping ($MAP -> :$PORT)"
+
+# --- direct between two hard NATs -----------------------------------------------------
+trust_pair hM hm hH hh
+HH=$(addr_of hH hh); HM=$(addr_of hM hm)
+wait_for 15 "hm reaches hh over 10.x" onq hM ping -c1 -W1 "$HH"
+direct() { [ "$(peer_of "$1" "$2" "$3" path)" = direct ]; }
+wait_for 15 "hm's path to hh is direct" direct hM hm hh
+wait_for 15 "hh's path to hm is direct" direct hH hh hm
+EP=$(peer_of hH hh hm endpoint)
+[ "$EP" = "$MAP" ] || fail "hh reaches hm at $EP, not at the mapped endpoint $MAP"
+transfer_ok hH hM "$HM" 3000000 mapped
+pass "two hard NATs, one with a port-mapping router: direct both ways ($EP), 3 MB identical"
+
+# --- down removes the mapping ---------------------------------------------------------
+node_down hM hm
+no_dnat() { ! dnat_rule; }
+wait_for 5 "miniupnpd's rule for hm is gone after down" no_dnat
+pass "down removes the mapping at the router"
