@@ -452,8 +452,9 @@ pub struct Status {
     /// of them.
     pub too_big: TooBigCounts,
     /// The public endpoint the gateway maps to our tunnel port (NAT-PMP),
-    /// if it does.
-    #[serde(default)]
+    /// if it does (left out when it does not, and by daemons from before
+    /// port mapping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mapping: Option<SocketAddr>,
     /// The overlay's DNS server, while it runs (left out with `--no-dns`,
     /// when it could not start, and by daemons from before DNS).
