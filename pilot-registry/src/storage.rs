@@ -538,6 +538,26 @@ impl RawNode {
     }
 }
 
+/// Stores a new node row (alone, or inside a transaction: a
+/// `Transaction` is a `Connection`).
+fn insert_row(conn: &Connection, row: &NodeRow) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            row.identity.node_id().to_string(),
+            &row.identity.ed_public[..],
+            &row.identity.static_public[..],
+            row.identity.binding,
+            u32::from(row.address),
+            row.hostname,
+            row.reg_seq as i64,
+            join_endpoints(&row.endpoints),
+            row.reg_digest.as_ref().map(|d| &d[..])
+        ],
+    )?;
+    Ok(())
+}
+
 pub(crate) fn join_endpoints(endpoints: &[SocketAddr]) -> String {
     endpoints
         .iter()
@@ -567,22 +587,7 @@ impl Storage for SqliteStorage {
     }
 
     fn insert_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
-        let id = row.identity.node_id().to_string();
-        self.conn.execute(
-            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                id,
-                &row.identity.ed_public[..],
-                &row.identity.static_public[..],
-                row.identity.binding,
-                u32::from(row.address),
-                row.hostname,
-                row.reg_seq as i64,
-                join_endpoints(&row.endpoints),
-                row.reg_digest.as_ref().map(|d| &d[..])
-            ],
-        )?;
-        Ok(())
+        insert_row(&self.conn, row)
     }
 
     fn update_node(&mut self, row: &NodeRow) -> Result<(), StorageError> {
@@ -863,20 +868,7 @@ impl Storage for SqliteStorage {
             "INSERT INTO successions (old_id, new_id, bytes) VALUES (?1, ?2, ?3)",
             params![old, new.identity.node_id().to_string(), succession],
         )?;
-        tx.execute(
-            "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                new.identity.node_id().to_string(),
-                &new.identity.ed_public[..],
-                &new.identity.static_public[..],
-                new.identity.binding,
-                u32::from(new.address),
-                new.hostname,
-                new.reg_seq as i64,
-                join_endpoints(&new.endpoints),
-                new.reg_digest.as_ref().map(|d| &d[..])
-            ],
-        )?;
+        insert_row(&tx, new)?;
         tx.commit()?;
         Ok(())
     }
