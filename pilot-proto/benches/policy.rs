@@ -129,8 +129,8 @@ fn flow_is_reply(bencher: Bencher<'_, '_>) {
     let flows: Vec<Flow> = (0..10_000u16)
         .map(|i| Flow {
             proto: 6,
-            src: Ipv4Addr::new(10, 77, 0, 1),
-            dst: Ipv4Addr::new(10, 77, (i >> 8) as u8, i as u8),
+            src: Ipv4Addr::new(10, 77, 0, 1).into(),
+            dst: Ipv4Addr::new(10, 77, (i >> 8) as u8, i as u8).into(),
             src_port: 30_000 + i,
             dst_port: 443,
         })

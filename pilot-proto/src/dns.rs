@@ -1,7 +1,8 @@
 //! DNS answers for the overlay's names, without I/O: a query's bytes in,
 //! the answer's bytes out (or nothing), from a table of the names a node
-//! may tell ([`Names`]): `<name>.<domain>` → A, the reverse name of an
-//! overlay address → PTR, NXDOMAIN for other names in the domain, REFUSED
+//! may tell ([`Names`]): `<name>.<domain>` → A (and AAAA once the table
+//! knows the overlay's IPv6 prefix, [`Names::with_ula`]), the reverse name
+//! of an overlay address (`in-addr.arpa` or `ip6.arpa`) → PTR, NXDOMAIN for other names in the domain, REFUSED
 //! for everything else (nothing is forwarded). The wire format is
 //! hickory-proto's; [`answer`] never panics, whatever the bytes.
 //!
@@ -15,13 +16,14 @@
 //! who may ask.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::Ipv4Net;
 
+use crate::ipv6::Ula;
 use crate::trust::{Decision, TrustStore};
 
 /// The overlay's domain unless `--dns-domain` says otherwise.
@@ -121,6 +123,9 @@ impl Default for Domain {
 pub struct Names {
     /// The overlay network: reverse names of addresses in it are ours.
     network: Option<Ipv4Net>,
+    /// The overlay's IPv6 prefix: names get AAAA records, and reverse
+    /// names under it are ours.
+    ula: Option<Ula>,
     by_name: BTreeMap<String, Ipv4Addr>,
     by_addr: BTreeMap<Ipv4Addr, String>,
 }
@@ -177,16 +182,25 @@ impl Names {
         Names::build(own, network, peers)
     }
 
-    /// A digest of what [`Names::from_trust`] reads, so the control task
-    /// can tell cheaply (no allocation) that the table has not changed.
+    /// The same table with the overlay's IPv6 prefix (every node's /128
+    /// derives from its IPv4 address, see `crate::ipv6`).
+    pub fn with_ula(mut self, ula: Option<Ula>) -> Names {
+        self.ula = ula;
+        self
+    }
+
+    /// A digest of what [`Names::from_trust`] and [`Names::with_ula`]
+    /// read, so the control task can tell cheaply (no allocation) that the
+    /// table has not changed.
     pub fn fingerprint(
         trust: &TrustStore,
         own: Option<(&str, Ipv4Addr)>,
         network: Option<Ipv4Net>,
+        ula: Option<Ula>,
     ) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (own, network).hash(&mut h);
+        (own, network, ula).hash(&mut h);
         for (_, r) in trust.iter().filter(|(_, r)| r.ours == Decision::Approved) {
             (r.hostname.as_deref(), r.address).hash(&mut h);
         }
@@ -292,16 +306,37 @@ fn lookup(q: &Query, domain: &Domain, names: &Names) -> (ResponseCode, Option<Re
                         let r = Record::from_rdata(q.name().clone(), TTL, RData::A(A(a)));
                         (ResponseCode::NoError, Some(r))
                     }
-                    // The name exists, without records of this type
-                    // (AAAA until the overlay has IPv6).
+                    Some(a) if qtype == RecordType::AAAA && names.ula.is_some() => {
+                        let v6 = names
+                            .ula
+                            .map(|u| u.address(a))
+                            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+                        let r = Record::from_rdata(q.name().clone(), TTL, RData::AAAA(AAAA(v6)));
+                        (ResponseCode::NoError, Some(r))
+                    }
+                    // The name exists, without records of this type (AAAA
+                    // when the overlay carries no IPv6).
                     Some(_) => (ResponseCode::NoError, None),
                 }
             }
             _ => (ResponseCode::NXDomain, None),
         };
     }
-    let Some(addr) = reverse_v4(&labels) else {
-        return (ResponseCode::Refused, None);
+    let addr = if let Some(v6) = reverse_v6(&labels) {
+        // Under our /48 only; a name there that is no node's address
+        // does not exist.
+        match names.ula {
+            Some(u) if u.contains(&v6) => match u.v4_of(&v6) {
+                Some(a) => a,
+                None => return (ResponseCode::NXDomain, None),
+            },
+            _ => return (ResponseCode::Refused, None),
+        }
+    } else {
+        let Some(addr) = reverse_v4(&labels) else {
+            return (ResponseCode::Refused, None);
+        };
+        addr
     };
     if names.network.is_none_or(|n| !n.contains(&addr)) {
         return (ResponseCode::Refused, None);
@@ -341,6 +376,24 @@ fn reverse_v4(labels: &[Vec<u8>]) -> Option<Ipv4Addr> {
         std::str::from_utf8(l).ok()?.parse().ok()
     };
     Some(Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?))
+}
+
+/// The address of a name of 32 nibble labels under `ip6.arpa`, lowest
+/// nibble first (lower-cased labels).
+fn reverse_v6(labels: &[Vec<u8>]) -> Option<Ipv6Addr> {
+    let [nibbles @ .., ip6, arpa] = labels else {
+        return None;
+    };
+    if nibbles.len() != 32 || ip6.as_slice() != b"ip6" || arpa.as_slice() != b"arpa" {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (i, l) in nibbles.iter().rev().enumerate() {
+        let [c] = l.as_slice() else { return None };
+        let v = char::from(*c).to_digit(16)? as u8;
+        b[i / 2] |= if i % 2 == 0 { v << 4 } else { v };
+    }
+    Some(Ipv6Addr::from(b))
 }
 
 #[cfg(test)]
@@ -445,6 +498,98 @@ mod tests {
         assert_eq!(m.response_code(), ResponseCode::Refused, "class CH");
     }
 
+    /// The answer from [`table`] with the overlay's IPv6 prefix.
+    fn ask6(name: &str, qtype: RecordType) -> Message {
+        let mut q = Message::new();
+        q.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        let names = table().with_ula(Some(ula()));
+        let out = answer(&q.to_vec().unwrap(), &Domain::default(), &names).unwrap();
+        Message::from_vec(&out).unwrap()
+    }
+
+    fn ula() -> Ula {
+        Ula::derive(&[7; 32], net())
+    }
+
+    /// The `ip6.arpa` name of `a`.
+    fn arpa6(a: Ipv6Addr) -> String {
+        let mut n: String = a
+            .octets()
+            .iter()
+            .rev()
+            .map(|b| format!("{:x}.{:x}.", b & 15, b >> 4))
+            .collect();
+        n.push_str("ip6.arpa.");
+        n
+    }
+
+    #[test]
+    fn aaaa_answers_the_peers_overlay_ipv6_address() {
+        let m = ask6("cache.pilot.", RecordType::AAAA);
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        let got: Vec<Ipv6Addr> = m
+            .answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::AAAA(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![ula().address(CACHE)]);
+        // A still answers A; unknown names do not exist for AAAA either.
+        assert_eq!(a_of(&ask6("cache.pilot.", RecordType::A)), vec![CACHE]);
+        let m = ask6("nobody.pilot.", RecordType::AAAA);
+        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn ip6_arpa_names_of_overlay_addresses() {
+        let m = ask6(&arpa6(ula().address(CACHE)), RecordType::PTR);
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        match m.answers()[0].data() {
+            RData::PTR(p) => assert_eq!(p.0.to_ascii(), "cache.pilot."),
+            other => panic!("{other:?}"),
+        }
+        // Upper-case nibbles are the same name.
+        let upper = arpa6(ula().address(CACHE))
+            .to_uppercase()
+            .replace("IP6.ARPA", "ip6.arpa");
+        assert_eq!(ask6(&upper, RecordType::PTR).answers().len(), 1);
+        // An overlay address nobody we trust has: no such name.
+        let m = ask6(
+            &arpa6(ula().address(Ipv4Addr::new(10, 77, 9, 9))),
+            RecordType::PTR,
+        );
+        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+        // In our /48 but not a node's address: no such name either.
+        let mut b = ula().address(CACHE).octets();
+        b[8] = 1;
+        let m = ask6(&arpa6(Ipv6Addr::from(b)), RecordType::PTR);
+        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+        // Outside our /48, or with no IPv6 at all: not ours to answer.
+        let other = Ula::derive(&[8; 32], net()).address(CACHE);
+        assert_eq!(
+            ask6(&arpa6(other), RecordType::PTR).response_code(),
+            ResponseCode::Refused
+        );
+        let m = ask(&arpa6(ula().address(CACHE)), RecordType::PTR);
+        assert_eq!(m.response_code(), ResponseCode::Refused);
+        // Malformed reverse names: refused, never a panic.
+        for n in ["x.ip6.arpa.", "ip6.arpa.", "0.0.ip6.arpa."] {
+            assert_eq!(
+                ask6(n, RecordType::PTR).response_code(),
+                ResponseCode::Refused,
+                "{n}"
+            );
+        }
+        let mut long = arpa6(ula().address(CACHE));
+        long.replace_range(0..1, "g");
+        assert_eq!(
+            ask6(&long, RecordType::PTR).response_code(),
+            ResponseCode::Refused
+        );
+    }
+
     #[test]
     fn reverse_names_of_overlay_addresses() {
         let m = ask("2.0.77.10.in-addr.arpa.", RecordType::PTR);
@@ -538,6 +683,12 @@ mod tests {
             )
             .unwrap();
         let names = Names::from_trust(&trust, Some(("alpha", OWN)), Some(net()));
+        let fp = Names::fingerprint(&trust, Some(("alpha", OWN)), Some(net()), None);
+        assert_ne!(
+            fp,
+            Names::fingerprint(&trust, Some(("alpha", OWN)), Some(net()), Some(ula())),
+            "the prefix is part of what the table depends on"
+        );
         assert_eq!(names.address_of("cache"), Some(CACHE));
         assert_eq!(names.address_of("asker"), None, "untrusted asker");
         assert_eq!(names.address_of("denied"), None);

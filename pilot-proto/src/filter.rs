@@ -388,10 +388,56 @@ mod tests {
     }
 
     #[test]
+    fn grants_apply_to_ipv6_as_to_ipv4() {
+        use crate::ipv6::tests::ipv6;
+        let (me, peer): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "fd00::a4d:1".parse().unwrap(),
+            "fd00::a4d:2".parse().unwrap(),
+        );
+        let tcp6 = |src, dst, sp: u16, dp: u16| {
+            let mut l4 = sp.to_be_bytes().to_vec();
+            l4.extend(dp.to_be_bytes());
+            l4.extend([0u8; 16]);
+            ipv6(6, src, dst, &l4)
+        };
+        // The peer may open tcp/8080 on us, and nothing else.
+        let mut f = filter("tcp/8080", "icmp");
+        let now = Instant::now();
+        let (v, _) = f.check(&tcp6(peer, me, 40000, 8080), Direction::Inbound, now, T0);
+        assert_eq!(v, Verdict::Pass);
+        let (v, _) = f.check(&tcp6(me, peer, 8080, 40000), Direction::Outbound, now, T0);
+        assert_eq!(v, Verdict::Pass, "the reply follows its flow");
+        let (v, _) = f.check(&tcp6(peer, me, 40001, 22), Direction::Inbound, now, T0);
+        assert_eq!(v, Verdict::Deny(Traffic::Tcp(22), Denial::NotGranted));
+        // An IPv4 "reply" does not ride on the IPv6 flow.
+        let (v, _) = f.check(&tcp(ME, PEER, 8080, 40000), Direction::Outbound, now, T0);
+        assert!(matches!(v, Verdict::Deny(..)));
+        // icmp covers ICMPv6: our ping out, its reply in; theirs refused.
+        let echo = |t: u8, s, d| ipv6(58, s, d, &[t, 0, 0, 0, 0, 9, 0, 1]);
+        assert_eq!(
+            f.check(&echo(129, peer, me), Direction::Inbound, now, T0).0,
+            Verdict::Drop
+        );
+        assert_eq!(
+            f.check(&echo(128, me, peer), Direction::Outbound, now, T0)
+                .0,
+            Verdict::Pass
+        );
+        assert_eq!(
+            f.check(&echo(129, peer, me), Direction::Inbound, now, T0).0,
+            Verdict::Pass
+        );
+        assert!(matches!(
+            f.check(&echo(128, peer, me), Direction::Inbound, now, T0).0,
+            Verdict::Deny(Traffic::Icmp, _)
+        ));
+    }
+
+    #[test]
     fn unreadable_packets_are_dropped() {
         let mut f = filter("all", "all");
         let now = Instant::now();
-        for bad in [&[][..], &[0x45; 10], &[0x60; 40]] {
+        for bad in [&[][..], &[0x45; 10], &[0x60; 39], &[0x50; 40]] {
             assert_eq!(f.check(bad, Direction::Inbound, now, T0).0, Verdict::Drop);
         }
     }

@@ -2,7 +2,8 @@
 //! open flows, so that replies to a connection pass whatever the grants say
 //! (a grant only limits what a side may *open*), ICMP errors about an open
 //! flow pass, and later fragments follow their first fragment. Also the
-//! facts of an IPv4 packet those checks need, read straight from the bytes.
+//! facts of an IPv4 or IPv6 packet those checks need, read straight from
+//! the bytes (IPv6 behind its extension headers, ICMPv6 like ICMP).
 //!
 //! How the data plane uses it, per direction, for a decrypted inbound packet
 //! or an outbound packet from the TUN:
@@ -23,9 +24,10 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use crate::ipv6;
 use crate::ports::Traffic;
 
 /// How long an idle TCP flow stays open: RFC 5382 asks NATs for at least
@@ -51,9 +53,9 @@ pub struct Flow {
     /// IP protocol number.
     pub proto: u8,
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// Source port (0 for protocols without ports).
     pub src_port: u16,
     /// Destination port (0 for protocols without ports).
@@ -81,17 +83,18 @@ impl Flow {
     }
 }
 
-/// Names the fragments of one IPv4 datagram.
+/// Names the fragments of one IPv4 or IPv6 datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragmentKey {
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
-    /// IP protocol number.
+    pub dst: IpAddr,
+    /// IP protocol number (IPv6: the next header after the fragment
+    /// header).
     pub proto: u8,
-    /// IP identification.
-    pub id: u16,
+    /// Identification (16 bits in IPv4, 32 in IPv6's fragment header).
+    pub id: u32,
 }
 
 /// What a packet is, for the policy.
@@ -108,7 +111,7 @@ pub enum Kind {
     LaterFragment,
 }
 
-/// The facts of one IPv4 packet.
+/// The facts of one IPv4 or IPv6 packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inspected {
     /// Its flow (ports zero for a later fragment).
@@ -122,9 +125,9 @@ pub struct Inspected {
 /// A packet the policy cannot read: it is dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InspectError {
-    /// Not an IPv4 packet.
-    #[error("not an IPv4 packet")]
-    NotIpv4,
+    /// Neither an IPv4 nor an IPv6 packet.
+    #[error("not an IP packet")]
+    NotIp,
     /// Too short for the headers it claims (a first fragment too small to
     /// hold its ports, among others).
     #[error("packet too short for its headers")]
@@ -142,9 +145,9 @@ struct Ipv4<'a> {
 
 impl<'a> Ipv4<'a> {
     fn new(bytes: &'a [u8]) -> Result<Self, InspectError> {
-        let first = *bytes.first().ok_or(InspectError::NotIpv4)?;
+        let first = *bytes.first().ok_or(InspectError::NotIp)?;
         if first >> 4 != 4 {
-            return Err(InspectError::NotIpv4);
+            return Err(InspectError::NotIp);
         }
         let ihl = usize::from(first & 0x0f) * 4;
         if ihl < 20 || bytes.len() < ihl {
@@ -186,8 +189,8 @@ impl<'a> Ipv4<'a> {
     fn flow(&self, src_port: u16, dst_port: u16) -> Flow {
         Flow {
             proto: self.proto(),
-            src: self.src(),
-            dst: self.dst(),
+            src: IpAddr::V4(self.src()),
+            dst: IpAddr::V4(self.dst()),
             src_port,
             dst_port,
         }
@@ -247,14 +250,104 @@ fn transport(ip: &Ipv4<'_>, quoted: bool) -> Result<(Flow, Kind), InspectError> 
     }
 }
 
-/// Reads what the policy needs from an IPv4 packet. Never panics.
+/// A checked IPv6 packet: its addresses and what follows the extension
+/// headers.
+struct Ipv6<'a> {
+    bytes: &'a [u8],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    upper: ipv6::Upper,
+}
+
+impl<'a> Ipv6<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Self, InspectError> {
+        let (src, dst) = ipv6::addrs(bytes).ok_or(InspectError::Truncated)?;
+        let upper = ipv6::upper(bytes).ok_or(InspectError::Truncated)?;
+        Ok(Ipv6 {
+            bytes,
+            src,
+            dst,
+            upper,
+        })
+    }
+    fn flow(&self, src_port: u16, dst_port: u16) -> Flow {
+        Flow {
+            proto: self.upper.proto,
+            src: IpAddr::V6(self.src),
+            dst: IpAddr::V6(self.dst),
+            src_port,
+            dst_port,
+        }
+    }
+}
+
+/// [`transport`] for IPv6: TCP and UDP alike; ICMPv6 echo request (128)
+/// opens, echo reply (129) answers, the other informational types (130
+/// and up: neighbour discovery, multicast listeners) open without an
+/// identifier, and an error (below 128) is about its quoted packet.
+fn transport6(ip: &Ipv6<'_>, quoted: bool) -> Result<(Flow, Kind), InspectError> {
+    let l4 = ip.bytes.get(ip.upper.offset..).unwrap_or_default();
+    match ip.upper.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let (sp, dp) = (be16(l4, 0)?, be16(l4, 2)?);
+            Ok((
+                ip.flow(sp, dp),
+                Kind::Opener(Traffic::from_ip(ip.upper.proto, dp)),
+            ))
+        }
+        ipv6::IPPROTO_ICMPV6 => {
+            let t = *l4.first().ok_or(InspectError::Truncated)?;
+            match t {
+                128 => Ok((ip.flow(be16(l4, 4)?, 0), Kind::Opener(Traffic::Icmp))),
+                129 => Ok((ip.flow(0, be16(l4, 4)?), Kind::QueryReply)),
+                130.. => Ok((ip.flow(0, 0), Kind::Opener(Traffic::Icmp))),
+                _ if quoted => Err(InspectError::ErrorAboutError),
+                _ => {
+                    let inner = Ipv6::new(l4.get(8..).ok_or(InspectError::Truncated)?)?;
+                    let (about, _) = transport6(&inner, true)?;
+                    Ok((ip.flow(0, 0), Kind::Error(about)))
+                }
+            }
+        }
+        p => Ok((ip.flow(0, 0), Kind::Opener(Traffic::Other(p)))),
+    }
+}
+
+/// Reads what the policy needs from an IPv6 packet.
+fn inspect6(pkt: &[u8]) -> Result<Inspected, InspectError> {
+    let ip = Ipv6::new(pkt)?;
+    let fragment = ip.upper.fragment.map(|f| FragmentKey {
+        src: IpAddr::V6(ip.src),
+        dst: IpAddr::V6(ip.dst),
+        proto: ip.upper.proto,
+        id: f.id,
+    });
+    if ip.upper.fragment.is_some_and(|f| f.offset != 0) {
+        return Ok(Inspected {
+            flow: ip.flow(0, 0),
+            kind: Kind::LaterFragment,
+            fragment,
+        });
+    }
+    let (flow, kind) = transport6(&ip, false)?;
+    Ok(Inspected {
+        flow,
+        kind,
+        fragment,
+    })
+}
+
+/// Reads what the policy needs from an IPv4 or IPv6 packet. Never panics.
 pub fn inspect(pkt: &[u8]) -> Result<Inspected, InspectError> {
+    if pkt.first().is_some_and(|b| b >> 4 == 6) {
+        return inspect6(pkt);
+    }
     let ip = Ipv4::new(pkt)?;
     let fragment = (ip.more_fragments() || ip.offset() != 0).then(|| FragmentKey {
-        src: ip.src(),
-        dst: ip.dst(),
+        src: IpAddr::V4(ip.src()),
+        dst: IpAddr::V4(ip.dst()),
         proto: ip.proto(),
-        id: ip.id(),
+        id: u32::from(ip.id()),
     });
     if ip.offset() != 0 {
         return Ok(Inspected {
@@ -463,8 +556,8 @@ pub(crate) mod tests {
     fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sp: u16, dp: u16) -> Flow {
         Flow {
             proto: 6,
-            src,
-            dst,
+            src: src.into(),
+            dst: dst.into(),
             src_port: sp,
             dst_port: dp,
         }
@@ -505,9 +598,59 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn inspects_ipv6_like_ipv4() {
+        use crate::ipv6::tests::ipv6;
+        let (a, b): (Ipv6Addr, Ipv6Addr) = (
+            "fd00::a4d:1".parse().unwrap(),
+            "fd00::a4d:2".parse().unwrap(),
+        );
+        let syn = inspect(&ipv6(6, a, b, &ports(40000, 8080))).unwrap();
+        assert_eq!(syn.kind, Kind::Opener(Traffic::Tcp(8080)));
+        assert_eq!(
+            (syn.flow.src, syn.flow.dst, syn.flow.src_port),
+            (a.into(), b.into(), 40000)
+        );
+        assert_eq!(syn.fragment, None);
+        let dns = inspect(&ipv6(17, a, b, &ports(5353, 53))).unwrap();
+        assert_eq!(dns.kind, Kind::Opener(Traffic::Udp(53)));
+        // ICMPv6 echo request and reply pair up like ICMP's.
+        let ping = inspect(&ipv6(58, a, b, &icmp(128, 77, &[]))).unwrap();
+        assert_eq!(ping.kind, Kind::Opener(Traffic::Icmp));
+        let pong = inspect(&ipv6(58, b, a, &icmp(129, 77, &[]))).unwrap();
+        assert_eq!(pong.kind, Kind::QueryReply);
+        assert_eq!(pong.flow.reversed(), ping.flow);
+        // An ICMPv6 error about A's UDP packet; an error about that error.
+        let quoted = ipv6(17, a, b, &ports(5353, 53));
+        let err = ipv6(58, b, a, &icmp(1, 0, &quoted[..48]));
+        assert_eq!(inspect(&err).unwrap().kind, Kind::Error(dns.flow));
+        let nested = ipv6(58, a, b, &icmp(1, 0, &err));
+        assert_eq!(inspect(&nested), Err(InspectError::ErrorAboutError));
+        // Behind a hop-by-hop header; a first and a later fragment.
+        let mut l = vec![6, 0, 0, 0, 0, 0, 0, 0];
+        l.extend(ports(1, 22));
+        assert_eq!(
+            inspect(&ipv6(0, a, b, &l)).unwrap().kind,
+            Kind::Opener(Traffic::Tcp(22))
+        );
+        let mut l = vec![6, 0, 0, 1, 0, 0, 0, 5];
+        l.extend(ports(1, 22));
+        let first = inspect(&ipv6(44, a, b, &l)).unwrap();
+        assert_eq!(first.kind, Kind::Opener(Traffic::Tcp(22)));
+        let later = inspect(&ipv6(44, a, b, &[6, 0, 0, 0x10, 0, 0, 0, 5, 9, 9])).unwrap();
+        assert_eq!(later.kind, Kind::LaterFragment);
+        assert_eq!(later.fragment, first.fragment);
+        assert!(first.fragment.is_some());
+        // An IPv4 and an IPv6 flow on the same ports are different flows.
+        let v4 = inspect(&ipv4(17, A, B, &ports(5353, 53), (false, 0))).unwrap();
+        assert_ne!(v4.flow, dns.flow);
+    }
+
+    #[test]
     fn unreadable_packets_are_errors_not_panics() {
-        assert_eq!(inspect(&[]), Err(InspectError::NotIpv4));
-        assert_eq!(inspect(&[0x60; 40]), Err(InspectError::NotIpv4));
+        assert_eq!(inspect(&[]), Err(InspectError::NotIp));
+        // Neither version 4 nor 6; an IPv6 header cut short.
+        assert_eq!(inspect(&[0x50; 40]), Err(InspectError::NotIp));
+        assert_eq!(inspect(&[0x60; 39]), Err(InspectError::Truncated));
         assert_eq!(inspect(&[0x45; 19]), Err(InspectError::Truncated));
         let mut p = ipv4(6, A, B, &ports(1, 2), (false, 0));
         p[0] = 0x44; // IHL 16 bytes
@@ -562,8 +705,8 @@ pub(crate) mod tests {
         let mut t = FlowTable::new(64);
         let udp = Flow {
             proto: 17,
-            src: A,
-            dst: B,
+            src: A.into(),
+            dst: B.into(),
             src_port: 5353,
             dst_port: 53,
         };
@@ -632,8 +775,8 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         let mut f = FragmentTable::new(16);
         let key = FragmentKey {
-            src: A,
-            dst: B,
+            src: A.into(),
+            dst: B.into(),
             proto: 6,
             id: 7,
         };
@@ -656,6 +799,11 @@ pub(crate) mod tests {
                 *b = 0x45;
             }
             let _ = inspect(&v4);
+            let mut v6 = bytes;
+            if let Some(b) = v6.first_mut() {
+                *b = 0x60;
+            }
+            let _ = inspect(&v6);
         }
 
         /// Against an exact model of every flow noted: a reply never passes
@@ -673,7 +821,7 @@ pub(crate) mod tests {
             let mut now = t0;
             for (open, port, step) in ops {
                 now += Duration::from_secs(step);
-                let f = Flow { proto: 17, src: A, dst: B, src_port: port, dst_port: 53 };
+                let f = Flow { proto: 17, src: A.into(), dst: B.into(), src_port: port, dst_port: 53 };
                 if open {
                     t.note_opened(f, now);
                     model.insert(f, now + UDP_IDLE);

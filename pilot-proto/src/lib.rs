@@ -28,8 +28,10 @@
 //! - [`mtu`]: tunnel overhead per path, the TUN MTU, and what to do with a
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
-//! - [`dns`]: DNS answers for the overlay's names (A, PTR; NXDOMAIN and
-//!   REFUSED), from the names a node may tell.
+//! - [`dns`]: DNS answers for the overlay's names (A, AAAA, PTR; NXDOMAIN
+//!   and REFUSED), from the names a node may tell.
+//! - [`ipv6`]: the overlay's IPv6 addresses (a ULA /48 per network, a /128
+//!   per node), IPv6 packet facts and ICMPv6 errors.
 //!
 //! Fleet trust (issue 9; wired into the daemon step by step):
 //! - [`cert`]: owner keys, certificates binding a node id to tags, owner
@@ -55,6 +57,7 @@ pub mod frame;
 pub mod handshake;
 pub mod hex;
 pub mod identity;
+pub mod ipv6;
 pub mod join;
 pub mod lifetime;
 pub mod messages;

@@ -8,7 +8,7 @@
 //! keeps its name, type and meaning.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use pilot_proto::messages::NatType;
 use pilot_proto::policy::Grant;
@@ -460,6 +460,14 @@ pub struct Status {
     /// when it could not start, and by daemons from before DNS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatus>,
+    /// Our IPv6 overlay address, while the TUN carries it (left out when
+    /// IPv6 is off: a TUN MTU below 1280, IPv6 disabled on the host; and by
+    /// daemons from before IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
+    /// The overlay's IPv6 prefix (a ULA /48), with [`Status::address6`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<String>,
 }
 
 /// The overlay's DNS server, in [`Status`].
@@ -810,6 +818,10 @@ pub struct Peer {
     /// us. (Absent from older daemons.)
     #[serde(default)]
     pub granted_us: Option<GrantView>,
+    /// Its IPv6 overlay address, derived from `address` (left out while
+    /// this node carries no IPv6, and by daemons from before IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
 }
 
 /// A grant as `peers`, `trust list` and `explain` show it: what it opens
@@ -1252,6 +1264,8 @@ mod tests {
                 answered: 12,
                 dropped_not_local: 0,
             }),
+            address6: Some("fd3c:9a41:7e02::a4d:5c84".parse().unwrap()),
+            network6: Some("fd3c:9a41:7e02::/48".into()),
         }
     }
 
@@ -1277,6 +1291,7 @@ mod tests {
                 path_mtu_state: Some("confirmed".into()),
                 granted: Some(all()),
                 granted_us: Some(scoped()),
+                address6: Some("fd3c:9a41:7e02::a4d:544d".parse().unwrap()),
             },
             Peer {
                 node_id: "9a1c0e5d7b3f42618e0d2c4b6a8f1e3d".into(),
@@ -1296,6 +1311,7 @@ mod tests {
                 path_mtu_state: Some("searching".into()),
                 granted: Some(all()),
                 granted_us: Some(all()),
+                address6: Some("fd3c:9a41:7e02::a4d:7401".parse().unwrap()),
             },
             Peer {
                 node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
@@ -1315,6 +1331,7 @@ mod tests {
                 path_mtu_state: None,
                 granted: None,
                 granted_us: Some(all()),
+                address6: Some("fd3c:9a41:7e02::a4d:309".parse().unwrap()),
             },
         ]
     }

@@ -943,6 +943,9 @@ fn print_text(reply: &Reply) {
                     human_bytes(p.rx_bytes),
                     human_bytes(p.tx_bytes),
                 );
+                if let Some(a) = p.address6 {
+                    say!("    ipv6 {a}");
+                }
                 if let Some(g) = grants_text(&p.granted, &p.granted_us) {
                     say!("    {g}");
                 }
@@ -1248,6 +1251,10 @@ fn grants_text(granted: &Option<GrantView>, granted_us: &Option<GrantView>) -> O
 
 fn print_status(d: &Status) {
     say!("address:   {} ({})", d.address, or_dash(&d.network));
+    match (&d.address6, &d.network6) {
+        (Some(a), n) => say!("address6:  {a} ({})", or_dash(n)),
+        (None, _) => say!("address6:  - (IPv6 is off: see the daemon's log)"),
+    }
     say!("node id:   {}", d.node_id);
     say!("hostname:  {}", or_dash(&d.hostname));
     say!(

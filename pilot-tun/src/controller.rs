@@ -217,9 +217,10 @@ impl<T: Tun> Controller<T> {
             .as_deref()
             .zip(self.ctx.shared.net.get().map(|(a, _)| *a));
         let network = self.ctx.shared.network();
-        let fingerprint = crate::dns::Names::fingerprint(&self.trust, own, network);
+        let ula = self.ctx.shared.ula();
+        let fingerprint = crate::dns::Names::fingerprint(&self.trust, own, network, ula);
         self.ctx.dns.publish_with(fingerprint, || {
-            crate::dns::Names::from_trust(&self.trust, own, network)
+            crate::dns::Names::from_trust(&self.trust, own, network).with_ula(ula)
         });
     }
 
@@ -792,6 +793,7 @@ impl<T: Tun> Controller<T> {
             .values()
             .filter(|p| p.data.current(now).is_some())
             .count();
+        let ipv6 = ctx.shared.ipv6_up.load(Ordering::Relaxed);
         api::Status {
             address: ctx.address(),
             network: ctx.shared.network().map(|n| n.to_string()),
@@ -835,6 +837,10 @@ impl<T: Tun> Controller<T> {
             too_big: ctx.shared.drops.too_big.snapshot(),
             port_mapping: *ctx.mapped.lock(),
             dns: ctx.dns.status(),
+            address6: ipv6.then(|| ctx.shared.address6()).flatten(),
+            network6: ipv6
+                .then(|| ctx.shared.ula().map(|u| u.net().to_string()))
+                .flatten(),
         }
     }
 
@@ -842,6 +848,7 @@ impl<T: Tun> Controller<T> {
     pub fn peers(&self) -> Vec<api::Peer> {
         let now = Instant::now();
         let unix = unix_now();
+        let ipv6 = self.ctx.shared.ipv6_up.load(Ordering::Relaxed);
         self.trust
             .iter()
             .map(|(id, r)| {
@@ -880,6 +887,9 @@ impl<T: Tun> Controller<T> {
                         .then(|| GrantView::of(&r.granted, unix)),
                     granted_us: (r.theirs == TrustDecision::Approved)
                         .then(|| GrantView::of(&r.granted_us, unix)),
+                    address6: ipv6
+                        .then(|| self.ctx.shared.peer_address6(r.address))
+                        .flatten(),
                 }
             })
             .collect()

@@ -13,6 +13,13 @@
 //!
 //! Both read the peer table under a read lock once per batch. Anything that
 //! is not data for a live session goes to the control side.
+//!
+//! IPv6 rides the same path: a peer's IPv6 overlay address embeds its IPv4
+//! one (`pilot_proto::ipv6`), so an IPv6 destination in our /48 is mapped
+//! to that IPv4 address and looked up in the same table, and an inbound
+//! IPv6 packet must come from the peer's own /128 to ours, as an IPv4 one
+//! must from its 10.x address to ours. The IPv4 path reads the version
+//! nibble it read before; nothing is added to it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +27,7 @@ use std::time::Instant;
 
 use pilot_proto::filter::{Direction, Noted, Verdict};
 use pilot_proto::identity::NodeId;
+use pilot_proto::ipv6::{self, Ula};
 use pilot_proto::mtu::{self, Family, Fit};
 use pilot_proto::packet;
 use pilot_proto::session::{OpenError, Session};
@@ -117,6 +125,8 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
     let mut told: Vec<Ipv4Addr> = Vec::with_capacity(8);
     let network = inner.network();
     let me = inner.address();
+    // Set before this loop starts (with the TUN), never changed.
+    let ula = inner.ula();
     loop {
         let n = match tun.recv_batch(&mut bufs, &mut sizes).await {
             Ok(n) => n,
@@ -139,15 +149,27 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
             let table = inner.table.read();
             for i in 0..n {
                 let pkt = &bufs[i][TUN_OFFSET..TUN_OFFSET + sizes[i]];
-                let Some(dst) = packet::ipv4_dst(pkt) else {
-                    continue;
+                // The peer's IPv4 address; for IPv6, the one its /128
+                // embeds.
+                let (dst, v6) = match packet::ipv4_dst(pkt) {
+                    Some(d) => (d, false),
+                    None => match v6_destination(pkt, ula.as_ref()) {
+                        V6Dst::Node(d) => (d, true),
+                        V6Dst::Overlay => {
+                            // In our /48 but no node's address.
+                            bump(&inner.drops.refused_local);
+                            icmp.extend(admin_prohibited(pkt, TUN_OFFSET));
+                            continue;
+                        }
+                        V6Dst::Elsewhere => continue,
+                    },
                 };
                 let Some(peer) = table.by_addr.get(&dst) else {
                     // Not a trusted peer: refuse at once so the program does
                     // not hang (unless it is outside the overlay or us).
-                    if dst != me && network.is_some_and(|n| n.contains(&dst)) {
+                    if dst != me && (v6 || network.is_some_and(|n| n.contains(&dst))) {
                         bump(&inner.drops.refused_local);
-                        icmp.extend(admin_prohibited(pkt));
+                        icmp.extend(admin_prohibited(pkt, TUN_OFFSET));
                     }
                     continue;
                 };
@@ -160,7 +182,7 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
                         Verdict::Pass => {}
                         Verdict::Deny(..) => {
                             bump(&inner.drops.policy_out);
-                            icmp.extend(admin_prohibited(pkt));
+                            icmp.extend(admin_prohibited(pkt, TUN_OFFSET));
                             continue;
                         }
                         Verdict::Drop => {
@@ -245,11 +267,66 @@ pub async fn tun_loop<T: Tun>(inner: Arc<Shared<T>>) {
     }
 }
 
-/// The ICMP "administratively prohibited" answer to a local packet, ready
-/// for the TUN (behind its offset), if one may be sent.
-fn admin_prohibited(pkt: &[u8]) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; TUN_OFFSET + 128];
-    let len = packet::icmp_admin_prohibited(pkt, &mut out[TUN_OFFSET..])?;
+/// Where an IPv6 packet from the TUN goes.
+#[derive(Debug, PartialEq, Eq)]
+enum V6Dst {
+    /// To the node whose IPv4 overlay address this is.
+    Node(Ipv4Addr),
+    /// Into our /48, but to no node's address.
+    Overlay,
+    /// Not IPv6, or outside the overlay (or we have no IPv6 prefix).
+    Elsewhere,
+}
+
+/// Reads where an IPv6 packet from the TUN goes.
+#[inline]
+fn v6_destination(pkt: &[u8], ula: Option<&Ula>) -> V6Dst {
+    let (Some(u), Some((_, d))) = (ula, ipv6::addr_bytes(pkt)) else {
+        return V6Dst::Elsewhere;
+    };
+    match u.v4_of_bytes(d) {
+        Some(v4) => V6Dst::Node(v4),
+        None if u.contains(&(*d).into()) => V6Dst::Overlay,
+        None => V6Dst::Elsewhere,
+    }
+}
+
+/// True if an authenticated inner IPv6 packet from the peer at `peer_v4`
+/// comes from the peer's own /128 and goes to ours (`me6`).
+#[inline]
+fn v6_from_peer_to_us(pkt: &[u8], ula: Option<&Ula>, peer_v4: Ipv4Addr, me6: &[u8; 16]) -> bool {
+    match (ula, ipv6::addr_bytes(pkt)) {
+        (Some(u), Some((s, d))) => u.v4_of_bytes(s) == Some(peer_v4) && d == me6,
+        _ => false,
+    }
+}
+
+/// The ICMP (or ICMPv6) "administratively prohibited" answer to `pkt`,
+/// behind `offset` bytes of room, if one may be sent.
+fn admin_prohibited(pkt: &[u8], offset: usize) -> Option<Vec<u8>> {
+    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+    let room = if v6 { usize::from(ipv6::MIN_MTU) } else { 128 };
+    let mut out = vec![0u8; offset + room];
+    let len = if v6 {
+        ipv6::icmp_admin_prohibited(pkt, &mut out[offset..])?
+    } else {
+        packet::icmp_admin_prohibited(pkt, &mut out[offset..])?
+    };
+    out.truncate(offset + len);
+    Some(out)
+}
+
+/// The ICMP "fragmentation needed" (ICMPv6 "packet too big") answer to
+/// `pkt` for a path of `mtu` inner bytes, ready for the TUN.
+fn too_big_answer(pkt: &[u8], mtu: u16) -> Option<Vec<u8>> {
+    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+    let room = if v6 { usize::from(ipv6::MIN_MTU) } else { 128 };
+    let mut out = vec![0u8; TUN_OFFSET + room];
+    let len = if v6 {
+        ipv6::icmp_packet_too_big(pkt, mtu, &mut out[TUN_OFFSET..])?
+    } else {
+        packet::icmp_frag_needed(pkt, mtu, &mut out[TUN_OFFSET..])?
+    };
     out.truncate(TUN_OFFSET + len);
     Some(out)
 }
@@ -269,8 +346,8 @@ struct Out<'a> {
 /// A packet larger than its peer's path carries (`limit` inner bytes):
 /// fragmented (IPv4 without DF), or sealed whole into the datagrams sent
 /// without DF (so the underlay fragments it), with an ICMP "fragmentation
-/// needed" for its sender if it may have one (once per destination and
-/// batch: one is enough for the sender's kernel). Every case is counted.
+/// needed" (IPv6: "packet too big") for its sender if it may have one (once
+/// per destination and batch: one is enough for the sender's kernel). Every case is counted.
 /// False if the session refused to seal.
 fn too_big(
     counters: &TooBig,
@@ -302,9 +379,7 @@ fn too_big(
         }
         fit @ (Fit::TooBig | Fit::FragmentOuter) => {
             if fit == Fit::TooBig && !out.told.contains(&dst) {
-                let mut icmp = vec![0u8; TUN_OFFSET + 128];
-                if let Some(len) = packet::icmp_frag_needed(pkt, mtu16, &mut icmp[TUN_OFFSET..]) {
-                    icmp.truncate(TUN_OFFSET + len);
+                if let Some(icmp) = too_big_answer(pkt, mtu16) {
                     out.icmp.push(icmp);
                     out.told.push(dst);
                     bump(&counters.icmp_sent);
@@ -341,6 +416,8 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
         let unix = UnixClock::default();
         told.clear();
         let me = inner.address();
+        let ula = inner.ula();
+        let me6 = inner.address6().map_or([0; 16], |a| a.octets());
         let mut k = 0;
         let mut last: Option<(Arc<Session>, Path)> = None;
         let mut received = BatchCount::default();
@@ -428,19 +505,24 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                     peer.last_data_rx_ms.store(now_ms, Ordering::Relaxed);
                     wake(&inner, peer);
                     let inner_pkt = &o[DATA_HEADER_LEN..DATA_HEADER_LEN + plain];
-                    if inner_pkt[0] >> 4 != 4 {
+                    let version = inner_pkt[0] >> 4;
+                    if version != 4 && version != 6 {
                         // Not an IP packet: an in-tunnel control message.
                         let _ = inner
                             .slow_tx
                             .try_send(Slow::Control(peer.id, inner_pkt.to_vec()));
                         continue;
                     }
-                    match packet::ipv4_addrs(inner_pkt) {
-                        Some((src, dst)) if src == peer.address && dst == me => {}
-                        _ => {
-                            bump(&inner.drops.inner_address);
-                            continue;
-                        }
+                    // From the peer's own address to ours, in either family.
+                    let genuine = if version == 4 {
+                        matches!(packet::ipv4_addrs(inner_pkt),
+                            Some((src, dst)) if src == peer.address && dst == me)
+                    } else {
+                        v6_from_peer_to_us(inner_pkt, ula.as_ref(), peer.address, &me6)
+                    };
+                    if !genuine {
+                        bump(&inner.drops.inner_address);
+                        continue;
                     }
                     if !peer.unfiltered() {
                         let (verdict, noted) =
@@ -452,11 +534,7 @@ pub async fn udp_loop<T: Tun>(inner: Arc<Shared<T>>) {
                             // may not know our grant yet), once per peer
                             // and batch.
                             if matches!(verdict, Verdict::Deny(..)) && !told.contains(&peer.id) {
-                                let mut icmp = vec![0u8; 128];
-                                if let Some(len) =
-                                    packet::icmp_admin_prohibited(inner_pkt, &mut icmp)
-                                {
-                                    icmp.truncate(len);
+                                if let Some(icmp) = admin_prohibited(inner_pkt, 0) {
                                     told.push(peer.id);
                                     let _ =
                                         inner.slow_tx.try_send(Slow::NeedSession(peer.id, icmp));

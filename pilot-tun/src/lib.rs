@@ -14,6 +14,7 @@ pub mod dns;
 pub mod fleet;
 pub mod fleetctl;
 pub mod hostname;
+pub mod ipv6;
 pub mod link;
 pub mod metrics;
 pub mod netcheck;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use parking_lot::Mutex;
+use pilot_proto::ipv6::Ula;
 use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::{ErrorCode, FromRegistry, ToRegistry};
 use tokio::task::JoinHandle;
@@ -198,6 +199,7 @@ impl<T: Tun> Node<T> {
             node.stop_tasks().await;
             return Err(StartError::Registry(LinkError::Protocol));
         };
+        let _ = shared.ula.set(Ula::derive(&ctx.link.join.key, network));
         // Before the TUN exists, so our own route is not among them.
         for r in crate::routes::overlapping(&network, &crate::routes::host_routes()) {
             warn!(

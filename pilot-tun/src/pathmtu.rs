@@ -39,8 +39,10 @@ use crate::tun::Tun;
 /// interface MTU is noticed this late; there is no netlink watch).
 pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
 
-/// The overlay carries only IPv4 today, so IPv6's 1280 floor does not
-/// apply to the TUN MTU yet (flip this when it carries IPv6).
+/// The TUN MTU keeps IPv4's floor, not IPv6's 1280: on an underlay too
+/// narrow for 1280-byte inner packets the overlay carries IPv4 only, at the
+/// MTU that fits, and turns IPv6 off (`crate::ipv6`), rather than
+/// fragmenting the outer datagrams of every large packet to keep IPv6.
 pub const CARRIES_IPV6: bool = false;
 
 /// The MTU of the route to `dest` as the kernel sees it now: the outgoing
@@ -131,6 +133,7 @@ pub(crate) fn update_tun_mtu<T: Tun>(ctx: &Context<T>, extra: &[SocketAddr]) {
                 below_floor = t.below_floor,
                 "TUN MTU set from the underlay routes"
             );
+            crate::ipv6::on_mtu(shared, t.mtu);
         }
         Err(e) => warn!(mtu = t.mtu, "cannot set the TUN MTU: {e}"),
     }

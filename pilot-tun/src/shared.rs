@@ -11,7 +11,7 @@
 //! peers and sessions, holds no other lock of this module meanwhile, and
 //! never holds one across an `.await`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use ipnet::Ipv4Net;
 use parking_lot::RwLock;
 use pilot_proto::filter::Noted;
 use pilot_proto::identity::NodeId;
+use pilot_proto::ipv6::Ula;
 use pilot_proto::messages::MAX_MESSAGE;
 use pilot_proto::wire::{
     self, Kind, COOKIE_REPLY_LEN, DATA_OVERHEAD, INIT_COOKIE_LEN, INIT_LEN, RESP_LEN,
@@ -211,6 +212,12 @@ pub struct Shared<T: Tun> {
     pub tun: OnceLock<T>,
     /// Our address and the overlay network, once known.
     pub net: OnceLock<(Ipv4Addr, Ipv4Net)>,
+    /// The overlay's IPv6 prefix, derived from the registry's key and the
+    /// network once both are known (see `pilot_proto::ipv6`).
+    pub ula: OnceLock<Ula>,
+    /// Our IPv6 overlay address is on the TUN: the MTU allows IPv6 and
+    /// the kernel took it (see `crate::ipv6`).
+    pub ipv6_up: AtomicBool,
     /// Items for the control task.
     pub slow_tx: SlowSender,
     /// Reference instant for the peers' millisecond clocks.
@@ -231,6 +238,8 @@ impl<T: Tun> Shared<T> {
             udp,
             tun: OnceLock::new(),
             net: OnceLock::new(),
+            ula: OnceLock::new(),
+            ipv6_up: AtomicBool::new(false),
             slow_tx,
             epoch: Instant::now(),
             mtu: NodeMtu::new(mtu_cap),
@@ -260,6 +269,22 @@ impl<T: Tun> Shared<T> {
     /// Our overlay network.
     pub fn network(&self) -> Option<Ipv4Net> {
         self.net.get().map(|n| n.1)
+    }
+
+    /// The overlay's IPv6 prefix, once known.
+    pub fn ula(&self) -> Option<Ula> {
+        self.ula.get().copied()
+    }
+
+    /// Our IPv6 overlay address, once the prefix is known (whether or not
+    /// the TUN carries it).
+    pub fn address6(&self) -> Option<Ipv6Addr> {
+        Some(self.ula()?.address(self.net.get()?.0))
+    }
+
+    /// The IPv6 overlay address of the peer at `v4`.
+    pub fn peer_address6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        Some(self.ula()?.address(v4))
     }
 
     /// Where relayed datagrams go: a relay-only instance while we are

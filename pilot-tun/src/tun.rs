@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tokio::sync::mpsc;
 
@@ -17,7 +17,7 @@ pub const TUN_OFFSET: usize = pilot_proto::wire::DATA_HEADER_LEN;
 /// Most packets one read or write batch carries.
 pub const BATCH: usize = 128;
 
-/// A TUN device: reads and writes IPv4 packets in batches.
+/// A TUN device: reads and writes IP packets (IPv4 and IPv6) in batches.
 pub trait Tun: Send + Sync + 'static {
     /// Waits for packets and reads as many as are ready (at most
     /// `bufs.len()`). Packet `i` is `bufs[i][TUN_OFFSET..TUN_OFFSET + sizes[i]]`;
@@ -38,6 +38,13 @@ pub trait Tun: Send + Sync + 'static {
 
     /// Changes the interface MTU (a fake has none to change).
     fn set_mtu(&self, _mtu: u16) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Adds an IPv6 address with its prefix (the kernel routes the prefix
+    /// into the device); one already there is not an error. A fake has no
+    /// addresses.
+    fn add_ipv6(&self, _addr: Ipv6Addr, _prefix_len: u8) -> io::Result<()> {
         Ok(())
     }
 }
@@ -157,6 +164,13 @@ impl Tun for KernelTun {
 
     fn set_mtu(&self, mtu: u16) -> io::Result<()> {
         self.dev.set_mtu(mtu)
+    }
+
+    fn add_ipv6(&self, addr: Ipv6Addr, prefix_len: u8) -> io::Result<()> {
+        match self.dev.add_address_v6(addr, prefix_len) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
     }
 }
 
