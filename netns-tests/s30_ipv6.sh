@@ -58,8 +58,8 @@ PY
 }
 embeds "$A" "$A6" || fail "alpha's $A6 does not embed $A"
 embeds "$B" "$B6" || fail "beta's $B6 does not embed $B"
-on a ip -6 addr show dev pilot0 | grep -q "inet6 $A6/48" || fail "pilot0 in a does not carry $A6/48"
-on a ip -6 route show dev pilot0 | grep -q "^${NET6%::/48}::/48" || fail "the /48 is not routed into pilot0 in a: $(onq a ip -6 route)"
+grep -q "inet6 $A6/48" <<<"$(on a ip -6 addr show dev pilot0)" || fail "pilot0 in a does not carry $A6/48"
+grep -q "^${NET6%::/48}::/48" <<<"$(on a ip -6 route show dev pilot0)" || fail "the /48 is not routed into pilot0 in a: $(onq a ip -6 route)"
 pass "address6: alpha $A6, beta $B6 in $NET6 (embedding their 10.x addresses), on pilot0 with the /48 route"
 
 # --- between trusted nodes ----------------------------------------------------------
@@ -83,11 +83,11 @@ wait_listen 5 a 8081 "[$A6]"
 before=$(status_of c stranger drops.refused_local)
 out=$(onq c ping -6 -c 1 -W 2 "$A6" 2>&1) && fail "stranger's ping -6 to alpha got an answer: $out"
 echo "$out" >&2
-echo "$out" | grep -qi "administratively prohibited" || fail "stranger's ping -6 was not answered with ICMPv6 administratively prohibited: $out"
+grep -qi "administratively prohibited" <<<"$out" || fail "stranger's ping -6 was not answered with ICMPv6 administratively prohibited: $out"
 [ "$(status_of c stranger drops.refused_local)" -gt "$before" ] || fail "stranger's node did not count the refused packet"
 tcp_blocked_fast c "$A6" 8081
 out=$(onq a ping -6 -c 1 -W 2 "$C6" 2>&1) && fail "alpha's ping -6 to stranger got an answer"
-echo "$out" | grep -qi "administratively prohibited" || fail "alpha's ping -6 to stranger: no ICMPv6 prohibited: $out"
+grep -qi "administratively prohibited" <<<"$out" || fail "alpha's ping -6 to stranger: no ICMPv6 prohibited: $out"
 grep -q "GET" "$WORK/http-a.log" && fail "alpha's server saw a request from the stranger: $(cat "$WORK/http-a.log")"
 pass "stranger <-> alpha over IPv6: ICMPv6 administratively prohibited at once (ping), TCP refused in ${ELAPSED_MS} ms, nothing reached alpha's server"
 
@@ -107,5 +107,5 @@ node_restart c stranger --mtu 1200
 [ "$(status_of c stranger mtu)" = 1200 ] || fail "--mtu 1200: status shows mtu $(status_of c stranger mtu)"
 if status_of c stranger address6 >/dev/null 2>&1; then fail "with mtu 1200 the status still shows address6"; fi
 grep -q "below IPv6's minimum" "$WORK/stranger/pilot-tun.log" || fail "no log line says why IPv6 is off"
-onq c ip -6 addr show dev pilot0 | grep -q "inet6 fd" && fail "pilot0 carries an IPv6 overlay address at mtu 1200"
+grep -q "inet6 fd" <<<"$(onq c ip -6 addr show dev pilot0)" && fail "pilot0 carries an IPv6 overlay address at mtu 1200"
 pass "--mtu 1200: IPv4 only, no address6, and the log says why"

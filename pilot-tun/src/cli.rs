@@ -1390,6 +1390,7 @@ impl From<StartError> for ApiError {
             StartError::State(_)
             | StartError::Bind { .. }
             | StartError::Tun(_)
+            | StartError::OverlayTaken { .. }
             | StartError::WrongRegistryKey(_) => ErrorCode::StartFailed,
         };
         ApiError::new(code, e.to_string())

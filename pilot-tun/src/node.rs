@@ -73,6 +73,14 @@ pub enum StartError {
     /// The TUN device.
     #[error("{0}")]
     Tun(String),
+    /// Another TUN device routes exactly our overlay network.
+    #[error("{dev} already routes {network} in this namespace (another pilot-tun daemon on the same network, or on a network with the same range): two daemons in one namespace need networks with different ranges; stop the other (`pilot-tun --state-dir <its dir> down`), or start this network's registry with another --network")]
+    OverlayTaken {
+        /// Our overlay network.
+        network: Ipv4Net,
+        /// The interface that routes it.
+        dev: String,
+    },
 }
 
 /// A running node.
@@ -201,7 +209,15 @@ impl<T: Tun> Node<T> {
         };
         let _ = shared.ula.set(Ula::derive(&ctx.link.join.key, network));
         // Before the TUN exists, so our own route is not among them.
-        for r in crate::routes::overlapping(&network, &crate::routes::host_routes()) {
+        let routes = crate::routes::host_routes();
+        if let Some(r) = crate::routes::claimed_by_tun(&network, &routes, crate::routes::is_tun) {
+            node.stop_tasks().await;
+            return Err(StartError::OverlayTaken {
+                network,
+                dev: r.dev,
+            });
+        }
+        for r in crate::routes::overlapping(&network, &routes) {
             warn!(
                 "the overlay {network} overlaps the host's route to {} via {}; addresses of that route inside the overlay will go into the tunnel instead",
                 r.net, r.dev

@@ -1,7 +1,10 @@
 //! The host's IPv4 routes, read from `/proc/net/route`, so start-up can warn
 //! (naming the route) when the overlay overlaps one the host already has,
-//! as cloud VPCs in 10.x often do. Reading only; nothing here changes a
-//! route.
+//! as cloud VPCs in 10.x often do, and refuse when another TUN device
+//! already routes exactly our overlay network (another pilot-tun daemon in
+//! this namespace on the same network, or on one with the same range: the
+//! two would take each other's traffic). Reading only; nothing here
+//! changes a route.
 
 use std::net::Ipv4Addr;
 
@@ -49,6 +52,27 @@ pub fn host_routes() -> Vec<Route> {
         .unwrap_or_default()
 }
 
+/// True if the interface `dev` of this namespace is a TUN or TAP device.
+pub fn is_tun(dev: &str) -> bool {
+    std::path::Path::new("/sys/class/net")
+        .join(dev)
+        .join("tun_flags")
+        .exists()
+}
+
+/// The route for exactly `net` through a TUN device (by `is_tun`), if the
+/// host has one: another overlay owns these addresses in this namespace.
+pub fn claimed_by_tun(
+    net: &Ipv4Net,
+    routes: &[Route],
+    is_tun: impl Fn(&str) -> bool,
+) -> Option<Route> {
+    routes
+        .iter()
+        .find(|r| r.net == net.trunc() && is_tun(&r.dev))
+        .cloned()
+}
+
 /// The host's routes that overlap `net`, leaving out default routes.
 pub fn overlapping(net: &Ipv4Net, routes: &[Route]) -> Vec<Route> {
     let nets: Vec<Ipv4Net> = routes.iter().map(|r| r.net).collect();
@@ -74,6 +98,35 @@ wlan0\t0001A8C0\t00000000\t0001\t0\t0\t600\t00FFFFFF\t0\t0\t0
 docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
 bad\tzz\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
 ";
+
+    #[test]
+    fn an_overlay_network_routed_through_another_tun_is_claimed() {
+        let mut routes = parse(TABLE);
+        routes.push(Route {
+            net: "10.77.0.0/16".parse().unwrap(),
+            dev: "pilot0".into(),
+        });
+        let tun = |d: &str| d == "pilot0";
+        let net: Ipv4Net = "10.77.0.0/16".parse().unwrap();
+        assert_eq!(
+            claimed_by_tun(&net, &routes, tun).map(|r| r.dev),
+            Some("pilot0".into())
+        );
+        // Another network, or the same prefix through a non-TUN device
+        // (a VPC route: only warned about), is not claimed.
+        assert_eq!(
+            claimed_by_tun(&"10.78.0.0/16".parse().unwrap(), &routes, tun),
+            None
+        );
+        assert_eq!(
+            claimed_by_tun(&"10.0.0.0/8".parse().unwrap(), &routes, tun),
+            None
+        );
+        assert_eq!(
+            claimed_by_tun(&"10.77.0.0/16".parse().unwrap(), &routes, |_| false),
+            None
+        );
+    }
 
     #[test]
     fn parses_the_proc_table() {
