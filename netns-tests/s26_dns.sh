@@ -64,12 +64,17 @@ wait_for 5 "alpha sees stranger's request" has_peer a alpha stranger trust pendi
 dig_status() {
   onq "$1" dig +time=2 +tries=1 @"$2" "$3" "${4:-A}" | sed -n 's/.*status: \([A-Z]*\),.*/\1/p'
 }
-resolves_to() { [ "$(onq a getent hosts "$1" | awk '{print $1}')" = "$2" ]; }
+# resolves_to NAME ADDR: NAME's IPv4 address (A) in a is ADDR. (`getent
+# hosts` asks for IPv6 first, and the overlay has AAAA records too.)
+resolves_to() { [ "$(onq a getent ahostsv4 "$1" | awk 'NR == 1 {print $1}')" = "$2" ]; }
 
 wait_for 5 "cache.pilot resolves to $B in a" resolves_to cache.pilot "$B"
 on a getent hosts cache.pilot >&2
 resolves_to alpha.pilot "$A" || fail "alpha.pilot (our own name) does not resolve to $A"
-pass "getent hosts: cache.pilot -> $B, alpha.pilot -> $A"
+B6=$(status_of b cache address6)
+got=$(onq a getent hosts cache.pilot | awk '{print $1}')
+[ "$got" = "$B6" ] || fail "getent hosts cache.pilot gave '$got', expected cache's IPv6 overlay address $B6 (AAAA first)"
+pass "getent: cache.pilot -> $B (and $B6 for getent hosts, AAAA first), alpha.pilot -> $A"
 
 mkdir -p "$WORK/www"; echo "hello from cache" >"$WORK/www/index.html"
 bg b http python3 -m http.server 8080 --bind "$B" --directory "$WORK/www"
