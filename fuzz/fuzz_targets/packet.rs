@@ -4,13 +4,52 @@
 //! the path MTU probe messages. Every ICMP answer must be a well-formed
 //! IPv4 + ICMP packet with valid checksums, addressed back to the sender,
 //! quoting the original; fragments must fit the MTU and reassemble to the
-//! original payload.
+//! original payload. The same for inner IPv6 packets: the extension-header
+//! walk, and ICMPv6 "administratively prohibited" and "packet too big"
+//! answers, which must verify (pseudo-header checksum), stay within 1280
+//! bytes, go back to the sender and quote the original.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::packet::{self, ICMP_ADMIN_PROHIBITED};
-use pilot_proto::{mtu, pmtu};
+use pilot_proto::{ipv6, mtu, pmtu};
+
+/// The IPv6 readers and ICMPv6 answers, on `data` as an IPv6 packet.
+fn checks_v6(data: &[u8]) {
+    if let Some(u) = ipv6::upper(data) {
+        assert!(u.offset >= ipv6::HEADER_LEN && u.offset <= data.len());
+    }
+    let mut out = [0u8; 1400];
+    if let Some(n) = ipv6::icmp_admin_prohibited(data, &mut out) {
+        icmpv6_answer(data, &out[..n], 1);
+        // One byte less room must be refused, not written past.
+        assert_eq!(ipv6::icmp_admin_prohibited(data, &mut out[..n - 1]), None);
+    }
+    let mtu = data
+        .get(4..6)
+        .map_or(1280, |b| u16::from_le_bytes([b[0], b[1]]));
+    if let Some(n) = ipv6::icmp_packet_too_big(data, mtu, &mut out) {
+        assert!(mtu >= ipv6::MIN_MTU);
+        icmpv6_answer(data, &out[..n], 2);
+    }
+}
+
+/// `r` is a well-formed ICMPv6 error of type `ty` answering `data`.
+fn icmpv6_answer(data: &[u8], r: &[u8], ty: u8) {
+    let n = r.len();
+    let (src, dst) = ipv6::addrs(data).expect("an ICMPv6 answer to something that is not IPv6");
+    assert!(
+        !ipv6::is_icmp_error(data),
+        "an error answered with an error"
+    );
+    assert!((48..=usize::from(ipv6::MIN_MTU)).contains(&n), "length {n}");
+    assert_eq!(ipv6::addrs(r), Some((dst, src)), "from the destination");
+    assert_eq!(ipv6::icmp_checksum(r), 0, "ICMPv6 checksum: {r:02x?}");
+    assert_eq!(usize::from(u16::from_be_bytes([r[4], r[5]])), n - 40);
+    assert_eq!(r[40], ty);
+    assert_eq!(r[48..], data[..n - 48], "quotes the start of the original");
+}
 
 /// The MTU for the fragmentation and verdict checks: the first two bytes.
 fn checks_with_mtu(data: &[u8]) {
@@ -66,6 +105,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = pmtu::parse_ack(data);
     checks_with_mtu(data);
+    checks_v6(data);
 
     let addrs = packet::ipv4_addrs(data);
     assert_eq!(packet::ipv4_dst(data), addrs.map(|(_, d)| d));
