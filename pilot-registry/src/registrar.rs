@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
-use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement};
+use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement, StatementKind};
 use pilot_proto::succession::Succession;
+use tracing::debug;
 
 use crate::names::{self, NameDecision};
 use crate::pool;
@@ -16,6 +17,12 @@ use crate::storage::{NodeRow, Storage, StorageError};
 
 /// Most pushes sent to a node at once; the rest follow once it acknowledged.
 pub const PUSH_BATCH: usize = 16;
+
+/// Most pushes kept for one node ([`over_the_cap`]): a flood of
+/// statements to a node that is offline costs the disk this much, not
+/// what the senders would like. Beyond it, superseded pushes go first,
+/// then the oldest trust requests; a revocation is never dropped.
+pub const MAX_INBOX: usize = 256;
 
 /// The result of a registration.
 // One per request, moved straight into its answer: boxing the row would
@@ -298,7 +305,59 @@ pub fn store_statement(
         Some(seq) if st.body.seq < seq => return Ok(StatementOutcome::Replayed),
         _ => {}
     }
-    Ok(StatementOutcome::Stored(s.put_statement(st)?))
+    let push = s.put_statement(st)?;
+    let inbox = s.inbox(&st.body.to)?;
+    let drop = over_the_cap(&inbox, MAX_INBOX);
+    for id in &drop {
+        s.ack(&st.body.to, *id)?;
+    }
+    if !drop.is_empty() {
+        debug!(to = %st.body.to, dropped = drop.len(), "inbox full: superseded pushes and the oldest requests dropped");
+    }
+    Ok(StatementOutcome::Stored(push))
+}
+
+/// Which pushes of an inbox (oldest first) go when more than `keep` wait:
+/// first each push a newer one of the same sender supersedes (statements
+/// are newest-wins, so the recipient loses nothing), then the oldest
+/// trust requests (the asker can ask again), until `keep` remain. A
+/// revocation, approval or denial that is its sender's newest is never
+/// dropped; there is at most one per sender, so a flood from one node (or
+/// a few) cannot grow an inbox past `keep` and many senders can only
+/// displace requests.
+pub fn over_the_cap(inbox: &[(u64, Signed<Statement>)], keep: usize) -> Vec<u64> {
+    if inbox.len() <= keep {
+        return vec![];
+    }
+    let mut newest = std::collections::HashMap::new();
+    for (i, (_, st)) in inbox.iter().enumerate() {
+        newest.insert(st.body.from.node_id(), i);
+    }
+    let superseded = |i: usize, st: &Signed<Statement>| newest[&st.body.from.node_id()] != i;
+    let mut drop: Vec<u64> = inbox
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, st))| superseded(*i, st))
+        .map(|(_, (id, _))| *id)
+        .collect();
+    let over = (inbox.len() - drop.len()).saturating_sub(keep);
+    drop.extend(
+        inbox
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, st))| !superseded(*i, st) && is_request(st))
+            .map(|(_, (id, _))| *id)
+            .take(over),
+    );
+    drop
+}
+
+/// A trust request (plain or scoped): the only kind a full inbox drops.
+fn is_request(st: &Signed<Statement>) -> bool {
+    matches!(
+        st.body.kind,
+        StatementKind::Request { .. } | StatementKind::RequestScoped { .. }
+    )
 }
 
 /// Records that a node now shows up at `observed` (it roamed): the observed
@@ -345,7 +404,6 @@ mod tests {
     use super::*;
     use crate::storage::SqliteStorage;
     use pilot_proto::identity::Identity;
-    use pilot_proto::messages::StatementKind;
 
     fn id(n: u8) -> Identity {
         Identity::from_bytes(&[n; 64])
@@ -501,6 +559,105 @@ mod tests {
         // The old name is free again.
         let (n, _) = ok(register(&mut s, &reg(&id(2), 1, Some("alpha")), net(), obs()).unwrap());
         assert_eq!(n.hostname.as_deref(), Some("alpha"));
+    }
+
+    /// An identity for each of more than 256 senders.
+    fn many(n: u16) -> Identity {
+        let mut b = [7u8; 64];
+        b[..2].copy_from_slice(&n.to_le_bytes());
+        Identity::from_bytes(&b)
+    }
+
+    /// A node is offline while a flood comes in: one sender resending
+    /// requests, and more senders than the cap each asking once, between
+    /// a revocation and an approval that came first. The inbox holds the
+    /// cap, the revocation and the approval survive, the one sender
+    /// counts once, and the newest requests are the ones kept.
+    #[test]
+    fn a_flood_to_an_offline_node_is_capped_and_keeps_its_revocation() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let target = id(9);
+        register(&mut s, &reg(&target, 1, None), net(), obs()).unwrap();
+        let request = |n: u16, seq| StatementKind::Request {
+            note: format!("{n}/{seq}"),
+        };
+        let stored = |s: &mut SqliteStorage, st| {
+            assert!(matches!(
+                store_statement(s, &st).unwrap(),
+                StatementOutcome::Stored(_)
+            ))
+        };
+        let (revoker, approver, loud) = (many(1), many(2), many(3));
+        stored(
+            &mut s,
+            statement(&revoker, &target, StatementKind::Revoke, 1),
+        );
+        stored(
+            &mut s,
+            statement(&approver, &target, StatementKind::Approve, 1),
+        );
+        for seq in 1..=40 {
+            stored(&mut s, statement(&loud, &target, request(3, seq), seq));
+        }
+        let senders = MAX_INBOX as u16 + 100;
+        for n in 0..senders {
+            let from = many(1000 + n);
+            stored(&mut s, statement(&from, &target, request(n, 1), 1));
+            assert!(s.inbox(&target.node_id()).unwrap().len() <= MAX_INBOX);
+        }
+        let inbox = s.inbox(&target.node_id()).unwrap();
+        assert_eq!(inbox.len(), MAX_INBOX, "the cap holds");
+        let from = |i: &Identity| {
+            inbox
+                .iter()
+                .filter(|(_, st)| st.body.from.node_id() == i.node_id())
+                .map(|(_, st)| st.body.kind.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from(&revoker), [StatementKind::Revoke], "kept");
+        assert_eq!(from(&approver), [StatementKind::Approve], "kept");
+        assert!(
+            from(&loud).is_empty(),
+            "its newest request was among the oldest"
+        );
+        // The newest requests are the ones waiting, oldest first.
+        let kept: Vec<u16> = (senders - (MAX_INBOX as u16 - 2)..senders).collect();
+        let got: Vec<StatementKind> = inbox[2..]
+            .iter()
+            .map(|(_, st)| st.body.kind.clone())
+            .collect();
+        let want: Vec<StatementKind> = kept.iter().map(|n| request(*n, 1)).collect();
+        assert_eq!(got, want);
+        // Nothing else was touched: statements stay newest-wins.
+        assert_eq!(
+            s.statement_seq(&loud.node_id(), &target.node_id()).unwrap(),
+            Some(40)
+        );
+    }
+
+    #[test]
+    fn the_cap_drops_superseded_pushes_first_then_the_oldest_requests() {
+        let (t, a, r, c) = (id(9), id(1), id(2), id(3));
+        let request = StatementKind::Request { note: "hi".into() };
+        let inbox: Vec<(u64, Signed<Statement>)> = [
+            statement(&a, &t, request.clone(), 1),
+            statement(&r, &t, StatementKind::Revoke, 1),
+            statement(&a, &t, request.clone(), 2),
+            statement(&c, &t, request.clone(), 1),
+            statement(&r, &t, StatementKind::Revoke, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, st)| (i as u64 + 10, st))
+        .collect();
+        assert_eq!(over_the_cap(&inbox, 5), Vec::<u64>::new(), "not over");
+        assert_eq!(over_the_cap(&inbox, 4), [10, 11], "superseded, all of them");
+        assert_eq!(over_the_cap(&inbox, 2), [10, 11, 12]);
+        assert_eq!(
+            over_the_cap(&inbox, 0),
+            [10, 11, 12, 13],
+            "the revocation stays"
+        );
     }
 
     #[test]
