@@ -33,6 +33,7 @@ struct RegistryFile {
     database: Option<Spanned<String>>,
     network: Option<Spanned<String>>,
     relay_mbps: Option<Spanned<i64>>,
+    control_rate: Option<Spanned<i64>>,
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
@@ -85,6 +86,22 @@ fn addr(
     })
 }
 
+/// A whole number, 0 or more, of `what`.
+fn count(
+    file: &ConfigFile<RegistryFile>,
+    key: &str,
+    v: &Spanned<i64>,
+    what: &str,
+) -> Result<u32, ConfigError> {
+    u32::try_from(*v.get_ref()).map_err(|_| {
+        file.bad_value(
+            key,
+            v.span(),
+            format!("expected a whole number of {what}, 0 or more"),
+        )
+    })
+}
+
 fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Result<(), ConfigError> {
     let v = &file.values;
     if let (Some(s), false) = (&v.listen, given(m, "listen")) {
@@ -122,6 +139,9 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
                 "expected a whole number of megabits per second, 0 or more",
             )
         })?;
+    }
+    if let (Some(r), false) = (&v.control_rate, given(m, "control_rate")) {
+        cli.control_rate = count(file, "control-rate", r, "messages per second")?;
     }
     if let (Some(list), false) = (&v.relay, given(m, "relays")) {
         cli.relays = list
@@ -250,6 +270,7 @@ state-dir = "/srv/reg"
 database = "postgres://pilot:secret@192.0.2.5:5433/reg"
 network = "10.99.0.0/16"
 relay-mbps = 50
+control-rate = 7
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
 stun-alt-port = 0
@@ -272,6 +293,8 @@ log-format = "json"
                 "10.99.0.0/16",
                 "--relay-mbps",
                 "50",
+                "--control-rate",
+                "7",
                 "--relay",
                 "192.0.2.1:7010",
                 "--relay",
@@ -328,6 +351,10 @@ log-format = "json"
             (
                 "relay = [\"192.0.2.1:1\",\n  \"x\"]\n",
                 "2: `relay`: expected an IP address",
+            ),
+            (
+                "control-rate = -5\n",
+                "1: `control-rate`: expected a whole number of messages per second",
             ),
             (
                 "stun-alt-port = 70000\n",

@@ -47,7 +47,7 @@ pub mod store;
 pub mod view;
 pub mod web;
 
-pub use server::{Config, Registry};
+pub use server::{Config, Limits, Registry};
 pub use stats::Stats;
 pub use storage::{SqliteStorage, Storage};
 pub use storage_pg::PgStorage;

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
-use pilot_registry::{pool, server, state, Config, PgStorage, Registry, SqliteStorage, Storage};
+use pilot_registry::{
+    pool, server, state, Config, Limits, PgStorage, Registry, SqliteStorage, Storage,
+};
 use pilot_service::logging::{self, LogFormat};
 use pilot_service::{notify, ports};
 
@@ -71,6 +73,11 @@ struct Cli {
     /// opaque ciphertext between two nodes that approved each other).
     #[arg(long, default_value_t = 400)]
     relay_mbps: u32,
+    /// Control messages each node's session may send per second (twice as
+    /// many in a burst); more are answered "busy". Pings do not count.
+    /// 0: no limit.
+    #[arg(long, default_value_t = pilot_registry::sessions::DEFAULT_CONTROL_RATE)]
+    control_rate: u32,
     /// A relay-only instance next to this registry, to tell every node about
     /// (repeatable). Start it with --relay-only on the same --state-dir.
     #[arg(long = "relay")]
@@ -386,7 +393,10 @@ fn run() -> Result<()> {
             },
             storage,
         )
-        .with_audit(&cli.state_dir);
+        .with_audit(&cli.state_dir)
+        .with_limits(Limits {
+            control_rate: cli.control_rate,
+        });
         if let Some(addr) = cli.metrics {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen on {addr} for --metrics (is the port in use, or the address not on this host?)")

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use pilot_proto::admission::{Admission, Refused};
+use pilot_proto::messages::{ErrorCode, ToRegistry};
 use pilot_proto::stun;
 use pilot_proto::wire::{self, Kind};
 use tokio::net::UdpSocket;
@@ -60,6 +61,23 @@ pub struct Config {
     pub relay_only: bool,
 }
 
+/// Limits on what nodes may ask of the registry, with defaults
+/// ([`Registry::with_limits`]).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Control messages per second per session (twice as many in a
+    /// burst; 0: no limit). Pings are not counted.
+    pub control_rate: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            control_rate: crate::sessions::DEFAULT_CONTROL_RATE,
+        }
+    }
+}
+
 impl Drop for Config {
     fn drop(&mut self) {
         self.secret.zeroize();
@@ -92,6 +110,7 @@ pub struct Registry<S: Storage> {
     stats: Arc<Stats>,
     view: Arc<View>,
     audit_dir: Option<std::path::PathBuf>,
+    limits: Limits,
 }
 
 /// Ticks (half seconds) between two counts of the registered nodes.
@@ -135,7 +154,14 @@ impl<S: Storage + 'static> Registry<S> {
             storage,
             stats: Arc::new(Stats::default()),
             audit_dir: None,
+            limits: Limits::default(),
         }
+    }
+
+    /// Applies `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Keeps the audit log ([`crate::audit`]) in `dir` (the state
@@ -174,6 +200,7 @@ impl<S: Storage + 'static> Registry<S> {
             stats,
             view,
             audit_dir,
+            limits,
         } = self;
         let (sink, audit_thread) = match &audit_dir {
             Some(dir) => {
@@ -207,7 +234,7 @@ impl<S: Storage + 'static> Registry<S> {
         let mut core = Core {
             admission,
             gate,
-            sessions: Sessions::default(),
+            sessions: Sessions::new(limits.control_rate, crate::sessions::MAX_SESSIONS),
             relay: Relay::new(config.relay_rate),
             mailbox: Mailbox::default(),
             role,
@@ -332,6 +359,23 @@ async fn serve(
     }
 }
 
+/// The request id a message is answered under (an acknowledgement has
+/// none).
+fn request_id(msg: &ToRegistry) -> Option<u32> {
+    match msg {
+        ToRegistry::Register { req, .. }
+        | ToRegistry::Lookup { req, .. }
+        | ToRegistry::Statement { req, .. }
+        | ToRegistry::Ping { req }
+        | ToRegistry::PublishCert { req, .. }
+        | ToRegistry::FindCerts { req, .. }
+        | ToRegistry::PublishRevocation { req, .. }
+        | ToRegistry::FindRevocations { req, .. }
+        | ToRegistry::Succeed { req, .. } => Some(*req),
+        ToRegistry::Ack { .. } => None,
+    }
+}
+
 /// What the loop does with a datagram after its role looked at it.
 enum Action {
     /// Send the (rewritten) datagram itself there.
@@ -420,6 +464,24 @@ impl Core {
                 let Some(msg) = opened.msg else {
                     return Action::Nothing;
                 };
+                // Pings cost nothing but the answer (and carry NAT
+                // keepalives); everything else counts against the budget.
+                if !matches!(msg, ToRegistry::Ping { .. })
+                    && !self.sessions.allow(opened.index, now)
+                {
+                    bump(&self.stats.control_limited);
+                    return match request_id(&msg) {
+                        Some(req) => Action::Reply(vec![Reply {
+                            to: opened.index,
+                            msg: crate::rendezvous::error(
+                                req,
+                                ErrorCode::Busy,
+                                "too many control messages from this node; try again in a moment",
+                            ),
+                        }]),
+                        None => Action::Nothing,
+                    };
+                }
                 let (role, mut cx) = self.split(now);
                 Action::Reply(match role {
                     Role::Registry(r) => r.on_message(opened.index, msg, from, &mut cx),
@@ -806,6 +868,93 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(stats.relayed.load(Relaxed), 1);
         assert_eq!(stats.handshakes.load(Relaxed), 2);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
+
+    /// A joined node floods lookups: past its budget they are answered
+    /// "busy" at once (nothing reaches storage) and counted; its pings
+    /// are still answered, and another node is not slowed.
+    #[tokio::test]
+    async fn a_session_flooding_control_messages_is_limited() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            crate::storage::SqliteStorage::in_memory().unwrap(),
+        )
+        .with_limits(Limits { control_rate: 5 });
+        let stats = registry.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        for c in [&mut a, &mut b] {
+            let req = c.register(1).await;
+            assert!(matches!(
+                c.answer(req).await,
+                Some(FromRegistry::Registered { .. })
+            ));
+        }
+        let peer = messages::PeerRef::Id(b.id.node_id());
+        let mut reqs = vec![];
+        for _ in 0..30 {
+            let peer = peer.clone();
+            reqs.push(a.send(|req| ToRegistry::Lookup { req, peer }).await);
+        }
+        // Answers come in any order (the refusals at once, the lookups
+        // after storage): collect them all.
+        let (mut found, mut limited) = (0, 0);
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < reqs.len() {
+            let mut d = a.recv().await.expect("every request answered");
+            let Ok(n) = a.session.open(&mut d) else {
+                continue;
+            };
+            match messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap() {
+                FromRegistry::Peer { req, .. } => {
+                    found += 1;
+                    answered.insert(req);
+                }
+                FromRegistry::Error {
+                    req,
+                    code: messages::ErrorCode::Busy,
+                    message,
+                } if message.contains("too many control messages") => {
+                    limited += 1;
+                    answered.insert(req);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(answered, reqs.iter().copied().collect());
+        // The registration took one of the burst of 10.
+        assert!((9..=11).contains(&found), "{found} found");
+        assert_eq!(found + limited, 30);
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(stats.control_limited.load(Relaxed), limited as u64);
+        let req = a.send(|req| ToRegistry::Ping { req }).await;
+        assert!(matches!(
+            a.answer(req).await,
+            Some(FromRegistry::Pong { .. })
+        ));
+        let peer = messages::PeerRef::Id(a.id.node_id());
+        let req = b.send(|req| ToRegistry::Lookup { req, peer }).await;
+        assert!(matches!(
+            b.answer(req).await,
+            Some(FromRegistry::Peer { .. })
+        ));
         let _ = stop.send(());
         task.await.unwrap().unwrap();
     }
