@@ -34,6 +34,7 @@ struct RegistryFile {
     network: Option<Spanned<String>>,
     relay_mbps: Option<Spanned<i64>>,
     control_rate: Option<Spanned<i64>>,
+    relay_total_mbps: Option<Spanned<i64>>,
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
@@ -139,6 +140,9 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
                 "expected a whole number of megabits per second, 0 or more",
             )
         })?;
+    }
+    if let (Some(r), false) = (&v.relay_total_mbps, given(m, "relay_total_mbps")) {
+        cli.relay_total_mbps = count(file, "relay-total-mbps", r, "megabits per second")?;
     }
     if let (Some(r), false) = (&v.control_rate, given(m, "control_rate")) {
         cli.control_rate = count(file, "control-rate", r, "messages per second")?;
@@ -271,6 +275,7 @@ database = "postgres://pilot:secret@192.0.2.5:5433/reg"
 network = "10.99.0.0/16"
 relay-mbps = 50
 control-rate = 7
+relay-total-mbps = 900
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
 stun-alt-port = 0
@@ -295,6 +300,8 @@ log-format = "json"
                 "50",
                 "--control-rate",
                 "7",
+                "--relay-total-mbps",
+                "900",
                 "--relay",
                 "192.0.2.1:7010",
                 "--relay",

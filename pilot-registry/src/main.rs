@@ -71,8 +71,13 @@ struct Cli {
     network: Ipv4Net,
     /// Relay bandwidth per node, in megabits per second (relayed traffic is
     /// opaque ciphertext between two nodes that approved each other).
+    /// 0: no relaying.
     #[arg(long, default_value_t = 400)]
     relay_mbps: u32,
+    /// Relay bandwidth for all nodes together, in megabits per second.
+    /// 0: no relaying.
+    #[arg(long, default_value_t = server::DEFAULT_RELAY_TOTAL_MBPS)]
+    relay_total_mbps: u32,
     /// Control messages each node's session may send per second (twice as
     /// many in a burst); more are answered "busy". Pings do not count.
     /// 0: no limit.
@@ -396,6 +401,7 @@ fn run() -> Result<()> {
         .with_audit(&cli.state_dir)
         .with_limits(Limits {
             control_rate: cli.control_rate,
+            relay_total_rate: cli.relay_total_mbps.saturating_mul(125_000),
         });
         if let Some(addr) = cli.metrics {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {

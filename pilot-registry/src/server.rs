@@ -51,7 +51,8 @@ pub struct Config {
     pub secret: [u8; 32],
     /// The overlay network addresses come from.
     pub network: Ipv4Net,
-    /// Relay bandwidth each node may use, in bytes per second.
+    /// Relay bandwidth each node may use, in bytes per second (0: no
+    /// relaying).
     pub relay_rate: u32,
     /// Relay-only instances next to this registry, told to every node.
     pub relays: Vec<SocketAddr>,
@@ -68,12 +69,19 @@ pub struct Limits {
     /// Control messages per second per session (twice as many in a
     /// burst; 0: no limit). Pings are not counted.
     pub control_rate: u32,
+    /// Bytes per second relayed for all nodes together (0: no relaying),
+    /// next to [`Config::relay_rate`] per node.
+    pub relay_total_rate: u32,
 }
+
+/// The relay's budget for all nodes together by default: 1000 Mbit/s.
+pub const DEFAULT_RELAY_TOTAL_MBPS: u32 = 1000;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             control_rate: crate::sessions::DEFAULT_CONTROL_RATE,
+            relay_total_rate: DEFAULT_RELAY_TOTAL_MBPS * 125_000,
         }
     }
 }
@@ -235,7 +243,7 @@ impl<S: Storage + 'static> Registry<S> {
             admission,
             gate,
             sessions: Sessions::new(limits.control_rate, crate::sessions::MAX_SESSIONS),
-            relay: Relay::new(config.relay_rate),
+            relay: Relay::new(config.relay_rate).with_total(limits.relay_total_rate),
             mailbox: Mailbox::default(),
             role,
             store,
@@ -891,7 +899,10 @@ mod tests {
             },
             crate::storage::SqliteStorage::in_memory().unwrap(),
         )
-        .with_limits(Limits { control_rate: 5 });
+        .with_limits(Limits {
+            control_rate: 5,
+            ..Limits::default()
+        });
         let stats = registry.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(registry.run(async {
