@@ -34,6 +34,11 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Datagrams held per pair, and in all, while the relay learns a pair.
 const HELD_PER_PAIR: usize = 8;
 const HELD_TOTAL: usize = 256;
+/// Approvals kept in the view: each stored statement adds one, so the view
+/// is bounded by more than the minute an unused one lives. When it is full,
+/// unused entries go; if all are in use, a new one is not kept (the pair
+/// is read from storage when it is used).
+const MAX_APPROVALS: usize = 1 << 16;
 /// Questions to the storage thread at once: a node that sprays datagrams at
 /// many peers cannot fill the storage queue that registrations need.
 const MAX_ASKED: usize = 64;
@@ -116,6 +121,12 @@ impl Relay {
 
     /// Records what storage now says (a statement was stored, or read).
     pub fn set(&mut self, from: NodeId, to: NodeId, approves: bool, now: Instant) {
+        if self.approvals.len() >= MAX_APPROVALS && !self.approvals.contains_key(&(from, to)) {
+            self.approvals.retain(|_, e| e.used);
+            if self.approvals.len() >= MAX_APPROVALS {
+                return;
+            }
+        }
         let used = self.approvals.get(&(from, to)).is_some_and(|a| a.used);
         self.approvals.insert(
             (from, to),
@@ -643,5 +654,31 @@ mod tests {
             assert_eq!(l.stats.relayed.load(Relaxed), 0);
             assert!(l.done.try_recv().is_err(), "storage is not even asked");
         }
+    }
+
+    #[tokio::test]
+    async fn the_approval_view_is_bounded() {
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        let now = Instant::now();
+        let (a, b) = (l.a, l.b);
+        l.relay.set(a, b, true, now);
+        l.relay.set(b, a, true, now);
+        // The pair is in use.
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, now),
+            Verdict::Forward(addr(2))
+        );
+        // A flood of stored statements between other nodes.
+        for n in 0..(MAX_APPROVALS as u32 + 1000) {
+            let mut x = [0u8; 16];
+            x[..4].copy_from_slice(&n.to_le_bytes());
+            l.relay.set(NodeId(x), b, true, now);
+            assert!(l.relay.approvals.len() <= MAX_APPROVALS);
+        }
+        // The pair in use was kept.
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, now),
+            Verdict::Forward(addr(2))
+        );
     }
 }
