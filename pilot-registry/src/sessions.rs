@@ -56,6 +56,9 @@ pub struct Conn {
     pub nat: NatType,
     /// Control messages it may still send now, and when that was counted.
     budget: (f64, Instant),
+    /// The highest packet counter authenticated on it: only a datagram
+    /// above it may move the session to a new address.
+    newest: Option<u64>,
 }
 
 /// An authenticated datagram on a session.
@@ -146,6 +149,7 @@ impl Sessions {
                 last_seen: now,
                 nat: NatType::Unknown,
                 budget: (2.0 * f64::from(self.rate), now),
+                newest: None,
             },
         );
         true
@@ -232,8 +236,19 @@ impl Sessions {
             return None;
         };
         conn.last_seen = now;
-        let moved = conn.addr != from;
-        conn.addr = from;
+        // Only the node's newest datagram moves it: one that is older than
+        // a datagram already authenticated (held back and sent from
+        // elsewhere, or replayed before its original arrived) is read but
+        // moves nothing, so whoever captures a datagram cannot redirect
+        // the node's pushes and relayed traffic with it.
+        let newest = conn.newest.is_none_or(|n| h.counter > n);
+        if newest {
+            conn.newest = Some(h.counter);
+        }
+        let moved = newest && conn.addr != from;
+        if moved {
+            conn.addr = from;
+        }
         let node = conn.node;
         let roamed = node.filter(|_| moved);
         if let Some(id) = roamed {
@@ -442,6 +457,35 @@ pub(crate) mod tests {
             .msg
             .is_none());
         assert_eq!(stats.refused.load(Relaxed), 1);
+    }
+
+    /// A datagram held back by someone on the path and sent from another
+    /// source after the node's newer ones arrived is authentic and not a
+    /// replay, so it is read; but it does not move the node there, and a
+    /// relayed datagram from that source is nobody's.
+    #[test]
+    fn an_older_datagram_from_elsewhere_does_not_move_the_node() {
+        let now = Instant::now();
+        let stats = Stats::default();
+        let mut s = Sessions::default();
+        let (reg, node) = pair(5, now);
+        s.install(reg, [1; 32], addr(1), now);
+        let id = NodeId([7; 16]);
+        s.attach(5, id, NatType::None);
+        let held = sealed(&node, &ToRegistry::Ping { req: 1 });
+        let mut newer = sealed(&node, &ToRegistry::Ping { req: 2 });
+        assert!(s.open(&mut newer, addr(1), now, &stats).is_some());
+        let mut d = held.clone();
+        let o = s.open(&mut d, addr(66), now, &stats).unwrap();
+        assert_eq!((o.msg, o.roamed), (Some(ToRegistry::Ping { req: 1 }), None));
+        assert_eq!(s.get(5).unwrap().addr, addr(1), "not moved");
+        assert_eq!(s.node_at(&addr(66)), None, "the spoofed source is nobody");
+        assert_eq!(s.node_at(&addr(1)), Some(id));
+        // Its newest datagram from a new address does move it.
+        let mut d = sealed(&node, &ToRegistry::Ping { req: 3 });
+        let o = s.open(&mut d, addr(2), now, &stats).unwrap();
+        assert_eq!(o.roamed, Some(id));
+        assert_eq!(s.node_at(&addr(2)), Some(id));
     }
 
     #[test]
