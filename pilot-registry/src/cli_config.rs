@@ -35,6 +35,8 @@ struct RegistryFile {
     relay_mbps: Option<Spanned<i64>>,
     control_rate: Option<Spanned<i64>>,
     relay_total_mbps: Option<Spanned<i64>>,
+    require_token: Option<bool>,
+    new_nodes_per_minute: Option<Spanned<i64>>,
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
@@ -143,6 +145,12 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
     }
     if let (Some(r), false) = (&v.relay_total_mbps, given(m, "relay_total_mbps")) {
         cli.relay_total_mbps = count(file, "relay-total-mbps", r, "megabits per second")?;
+    }
+    if let (Some(b), false) = (v.require_token, given(m, "require_token")) {
+        cli.require_token = b;
+    }
+    if let (Some(r), false) = (&v.new_nodes_per_minute, given(m, "new_nodes_per_minute")) {
+        cli.new_nodes_per_minute = count(file, "new-nodes-per-minute", r, "nodes per minute")?;
     }
     if let (Some(r), false) = (&v.control_rate, given(m, "control_rate")) {
         cli.control_rate = count(file, "control-rate", r, "messages per second")?;
@@ -275,6 +283,8 @@ database = "postgres://pilot:secret@192.0.2.5:5433/reg"
 network = "10.99.0.0/16"
 relay-mbps = 50
 control-rate = 7
+require-token = true
+new-nodes-per-minute = 5
 relay-total-mbps = 900
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
@@ -300,6 +310,9 @@ log-format = "json"
                 "50",
                 "--control-rate",
                 "7",
+                "--require-token",
+                "--new-nodes-per-minute",
+                "5",
                 "--relay-total-mbps",
                 "900",
                 "--relay",

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use crate::names::{self, NameDecision};
 use crate::pool;
-use crate::storage::{NodeRow, Storage, StorageError};
+use crate::storage::{NodeRow, Storage, StorageError, TokenUse};
 
 /// Most pushes sent to a node at once; the rest follow once it acknowledged.
 pub const PUSH_BATCH: usize = 16;
@@ -46,6 +46,123 @@ pub enum RegisterOutcome {
     PoolExhausted,
     /// The identity was succeeded (identity rotation): refused for good.
     Retired,
+    /// A new identity was not admitted ([`Joining`]): no valid join token,
+    /// or too many new identities from its source address. Why, for the
+    /// node's operator.
+    NotAdmitted(String),
+}
+
+/// The rules for identities the registry does not know yet (a node it
+/// knows registers again without either): a join token, and a rate of new
+/// identities per source address.
+#[derive(Debug)]
+pub struct Joining {
+    /// A new identity needs a valid join token (`--require-token`).
+    pub require_token: bool,
+    /// New identities per source address and minute (a burst of as many;
+    /// 0: no limit).
+    pub per_minute: u32,
+    /// Per source address: new identities it may still register, and when
+    /// that was counted (bounded like the handshake limiter's table).
+    budget: std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
+}
+
+/// Source addresses whose budget of new identities is kept at most.
+const MAX_SOURCES: usize = 65_536;
+
+impl Joining {
+    /// Rules: tokens required or not, `per_minute` new identities per
+    /// source (0: no limit).
+    pub fn new(require_token: bool, per_minute: u32) -> Self {
+        Joining {
+            require_token,
+            per_minute,
+            budget: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Takes one new identity from `source`'s budget; false if it has none
+    /// left. Past [`MAX_SOURCES`] sources the full ones are forgotten; if
+    /// none is, a new source is refused until some refill.
+    fn allow(&mut self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        if self.per_minute == 0 {
+            return true;
+        }
+        let rate = f64::from(self.per_minute) / 60.0;
+        let burst = f64::from(self.per_minute);
+        let full = |(t, at): &(f64, std::time::Instant)| {
+            t + now.saturating_duration_since(*at).as_secs_f64() * rate >= burst
+        };
+        if self.budget.len() >= MAX_SOURCES && !self.budget.contains_key(&source) {
+            self.budget.retain(|_, b| !full(b));
+            if self.budget.len() >= MAX_SOURCES {
+                return false;
+            }
+        }
+        let (tokens, at) = self.budget.entry(source).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sources whose budget is kept.
+    pub fn sources(&self) -> usize {
+        self.budget.len()
+    }
+}
+
+impl Default for Joining {
+    /// No token needed, no rate: every new identity is admitted.
+    fn default() -> Self {
+        Joining::new(false, 0)
+    }
+}
+
+/// SHA-256 of a join token: what the registry keeps and looks up.
+pub fn token_hash(token: &[u8; 16]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Whether a new identity from `observed` with `token` is admitted: its
+/// source's budget first (a refused one costs no token use), then one use
+/// of a valid token if tokens are required (counted atomically in storage).
+fn admit_new(
+    s: &mut dyn Storage,
+    joining: &mut Joining,
+    token: Option<&[u8; 16]>,
+    observed: SocketAddr,
+    unix: u64,
+) -> Result<Option<String>, StorageError> {
+    if !joining.allow(observed.ip(), std::time::Instant::now()) {
+        return Ok(Some(format!(
+            "too many new nodes from {} (at most {} a minute); try again later",
+            observed.ip(),
+            joining.per_minute
+        )));
+    }
+    if !joining.require_token {
+        return Ok(None);
+    }
+    let Some(token) = token else {
+        return Ok(Some(
+            "this registry admits new nodes only with a join token: ask its operator for a join URL that ends in ?token=... (pilot-registry token create)".into(),
+        ));
+    };
+    Ok(match s.use_token(&token_hash(token), unix)? {
+        TokenUse::Used => None,
+        TokenUse::Unknown => Some("the join token is not one this registry issued".into()),
+        TokenUse::Expired => Some("the join token has expired; ask for a new one".into()),
+        TokenUse::UsedUp => Some("the join token has been used up; ask for a new one".into()),
+        TokenUse::Revoked => Some("the join token was revoked; ask for a new one".into()),
+    })
 }
 
 /// The result of a succession handed in by a rotated node.
@@ -111,8 +228,31 @@ pub fn register(
     network: Ipv4Net,
     observed: SocketAddr,
 ) -> Result<RegisterOutcome, StorageError> {
+    register_new(s, reg, network, observed, None, &mut Joining::default())
+}
+
+/// [`register`], admitting an identity not registered yet only under the
+/// `joining` rules (with `token`, if it came with one). A known node, or a
+/// retired one, is decided as before; its token is not used.
+pub fn register_new(
+    s: &mut dyn Storage,
+    reg: &Signed<Registration>,
+    network: Ipv4Net,
+    observed: SocketAddr,
+    token: Option<&[u8; 16]>,
+    joining: &mut Joining,
+) -> Result<RegisterOutcome, StorageError> {
     if !reg.verify() {
         return Ok(RegisterOutcome::BadSignature);
+    }
+    let id = reg.body.identity.node_id();
+    if s.node(&id)?.is_none() && s.successor(&id)?.is_none() {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(why) = admit_new(s, joining, token, observed, unix)? {
+            return Ok(RegisterOutcome::NotAdmitted(why));
+        }
     }
     let digest = digest(reg);
     match register_once(s, &reg.body, digest, network, observed) {
@@ -633,6 +773,125 @@ mod tests {
             s.statement_seq(&loud.node_id(), &target.node_id()).unwrap(),
             Some(40)
         );
+    }
+
+    fn not_admitted(o: RegisterOutcome) -> String {
+        match o {
+            RegisterOutcome::NotAdmitted(why) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Under --require-token: a new node id without a token, or with a
+    /// wrong, used-up, expired or revoked one, is refused with why; a
+    /// valid one admits it and counts once; a known node registers again
+    /// without one, and its token is not used again.
+    #[test]
+    fn a_new_node_needs_a_valid_token_and_a_known_one_does_not() {
+        use crate::operator::create_token;
+        use crate::storage::Storage;
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut j = Joining::new(true, 0);
+        let once = create_token(&mut s, Some(1), None, now).unwrap().token.0;
+        let mut go = |s: &mut SqliteStorage, n: u8, seq, token: Option<[u8; 16]>| {
+            register_new(
+                s,
+                &reg(&id(n), seq, None),
+                net(),
+                obs(),
+                token.as_ref(),
+                &mut j,
+            )
+            .unwrap()
+        };
+        let why = not_admitted(go(&mut s, 1, 1, None));
+        assert!(why.contains("only with a join token"), "{why}");
+        assert!(why.contains("token create"), "{why}");
+        let why = not_admitted(go(&mut s, 1, 1, Some([0; 16])));
+        assert!(why.contains("not one this registry issued"), "{why}");
+        assert_eq!(s.node_count().unwrap(), 0);
+        ok(go(&mut s, 1, 1, Some(once)));
+        let why = not_admitted(go(&mut s, 2, 1, Some(once)));
+        assert!(why.contains("used up"), "{why}");
+        // Known now: no token needed, and the used one is not counted.
+        ok(go(&mut s, 1, 2, None));
+        ok(go(&mut s, 1, 3, Some(once)));
+        assert_eq!(s.tokens().unwrap()[0].used, 1);
+        let old = create_token(&mut s, None, Some(now - 1), now - 100).unwrap();
+        let why = not_admitted(go(&mut s, 3, 1, Some(old.token.0)));
+        assert!(why.contains("expired"), "{why}");
+        let many = create_token(&mut s, None, None, now).unwrap();
+        ok(go(&mut s, 4, 1, Some(many.token.0)));
+        assert!(s.revoke_token(&many.row.id).unwrap());
+        let why = not_admitted(go(&mut s, 5, 1, Some(many.token.0)));
+        assert!(why.contains("revoked"), "{why}");
+        assert_eq!(s.node_count().unwrap(), 2);
+    }
+
+    /// A flood of new node ids from one source address is throttled while
+    /// another source registers normally, and known nodes are not counted.
+    #[test]
+    fn new_node_ids_are_limited_per_source_address() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let mut j = Joining::new(false, 5);
+        let (flood, other): (SocketAddr, SocketAddr) = (
+            "203.0.113.7:4000".parse().unwrap(),
+            "198.51.100.8:4000".parse().unwrap(),
+        );
+        let mut refused = 0;
+        for n in 0..20u16 {
+            match register_new(&mut s, &reg(&many(n), 1, None), net(), flood, None, &mut j).unwrap()
+            {
+                RegisterOutcome::Ok { .. } => {}
+                RegisterOutcome::NotAdmitted(why) => {
+                    assert!(why.contains("too many new nodes from 203.0.113.7"), "{why}");
+                    refused += 1;
+                }
+                o => panic!("{o:?}"),
+            }
+        }
+        assert_eq!(refused, 15, "a burst of 5");
+        ok(register_new(
+            &mut s,
+            &reg(&many(100), 1, None),
+            net(),
+            other,
+            None,
+            &mut j,
+        )
+        .unwrap());
+        // The five admitted register again as often as they like.
+        for seq in 2..10 {
+            ok(register_new(
+                &mut s,
+                &reg(&many(0), seq, None),
+                net(),
+                flood,
+                None,
+                &mut j,
+            )
+            .unwrap());
+        }
+        assert_eq!(j.sources(), 2);
+    }
+
+    #[test]
+    fn the_source_table_is_bounded() {
+        let mut j = Joining::new(false, 60);
+        let now = std::time::Instant::now();
+        for n in 0..(MAX_SOURCES as u32 + 100) {
+            let ip = std::net::IpAddr::from(std::net::Ipv6Addr::from(u128::from(n)));
+            let _ = j.allow(ip, now);
+            assert!(j.sources() <= MAX_SOURCES);
+        }
+        // A minute later every budget is full again: room for new sources.
+        let later = now + std::time::Duration::from_secs(61);
+        assert!(j.allow("192.0.2.1".parse().unwrap(), later));
+        assert!(j.sources() <= MAX_SOURCES);
     }
 
     #[test]

@@ -72,7 +72,16 @@ pub struct Limits {
     /// Bytes per second relayed for all nodes together (0: no relaying),
     /// next to [`Config::relay_rate`] per node.
     pub relay_total_rate: u32,
+    /// A node id the registry does not know registers only with a valid
+    /// join token (`--require-token`).
+    pub require_token: bool,
+    /// New node ids registered per source address and minute (a burst of
+    /// as many; 0: no limit).
+    pub new_nodes_per_minute: u32,
 }
+
+/// New node ids per source address and minute by default.
+pub const DEFAULT_NEW_NODES_PER_MINUTE: u32 = 60;
 
 /// The relay's budget for all nodes together by default: 1000 Mbit/s.
 pub const DEFAULT_RELAY_TOTAL_MBPS: u32 = 1000;
@@ -82,6 +91,8 @@ impl Default for Limits {
         Limits {
             control_rate: crate::sessions::DEFAULT_CONTROL_RATE,
             relay_total_rate: DEFAULT_RELAY_TOTAL_MBPS * 125_000,
+            require_token: false,
+            new_nodes_per_minute: DEFAULT_NEW_NODES_PER_MINUTE,
         }
     }
 }
@@ -223,11 +234,12 @@ impl<S: Storage + 'static> Registry<S> {
         };
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
-        let (store, mut done, store_thread) = Store::spawn_timed(
+        let (store, mut done, store_thread) = Store::spawn_joining(
             storage,
             config.network,
             store::DEFAULT_QUEUE_DEPTH,
             stats.clone(),
+            crate::registrar::Joining::new(limits.require_token, limits.new_nodes_per_minute),
         )?;
         let (gate, mut admitted, gate_thread) = Gate::spawn(
             admission.keys().clone(),
@@ -372,6 +384,7 @@ async fn serve(
 fn request_id(msg: &ToRegistry) -> Option<u32> {
     match msg {
         ToRegistry::Register { req, .. }
+        | ToRegistry::RegisterWithToken { req, .. }
         | ToRegistry::Lookup { req, .. }
         | ToRegistry::Statement { req, .. }
         | ToRegistry::Ping { req }
@@ -526,6 +539,7 @@ impl Core {
                     Ok(RegisterOutcome::Replayed) => "replayed",
                     Ok(RegisterOutcome::PoolExhausted) => "pool-exhausted",
                     Ok(RegisterOutcome::Retired) => "retired",
+                    Ok(RegisterOutcome::NotAdmitted(_)) => "not-admitted",
                     Err(_) => return,
                 };
                 self.audit.count(audit::Key {
