@@ -17,7 +17,8 @@
 #    URL it prints, trust each other and ping over 10.x.
 # 3. gamma joins with the same URL: refused, the token is used up.
 # 4. `pilot-registry nodes list --json` shows alpha and beta, on the
-#    addresses they have, and not gamma; `token list` shows 2/2 used.
+#    addresses they have, and not gamma; `token list` shows 2/2 used;
+#    `nodes remove beta` leaves alpha alone in the list.
 SCENARIO=s28_quotas
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -73,3 +74,11 @@ PY
 on_to "$WORK/tokens" reg "${REGCMD[@]}" token list
 grep -q "2/2 used .*used up" "$WORK/tokens" || fail "token list: $(cat "$WORK/tokens")"
 pass "nodes list --json shows alpha and beta only; token list shows it used up"
+on reg "${REGCMD[@]}" nodes remove beta >&2
+on_to "$WORK/nodes2.json" reg "${REGCMD[@]}" nodes list --json
+python3 - "$WORK/nodes2.json" "$A" <<'PY' || fail "nodes list --json after remove: $(cat "$WORK/nodes2.json")"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+assert [(n["hostname"], n["address"]) for n in doc["nodes"]] == [("alpha", sys.argv[2])], doc
+PY
+pass "nodes remove beta: alpha is the only node listed"

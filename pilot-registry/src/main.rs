@@ -193,6 +193,15 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a node: its hostname is free at once, its statements,
+    /// pending pushes and certificate go; its address stays taken (a
+    /// tombstone: other nodes' rules may name it). A running registry
+    /// forgets it with the node's control session; the node can join
+    /// again only as a new node (with a token under --require-token).
+    Remove {
+        /// Its node id or hostname.
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -390,8 +399,23 @@ fn token(cli: &mut Cli, cmd: TokenCommand) -> Result<()> {
 
 /// `pilot-registry nodes …`.
 fn nodes(cli: &mut Cli, cmd: NodesCommand) -> Result<()> {
-    let (s, at) = open_storage(cli)?;
+    let (mut s, at) = open_storage(cli)?;
     match cmd {
+        NodesCommand::Remove { node } => {
+            match pilot_registry::operator::remove_node(&mut *s, &node, unix_now())
+                .with_context(|| format!("cannot remove {node} from {at}"))?
+            {
+                Some(n) => println!(
+                    "removed {} ({}, {}); its address stays taken",
+                    n.id,
+                    n.hostname.as_deref().unwrap_or("no hostname"),
+                    n.address
+                ),
+                None => {
+                    bail!("no node with id or hostname {node} (see `pilot-registry nodes list`)")
+                }
+            }
+        }
         NodesCommand::List { json } => {
             let list = pilot_registry::operator::list_nodes(&*s)
                 .with_context(|| format!("cannot read the nodes in {at}"))?;

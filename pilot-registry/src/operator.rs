@@ -1,6 +1,6 @@
 //! The operator's commands on the registry's database, run offline like
 //! `audit` (whether or not the registry runs): join tokens (`token
-//! create|list|revoke`) and the registered nodes (`nodes list`), with the
+//! create|list|revoke`) and the registered nodes (`nodes list|remove`), with the
 //! typed documents their `--json` prints.
 
 use serde::{Deserialize, Serialize};
@@ -112,6 +112,25 @@ pub fn list_nodes(s: &dyn Storage) -> Result<NodeList, StorageError> {
     })
 }
 
+/// Finds a node by id (32 hex digits) or hostname and removes it
+/// ([`Storage::remove_node`]): what was removed, or `None` if no node is
+/// called that.
+pub fn remove_node(
+    s: &mut dyn Storage,
+    who: &str,
+    now: u64,
+) -> Result<Option<NodeEntry>, StorageError> {
+    let row = match who.parse::<pilot_proto::identity::NodeId>() {
+        Ok(id) => s.node(&id)?,
+        Err(_) => s.node_by_name(who)?,
+    };
+    let Some(row) = row else { return Ok(None) };
+    if !s.remove_node(&row.identity.node_id(), now)? {
+        return Ok(None);
+    }
+    Ok(Some(NodeEntry::from(&row)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +153,30 @@ mod tests {
         let other = create_token(&mut s, None, None, 1000).unwrap();
         assert_ne!(other.token, t.token);
         assert!(token_line(&other.row, 1000).contains("no limit"));
+    }
+
+    #[test]
+    fn a_node_is_removed_by_id_or_by_name() {
+        use crate::storage::NodeRow;
+        use pilot_proto::identity::Identity;
+        let mut s = SqliteStorage::in_memory().unwrap();
+        for (n, name) in [(1u8, "alpha"), (2, "beta")] {
+            s.insert_node(&NodeRow {
+                identity: Identity::from_bytes(&[n; 64]).public(),
+                address: std::net::Ipv4Addr::new(10, 77, 0, n),
+                hostname: Some(name.into()),
+                endpoints: vec![],
+                reg_seq: 1,
+                reg_digest: None,
+            })
+            .unwrap();
+        }
+        let gone = remove_node(&mut s, "alpha", 5).unwrap().unwrap();
+        assert_eq!(gone.hostname.as_deref(), Some("alpha"));
+        let beta = Identity::from_bytes(&[2; 64]).node_id().to_string();
+        assert_eq!(remove_node(&mut s, &beta, 5).unwrap().unwrap().id, beta);
+        assert_eq!(remove_node(&mut s, "alpha", 5).unwrap(), None);
+        assert!(list_nodes(&s).unwrap().nodes.is_empty());
     }
 
     /// The `nodes list --json` document, as the README shows it.

@@ -287,6 +287,14 @@ pub trait Storage: Send {
     fn revoke_token(&mut self, _id: &str) -> Result<bool, StorageError> {
         Err(StorageError::Unsupported("join tokens"))
     }
+    /// Removes a node in one transaction (the operator's `nodes remove`):
+    /// its row (so its hostname is free at once), its statements, its
+    /// pushes and its certificate go; its address stays taken, as a
+    /// tombstone ([`Storage::address_taken`] counts it), because other
+    /// nodes' rules may still name it. False if it is not stored.
+    fn remove_node(&mut self, _id: &NodeId, _now: u64) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("node removal"))
+    }
 }
 
 /// Why a token was not used, from its row: `use_token`'s answer when its
@@ -407,6 +415,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
         (**self).revoke_token(id)
     }
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        (**self).remove_node(id, now)
+    }
 }
 
 /// Current schema version (of both backends: their migrations go in step).
@@ -486,6 +497,11 @@ CREATE TABLE tokens (
     expires_at INTEGER,
     created    INTEGER NOT NULL,
     revoked    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE tombstones (
+    address INTEGER PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    removed INTEGER NOT NULL
 );
 "#,
 ];
@@ -671,9 +687,9 @@ impl Storage for SqliteStorage {
     }
 
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM nodes WHERE address = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT 1 FROM nodes WHERE address = ?1 UNION ALL SELECT 1 FROM tombstones WHERE address = ?1",
+        )?;
         Ok(stmt.exists([u32::from(a)])?)
     }
 
@@ -1041,6 +1057,33 @@ impl Storage for SqliteStorage {
             .conn
             .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])?
             == 1)
+    }
+
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        let tx = self.conn.transaction()?;
+        let address: Option<u32> = tx
+            .query_row("SELECT address FROM nodes WHERE node_id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(address) = address else {
+            return Ok(false);
+        };
+        tx.execute("DELETE FROM nodes WHERE node_id = ?1", [&id])?;
+        tx.execute(
+            "DELETE FROM statements WHERE from_id = ?1 OR to_id = ?1",
+            [&id],
+        )?;
+        tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&id])?;
+        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&id])?;
+        tx.execute("DELETE FROM certs WHERE holder = ?1", [&id])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO tombstones (address, node_id, removed) VALUES (?1, ?2, ?3)",
+            params![address, id, sql_u64(now)],
+        )?;
+        tx.commit()?;
+        Ok(true)
     }
 }
 

@@ -111,6 +111,11 @@ CREATE TABLE tokens (
     created    BIGINT NOT NULL,
     revoked    BOOLEAN NOT NULL DEFAULT FALSE
 );
+CREATE TABLE tombstones (
+    address BIGINT PRIMARY KEY,
+    node_id TEXT COLLATE "C" NOT NULL,
+    removed BIGINT NOT NULL
+);
 "#,
 ];
 
@@ -402,7 +407,7 @@ impl Storage for PgStorage {
         Ok(self
             .conn()?
             .query_opt(
-                "SELECT 1 FROM nodes WHERE address = $1",
+                "SELECT 1 FROM nodes WHERE address = $1 UNION ALL SELECT 1 FROM tombstones WHERE address = $1 LIMIT 1",
                 &[&i64::from(u32::from(a))],
             )?
             .is_some())
@@ -773,6 +778,32 @@ impl Storage for PgStorage {
             .conn()?
             .execute("UPDATE tokens SET revoked = TRUE WHERE id = $1", &[&id])?
             == 1)
+    }
+
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        let mut c = self.conn()?;
+        let gone = c.stmt("DELETE FROM nodes WHERE node_id = $1 RETURNING address")?;
+        let forget = c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?;
+        let unqueue = c.stmt("DELETE FROM inbox WHERE to_id = $1")?;
+        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
+        let uncert = c.stmt("DELETE FROM certs WHERE holder = $1")?;
+        let tomb = c.stmt(
+            "INSERT INTO tombstones (address, node_id, removed) VALUES ($1, $2, $3)
+             ON CONFLICT (address) DO UPDATE SET node_id = $2, removed = $3",
+        )?;
+        c.transact(|tx| {
+            let Some(row) = tx.query_opt(&gone, &[&id])? else {
+                return Ok(false);
+            };
+            let address: i64 = row.try_get(0)?;
+            tx.execute(&forget, &[&id])?;
+            tx.execute(&unqueue, &[&id])?;
+            tx.execute(&untag, &[&id])?;
+            tx.execute(&uncert, &[&id])?;
+            tx.execute(&tomb, &[&address, &id, &sql_u64(now)])?;
+            Ok(true)
+        })
     }
 }
 

@@ -187,6 +187,7 @@ suite!(
     a_version_3_database_is_migrated_and_keeps_its_rows,
     the_previous_version_is_migrated_and_keeps_its_rows,
     join_tokens_are_used_up_once_each_and_expire,
+    a_removed_node_frees_its_name_and_leaves_its_address_taken,
     a_newer_schema_is_refused,
 );
 
@@ -816,6 +817,47 @@ fn join_tokens_are_used_up_once_each_and_expire(b: &dyn Backend) {
             },
         ]
     );
+}
+
+fn a_removed_node_frees_its_name_and_leaves_its_address_taken(b: &dyn Backend) {
+    let mut s = b.open();
+    let (a, bb) = (id(1), id(2));
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    s.insert_node(&row(2, 6, None)).unwrap();
+    s.put_statement(&statement(&a, &bb, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(&bb, &a, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_cert(&CertRow {
+        holder: a.node_id(),
+        ..cert(1, 1, "build", 1000)
+    })
+    .unwrap();
+    s.put_cert(&CertRow {
+        holder: bb.node_id(),
+        ..cert(2, 1, "build", 1000)
+    })
+    .unwrap();
+    assert!(s.remove_node(&a.node_id(), 77).unwrap());
+    assert!(!s.remove_node(&a.node_id(), 78).unwrap(), "gone already");
+    assert_eq!(s.node(&a.node_id()).unwrap(), None);
+    assert_eq!(s.node_by_name("alpha").unwrap(), None, "the name is free");
+    assert!(
+        s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap(),
+        "a tombstone"
+    );
+    assert!(!s.approves(&bb.node_id(), &a.node_id()).unwrap());
+    assert!(!s.approves(&a.node_id(), &bb.node_id()).unwrap());
+    assert!(s.inbox(&a.node_id()).unwrap().is_empty());
+    let left = s
+        .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
+        .unwrap();
+    assert_eq!(holders(&left), [bb.node_id()], "its certificate went");
+    // The name goes to a new node; the address does not.
+    s.insert_node(&row(3, 9, Some("alpha"))).unwrap();
+    assert_eq!(s.node_count().unwrap(), 2);
+    drop(s);
+    assert!(b.open().address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
 }
 
 fn a_succession_moves_the_row_and_drops_the_old_ids_state(b: &dyn Backend) {

@@ -674,6 +674,10 @@ pub(crate) mod tests {
             self.wait();
             self.inner.revoke_token(id)
         }
+        fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.remove_node(id, now)
+        }
         fn node_count(&self) -> Result<u64, StorageError> {
             self.inner.node_count()
         }

@@ -457,6 +457,9 @@ impl<S: Storage> Storage for Tamper<S> {
     fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
         self.inner.revoke_token(id)
     }
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        self.inner.remove_node(id, now)
+    }
     fn node_count(&self) -> Result<u64, StorageError> {
         self.inner.node_count()
     }
