@@ -184,6 +184,14 @@ fn main() {
         &a,
     );
     let to = [
+        (
+            "register-token",
+            ToRegistry::RegisterWithToken {
+                req: 1,
+                reg: reg.clone(),
+                token: [9; 16],
+            },
+        ),
         ("register", ToRegistry::Register { req: 1, reg }),
         (
             "lookup-id",

@@ -31,7 +31,9 @@ where
 /// Every signature check a receiver of `m` would run.
 fn verify_to(m: &ToRegistry) -> Vec<bool> {
     match m {
-        ToRegistry::Register { reg, .. } => vec![reg.verify()],
+        ToRegistry::Register { reg, .. } | ToRegistry::RegisterWithToken { reg, .. } => {
+            vec![reg.verify()]
+        }
         ToRegistry::Statement { statement, .. } => vec![statement.verify()],
         ToRegistry::PublishCert { cert, .. } => vec![cert_ok(cert)],
         ToRegistry::PublishRevocation { revocation, .. } => vec![revocation_ok(revocation)],

@@ -1,5 +1,7 @@
-//! The join URL a registry prints: `pilot://<registry key, 64 hex>@<ip:port>`.
-//! A node pins the key, so nobody else can pose as the registry.
+//! The join URL a registry prints: `pilot://<registry key, 64 hex>@<ip:port>`,
+//! optionally with a query: `?token=<32 hex>` (a join token, for a
+//! registry that admits new nodes only with one). A node pins the key, so
+//! nobody else can pose as the registry.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,6 +16,37 @@ pub struct JoinUrl {
     pub key: [u8; 32],
     /// Its UDP address.
     pub addr: SocketAddr,
+    /// A join token (`?token=`), sent with the node's registration. Not
+    /// part of the URL's [`Display`](fmt::Display), which is what a node
+    /// keeps and compares; [`JoinUrl::with_query`] has it.
+    pub token: Option<JoinToken>,
+}
+
+/// A join token: 16 random bytes, written as 32 hex digits. The registry
+/// keeps only its SHA-256.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct JoinToken(pub [u8; 16]);
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.0))
+    }
+}
+
+// Debug output (logs, panics) does not show the secret.
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JoinToken(..)")
+    }
+}
+
+impl FromStr for JoinToken {
+    type Err = JoinUrlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        hex::decode_array::<16>(s)
+            .map(JoinToken)
+            .ok_or(JoinUrlError::Token)
+    }
 }
 
 /// A join URL did not parse.
@@ -30,6 +63,36 @@ pub enum JoinUrlError {
     /// Address part is not ip:port.
     #[error("the join URL must end in @<ip>:<port>")]
     Addr,
+    /// The query names a key the URL does not have, or one twice.
+    #[error("the join URL has an unknown or repeated query key `{0}` (known: token)")]
+    Query(String),
+    /// The token is not 32 hex digits.
+    #[error("the token in the join URL (?token=) must be 32 hex digits, as `pilot-registry token create` prints it")]
+    Token,
+}
+
+/// Splits a query (`k=v&k=v`, after the `?`) into pairs, each key once and
+/// one of `known`.
+fn query<'a>(q: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, JoinUrlError> {
+    let mut out: Vec<(&str, &str)> = vec![];
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if !known.contains(&k) || out.iter().any(|(seen, _)| *seen == k) {
+            return Err(JoinUrlError::Query(k.to_string()));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+impl JoinUrl {
+    /// The URL with its query (the token), as an operator hands it out.
+    pub fn with_query(&self) -> String {
+        match &self.token {
+            Some(t) => format!("{self}?token={t}"),
+            None => self.to_string(),
+        }
+    }
 }
 
 impl FromStr for JoinUrl {
@@ -39,13 +102,20 @@ impl FromStr for JoinUrl {
             .trim()
             .strip_prefix("pilot://")
             .ok_or(JoinUrlError::Scheme)?;
+        let (rest, q) = rest.split_once('?').unwrap_or((rest, ""));
         let (key, addr) = rest.split_once('@').ok_or(JoinUrlError::Addr)?;
         let key = hex::decode_array::<32>(key).ok_or(JoinUrlError::Key)?;
         let addr = addr
             .trim_end_matches('/')
             .parse()
             .map_err(|_| JoinUrlError::Addr)?;
-        Ok(JoinUrl { key, addr })
+        let mut token = None;
+        for (k, v) in query(q, &["token"])? {
+            if k == "token" {
+                token = Some(v.parse()?);
+            }
+        }
+        Ok(JoinUrl { key, addr, token })
     }
 }
 
@@ -64,6 +134,7 @@ mod tests {
         let u = JoinUrl {
             key: [0xab; 32],
             addr: "192.0.2.1:7000".parse().unwrap(),
+            token: None,
         };
         let s = u.to_string();
         assert_eq!(s, format!("pilot://{}@192.0.2.1:7000", "ab".repeat(32)));
@@ -77,5 +148,39 @@ mod tests {
             format!("pilot://{}@nowhere", "ab".repeat(32)).parse::<JoinUrl>(),
             Err(JoinUrlError::Addr)
         );
+    }
+
+    #[test]
+    fn a_token_rides_in_the_query() {
+        let base = format!("pilot://{}@192.0.2.1:7000", "ab".repeat(32));
+        let t = "0123456789abcdef0123456789abcdef";
+        let u: JoinUrl = format!("{base}?token={t}").parse().unwrap();
+        assert_eq!(
+            u.token,
+            Some(JoinToken([
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+                0xcd, 0xef
+            ]))
+        );
+        assert_eq!(u.to_string(), base, "shown and kept without it");
+        assert_eq!(u.with_query(), format!("{base}?token={t}"));
+        assert_eq!(u.with_query().parse::<JoinUrl>(), Ok(u));
+        assert_eq!(format!("{:?}", u.token.unwrap()), "JoinToken(..)");
+        let bad = |q: &str| format!("{base}?{q}").parse::<JoinUrl>().unwrap_err();
+        assert_eq!(bad("token=abc"), JoinUrlError::Token);
+        assert_eq!(bad("token="), JoinUrlError::Token);
+        assert_eq!(
+            bad(&format!("token={t}&token={t}")),
+            JoinUrlError::Query("token".into())
+        );
+        let e = bad(&format!("token={t}&color=red"));
+        assert_eq!(e, JoinUrlError::Query("color".into()));
+        assert!(
+            e.to_string()
+                .contains("unknown or repeated query key `color`"),
+            "{e}"
+        );
+        // An empty query is no query.
+        assert_eq!(format!("{base}?").parse::<JoinUrl>().unwrap().token, None);
     }
 }

@@ -452,6 +452,21 @@ pub enum ToRegistry {
         /// The succession statement.
         succession: Vec<u8>,
     },
+    /// `Register` with a join token (from the join URL's `?token=`): a
+    /// registry started with `--require-token` registers a node id it does
+    /// not know only with a valid one, and uses it up by one. A known node
+    /// needs none (the token is then not used). Sent only when the node
+    /// has a token, so registries that predate tokens still read every
+    /// plain registration. Added last, so the variants above keep their
+    /// wire encoding.
+    RegisterWithToken {
+        /// Request id.
+        req: u32,
+        /// The signed registration.
+        reg: Signed<Registration>,
+        /// The join token.
+        token: [u8; 16],
+    },
 }
 
 /// Why the registry refused a request.
@@ -672,6 +687,38 @@ mod tests {
         assert_eq!(bytes, vec![4, 0xac, 0x02]);
         let bytes = encode(&ToRegistry::Ack { push: 1 }).unwrap();
         assert_eq!(bytes, vec![3, 1]);
+    }
+
+    #[test]
+    fn a_registration_with_a_token_is_the_last_variant_and_carries_it() {
+        let a = id(1);
+        let reg = Signed::sign(
+            Registration {
+                identity: a.public(),
+                hostname: None,
+                seq: 1,
+                local_endpoints: vec![],
+                nat: NatType::None,
+            },
+            &a,
+        );
+        let plain = encode(&ToRegistry::Register {
+            req: 1,
+            reg: reg.clone(),
+        })
+        .unwrap();
+        let msg = ToRegistry::RegisterWithToken {
+            req: 1,
+            reg,
+            token: [7; 16],
+        };
+        let bytes = encode(&msg).unwrap();
+        // Variant 10 (after Succeed), then the registration as in
+        // `Register`, then the 16 token bytes.
+        assert_eq!(bytes[0], 10);
+        assert_eq!(bytes[1..bytes.len() - 16], plain[1..]);
+        assert_eq!(bytes[bytes.len() - 16..], [7; 16]);
+        assert_eq!(decode::<ToRegistry>(&bytes).unwrap(), msg);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use pilot_proto::admission::{Refused, ResponderKeys};
 use pilot_proto::session::Session;
+use pilot_proto::timers::REJECT_AFTER;
 use pilot_proto::wire::{HandshakeInit, INIT_LEN, RESP_LEN};
 use tracing::debug;
 
@@ -64,7 +65,7 @@ impl Gate {
             .name("registry-admission".into())
             .spawn(move || {
                 let rng = ring::rand::SystemRandom::new();
-                let mut last: HashMap<[u8; 32], u64> = HashMap::new();
+                let mut last = Timestamps::new(MAX_TIMESTAMPS);
                 while let Ok(w) = waiting.recv() {
                     let Some(a) = admit(&keys, &mut last, &rng, &w, &stats) else {
                         continue;
@@ -100,9 +101,62 @@ impl Gate {
     }
 }
 
+/// Initiators whose last timestamp is kept. Anyone holding the join URL
+/// can make initiators (a fresh key each), so the table is bounded: when
+/// it is full, initiators not heard from for [`REJECT_AFTER`] go, and if
+/// that is not enough, the least recently heard half. Forgetting one only
+/// lets a captured initiation of it be replayed, which buys the replayer a
+/// session it holds no keys for (it expires unused) and a response sent to
+/// the initiation's source.
+pub const MAX_TIMESTAMPS: usize = 1 << 20;
+
+/// The last timestamp admitted per initiator, bounded.
+pub struct Timestamps {
+    last: HashMap<[u8; 32], (u64, Instant)>,
+    max: usize,
+}
+
+impl Timestamps {
+    /// An empty table of at most `max` initiators.
+    pub fn new(max: usize) -> Self {
+        Timestamps {
+            last: HashMap::new(),
+            max: max.max(2),
+        }
+    }
+
+    /// The last timestamp of `key` (0 for none), to check and update.
+    pub fn slot(&mut self, key: [u8; 32], now: Instant) -> &mut u64 {
+        if self.last.len() >= self.max && !self.last.contains_key(&key) {
+            self.last
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < REJECT_AFTER);
+            if self.last.len() >= self.max {
+                let mut ages: Vec<Instant> = self.last.values().map(|(_, at)| *at).collect();
+                let half = ages.len() / 2;
+                let (_, cut, _) = ages.select_nth_unstable(half);
+                let cut = *cut;
+                self.last.retain(|_, (_, at)| *at > cut);
+            }
+        }
+        let e = self.last.entry(key).or_insert((0, now));
+        e.1 = now;
+        &mut e.0
+    }
+
+    /// Initiators kept.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// True if none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+}
+
 fn admit(
     keys: &ResponderKeys,
-    last: &mut HashMap<[u8; 32], u64>,
+    last: &mut Timestamps,
     rng: &ring::rand::SystemRandom,
     w: &Waiting,
     stats: &Stats,
@@ -115,7 +169,7 @@ fn admit(
     let init = HandshakeInit::new_checked(&w.init).ok()?;
     let screened = keys.open(init).map_err(refused).ok()?;
     let static_public = *screened.remote_static();
-    let slot = last.entry(static_public).or_insert(0);
+    let slot = last.slot(static_public, w.at);
     let (session, response) = screened
         .accept(slot, random_index(rng), w.at)
         .map_err(refused)
@@ -145,6 +199,39 @@ mod tests {
     use pilot_proto::identity::Identity;
     use pilot_proto::session::CipherSuite;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn the_timestamp_table_is_bounded_and_keeps_the_recent() {
+        let now = Instant::now();
+        let mut t = Timestamps::new(100);
+        let key = |n: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&n.to_le_bytes());
+            k
+        };
+        *t.slot(key(0), now) = 7;
+        for n in 1..1000u32 {
+            let at = now + std::time::Duration::from_millis(u64::from(n));
+            *t.slot(key(n), at) = 1;
+            // The first initiator is heard from now and then.
+            if n % 20 == 0 {
+                assert_eq!(*t.slot(key(0), at), 7, "kept at {n}");
+            }
+            assert!(t.len() <= 100, "{} at {n}", t.len());
+        }
+        assert!(t.len() >= 50);
+        let late = now + std::time::Duration::from_millis(999);
+        assert_eq!(*t.slot(key(999), late), 1, "the newest is kept");
+        // Initiators silent for REJECT_AFTER go first when it is full.
+        let mut t = Timestamps::new(3);
+        for n in 0..3 {
+            *t.slot(key(n), now) = 1;
+        }
+        *t.slot(key(2), now + REJECT_AFTER) = 2;
+        *t.slot(key(9), now + REJECT_AFTER) = 1;
+        assert_eq!(t.len(), 2);
+        assert_eq!(*t.slot(key(2), now + REJECT_AFTER), 2);
+    }
 
     #[tokio::test]
     async fn the_thread_answers_once_per_timestamp() {

@@ -33,6 +33,10 @@ struct RegistryFile {
     database: Option<Spanned<String>>,
     network: Option<Spanned<String>>,
     relay_mbps: Option<Spanned<i64>>,
+    control_rate: Option<Spanned<i64>>,
+    relay_total_mbps: Option<Spanned<i64>>,
+    require_token: Option<bool>,
+    new_nodes_per_minute: Option<Spanned<i64>>,
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
@@ -85,6 +89,22 @@ fn addr(
     })
 }
 
+/// A whole number, 0 or more, of `what`.
+fn count(
+    file: &ConfigFile<RegistryFile>,
+    key: &str,
+    v: &Spanned<i64>,
+    what: &str,
+) -> Result<u32, ConfigError> {
+    u32::try_from(*v.get_ref()).map_err(|_| {
+        file.bad_value(
+            key,
+            v.span(),
+            format!("expected a whole number of {what}, 0 or more"),
+        )
+    })
+}
+
 fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Result<(), ConfigError> {
     let v = &file.values;
     if let (Some(s), false) = (&v.listen, given(m, "listen")) {
@@ -122,6 +142,18 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
                 "expected a whole number of megabits per second, 0 or more",
             )
         })?;
+    }
+    if let (Some(r), false) = (&v.relay_total_mbps, given(m, "relay_total_mbps")) {
+        cli.relay_total_mbps = count(file, "relay-total-mbps", r, "megabits per second")?;
+    }
+    if let (Some(b), false) = (v.require_token, given(m, "require_token")) {
+        cli.require_token = b;
+    }
+    if let (Some(r), false) = (&v.new_nodes_per_minute, given(m, "new_nodes_per_minute")) {
+        cli.new_nodes_per_minute = count(file, "new-nodes-per-minute", r, "nodes per minute")?;
+    }
+    if let (Some(r), false) = (&v.control_rate, given(m, "control_rate")) {
+        cli.control_rate = count(file, "control-rate", r, "messages per second")?;
     }
     if let (Some(list), false) = (&v.relay, given(m, "relays")) {
         cli.relays = list
@@ -250,6 +282,10 @@ state-dir = "/srv/reg"
 database = "postgres://pilot:secret@192.0.2.5:5433/reg"
 network = "10.99.0.0/16"
 relay-mbps = 50
+control-rate = 7
+require-token = true
+new-nodes-per-minute = 5
+relay-total-mbps = 900
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
 stun-alt-port = 0
@@ -272,6 +308,13 @@ log-format = "json"
                 "10.99.0.0/16",
                 "--relay-mbps",
                 "50",
+                "--control-rate",
+                "7",
+                "--require-token",
+                "--new-nodes-per-minute",
+                "5",
+                "--relay-total-mbps",
+                "900",
                 "--relay",
                 "192.0.2.1:7010",
                 "--relay",
@@ -328,6 +371,10 @@ log-format = "json"
             (
                 "relay = [\"192.0.2.1:1\",\n  \"x\"]\n",
                 "2: `relay`: expected an IP address",
+            ),
+            (
+                "control-rate = -5\n",
+                "1: `control-rate`: expected a whole number of messages per second",
             ),
             (
                 "stun-alt-port = 70000\n",

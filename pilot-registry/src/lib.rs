@@ -22,6 +22,7 @@
 //! - [`pool`], [`names`]: the address pool and hostname rules.
 //! - [`storage`]: persistence behind one trait (SQLite);
 //!   [`storage_pg`]: the same on PostgreSQL.
+//! - [`operator`]: the operator's offline commands (join tokens, nodes).
 //! - [`stats`], [`state`]: counters; the key file and join URL.
 //! - [`audit`]: the audit log's writer thread and per-minute counts.
 
@@ -30,6 +31,7 @@ pub mod audit;
 pub mod fleet;
 pub mod mailbox;
 pub mod names;
+pub mod operator;
 pub mod pool;
 pub mod registrar;
 pub mod relay;
@@ -47,7 +49,7 @@ pub mod store;
 pub mod view;
 pub mod web;
 
-pub use server::{Config, Registry};
+pub use server::{Config, Limits, Registry};
 pub use stats::Stats;
 pub use storage::{SqliteStorage, Storage};
 pub use storage_pg::PgStorage;

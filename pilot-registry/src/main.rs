@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use pilot_proto::join::JoinUrl;
-use pilot_registry::{pool, server, state, Config, PgStorage, Registry, SqliteStorage, Storage};
+use pilot_registry::{
+    pool, server, state, Config, Limits, PgStorage, Registry, SqliteStorage, Storage,
+};
 use pilot_service::logging::{self, LogFormat};
 use pilot_service::{notify, ports};
 
@@ -69,8 +71,27 @@ struct Cli {
     network: Ipv4Net,
     /// Relay bandwidth per node, in megabits per second (relayed traffic is
     /// opaque ciphertext between two nodes that approved each other).
+    /// 0: no relaying.
     #[arg(long, default_value_t = 400)]
     relay_mbps: u32,
+    /// Relay bandwidth for all nodes together, in megabits per second.
+    /// 0: no relaying.
+    #[arg(long, default_value_t = server::DEFAULT_RELAY_TOTAL_MBPS)]
+    relay_total_mbps: u32,
+    /// Control messages each node's session may send per second (twice as
+    /// many in a burst); more are answered "busy". Pings do not count.
+    /// 0: no limit.
+    #[arg(long, default_value_t = pilot_registry::sessions::DEFAULT_CONTROL_RATE)]
+    control_rate: u32,
+    /// Register a node id this registry does not know only with a valid
+    /// join token (`pilot-registry token create`; the join URL carries it
+    /// as ?token=). Nodes already registered need none.
+    #[arg(long)]
+    require_token: bool,
+    /// New node ids registered per source address and minute (a burst of
+    /// as many); more are refused until the budget refills. 0: no limit.
+    #[arg(long, default_value_t = server::DEFAULT_NEW_NODES_PER_MINUTE)]
+    new_nodes_per_minute: u32,
     /// A relay-only instance next to this registry, to tell every node about
     /// (repeatable). Start it with --relay-only on the same --state-dir.
     #[arg(long = "relay")]
@@ -115,6 +136,15 @@ enum RegistryCommand {
     /// Works whether or not the registry runs.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Join tokens, for a registry started with --require-token: a node id
+    /// it does not know registers only with one (the join URL carries it
+    /// as ?token=). Works on the database whether or not the registry runs.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The registered nodes, read from the database (whether or not the
+    /// registry runs).
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Print a shell completion script, e.g.
     /// `pilot-registry completions bash > /etc/bash_completion.d/pilot-registry`.
     Completions {
@@ -129,6 +159,48 @@ enum RegistryCommand {
         /// directory.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token; prints it and the join URL carrying it (from
+    /// <state-dir>/join-url, which the registry writes on start). Only its
+    /// SHA-256 is kept: it cannot be shown again.
+    Create {
+        /// Registrations it allows (default: no limit).
+        #[arg(long, value_name = "N")]
+        uses: Option<u64>,
+        /// How long it is valid: 30m, 12h, 7d, ... (default: no expiry).
+        #[arg(long, value_name = "AGE")]
+        expires: Option<String>,
+    },
+    /// The tokens kept: id, uses, state.
+    List,
+    /// Revoke a token by its id (from `token list`): it admits nobody
+    /// from then on (nodes it admitted stay).
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodesCommand {
+    /// Every registered node: id, address, hostname, endpoints.
+    List {
+        /// One JSON document (schema in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node: its hostname is free at once, its statements,
+    /// pending pushes and certificate go; its address stays taken (a
+    /// tombstone: other nodes' rules may name it). A running registry
+    /// forgets it with the node's control session; the node can join
+    /// again only as a new node (with a token under --require-token).
+    Remove {
+        /// Its node id or hostname.
+        node: String,
     },
 }
 
@@ -242,6 +314,133 @@ fn audit(dir: &std::path::Path, cmd: AuditCommand) -> Result<i32> {
     }
 }
 
+/// The database the registry keeps (SQLite in the state directory, or
+/// --database), and a name for it in messages.
+fn open_storage(cli: &mut Cli) -> Result<(Box<dyn Storage>, String)> {
+    Ok(match cli.database.take() {
+        Some(url) => {
+            let at = database_name(&url);
+            let s = PgStorage::open(url).with_context(|| {
+                format!("cannot open the registry database {at} (is PostgreSQL running there, and do the user, password and database name in --database match?)")
+            })?;
+            (Box::new(s), at)
+        }
+        None => {
+            let db = cli.state_dir.join("registry.db");
+            let s = SqliteStorage::open(&db)
+                .with_context(|| format!("cannot open the registry database {}", db.display()))?;
+            (Box::new(s), db.display().to_string())
+        }
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `pilot-registry token …`.
+fn token(cli: &mut Cli, cmd: TokenCommand) -> Result<()> {
+    use pilot_registry::operator;
+    if let TokenCommand::Create {
+        expires: Some(e), ..
+    } = &cmd
+    {
+        pilot_proto::lifetime::parse(e).with_context(|| format!("--expires {e}"))?;
+    }
+    let (mut s, at) = open_storage(cli)?;
+    let now = unix_now();
+    match cmd {
+        TokenCommand::Create { uses, expires } => {
+            let expires_at = expires
+                .map(|e| pilot_proto::lifetime::parse(&e).map(|age| now.saturating_add(age)))
+                .transpose()?;
+            let t = operator::create_token(&mut *s, uses, expires_at, now)
+                .with_context(|| format!("cannot keep the token in {at}"))?;
+            println!("token: {}", t.token);
+            println!("{}", operator::token_line(&t.row, now));
+            let file = cli.state_dir.join("join-url");
+            match std::fs::read_to_string(&file).ok().and_then(|u| u.trim().parse::<JoinUrl>().ok()) {
+                Some(mut join) => {
+                    join.token = Some(t.token);
+                    println!("join: {}", join.with_query());
+                }
+                None => println!(
+                    "join: <the registry's join URL>?token={} ({} is not there yet: the registry writes it on start)",
+                    t.token,
+                    file.display()
+                ),
+            }
+        }
+        TokenCommand::List => {
+            let all = s
+                .tokens()
+                .with_context(|| format!("cannot read the tokens in {at}"))?;
+            if all.is_empty() {
+                println!("no join tokens (make one with `pilot-registry token create`)");
+            }
+            for t in &all {
+                println!("{}", operator::token_line(t, now));
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            if !s
+                .revoke_token(&id)
+                .with_context(|| format!("cannot revoke in {at}"))?
+            {
+                bail!("no token with id {id} (see `pilot-registry token list`)");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `pilot-registry nodes …`.
+fn nodes(cli: &mut Cli, cmd: NodesCommand) -> Result<()> {
+    let (mut s, at) = open_storage(cli)?;
+    match cmd {
+        NodesCommand::Remove { node } => {
+            match pilot_registry::operator::remove_node(&mut *s, &node, unix_now())
+                .with_context(|| format!("cannot remove {node} from {at}"))?
+            {
+                Some(n) => println!(
+                    "removed {} ({}, {}); its address stays taken",
+                    n.id,
+                    n.hostname.as_deref().unwrap_or("no hostname"),
+                    n.address
+                ),
+                None => {
+                    bail!("no node with id or hostname {node} (see `pilot-registry nodes list`)")
+                }
+            }
+        }
+        NodesCommand::List { json } => {
+            let list = pilot_registry::operator::list_nodes(&*s)
+                .with_context(|| format!("cannot read the nodes in {at}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            for n in &list.nodes {
+                println!(
+                    "{}  {:<15} {:<24} {}",
+                    n.id,
+                    n.address,
+                    n.hostname.as_deref().unwrap_or("-"),
+                    n.endpoints
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A bind failure, with the fix: who holds a busy port, or which flag
 /// chooses another address.
 fn bind_error(addr: SocketAddr, e: std::io::Error, flag: &str) -> anyhow::Error {
@@ -292,6 +491,8 @@ fn run() -> Result<()> {
             let code = audit(&cli.state_dir, cmd)?;
             std::process::exit(code);
         }
+        Some(RegistryCommand::Token(cmd)) => return token(&mut cli, cmd),
+        Some(RegistryCommand::Nodes(cmd)) => return nodes(&mut cli, cmd),
         Some(RegistryCommand::Completions { shell }) => {
             use clap::CommandFactory;
             return Ok(shell_docs::print(&shell_docs::completions(
@@ -330,21 +531,7 @@ fn run() -> Result<()> {
         );
     }
     let secret = state::load_or_create_key(&cli.state_dir)?;
-    let (storage, database): (Box<dyn Storage>, String) = match cli.database.take() {
-        Some(url) => {
-            let at = database_name(&url);
-            let s = PgStorage::open(url).with_context(|| {
-                format!("cannot open the registry database {at} (is PostgreSQL running there, and do the user, password and database name in --database match?)")
-            })?;
-            (Box::new(s), at)
-        }
-        None => {
-            let db = cli.state_dir.join("registry.db");
-            let s = SqliteStorage::open(&db)
-                .with_context(|| format!("cannot open the registry database {}", db.display()))?;
-            (Box::new(s), db.display().to_string())
-        }
-    };
+    let (storage, database) = open_storage(&mut cli)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -356,6 +543,7 @@ fn run() -> Result<()> {
         let join = JoinUrl {
             key: server::public_key(&secret),
             addr: advertise,
+            token: None,
         };
         if cli.relay_only {
             println!(
@@ -386,7 +574,13 @@ fn run() -> Result<()> {
             },
             storage,
         )
-        .with_audit(&cli.state_dir);
+        .with_audit(&cli.state_dir)
+        .with_limits(Limits {
+            control_rate: cli.control_rate,
+            relay_total_rate: cli.relay_total_mbps.saturating_mul(125_000),
+            require_token: cli.require_token,
+            new_nodes_per_minute: cli.new_nodes_per_minute,
+        });
         if let Some(addr) = cli.metrics {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen on {addr} for --metrics (is the port in use, or the address not on this host?)")

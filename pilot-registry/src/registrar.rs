@@ -7,15 +7,22 @@ use std::net::SocketAddr;
 
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
-use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement};
+use pilot_proto::messages::{self, PushItem, Registration, Signed, Statement, StatementKind};
 use pilot_proto::succession::Succession;
+use tracing::debug;
 
 use crate::names::{self, NameDecision};
 use crate::pool;
-use crate::storage::{NodeRow, Storage, StorageError};
+use crate::storage::{NodeRow, Storage, StorageError, TokenUse};
 
 /// Most pushes sent to a node at once; the rest follow once it acknowledged.
 pub const PUSH_BATCH: usize = 16;
+
+/// Most pushes kept for one node ([`over_the_cap`]): a flood of
+/// statements to a node that is offline costs the disk this much, not
+/// what the senders would like. Beyond it, superseded pushes go first,
+/// then the oldest trust requests; a revocation is never dropped.
+pub const MAX_INBOX: usize = 256;
 
 /// The result of a registration.
 // One per request, moved straight into its answer: boxing the row would
@@ -39,6 +46,123 @@ pub enum RegisterOutcome {
     PoolExhausted,
     /// The identity was succeeded (identity rotation): refused for good.
     Retired,
+    /// A new identity was not admitted ([`Joining`]): no valid join token,
+    /// or too many new identities from its source address. Why, for the
+    /// node's operator.
+    NotAdmitted(String),
+}
+
+/// The rules for identities the registry does not know yet (a node it
+/// knows registers again without either): a join token, and a rate of new
+/// identities per source address.
+#[derive(Debug)]
+pub struct Joining {
+    /// A new identity needs a valid join token (`--require-token`).
+    pub require_token: bool,
+    /// New identities per source address and minute (a burst of as many;
+    /// 0: no limit).
+    pub per_minute: u32,
+    /// Per source address: new identities it may still register, and when
+    /// that was counted (bounded like the handshake limiter's table).
+    budget: std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
+}
+
+/// Source addresses whose budget of new identities is kept at most.
+const MAX_SOURCES: usize = 65_536;
+
+impl Joining {
+    /// Rules: tokens required or not, `per_minute` new identities per
+    /// source (0: no limit).
+    pub fn new(require_token: bool, per_minute: u32) -> Self {
+        Joining {
+            require_token,
+            per_minute,
+            budget: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Takes one new identity from `source`'s budget; false if it has none
+    /// left. Past [`MAX_SOURCES`] sources the full ones are forgotten; if
+    /// none is, a new source is refused until some refill.
+    fn allow(&mut self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        if self.per_minute == 0 {
+            return true;
+        }
+        let rate = f64::from(self.per_minute) / 60.0;
+        let burst = f64::from(self.per_minute);
+        let full = |(t, at): &(f64, std::time::Instant)| {
+            t + now.saturating_duration_since(*at).as_secs_f64() * rate >= burst
+        };
+        if self.budget.len() >= MAX_SOURCES && !self.budget.contains_key(&source) {
+            self.budget.retain(|_, b| !full(b));
+            if self.budget.len() >= MAX_SOURCES {
+                return false;
+            }
+        }
+        let (tokens, at) = self.budget.entry(source).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sources whose budget is kept.
+    pub fn sources(&self) -> usize {
+        self.budget.len()
+    }
+}
+
+impl Default for Joining {
+    /// No token needed, no rate: every new identity is admitted.
+    fn default() -> Self {
+        Joining::new(false, 0)
+    }
+}
+
+/// SHA-256 of a join token: what the registry keeps and looks up.
+pub fn token_hash(token: &[u8; 16]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Whether a new identity from `observed` with `token` is admitted: its
+/// source's budget first (a refused one costs no token use), then one use
+/// of a valid token if tokens are required (counted atomically in storage).
+fn admit_new(
+    s: &mut dyn Storage,
+    joining: &mut Joining,
+    token: Option<&[u8; 16]>,
+    observed: SocketAddr,
+    unix: u64,
+) -> Result<Option<String>, StorageError> {
+    if !joining.allow(observed.ip(), std::time::Instant::now()) {
+        return Ok(Some(format!(
+            "too many new nodes from {} (at most {} a minute); try again later",
+            observed.ip(),
+            joining.per_minute
+        )));
+    }
+    if !joining.require_token {
+        return Ok(None);
+    }
+    let Some(token) = token else {
+        return Ok(Some(
+            "this registry admits new nodes only with a join token: ask its operator for a join URL that ends in ?token=... (pilot-registry token create)".into(),
+        ));
+    };
+    Ok(match s.use_token(&token_hash(token), unix)? {
+        TokenUse::Used => None,
+        TokenUse::Unknown => Some("the join token is not one this registry issued".into()),
+        TokenUse::Expired => Some("the join token has expired; ask for a new one".into()),
+        TokenUse::UsedUp => Some("the join token has been used up; ask for a new one".into()),
+        TokenUse::Revoked => Some("the join token was revoked; ask for a new one".into()),
+    })
 }
 
 /// The result of a succession handed in by a rotated node.
@@ -104,8 +228,31 @@ pub fn register(
     network: Ipv4Net,
     observed: SocketAddr,
 ) -> Result<RegisterOutcome, StorageError> {
+    register_new(s, reg, network, observed, None, &mut Joining::default())
+}
+
+/// [`register`], admitting an identity not registered yet only under the
+/// `joining` rules (with `token`, if it came with one). A known node, or a
+/// retired one, is decided as before; its token is not used.
+pub fn register_new(
+    s: &mut dyn Storage,
+    reg: &Signed<Registration>,
+    network: Ipv4Net,
+    observed: SocketAddr,
+    token: Option<&[u8; 16]>,
+    joining: &mut Joining,
+) -> Result<RegisterOutcome, StorageError> {
     if !reg.verify() {
         return Ok(RegisterOutcome::BadSignature);
+    }
+    let id = reg.body.identity.node_id();
+    if s.node(&id)?.is_none() && s.successor(&id)?.is_none() {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(why) = admit_new(s, joining, token, observed, unix)? {
+            return Ok(RegisterOutcome::NotAdmitted(why));
+        }
     }
     let digest = digest(reg);
     match register_once(s, &reg.body, digest, network, observed) {
@@ -298,7 +445,59 @@ pub fn store_statement(
         Some(seq) if st.body.seq < seq => return Ok(StatementOutcome::Replayed),
         _ => {}
     }
-    Ok(StatementOutcome::Stored(s.put_statement(st)?))
+    let push = s.put_statement(st)?;
+    let inbox = s.inbox(&st.body.to)?;
+    let drop = over_the_cap(&inbox, MAX_INBOX);
+    for id in &drop {
+        s.ack(&st.body.to, *id)?;
+    }
+    if !drop.is_empty() {
+        debug!(to = %st.body.to, dropped = drop.len(), "inbox full: superseded pushes and the oldest requests dropped");
+    }
+    Ok(StatementOutcome::Stored(push))
+}
+
+/// Which pushes of an inbox (oldest first) go when more than `keep` wait:
+/// first each push a newer one of the same sender supersedes (statements
+/// are newest-wins, so the recipient loses nothing), then the oldest
+/// trust requests (the asker can ask again), until `keep` remain. A
+/// revocation, approval or denial that is its sender's newest is never
+/// dropped; there is at most one per sender, so a flood from one node (or
+/// a few) cannot grow an inbox past `keep` and many senders can only
+/// displace requests.
+pub fn over_the_cap(inbox: &[(u64, Signed<Statement>)], keep: usize) -> Vec<u64> {
+    if inbox.len() <= keep {
+        return vec![];
+    }
+    let mut newest = std::collections::HashMap::new();
+    for (i, (_, st)) in inbox.iter().enumerate() {
+        newest.insert(st.body.from.node_id(), i);
+    }
+    let superseded = |i: usize, st: &Signed<Statement>| newest[&st.body.from.node_id()] != i;
+    let mut drop: Vec<u64> = inbox
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, st))| superseded(*i, st))
+        .map(|(_, (id, _))| *id)
+        .collect();
+    let over = (inbox.len() - drop.len()).saturating_sub(keep);
+    drop.extend(
+        inbox
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, st))| !superseded(*i, st) && is_request(st))
+            .map(|(_, (id, _))| *id)
+            .take(over),
+    );
+    drop
+}
+
+/// A trust request (plain or scoped): the only kind a full inbox drops.
+fn is_request(st: &Signed<Statement>) -> bool {
+    matches!(
+        st.body.kind,
+        StatementKind::Request { .. } | StatementKind::RequestScoped { .. }
+    )
 }
 
 /// Records that a node now shows up at `observed` (it roamed): the observed
@@ -345,7 +544,6 @@ mod tests {
     use super::*;
     use crate::storage::SqliteStorage;
     use pilot_proto::identity::Identity;
-    use pilot_proto::messages::StatementKind;
 
     fn id(n: u8) -> Identity {
         Identity::from_bytes(&[n; 64])
@@ -501,6 +699,224 @@ mod tests {
         // The old name is free again.
         let (n, _) = ok(register(&mut s, &reg(&id(2), 1, Some("alpha")), net(), obs()).unwrap());
         assert_eq!(n.hostname.as_deref(), Some("alpha"));
+    }
+
+    /// An identity for each of more than 256 senders.
+    fn many(n: u16) -> Identity {
+        let mut b = [7u8; 64];
+        b[..2].copy_from_slice(&n.to_le_bytes());
+        Identity::from_bytes(&b)
+    }
+
+    /// A node is offline while a flood comes in: one sender resending
+    /// requests, and more senders than the cap each asking once, between
+    /// a revocation and an approval that came first. The inbox holds the
+    /// cap, the revocation and the approval survive, the one sender
+    /// counts once, and the newest requests are the ones kept.
+    #[test]
+    fn a_flood_to_an_offline_node_is_capped_and_keeps_its_revocation() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let target = id(9);
+        register(&mut s, &reg(&target, 1, None), net(), obs()).unwrap();
+        let request = |n: u16, seq| StatementKind::Request {
+            note: format!("{n}/{seq}"),
+        };
+        let stored = |s: &mut SqliteStorage, st| {
+            assert!(matches!(
+                store_statement(s, &st).unwrap(),
+                StatementOutcome::Stored(_)
+            ))
+        };
+        let (revoker, approver, loud) = (many(1), many(2), many(3));
+        stored(
+            &mut s,
+            statement(&revoker, &target, StatementKind::Revoke, 1),
+        );
+        stored(
+            &mut s,
+            statement(&approver, &target, StatementKind::Approve, 1),
+        );
+        for seq in 1..=40 {
+            stored(&mut s, statement(&loud, &target, request(3, seq), seq));
+        }
+        let senders = MAX_INBOX as u16 + 100;
+        for n in 0..senders {
+            let from = many(1000 + n);
+            stored(&mut s, statement(&from, &target, request(n, 1), 1));
+            assert!(s.inbox(&target.node_id()).unwrap().len() <= MAX_INBOX);
+        }
+        let inbox = s.inbox(&target.node_id()).unwrap();
+        assert_eq!(inbox.len(), MAX_INBOX, "the cap holds");
+        let from = |i: &Identity| {
+            inbox
+                .iter()
+                .filter(|(_, st)| st.body.from.node_id() == i.node_id())
+                .map(|(_, st)| st.body.kind.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from(&revoker), [StatementKind::Revoke], "kept");
+        assert_eq!(from(&approver), [StatementKind::Approve], "kept");
+        assert!(
+            from(&loud).is_empty(),
+            "its newest request was among the oldest"
+        );
+        // The newest requests are the ones waiting, oldest first.
+        let kept: Vec<u16> = (senders - (MAX_INBOX as u16 - 2)..senders).collect();
+        let got: Vec<StatementKind> = inbox[2..]
+            .iter()
+            .map(|(_, st)| st.body.kind.clone())
+            .collect();
+        let want: Vec<StatementKind> = kept.iter().map(|n| request(*n, 1)).collect();
+        assert_eq!(got, want);
+        // Nothing else was touched: statements stay newest-wins.
+        assert_eq!(
+            s.statement_seq(&loud.node_id(), &target.node_id()).unwrap(),
+            Some(40)
+        );
+    }
+
+    fn not_admitted(o: RegisterOutcome) -> String {
+        match o {
+            RegisterOutcome::NotAdmitted(why) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Under --require-token: a new node id without a token, or with a
+    /// wrong, used-up, expired or revoked one, is refused with why; a
+    /// valid one admits it and counts once; a known node registers again
+    /// without one, and its token is not used again.
+    #[test]
+    fn a_new_node_needs_a_valid_token_and_a_known_one_does_not() {
+        use crate::operator::create_token;
+        use crate::storage::Storage;
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut j = Joining::new(true, 0);
+        let once = create_token(&mut s, Some(1), None, now).unwrap().token.0;
+        let mut go = |s: &mut SqliteStorage, n: u8, seq, token: Option<[u8; 16]>| {
+            register_new(
+                s,
+                &reg(&id(n), seq, None),
+                net(),
+                obs(),
+                token.as_ref(),
+                &mut j,
+            )
+            .unwrap()
+        };
+        let why = not_admitted(go(&mut s, 1, 1, None));
+        assert!(why.contains("only with a join token"), "{why}");
+        assert!(why.contains("token create"), "{why}");
+        let why = not_admitted(go(&mut s, 1, 1, Some([0; 16])));
+        assert!(why.contains("not one this registry issued"), "{why}");
+        assert_eq!(s.node_count().unwrap(), 0);
+        ok(go(&mut s, 1, 1, Some(once)));
+        let why = not_admitted(go(&mut s, 2, 1, Some(once)));
+        assert!(why.contains("used up"), "{why}");
+        // Known now: no token needed, and the used one is not counted.
+        ok(go(&mut s, 1, 2, None));
+        ok(go(&mut s, 1, 3, Some(once)));
+        assert_eq!(s.tokens().unwrap()[0].used, 1);
+        let old = create_token(&mut s, None, Some(now - 1), now - 100).unwrap();
+        let why = not_admitted(go(&mut s, 3, 1, Some(old.token.0)));
+        assert!(why.contains("expired"), "{why}");
+        let many = create_token(&mut s, None, None, now).unwrap();
+        ok(go(&mut s, 4, 1, Some(many.token.0)));
+        assert!(s.revoke_token(&many.row.id).unwrap());
+        let why = not_admitted(go(&mut s, 5, 1, Some(many.token.0)));
+        assert!(why.contains("revoked"), "{why}");
+        assert_eq!(s.node_count().unwrap(), 2);
+    }
+
+    /// A flood of new node ids from one source address is throttled while
+    /// another source registers normally, and known nodes are not counted.
+    #[test]
+    fn new_node_ids_are_limited_per_source_address() {
+        let mut s = SqliteStorage::in_memory().unwrap();
+        let mut j = Joining::new(false, 5);
+        let (flood, other): (SocketAddr, SocketAddr) = (
+            "203.0.113.7:4000".parse().unwrap(),
+            "198.51.100.8:4000".parse().unwrap(),
+        );
+        let mut refused = 0;
+        for n in 0..20u16 {
+            match register_new(&mut s, &reg(&many(n), 1, None), net(), flood, None, &mut j).unwrap()
+            {
+                RegisterOutcome::Ok { .. } => {}
+                RegisterOutcome::NotAdmitted(why) => {
+                    assert!(why.contains("too many new nodes from 203.0.113.7"), "{why}");
+                    refused += 1;
+                }
+                o => panic!("{o:?}"),
+            }
+        }
+        assert_eq!(refused, 15, "a burst of 5");
+        ok(register_new(
+            &mut s,
+            &reg(&many(100), 1, None),
+            net(),
+            other,
+            None,
+            &mut j,
+        )
+        .unwrap());
+        // The five admitted register again as often as they like.
+        for seq in 2..10 {
+            ok(register_new(
+                &mut s,
+                &reg(&many(0), seq, None),
+                net(),
+                flood,
+                None,
+                &mut j,
+            )
+            .unwrap());
+        }
+        assert_eq!(j.sources(), 2);
+    }
+
+    #[test]
+    fn the_source_table_is_bounded() {
+        let mut j = Joining::new(false, 60);
+        let now = std::time::Instant::now();
+        for n in 0..(MAX_SOURCES as u32 + 100) {
+            let ip = std::net::IpAddr::from(std::net::Ipv6Addr::from(u128::from(n)));
+            let _ = j.allow(ip, now);
+            assert!(j.sources() <= MAX_SOURCES);
+        }
+        // A minute later every budget is full again: room for new sources.
+        let later = now + std::time::Duration::from_secs(61);
+        assert!(j.allow("192.0.2.1".parse().unwrap(), later));
+        assert!(j.sources() <= MAX_SOURCES);
+    }
+
+    #[test]
+    fn the_cap_drops_superseded_pushes_first_then_the_oldest_requests() {
+        let (t, a, r, c) = (id(9), id(1), id(2), id(3));
+        let request = StatementKind::Request { note: "hi".into() };
+        let inbox: Vec<(u64, Signed<Statement>)> = [
+            statement(&a, &t, request.clone(), 1),
+            statement(&r, &t, StatementKind::Revoke, 1),
+            statement(&a, &t, request.clone(), 2),
+            statement(&c, &t, request.clone(), 1),
+            statement(&r, &t, StatementKind::Revoke, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, st)| (i as u64 + 10, st))
+        .collect();
+        assert_eq!(over_the_cap(&inbox, 5), Vec::<u64>::new(), "not over");
+        assert_eq!(over_the_cap(&inbox, 4), [10, 11], "superseded, all of them");
+        assert_eq!(over_the_cap(&inbox, 2), [10, 11, 12]);
+        assert_eq!(
+            over_the_cap(&inbox, 0),
+            [10, 11, 12, 13],
+            "the revocation stays"
+        );
     }
 
     #[test]

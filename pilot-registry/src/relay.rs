@@ -1,6 +1,7 @@
 //! The relay: forwards tunnel datagrams between two online nodes that
 //! approved each other, unread (it holds no key to them), within each
-//! sender's bandwidth budget.
+//! sender's bandwidth budget and the relay's budget in all (a rate of 0
+//! for either means no relaying).
 //!
 //! Whether a pair approved each other comes from an in-memory view that the
 //! relay keeps warm, never from a disk read on the packet path: entries are
@@ -33,6 +34,11 @@ const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Datagrams held per pair, and in all, while the relay learns a pair.
 const HELD_PER_PAIR: usize = 8;
 const HELD_TOTAL: usize = 256;
+/// Approvals kept in the view: each stored statement adds one, so the view
+/// is bounded by more than the minute an unused one lives. When it is full,
+/// unused entries go; if all are in use, a new one is not kept (the pair
+/// is read from storage when it is used).
+const MAX_APPROVALS: usize = 1 << 16;
 /// Questions to the storage thread at once: a node that sprays datagrams at
 /// many peers cannot fill the storage queue that registrations need.
 const MAX_ASKED: usize = 64;
@@ -64,6 +70,10 @@ pub struct Relay {
     held: HashMap<Pair, Vec<Vec<u8>>>,
     held_total: usize,
     limiter: RateLimiter<NodeId>,
+    /// The budget of all senders together ([`Relay::with_total`]).
+    total: Option<RateLimiter<()>>,
+    /// A rate of 0 was given: nothing is relayed.
+    off: bool,
     /// When each pair last had a datagram forwarded (for the gauge of pairs
     /// in use; forgotten after [`ACTIVE_FOR`]).
     active: HashMap<Pair, Instant>,
@@ -79,16 +89,28 @@ enum Known {
 }
 
 impl Relay {
-    /// A relay allowing each node `rate` bytes per second.
+    /// A relay allowing each node `rate` bytes per second (0: none).
     pub fn new(rate: u32) -> Self {
         Relay {
             approvals: HashMap::new(),
             asked: HashMap::new(),
             held: HashMap::new(),
             held_total: 0,
-            limiter: RateLimiter::new(rate, rate.max(1 << 20) / 4),
+            // A limiter's buckets must refill (it divides by the rate):
+            // with rate 0 it is never asked.
+            limiter: RateLimiter::new(rate.max(1), rate.max(1 << 20) / 4),
+            total: None,
+            off: rate == 0,
             active: HashMap::new(),
         }
+    }
+
+    /// Also caps the bytes per second relayed for all nodes together
+    /// (0: none).
+    pub fn with_total(mut self, rate: u32) -> Self {
+        self.total = Some(RateLimiter::new(rate.max(1), rate.max(1 << 20) / 4));
+        self.off |= rate == 0;
+        self
     }
 
     /// Pairs (sender, recipient) forwarded for within the last
@@ -99,6 +121,12 @@ impl Relay {
 
     /// Records what storage now says (a statement was stored, or read).
     pub fn set(&mut self, from: NodeId, to: NodeId, approves: bool, now: Instant) {
+        if self.approvals.len() >= MAX_APPROVALS && !self.approvals.contains_key(&(from, to)) {
+            self.approvals.retain(|_, e| e.used);
+            if self.approvals.len() >= MAX_APPROVALS {
+                return;
+            }
+        }
         let used = self.approvals.get(&(from, to)).is_some_and(|a| a.used);
         self.approvals.insert(
             (from, to),
@@ -176,6 +204,10 @@ impl Relay {
             bump(&stats.dropped_malformed);
             return Verdict::Drop;
         };
+        if self.off {
+            bump(&stats.relay_limited);
+            return Verdict::Drop;
+        }
         let Some(src) = sessions.node_at(&from) else {
             bump(&stats.relay_refused);
             return Verdict::Drop;
@@ -228,7 +260,10 @@ impl Relay {
             return Verdict::Drop;
         };
         let to = to.addr;
-        if !self.limiter.allow_n(&src, buf.len() as u32, now) {
+        let len = buf.len() as u32;
+        if !self.limiter.allow_n(&src, len, now)
+            || !self.total.as_mut().is_none_or(|t| t.allow_n(&(), len, now))
+        {
             bump(&stats.relay_limited);
             return Verdict::Drop;
         }
@@ -583,5 +618,67 @@ mod tests {
             .count();
         assert!((250..300).contains(&sent), "{sent} datagrams of 1 kB");
         assert!(l.stats.relay_limited.load(Relaxed) > 100);
+    }
+
+    #[tokio::test]
+    async fn all_senders_share_the_total_budget() {
+        // Each sender may send 1 GB/s, all together 1 MB/s (a burst of a
+        // quarter MB): a and b together get what one would alone.
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        l.relay = Relay::new(1 << 30).with_total(1 << 20);
+        let now = Instant::now();
+        let (a, b) = (l.a, l.b);
+        l.send(&mut datagram(b, 10), 1, now);
+        l.learn(now).await;
+        let sent = (0..200)
+            .filter(|_| l.send(&mut datagram(b, 1000), 1, now) != Verdict::Drop)
+            .count()
+            + (0..200)
+                .filter(|_| l.send(&mut datagram(a, 1000), 2, now) != Verdict::Drop)
+                .count();
+        assert!((250..300).contains(&sent), "{sent} datagrams of 1 kB");
+    }
+
+    #[tokio::test]
+    async fn a_rate_of_zero_relays_nothing() {
+        for relay in [Relay::new(0), Relay::new(1 << 30).with_total(0)] {
+            let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+            l.relay = relay;
+            let now = Instant::now();
+            let b = l.b;
+            for i in 0..100u64 {
+                let t = now + Duration::from_secs(i);
+                assert_eq!(l.send(&mut datagram(b, 1000), 1, t), Verdict::Drop);
+            }
+            assert_eq!(l.stats.relay_limited.load(Relaxed), 100);
+            assert_eq!(l.stats.relayed.load(Relaxed), 0);
+            assert!(l.done.try_recv().is_err(), "storage is not even asked");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_approval_view_is_bounded() {
+        let mut l = lab(&[(0, 1), (1, 0)], 1 << 30);
+        let now = Instant::now();
+        let (a, b) = (l.a, l.b);
+        l.relay.set(a, b, true, now);
+        l.relay.set(b, a, true, now);
+        // The pair is in use.
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, now),
+            Verdict::Forward(addr(2))
+        );
+        // A flood of stored statements between other nodes.
+        for n in 0..(MAX_APPROVALS as u32 + 1000) {
+            let mut x = [0u8; 16];
+            x[..4].copy_from_slice(&n.to_le_bytes());
+            l.relay.set(NodeId(x), b, true, now);
+            assert!(l.relay.approvals.len() <= MAX_APPROVALS);
+        }
+        // The pair in use was kept.
+        assert_eq!(
+            l.send(&mut datagram(b, 10), 1, now),
+            Verdict::Forward(addr(2))
+        );
     }
 }

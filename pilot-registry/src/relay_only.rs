@@ -42,7 +42,7 @@ impl RelayOnly {
             return vec![];
         };
         let msg = match msg {
-            ToRegistry::Register { req, reg } => {
+            ToRegistry::Register { req, reg } | ToRegistry::RegisterWithToken { req, reg, .. } => {
                 if conn.static_public != reg.body.identity.static_public {
                     bump(&cx.stats.refused);
                     error(

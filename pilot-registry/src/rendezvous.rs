@@ -131,7 +131,17 @@ impl Rendezvous {
             return vec![];
         };
         let node = conn.node;
+        let (msg, token) = match msg {
+            ToRegistry::RegisterWithToken { req, reg, token } => {
+                (ToRegistry::Register { req, reg }, Some(token))
+            }
+            msg => (msg, None),
+        };
         match (msg, node) {
+            (ToRegistry::RegisterWithToken { req, .. }, _) => one(
+                index,
+                error(req, ErrorCode::Invalid, "registration not understood"),
+            ),
             (ToRegistry::Register { req, reg }, _) => {
                 if conn.static_public != reg.body.identity.static_public {
                     bump(&cx.stats.refused);
@@ -149,6 +159,7 @@ impl Rendezvous {
                     ticket,
                     reg,
                     observed: from,
+                    token,
                 };
                 submit_or_busy(cx.store, &mut self.pending, ticket, job, cx.stats)
             }
@@ -559,6 +570,11 @@ impl Rendezvous {
                 ErrorCode::PoolExhausted,
                 "no free address in the overlay network",
             ),
+            Ok(RegisterOutcome::NotAdmitted(why)) => {
+                bump(&cx.stats.refused);
+                info!(%id, from = %observed, "new node not admitted: {why}");
+                error(req, ErrorCode::Invalid, &why)
+            }
             Ok(RegisterOutcome::Retired) => {
                 bump(&cx.stats.refused);
                 error(

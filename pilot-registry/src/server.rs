@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use pilot_proto::admission::{Admission, Refused};
+use pilot_proto::messages::{ErrorCode, ToRegistry};
 use pilot_proto::stun;
 use pilot_proto::wire::{self, Kind};
 use tokio::net::UdpSocket;
@@ -50,7 +51,8 @@ pub struct Config {
     pub secret: [u8; 32],
     /// The overlay network addresses come from.
     pub network: Ipv4Net,
-    /// Relay bandwidth each node may use, in bytes per second.
+    /// Relay bandwidth each node may use, in bytes per second (0: no
+    /// relaying).
     pub relay_rate: u32,
     /// Relay-only instances next to this registry, told to every node.
     pub relays: Vec<SocketAddr>,
@@ -58,6 +60,41 @@ pub struct Config {
     /// database, accepts the registration of known nodes (to learn their
     /// addresses) and forwards between nodes that approved each other.
     pub relay_only: bool,
+}
+
+/// Limits on what nodes may ask of the registry, with defaults
+/// ([`Registry::with_limits`]).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Control messages per second per session (twice as many in a
+    /// burst; 0: no limit). Pings are not counted.
+    pub control_rate: u32,
+    /// Bytes per second relayed for all nodes together (0: no relaying),
+    /// next to [`Config::relay_rate`] per node.
+    pub relay_total_rate: u32,
+    /// A node id the registry does not know registers only with a valid
+    /// join token (`--require-token`).
+    pub require_token: bool,
+    /// New node ids registered per source address and minute (a burst of
+    /// as many; 0: no limit).
+    pub new_nodes_per_minute: u32,
+}
+
+/// New node ids per source address and minute by default.
+pub const DEFAULT_NEW_NODES_PER_MINUTE: u32 = 60;
+
+/// The relay's budget for all nodes together by default: 1000 Mbit/s.
+pub const DEFAULT_RELAY_TOTAL_MBPS: u32 = 1000;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            control_rate: crate::sessions::DEFAULT_CONTROL_RATE,
+            relay_total_rate: DEFAULT_RELAY_TOTAL_MBPS * 125_000,
+            require_token: false,
+            new_nodes_per_minute: DEFAULT_NEW_NODES_PER_MINUTE,
+        }
+    }
 }
 
 impl Drop for Config {
@@ -92,6 +129,7 @@ pub struct Registry<S: Storage> {
     stats: Arc<Stats>,
     view: Arc<View>,
     audit_dir: Option<std::path::PathBuf>,
+    limits: Limits,
 }
 
 /// Ticks (half seconds) between two counts of the registered nodes.
@@ -135,7 +173,14 @@ impl<S: Storage + 'static> Registry<S> {
             storage,
             stats: Arc::new(Stats::default()),
             audit_dir: None,
+            limits: Limits::default(),
         }
+    }
+
+    /// Applies `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Keeps the audit log ([`crate::audit`]) in `dir` (the state
@@ -174,6 +219,7 @@ impl<S: Storage + 'static> Registry<S> {
             stats,
             view,
             audit_dir,
+            limits,
         } = self;
         let (sink, audit_thread) = match &audit_dir {
             Some(dir) => {
@@ -188,11 +234,12 @@ impl<S: Storage + 'static> Registry<S> {
         };
         let public = public_key(&config.secret);
         let admission = Admission::new(config.secret, &public);
-        let (store, mut done, store_thread) = Store::spawn_timed(
+        let (store, mut done, store_thread) = Store::spawn_joining(
             storage,
             config.network,
             store::DEFAULT_QUEUE_DEPTH,
             stats.clone(),
+            crate::registrar::Joining::new(limits.require_token, limits.new_nodes_per_minute),
         )?;
         let (gate, mut admitted, gate_thread) = Gate::spawn(
             admission.keys().clone(),
@@ -207,8 +254,8 @@ impl<S: Storage + 'static> Registry<S> {
         let mut core = Core {
             admission,
             gate,
-            sessions: Sessions::default(),
-            relay: Relay::new(config.relay_rate),
+            sessions: Sessions::new(limits.control_rate, crate::sessions::MAX_SESSIONS),
+            relay: Relay::new(config.relay_rate).with_total(limits.relay_total_rate),
             mailbox: Mailbox::default(),
             role,
             store,
@@ -332,6 +379,24 @@ async fn serve(
     }
 }
 
+/// The request id a message is answered under (an acknowledgement has
+/// none).
+fn request_id(msg: &ToRegistry) -> Option<u32> {
+    match msg {
+        ToRegistry::Register { req, .. }
+        | ToRegistry::RegisterWithToken { req, .. }
+        | ToRegistry::Lookup { req, .. }
+        | ToRegistry::Statement { req, .. }
+        | ToRegistry::Ping { req }
+        | ToRegistry::PublishCert { req, .. }
+        | ToRegistry::FindCerts { req, .. }
+        | ToRegistry::PublishRevocation { req, .. }
+        | ToRegistry::FindRevocations { req, .. }
+        | ToRegistry::Succeed { req, .. } => Some(*req),
+        ToRegistry::Ack { .. } => None,
+    }
+}
+
 /// What the loop does with a datagram after its role looked at it.
 enum Action {
     /// Send the (rewritten) datagram itself there.
@@ -420,6 +485,24 @@ impl Core {
                 let Some(msg) = opened.msg else {
                     return Action::Nothing;
                 };
+                // Pings cost nothing but the answer (and carry NAT
+                // keepalives); everything else counts against the budget.
+                if !matches!(msg, ToRegistry::Ping { .. })
+                    && !self.sessions.allow(opened.index, now)
+                {
+                    bump(&self.stats.control_limited);
+                    return match request_id(&msg) {
+                        Some(req) => Action::Reply(vec![Reply {
+                            to: opened.index,
+                            msg: crate::rendezvous::error(
+                                req,
+                                ErrorCode::Busy,
+                                "too many control messages from this node; try again in a moment",
+                            ),
+                        }]),
+                        None => Action::Nothing,
+                    };
+                }
                 let (role, mut cx) = self.split(now);
                 Action::Reply(match role {
                     Role::Registry(r) => r.on_message(opened.index, msg, from, &mut cx),
@@ -456,6 +539,7 @@ impl Core {
                     Ok(RegisterOutcome::Replayed) => "replayed",
                     Ok(RegisterOutcome::PoolExhausted) => "pool-exhausted",
                     Ok(RegisterOutcome::Retired) => "retired",
+                    Ok(RegisterOutcome::NotAdmitted(_)) => "not-admitted",
                     Err(_) => return,
                 };
                 self.audit.count(audit::Key {
@@ -806,6 +890,96 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(stats.relayed.load(Relaxed), 1);
         assert_eq!(stats.handshakes.load(Relaxed), 2);
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
+
+    /// A joined node floods lookups: past its budget they are answered
+    /// "busy" at once (nothing reaches storage) and counted; its pings
+    /// are still answered, and another node is not slowed.
+    #[tokio::test]
+    async fn a_session_flooding_control_messages_is_limited() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let secret = [7u8; 32];
+        let registry = Registry::new(
+            socket,
+            Config {
+                secret,
+                network: "10.77.0.0/16".parse().unwrap(),
+                relay_rate: 10_000_000,
+                relays: vec![],
+                relay_only: false,
+            },
+            crate::storage::SqliteStorage::in_memory().unwrap(),
+        )
+        .with_limits(Limits {
+            control_rate: 5,
+            ..Limits::default()
+        });
+        let stats = registry.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(registry.run(async {
+            let _ = stopped.await;
+        }));
+        let key = public_key(&secret);
+        let mut a = Client::connect(addr, &key, 1).await;
+        let mut b = Client::connect(addr, &key, 2).await;
+        for c in [&mut a, &mut b] {
+            let req = c.register(1).await;
+            assert!(matches!(
+                c.answer(req).await,
+                Some(FromRegistry::Registered { .. })
+            ));
+        }
+        let peer = messages::PeerRef::Id(b.id.node_id());
+        let mut reqs = vec![];
+        for _ in 0..30 {
+            let peer = peer.clone();
+            reqs.push(a.send(|req| ToRegistry::Lookup { req, peer }).await);
+        }
+        // Answers come in any order (the refusals at once, the lookups
+        // after storage): collect them all.
+        let (mut found, mut limited) = (0, 0);
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < reqs.len() {
+            let mut d = a.recv().await.expect("every request answered");
+            let Ok(n) = a.session.open(&mut d) else {
+                continue;
+            };
+            match messages::decode(&d[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap() {
+                FromRegistry::Peer { req, .. } => {
+                    found += 1;
+                    answered.insert(req);
+                }
+                FromRegistry::Error {
+                    req,
+                    code: messages::ErrorCode::Busy,
+                    message,
+                } if message.contains("too many control messages") => {
+                    limited += 1;
+                    answered.insert(req);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(answered, reqs.iter().copied().collect());
+        // The registration took one of the burst of 10.
+        assert!((9..=11).contains(&found), "{found} found");
+        assert_eq!(found + limited, 30);
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(stats.control_limited.load(Relaxed), limited as u64);
+        let req = a.send(|req| ToRegistry::Ping { req }).await;
+        assert!(matches!(
+            a.answer(req).await,
+            Some(FromRegistry::Pong { .. })
+        ));
+        let peer = messages::PeerRef::Id(a.id.node_id());
+        let req = b.send(|req| ToRegistry::Lookup { req, peer }).await;
+        assert!(matches!(
+            b.answer(req).await,
+            Some(FromRegistry::Peer { .. })
+        ));
         let _ = stop.send(());
         task.await.unwrap().unwrap();
     }

@@ -1,7 +1,9 @@
 //! Control sessions: one per node that completed a handshake with this
 //! instance. Which session is which node, which node is online where, and
 //! the two ends of every control message: opening what a node sent, sealing
-//! what the roles answer ([`Reply`]).
+//! what the roles answer ([`Reply`]). Each session has a budget of control
+//! messages (a joined host flooding statements or lookups is slowed to it),
+//! and there are at most [`MAX_SESSIONS`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +18,17 @@ use pilot_proto::wire::{DataHeader, DATA_HEADER_LEN};
 use tracing::{debug, warn};
 
 use crate::stats::{bump, Stats};
+
+/// Control messages a session may send per second by default, sustained
+/// (twice as many in a burst): a node's own traffic is a registration,
+/// a lookup per peer it starts, a statement per decision and pings.
+pub const DEFAULT_CONTROL_RATE: u32 = 50;
+
+/// Control sessions kept at most. A session costs a few hundred bytes; the
+/// per-source handshake limit makes each one cost its maker a handshake,
+/// and sessions expire after [`REJECT_AFTER`] without traffic. At the cap
+/// a new handshake goes unanswered (its node retries) until one expires.
+pub const MAX_SESSIONS: usize = 1 << 18;
 
 /// A control message for the node on session `to`: what every role hands
 /// the socket loop instead of sending it itself.
@@ -41,6 +54,11 @@ pub struct Conn {
     pub last_seen: Instant,
     /// Its NAT type, as it reported it.
     pub nat: NatType,
+    /// Control messages it may still send now, and when that was counted.
+    budget: (f64, Instant),
+    /// The highest packet counter authenticated on it: only a datagram
+    /// above it may move the session to a new address.
+    newest: Option<u64>,
 }
 
 /// An authenticated datagram on a session.
@@ -57,16 +75,59 @@ pub struct Opened {
 }
 
 /// Every control session, by index, node and address.
-#[derive(Default)]
 pub struct Sessions {
     conns: HashMap<u32, Conn>,
     online: HashMap<NodeId, u32>,
     by_addr: HashMap<SocketAddr, NodeId>,
+    /// Control messages per second per session (0: no limit).
+    rate: u32,
+    max: usize,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions::new(DEFAULT_CONTROL_RATE, MAX_SESSIONS)
+    }
 }
 
 impl Sessions {
-    /// Installs a fresh session; false if its index is already in use (the
-    /// node's handshake then goes unanswered and it retries).
+    /// No sessions yet; each may send `rate` control messages a second
+    /// (0: no limit), and at most `max` are kept.
+    pub fn new(rate: u32, max: usize) -> Self {
+        Sessions {
+            conns: HashMap::new(),
+            online: HashMap::new(),
+            by_addr: HashMap::new(),
+            rate,
+            max,
+        }
+    }
+
+    /// Takes one control message from session `index`'s budget; false if
+    /// it has none left (the message is refused) or there is no session.
+    pub fn allow(&mut self, index: u32, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let Some(c) = self.conns.get_mut(&index) else {
+            return false;
+        };
+        let rate = f64::from(self.rate);
+        let (tokens, at) = &mut c.budget;
+        let elapsed = now.saturating_duration_since(*at).as_secs_f64();
+        *tokens = (*tokens + elapsed * rate).min(2.0 * rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Installs a fresh session; false if its index is already in use or
+    /// [`MAX_SESSIONS`] are kept (the node's handshake then goes unanswered
+    /// and it retries).
     pub fn install(
         &mut self,
         session: Session,
@@ -75,7 +136,7 @@ impl Sessions {
         now: Instant,
     ) -> bool {
         let index = session.local_index;
-        if self.conns.contains_key(&index) {
+        if self.conns.contains_key(&index) || self.conns.len() >= self.max {
             return false;
         }
         self.conns.insert(
@@ -87,6 +148,8 @@ impl Sessions {
                 addr,
                 last_seen: now,
                 nat: NatType::Unknown,
+                budget: (2.0 * f64::from(self.rate), now),
+                newest: None,
             },
         );
         true
@@ -173,8 +236,19 @@ impl Sessions {
             return None;
         };
         conn.last_seen = now;
-        let moved = conn.addr != from;
-        conn.addr = from;
+        // Only the node's newest datagram moves it: one that is older than
+        // a datagram already authenticated (held back and sent from
+        // elsewhere, or replayed before its original arrived) is read but
+        // moves nothing, so whoever captures a datagram cannot redirect
+        // the node's pushes and relayed traffic with it.
+        let newest = conn.newest.is_none_or(|n| h.counter > n);
+        if newest {
+            conn.newest = Some(h.counter);
+        }
+        let moved = newest && conn.addr != from;
+        if moved {
+            conn.addr = from;
+        }
         let node = conn.node;
         let roamed = node.filter(|_| moved);
         if let Some(id) = roamed {
@@ -383,6 +457,76 @@ pub(crate) mod tests {
             .msg
             .is_none());
         assert_eq!(stats.refused.load(Relaxed), 1);
+    }
+
+    /// A datagram held back by someone on the path and sent from another
+    /// source after the node's newer ones arrived is authentic and not a
+    /// replay, so it is read; but it does not move the node there, and a
+    /// relayed datagram from that source is nobody's.
+    #[test]
+    fn an_older_datagram_from_elsewhere_does_not_move_the_node() {
+        let now = Instant::now();
+        let stats = Stats::default();
+        let mut s = Sessions::default();
+        let (reg, node) = pair(5, now);
+        s.install(reg, [1; 32], addr(1), now);
+        let id = NodeId([7; 16]);
+        s.attach(5, id, NatType::None);
+        let held = sealed(&node, &ToRegistry::Ping { req: 1 });
+        let mut newer = sealed(&node, &ToRegistry::Ping { req: 2 });
+        assert!(s.open(&mut newer, addr(1), now, &stats).is_some());
+        let mut d = held.clone();
+        let o = s.open(&mut d, addr(66), now, &stats).unwrap();
+        assert_eq!((o.msg, o.roamed), (Some(ToRegistry::Ping { req: 1 }), None));
+        assert_eq!(s.get(5).unwrap().addr, addr(1), "not moved");
+        assert_eq!(s.node_at(&addr(66)), None, "the spoofed source is nobody");
+        assert_eq!(s.node_at(&addr(1)), Some(id));
+        // Its newest datagram from a new address does move it.
+        let mut d = sealed(&node, &ToRegistry::Ping { req: 3 });
+        let o = s.open(&mut d, addr(2), now, &stats).unwrap();
+        assert_eq!(o.roamed, Some(id));
+        assert_eq!(s.node_at(&addr(2)), Some(id));
+    }
+
+    #[test]
+    fn a_session_sends_its_budget_of_messages_and_no_more() {
+        let now = Instant::now();
+        let mut s = Sessions::new(10, 8);
+        let (reg, _) = pair(5, now);
+        assert!(s.install(reg, [1; 32], addr(1), now));
+        let (other, _) = pair(6, now);
+        assert!(s.install(other, [2; 32], addr(2), now));
+        let burst = (0..100).filter(|_| s.allow(5, now)).count();
+        assert_eq!(burst, 20, "a burst of twice the rate");
+        assert!(!s.allow(5, now));
+        assert!(s.allow(6, now), "another session has its own budget");
+        // Then the rate: one every 100 ms.
+        assert!(s.allow(5, now + Duration::from_millis(100)));
+        assert!(!s.allow(5, now + Duration::from_millis(150)));
+        let later = now + Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| s.allow(5, later)).count(), 20);
+        assert!(!s.allow(7, now), "no such session");
+        let mut free = Sessions::new(0, 8);
+        let (reg, _) = pair(5, now);
+        free.install(reg, [1; 32], addr(1), now);
+        assert!((0..10_000).all(|_| free.allow(5, now)), "0: no limit");
+    }
+
+    #[test]
+    fn sessions_are_bounded() {
+        let now = Instant::now();
+        let mut s = Sessions::new(10, 3);
+        for i in 0..3 {
+            let (reg, _) = pair(i, now);
+            assert!(s.install(reg, [i as u8; 32], addr(i as u16), now));
+        }
+        let (reg, _) = pair(9, now);
+        assert!(!s.install(reg, [9; 32], addr(9), now), "full");
+        assert_eq!(s.len(), 3);
+        // Once the old ones expire there is room again.
+        s.expire(now + REJECT_AFTER);
+        let (reg, _) = pair(9, now + REJECT_AFTER);
+        assert!(s.install(reg, [9; 32], addr(9), now + REJECT_AFTER));
     }
 
     #[test]

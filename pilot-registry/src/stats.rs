@@ -47,6 +47,9 @@ pub struct Stats {
     /// Work dropped because its queue was full: handshakes waiting for the
     /// admission thread, acknowledgements and endpoint updates for storage.
     pub dropped_busy: AtomicU64,
+    /// Control messages refused because their session spent its budget
+    /// ([`crate::sessions::DEFAULT_CONTROL_RATE`]).
+    pub control_limited: AtomicU64,
     /// How long the storage thread took per job, by kind.
     pub storage: StorageTimes,
 }
@@ -118,6 +121,7 @@ impl Stats {
             ("relay_held", l(&self.relay_held)),
             ("busy", l(&self.busy)),
             ("dropped_busy", l(&self.dropped_busy)),
+            ("control_limited", l(&self.control_limited)),
         ]
     }
 }

@@ -119,6 +119,42 @@ pub struct RevocationRow {
     pub bytes: Vec<u8>,
 }
 
+/// A join token as kept: its SHA-256, never the token itself, so reading
+/// the database does not hand out tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    /// A short name for it (hex of the first 6 bytes of the hash), for
+    /// `token list` and `token revoke`.
+    pub id: String,
+    /// SHA-256 of the token.
+    pub hash: [u8; 32],
+    /// Registrations it allows in all (`None`: no limit).
+    pub uses: Option<u64>,
+    /// Registrations it allowed so far.
+    pub used: u64,
+    /// Unix time from which it is no longer valid (`None`: never).
+    pub expires_at: Option<u64>,
+    /// Unix time it was made.
+    pub created: u64,
+    /// Revoked by the operator.
+    pub revoked: bool,
+}
+
+/// What using a join token came to ([`Storage::use_token`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Valid: one use counted.
+    Used,
+    /// No such token.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Every use taken.
+    UsedUp,
+    /// Revoked by the operator.
+    Revoked,
+}
+
 /// What the registry keeps. One implementation per database; persistence
 /// only, no rules.
 pub trait Storage: Send {
@@ -231,6 +267,45 @@ pub trait Storage: Send {
     fn successor(&self, _old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
         Ok(None)
     }
+    /// Keeps a new join token. [`StorageError::Conflict`] if its id or
+    /// hash is kept already. The default keeps none; a wrapper should pass
+    /// it on, like every token method.
+    fn put_token(&mut self, _t: &TokenRow) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported("join tokens"))
+    }
+    /// Every join token kept, oldest first.
+    fn tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
+        Ok(vec![])
+    }
+    /// Counts one use of the token with SHA-256 `hash` if it is valid at
+    /// `now` (not revoked, not expired, a use left), atomically: two
+    /// registries sharing a database never both take its last use.
+    fn use_token(&mut self, _hash: &[u8; 32], _now: u64) -> Result<TokenUse, StorageError> {
+        Err(StorageError::Unsupported("join tokens"))
+    }
+    /// Revokes the token `id`; false if there is none.
+    fn revoke_token(&mut self, _id: &str) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("join tokens"))
+    }
+    /// Removes a node in one transaction (the operator's `nodes remove`):
+    /// its row (so its hostname is free at once), its statements, its
+    /// pushes and its certificate go; its address stays taken, as a
+    /// tombstone ([`Storage::address_taken`] counts it), because other
+    /// nodes' rules may still name it. False if it is not stored.
+    fn remove_node(&mut self, _id: &NodeId, _now: u64) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("node removal"))
+    }
+}
+
+/// Why a token was not used, from its row: `use_token`'s answer when its
+/// atomic update changed nothing.
+pub(crate) fn token_refusal(row: Option<&TokenRow>, now: u64) -> TokenUse {
+    match row {
+        None => TokenUse::Unknown,
+        Some(t) if t.revoked => TokenUse::Revoked,
+        Some(t) if t.expires_at.is_some_and(|e| e <= now) => TokenUse::Expired,
+        Some(_) => TokenUse::UsedUp,
+    }
 }
 
 /// A boxed backend is a backend: `main` picks SQLite or PostgreSQL at run
@@ -328,10 +403,25 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn successor(&self, old: &NodeId) -> Result<Option<(NodeId, Vec<u8>)>, StorageError> {
         (**self).successor(old)
     }
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), StorageError> {
+        (**self).put_token(t)
+    }
+    fn tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
+        (**self).tokens()
+    }
+    fn use_token(&mut self, hash: &[u8; 32], now: u64) -> Result<TokenUse, StorageError> {
+        (**self).use_token(hash, now)
+    }
+    fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
+        (**self).revoke_token(id)
+    }
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        (**self).remove_node(id, now)
+    }
 }
 
 /// Current schema version (of both backends: their migrations go in step).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to
 /// `i+1`. A new one goes into [`crate::storage_pg::MIGRATIONS`] too.
@@ -395,6 +485,23 @@ CREATE TABLE successions (
     old_id TEXT PRIMARY KEY,
     new_id TEXT NOT NULL UNIQUE,
     bytes  BLOB NOT NULL
+);
+"#,
+    // Join tokens, by their hash.
+    r#"
+CREATE TABLE tokens (
+    id         TEXT PRIMARY KEY,
+    hash       BLOB NOT NULL UNIQUE,
+    uses       INTEGER,
+    used       INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER,
+    created    INTEGER NOT NULL,
+    revoked    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE tombstones (
+    address INTEGER PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    removed INTEGER NOT NULL
 );
 "#,
 ];
@@ -580,9 +687,9 @@ impl Storage for SqliteStorage {
     }
 
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM nodes WHERE address = ?1")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT 1 FROM nodes WHERE address = ?1 UNION ALL SELECT 1 FROM tombstones WHERE address = ?1",
+        )?;
         Ok(stmt.exists([u32::from(a)])?)
     }
 
@@ -890,6 +997,118 @@ impl Storage for SqliteStorage {
         })
         .transpose()
     }
+
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), StorageError> {
+        self.conn.execute(
+            "INSERT INTO tokens (id, hash, uses, used, expires_at, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                t.id,
+                &t.hash[..],
+                t.uses.map(sql_u64),
+                sql_u64(t.used),
+                t.expires_at.map(sql_u64),
+                sql_u64(t.created),
+                t.revoked
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, hash, uses, used, expires_at, created, revoked FROM tokens ORDER BY created, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, bool>(6)?,
+            ))
+        })?;
+        let mut out = vec![];
+        for row in rows {
+            let (id, hash, uses, used, expires_at, created, revoked) = row?;
+            out.push(token_row(
+                id, hash, uses, used, expires_at, created, revoked,
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn use_token(&mut self, hash: &[u8; 32], now: u64) -> Result<TokenUse, StorageError> {
+        let n = self.conn.execute(
+            "UPDATE tokens SET used = used + 1 WHERE hash = ?1 AND NOT revoked
+             AND (expires_at IS NULL OR expires_at > ?2) AND (uses IS NULL OR used < uses)",
+            params![&hash[..], sql_u64(now)],
+        )?;
+        if n == 1 {
+            return Ok(TokenUse::Used);
+        }
+        let all = self.tokens()?;
+        Ok(token_refusal(all.iter().find(|t| &t.hash == hash), now))
+    }
+
+    fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .conn
+            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])?
+            == 1)
+    }
+
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        let tx = self.conn.transaction()?;
+        let address: Option<u32> = tx
+            .query_row("SELECT address FROM nodes WHERE node_id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(address) = address else {
+            return Ok(false);
+        };
+        tx.execute("DELETE FROM nodes WHERE node_id = ?1", [&id])?;
+        tx.execute(
+            "DELETE FROM statements WHERE from_id = ?1 OR to_id = ?1",
+            [&id],
+        )?;
+        tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&id])?;
+        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&id])?;
+        tx.execute("DELETE FROM certs WHERE holder = ?1", [&id])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO tombstones (address, node_id, removed) VALUES (?1, ?2, ?3)",
+            params![address, id, sql_u64(now)],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+/// A token's columns, checked.
+pub(crate) fn token_row(
+    id: String,
+    hash: Vec<u8>,
+    uses: Option<i64>,
+    used: i64,
+    expires_at: Option<i64>,
+    created: i64,
+    revoked: bool,
+) -> Result<TokenRow, StorageError> {
+    Ok(TokenRow {
+        id,
+        hash: hash.try_into().map_err(|_| StorageError::Corrupt {
+            table: "tokens",
+            detail: "hash".into(),
+        })?,
+        uses: uses.map(|u| u.max(0) as u64),
+        used: used.max(0) as u64,
+        expires_at: expires_at.map(|e| e.max(0) as u64),
+        created: created.max(0) as u64,
+        revoked,
+    })
 }
 
 /// Reads (node id text, bytes) rows.

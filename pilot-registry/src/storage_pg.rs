@@ -34,8 +34,8 @@ use postgres::{Client, Config, NoTls, Row, Statement as Prepared};
 use tracing::warn;
 
 use crate::storage::{
-    after_key, join_endpoints, pg_detail, sql_u64, CertRow, NodeRow, RawNode, RevocationRow,
-    Storage, StorageError, SCHEMA_VERSION,
+    after_key, join_endpoints, pg_detail, sql_u64, token_refusal, token_row, CertRow, NodeRow,
+    RawNode, RevocationRow, Storage, StorageError, TokenRow, TokenUse, SCHEMA_VERSION,
 };
 
 /// Versioned migrations, as [`crate::storage`]'s for SQLite: entry `i`
@@ -99,6 +99,22 @@ CREATE TABLE successions (
     old_id TEXT COLLATE "C" PRIMARY KEY,
     new_id TEXT COLLATE "C" NOT NULL UNIQUE,
     bytes  BYTEA NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE tokens (
+    id         TEXT COLLATE "C" PRIMARY KEY,
+    hash       BYTEA NOT NULL UNIQUE,
+    uses       BIGINT,
+    used       BIGINT NOT NULL DEFAULT 0,
+    expires_at BIGINT,
+    created    BIGINT NOT NULL,
+    revoked    BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE TABLE tombstones (
+    address BIGINT PRIMARY KEY,
+    node_id TEXT COLLATE "C" NOT NULL,
+    removed BIGINT NOT NULL
 );
 "#,
 ];
@@ -391,7 +407,7 @@ impl Storage for PgStorage {
         Ok(self
             .conn()?
             .query_opt(
-                "SELECT 1 FROM nodes WHERE address = $1",
+                "SELECT 1 FROM nodes WHERE address = $1 UNION ALL SELECT 1 FROM tombstones WHERE address = $1 LIMIT 1",
                 &[&i64::from(u32::from(a))],
             )?
             .is_some())
@@ -706,6 +722,88 @@ impl Storage for PgStorage {
         )?;
         let Some(row) = row else { return Ok(None) };
         Ok(by_node(vec![row], "successions")?.pop())
+    }
+
+    fn put_token(&mut self, t: &TokenRow) -> Result<(), StorageError> {
+        self.conn()?.execute(
+            "INSERT INTO tokens (id, hash, uses, used, expires_at, created, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &t.id,
+                &&t.hash[..],
+                &t.uses.map(sql_u64),
+                &sql_u64(t.used),
+                &t.expires_at.map(sql_u64),
+                &sql_u64(t.created),
+                &t.revoked,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>, StorageError> {
+        let rows = self.conn()?.query(
+            "SELECT id, hash, uses, used, expires_at, created, revoked FROM tokens ORDER BY created, id",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| {
+                token_row(
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    r.try_get(5)?,
+                    r.try_get(6)?,
+                )
+            })
+            .collect()
+    }
+
+    fn use_token(&mut self, hash: &[u8; 32], now: u64) -> Result<TokenUse, StorageError> {
+        let n = self.conn()?.execute(
+            "UPDATE tokens SET used = used + 1 WHERE hash = $1 AND NOT revoked
+             AND (expires_at IS NULL OR expires_at > $2) AND (uses IS NULL OR used < uses)",
+            &[&&hash[..], &sql_u64(now)],
+        )?;
+        if n == 1 {
+            return Ok(TokenUse::Used);
+        }
+        let all = self.tokens()?;
+        Ok(token_refusal(all.iter().find(|t| &t.hash == hash), now))
+    }
+
+    fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .conn()?
+            .execute("UPDATE tokens SET revoked = TRUE WHERE id = $1", &[&id])?
+            == 1)
+    }
+
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        let id = id.to_string();
+        let mut c = self.conn()?;
+        let gone = c.stmt("DELETE FROM nodes WHERE node_id = $1 RETURNING address")?;
+        let forget = c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?;
+        let unqueue = c.stmt("DELETE FROM inbox WHERE to_id = $1")?;
+        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
+        let uncert = c.stmt("DELETE FROM certs WHERE holder = $1")?;
+        let tomb = c.stmt(
+            "INSERT INTO tombstones (address, node_id, removed) VALUES ($1, $2, $3)
+             ON CONFLICT (address) DO UPDATE SET node_id = $2, removed = $3",
+        )?;
+        c.transact(|tx| {
+            let Some(row) = tx.query_opt(&gone, &[&id])? else {
+                return Ok(false);
+            };
+            let address: i64 = row.try_get(0)?;
+            tx.execute(&forget, &[&id])?;
+            tx.execute(&unqueue, &[&id])?;
+            tx.execute(&untag, &[&id])?;
+            tx.execute(&uncert, &[&id])?;
+            tx.execute(&tomb, &[&address, &id, &sql_u64(now)])?;
+            Ok(true)
+        })
     }
 }
 

@@ -22,7 +22,8 @@ use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::messages::{Signed, Statement, StatementKind};
 
 use crate::storage::{
-    CertRow, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, SCHEMA_VERSION,
+    CertRow, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, TokenRow, TokenUse,
+    SCHEMA_VERSION,
 };
 use crate::storage_pg::PgStorage;
 
@@ -183,7 +184,10 @@ suite!(
     a_succession_moves_the_row_and_drops_the_old_ids_state,
     successions_move_a_node_and_retire_its_id,
     a_version_2_database_is_migrated_and_keeps_its_rows,
+    a_version_3_database_is_migrated_and_keeps_its_rows,
     the_previous_version_is_migrated_and_keeps_its_rows,
+    join_tokens_are_used_up_once_each_and_expire,
+    a_removed_node_frees_its_name_and_leaves_its_address_taken,
     a_newer_schema_is_refused,
 );
 
@@ -693,12 +697,12 @@ fn a_version_2_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
     assert!(s.revoked(&owner(1), &nid(2)).unwrap());
 }
 
-fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
-    let previous = SCHEMA_VERSION - 1;
+fn a_version_3_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = 3;
     let (a, bb) = (id(1), id(2));
     let st = statement(&a, &bb, StatementKind::Approve, 3);
     {
-        // A registry of the previous schema (3: no successions yet) with
+        // A registry of schema version 3 (no successions yet) with
         // nodes, a statement, a push waiting and a certificate.
         let mut s = b.open_at(previous).unwrap();
         s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
@@ -732,6 +736,128 @@ fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
         s.successor(&a.node_id()).unwrap(),
         Some((id(7).node_id(), b"s".to_vec()))
     );
+}
+
+fn token(n: u8, uses: Option<u64>, expires_at: Option<u64>) -> TokenRow {
+    TokenRow {
+        id: format!("t{n}"),
+        hash: [n; 32],
+        uses,
+        used: 0,
+        expires_at,
+        created: 100 + u64::from(n),
+        revoked: false,
+    }
+}
+
+fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = SCHEMA_VERSION - 1;
+    let (a, bb) = (id(1), id(2));
+    let st = statement(&a, &bb, StatementKind::Approve, 3);
+    {
+        // A registry of the previous schema (4: no join tokens yet) with
+        // nodes, a statement, a push waiting and a succession.
+        let mut s = b.open_at(previous).unwrap();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 6, None)).unwrap();
+        s.insert_node(&row(4, 7, None)).unwrap();
+        s.put_statement(&st).unwrap();
+        s.succeed(&id(4).node_id(), &row(3, 7, None), b"s").unwrap();
+        assert!(s.put_token(&token(1, Some(2), None)).is_err());
+    }
+    assert_eq!(b.schema_version(), previous);
+    let mut s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(s.node_count().unwrap(), 3);
+    assert_eq!(s.statement(&a.node_id(), &bb.node_id()).unwrap(), Some(st));
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    assert_eq!(
+        s.successor(&id(4).node_id()).unwrap(),
+        Some((id(3).node_id(), b"s".to_vec()))
+    );
+    // The new table works.
+    s.put_token(&token(1, Some(2), None)).unwrap();
+    assert_eq!(s.use_token(&[1; 32], 0).unwrap(), TokenUse::Used);
+    assert_eq!(s.tokens().unwrap()[0].used, 1);
+}
+
+fn join_tokens_are_used_up_once_each_and_expire(b: &dyn Backend) {
+    let mut s = b.open();
+    assert!(s.tokens().unwrap().is_empty());
+    s.put_token(&token(1, Some(2), None)).unwrap();
+    s.put_token(&token(2, None, Some(1000))).unwrap();
+    assert!(matches!(
+        s.put_token(&token(1, None, None)),
+        Err(StorageError::Conflict(_))
+    ));
+    assert_eq!(s.use_token(&[1; 32], 500).unwrap(), TokenUse::Used);
+    assert_eq!(s.use_token(&[1; 32], 500).unwrap(), TokenUse::Used);
+    assert_eq!(s.use_token(&[1; 32], 500).unwrap(), TokenUse::UsedUp);
+    assert_eq!(s.use_token(&[9; 32], 500).unwrap(), TokenUse::Unknown);
+    assert_eq!(s.use_token(&[2; 32], 999).unwrap(), TokenUse::Used);
+    assert_eq!(s.use_token(&[2; 32], 1000).unwrap(), TokenUse::Expired);
+    assert!(s.revoke_token("t2").unwrap());
+    assert!(!s.revoke_token("t7").unwrap());
+    assert_eq!(s.use_token(&[2; 32], 10).unwrap(), TokenUse::Revoked);
+    drop(s);
+    // Kept across a reopen, with their counts, oldest first.
+    let s = b.open();
+    let all = s.tokens().unwrap();
+    assert_eq!(
+        all,
+        vec![
+            TokenRow {
+                used: 2,
+                ..token(1, Some(2), None)
+            },
+            TokenRow {
+                used: 1,
+                revoked: true,
+                ..token(2, None, Some(1000))
+            },
+        ]
+    );
+}
+
+fn a_removed_node_frees_its_name_and_leaves_its_address_taken(b: &dyn Backend) {
+    let mut s = b.open();
+    let (a, bb) = (id(1), id(2));
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    s.insert_node(&row(2, 6, None)).unwrap();
+    s.put_statement(&statement(&a, &bb, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(&bb, &a, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_cert(&CertRow {
+        holder: a.node_id(),
+        ..cert(1, 1, "build", 1000)
+    })
+    .unwrap();
+    s.put_cert(&CertRow {
+        holder: bb.node_id(),
+        ..cert(2, 1, "build", 1000)
+    })
+    .unwrap();
+    assert!(s.remove_node(&a.node_id(), 77).unwrap());
+    assert!(!s.remove_node(&a.node_id(), 78).unwrap(), "gone already");
+    assert_eq!(s.node(&a.node_id()).unwrap(), None);
+    assert_eq!(s.node_by_name("alpha").unwrap(), None, "the name is free");
+    assert!(
+        s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap(),
+        "a tombstone"
+    );
+    assert!(!s.approves(&bb.node_id(), &a.node_id()).unwrap());
+    assert!(!s.approves(&a.node_id(), &bb.node_id()).unwrap());
+    assert!(s.inbox(&a.node_id()).unwrap().is_empty());
+    let left = s
+        .find_certs(&owner(1), &"build".parse().unwrap(), None, 0, 10)
+        .unwrap();
+    assert_eq!(holders(&left), [bb.node_id()], "its certificate went");
+    // The name goes to a new node; the address does not.
+    s.insert_node(&row(3, 9, Some("alpha"))).unwrap();
+    assert_eq!(s.node_count().unwrap(), 2);
+    drop(s);
+    assert!(b.open().address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
 }
 
 fn a_succession_moves_the_row_and_drops_the_old_ids_state(b: &dyn Backend) {

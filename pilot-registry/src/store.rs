@@ -20,7 +20,7 @@ use pilot_proto::messages::{NatType, PeerRef, PushItem, Registration, Signed, St
 use tracing::warn;
 
 use crate::fleet::{self, CertOutcome, Page, RevocationOutcome};
-use crate::registrar::{self, RegisterOutcome, StatementOutcome};
+use crate::registrar::{self, Joining, RegisterOutcome, StatementOutcome};
 use crate::stats::Stats;
 use crate::storage::{NodeRow, Storage, StorageError};
 
@@ -49,6 +49,8 @@ pub enum Job {
         reg: Signed<Registration>,
         /// Where the node was seen.
         observed: SocketAddr,
+        /// The join token it came with, if any.
+        token: Option<[u8; 16]>,
     },
     /// Check a registration and look its node up (a relay-only instance,
     /// which learns nodes from the registry's database, never stores them).
@@ -317,13 +319,25 @@ fn mail_or_log(s: &mut dyn Storage, to: &NodeId) -> Vec<(u64, PushItem)> {
 /// Runs one job against `s` to its commit. Jobs nobody waits for (acks,
 /// endpoint updates) return `None`; their errors are logged.
 pub fn run(s: &mut dyn Storage, network: Ipv4Net, job: Job) -> Option<Done> {
+    run_with(s, network, &mut Joining::default(), job)
+}
+
+/// [`run`], admitting new identities under `joining`.
+pub fn run_with(
+    s: &mut dyn Storage,
+    network: Ipv4Net,
+    joining: &mut Joining,
+    job: Job,
+) -> Option<Done> {
     Some(match job {
         Job::Register {
             ticket,
             reg,
             observed,
+            token,
         } => {
-            let outcome = registrar::register(s, &reg, network, observed);
+            let outcome =
+                registrar::register_new(s, &reg, network, observed, token.as_ref(), joining);
             let id = reg.body.identity.node_id();
             let mail = match outcome {
                 Ok(RegisterOutcome::Ok { .. }) => mail_or_log(s, &id),
@@ -504,10 +518,21 @@ impl Store {
 
     /// [`Store::spawn`], recording each job's duration in `stats.storage`.
     pub fn spawn_timed<S: Storage + 'static>(
+        storage: S,
+        network: Ipv4Net,
+        depth: usize,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<(Store, tokio::sync::mpsc::Receiver<Done>, JoinHandle<()>)> {
+        Self::spawn_joining(storage, network, depth, stats, Joining::default())
+    }
+
+    /// [`Store::spawn_timed`], admitting new identities under `joining`.
+    pub fn spawn_joining<S: Storage + 'static>(
         mut storage: S,
         network: Ipv4Net,
         depth: usize,
         stats: Arc<Stats>,
+        mut joining: Joining,
     ) -> std::io::Result<(Store, tokio::sync::mpsc::Receiver<Done>, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(depth);
         // Done jobs are bounded too: if the socket loop fell behind, the
@@ -518,7 +543,7 @@ impl Store {
             .spawn(move || {
                 while let Ok(job) = queue.recv() {
                     let (kind, started) = (job.kind(), Instant::now());
-                    let done = run(&mut storage, network, job);
+                    let done = run_with(&mut storage, network, &mut joining, job);
                     stats.storage.observe(kind, started.elapsed());
                     if let Some(done) = done {
                         if done_tx.blocking_send(done).is_err() {
@@ -630,6 +655,29 @@ pub(crate) mod tests {
             self.wait();
             self.inner.ack(to, push)
         }
+        fn put_token(&mut self, t: &crate::storage::TokenRow) -> Result<(), StorageError> {
+            self.wait();
+            self.inner.put_token(t)
+        }
+        fn tokens(&self) -> Result<Vec<crate::storage::TokenRow>, StorageError> {
+            self.inner.tokens()
+        }
+        fn use_token(
+            &mut self,
+            hash: &[u8; 32],
+            now: u64,
+        ) -> Result<crate::storage::TokenUse, StorageError> {
+            self.wait();
+            self.inner.use_token(hash, now)
+        }
+        fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.revoke_token(id)
+        }
+        fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+            self.wait();
+            self.inner.remove_node(id, now)
+        }
         fn node_count(&self) -> Result<u64, StorageError> {
             self.inner.node_count()
         }
@@ -693,6 +741,7 @@ pub(crate) mod tests {
                 &i,
             ),
             observed: "203.0.113.5:1".parse().unwrap(),
+            token: None,
         }
     }
 

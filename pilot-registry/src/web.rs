@@ -153,6 +153,7 @@ pub fn metrics(stats: &Stats, view: &View) -> String {
         ("rate-limited", &stats.dropped_rate),
         ("auth", &stats.dropped_auth),
         ("queue-full", &stats.dropped_busy),
+        ("control-rate", &stats.control_limited),
     ] {
         e.sample_u64("pilot_registry_drops_total", &[("reason", reason)], load(v));
     }

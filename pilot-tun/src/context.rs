@@ -334,10 +334,20 @@ impl<T: Tun> Context<T> {
         link: &RegistryLink,
         reg: Signed<Registration>,
     ) -> Result<FromRegistry, LinkError> {
+        // The join URL's token, if it has one, goes with every
+        // registration: a registry uses it only for a node it does not know.
+        let token = link.join.token;
         let answer = link
-            .call(&self.shared.udp, |req| ToRegistry::Register {
-                req,
-                reg: reg.clone(),
+            .call(&self.shared.udp, |req| match token {
+                Some(t) => ToRegistry::RegisterWithToken {
+                    req,
+                    reg: reg.clone(),
+                    token: t.0,
+                },
+                None => ToRegistry::Register {
+                    req,
+                    reg: reg.clone(),
+                },
             })
             .await?;
         match answer {

@@ -22,7 +22,7 @@ use pilot_proto::messages::{
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
 use pilot_registry::storage::{CertRow, NodeRow, RevocationRow, StorageError};
-use pilot_registry::{Config, Registry, SqliteStorage, Storage};
+use pilot_registry::{Config, Limits, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
     DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
 };
@@ -59,6 +59,17 @@ impl RegistryHandle {
         network: Ipv4Net,
         storage: S,
     ) -> Self {
+        Self::start_limited(dir, addr, network, storage, Limits::default()).await
+    }
+
+    /// [`RegistryHandle::start_with`] under `limits` (join tokens, rates).
+    pub async fn start_limited<S: Storage + 'static>(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        network: Ipv4Net,
+        storage: S,
+        limits: Limits,
+    ) -> Self {
         let secret = pilot_registry::state::load_or_create_key(dir).expect("registry key");
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
@@ -75,7 +86,8 @@ impl RegistryHandle {
             },
             storage,
         )
-        .with_audit(dir);
+        .with_audit(dir)
+        .with_limits(limits);
         let stats = reg.stats();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -90,6 +102,7 @@ impl RegistryHandle {
             join: JoinUrl {
                 key: pilot_registry::server::public_key(&secret),
                 addr,
+                token: None,
             },
             stats,
             stop: Some(tx),
@@ -427,6 +440,25 @@ impl<S: Storage> Storage for Tamper<S> {
     }
     fn ack(&mut self, to: &NodeId, push: u64) -> Result<(), StorageError> {
         self.inner.ack(to, push)
+    }
+    fn put_token(&mut self, t: &pilot_registry::storage::TokenRow) -> Result<(), StorageError> {
+        self.inner.put_token(t)
+    }
+    fn tokens(&self) -> Result<Vec<pilot_registry::storage::TokenRow>, StorageError> {
+        self.inner.tokens()
+    }
+    fn use_token(
+        &mut self,
+        hash: &[u8; 32],
+        now: u64,
+    ) -> Result<pilot_registry::storage::TokenUse, StorageError> {
+        self.inner.use_token(hash, now)
+    }
+    fn revoke_token(&mut self, id: &str) -> Result<bool, StorageError> {
+        self.inner.revoke_token(id)
+    }
+    fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
+        self.inner.remove_node(id, now)
     }
     fn node_count(&self) -> Result<u64, StorageError> {
         self.inner.node_count()
