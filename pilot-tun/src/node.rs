@@ -62,8 +62,9 @@ pub enum StartError {
         /// What it means: for a busy port, who holds it.
         why: String,
     },
-    /// The registry could not be reached and there is no cached address.
-    #[error("{0}; this node has no cached address yet, so it needs the registry once (check the join URL and that UDP to it is open)")]
+    /// The registry could not be reached, or refused, and there is no
+    /// cached address.
+    #[error("{}", registry_failure(.0))]
     Registry(LinkError),
     /// Something answers STUN at the registry's address, but no handshake
     /// for the key in the join URL: the URL is for another registry, or
@@ -422,6 +423,16 @@ fn bind_error(addr: SocketAddr, source: std::io::Error) -> StartError {
         _ => source.to_string(),
     };
     StartError::Bind { addr, source, why }
+}
+
+/// A failed first registration in words: a refusal is the registry's own
+/// reason (a join token, a taken name); only silence gets the hint about
+/// the join URL and UDP.
+fn registry_failure(e: &LinkError) -> String {
+    match e {
+        LinkError::Refused { .. } | LinkError::Assignment(_) => e.to_string(),
+        _ => format!("{e}; this node has no cached address yet, so it needs the registry once (check the join URL and that UDP to it is open)"),
+    }
 }
 
 /// Why registration failed, as precisely as can be told: no handshake
