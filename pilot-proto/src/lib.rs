@@ -28,6 +28,10 @@
 //! - [`mtu`]: tunnel overhead per path, the TUN MTU, and what to do with a
 //!   packet that does not fit its peer's path.
 //! - [`pmtu`]: each peer's path MTU, found with probes.
+//! - [`streamframe`]: datagrams over a byte stream (the TCP relay), with
+//!   a 2-byte length each.
+//! - [`tlskey`]: the registry's TLS key for the TCP relay, the same key the
+//!   join URL pins, and the check of a TLS signature against the pin.
 //! - [`dns`]: DNS answers for the overlay's names (A, PTR; NXDOMAIN and
 //!   REFUSED), from the names a node may tell.
 //!
@@ -70,9 +74,11 @@ pub mod ports;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;
+pub mod streamframe;
 pub mod stun;
 pub mod succession;
 pub mod timers;
+pub mod tlskey;
 pub mod trust;
 pub mod wire;
 

@@ -483,6 +483,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
             *rl = Some(Arc::new(RegistryLink::new(JoinUrl {
                 key: ctx.link.join.key,
                 addr: first,
+                tcp: None,
             })));
             ctx.shared.set_relay_only(Some(first), false);
         }

@@ -90,6 +90,7 @@ impl RegistryHandle {
             join: JoinUrl {
                 key: pilot_registry::server::public_key(&secret),
                 addr,
+                tcp: None,
             },
             stats,
             stop: Some(tx),

@@ -414,6 +414,7 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     let via_proxy = pilot_proto::join::JoinUrl {
         key: reg.join.key,
         addr: proxy.addr,
+        tcp: None,
     };
     let a = TestNode::start(dir.path().join("a"), "alpha", Some(via_proxy))
         .await

@@ -271,6 +271,7 @@ async fn first_start_without_registry_fails_clearly() {
     let join = pilot_proto::join::JoinUrl {
         key: [9; 32],
         addr: sock.local_addr().unwrap(),
+        tcp: None,
     };
     drop(sock);
     let err = TestNode::start(dir.path().join("a"), "alpha", Some(join))

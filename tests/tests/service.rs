@@ -21,6 +21,7 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
     let wrong = JoinUrl {
         key: [0x42; 32],
         addr: reg.join.addr,
+        tcp: None,
     };
     let e = TestNode::start(dir.path().join("a"), "alpha", Some(wrong))
         .await
@@ -41,6 +42,7 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
     let nobody = JoinUrl {
         key: reg.join.key,
         addr: silent.local_addr().unwrap(),
+        tcp: None,
     };
     let e = TestNode::start(dir.path().join("b"), "beta", Some(nobody))
         .await
