@@ -835,6 +835,18 @@ impl<T: Tun> Controller<T> {
             too_big: ctx.shared.drops.too_big.snapshot(),
             port_mapping: *ctx.mapped.lock(),
             dns: ctx.dns.status(),
+            tcp_relay: ctx
+                .shared
+                .udp
+                .divert
+                .engagement()
+                .map(|e| api::TcpRelayStatus {
+                    address: e.tcp,
+                    since_secs: SystemTime::now()
+                        .duration_since(e.since)
+                        .map_or(0, |d| d.as_secs()),
+                    why: e.why,
+                }),
         }
     }
 
@@ -842,11 +854,22 @@ impl<T: Tun> Controller<T> {
     pub fn peers(&self) -> Vec<api::Peer> {
         let now = Instant::now();
         let unix = unix_now();
+        // While UDP is blocked, relayed packets go over the TCP relay, and
+        // that is why they are relayed.
+        let shared = &self.ctx.shared;
+        let over_tcp = shared
+            .udp
+            .divert
+            .engagement()
+            .filter(|_| shared.udp.divert.diverts(shared.relay_addr()));
         self.trust
             .iter()
             .map(|(id, r)| {
                 let rt = self.tunnels.peers().get(&id);
                 let endpoint = rt.and_then(|p| p.data.endpoint()).map(api::Endpoint::from);
+                let tcp = over_tcp
+                    .as_ref()
+                    .filter(|_| endpoint == Some(api::Endpoint::Relay));
                 api::Peer {
                     node_id: id.to_string(),
                     hostname: r.hostname.clone(),
@@ -854,9 +877,12 @@ impl<T: Tun> Controller<T> {
                     trust: TrustState::of(r.ours, r.theirs),
                     endpoint,
                     path: endpoint.map(api::PathKind::from),
-                    relay_reason: rt
-                        .and_then(|p| p.machine.relay_reason())
-                        .map(|r| r.text().to_string()),
+                    relay_reason: match tcp {
+                        Some(e) => Some(e.why.clone()),
+                        None => rt
+                            .and_then(|p| p.machine.relay_reason())
+                            .map(|r| r.text().to_string()),
+                    },
                     rtt_ms: rt
                         .and_then(|p| p.machine.rtt())
                         .map(|d| d.as_micros() as f64 / 1000.0),
@@ -880,6 +906,7 @@ impl<T: Tun> Controller<T> {
                         .then(|| GrantView::of(&r.granted, unix)),
                     granted_us: (r.theirs == TrustDecision::Approved)
                         .then(|| GrantView::of(&r.granted_us, unix)),
+                    relay_transport: tcp.map(|_| "tcp".to_string()),
                 }
             })
             .collect()
