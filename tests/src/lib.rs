@@ -59,6 +59,37 @@ impl RegistryHandle {
         network: Ipv4Net,
         storage: S,
     ) -> Self {
+        Self::start_inner(dir, addr, network, storage, None).await
+    }
+
+    /// Like [`RegistryHandle::start`], also accepting nodes over TCP with
+    /// TLS (`--tcp-listen`) on a free port of the same IP, within
+    /// `limits`; its join URL carries `?tcp=`.
+    pub async fn start_with_tcp(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        limits: pilot_registry::tcp::Limits,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("registry state directory");
+        let storage = SqliteStorage::open(&dir.join("registry.db")).expect("registry db");
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .expect("bind the registry's TCP port");
+        let network = "10.77.0.0/16".parse().unwrap();
+        Self::start_inner(dir, addr, network, storage, Some((listener, limits))).await
+    }
+
+    async fn start_inner<S: Storage + 'static>(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        network: Ipv4Net,
+        storage: S,
+        tcp: Option<(tokio::net::TcpListener, pilot_registry::tcp::Limits)>,
+    ) -> Self {
+        let tcp_port = tcp
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+            .map(|a| a.port());
         let secret = pilot_registry::state::load_or_create_key(dir).expect("registry key");
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
@@ -76,6 +107,10 @@ impl RegistryHandle {
             storage,
         )
         .with_audit(dir);
+        let reg = match tcp {
+            Some((listener, limits)) => reg.with_tcp(listener, limits),
+            None => reg,
+        };
         let stats = reg.stats();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -90,7 +125,7 @@ impl RegistryHandle {
             join: JoinUrl {
                 key: pilot_registry::server::public_key(&secret),
                 addr,
-                tcp: None,
+                tcp: tcp_port,
             },
             stats,
             stop: Some(tx),
