@@ -64,8 +64,7 @@ async fn tls_signed_by_another_key_than_the_pinned_one_is_refused() {
     // certificate) cannot complete the handshake.
     let e = tcplink::connect(at, public_key(&[8; 32]))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(matches!(e, TcpLinkError::Tls { .. }), "{e}");
     side.task.abort();
 }
