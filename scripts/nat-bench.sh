@@ -3,7 +3,9 @@
 # netns-tests/s06_nat_matrix.sh (public, easy and hard NATs made of nftables),
 # restart one side's daemon and time an HTTP GET over 10.x from that cold
 # start to the first byte (curl's time_starttransfer): handshake, hole
-# punching or relay fallback included. Prints a table and writes JSON.
+# punching or relay fallback included; and the UDP-blocked cell
+# (netns-tests/s29_udp_blocked.sh: relay over TCP with TLS). Prints a table
+# and writes JSON.
 # A benchmark, not a test: it reports figures, it does not judge them.
 #   sudo scripts/nat-bench.sh            (JSON to nat-bench.json, or $NAT_JSON)
 set -euo pipefail
@@ -20,12 +22,26 @@ if ! TTFB_JSON=$(realpath -m "$out") netns-tests/s06_nat_matrix.sh >"$log" 2>&1;
   exit 1
 fi
 grep -E 'PASS|time to first byte' "$log"
-rm -f "$log"
+# The UDP-blocked cell (relay over TCP with TLS) is its own scenario.
+blocked=$(mktemp /tmp/nat-bench.XXXX.json)
+if ! TTFB_JSON=$blocked netns-tests/s29_udp_blocked.sh >"$log" 2>&1; then
+  tail -n 80 "$log" >&2
+  echo "the UDP-blocked scenario failed, so there is no figure for it (its whole output: $log)" >&2
+  exit 1
+fi
+grep -E 'PASS|time to first byte' "$log"
+python3 - "$out" "$blocked" <<'PY'
+import json, sys
+cells = json.load(open(sys.argv[1])) + json.load(open(sys.argv[2]))
+json.dump(cells, open(sys.argv[1], "w"))
+PY
+rm -f "$log" "$blocked"
 python3 - "$out" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1]))
-print(f"\n{'cell':<15} {'path':<7} {'first byte':>11} {'iperf3':>12}")
+print(f"\n{'cell':<15} {'path':<9} {'first byte':>11} {'iperf3':>12}")
 for c in cells:
-    print(f"{c['cell']:<15} {c['path']:<7} {c['ttfb_s']*1000:>8.0f} ms {c['iperf_mbps']:>7} Mbit/s")
+    mbps = "-" if c['iperf_mbps'] is None else c['iperf_mbps']
+    print(f"{c['cell']:<15} {c['path']:<9} {c['ttfb_s']*1000:>8.0f} ms {mbps:>7} Mbit/s")
 print("\ngoal: under 1 s direct, under 3 s relayed (Pilot Protocol falls back to its relay after ~7 s)")
 PY

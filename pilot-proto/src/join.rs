@@ -1,7 +1,11 @@
 //! The join URL a registry prints: `pilot://<registry key, 64 hex>@<ip:port>`,
-//! optionally with a query: `?token=<32 hex>` (a join token, for a
-//! registry that admits new nodes only with one). A node pins the key, so
-//! nobody else can pose as the registry.
+//! optionally with a query: `?tcp=<port>` when the registry also accepts
+//! nodes over TCP with TLS (for networks that block UDP; same IP), and
+//! `token=<32 hex>` (a join token, for a registry that admits new nodes
+//! only with one). A node pins the key, so nobody else can pose as the
+//! registry, over UDP or TCP. Query keys are `k=v` pairs joined by `&`; an
+//! unknown key is refused rather than ignored (it would silently change
+//! what a node does).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +24,9 @@ pub struct JoinUrl {
     /// part of the URL's [`Display`](fmt::Display), which is what a node
     /// keeps and compares; [`JoinUrl::with_query`] has it.
     pub token: Option<JoinToken>,
+    /// Its TCP (TLS) port for nodes whose network blocks UDP, on the same
+    /// IP (`?tcp=<port>`); none: the node never dials TCP.
+    pub tcp: Option<u16>,
 }
 
 /// A join token: 16 random bytes, written as 32 hex digits. The registry
@@ -64,7 +71,7 @@ pub enum JoinUrlError {
     #[error("the join URL must end in @<ip>:<port>")]
     Addr,
     /// The query names a key the URL does not have, or one twice.
-    #[error("the join URL has an unknown or repeated query key `{0}` (known: token)")]
+    #[error("the join URL has an unknown or repeated query key `{0}` or a bad value (known: tcp=<port>, token=<32 hex digits>)")]
     Query(String),
     /// The token is not 32 hex digits.
     #[error("the token in the join URL (?token=) must be 32 hex digits, as `pilot-registry token create` prints it")]
@@ -86,12 +93,19 @@ fn query<'a>(q: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, Join
 }
 
 impl JoinUrl {
-    /// The URL with its query (the token), as an operator hands it out.
+    /// The URL with all of its query (the token too), as an operator hands
+    /// it out.
     pub fn with_query(&self) -> String {
-        match &self.token {
-            Some(t) => format!("{self}?token={t}"),
-            None => self.to_string(),
+        match (&self.token, self.tcp) {
+            (Some(t), Some(_)) => format!("{self}&token={t}"),
+            (Some(t), None) => format!("{self}?token={t}"),
+            (None, _) => self.to_string(),
         }
+    }
+
+    /// The TCP relay's address, if the URL names one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.map(|p| SocketAddr::new(self.addr.ip(), p))
     }
 }
 
@@ -109,19 +123,36 @@ impl FromStr for JoinUrl {
             .trim_end_matches('/')
             .parse()
             .map_err(|_| JoinUrlError::Addr)?;
-        let mut token = None;
-        for (k, v) in query(q, &["token"])? {
-            if k == "token" {
-                token = Some(v.parse()?);
+        let (mut token, mut tcp) = (None, None);
+        for (k, v) in query(q, &["token", "tcp"])? {
+            match k {
+                "token" => token = Some(v.parse()?),
+                _ => {
+                    tcp = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .ok_or_else(|| JoinUrlError::Query(format!("{k}={v}")))?,
+                    )
+                }
             }
         }
-        Ok(JoinUrl { key, addr, token })
+        Ok(JoinUrl {
+            key,
+            addr,
+            token,
+            tcp,
+        })
     }
 }
 
 impl fmt::Display for JoinUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pilot://{}@{}", hex::encode(&self.key), self.addr)
+        write!(f, "pilot://{}@{}", hex::encode(&self.key), self.addr)?;
+        match self.tcp {
+            Some(p) => write!(f, "?tcp={p}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -135,6 +166,7 @@ mod tests {
             key: [0xab; 32],
             addr: "192.0.2.1:7000".parse().unwrap(),
             token: None,
+            tcp: None,
         };
         let s = u.to_string();
         assert_eq!(s, format!("pilot://{}@192.0.2.1:7000", "ab".repeat(32)));
@@ -182,5 +214,52 @@ mod tests {
         );
         // An empty query is no query.
         assert_eq!(format!("{base}?").parse::<JoinUrl>().unwrap().token, None);
+    }
+
+    #[test]
+    fn the_tcp_port_rides_in_the_query() {
+        let key = "ab".repeat(32);
+        let u: JoinUrl = format!("pilot://{key}@192.0.2.1:7000?tcp=443")
+            .parse()
+            .unwrap();
+        assert_eq!(u.tcp, Some(443));
+        assert_eq!(u.tcp_addr(), Some("192.0.2.1:443".parse().unwrap()));
+        assert_eq!(
+            u.to_string(),
+            format!("pilot://{key}@192.0.2.1:7000?tcp=443")
+        );
+        assert_eq!(u.to_string().parse::<JoinUrl>(), Ok(u));
+        for bad in ["tcp=0", "tcp=x", "tcp=70000", "tcp", "tcp=1&tcp=2", "udp=1"] {
+            assert!(
+                matches!(
+                    format!("pilot://{key}@192.0.2.1:7000?{bad}").parse::<JoinUrl>(),
+                    Err(JoinUrlError::Query(_))
+                ),
+                "{bad}"
+            );
+        }
+        let none: JoinUrl = format!("pilot://{key}@192.0.2.1:7000?").parse().unwrap();
+        assert_eq!(none.tcp, None);
+    }
+
+    #[test]
+    fn token_and_tcp_together() {
+        let key = "ab".repeat(32);
+        let t = "0123456789abcdef0123456789abcdef";
+        let u: JoinUrl = format!("pilot://{key}@192.0.2.1:7000?tcp=443&token={t}")
+            .parse()
+            .unwrap();
+        assert_eq!(u.tcp, Some(443));
+        assert!(u.token.is_some());
+        // The kept form has the port but never the token.
+        assert_eq!(
+            u.to_string(),
+            format!("pilot://{key}@192.0.2.1:7000?tcp=443")
+        );
+        assert_eq!(u.with_query().parse::<JoinUrl>(), Ok(u));
+        let v: JoinUrl = format!("pilot://{key}@192.0.2.1:7000?token={t}&tcp=443")
+            .parse()
+            .unwrap();
+        assert_eq!(v, u);
     }
 }

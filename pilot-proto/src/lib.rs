@@ -32,6 +32,10 @@
 //!   and REFUSED), from the names a node may tell.
 //! - [`ipv6`]: the overlay's IPv6 addresses (a ULA /48 per network, a /128
 //!   per node), IPv6 packet facts and ICMPv6 errors.
+//! - [`streamframe`]: datagrams over a byte stream (the TCP relay), with
+//!   a 2-byte length each.
+//! - [`tlskey`]: the registry's TLS key for the TCP relay, the same key the
+//!   join URL pins, and the check of a TLS signature against the pin.
 //!
 //! Fleet trust (issue 9; wired into the daemon step by step):
 //! - [`cert`]: owner keys, certificates binding a node id to tags, owner
@@ -73,9 +77,11 @@ pub mod ports;
 pub mod ratelimit;
 pub mod replay;
 pub mod session;
+pub mod streamframe;
 pub mod stun;
 pub mod succession;
 pub mod timers;
+pub mod tlskey;
 pub mod trust;
 pub mod wire;
 

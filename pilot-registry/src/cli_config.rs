@@ -40,6 +40,7 @@ struct RegistryFile {
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
+    tcp_listen: Option<Spanned<String>>,
     log: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
     metrics: Option<Spanned<String>>,
@@ -173,6 +174,15 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
             )
         })?);
     }
+    if let (Some(s), false) = (&v.tcp_listen, given(m, "tcp_listen")) {
+        cli.tcp_listen = Some(s.get_ref().parse().map_err(|_| {
+            file.bad_value(
+                "tcp-listen",
+                s.span(),
+                "expected an IP address and a TCP port, like \"0.0.0.0:443\"",
+            )
+        })?);
+    }
     if let (Some(l), false) = (&v.log, given(m, "log")) {
         pilot_service::logging::filter(l.get_ref()).map_err(|e| {
             file.bad_value("log", l.span(), e.to_string().replacen("--log ", "", 1))
@@ -289,6 +299,7 @@ relay-total-mbps = 900
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
 stun-alt-port = 0
+tcp-listen = "192.0.2.1:443"
 log = "debug"
 log-format = "json"
 "#;
@@ -322,6 +333,8 @@ log-format = "json"
                 "--relay-only",
                 "--stun-alt-port",
                 "0",
+                "--tcp-listen",
+                "192.0.2.1:443",
                 "--log",
                 "debug",
                 "--log-format",
@@ -381,6 +394,10 @@ log-format = "json"
                 "1: `stun-alt-port`: expected a UDP port",
             ),
             ("advertise = 5\n", "1: `advertise`: "),
+            (
+                "tcp-listen = \"443\"\n",
+                "1: `tcp-listen`: expected an IP address and a TCP port",
+            ),
             ("log-format = \"xml\"\n", "1: `log-format`: "),
             (
                 "database = \"/var/lib/pilot-registry/registry.db\"\n",

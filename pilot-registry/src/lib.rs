@@ -8,6 +8,8 @@
 //! Modules, by role (each uses only modules listed after it, so nothing
 //! imports in a circle):
 //! - [`server`]: the socket loop; drives the roles and sends what they return.
+//! - [`tcp`]: the TCP relay listener (TLS), for nodes whose networks
+//!   block UDP: their frames enter the socket loop as datagrams.
 //! - [`web`]: the HTTP pages: `/metrics` for Prometheus and the status page.
 //! - [`view`]: what those pages see of the running registry.
 //! - [`relay_only`]: the relay-only instance's answers to control messages.
@@ -46,6 +48,7 @@ pub mod storage_pg;
 #[cfg(test)]
 mod storage_suite;
 pub mod store;
+pub mod tcp;
 pub mod view;
 pub mod web;
 

@@ -106,6 +106,12 @@ struct Cli {
     /// their NAT maps per destination (default: --listen's port + 1; 0: off).
     #[arg(long)]
     stun_alt_port: Option<u16>,
+    /// Also accept nodes over TCP with TLS on this address, for networks
+    /// that block UDP (443 passes most firewalls): the join URL then ends
+    /// in ?tcp=<port> (same IP as --advertise). The certificate is made
+    /// from the registry key, which the join URL pins. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    tcp_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics and a status page
     /// at http://ADDR/ (off by default). A port alone listens on 127.0.0.1.
     #[arg(long, value_name = "ADDR", value_parser = pilot_metrics::parse_listen)]
@@ -544,6 +550,7 @@ fn run() -> Result<()> {
             key: server::public_key(&secret),
             addr: advertise,
             token: None,
+            tcp: cli.tcp_listen.map(|a| a.port()),
         };
         if cli.relay_only {
             println!(
@@ -589,6 +596,12 @@ fn run() -> Result<()> {
             view.set_list(if cli.status_list_nodes { pilot_registry::view::MAX_LISTED } else { 0 });
             tokio::spawn(pilot_registry::web::serve(listener, registry.stats(), view));
             println!("metrics: http://{addr}/metrics  status page: http://{addr}/");
+        }
+        if let Some(addr) = cli.tcp_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on TCP {addr} for --tcp-listen (is the port in use? a port below 1024 needs CAP_NET_BIND_SERVICE)")
+            })?;
+            registry = registry.with_tcp(listener, pilot_registry::tcp::Limits::default());
         }
         let alt_port = cli
             .stun_alt_port

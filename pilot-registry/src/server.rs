@@ -42,6 +42,7 @@ use crate::sessions::{Reply, Sessions};
 use crate::stats::{bump, Stats};
 use crate::storage::Storage;
 use crate::store::{self, Done, Store};
+use crate::tcp;
 use crate::view::View;
 
 /// What the registry is configured with.
@@ -124,6 +125,7 @@ fn unix_now() -> u64 {
 pub struct Registry<S: Storage> {
     socket: UdpSocket,
     alt_stun: Option<UdpSocket>,
+    tcp: Option<(tokio::net::TcpListener, tcp::Limits)>,
     config: Config,
     storage: S,
     stats: Arc<Stats>,
@@ -169,6 +171,7 @@ impl<S: Storage + 'static> Registry<S> {
             view: Arc::new(view),
             socket,
             alt_stun: None,
+            tcp: None,
             config,
             storage,
             stats: Arc::new(Stats::default()),
@@ -197,6 +200,13 @@ impl<S: Storage + 'static> Registry<S> {
         self
     }
 
+    /// Also accepts nodes over TCP with TLS on `listener` (`--tcp-listen`,
+    /// see [`crate::tcp`]), within `limits`.
+    pub fn with_tcp(mut self, listener: tokio::net::TcpListener, limits: tcp::Limits) -> Self {
+        self.tcp = Some((listener, limits));
+        self
+    }
+
     /// The counters (shared; keep a clone to read them while it runs).
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
@@ -214,6 +224,7 @@ impl<S: Storage + 'static> Registry<S> {
         let Registry {
             socket,
             alt_stun,
+            tcp,
             config,
             storage,
             stats,
@@ -233,6 +244,12 @@ impl<S: Storage + 'static> Registry<S> {
             None => (audit::Sink::off(), None),
         };
         let public = public_key(&config.secret);
+        let tcp = match tcp {
+            Some((listener, limits)) => {
+                Some(tcp::spawn(listener, &config.secret, limits).map_err(std::io::Error::other)?)
+            }
+            None => None,
+        };
         let admission = Admission::new(config.secret, &public);
         let (store, mut done, store_thread) = Store::spawn_joining(
             storage,
@@ -264,15 +281,20 @@ impl<S: Storage + 'static> Registry<S> {
             view,
             ticks: 0,
         };
+        let tcp_task = tcp.as_ref().map(|t| t.task.abort_handle());
         let result = serve(
             &socket,
             alt_stun,
+            tcp,
             &mut core,
             &mut done,
             &mut admitted,
             shutdown,
         )
         .await;
+        if let Some(t) = tcp_task {
+            t.abort();
+        }
         // Closing the queues ends both threads; the storage thread first
         // finishes what is queued (commits nobody will hear about are fine:
         // nothing was acknowledged).
@@ -294,6 +316,7 @@ impl<S: Storage + 'static> Registry<S> {
 async fn serve(
     socket: &UdpSocket,
     alt: Option<UdpSocket>,
+    tcp: Option<tcp::TcpSide>,
     core: &mut Core,
     done: &mut tokio::sync::mpsc::Receiver<Done>,
     admitted: &mut tokio::sync::mpsc::Receiver<Admitted>,
@@ -302,12 +325,23 @@ async fn serve(
     tokio::pin!(shutdown);
     let mut buf = vec![0u8; 65_536];
     let mut alt_buf = vec![0u8; 1500];
-    let mut out = Vec::with_capacity(2048);
+    let mut sealed = Vec::with_capacity(2048);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let alt_recv = async |b: &mut [u8]| match &alt {
         Some(s) => s.recv_from(b).await,
         None => std::future::pending().await,
+    };
+    // Datagrams from TCP-attached nodes come in beside the socket's, from
+    // their marker addresses; what goes to a marker address goes back down
+    // its connection.
+    let (hub, mut tcp_in) = match tcp {
+        Some(t) => (Some(t.hub), Some(t.incoming)),
+        None => (None, None),
+    };
+    let out = Out {
+        socket,
+        hub: hub.as_deref(),
     };
     loop {
         let replies = tokio::select! {
@@ -321,14 +355,14 @@ async fn serve(
                 }
                 continue;
             }
-            r = socket.recv_from(&mut buf) => match r {
+            r = recv(socket, &mut tcp_in, &mut buf) => match r {
                 Ok((n, from)) => match core.on_datagram(&mut buf[..n], from, Instant::now()) {
                     Action::Send(to) => {
-                        let _ = socket.send_to(&buf[..n], to).await;
+                        out.send_to(&buf[..n], to).await;
                         continue;
                     }
                     Action::SendOwned(bytes, to) => {
-                        let _ = socket.send_to(&bytes, to).await;
+                        out.send_to(&bytes, to).await;
                         continue;
                     }
                     Action::Reply(replies) => replies,
@@ -345,7 +379,7 @@ async fn serve(
                     return Err(std::io::Error::other("the admission thread stopped"));
                 };
                 if core.sessions.install(session, static_public, from, Instant::now()) {
-                    let _ = socket.send_to(&response, from).await;
+                    out.send_to(&response, from).await;
                 }
                 continue;
             }
@@ -356,7 +390,7 @@ async fn serve(
                 let now = Instant::now();
                 if let Done::Approvals { approvals } = d {
                     for (to, bytes) in core.relay.learned(approvals, now, &core.sessions, &core.stats) {
-                        let _ = socket.send_to(&bytes, to).await;
+                        out.send_to(&bytes, to).await;
                     }
                     continue;
                 }
@@ -372,8 +406,8 @@ async fn serve(
             }
         };
         for r in &replies {
-            if let Some(to) = core.sessions.seal(r, &mut out) {
-                let _ = socket.send_to(&out, to).await;
+            if let Some(to) = core.sessions.seal(r, &mut sealed) {
+                out.send_to(&sealed, to).await;
             }
         }
     }
@@ -394,6 +428,44 @@ fn request_id(msg: &ToRegistry) -> Option<u32> {
         | ToRegistry::FindRevocations { req, .. }
         | ToRegistry::Succeed { req, .. } => Some(*req),
         ToRegistry::Ack { .. } => None,
+    }
+}
+
+/// Where the loop's datagrams leave: the UDP socket, or the TCP
+/// connection behind a marker address.
+struct Out<'a> {
+    socket: &'a UdpSocket,
+    hub: Option<&'a tcp::Hub>,
+}
+
+impl Out<'_> {
+    async fn send_to(&self, bytes: &[u8], to: SocketAddr) {
+        match self.hub {
+            Some(hub) if tcp::is_marker(to) => hub.send(bytes, to),
+            _ => {
+                let _ = self.socket.send_to(bytes, to).await;
+            }
+        }
+    }
+}
+
+/// The next datagram, from the socket or from a TCP-attached node.
+async fn recv(
+    socket: &UdpSocket,
+    tcp: &mut Option<tokio::sync::mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    let Some(rx) = tcp else {
+        return socket.recv_from(buf).await;
+    };
+    tokio::select! {
+        r = socket.recv_from(buf) => r,
+        Some((d, from)) = rx.recv() => {
+            // Frames are at most `streamframe::MAX_FRAME`, far below `buf`.
+            let n = d.len().min(buf.len());
+            buf[..n].copy_from_slice(&d[..n]);
+            Ok((n, from))
+        }
     }
 }
 

@@ -468,6 +468,22 @@ pub struct Status {
     /// The overlay's IPv6 prefix (a ULA /48), with [`Status::address6`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network6: Option<String>,
+    /// The TCP relay, while UDP to the registry is blocked and the node
+    /// reaches it over TCP with TLS (left out otherwise, and by daemons
+    /// from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_relay: Option<TcpRelayStatus>,
+}
+
+/// The TCP relay in use, in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRelayStatus {
+    /// The registry's TCP address (the join URL's `?tcp=` port).
+    pub address: SocketAddr,
+    /// Seconds since the node moved to it.
+    pub since_secs: u64,
+    /// Why.
+    pub why: String,
 }
 
 /// The overlay's DNS server, in [`Status`].
@@ -822,6 +838,10 @@ pub struct Peer {
     /// this node carries no IPv6, and by daemons from before IPv6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address6: Option<Ipv6Addr>,
+    /// `tcp` while its relayed packets travel over the TCP relay (UDP is
+    /// blocked here); left out otherwise, and by daemons from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<String>,
 }
 
 /// A grant as `peers`, `trust list` and `explain` show it: what it opens
@@ -1266,8 +1286,16 @@ mod tests {
             }),
             address6: Some("fd3c:9a41:7e02::a4d:5c84".parse().unwrap()),
             network6: Some("fd3c:9a41:7e02::/48".into()),
+            tcp_relay: Some(TcpRelayStatus {
+                address: "203.0.113.5:443".parse().unwrap(),
+                since_secs: 95,
+                why: TCP_WHY_EXAMPLE.into(),
+            }),
         }
     }
+
+    const TCP_WHY_EXAMPLE: &str =
+        "no UDP answer from the registry at 203.0.113.5:7946: UDP looks blocked";
 
     const DNS_HINT_EXAMPLE: &str = "systemd-resolved is not running: add `nameserver 10.77.92.132` as the first line of /etc/resolv.conf (or run `pilot-tun dns print`)";
 
@@ -1292,6 +1320,7 @@ mod tests {
                 granted: Some(all()),
                 granted_us: Some(scoped()),
                 address6: Some("fd3c:9a41:7e02::a4d:544d".parse().unwrap()),
+                relay_transport: None,
             },
             Peer {
                 node_id: "9a1c0e5d7b3f42618e0d2c4b6a8f1e3d".into(),
@@ -1312,6 +1341,7 @@ mod tests {
                 granted: Some(all()),
                 granted_us: Some(all()),
                 address6: Some("fd3c:9a41:7e02::a4d:7401".parse().unwrap()),
+                relay_transport: None,
             },
             Peer {
                 node_id: "0b7e2d4f6a8c1e3f5a7c9e1b3d5f7a9c".into(),
@@ -1332,6 +1362,28 @@ mod tests {
                 granted: None,
                 granted_us: Some(all()),
                 address6: Some("fd3c:9a41:7e02::a4d:309".parse().unwrap()),
+                relay_transport: None,
+            },
+            Peer {
+                node_id: "d41c8e2a6f0b3d5c7e9a1b3c5d7e9f0a".into(),
+                hostname: Some("delta".into()),
+                address: Ipv4Addr::new(10, 77, 40, 2),
+                trust: TrustState::Trusted,
+                endpoint: Some(Endpoint::Relay),
+                path: Some(PathKind::Relay),
+                relay_reason: Some(TCP_WHY_EXAMPLE.into()),
+                rtt_ms: Some(2.4),
+                session: true,
+                last_handshake_secs: Some(8),
+                rx_bytes: 4096,
+                tx_bytes: 2048,
+                mtu: Some(1360),
+                path_mtu: None,
+                path_mtu_state: Some("searching".into()),
+                granted: Some(all()),
+                granted_us: Some(all()),
+                address6: Some("fd3c:9a41:7e02::a4d:2802".parse().unwrap()),
+                relay_transport: Some("tcp".into()),
             },
         ]
     }

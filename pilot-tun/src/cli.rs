@@ -937,7 +937,10 @@ fn print_text(reply: &Reply) {
                     or_dash(&p.hostname),
                     p.address,
                     p.trust.to_string(),
-                    path_text(p.endpoint, &p.relay_reason),
+                    match p.relay_transport.as_deref() {
+                        Some("tcp") => "relay over TCP".to_string(),
+                        _ => path_text(p.endpoint, &p.relay_reason),
+                    },
                     rtt,
                     hs,
                     human_bytes(p.rx_bytes),
@@ -1276,6 +1279,14 @@ fn print_status(d: &Status) {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into())
     );
+    if let Some(t) = &d.tcp_relay {
+        say!(
+            "transport: relay over TCP (TLS) to {} for {}s: {}",
+            t.address,
+            t.since_secs,
+            printable(&t.why)
+        );
+    }
     let p = &d.peers;
     say!(
         "peers:     {} trusted, {} connected, {} known, {} pending request(s)",

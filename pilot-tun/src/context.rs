@@ -294,17 +294,27 @@ impl<T: Tun> Context<T> {
     }
 
     async fn stun(&self, to: SocketAddr) -> Option<SocketAddr> {
+        self.stun_via(to, false).await
+    }
+
+    /// STUN to `to` over UDP even while the registry is diverted to the
+    /// TCP relay: does UDP get through?
+    pub async fn stun_udp(&self, to: SocketAddr) -> Option<SocketAddr> {
+        self.stun_via(to, true).await
+    }
+
+    async fn stun_via(&self, to: SocketAddr, udp_only: bool) -> Option<SocketAddr> {
         for _ in 0..3 {
             let mut tid = [0u8; 12];
             tid[..8].copy_from_slice(&random_u64().to_le_bytes());
             tid[8..].copy_from_slice(&(random_u64() as u32).to_le_bytes());
             let (tx, rx) = oneshot::channel();
             self.stun_pending.lock().insert(tid, tx);
-            let _ = self
-                .shared
-                .udp
-                .send_to(&stun::binding_request(&tid), to)
-                .await;
+            let req = stun::binding_request(&tid);
+            let _ = match udp_only {
+                true => self.shared.udp.send_to_udp(&req, to).await,
+                false => self.shared.udp.send_to(&req, to).await,
+            };
             let r = tokio::time::timeout(Duration::from_millis(400), rx).await;
             self.stun_pending.lock().remove(&tid);
             if let Ok(Ok(a)) = r {

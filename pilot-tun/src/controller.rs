@@ -841,6 +841,18 @@ impl<T: Tun> Controller<T> {
             network6: ipv6
                 .then(|| ctx.shared.ula().map(|u| u.net().to_string()))
                 .flatten(),
+            tcp_relay: ctx
+                .shared
+                .udp
+                .divert
+                .engagement()
+                .map(|e| api::TcpRelayStatus {
+                    address: e.tcp,
+                    since_secs: SystemTime::now()
+                        .duration_since(e.since)
+                        .map_or(0, |d| d.as_secs()),
+                    why: e.why,
+                }),
         }
     }
 
@@ -849,11 +861,22 @@ impl<T: Tun> Controller<T> {
         let now = Instant::now();
         let unix = unix_now();
         let ipv6 = self.ctx.shared.ipv6_up.load(Ordering::Relaxed);
+        // While UDP is blocked, relayed packets go over the TCP relay, and
+        // that is why they are relayed.
+        let shared = &self.ctx.shared;
+        let over_tcp = shared
+            .udp
+            .divert
+            .engagement()
+            .filter(|_| shared.udp.divert.diverts(shared.relay_addr()));
         self.trust
             .iter()
             .map(|(id, r)| {
                 let rt = self.tunnels.peers().get(&id);
                 let endpoint = rt.and_then(|p| p.data.endpoint()).map(api::Endpoint::from);
+                let tcp = over_tcp
+                    .as_ref()
+                    .filter(|_| endpoint == Some(api::Endpoint::Relay));
                 api::Peer {
                     node_id: id.to_string(),
                     hostname: r.hostname.clone(),
@@ -861,9 +884,12 @@ impl<T: Tun> Controller<T> {
                     trust: TrustState::of(r.ours, r.theirs),
                     endpoint,
                     path: endpoint.map(api::PathKind::from),
-                    relay_reason: rt
-                        .and_then(|p| p.machine.relay_reason())
-                        .map(|r| r.text().to_string()),
+                    relay_reason: match tcp {
+                        Some(e) => Some(e.why.clone()),
+                        None => rt
+                            .and_then(|p| p.machine.relay_reason())
+                            .map(|r| r.text().to_string()),
+                    },
                     rtt_ms: rt
                         .and_then(|p| p.machine.rtt())
                         .map(|d| d.as_micros() as f64 / 1000.0),
@@ -890,6 +916,7 @@ impl<T: Tun> Controller<T> {
                     address6: ipv6
                         .then(|| self.ctx.shared.peer_address6(r.address))
                         .flatten(),
+                    relay_transport: tcp.map(|_| "tcp".to_string()),
                 }
             })
             .collect()

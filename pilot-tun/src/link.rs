@@ -13,7 +13,7 @@ use pilot_proto::join::JoinUrl;
 use pilot_proto::messages::{self, ErrorCode, FromRegistry, ToRegistry};
 use pilot_proto::session::Session;
 use pilot_proto::wire::{DATA_HEADER_LEN, TAG_LEN};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::udp::Udp;
 
@@ -55,6 +55,8 @@ pub struct RegistryLink {
     reachable: AtomicBool,
     last_contact: Mutex<Option<Instant>>,
     observed: Mutex<Option<SocketAddr>>,
+    /// Cuts the keeper's pauses short (the transport changed).
+    wake: Notify,
 }
 
 impl RegistryLink {
@@ -69,6 +71,7 @@ impl RegistryLink {
             reachable: AtomicBool::new(false),
             last_contact: Mutex::new(None),
             observed: Mutex::new(None),
+            wake: Notify::new(),
         }
     }
 
@@ -81,6 +84,20 @@ impl RegistryLink {
     pub fn drop_session(&self) {
         *self.session.write() = None;
         self.reachable.store(false, Ordering::Relaxed);
+    }
+
+    /// Sleeps for `d`, or until [`RegistryLink::wake`].
+    pub async fn nap(&self, d: std::time::Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.wake.notified() => {}
+        }
+    }
+
+    /// Ends the current (or next) [`RegistryLink::nap`]: the transport to
+    /// the registry changed, reconnect now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// True if the last exchange with the registry worked.

@@ -179,6 +179,12 @@ impl<T: Tun> Node<T> {
             let t = tokio::spawn(portmap_keeper(ctx.clone(), handle.clone()));
             node.tasks.lock().push(t);
         }
+        // With a TCP port in the join URL: watch whether UDP gets out,
+        // from before the first registration on.
+        if ctx.link.join.tcp.is_some() {
+            let t = tokio::spawn(crate::tcplink::keeper(ctx.clone()));
+            node.tasks.lock().push(t);
+        }
         // Register, or fall back to the cached address.
         let registered =
             tokio::time::timeout(ctx.cfg.register_timeout, connect_registry(&ctx, &handle)).await;
@@ -513,6 +519,7 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
                 key: ctx.link.join.key,
                 addr: first,
                 token: None,
+                tcp: None,
             })));
             ctx.shared.set_relay_only(Some(first), false);
         }
@@ -705,13 +712,16 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                         LinkError::Assignment(_) => warn!("registry: {e}"),
                         _ => debug!("registry: {e}"),
                     }
-                    tokio::time::sleep(backoff).await;
+                    ctx.link.nap(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        ctx.link.nap(Duration::from_secs(10)).await;
+        if ctx.link.session().is_none() {
+            continue; // woken: the transport changed
+        }
         match ctx
             .link
             .call(&ctx.shared.udp, |req| ToRegistry::Ping { req })

@@ -15,6 +15,10 @@
 //! fragment it). A second socket on the same port is not an option (the
 //! kernel would spread our incoming datagrams over both), so a lock keeps
 //! every other send out of that window.
+//!
+//! While UDP is blocked, datagrams for the registry go over the TCP relay
+//! instead ([`crate::divert`]): every send checks the switch, and the
+//! receive also returns what the stream delivered.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -24,6 +28,8 @@ use parking_lot::RwLock;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+use crate::divert::Divert;
 
 /// Receive buffers per batch; each takes one GRO super-datagram.
 pub const RECV_BATCH: usize = 8;
@@ -39,6 +45,8 @@ pub struct Udp {
     /// kernel fragment one datagram (so no other datagram leaves without
     /// DF meanwhile).
     df: RwLock<()>,
+    /// Datagrams for the registry over the TCP relay, while UDP is blocked.
+    pub divert: Divert,
 }
 
 impl Udp {
@@ -55,6 +63,7 @@ impl Udp {
             state,
             gso,
             df: RwLock::new(()),
+            divert: Divert::default(),
         })
     }
 
@@ -84,12 +93,21 @@ impl Udp {
         bufs: &mut [Vec<u8>],
         metas: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        let mut iovs: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        self.socket
-            .async_io(Interest::READABLE, || {
-                self.state.recv((&self.socket).into(), &mut iovs, metas)
-            })
-            .await
+        loop {
+            let n = self.divert.take(bufs, metas);
+            if n > 0 {
+                return Ok(n);
+            }
+            let mut iovs: Vec<IoSliceMut<'_>> =
+                bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            tokio::select! {
+                biased;
+                r = self.socket.async_io(Interest::READABLE, || {
+                    self.state.recv((&self.socket).into(), &mut iovs, metas)
+                }) => return r,
+                () = self.divert.arrived() => {}
+            }
+        }
     }
 
     /// Sends `contents` to `to`; with `segment` set, as several datagrams of
@@ -101,6 +119,12 @@ impl Udp {
         segment: Option<usize>,
     ) -> io::Result<()> {
         let segment_size = segment.filter(|s| *s < contents.len());
+        if self.divert.diverts(to) {
+            for chunk in contents.chunks(segment_size.unwrap_or(contents.len()).max(1)) {
+                self.divert.send(chunk);
+            }
+            return Ok(());
+        }
         if segment_size.is_some() && !self.gso {
             for chunk in contents.chunks(segment_size.unwrap_or(contents.len())) {
                 self.send_one(to, chunk, None).await?;
@@ -133,6 +157,16 @@ impl Udp {
 
     /// Sends one datagram, for the control path.
     pub async fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+        if self.divert.diverts(to) {
+            self.divert.send(buf);
+            return Ok(());
+        }
+        self.send_to_udp(buf, to).await
+    }
+
+    /// Sends one datagram over UDP even while the registry is diverted
+    /// (the probes that tell whether UDP works again).
+    pub async fn send_to_udp(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
         self.socket
             .async_io(Interest::WRITABLE, || {
                 let _df = self.df.read();
@@ -146,6 +180,10 @@ impl Udp {
     /// being dropped. Slow (three system calls and an exclusive lock); only
     /// for the rare datagram that needs it.
     pub async fn send_fragmentable(&self, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+        if self.divert.diverts(to) {
+            self.divert.send(buf);
+            return Ok(());
+        }
         self.socket
             .async_io(Interest::WRITABLE, || {
                 let _df = self.df.write();

@@ -59,7 +59,7 @@ impl RegistryHandle {
         network: Ipv4Net,
         storage: S,
     ) -> Self {
-        Self::start_limited(dir, addr, network, storage, Limits::default()).await
+        Self::start_inner(dir, addr, network, storage, Limits::default(), None).await
     }
 
     /// [`RegistryHandle::start_with`] under `limits` (join tokens, rates).
@@ -70,6 +70,46 @@ impl RegistryHandle {
         storage: S,
         limits: Limits,
     ) -> Self {
+        Self::start_inner(dir, addr, network, storage, limits, None).await
+    }
+
+    /// Like [`RegistryHandle::start`], also accepting nodes over TCP with
+    /// TLS (`--tcp-listen`) on a free port of the same IP, within
+    /// `limits`; its join URL carries `?tcp=`.
+    pub async fn start_with_tcp(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        limits: pilot_registry::tcp::Limits,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("registry state directory");
+        let storage = SqliteStorage::open(&dir.join("registry.db")).expect("registry db");
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .expect("bind the registry's TCP port");
+        let network = "10.77.0.0/16".parse().unwrap();
+        Self::start_inner(
+            dir,
+            addr,
+            network,
+            storage,
+            Limits::default(),
+            Some((listener, limits)),
+        )
+        .await
+    }
+
+    async fn start_inner<S: Storage + 'static>(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        network: Ipv4Net,
+        storage: S,
+        limits: Limits,
+        tcp: Option<(tokio::net::TcpListener, pilot_registry::tcp::Limits)>,
+    ) -> Self {
+        let tcp_port = tcp
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+            .map(|a| a.port());
         let secret = pilot_registry::state::load_or_create_key(dir).expect("registry key");
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
@@ -88,6 +128,10 @@ impl RegistryHandle {
         )
         .with_audit(dir)
         .with_limits(limits);
+        let reg = match tcp {
+            Some((listener, limits)) => reg.with_tcp(listener, limits),
+            None => reg,
+        };
         let stats = reg.stats();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
@@ -103,6 +147,7 @@ impl RegistryHandle {
                 key: pilot_registry::server::public_key(&secret),
                 addr,
                 token: None,
+                tcp: tcp_port,
             },
             stats,
             stop: Some(tx),

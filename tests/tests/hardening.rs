@@ -415,6 +415,7 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
         key: reg.join.key,
         addr: proxy.addr,
         token: None,
+        tcp: None,
     };
     let a = TestNode::start(dir.path().join("a"), "alpha", Some(via_proxy))
         .await

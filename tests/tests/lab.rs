@@ -272,6 +272,7 @@ async fn first_start_without_registry_fails_clearly() {
         key: [9; 32],
         addr: sock.local_addr().unwrap(),
         token: None,
+        tcp: None,
     };
     drop(sock);
     let err = TestNode::start(dir.path().join("a"), "alpha", Some(join))

@@ -22,6 +22,7 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
         key: [0x42; 32],
         addr: reg.join.addr,
         token: None,
+        tcp: None,
     };
     let e = TestNode::start(dir.path().join("a"), "alpha", Some(wrong))
         .await
@@ -43,6 +44,7 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
         key: reg.join.key,
         addr: silent.local_addr().unwrap(),
         token: None,
+        tcp: None,
     };
     let e = TestNode::start(dir.path().join("b"), "beta", Some(nobody))
         .await
