@@ -153,6 +153,12 @@ fn main() {
     out.put("stun", "request", &stun::binding_request(&tid));
     out.put("stun", "response-v4", &stun::binding_response(&tid, v4));
     out.put("stun", "response-v6", &stun::binding_response(&tid, v6));
+    // The TCP relay's stream: a read size (byte 0), then two frames, a
+    // STUN request and a tunnel-sized one.
+    let mut stream = vec![3u8];
+    pilot_proto::streamframe::encode(&stun::binding_request(&tid), &mut stream).expect("fits");
+    pilot_proto::streamframe::encode(&[0x42; 1400], &mut stream).expect("fits");
+    out.put("streamframe", "two-frames", &stream);
     out.put("stun", "rfc5769-request", &unhex(RFC5769_REQUEST));
     out.put("stun", "rfc5769-response", &unhex(RFC5769_RESPONSE));
     // Tid first, then the message: the layout of the third check in `stun`.
