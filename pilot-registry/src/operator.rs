@@ -5,8 +5,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::registrar::token_hash;
 use crate::storage::{NodeRow, Storage, StorageError, TokenRow};
+
+/// SHA-256 of a join token: what the registry keeps and looks up.
+pub fn token_hash(token: &[u8; 16]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
 
 /// Nodes `nodes list` reads at most.
 pub const MAX_LIST: usize = 1_000_000;

@@ -12,6 +12,7 @@ use pilot_proto::succession::Succession;
 use tracing::debug;
 
 use crate::names::{self, NameDecision};
+use crate::operator::token_hash;
 use crate::pool;
 use crate::storage::{NodeRow, Storage, StorageError, TokenUse};
 
@@ -121,14 +122,6 @@ impl Default for Joining {
     fn default() -> Self {
         Joining::new(false, 0)
     }
-}
-
-/// SHA-256 of a join token: what the registry keeps and looks up.
-pub fn token_hash(token: &[u8; 16]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// Whether a new identity from `observed` with `token` is admitted: its
