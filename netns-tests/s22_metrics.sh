@@ -137,7 +137,8 @@ chrome --screenshot="$WORK/status.png" --window-size=1000,900 http://192.0.2.1:9
 pass "Chromium: the status page shows 2 nodes online and both hostnames; screenshot $(stat -c %s "$WORK/status.png") bytes"
 
 # --- a taken port is named, and nothing is left running -----------------------
-# (Last: this third node registers, which would change the counts above.)
+# (Last: were the port free, this third node would register and change the
+# counts above; a taken port now fails the start before it registers.)
 if on_to "$WORK/taken.txt" a "$BIN/pilot-tun" --state-dir "$WORK/gamma" up --name gamma \
   --dev pilot1 --registry "$JOIN" --metrics 9464; then
   fail "a second daemon in a started with --metrics on alpha's port 9464"

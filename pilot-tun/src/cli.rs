@@ -1514,6 +1514,17 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
             .unwrap_or("the remembered registry")
     ));
     let restart = rt.block_on(async move {
+        // Local resources first: a taken --metrics port fails the start
+        // before the node registers or touches the network.
+        let metrics_listener = match metrics {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                failed(
+                    ErrorCode::StartFailed,
+                    format!("cannot listen on {addr} for --metrics: {e} (is the port in use? choose another)"),
+                )
+            })?),
+            None => None,
+        };
         let node = Node::start(cfg, |address, network| {
             KernelTun::create(&TunConfig {
                 name: dev.clone(),
@@ -1534,13 +1545,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
                 ),
             )
         })?;
-        if let Some(addr) = metrics {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                failed(
-                    ErrorCode::StartFailed,
-                    format!("cannot listen on {addr} for --metrics: {e} (is the port in use? choose another)"),
-                )
-            })?;
+        if let Some(listener) = metrics_listener {
             node.serve_metrics(listener, metrics_per_peer);
         }
         if let Some(domain) = domain {
