@@ -107,7 +107,7 @@ bg reg registry env NOTIFY_SOCKET="@$PFX-registry-notify" "$BIN/pilot-registry" 
 wait_for 10 "READY=1 from the registry" got_ready "$RN"
 log "registry said: $(event_field "$RN" 1 msg | tr '\n' '|')"
 [ "$(event_field "$RN" 1 check_rc)" = 0 ] || fail "READY=1 came before the registry answered STUN: $(event_field "$RN" 1 check_out)"
-event_field "$RN" 1 msg | grep -q '^STATUS=serving 192.0.2.1:7946' || fail "no serving status with READY=1: $(cat "$RN")"
+grep -q '^STATUS=serving 192.0.2.1:7946' <<<"$(event_field "$RN" 1 msg)" || fail "no serving status with READY=1: $(cat "$RN")"
 JOIN=$(cat "$WORK/registry/join-url")
 pass "registry: READY=1 over an abstract socket once it served STUN ($JOIN)"
 
@@ -125,12 +125,12 @@ bg a daemon-a env NOTIFY_SOCKET="$AN" JOURNAL_STREAM="$JS" "$BIN/pilot-tun" \
 wait_for 15 "READY=1 from alpha's daemon" got_ready "$AE"
 n=$(events "$AE")
 [ "$n" -ge 2 ] || fail "expected a STATUS before READY=1, got $n datagrams: $(cat "$AE")"
-event_field "$AE" 1 msg | grep -q '^STATUS=starting' || fail "the first datagram is not a starting status: $(event_field "$AE" 1 msg)"
-! event_field "$AE" 1 msg | grep -q READY || fail "READY=1 in the first datagram"
+grep -q '^STATUS=starting' <<<"$(event_field "$AE" 1 msg)" || fail "the first datagram is not a starting status: $(event_field "$AE" 1 msg)"
+! grep -q READY <<<"$(event_field "$AE" 1 msg)" || fail "READY=1 in the first datagram"
 [ "$(event_field "$AE" "$n" check_rc)" != null ] || fail "the last datagram is not READY=1: $(cat "$AE")"
 A=$(event_field "$AE" "$n" check_out | python3 -c "$IF_UP") \
   || fail "pilot0 was not up with a 10.x address when READY=1 arrived: $(event_field "$AE" "$n" check_out)"
-event_field "$AE" "$n" msg | grep -q "STATUS=pilot0 up: $A/" || fail "READY=1 without the up line: $(event_field "$AE" "$n" msg)"
+grep -q "STATUS=pilot0 up: $A/" <<<"$(event_field "$AE" "$n" msg)" || fail "READY=1 without the up line: $(event_field "$AE" "$n" msg)"
 log "alpha: READY=1 with pilot0 up at $A"
 # Logs: journald stamps lines itself; no colour codes off a terminal.
 grep -q 'INFO\|DEBUG' "$WORK/daemon-a.log" || fail "no log lines from the daemon: $(head -5 "$WORK/daemon-a.log")"

@@ -120,7 +120,7 @@ netcheck pub p5 --registry "$WRONG"
 [ "$NC_RC" -eq 1 ] || fail "netcheck with a wrong key exited $NC_RC, not 1"
 nc_is p5 udp true
 nc_is p5 registry_key_ok false
-nc_of p5 problem | grep -q "key in the join URL" || fail "problem: $(nc_of p5 problem)"
+grep -q "key in the join URL" <<<"$(nc_of p5 problem)" || fail "problem: $(nc_of p5 problem)"
 
 log "---- 6. the registry stopped"
 stop_bg relay
@@ -130,7 +130,7 @@ netcheck pub p6 --registry "$JOIN"
 nc_is p6 udp false
 nc_is p6 registry_key_ok null
 nc_is p6 public_endpoint null
-nc_of p6 problem | grep -q "UDP to the registry does not work" || fail "problem: $(nc_of p6 problem)"
+grep -q "UDP to the registry does not work" <<<"$(nc_of p6 problem)" || fail "problem: $(nc_of p6 problem)"
 # Text, from the URL the daemon saved (daemon down): same verdict, in words.
 node_down hE he
 rc=0

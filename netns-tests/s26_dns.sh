@@ -46,7 +46,7 @@ log "alpha=$A cache=$B stranger=$C"
 dns=$(status_of a alpha dns.address)
 [ "$dns" = "$A:53" ] || fail "alpha's DNS address is '$dns', expected its overlay address $A:53"
 DNS=${dns%:53}
-on a ss -Hlun "sport = :53" | grep -q "$A:53" || fail "nothing listens on $A:53 in a"
+grep -q "$A:53" <<<"$(on a ss -Hlun "sport = :53")" || fail "nothing listens on $A:53 in a"
 hint=$(status_of a alpha dns.hint)
 case "$hint" in *"nameserver $A"*) ;; *) fail "status's dns hint does not say what to add: $hint" ;; esac
 pt a alpha dns print >"$WORK/dns-print.txt"

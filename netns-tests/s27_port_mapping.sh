@@ -99,7 +99,9 @@ MAP=$(status_of hM hm port_mapping)
   || fail "with a mapping, hm's NAT should count as endpoint-independent, got $(status_of hM hm nat)"
 [ "$(status_of hH hh nat)" = "per-destination (hard)" ] || fail "hh should see a hard NAT"
 PORT=$(status_of hM hm listen); PORT=${PORT##*:}
-dnat_rule() { onq nM nft list chain inet filter prerouting_miniupnpd | grep -q "dport ${MAP##*:} dnat ip to 198.51.100.10:$PORT"; }
+# Matched on the captured listing: `nft … | grep -q` under pipefail fails
+# whenever grep exits before nft has written everything (SIGPIPE).
+dnat_rule() { grep -q "dport ${MAP##*:} dnat ip to 198.51.100.10:$PORT" <<<"$(onq nM nft list chain inet filter prerouting_miniupnpd)"; }
 dnat_rule || fail "miniupnpd has no rule forwarding ${MAP##*:} to 198.51.100.10:$PORT: $(onq nM nft list chain inet filter prerouting_miniupnpd)"
 pass "the node behind the miniupnpd router holds a NAT-PMP mapping ($MAP -> :$PORT)"
 

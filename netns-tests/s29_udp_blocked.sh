@@ -84,7 +84,7 @@ pt hB hb peers >&2
 # and the registry's TCP port saw the node's NAT address.
 DROPPED=$(onq nB nft list table inet egress | grep -o 'packets [0-9]*' | awk '{print $2}')
 [ "${DROPPED:-0}" -gt 0 ] || fail "the UDP block dropped nothing: the node did not even try UDP"
-onq reg ss -tn state established '( sport = :443 )' | grep -q 203.0.113.25 \
+grep -q 203.0.113.25 <<<"$(onq reg ss -tn state established '( sport = :443 )')" \
   || fail "no TCP connection from hB's router to the registry's port 443"
 log "nB dropped $DROPPED UDP datagrams; the traffic went over TCP 443"
 

@@ -103,12 +103,12 @@ for p in "${want[@]}"; do
 $contents"
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles | grep -qx /etc/pilot-tun/pilot-tun.toml \
+  grep -qx /etc/pilot-tun/pilot-tun.toml <<<"$(dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles)" \
     || die "$DEB: /etc/pilot-tun/pilot-tun.toml is not a conffile"
 fi
 # The packaged binary is the one built here, and runs.
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 dpkg-deb -x "$DEB" "$tmp"
-"$tmp/usr/bin/pilot-tun" --version | grep -q "wire protocol" || die "the packaged pilot-tun does not run"
+grep -q "wire protocol" <<<"$("$tmp/usr/bin/pilot-tun" --version)" || die "the packaged pilot-tun does not run"
 say "$(basename "$DEB"): $(du -h "$DEB" | cut -f1), ${#want[@]} expected paths present"
 echo "$DEB"

@@ -114,6 +114,11 @@ pub struct Context<T: Tun> {
     pub timing: Timing,
     /// The overlay's DNS server: the names it may tell, where it listens.
     pub dns: Arc<crate::dns::DnsShared>,
+    /// Held while (re)connecting to the registry: the start, the port-map
+    /// keeper and the session keeper each may register, and two signed
+    /// registrations in flight at once make the registry refuse the older
+    /// one as a replay.
+    pub registering: tokio::sync::Mutex<()>,
 }
 
 impl<T: Tun> Context<T> {
@@ -136,6 +141,7 @@ impl<T: Tun> Context<T> {
             started: SystemTime::now(),
             timing: timing_from_env(),
             dns: Arc::default(),
+            registering: tokio::sync::Mutex::new(()),
         }
     }
 

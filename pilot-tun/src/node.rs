@@ -308,6 +308,13 @@ impl<T: Tun> Node<T> {
         self.stop_tasks().await;
     }
 
+    /// Registers with the registry again now, as the keepers do when the
+    /// gateway's port mapping changes or the session grows old. Calls that
+    /// overlap (here or in the keepers) run one after the other.
+    pub async fn register_again(&self) -> Result<(), LinkError> {
+        connect_registry(&self.ctx, &self.handle).await
+    }
+
     /// Our overlay address.
     pub fn address(&self) -> Ipv4Addr {
         self.ctx.address()
@@ -463,6 +470,7 @@ async fn diagnose<T: Tun>(ctx: &Context<T>, e: LinkError) -> StartError {
 /// Handshake with the registry, then register (after handing in the
 /// last identity rotation if the registry has not taken it yet).
 async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(), LinkError> {
+    let _one_at_a_time = ctx.registering.lock().await;
     let udp = &ctx.shared.udp;
     ctx.link
         .handshake(udp, || ctx.make_init(&ctx.link.join.key))

@@ -533,3 +533,56 @@ async fn a_flood_of_valid_mac_initiations_is_answered_with_cookies() {
     }
     reg.stop().await;
 }
+
+/// CI stop 6: the port-map keeper registered while the start's own
+/// registration was in flight; the registry took the newer one and refused
+/// the start's as a replay, so the node came up on its cached address.
+/// Registrations that overlap now run one after the other: every one of
+/// them is accepted, and the node keeps its address and its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_registrations_are_all_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(dir.path(), lo()).await;
+    let (a, mut b) = alpha_beta(dir.path(), &reg).await;
+    trust(&a, &b).await;
+    let before = a.addr();
+    let results = futures_join_all((0..6).map(|_| a.node.register_again())).await;
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            r.is_ok(),
+            "registration {i} of 6 overlapping ones failed: {r:?}"
+        );
+    }
+    assert_eq!(a.addr(), before, "the address moved");
+    deliver(&a, &mut b, b"after six registrations").await;
+    for n in [a, b] {
+        n.node.shutdown().await;
+    }
+    reg.stop().await;
+}
+
+/// Runs the futures concurrently on this task and returns their outputs in
+/// order (a small join_all, to keep the test crate's dependencies as they
+/// are).
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
+}
