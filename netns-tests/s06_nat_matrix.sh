@@ -24,7 +24,10 @@
 # Plus: the relay's own capture never shows a marker sent over a relayed pair.
 #
 # TTFB_JSON=<file> writes each cell's time from a cold start to the first
-# byte of an HTTP exchange (used by scripts/nat-bench.sh).
+# byte of an HTTP exchange (used by scripts/nat-bench.sh), with the iperf3
+# figure and the registry's CPU seconds per GB of iperf3 payload meanwhile.
+# REGISTRY_ARGS (words) go to pilot-registry (nat-bench.sh raises the relay
+# limits with them); IPERF_SECS sets the iperf3 time (default 3).
 SCENARIO=${SCENARIO:-s06_nat_matrix}
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -46,7 +49,8 @@ behind hE2 e2 192.0.2.74/26 192.0.2.65
 behind hH1 h1 198.51.100.10/26 198.51.100.1
 behind hH2 h2 198.51.100.74/26 198.51.100.65
 
-start_registry reg 203.0.113.1
+read -ra REG_ARGS <<<"${REGISTRY_ARGS:-}"
+start_registry reg 203.0.113.1 "${REG_ARGS[@]}"
 for n in pubA pubB hE1 hE1b hE2 hH1 hH2; do
   node_up "$n" "$(echo "$n" | tr 'A-Z' 'a-z')" --registry "$JOIN" >/dev/null
 done
@@ -61,6 +65,10 @@ log "NAT types: pubA=$(nat_of pubA) hE1=$(nat_of hE1) hH1=$(nat_of hH1)"
 path_of() { peer_of "$1" "$2" "$3" path; }
 
 TTFB=()
+# registry_cpu_ticks: user + system clock ticks the registry used so far.
+registry_cpu_ticks() {
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$(bg_pid registry)/stat"
+}
 # cell LABEL NS_A NS_B EXPECTED
 cell() {
   local label=$1 na=$2 nb=$3 want=$4
@@ -79,9 +87,14 @@ cell() {
   [ "$gotb" = "$want" ] || { pt "$nb" "$b" peers >&2; fail "cell $label: $b's path is $gotb, expected $want"; }
   # An ordinary TCP transfer with a checksum.
   transfer_ok "$na" "$nb" "$B" 3000000 "$label"
-  # iperf3 for 3 s.
-  iperf_mbps "$na" "$nb" "$B" 3 "$label"; local mbps=$MBPS
-  log "cell $label: path $got, iperf3 $mbps Mbit/s, 3 MB transfer identical"
+  # iperf3 (3 s by default), with the registry's CPU time meanwhile.
+  local secs=${IPERF_SECS:-3} t0; t0=$(registry_cpu_ticks)
+  iperf_mbps "$na" "$nb" "$B" "$secs" "$label"; local mbps=$MBPS
+  local cpu_ticks=$(( $(registry_cpu_ticks) - t0 ))
+  # CPU seconds per GB (10^9 bytes) of iperf3 payload.
+  local cpu_gb; cpu_gb=$(awk -v t="$cpu_ticks" -v hz="$(getconf CLK_TCK)" -v m="$mbps" -v s="$secs" \
+    'BEGIN { printf "%.2f", (t / hz) / (m * s / 8000) }')
+  log "cell $label: path $got, iperf3 $mbps Mbit/s, registry CPU $cpu_gb s/GB, 3 MB transfer identical"
   RESULTS+=("$label|$want|$mbps")
   # Time to first byte from a cold start: restart a, then fetch from b.
   if [ -n "${TTFB_JSON:-}" ]; then
@@ -91,7 +104,7 @@ cell() {
     node_restart "$na" "$a" >/dev/null
     local t; t=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$B:8080/")
     log "cell $label: time to first byte after a cold start: ${t}s"
-    TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$mbps}")
+    TTFB+=("{\"cell\":\"$label\",\"path\":\"$want\",\"ttfb_s\":$t,\"iperf_mbps\":$mbps,\"registry_cpu_s_per_gb\":$cpu_gb}")
     stop_bg "http-$label"
   fi
 }
