@@ -30,6 +30,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod batch;
 pub mod fleet;
 pub mod mailbox;
 pub mod names;
