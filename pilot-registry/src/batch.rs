@@ -73,11 +73,8 @@ impl Batched {
         bufs: &mut [Vec<u8>],
         metas: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        // What the TCP side already delivered first: it never waits.
-        let n = take_tcp(tcp, bufs, metas, None);
-        if n > 0 {
-            return Ok(n);
-        }
+        // When both are ready, `select!` picks one at random: neither side
+        // can starve the other.
         let first = {
             let mut iovs: Vec<IoSliceMut<'_>> =
                 bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
@@ -94,7 +91,7 @@ impl Batched {
                 Some(d) = from_tcp => d,
             }
         };
-        Ok(take_tcp(tcp, bufs, metas, Some(first)))
+        Ok(take_tcp(tcp, bufs, metas, first))
     }
 
     /// Sends `contents` to `to` as datagrams of `segment` bytes (the last
@@ -144,8 +141,9 @@ fn take_tcp(
     tcp: &mut Option<Receiver<(Vec<u8>, SocketAddr)>>,
     bufs: &mut [Vec<u8>],
     metas: &mut [RecvMeta],
-    mut first: Option<(Vec<u8>, SocketAddr)>,
+    first: (Vec<u8>, SocketAddr),
 ) -> usize {
+    let mut first = Some(first);
     let Some(rx) = tcp else { return 0 };
     let mut n = 0;
     for (buf, meta) in bufs.iter_mut().zip(metas.iter_mut()) {
