@@ -37,6 +37,7 @@ struct RegistryFile {
     relay_total_mbps: Option<Spanned<i64>>,
     require_token: Option<bool>,
     new_nodes_per_minute: Option<Spanned<i64>>,
+    expire_unused: Option<Spanned<String>>,
     relay: Option<Vec<Spanned<String>>>,
     relay_only: Option<bool>,
     stun_alt_port: Option<Spanned<i64>>,
@@ -152,6 +153,10 @@ fn fill(file: &ConfigFile<RegistryFile>, cli: &mut Cli, m: &ArgMatches) -> Resul
     }
     if let (Some(r), false) = (&v.new_nodes_per_minute, given(m, "new_nodes_per_minute")) {
         cli.new_nodes_per_minute = count(file, "new-nodes-per-minute", r, "nodes per minute")?;
+    }
+    if let (Some(a), false) = (&v.expire_unused, given(m, "expire_unused")) {
+        cli.expire_unused = pilot_registry::expiry::parse_unused(a.get_ref())
+            .map_err(|e| file.bad_value("expire-unused", a.span(), e))?;
     }
     if let (Some(r), false) = (&v.control_rate, given(m, "control_rate")) {
         cli.control_rate = count(file, "control-rate", r, "messages per second")?;
@@ -295,6 +300,7 @@ relay-mbps = 50
 control-rate = 7
 require-token = true
 new-nodes-per-minute = 5
+expire-unused = "30d"
 relay-total-mbps = 900
 relay = ["192.0.2.1:7010", "192.0.2.1:7011"]
 relay-only = true
@@ -324,6 +330,8 @@ log-format = "json"
                 "--require-token",
                 "--new-nodes-per-minute",
                 "5",
+                "--expire-unused",
+                "30d",
                 "--relay-total-mbps",
                 "900",
                 "--relay",
@@ -399,6 +407,7 @@ log-format = "json"
                 "1: `tcp-listen`: expected an IP address and a TCP port",
             ),
             ("log-format = \"xml\"\n", "1: `log-format`: "),
+            ("expire-unused = \"3 months\"\n", "1: `expire-unused`: "),
             (
                 "database = \"/var/lib/pilot-registry/registry.db\"\n",
                 "1: `database`: ",

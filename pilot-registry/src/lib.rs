@@ -19,6 +19,7 @@
 //! - [`sessions`]: control sessions and the nodes behind them.
 //! - [`admission`]: the handshake thread (Noise off the packet path).
 //! - [`store`]: the storage thread and its bounded queue.
+//! - [`expiry`]: the thread that expires unused registrations.
 //! - [`registrar`]: what a registration or statement may change.
 //! - [`fleet`]: which owner certificates and revocations are kept, in pages.
 //! - [`pool`], [`names`]: the address pool and hostname rules.
@@ -31,6 +32,7 @@
 pub mod admission;
 pub mod audit;
 pub mod batch;
+pub mod expiry;
 pub mod fleet;
 pub mod mailbox;
 pub mod names;

@@ -92,6 +92,14 @@ struct Cli {
     /// as many); more are refused until the budget refills. 0: no limit.
     #[arg(long, default_value_t = server::DEFAULT_NEW_NODES_PER_MINUTE)]
     new_nodes_per_minute: u32,
+    /// Expire registrations not seen (no registration, no new endpoint)
+    /// for this long: 90d, 12h, ...; 0 or never: keep them for good. An
+    /// expired node's hostname is free at once; its address stays taken
+    /// (a tombstone) until the pool is otherwise full. A node some peer
+    /// still approves never expires. An expired id registers again as a
+    /// new node (with a token under --require-token).
+    #[arg(long, value_name = "AGE", default_value = "90d", value_parser = pilot_registry::expiry::parse_unused)]
+    expire_unused: u64,
     /// A relay-only instance next to this registry, to tell every node about
     /// (repeatable). Start it with --relay-only on the same --state-dir.
     #[arg(long = "relay")]
@@ -537,7 +545,24 @@ fn run() -> Result<()> {
         );
     }
     let secret = state::load_or_create_key(&cli.state_dir)?;
+    let sweeper_db = (cli.database.clone(), cli.state_dir.join("registry.db"));
     let (storage, database) = open_storage(&mut cli)?;
+    // Dropped (stopped) when the registry returns.
+    let _sweeper = if cli.expire_unused > 0 && !cli.relay_only {
+        let open: pilot_registry::expiry::Opener = Box::new(move || {
+            Ok(match &sweeper_db {
+                (Some(url), _) => Box::new(PgStorage::open(url.clone())?) as Box<dyn Storage>,
+                (None, path) => Box::new(SqliteStorage::open(path)?),
+            })
+        });
+        let every = pilot_registry::expiry::interval(cli.expire_unused);
+        Some(
+            pilot_registry::expiry::spawn(open, cli.expire_unused, every)
+                .context("cannot start the expiry thread")?,
+        )
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -7,6 +7,12 @@
 //! address; in pools larger than a /24, never an address ending in .0 or
 //! .255 either (valid, but they confuse people and some tools).
 //!
+//! An address whose node was removed or expired stays taken, as a
+//! tombstone: other hosts may hold IP-based rules for it. Only when no
+//! candidate is free does the registrar hand one out again, the oldest
+//! whose old id no registered node approved ([`bounds`] is the range it
+//! asks the storage for).
+//!
 //! The pool itself is bounded ([`check_network`]): every node installs it
 //! as a route into its tunnel device, so it must be a private range
 //! (RFC 1918 or RFC 6598) and neither huge nor too small to be useful.
@@ -97,6 +103,22 @@ pub fn candidates(id: &NodeId, network: Ipv4Net) -> impl Iterator<Item = Ipv4Add
         }
         Some(Ipv4Addr::from(candidate))
     })
+}
+
+/// The lowest and highest address any node may get in `network` (the
+/// range its tombstones are reused from); `None` for a network with no
+/// room.
+pub fn bounds(network: Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let size: u64 = 1u64 << (32 - u32::from(network.prefix_len()));
+    if size < 4 {
+        return None;
+    }
+    let base = u32::from(network.network());
+    // `size` >= 4 and the network is aligned: both stay inside it.
+    Some((
+        Ipv4Addr::from(base + 1),
+        Ipv4Addr::from(base + (size - 2) as u32),
+    ))
 }
 
 /// The first candidate for `id` that `taken` says is free; `None` when the
@@ -224,6 +246,26 @@ mod tests {
         );
         used.insert(b);
         assert_eq!(pick_free(&node(0), n, &used), None, "exhausted");
+    }
+
+    #[test]
+    fn bounds_are_the_first_and_last_usable_addresses() {
+        assert_eq!(
+            bounds(net("10.9.0.8/29")),
+            Some((Ipv4Addr::new(10, 9, 0, 9), Ipv4Addr::new(10, 9, 0, 14)))
+        );
+        assert_eq!(
+            bounds(net("10.77.0.0/16")),
+            Some((Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 255, 254)))
+        );
+        assert_eq!(bounds(net("10.9.0.0/31")), None);
+        for n in ["10.9.0.0/29", "10.9.0.0/30", "192.168.4.0/23"] {
+            let n = net(n);
+            let (lo, hi) = bounds(n).unwrap();
+            let all: Vec<Ipv4Addr> = candidates(&node(3), n).collect();
+            assert_eq!(all.iter().min(), Some(&lo), "{n}");
+            assert_eq!(all.iter().max(), Some(&hi), "{n}");
+        }
     }
 
     #[test]

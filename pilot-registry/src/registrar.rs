@@ -307,13 +307,30 @@ fn register_once(
             row.address = old.address;
             s.update_node(&row)?;
         }
-        None => {
-            let Some(address) = pool::pick(&id, network, |a| s.address_taken(a))? else {
-                return Ok(RegisterOutcome::PoolExhausted);
-            };
-            row.address = address;
-            s.insert_node(&row)?;
-        }
+        None => match pool::pick(&id, network, |a| s.address_taken(a))? {
+            Some(address) => {
+                row.address = address;
+                s.insert_node(&row)?;
+            }
+            // Full: the oldest tombstone nobody may still hold a rule for.
+            None => {
+                let Some((first, last)) = pool::bounds(network) else {
+                    return Ok(RegisterOutcome::PoolExhausted);
+                };
+                let Some(address) = s.reusable_tombstone(first, last)? else {
+                    return Ok(RegisterOutcome::PoolExhausted);
+                };
+                row.address = address;
+                if !s.insert_on_tombstone(&row)? {
+                    // Another writer took it (or a node named it) meanwhile:
+                    // decided once more by the caller.
+                    return Err(StorageError::Conflict(format!(
+                        "the tombstone at {address} was taken meanwhile"
+                    )));
+                }
+                debug!(%id, %address, "pool full: an old tombstone's address handed out again");
+            }
+        },
     }
     Ok(RegisterOutcome::Ok {
         node: row,
@@ -491,6 +508,38 @@ fn is_request(st: &Signed<Statement>) -> bool {
         st.body.kind,
         StatementKind::Request { .. } | StatementKind::RequestScoped { .. }
     )
+}
+
+/// Most nodes one sweep expires ([`expire_unused`]) in one transaction.
+pub const EXPIRE_BATCH: usize = 256;
+
+/// Most batches of one sweep: a sweep is bounded; what is left waits for
+/// the next one.
+pub const EXPIRE_BATCHES: usize = 64;
+
+/// Expires the registrations not seen for `unused` seconds before `now`
+/// (Unix time): each one's hostname is free at once and its address a
+/// tombstone, except for nodes a trusted peer still names (some node's
+/// stored statement approves them). Such an id registers again only as a
+/// new node (with a join token under `--require-token`). Runs in batches
+/// of [`EXPIRE_BATCH`], at most [`EXPIRE_BATCHES`] of them; returns the
+/// expired ids.
+pub fn expire_unused(
+    s: &mut dyn Storage,
+    unused: u64,
+    now: u64,
+) -> Result<Vec<NodeId>, StorageError> {
+    let seen_before = now.saturating_sub(unused);
+    let mut all = vec![];
+    for _ in 0..EXPIRE_BATCHES {
+        let gone = s.expire_unused(seen_before, now, EXPIRE_BATCH)?;
+        let last = gone.len() < EXPIRE_BATCH;
+        all.extend(gone);
+        if last {
+            break;
+        }
+    }
+    Ok(all)
 }
 
 /// Records that a node now shows up at `observed` (it roamed): the observed

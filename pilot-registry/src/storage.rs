@@ -295,6 +295,43 @@ pub trait Storage: Send {
     fn remove_node(&mut self, _id: &NodeId, _now: u64) -> Result<bool, StorageError> {
         Err(StorageError::Unsupported("node removal"))
     }
+    /// Expires up to `limit` nodes last seen (registered, or seen at a new
+    /// endpoint) before Unix time `seen_before`, least recently seen
+    /// first, except those some node's stored statement approves (a
+    /// trusted peer still names them). Each goes as in
+    /// [`Storage::remove_node`], tombstoned at `now`, one transaction
+    /// for all, and only if it still qualifies when it is deleted (a node
+    /// that registers meanwhile stays). Returns the expired ids. The
+    /// default expires nothing; a wrapper should pass it on, like every
+    /// tombstone method.
+    fn expire_unused(
+        &mut self,
+        _seen_before: u64,
+        _now: u64,
+        _limit: usize,
+    ) -> Result<Vec<NodeId>, StorageError> {
+        Ok(vec![])
+    }
+    /// The oldest tombstoned address between `first` and `last`
+    /// (inclusive) that no registered node may still hold a rule for:
+    /// none approved the id that had it when it was removed (or the
+    /// approvers were removed since). `None` if there is none. The
+    /// default reuses nothing.
+    fn reusable_tombstone(
+        &self,
+        _first: Ipv4Addr,
+        _last: Ipv4Addr,
+    ) -> Result<Option<Ipv4Addr>, StorageError> {
+        Ok(None)
+    }
+    /// Stores a new node on a tombstoned address, in one transaction with
+    /// forgetting the tombstone, if it is still reusable (see
+    /// [`Storage::reusable_tombstone`]); false (nothing stored) if it is
+    /// not, or no longer a tombstone. [`StorageError::Conflict`] as
+    /// [`Storage::insert_node`].
+    fn insert_on_tombstone(&mut self, _row: &NodeRow) -> Result<bool, StorageError> {
+        Err(StorageError::Unsupported("tombstone reuse"))
+    }
 }
 
 /// Why a token was not used, from its row: `use_token`'s answer when its
@@ -418,10 +455,28 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
         (**self).remove_node(id, now)
     }
+    fn expire_unused(
+        &mut self,
+        seen_before: u64,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<NodeId>, StorageError> {
+        (**self).expire_unused(seen_before, now, limit)
+    }
+    fn reusable_tombstone(
+        &self,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    ) -> Result<Option<Ipv4Addr>, StorageError> {
+        (**self).reusable_tombstone(first, last)
+    }
+    fn insert_on_tombstone(&mut self, row: &NodeRow) -> Result<bool, StorageError> {
+        (**self).insert_on_tombstone(row)
+    }
 }
 
 /// Current schema version (of both backends: their migrations go in step).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to
 /// `i+1`. A new one goes into [`crate::storage_pg::MIGRATIONS`] too.
@@ -503,6 +558,30 @@ CREATE TABLE tombstones (
     node_id TEXT NOT NULL,
     removed INTEGER NOT NULL
 );
+"#,
+    // Expiry and address reuse: when each node was last seen (stamped by
+    // triggers on every registration and endpoint change, so the writes
+    // of older versions stay as they were; rows already there count as
+    // seen now), and for each tombstone the nodes that approved its old
+    // id when it went (they may hold rules for the address).
+    r#"
+ALTER TABLE nodes ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;
+UPDATE nodes SET last_seen = unixepoch();
+CREATE INDEX nodes_last_seen ON nodes (last_seen);
+CREATE TRIGGER nodes_seen_on_insert AFTER INSERT ON nodes BEGIN
+    UPDATE nodes SET last_seen = unixepoch() WHERE node_id = NEW.node_id;
+END;
+CREATE TRIGGER nodes_seen_on_update AFTER UPDATE OF reg_seq, endpoints ON nodes BEGIN
+    UPDATE nodes SET last_seen = unixepoch() WHERE node_id = NEW.node_id;
+END;
+CREATE INDEX statements_to ON statements (to_id);
+CREATE INDEX tombstones_removed ON tombstones (removed, address);
+CREATE TABLE tombstone_refs (
+    address INTEGER NOT NULL,
+    from_id TEXT NOT NULL,
+    PRIMARY KEY (address, from_id)
+) WITHOUT ROWID;
+CREATE INDEX tombstone_refs_from ON tombstone_refs (from_id);
 "#,
 ];
 
@@ -1070,21 +1149,100 @@ impl Storage for SqliteStorage {
         let Some(address) = address else {
             return Ok(false);
         };
-        tx.execute("DELETE FROM nodes WHERE node_id = ?1", [&id])?;
-        tx.execute(
-            "DELETE FROM statements WHERE from_id = ?1 OR to_id = ?1",
-            [&id],
-        )?;
-        tx.execute("DELETE FROM inbox WHERE to_id = ?1", [&id])?;
-        tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [&id])?;
-        tx.execute("DELETE FROM certs WHERE holder = ?1", [&id])?;
-        tx.execute(
-            "INSERT OR REPLACE INTO tombstones (address, node_id, removed) VALUES (?1, ?2, ?3)",
-            params![address, id, sql_u64(now)],
-        )?;
+        bury(&tx, &id, address, now)?;
         tx.commit()?;
         Ok(true)
     }
+
+    fn expire_unused(
+        &mut self,
+        seen_before: u64,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<NodeId>, StorageError> {
+        let tx = self.conn.transaction()?;
+        let found: Vec<(String, u32)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT node_id, address FROM nodes n WHERE last_seen < ?1
+                 AND NOT EXISTS (SELECT 1 FROM statements s WHERE s.to_id = n.node_id AND s.approves)
+                 ORDER BY last_seen, node_id LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![sql_u64(seen_before), sql_u64(limit as u64)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = vec![];
+        for (id, address) in found {
+            let node = id.parse().map_err(|_| StorageError::Corrupt {
+                table: "nodes",
+                detail: format!("node id '{id}'"),
+            })?;
+            bury(&tx, &id, address, now)?;
+            out.push(node);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn reusable_tombstone(
+        &self,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    ) -> Result<Option<Ipv4Addr>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT address FROM tombstones t WHERE address BETWEEN ?1 AND ?2
+             AND NOT EXISTS (SELECT 1 FROM tombstone_refs r WHERE r.address = t.address)
+             ORDER BY removed, address LIMIT 1",
+        )?;
+        let a: Option<u32> = stmt
+            .query_row(params![u32::from(first), u32::from(last)], |r| r.get(0))
+            .optional()?;
+        Ok(a.map(Ipv4Addr::from))
+    }
+
+    fn insert_on_tombstone(&mut self, row: &NodeRow) -> Result<bool, StorageError> {
+        let tx = self.conn.transaction()?;
+        let freed = tx.execute(
+            "DELETE FROM tombstones WHERE address = ?1
+             AND NOT EXISTS (SELECT 1 FROM tombstone_refs r WHERE r.address = ?1)",
+            [u32::from(row.address)],
+        )?;
+        if freed == 0 {
+            return Ok(false);
+        }
+        insert_row(&tx, row)?;
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+/// Removes node `id` (holding `address`) inside `tx`: its row, its
+/// statements, its pushes and its certificate go; its address becomes a
+/// tombstone at `now`, remembering which nodes approve it (they may hold
+/// rules for the address). Whatever it approved itself no longer holds
+/// a tombstone: it is no node any more.
+fn bury(tx: &Connection, id: &str, address: u32, now: u64) -> Result<(), StorageError> {
+    tx.execute("DELETE FROM tombstone_refs WHERE from_id = ?1", [id])?;
+    tx.execute(
+        "INSERT OR IGNORE INTO tombstone_refs (address, from_id)
+         SELECT ?1, from_id FROM statements WHERE to_id = ?2 AND approves AND from_id <> ?2",
+        params![address, id],
+    )?;
+    tx.execute("DELETE FROM nodes WHERE node_id = ?1", [id])?;
+    tx.execute(
+        "DELETE FROM statements WHERE from_id = ?1 OR to_id = ?1",
+        [id],
+    )?;
+    tx.execute("DELETE FROM inbox WHERE to_id = ?1", [id])?;
+    tx.execute("DELETE FROM cert_tags WHERE holder = ?1", [id])?;
+    tx.execute("DELETE FROM certs WHERE holder = ?1", [id])?;
+    tx.execute(
+        "INSERT OR REPLACE INTO tombstones (address, node_id, removed) VALUES (?1, ?2, ?3)",
+        params![address, id, sql_u64(now)],
+    )?;
+    Ok(())
 }
 
 /// A token's columns, checked.

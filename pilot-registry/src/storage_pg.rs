@@ -117,6 +117,29 @@ CREATE TABLE tombstones (
     removed BIGINT NOT NULL
 );
 "#,
+    // As SQLite's: last seen (the column's default stamps an insert, a
+    // trigger every registration and endpoint change), and what approved
+    // each tombstone's old id.
+    r#"
+ALTER TABLE nodes ADD COLUMN last_seen BIGINT NOT NULL DEFAULT (extract(epoch FROM now())::bigint);
+CREATE INDEX nodes_last_seen ON nodes (last_seen);
+CREATE FUNCTION nodes_seen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.last_seen := extract(epoch FROM now())::bigint;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER nodes_seen_on_update BEFORE UPDATE OF reg_seq, endpoints ON nodes
+    FOR EACH ROW EXECUTE FUNCTION nodes_seen();
+CREATE INDEX statements_to ON statements (to_id);
+CREATE INDEX tombstones_removed ON tombstones (removed, address);
+CREATE TABLE tombstone_refs (
+    address BIGINT NOT NULL,
+    from_id TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (address, from_id)
+);
+CREATE INDEX tombstone_refs_from ON tombstone_refs (from_id);
+"#,
 ];
 
 /// The advisory lock two instances starting at once take around their
@@ -783,27 +806,157 @@ impl Storage for PgStorage {
     fn remove_node(&mut self, id: &NodeId, now: u64) -> Result<bool, StorageError> {
         let id = id.to_string();
         let mut c = self.conn()?;
-        let gone = c.stmt("DELETE FROM nodes WHERE node_id = $1 RETURNING address")?;
-        let forget = c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?;
-        let unqueue = c.stmt("DELETE FROM inbox WHERE to_id = $1")?;
-        let untag = c.stmt("DELETE FROM cert_tags WHERE holder = $1")?;
-        let uncert = c.stmt("DELETE FROM certs WHERE holder = $1")?;
-        let tomb = c.stmt(
-            "INSERT INTO tombstones (address, node_id, removed) VALUES ($1, $2, $3)
-             ON CONFLICT (address) DO UPDATE SET node_id = $2, removed = $3",
-        )?;
+        let find = c.stmt("SELECT address FROM nodes WHERE node_id = $1 FOR UPDATE")?;
+        let b = Burial::prepare(&mut c)?;
         c.transact(|tx| {
-            let Some(row) = tx.query_opt(&gone, &[&id])? else {
+            let Some(row) = tx.query_opt(&find, &[&id])? else {
                 return Ok(false);
             };
-            let address: i64 = row.try_get(0)?;
-            tx.execute(&forget, &[&id])?;
-            tx.execute(&unqueue, &[&id])?;
-            tx.execute(&untag, &[&id])?;
-            tx.execute(&uncert, &[&id])?;
-            tx.execute(&tomb, &[&address, &id, &sql_u64(now)])?;
+            b.bury(tx, &id, row.try_get(0)?, sql_u64(now))?;
             Ok(true)
         })
+    }
+
+    fn expire_unused(
+        &mut self,
+        seen_before: u64,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<NodeId>, StorageError> {
+        let mut c = self.conn()?;
+        // Locked as they are found; a row a registration changed meanwhile
+        // is checked again against the condition (and skipped).
+        let find = c.stmt(
+            "SELECT node_id, address FROM nodes n WHERE last_seen < $1
+             AND NOT EXISTS (SELECT 1 FROM statements s WHERE s.to_id = n.node_id AND s.approves)
+             ORDER BY last_seen, node_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )?;
+        let b = Burial::prepare(&mut c)?;
+        let gone: Vec<String> = c.transact(|tx| {
+            let rows = tx.query(&find, &[&sql_u64(seen_before), &sql_u64(limit as u64)])?;
+            let mut gone = vec![];
+            for r in rows {
+                let id: String = r.try_get(0)?;
+                b.bury(tx, &id, r.try_get(1)?, sql_u64(now))?;
+                gone.push(id);
+            }
+            Ok(gone)
+        })?;
+        gone.into_iter()
+            .map(|id| {
+                id.parse().map_err(|_| StorageError::Corrupt {
+                    table: "nodes",
+                    detail: format!("node id '{id}'"),
+                })
+            })
+            .collect()
+    }
+
+    fn reusable_tombstone(
+        &self,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    ) -> Result<Option<Ipv4Addr>, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT address FROM tombstones t WHERE address BETWEEN $1 AND $2
+             AND NOT EXISTS (SELECT 1 FROM tombstone_refs r WHERE r.address = t.address)
+             ORDER BY removed, address LIMIT 1",
+            &[&i64::from(u32::from(first)), &i64::from(u32::from(last))],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let a: i64 = row.try_get(0)?;
+        u32::try_from(a)
+            .map(|a| Some(Ipv4Addr::from(a)))
+            .map_err(|_| StorageError::Corrupt {
+                table: "tombstones",
+                detail: format!("address {a}"),
+            })
+    }
+
+    fn insert_on_tombstone(&mut self, row: &NodeRow) -> Result<bool, StorageError> {
+        let mut c = self.conn()?;
+        let free = c.stmt(
+            "DELETE FROM tombstones WHERE address = $1
+             AND NOT EXISTS (SELECT 1 FROM tombstone_refs r WHERE r.address = $1)",
+        )?;
+        let insert = c.stmt(INSERT_NODE)?;
+        let address = i64::from(u32::from(row.address));
+        c.transact(|tx| {
+            if tx.execute(&free, &[&address])? == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                &insert,
+                &[
+                    &row.identity.node_id().to_string(),
+                    &&row.identity.ed_public[..],
+                    &&row.identity.static_public[..],
+                    &row.identity.binding,
+                    &address,
+                    &row.hostname,
+                    &(row.reg_seq as i64),
+                    &join_endpoints(&row.endpoints),
+                    &row.reg_digest.as_ref().map(|d| &d[..]),
+                ],
+            )?;
+            Ok(true)
+        })
+    }
+}
+
+const INSERT_NODE: &str = "INSERT INTO nodes (node_id, ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// The statements that remove a node and leave its tombstone, prepared on
+/// one connection (as SQLite's `bury`).
+struct Burial {
+    unref: Prepared,
+    refs: Prepared,
+    gone: Prepared,
+    forget: Prepared,
+    unqueue: Prepared,
+    untag: Prepared,
+    uncert: Prepared,
+    tomb: Prepared,
+}
+
+impl Burial {
+    fn prepare(c: &mut Conn) -> Result<Self, StorageError> {
+        Ok(Burial {
+            unref: c.stmt("DELETE FROM tombstone_refs WHERE from_id = $1")?,
+            refs: c.stmt(
+                "INSERT INTO tombstone_refs (address, from_id)
+                 SELECT $1, from_id FROM statements WHERE to_id = $2 AND approves AND from_id <> $2
+                 ON CONFLICT DO NOTHING",
+            )?,
+            gone: c.stmt("DELETE FROM nodes WHERE node_id = $1")?,
+            forget: c.stmt("DELETE FROM statements WHERE from_id = $1 OR to_id = $1")?,
+            unqueue: c.stmt("DELETE FROM inbox WHERE to_id = $1")?,
+            untag: c.stmt("DELETE FROM cert_tags WHERE holder = $1")?,
+            uncert: c.stmt("DELETE FROM certs WHERE holder = $1")?,
+            tomb: c.stmt(
+                "INSERT INTO tombstones (address, node_id, removed) VALUES ($1, $2, $3)
+                 ON CONFLICT (address) DO UPDATE SET node_id = $2, removed = $3",
+            )?,
+        })
+    }
+
+    /// Removes node `id` at `address` inside `tx`, tombstoned at `now`.
+    fn bury(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        id: &str,
+        address: i64,
+        now: i64,
+    ) -> Result<(), postgres::Error> {
+        tx.execute(&self.unref, &[&id])?;
+        tx.execute(&self.refs, &[&address, &id])?;
+        tx.execute(&self.gone, &[&id])?;
+        tx.execute(&self.forget, &[&id])?;
+        tx.execute(&self.unqueue, &[&id])?;
+        tx.execute(&self.untag, &[&id])?;
+        tx.execute(&self.uncert, &[&id])?;
+        tx.execute(&self.tomb, &[&address, &id, &now])?;
+        Ok(())
     }
 }
 

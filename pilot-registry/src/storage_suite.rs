@@ -21,6 +21,7 @@ use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::{Identity, NodeId};
 use pilot_proto::messages::{Signed, Statement, StatementKind};
 
+use crate::registrar::{self, RegisterOutcome};
 use crate::storage::{
     CertRow, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, TokenRow, TokenUse,
     SCHEMA_VERSION,
@@ -185,7 +186,11 @@ suite!(
     successions_move_a_node_and_retire_its_id,
     a_version_2_database_is_migrated_and_keeps_its_rows,
     a_version_3_database_is_migrated_and_keeps_its_rows,
+    a_version_4_database_is_migrated_and_keeps_its_rows,
     the_previous_version_is_migrated_and_keeps_its_rows,
+    unused_nodes_expire_after_the_time_unless_a_trusted_peer_names_them,
+    tombstones_are_reused_oldest_first_and_never_while_named,
+    a_full_pool_hands_out_the_oldest_tombstone_nobody_names,
     join_tokens_are_used_up_once_each_and_expire,
     a_removed_node_frees_its_name_and_leaves_its_address_taken,
     a_newer_schema_is_refused,
@@ -750,8 +755,8 @@ fn token(n: u8, uses: Option<u64>, expires_at: Option<u64>) -> TokenRow {
     }
 }
 
-fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
-    let previous = SCHEMA_VERSION - 1;
+fn a_version_4_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = 4;
     let (a, bb) = (id(1), id(2));
     let st = statement(&a, &bb, StatementKind::Approve, 3);
     {
@@ -993,4 +998,244 @@ fn a_newer_schema_is_refused(b: &dyn Backend) {
     // Refusing touched no row: back at its own version, it opens whole.
     b.force_version(SCHEMA_VERSION);
     assert_eq!(b.open().node_count().unwrap(), 1);
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn ids(mut v: Vec<NodeId>) -> Vec<NodeId> {
+    v.sort();
+    v
+}
+
+fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = SCHEMA_VERSION - 1;
+    let (a, bb) = (id(1), id(2));
+    let st = statement(&a, &bb, StatementKind::Approve, 3);
+    {
+        // A registry of the previous schema (5: nothing kept of when a
+        // node was last seen) with nodes, a statement, a push waiting and a
+        // token.
+        let mut s = b.open_at(previous).unwrap();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 6, None)).unwrap();
+        s.put_statement(&st).unwrap();
+        s.put_token(&token(1, Some(2), None)).unwrap();
+        assert!(
+            s.expire_unused(u64::MAX, 0, 10).is_err(),
+            "no last_seen yet"
+        );
+    }
+    assert_eq!(b.schema_version(), previous);
+    let before = unix_now();
+    let mut s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert_eq!(s.statement(&a.node_id(), &bb.node_id()).unwrap(), Some(st));
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    assert_eq!(s.tokens().unwrap().len(), 1);
+    // The rows count as seen at the migration: an upgrade expires nobody.
+    assert!(s
+        .expire_unused(before.saturating_sub(60), before, 10)
+        .unwrap()
+        .is_empty());
+    // Later they do, but the approved one stays.
+    let now = unix_now() + 10;
+    assert_eq!(s.expire_unused(now, now, 10).unwrap(), [a.node_id()]);
+    assert!(s.node(&bb.node_id()).unwrap().is_some());
+    assert_eq!(
+        s.reusable_tombstone(Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 254))
+            .unwrap(),
+        Some(Ipv4Addr::new(10, 77, 0, 5))
+    );
+}
+
+fn unused_nodes_expire_after_the_time_unless_a_trusted_peer_names_them(b: &dyn Backend) {
+    let mut s = b.open();
+    let (a, bb, c) = (id(1), id(2), id(3));
+    let start = unix_now();
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    s.insert_node(&row(2, 6, Some("beta"))).unwrap();
+    s.insert_node(&row(3, 7, None)).unwrap();
+    // a approves b (b is named by a trusted peer); c turned a down, which
+    // names nobody.
+    s.put_statement(&statement(&a, &bb, StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(&c, &a, StatementKind::Deny, 1))
+        .unwrap();
+    // Seen (inserted) just now: nothing is older than an hour.
+    assert!(s
+        .expire_unused(start.saturating_sub(3600), start, 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.node_count().unwrap(), 3);
+    // Past the time: a and c go, b stays while a names it.
+    let later = unix_now() + 10;
+    assert_eq!(
+        ids(s.expire_unused(later, later, 10).unwrap()),
+        ids(vec![a.node_id(), c.node_id()])
+    );
+    assert_eq!(s.node(&a.node_id()).unwrap(), None);
+    assert_eq!(s.node(&c.node_id()).unwrap(), None);
+    assert!(s.node(&bb.node_id()).unwrap().is_some(), "named: kept");
+    // The name is free at once; the address is a tombstone.
+    assert_eq!(s.node_by_name("alpha").unwrap(), None);
+    assert!(s.address_taken(Ipv4Addr::new(10, 77, 0, 5)).unwrap());
+    assert!(s.address_taken(Ipv4Addr::new(10, 77, 0, 7)).unwrap());
+    assert!(s.inbox(&a.node_id()).unwrap().is_empty());
+    // a's approval went with a: b is named by nobody now, and goes next.
+    assert_eq!(s.expire_unused(later, later, 10).unwrap(), [bb.node_id()]);
+    s.insert_node(&row(4, 9, Some("alpha"))).unwrap();
+    s.insert_node(&row(5, 10, Some("beta"))).unwrap();
+    s.insert_node(&row(6, 11, None)).unwrap();
+    s.insert_node(&row(7, 12, None)).unwrap();
+    // A second later, 4 registers again and 6 is seen at a new endpoint:
+    // both count as seen; 5 and 7 were not, and go (at most `limit` a
+    // call).
+    let inserted = unix_now();
+    while unix_now() <= inserted {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mid = unix_now();
+    s.update_node(&row(4, 9, Some("alpha"))).unwrap();
+    s.set_endpoints(&id(6).node_id(), &["192.0.2.77:1".parse().unwrap()])
+        .unwrap();
+    assert_eq!(s.expire_unused(mid, mid, 1).unwrap().len(), 1);
+    assert_eq!(s.expire_unused(mid, mid, 10).unwrap().len(), 1);
+    assert!(s.expire_unused(mid, mid, 10).unwrap().is_empty());
+    assert!(s.node(&id(5).node_id()).unwrap().is_none());
+    assert!(s.node(&id(7).node_id()).unwrap().is_none());
+    drop(s);
+    let s = b.open();
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert!(
+        s.address_taken(Ipv4Addr::new(10, 77, 0, 6)).unwrap(),
+        "tombstones are kept"
+    );
+}
+
+fn tombstones_are_reused_oldest_first_and_never_while_named(b: &dyn Backend) {
+    let mut s = b.open();
+    let (lo, hi) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 254));
+    assert_eq!(s.reusable_tombstone(lo, hi).unwrap(), None);
+    for (n, last) in [(1, 5), (2, 6), (3, 7), (4, 8)] {
+        s.insert_node(&row(n, last, None)).unwrap();
+    }
+    // 4 approves 2; 2 approves 4 (what a removed node approved holds
+    // nothing: it is no node any more).
+    s.put_statement(&statement(&id(4), &id(2), StatementKind::Approve, 1))
+        .unwrap();
+    s.put_statement(&statement(&id(2), &id(4), StatementKind::Approve, 1))
+        .unwrap();
+    assert!(s.remove_node(&id(2).node_id(), 50).unwrap());
+    assert!(s.remove_node(&id(1).node_id(), 100).unwrap());
+    assert!(s.remove_node(&id(3).node_id(), 200).unwrap());
+    // .6 is the oldest, but 4 approved its old id.
+    assert_eq!(
+        s.reusable_tombstone(lo, hi).unwrap(),
+        Some(Ipv4Addr::new(10, 77, 0, 5))
+    );
+    assert!(!s.insert_on_tombstone(&row(9, 6, None)).unwrap(), "named");
+    assert_eq!(s.node(&id(9).node_id()).unwrap(), None);
+    assert!(
+        !s.insert_on_tombstone(&row(9, 77, None)).unwrap(),
+        "no tombstone"
+    );
+    assert!(s.insert_on_tombstone(&row(9, 5, Some("new"))).unwrap());
+    assert_eq!(
+        s.node_by_address(Ipv4Addr::new(10, 77, 0, 5)).unwrap(),
+        Some(row(9, 5, Some("new")))
+    );
+    assert_eq!(
+        s.reusable_tombstone(lo, hi).unwrap(),
+        Some(Ipv4Addr::new(10, 77, 0, 7))
+    );
+    // Only inside the range asked for.
+    assert_eq!(
+        s.reusable_tombstone(Ipv4Addr::new(10, 77, 0, 8), hi)
+            .unwrap(),
+        None
+    );
+    // 4 goes: nobody names 2's old id any more, the oldest.
+    assert!(s.remove_node(&id(4).node_id(), 300).unwrap());
+    drop(s);
+    let mut s = b.open();
+    assert_eq!(
+        s.reusable_tombstone(lo, hi).unwrap(),
+        Some(Ipv4Addr::new(10, 77, 0, 6))
+    );
+    assert!(s.insert_on_tombstone(&row(10, 6, None)).unwrap());
+    assert!(
+        matches!(
+            s.insert_on_tombstone(&row(10, 7, None)),
+            Err(StorageError::Conflict(_))
+        ),
+        "the id is stored already"
+    );
+    assert_eq!(
+        s.reusable_tombstone(lo, hi).unwrap(),
+        Some(Ipv4Addr::new(10, 77, 0, 7)),
+        "a refused insert keeps the tombstone"
+    );
+}
+
+fn a_full_pool_hands_out_the_oldest_tombstone_nobody_names(b: &dyn Backend) {
+    let mut s = b.open();
+    // Six usable addresses: .9 to .14.
+    let net: ipnet::Ipv4Net = "10.9.0.8/29".parse().unwrap();
+    let obs: std::net::SocketAddr = "203.0.113.9:5555".parse().unwrap();
+    let reg = |n: u8| {
+        let i = id(n);
+        Signed::sign(
+            pilot_proto::messages::Registration {
+                identity: i.public(),
+                hostname: None,
+                seq: 1,
+                local_endpoints: vec![],
+                nat: Default::default(),
+            },
+            &i,
+        )
+    };
+    let mut addr = std::collections::HashMap::new();
+    for n in 1..=6 {
+        match registrar::register(&mut *s, &reg(n), net, obs).unwrap() {
+            RegisterOutcome::Ok { node, .. } => addr.insert(n, node.address),
+            other => panic!("{n}: {other:?}"),
+        };
+    }
+    assert_eq!(
+        registrar::register(&mut *s, &reg(7), net, obs).unwrap(),
+        RegisterOutcome::PoolExhausted
+    );
+    // 1 approves 2; then 2, 3 and 4 are removed, in that order.
+    s.put_statement(&statement(&id(1), &id(2), StatementKind::Approve, 1))
+        .unwrap();
+    for (n, at) in [(2, 10), (3, 20), (4, 30)] {
+        assert!(s.remove_node(&id(n).node_id(), at).unwrap());
+    }
+    let got =
+        |s: &mut Box<dyn Storage>, n: u8| match registrar::register(&mut **s, &reg(n), net, obs)
+            .unwrap()
+        {
+            RegisterOutcome::Ok { node, .. } => Some(node.address),
+            RegisterOutcome::PoolExhausted => None,
+            other => panic!("{n}: {other:?}"),
+        };
+    // 2's is the oldest, but 1 may hold a rule for it: 3's, then 4's.
+    assert_eq!(got(&mut s, 7), Some(addr[&3]));
+    assert_eq!(got(&mut s, 8), Some(addr[&4]));
+    assert_eq!(got(&mut s, 9), None, "only a named tombstone is left");
+    assert!(s.address_taken(addr[&2]).unwrap());
+    // 1 goes too: 2's old address is nobody's concern now, and older
+    // than 1's.
+    assert!(s.remove_node(&id(1).node_id(), 40).unwrap());
+    assert_eq!(got(&mut s, 9), Some(addr[&2]));
+    assert_eq!(got(&mut s, 10), Some(addr[&1]));
+    assert_eq!(got(&mut s, 11), None);
+    assert_eq!(s.node_count().unwrap(), 6);
 }
