@@ -835,7 +835,8 @@ impl<T: Tun> Controller<T> {
             mtu_cap: ctx.shared.mtu.cap,
             underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),
             too_big: ctx.shared.drops.too_big.snapshot(),
-            port_mapping: *ctx.mapped.lock(),
+            port_mapping: ctx.mapped.lock().as_ref().map(|m| m.external),
+            port_mapping_protocol: ctx.mapped.lock().as_ref().map(|m| m.protocol),
             dns: ctx.dns.status(),
             address6: ipv6.then(|| ctx.shared.address6()).flatten(),
             network6: ipv6
