@@ -200,6 +200,29 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_from_miniupnpd_parses() {
+        // Captured from miniupnpd 2.3.1 (see netns s27), answering a MAP of
+        // UDP 40000 from 198.51.100.10 for 7200 s.
+        let captured = crate::hex::decode(
+            "0281000000001c20000000060000000000000000000000004136e24ddd432f6b\
+             55f04b7e110000009c409c4000000000000000000000ffffcb007117",
+        )
+        .unwrap();
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&captured[24..36]);
+        let asked = MapRequest { nonce, ..req() };
+        assert_eq!(
+            parse_map(&captured, &asked),
+            Ok(MapResponse {
+                lifetime: 7200,
+                epoch: 6,
+                external: "203.0.113.23:40000".parse().unwrap(),
+            })
+        );
+        assert_eq!(parse_map(&captured, &req()), Err(ResponseError::NotOurs));
+    }
+
+    #[test]
     fn a_success_answer_parses() {
         assert_eq!(
             parse_map(&answer(), &req()),
