@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # s27 — port mapping: a host behind a hard NAT whose router runs miniupnpd
-# (NAT-PMP) gets a direct path to a host behind another hard NAT.
+# (PCP and NAT-PMP on UDP 5351) gets a direct path to a host behind another
+# hard NAT; it maps with PCP, the first protocol it tries. (UPnP IGD, and
+# the fallback from PCP to NAT-PMP: s33.)
 #
 #                      203.0.113.0/24 (switch "inet")
 #   +-----------------+   +-------------------+   +-------------------+
 #   | reg .1          |   | nM  .23 miniupnpd |   | nH  .24           |
-#   | registry        |   | hard NAT, NAT-PMP |   | hard NAT          |
+#   | registry        |   | hard NAT, PCP     |   | hard NAT          |
 #   | stund .2 / .3   |   +---------+---------+   +---------+---------+
 #   +-----------------+             | 198.51.100.0/26       | 198.51.100.64/26
 #                                hM .10                  hH .74
@@ -15,8 +17,9 @@
 # reserved range, and the documentation ranges are; its STUN mode (against
 # stund, which answers CHANGE-REQUEST from a second address) learns that
 # the address is reachable from outside and lifts that. Checks:
-# - the node on hM gets a mapping at start (status: port_mapping, and its
-#   NAT counts as endpoint-independent), and miniupnpd installed it;
+# - the node on hM gets a mapping at start, by PCP (status: port_mapping,
+#   port_mapping_protocol, and its NAT counts as endpoint-independent), and
+#   miniupnpd installed it;
 # - hM <-> hH goes direct, both ends, with a checksummed transfer;
 # - `down` on hM removes the mapping at the router.
 SCENARIO=s27_port_mapping
@@ -53,6 +56,8 @@ table inet filter {
   chain postrouting_miniupnpd { }
 }
 NFT
+# enable_natpmp serves PCP and NAT-PMP on 5351 (miniupnpd 2.3.1 names
+# it so; later versions call it enable_pcp_pmp).
 cat >"$WORK/miniupnpd.conf" <<CONF
 ext_ifname=wan
 listening_ip=lan
@@ -68,7 +73,9 @@ uuid=3c6b9a2e-5f1d-4e8a-9b7c-2d4e6f8a0b1c
 allow 1024-65535 198.51.100.0/26 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 CONF
-bg nM miniupnpd miniupnpd -f "$WORK/miniupnpd.conf" -d
+# Its own pid file: the default one is shared with every other miniupnpd
+# on the machine (another scenario's would refuse to start).
+bg nM miniupnpd miniupnpd -f "$WORK/miniupnpd.conf" -P "$WORK/miniupnpd.pidfile" -d
 behind hM m 198.51.100.10/26 198.51.100.1
 
 nat_router nH 203.0.113.24 h 198.51.100.65/26 hard
@@ -98,12 +105,16 @@ MAP=$(status_of hM hm port_mapping)
 [ "$(status_of hM hm nat)" = endpoint-independent ] \
   || fail "with a mapping, hm's NAT should count as endpoint-independent, got $(status_of hM hm nat)"
 [ "$(status_of hH hh nat)" = "per-destination (hard)" ] || fail "hh should see a hard NAT"
+[ "$(status_of hM hm port_mapping_protocol)" = pcp ] \
+  || fail "hm should have mapped with PCP, got $(status_of hM hm port_mapping_protocol)"
+grep -q "PCP MAP: added mapping UDP" "$WORK/miniupnpd.log" \
+  || fail "miniupnpd logged no PCP mapping: $(tail -5 "$WORK/miniupnpd.log")"
 PORT=$(status_of hM hm listen); PORT=${PORT##*:}
 # Matched on the captured listing: `nft … | grep -q` under pipefail fails
 # whenever grep exits before nft has written everything (SIGPIPE).
 dnat_rule() { grep -q "dport ${MAP##*:} dnat ip to 198.51.100.10:$PORT" <<<"$(onq nM nft list chain inet filter prerouting_miniupnpd)"; }
 dnat_rule || fail "miniupnpd has no rule forwarding ${MAP##*:} to 198.51.100.10:$PORT: $(onq nM nft list chain inet filter prerouting_miniupnpd)"
-pass "the node behind the miniupnpd router holds a NAT-PMP mapping ($MAP -> :$PORT)"
+pass "the node behind the miniupnpd router holds a PCP mapping ($MAP -> :$PORT)"
 
 # --- direct between two hard NATs -----------------------------------------------------
 trust_pair hM hm hH hh

@@ -159,6 +159,28 @@ fn main() {
     pilot_proto::streamframe::encode(&stun::binding_request(&tid), &mut stream).expect("fits");
     pilot_proto::streamframe::encode(&[0x42; 1400], &mut stream).expect("fits");
     out.put("streamframe", "two-frames", &stream);
+    // Port mapping: miniupnpd 2.3.1's PCP answer to a MAP of UDP 40000
+    // (netns s27), alone and after its nonce and port (the target's first
+    // layout), and its NAT-PMP address and mapping answers.
+    let pcp = unhex(
+        "0281000000001c20000000060000000000000000000000004136e24ddd432f6b
+         55f04b7e110000009c409c4000000000000000000000ffffcb007117",
+    );
+    out.put("portmap", "pcp-map", &pcp);
+    let mut tagged = pcp[24..36].to_vec();
+    tagged.extend_from_slice(&pcp[40..42]);
+    tagged.extend_from_slice(&pcp);
+    out.put("portmap", "nonce-port-then-pcp-map", &tagged);
+    out.put(
+        "portmap",
+        "natpmp-address",
+        &unhex("0080000000000008cb00710a"),
+    );
+    out.put(
+        "portmap",
+        "natpmp-map",
+        &unhex("00810000000000089c409c4000000e10"),
+    );
     out.put("stun", "rfc5769-request", &unhex(RFC5769_REQUEST));
     out.put("stun", "rfc5769-response", &unhex(RFC5769_RESPONSE));
     // Tid first, then the message: the layout of the third check in `stun`.

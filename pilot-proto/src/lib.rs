@@ -70,6 +70,7 @@ pub mod natpmp;
 pub mod overlay;
 pub mod packet;
 pub mod path;
+pub mod pcp;
 pub mod peer;
 pub mod pmtu;
 pub mod policy;

@@ -451,11 +451,16 @@ pub struct Status {
     /// Local packets larger than their peer's path allows, by what became
     /// of them.
     pub too_big: TooBigCounts,
-    /// The public endpoint the gateway maps to our tunnel port (NAT-PMP),
-    /// if it does (left out when it does not, and by daemons from before
-    /// port mapping).
+    /// The public endpoint the gateway maps to our tunnel port (PCP,
+    /// NAT-PMP or UPnP IGD), if it does (left out when it does not, and by
+    /// daemons from before port mapping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mapping: Option<SocketAddr>,
+    /// The protocol that made [`Status::port_mapping`] (left out without a
+    /// mapping, and by daemons from before PCP and UPnP IGD, which only
+    /// spoke NAT-PMP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mapping_protocol: Option<PortMappingProtocol>,
     /// The overlay's DNS server, while it runs (left out with `--no-dns`,
     /// when it could not start, and by daemons from before DNS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -744,6 +749,28 @@ pub struct RelayCheck {
     pub addr: SocketAddr,
     /// Round trips of control pings, in milliseconds (null: no answer).
     pub rtt_ms: Vec<Option<f64>>,
+}
+
+/// The protocol a gateway port mapping was made with, in [`Status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortMappingProtocol {
+    /// PCP (RFC 6887), a MAP request on UDP 5351.
+    Pcp,
+    /// NAT-PMP (RFC 6886), on UDP 5351.
+    NatPmp,
+    /// UPnP IGD: found by SSDP, AddPortMapping over SOAP.
+    UpnpIgd,
+}
+
+impl fmt::Display for PortMappingProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pcp => "PCP",
+            Self::NatPmp => "NAT-PMP",
+            Self::UpnpIgd => "UPnP IGD",
+        })
+    }
 }
 
 /// Which port mapping protocol answered on the default gateway (UDP 5351),
@@ -1274,6 +1301,7 @@ mod tests {
                 send_failed: 0,
             },
             port_mapping: Some("203.0.113.10:41641".parse().unwrap()),
+            port_mapping_protocol: Some(PortMappingProtocol::Pcp),
             dns: Some(DnsStatus {
                 address: "10.77.92.132:53".parse().unwrap(),
                 interface: "pilot0".into(),

@@ -98,9 +98,9 @@ pub struct Context<T: Tun> {
     /// Our NAT type, as last measured (as peers must treat it: a gateway
     /// port mapping makes a per-destination NAT endpoint-independent).
     pub nat: Mutex<NatType>,
-    /// The public endpoint our gateway maps to our tunnel port (NAT-PMP),
-    /// if it does ([`crate::portmap`]).
-    pub mapped: Mutex<Option<SocketAddr>>,
+    /// The port mapping our gateway holds for our tunnel port (PCP,
+    /// NAT-PMP or UPnP IGD), if it does ([`crate::portmap`]).
+    pub mapped: Mutex<Option<crate::portmap::Mapping>>,
     stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>,
     last_timestamp: AtomicU64,
     /// Signals `down` (and, with `restart` set, a restart under a rotated
@@ -203,7 +203,8 @@ impl<T: Tun> Context<T> {
     ) -> Signed<Registration> {
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let mut endpoints = local_endpoints(port);
-        if let Some(m) = *self.mapped.lock() {
+        let mapped = self.mapped.lock().as_ref().map(|m| m.external);
+        if let Some(m) = mapped {
             // The mapped endpoint first: it is the one that works from
             // anywhere.
             endpoints.retain(|e| *e != m);

@@ -794,6 +794,9 @@ impl<T: Tun> Controller<T> {
             .filter(|p| p.data.current(now).is_some())
             .count();
         let ipv6 = ctx.shared.ipv6_up.load(Ordering::Relaxed);
+        // Read once, before the literal: a guard taken inside it would live
+        // to its end, and a second lock of the same mutex there deadlocks.
+        let mapped = ctx.mapped.lock().as_ref().map(|m| (m.external, m.protocol));
         api::Status {
             address: ctx.address(),
             network: ctx.shared.network().map(|n| n.to_string()),
@@ -835,7 +838,8 @@ impl<T: Tun> Controller<T> {
             mtu_cap: ctx.shared.mtu.cap,
             underlay_below_mtu_floor: ctx.shared.mtu.below_floor(),
             too_big: ctx.shared.drops.too_big.snapshot(),
-            port_mapping: *ctx.mapped.lock(),
+            port_mapping: mapped.map(|m| m.0),
+            port_mapping_protocol: mapped.map(|m| m.1),
             dns: ctx.dns.status(),
             address6: ipv6.then(|| ctx.shared.address6()).flatten(),
             network6: ipv6

@@ -271,13 +271,9 @@ impl<T: Tun> Node<T> {
     async fn stop_tasks(&self) {
         // The gateway's port mapping goes with the node (bounded: a gateway
         // that stopped answering must not hold up the stop).
-        let mapped = *self.ctx.mapped.lock();
-        if let (Some(_), Some(gw), Ok(local)) = (
-            mapped,
-            crate::portmap::gateway(),
-            self.ctx.shared.udp.local_addr(),
-        ) {
-            let release = crate::portmap::request(gw, local.port(), 0);
+        let mapped = self.ctx.mapped.lock().clone();
+        if let (Some(m), Ok(local)) = (mapped, self.ctx.shared.udp.local_addr()) {
+            let release = crate::portmap::release(&m, local.port());
             let _ = tokio::time::timeout(Duration::from_secs(1), release).await;
         }
         // The audit log's last entries and signed head, while the control
@@ -603,30 +599,24 @@ async fn announce_succession<T: Tun>(
     }
 }
 
-/// Keeps a port mapping at the gateway (NAT-PMP) for the tunnel port:
-/// renews it at half its lifetime, retries with a growing pause while the
-/// gateway does not answer, and registers again whenever the mapped
-/// endpoint changes (so peers learn it), then looks the trusted peers up
-/// again (the registry passes our new endpoint to each in a punch request).
+/// Keeps a port mapping at the gateway (PCP, NAT-PMP or UPnP IGD, the
+/// first that works) for the tunnel port: renews it at half its lifetime
+/// with the protocol that made it, retries with a growing pause while no
+/// gateway maps, and registers again whenever the mapped endpoint changes
+/// (so peers learn it), then looks the trusted peers up again (the
+/// registry passes our new endpoint to each in a punch request).
 async fn portmap_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
     let Ok(local) = ctx.shared.udp.local_addr() else {
         return;
     };
     let mut backoff = Duration::from_secs(30);
     loop {
-        let result = match crate::portmap::gateway() {
-            Some(gw) => {
-                crate::portmap::request(gw, local.port(), crate::portmap::LIFETIME_SECS).await
-            }
-            None => Err(crate::portmap::MapError::NoGateway),
-        };
-        let (now, wait) = match result {
+        let held = ctx.mapped.lock().clone();
+        let (now, wait) = match crate::portmap::map(local.port(), held.as_ref()).await {
             Ok(m) => {
                 backoff = Duration::from_secs(30);
-                (
-                    Some(m.external),
-                    (m.lifetime / 2).max(Duration::from_secs(30)),
-                )
+                let wait = (m.lifetime / 2).max(Duration::from_secs(30));
+                (Some(m), wait)
             }
             Err(e) => {
                 debug!("{e}");
@@ -635,11 +625,15 @@ async fn portmap_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                 (None, wait)
             }
         };
-        let before = std::mem::replace(&mut *ctx.mapped.lock(), now);
-        if before != now {
-            match now {
-                Some(e) => {
-                    info!(external = %e, "the gateway maps a public port to the tunnel port (NAT-PMP)")
+        let key =
+            |m: &Option<crate::portmap::Mapping>| m.as_ref().map(|m| (m.external, m.protocol));
+        let changed = key(&held) != key(&now);
+        *ctx.mapped.lock() = now.clone();
+        if changed {
+            match &now {
+                Some(m) => {
+                    info!(external = %m.external, protocol = %m.protocol, gateway = %m.gateway,
+                        "the gateway maps a public port to the tunnel port")
                 }
                 None => warn!("the gateway's port mapping is gone"),
             }
