@@ -139,7 +139,7 @@ mkdir -p "$RES"
 CLK_TCK=$(getconf CLK_TCK)
 WGA=wg${$}a    # wireguard-go's UAPI socket is /var/run/wireguard/<if>.sock,
 WGB=wg${$}b    # shared by all namespaces: the names must be unique per run
-WG_SOCKS=(/var/run/wireguard/$WGA.sock /var/run/wireguard/$WGB.sock)
+WG_SOCKS=("/var/run/wireguard/$WGA.sock" "/var/run/wireguard/$WGB.sock")
 {
   echo "seconds $SECS"
   echo "pings $PINGS"

@@ -54,6 +54,7 @@ FREQ=${PROFILE_FREQ:-499}
 CALLGRAPH=${PROFILE_CALLGRAPH:-dwarf}
 [[ $SECS =~ ^[0-9]+$ && $SECS -ge 1 ]] || { echo "PROFILE_SECONDS must be a positive integer (got '$SECS')" >&2; exit 2; }
 [[ $FREQ =~ ^[0-9]+$ && $FREQ -ge 1 ]] || { echo "PROFILE_FREQ must be a positive integer (got '$FREQ')" >&2; exit 2; }
+# shellcheck disable=SC2054  # "dwarf,16384" is one argument
 case "$CALLGRAPH" in
   dwarf) CG=(--call-graph dwarf,16384) ;;
   fp) CG=(-g) ;;

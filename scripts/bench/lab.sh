@@ -82,6 +82,7 @@ bench_lab() {
 # pilot_pair: the registry in a, daemons alpha (a) and beta (b) with mutual
 # trust, and the tunnel checked with a ping. Sets PA/PB (daemon pids) and
 # A/B (overlay addresses).
+# shellcheck disable=SC2034  # PA/PB/A/B are for the caller
 pilot_pair() {
   start_registry a 192.0.2.11
   node_up a alpha --registry "$JOIN"
