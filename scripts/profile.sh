@@ -21,7 +21,8 @@
 #   - the 15 symbols with the most inclusive time (samples with the symbol
 #     anywhere on the call chain), leaving out the frames every stack
 #     shares (thread start, std/core/alloc wrappers, tokio's runtime and
-#     its task-budget scaffolding, the CLI's entry, unresolved addresses),
+#     its task-budget scaffolding, the CLI's entry, unresolved addresses)
+#     and showing one frame of a chain of wrappers with the same figure,
 #   - the share of samples in the kernel and in user space, and the share
 #     whose call chain passes through the scheduler (__schedule),
 #   - context switches and CPU migrations per second, and CPUs used
@@ -204,7 +205,16 @@ for side, name, role in (("a", "alpha", "sender: TUN -> seal -> UDP"),
     for pcts, mode, sym in self_rows[:15]:
         print(f"  {'':24}  {pcts[0]:5.1f}%  {'kern' if mode == 'k' else 'user':4}  {short(sym)}")
     print(f"  top 15 by inclusive time   incl%  self%  mode  symbol")
-    for pcts, mode, sym in [r for r in child_rows if not SCAFFOLD.match(r[2])][:15]:
+    # A chain of wrappers (inlined layers of one call) shares one inclusive
+    # figure: one line for each such figure, the frame perf lists first.
+    shown, seen = [], set()
+    for r in child_rows:
+        key = round(r[0][0], 1)
+        if SCAFFOLD.match(r[2]) or (key in seen and (len(r[0]) < 2 or r[0][1] == 0)):
+            continue
+        seen.add(key)
+        shown.append(r)
+    for pcts, mode, sym in shown[:15]:
         s = pcts[1] if len(pcts) > 1 else float("nan")
         print(f"  {'':24}  {pcts[0]:5.1f}%  {s:5.1f}%  {'kern' if mode == 'k' else 'user':4}  {short(sym)}")
 EOF
