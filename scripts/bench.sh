@@ -25,6 +25,18 @@
 #                            with MTU 1380 (what wg-quick picks: route - 80)
 #                            and with its default 1420 (its datagrams are
 #                            then fragmented by the kernel)
+#   underlay loss          : right after each system's main tests (raw veth,
+#                            pilot-tun, wireguard-go; underlay MTU 1500),
+#                            nftables in both namespaces drops BENCH_LOSS_PCT
+#                            % (default 1) of the packets arriving on eth0 at
+#                            random (`numgen random mod 100 < N`; there is no
+#                            netem here) and TCP 1 stream is measured again.
+#                            For the drop to hit single packets, not 64 KB
+#                            TSO/GSO super-packets that cross a veth whole,
+#                            segmentation offloads (tso, gso,
+#                            tx-udp-segmentation) are off on both veth ends
+#                            meanwhile, for every system alike. The rule's
+#                            counters give the loss achieved (printed).
 #
 # For each system it measures
 #   - TCP throughput, 1 stream and 4 streams:  iperf3 -t N [-P 4], the
@@ -56,6 +68,9 @@
 #                          policy filter (default: plain trust, no filter).
 #                          Compare a run with it and one without for the
 #                          policy's cost.
+#          BENCH_LOSS=0    skip the underlay loss measurements (default 1)
+#          BENCH_LOSS_PCT  the share of underlay packets dropped, in % (an
+#                          integer 1..99, default 1)
 #          NETNS_KEEP=1    keep the work directory (raw iperf3/ping output, logs)
 #
 # Network safety: traffic flows only between the two namespaces created here;
@@ -72,17 +87,22 @@ case "$OUT_JSON" in /*) ;; *) OUT_JSON=$PWD/$OUT_JSON ;; esac
 SECS=${BENCH_SECONDS:-5}
 PINGS=${BENCH_PINGS:-200}
 UDP_LEN=64
+LOSS=${BENCH_LOSS:-1}
+LOSS_PCT=${BENCH_LOSS_PCT:-1}
 
 [[ $SECS =~ ^[0-9]+$ && $SECS -ge 1 ]] || { echo "BENCH_SECONDS must be a positive integer (got '$SECS')" >&2; exit 2; }
 [[ $PINGS =~ ^[0-9]+$ && $PINGS -ge 10 ]] || { echo "BENCH_PINGS must be an integer >= 10 (got '$PINGS')" >&2; exit 2; }
+[[ $LOSS =~ ^[01]$ ]] || { echo "BENCH_LOSS must be 0 or 1 (got '$LOSS')" >&2; exit 2; }
+[[ $LOSS_PCT =~ ^[0-9]+$ && $LOSS_PCT -ge 1 && $LOSS_PCT -le 99 ]] || { echo "BENCH_LOSS_PCT must be an integer 1..99 (got '$LOSS_PCT')" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "the benchmark creates network namespaces and TUN devices: run 'sudo scripts/bench.sh'" >&2; exit 1; }
 
 cd "$ROOT"
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Functions only (step, stop_pid, iperf, pilot_pair, ...): see the file.
+source "$HERE/bench/lab.sh"
 
 # --- packages and binaries -------------------------------------------------
-step "system packages (iperf3, wireguard-go, wireguard-tools, ...)"
-scripts/deps.sh wireguard-go wg
+step "system packages (iperf3, wireguard-go, wireguard-tools, ethtool, ...)"
+if [ "$LOSS" = 1 ]; then scripts/deps.sh wireguard-go wg ethtool; else scripts/deps.sh wireguard-go wg; fi
 
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
   step "cargo build --locked --release --workspace --bins"
@@ -109,6 +129,7 @@ source "$ROOT/netns-tests/lib.sh"
 setup_lab
 trap_errors
 for t in ip ping iperf3 python3 ss timeout wireguard-go wg getconf; do need "$t"; done
+if [ "$LOSS" = 1 ]; then for t in nft ethtool; do need "$t"; done; fi
 for b in pilot-tun pilot-registry; do
   [ -x "$BIN/$b" ] || fail "$BIN/$b not found (build with cargo build --release, or set PILOT_BIN)"
 done
@@ -118,11 +139,12 @@ mkdir -p "$RES"
 CLK_TCK=$(getconf CLK_TCK)
 WGA=wg${$}a    # wireguard-go's UAPI socket is /var/run/wireguard/<if>.sock,
 WGB=wg${$}b    # shared by all namespaces: the names must be unique per run
-WG_SOCKS=(/var/run/wireguard/$WGA.sock /var/run/wireguard/$WGB.sock)
+WG_SOCKS=("/var/run/wireguard/$WGA.sock" "/var/run/wireguard/$WGB.sock")
 {
   echo "seconds $SECS"
   echo "pings $PINGS"
   echo "udp_len $UDP_LEN"
+  if [ "$LOSS" = 1 ]; then echo "loss_pct $LOSS_PCT"; fi
   echo "clk_tck $CLK_TCK"
   echo "kernel $(uname -r)"
   echo "cpus $(nproc)"
@@ -134,21 +156,6 @@ WG_SOCKS=(/var/run/wireguard/$WGA.sock /var/run/wireguard/$WGB.sock)
   echo "git $(git -c safe.directory="$ROOT" -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
 } >"$RES/meta.txt"
 
-# Stop a process we started (by pid), wait for it, and forget it, so that the
-# exit cleanup never signals a pid that may have been reused meanwhile.
-forget_pid() {
-  local p=$1 keep=() q
-  for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
-  PIDS=("${keep[@]}")
-}
-stop_pid() {
-  local p=$1 i
-  kill "$p" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then kill -9 "$p" 2>/dev/null || true; fi
-  wait "$p" 2>/dev/null || true
-  forget_pid "$p"
-}
 bench_cleanup() {
   local rc=$? f
   set +e
@@ -164,47 +171,7 @@ bench_cleanup() {
 trap bench_cleanup EXIT
 trap 'trap - ERR; printf "[bench] terminated by a signal\n" >&2; dump_logs; exit 143' TERM INT
 
-# cpu_ticks PID...: utime+stime (clock ticks) summed over the processes
-# (all their threads). Fields 14 and 15 of /proc/PID/stat, counted after the
-# ")" that ends the command name.
-cpu_ticks() {
-  local total=0 p s
-  for p in "$@"; do
-    s=$(cat "/proc/$p/stat") || fail "process $p is gone"
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    total=$(( total + ${12} + ${13} ))
-  done
-  echo "$total"
-}
-# mem_kb FIELD PID: VmRSS / VmHWM of a process, in kB.
-mem_kb() { awk -v f="$1:" '$1 == f { print $2 }' "/proc/$2/status"; }
 
-mtu_of() { ip -n "$PFX-$1" -o link show "$2" | grep -o 'mtu [0-9]*' | cut -d' ' -f2; }
-
-# fact SYS KEY VALUE: one line of results/<SYS>/facts.txt.
-fact() { mkdir -p "$RES/$1"; echo "$2 $3" >>"$RES/$1/facts.txt"; }
-note_error() { mkdir -p "$RES/$1"; echo "$2" >>"$RES/$1/errors.txt"; log "$1: $2"; }
-
-# iperf SYS TEST SERVER_ADDR PIDS -- IPERF_ARGS...: one iperf3 run from a to b,
-# with a fresh one-shot server; CPU ticks of PIDS before and after.
-iperf() {
-  local sys=$1 test=$2 addr=$3 pids=$4; shift 5
-  local spid rc=0 t0 t1
-  bg b "iperf3-s-$sys-$test" iperf3 -s -1 -B "$addr"
-  spid=$(cat "$WORK/iperf3-s-$sys-$test.pid")
-  wait_listen 10 b 5201
-  [ -z "$pids" ] || t0=$(cpu_ticks $pids)
-  on_to "$RES/$sys/$test.json" a timeout $(( SECS + 30 )) iperf3 -c "$addr" -t "$SECS" -J "$@" || rc=$?
-  [ -z "$pids" ] || { t1=$(cpu_ticks $pids); fact "$sys" "cpu_ticks_$test" $(( t1 - t0 )); }
-  [ "$rc" -eq 0 ] || note_error "$sys" "iperf3 $test ($*) exited with status $rc: $(grep -o '"error":.*' "$RES/$sys/$test.json" | head -c 300)"
-  stop_pid "$spid"
-  sleep 1
-}
-
-# underlay_mtu X: the veth between a and b at MTU X (both ends).
-underlay_mtu() { ip -n "$PFX-a" link set dev eth0 mtu "$1"; ip -n "$PFX-b" link set dev eth0 mtu "$1"; }
 
 # measure_tcp SYS ADDR DAEMON_PIDS: TCP 1 and 4 streams only (the underlay
 # MTU 1460 rows).
@@ -247,23 +214,79 @@ measure() {
   python3 "$HERE/bench/report.py" summary "$RES" "$sys" >&2 || true
 }
 
-mkns a; mkns b
-link a b 192.0.2.11/24 192.0.2.12/24 eth0 eth0
+# --- underlay loss -----------------------------------------------------------
+# The segmentation offloads that let one skb carry many wire packets across
+# the veth; off while packets are dropped, so that each drop is one packet.
+LOSS_OFFLOADS=(tso gso tx-udp-segmentation)
+# offload_state NS: "tso on gso on ..." as `ethtool -K` takes it, now.
+offload_state() {
+  onq "$1" ethtool -k eth0 | awk '
+    $1 == "tcp-segmentation-offload:"     { printf "tso %s ", $2 }
+    $1 == "generic-segmentation-offload:" { printf "gso %s ", $2 }
+    $1 == "tx-udp-segmentation:"          { printf "tx-udp-segmentation %s ", $2 }
+    END                                   { print "" }'
+}
+# loss_on: in a and b, offloads off and a fresh nftables table that counts
+# every packet arriving on eth0 and drops LOSS_PCT % of them at random.
+loss_on() {
+  local side f off=()
+  for f in "${LOSS_OFFLOADS[@]}"; do off+=("$f" off); done
+  for side in a b; do
+    offload_state "$side" >"$WORK/offloads-$side.txt"
+    on "$side" ethtool -K eth0 "${off[@]}"
+    on "$side" nft -f - <<EOF
+table inet ptbloss {
+  counter seen { }
+  counter dropped { }
+  chain pre {
+    type filter hook prerouting priority -400; policy accept;
+    iifname "eth0" counter name "seen"
+    iifname "eth0" numgen random mod 100 < $LOSS_PCT counter name "dropped" drop
+  }
+}
+EOF
+  done
+}
+# loss_off SYS: the counters of both ends into SYS's facts (underlay packets
+# seen and dropped), then the table removed and the offloads restored.
+loss_off() {
+  local sys=$1 side seen=0 dropped=0 counts state
+  for side in a b; do
+    counts=$(onq "$side" nft -j list counters table inet ptbloss | python3 -c '
+import json, sys
+c = {o["counter"]["name"]: o["counter"]["packets"] for o in json.load(sys.stdin)["nftables"] if "counter" in o}
+print(c.get("seen", 0), c.get("dropped", 0))')
+    seen=$(( seen + ${counts% *} )); dropped=$(( dropped + ${counts#* } ))
+    on "$side" nft delete table inet ptbloss
+    read -r -a state <"$WORK/offloads-$side.txt"
+    on "$side" ethtool -K eth0 "${state[@]}"
+  done
+  fact "$sys" loss_seen "$seen"
+  fact "$sys" loss_dropped "$dropped"
+}
+# measure_loss SYS ADDR DAEMON_PIDS: TCP 1 stream with LOSS_PCT % of the
+# underlay packets dropped (results under SYS@loss).
+measure_loss() {
+  [ "$LOSS" = 1 ] || return 0
+  local sys=$1@loss addr=$2 pids=$3
+  mkdir -p "$RES/$sys"
+  step "$1: TCP, 1 stream, ${SECS}s, ${LOSS_PCT}% of the underlay packets dropped at random"
+  loss_on
+  iperf "$sys" tcp1 "$addr" "$pids" --
+  loss_off "$sys"
+  python3 "$HERE/bench/report.py" summary "$RES" "$sys" >&2 || true
+}
+
+bench_lab
 
 # --- phase 1: raw veth -----------------------------------------------------
 step "phase 1: raw veth (192.0.2.11 -> 192.0.2.12)"
-wait_for 5 "veth path a -> b" onq a ping -c1 -W1 192.0.2.12
 measure veth 192.0.2.12 ""
+measure_loss veth 192.0.2.12 ""
 
 # --- phase 2: pilot-tun ----------------------------------------------------
 step "phase 2: pilot-tun"
-start_registry a 192.0.2.11
-node_up a alpha --registry "$JOIN"
-node_up b beta --registry "$JOIN"
-PA=$(cat "$WORK/alpha/daemon.pid"); PB=$(cat "$WORK/beta/daemon.pid")
-A=$(addr_of a alpha); B=$(addr_of b beta)
-[[ $A == 10.* && $B == 10.* ]] || fail "overlay addresses not in 10.x: alpha=$A beta=$B"
-trust_pair a alpha b beta
+pilot_pair
 if [ -n "${BENCH_GRANT:-}" ]; then
   step "scoped grants both ways: $BENCH_GRANT"
   ptq b beta trust approve alpha --allow "$BENCH_GRANT" >&2
@@ -281,6 +304,7 @@ measure pilot-tun "$B" "$PA $PB"
 ptq a alpha --json status >"$RES/pilot-tun-status-a.json" || true
 ptq b beta --json status >"$RES/pilot-tun-status-b.json" || true
 ptq a alpha --json peers >"$RES/pilot-tun-peers-after.json" || true
+measure_loss pilot-tun "$B" "$PA $PB"
 step "pilot-tun at underlay MTU 1460: restart both daemons, no flag"
 underlay_mtu 1460
 node_restart a alpha; node_restart b beta
@@ -323,6 +347,7 @@ fact wireguard-go mtu "$(mtu_of a "$WGA")"
 fact wireguard-go pid_a "$WPA"; fact wireguard-go pid_b "$WPB"
 measure wireguard-go 10.99.0.2 "$WPA $WPB"
 onq a wg show "$WGA" >"$RES/wireguard-go-show-a.txt" 2>&1 || true
+measure_loss wireguard-go 10.99.0.2 "$WPA $WPB"
 step "wireguard-go at underlay MTU 1460: interface MTU 1380 (wg-quick's choice), then its default 1420"
 underlay_mtu 1460
 on a ip link set dev "$WGA" mtu 1380; on b ip link set dev "$WGB" mtu 1380

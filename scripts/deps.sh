@@ -30,6 +30,7 @@ for extra in "$@"; do
   case "$extra" in
     wireguard-go) have wireguard-go || need+=(wireguard-go) ;;
     wg)           have wg || need+=(wireguard-tools) ;;
+    perf)         have perf || need+=(linux-perf) ;;
     *)            have "$extra" || need+=("$extra") ;;
   esac
 done

@@ -25,6 +25,9 @@ LABEL.update({
     "wireguard-go@1460": "wireguard-go, MTU 1380",
     "wireguard-go@1460-mtu1420": "wireguard-go, MTU 1420",
 })
+# TCP 1 stream with a share of the underlay packets dropped at random.
+SYSTEMS_LOSS = ["veth@loss", "pilot-tun@loss", "wireguard-go@loss"]
+LABEL.update({s: LABEL[s.split("@")[0]] for s in SYSTEMS_LOSS})
 
 
 def read_kv(path):
@@ -159,6 +162,12 @@ def system_figures(res, sysname, meta):
     # the larger of the two daemons (each has exactly one peer), in MB (1e6 B)
     fig["rss_idle_mb"] = max(idle) * 1024 / 1e6 if idle else None
     fig["rss_peak_mb"] = max(peak) * 1024 / 1e6 if peak else None
+    # underlay packets the loss rule saw and dropped (both ends)
+    seen, dropped = facts.get("loss_seen"), facts.get("loss_dropped")
+    if seen is not None and dropped is not None:
+        fig["underlay_packets"] = int(seen)
+        fig["underlay_dropped"] = int(dropped)
+        fig["underlay_loss_pct"] = 100.0 * int(dropped) / int(seen) if int(seen) else None
     for k in ("endpoint", "mtu", "pid_a", "pid_b"):
         if k in facts:
             fig[k] = facts[k]
@@ -261,6 +270,34 @@ def table_1460(figs):
     return "\n".join(out), {"tcp1_ratio": r1, "tcp4_ratio": r4}
 
 
+def table_loss(figs, pct):
+    """TCP 1 stream under underlay loss, and pilot-tun ÷ wireguard-go."""
+    rows = [("system", "TCP 1 stream", "retransmits", "underlay loss", "CPU s/GB")]
+    for s in SYSTEMS_LOSS:
+        f = figs.get(s)
+        if f is None:
+            continue
+        t = "n/a" if f.get("tcp1_bps") is None else f"{f['tcp1_bps'] / 1e6:.0f} Mbit/s"
+        r = "n/a" if f.get("tcp1_retransmits") is None else str(f["tcp1_retransmits"])
+        lo = "n/a" if f.get("underlay_loss_pct") is None else \
+            f"{f['underlay_loss_pct']:.2f}% of {f['underlay_packets']}"
+        c = "n/a" if f.get("cpu_s_per_gb") is None else f"{f['cpu_s_per_gb']:.2f}"
+        rows.append((LABEL[s], t, r, lo, c))
+    pt, wg = figs.get("pilot-tun@loss", {}), figs.get("wireguard-go@loss", {})
+    r1 = ratio(pt.get("tcp1_bps"), wg.get("tcp1_bps"))
+    ok = None if r1 is None else r1 >= 1
+    res = "n/a" if ok is None else ("pass" if ok else "MISS")
+    rows.append(("pilot-tun ÷ wireguard-go", fmt_ratio(r1), "", "", f"target >= 1x: {res}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, r in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out), {"loss_pct": pct, "tcp1_ratio": r1, "target": ">= 1x", "pass": ok}
+
+
 def comparison(figs):
     pt, wg = figs.get("pilot-tun", {}), figs.get("wireguard-go", {})
     items = []  # (name, key, value-text, target-text, pass/None, ratio)
@@ -316,6 +353,9 @@ def summary(res, sysname):
             parts.append(f"{title} {fmt(f[key])}")
     if f.get("udp_loss_pct") is not None:
         parts.append(f"UDP loss {f['udp_loss_pct']:.1f}%")
+    if f.get("underlay_loss_pct") is not None:
+        parts.append(f"underlay packets dropped {f['underlay_dropped']} of {f['underlay_packets']} "
+                     f"({f['underlay_loss_pct']:.2f}%)")
     print(f"[bench] {sysname}: " + ", ".join(parts))
     for e in f["errors"]:
         print(f"[bench] {sysname}: error: {e}")
@@ -337,6 +377,8 @@ def report(res, out_path):
     meta = read_kv(os.path.join(res, "meta.txt"))
     figs = {s: system_figures(res, s, meta) for s in SYSTEMS if os.path.isdir(os.path.join(res, s))}
     figs_1460 = {s: system_figures(res, s, meta) for s in SYSTEMS_1460
+                 if os.path.isdir(os.path.join(res, s))}
+    figs_loss = {s: system_figures(res, s, meta) for s in SYSTEMS_LOSS
                  if os.path.isdir(os.path.join(res, s))}
     print()
     print(f"pilot-tun benchmark: {meta.get('seconds')} s per iperf3 test, {meta.get('pings')} pings at 10 ms, "
@@ -369,7 +411,15 @@ def report(res, out_path):
         print("Underlay MTU 1460 (the veth at 1460 on both ends; TCP receiver bitrate):")
         text, ratios_1460 = table_1460(figs_1460)
         print(text)
-    errs = [(s, e) for s, f in list(figs.items()) + list(figs_1460.items()) for e in f["errors"]]
+    ratios_loss = None
+    if figs_loss:
+        print()
+        print(f"Underlay loss: {meta.get('loss_pct', '?')}% of the packets arriving on either veth end dropped at "
+              "random (nftables numgen), segmentation offloads off on the veth; TCP receiver bitrate:")
+        text, ratios_loss = table_loss(figs_loss, meta.get("loss_pct"))
+        print(text)
+    errs = [(s, e) for s, f in list(figs.items()) + list(figs_1460.items()) + list(figs_loss.items())
+            for e in f["errors"]]
     if errs:
         print()
         for s, e in errs:
@@ -389,6 +439,7 @@ def report(res, out_path):
                   "mb": "1e6 bytes", "kb": "KiB as in /proc/PID/status"},
         "systems": figs,
         "underlay_mtu_1460": {"systems": figs_1460, "pilot_tun_vs_wireguard_go_1380": ratios_1460},
+        "underlay_loss": {"systems": figs_loss, "pilot_tun_vs_wireguard_go": ratios_loss},
         "ratio_to_veth": ratios_veth,
         "pilot_tun_vs_wireguard_go": items,
         "targets_met": npass,
