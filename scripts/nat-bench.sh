@@ -4,10 +4,11 @@
 # restart one side's daemon and time an HTTP GET over 10.x from that cold
 # start to the first byte (curl's time_starttransfer): handshake, hole
 # punching or relay fallback included; and the UDP-blocked cell
-# (netns-tests/s29_udp_blocked.sh: relay over TCP with TLS). Prints a table
-# and writes JSON. Every cell also gets iperf3's Mbit/s and the registry's
-# CPU seconds (user + system, from /proc/<pid>/stat) per GB of iperf3 payload
-# while iperf3 ran: for a relayed cell, what relaying costs the registry.
+# (netns-tests/s29_udp_blocked.sh: relay over TCP with TLS), and the bare
+# masquerade cells (netns-tests/s32_bare_nats.sh). Prints a table and writes
+# JSON. Every cell also gets iperf3's Mbit/s and the registry's CPU seconds
+# (user + system, from /proc/<pid>/stat) per GB of iperf3 payload while
+# iperf3 ran: for a relayed cell, what relaying costs the registry.
 # A benchmark, not a test: it reports figures, it does not judge them.
 #   sudo scripts/nat-bench.sh [OPTIONS]   (JSON to nat-bench.json, or $NAT_JSON)
 #     --relay-mbps N        the registry's relay limit per node (default: its own, 400)
@@ -72,6 +73,22 @@ PY
   rm -f "$blocked"
 fi
 rm -f "$log"
+# The bare masquerade cells (no stateful firewall: routers between, and side
+# by side, which goes direct only after a reopening round) are their own
+# scenario.
+bare=$(mktemp /tmp/nat-bench.XXXX.json); barelog=$(mktemp /tmp/nat-bench.XXXX.log)
+if ! TTFB_JSON=$bare netns-tests/s32_bare_nats.sh >"$barelog" 2>&1; then
+  tail -n 80 "$barelog" >&2
+  echo "the bare-NAT scenario failed, so there are no figures for it (its whole output: $barelog)" >&2
+  exit 1
+fi
+grep -E 'PASS|time to first byte|direct after' "$barelog"
+python3 - "$out" "$bare" <<'PY'
+import json, sys
+cells = json.load(open(sys.argv[1])) + json.load(open(sys.argv[2]))
+json.dump(cells, open(sys.argv[1], "w"))
+PY
+rm -f "$bare" "$barelog"
 python3 - "$out" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1]))

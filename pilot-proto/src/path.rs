@@ -18,13 +18,55 @@
 //!   [`DIRECT_RETRY`] goes on as for any relayed peer.
 //! - A stray relayed packet never moves a direct path; a new session that
 //!   came through the relay does (the caller decides which is which).
+//! - A NAT without a stateful firewall (a bare Linux masquerade, as on
+//!   container hosts) takes the first probe that reaches it before its own
+//!   host sent one as a connection to itself: that unreplied conntrack
+//!   entry holds the tuple, and its host's own mapping towards us then
+//!   gets a new port, which our NAT does not know. Two defences:
+//!   - The first probe of a punch burst leaves with a TTL of
+//!     [`OPENER_TTL`]: it opens our own NAT and dies at the router after
+//!     it, before it can reach the peer's NAT; the full probes follow
+//!     [`OPEN_LEAD`] later, when the peer's opener has opened its side.
+//!     With routers between the NATs (the Internet) the pair goes direct
+//!     at once. Not when a side is public: it has no NAT to open, and its
+//!     NAT-less peer lets anything in.
+//!   - When the NATs sit side by side on one segment there is no router to
+//!     die at, and the burst fails. Then the pair goes through rounds
+//!     ([`REOPEN_QUIET`] plus a burst each): in each, one side (the
+//!     keeper) sends nothing that reaches the peer and keeps its own
+//!     mapping alive with packets whose TTL ([`KEEP_TTL`]) ends at its own
+//!     router, until the peer's NAT forgot the entry our probes left there
+//!     (Linux forgets an unreplied UDP entry after 30 s); then the other
+//!     side (the sender) probes first, its NAT gives it its usual port,
+//!     and the keeper's kept mapping lets it in. Which side's NAT was
+//!     poisoned nobody can tell, so the roles swap every round: the first
+//!     round is led by the side with the lower node id as keeper.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::messages::NatType;
 
 pub use crate::timers::{DIRECT_RETRY, DIRECT_TIMEOUT, PATH_HEARTBEAT, PROBE_INTERVAL};
+
+/// The TTL of the first probe of a punch burst: past our own NAT (one
+/// router away on a container host, VM host or home network), not past the
+/// next router.
+pub const OPENER_TTL: u8 = 2;
+/// How long after the opener the burst's full probes start: longer than
+/// the two sides' bursts start apart (both start from the registry's one
+/// fan-out; more skew than the path between them is rare).
+pub const OPEN_LEAD: Duration = Duration::from_millis(40);
+/// The TTL of the keeper's keepalives in a reopening round: they refresh
+/// the keeper's own NAT mapping and die there.
+pub const KEEP_TTL: u8 = 1;
+/// How often the keeper refreshes its mapping: well within the 30 s that
+/// Linux keeps an unreplied UDP entry.
+pub const KEEP_EVERY: Duration = Duration::from_secs(10);
+/// The quiet part of a reopening round: the sender probes after it. Longer
+/// than Linux's 30 s for an unreplied UDP entry (`nf_conntrack_udp_timeout`),
+/// plus the skew between the two sides' rounds.
+pub const REOPEN_QUIET: Duration = Duration::from_secs(35);
 
 /// Where a peer's packets go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +128,12 @@ pub enum PathAction {
     /// authenticated packet moves the peer's side to it and the answer
     /// ours.
     PingDirect(SocketAddr),
+    /// Send a packet with a TTL of [`KEEP_TTL`] to each of these endpoints:
+    /// it keeps our own NAT's mapping towards them alive and dies there
+    /// (the keeper's side of a reopening round). Sealed on the session in
+    /// use, so that one that does arrive (a peer on our own link) does no
+    /// harm.
+    KeepMapping(Vec<SocketAddr>),
 }
 
 /// The path state of one peer.
@@ -108,6 +156,15 @@ pub struct PathState {
     ///
     /// [`Timing::relay_after`]: crate::timers::Timing::relay_after
     relay_asked: bool,
+    /// Our node id is the lower of the pair: we keep in the first
+    /// reopening round.
+    lead: bool,
+    /// The reopening round, counted from the failed punch (while relayed
+    /// for [`RelayReason::NoDirectAnswer`] or
+    /// [`RelayReason::PeerRelayed`]), and when its quiet part began.
+    round: Option<(u32, Instant)>,
+    /// The keeper's last keepalive in this round.
+    last_keep: Option<Instant>,
 }
 
 impl PathState {
@@ -142,6 +199,45 @@ impl PathState {
     pub fn set_nat(&mut self, local: NatType, peer: NatType) {
         self.local_nat = local;
         self.peer_nat = peer;
+    }
+
+    /// Records which side of the pair keeps first when punching failed:
+    /// `lead` is true on the side with the lower node id.
+    pub fn set_lead(&mut self, lead: bool) {
+        self.lead = lead;
+    }
+
+    /// True when the probe going out now is the first of a punch burst and
+    /// should leave with a TTL of [`OPENER_TTL`], the full probes
+    /// following [`OPEN_LEAD`] later: both sides are behind a NAT (or not
+    /// known to be public), and this is not a reopening round's sender,
+    /// which must reach the keeper at once.
+    pub fn opens(&self, now: Instant) -> bool {
+        self.probing_since == Some(now)
+            && self.round.is_none()
+            && self.local_nat != NatType::None
+            && self.peer_nat != NatType::None
+    }
+
+    /// The reopening round we are in and whether we keep in it, if any.
+    fn keeping(&self) -> Option<bool> {
+        let (n, _) = self.round?;
+        Some(self.lead == (n % 2 == 0))
+    }
+
+    /// Whether failed punching is retried in reopening rounds (see the
+    /// module's rules): relayed because the punch failed, and no side
+    /// maps per destination (a fresh port per destination never matches
+    /// a kept mapping).
+    fn reopens(&self) -> bool {
+        self.selected == Some(Path::Relay)
+            && matches!(
+                self.relay_reason,
+                Some(RelayReason::NoDirectAnswer | RelayReason::PeerRelayed)
+            )
+            && self.local_nat != NatType::PerDestination
+            && self.peer_nat != NatType::PerDestination
+            && !self.candidates.is_empty()
     }
 
     /// New direct candidates (from the registry or a punch request). Returns
@@ -223,6 +319,8 @@ impl PathState {
         self.relay_reason = None;
         self.probing_since = None;
         self.silent_direct = None;
+        self.round = None;
+        self.last_keep = None;
     }
 
     /// The relay path is in use.
@@ -273,6 +371,54 @@ impl PathState {
         self.probing_since = None;
         self.silent_direct = None;
         self.relay_asked = false;
+        self.round = None;
+        self.last_keep = None;
+    }
+
+    /// One step of the reopening rounds (relayed, no burst going): the
+    /// keeper's keepalives, the sender's burst after the quiet, the next
+    /// round once this one's burst is over.
+    fn reopen_step(&mut self, now: Instant) -> PathAction {
+        let (_, since) = *self.round.get_or_insert((0, now));
+        let burst_at = since + REOPEN_QUIET;
+        if now >= burst_at + self.timing.direct_timeout {
+            // The sender's burst is over (on the sender's side, the burst's
+            // end starts the next round): roles swap.
+            self.next_round(now);
+            return PathAction::Idle;
+        }
+        if self.keeping() == Some(true) {
+            let due = self.last_keep.map_or(since, |t| t) + KEEP_EVERY;
+            if now >= due {
+                self.last_keep = Some(now);
+                return PathAction::KeepMapping(self.candidates.clone());
+            }
+            return PathAction::Idle;
+        }
+        if now >= burst_at {
+            return self.probe(now);
+        }
+        PathAction::Idle
+    }
+
+    /// The next reopening round starts now (its quiet part).
+    fn next_round(&mut self, now: Instant) {
+        let n = self.round.map_or(0, |(n, _)| n + 1);
+        self.round = Some((n, now));
+        self.last_keep = None;
+    }
+
+    /// When [`reopen_step`](Self::reopen_step) has something to do.
+    fn reopen_deadline(&self, now: Instant) -> Instant {
+        let Some((_, since)) = self.round else {
+            return now;
+        };
+        let end = since + REOPEN_QUIET + self.timing.direct_timeout;
+        if self.keeping() == Some(true) {
+            let keep = self.last_keep.map_or(since, |t| t) + KEEP_EVERY;
+            return keep.min(end);
+        }
+        since + REOPEN_QUIET
     }
 
     /// The earliest instant at which [`poll`](Self::poll) may answer
@@ -293,6 +439,7 @@ impl PathState {
             .filter(|_| self.selected == Some(Path::Relay))
             .map(|(_, t)| t + self.timing.path_heartbeat);
         let retry = match self.selected {
+            Some(Path::Relay) if self.reopens() => Some(self.reopen_deadline(now)),
             Some(Path::Relay) if !self.both_hard() && !self.candidates.is_empty() => Some(
                 self.last_burst
                     .map_or(now, |t| t + self.timing.direct_retry),
@@ -339,7 +486,14 @@ impl PathState {
                     return PathAction::Idle;
                 }
                 if self.probing_since.is_some() {
-                    return self.burst_step(now).1;
+                    let (ended, a) = self.burst_step(now);
+                    if ended && self.reopens() {
+                        self.next_round(now);
+                    }
+                    return a;
+                }
+                if self.reopens() {
+                    return self.reopen_step(now);
                 }
                 let due = self
                     .last_burst
@@ -402,6 +556,7 @@ mod tests {
             }
             PathAction::UseRelay(r) => p.on_relay(*r),
             PathAction::PingDirect(_) => unreachable!("no path here goes silent"),
+            PathAction::KeepMapping(_) => {}
         };
         let first = p.start(t0);
         apply(&mut p, &first);
@@ -620,6 +775,191 @@ mod tests {
             p.poll(now + Duration::from_secs(5)),
             PathAction::PingDirect(_)
         ));
+    }
+
+    /// Two bare Linux masquerade NATs side by side (no firewall, no router
+    /// between them), as conntrack treats them: every probe that leaves a
+    /// NAT reaches the other one; one that matches no mapping there leaves
+    /// an unreplied entry (forgotten after 30 s without packets), and a
+    /// host whose NAT holds such an entry for its usual tuple gets a new
+    /// port for its own mapping, which the other NAT's mapping never
+    /// matches. A [`PathAction::KeepMapping`] refreshes its sender's own
+    /// mapping and goes no further.
+    #[derive(Default)]
+    struct BareNats {
+        /// Per side: its own mapping towards the peer (on its usual port
+        /// or not, last packet), and the unreplied entry the peer's probes
+        /// left at its NAT (last packet).
+        mapping: [Option<(bool, Instant)>; 2],
+        poison: [Option<Instant>; 2],
+    }
+
+    const CONNTRACK_UNREPLIED: Duration = Duration::from_secs(30);
+
+    impl BareNats {
+        fn live(t: Option<Instant>, now: Instant) -> bool {
+            t.is_some_and(|t| now.saturating_duration_since(t) < CONNTRACK_UNREPLIED)
+        }
+        /// Side `x` sends a probe at `now`: true if it gets through to the
+        /// peer's host (the answer then returns on the same mappings).
+        fn probe(&mut self, x: usize, now: Instant) -> bool {
+            let y = 1 - x;
+            let usual = match self.mapping[x] {
+                Some((usual, t)) if Self::live(Some(t), now) => usual,
+                _ => !Self::live(self.poison[x], now),
+            };
+            self.mapping[x] = Some((usual, now));
+            let theirs = self.mapping[y].filter(|(_, t)| Self::live(Some(*t), now));
+            if usual && theirs.is_some_and(|(u, _)| u) {
+                return true;
+            }
+            if usual {
+                self.poison[y] = Some(now);
+            }
+            false
+        }
+        fn keep(&mut self, x: usize, now: Instant) {
+            if let Some((u, t)) = self.mapping[x] {
+                if Self::live(Some(t), now) {
+                    self.mapping[x] = Some((u, now));
+                }
+            }
+        }
+    }
+
+    /// What a side did when (s, side, action).
+    type Log = Vec<(u64, usize, PathAction)>;
+
+    /// Runs a pair behind [`BareNats`] from a punch in which side `first`
+    /// probes 1 ms before the other, with side 0 leading; returns both
+    /// path states and when (s) they went direct, if they did.
+    fn run_bare(first: usize, secs: u64) -> ([PathState; 2], Option<u64>, Log) {
+        let t0 = Instant::now();
+        let mut nets = BareNats::default();
+        let mut p: [PathState; 2] = Default::default();
+        for (i, q) in p.iter_mut().enumerate() {
+            q.set_nat(NatType::EndpointIndependent, NatType::EndpointIndependent);
+            q.set_lead(i == 0);
+            q.set_candidates(vec![ep(i as u16)], t0);
+        }
+        let mut log = vec![];
+        let mut direct_at = None;
+        let mut act =
+            |p: &mut [PathState; 2], i: usize, a: PathAction, now: Instant, log: &mut Vec<_>| {
+                let s = now.duration_since(t0).as_secs();
+                match &a {
+                    PathAction::Idle => return,
+                    PathAction::ProbeDirect(_) => {
+                        if nets.probe(i, now) {
+                            p[0].on_direct(ep(1));
+                            p[1].on_direct(ep(0));
+                            direct_at.get_or_insert(s);
+                        }
+                    }
+                    PathAction::UseRelay(r) => p[i].on_relay(*r),
+                    PathAction::KeepMapping(_) => nets.keep(i, now),
+                    PathAction::PingDirect(_) => unreachable!("no direct path goes silent here"),
+                }
+                log.push((s, i, a));
+            };
+        let a = p[first].start(t0);
+        act(&mut p, first, a, t0, &mut log);
+        let t1 = t0 + Duration::from_millis(1);
+        let a = p[1 - first].punch(t1);
+        act(&mut p, 1 - first, a, t1, &mut log);
+        let mut now = t1;
+        while now < t0 + Duration::from_secs(secs) {
+            now += Duration::from_millis(100);
+            for i in [first, 1 - first] {
+                let a = p[i].poll(now);
+                act(&mut p, i, a, now, &mut log);
+            }
+        }
+        (p, direct_at, log)
+    }
+
+    #[test]
+    fn bare_nats_side_by_side_go_direct_within_90_s_whichever_side_was_poisoned() {
+        for first in [0, 1] {
+            let (p, at, log) = run_bare(first, 90);
+            let at = at.unwrap_or_else(|| panic!("side {first} first: still relayed: {log:?}"));
+            assert!(at < 90, "direct after {at} s");
+            for q in &p {
+                assert!(matches!(q.selected(), Some(Path::Direct(_))), "{log:?}");
+            }
+            // The first burst failed (the pair was relayed meanwhile).
+            assert!(
+                at >= 30,
+                "direct at {at} s, before any mapping could expire: {log:?}"
+            );
+            // The keeper sent nothing that reaches the peer in its round;
+            // the sender probed only once the entry it left had expired.
+            assert!(
+                log.iter()
+                    .any(|(_, _, a)| matches!(a, PathAction::KeepMapping(_))),
+                "{log:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_nats_rounds_keep_going_and_stay_quiet_between_bursts() {
+        // Side 1 first, so side 0 (the first round's keeper) holds the
+        // poisoned NAT: the first round fails, the second works.
+        let (_, at, log) = run_bare(1, 90);
+        let at = at.expect("direct in the second round");
+        assert!((60..90).contains(&at), "second round: {at} s; {log:?}");
+        // Between the first burst and the first round's burst (35 s of
+        // quiet), nothing that reaches the peer: keepalives only.
+        let full: Vec<u64> = log
+            .iter()
+            .filter(|(_, _, a)| matches!(a, PathAction::ProbeDirect(_)))
+            .map(|(s, _, _)| *s)
+            .collect();
+        assert!(full.iter().all(|s| *s < 3 || *s >= 35), "{full:?}");
+    }
+
+    #[test]
+    fn the_first_probe_of_a_burst_is_an_opener_unless_a_side_is_public() {
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_nat(NatType::EndpointIndependent, NatType::EndpointIndependent);
+        p.set_candidates(vec![ep(1)], t0);
+        assert!(matches!(p.start(t0), PathAction::ProbeDirect(_)));
+        assert!(p.opens(t0));
+        assert!(!p.opens(t0 + PROBE_INTERVAL), "only the first probe");
+        for (l, r) in [
+            (NatType::None, NatType::EndpointIndependent),
+            (NatType::PerDestination, NatType::None),
+        ] {
+            let mut q = PathState::default();
+            q.set_nat(l, r);
+            q.set_candidates(vec![ep(1)], t0);
+            q.start(t0);
+            assert!(!q.opens(t0), "{l:?} {r:?}");
+        }
+    }
+
+    #[test]
+    fn hard_nats_and_silent_direct_paths_do_not_reopen() {
+        // A per-destination NAT gets no rounds: the 60 s retry, no keepalives.
+        let (_, log) = run(NatType::EndpointIndependent, NatType::PerDestination, 130);
+        assert!(
+            !log.iter()
+                .any(|(_, a)| matches!(a, PathAction::KeepMapping(_))),
+            "{log:?}"
+        );
+        let t0 = Instant::now();
+        let mut p = PathState::default();
+        p.set_lead(true);
+        p.set_candidates(vec![ep(1)], t0);
+        p.on_direct(ep(1));
+        p.direct_went_silent(ep(1), t0);
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(50) {
+            now += Duration::from_millis(100);
+            assert!(!matches!(p.poll(now), PathAction::KeepMapping(_)));
+        }
     }
 
     #[test]

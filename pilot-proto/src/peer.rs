@@ -28,7 +28,7 @@ use crate::cookie::{self, COOKIE_USE_FOR};
 use crate::handshake::{self, HandshakeError, Initiator, MacKey, Responder};
 use crate::identity::NodeId;
 use crate::messages::{NatType, MAX_ENDPOINTS};
-use crate::path::{Path, PathAction, PathState, RelayReason};
+use crate::path::{Path, PathAction, PathState, RelayReason, KEEP_TTL, OPENER_TTL, OPEN_LEAD};
 use crate::session::{CipherSuite, Session};
 use crate::timers::{PeerTimers, TimerAction, Timing, KEEPALIVE};
 use crate::wire::{self, HandshakeResp, COOKIE_LEN, DATA_HEADER_LEN, INIT_LEN, TAG_LEN};
@@ -83,6 +83,9 @@ pub struct Transmit {
     pub to: Path,
     /// The tunnel datagram (without any relay header).
     pub bytes: Vec<u8>,
+    /// Send it with this IP TTL (hop limit) instead of the socket's: it
+    /// dies that many routers out (NAT traversal; see [`crate::path`]).
+    pub hop_limit: Option<u8>,
 }
 
 /// Something the caller must apply or may report.
@@ -228,6 +231,9 @@ pub struct Peer {
     seen: Activity,
     heartbeats: u32,
     transmits: VecDeque<Transmit>,
+    /// Full probes that follow a burst's opener (see `crate::path`), and
+    /// when they go.
+    deferred: Vec<(Instant, Transmit)>,
     events: VecDeque<Event>,
 }
 
@@ -269,6 +275,7 @@ impl Peer {
             seen: Activity::default(),
             heartbeats: 0,
             transmits: VecDeque::new(),
+            deferred: vec![],
             events: VecDeque::new(),
         }
     }
@@ -294,6 +301,11 @@ impl Peer {
     /// The last round-trip time measured (ping or handshake).
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
+    }
+    /// Records which of the pair keeps first when punching failed: `lead`
+    /// is true on the side with the lower node id (see [`crate::path`]).
+    pub fn set_lead(&mut self, lead: bool) {
+        self.path.set_lead(lead);
     }
     /// Records a round trip measured outside (an in-tunnel ping).
     pub fn set_rtt(&mut self, rtt: Duration) {
@@ -374,6 +386,9 @@ impl Peer {
         }
         for f in &self.initiators {
             add(f.sent + INITIATOR_LIFETIME);
+        }
+        for (t, _) in &self.deferred {
+            add(*t);
         }
         if let Some((s, _)) = &self.unconfirmed {
             // Why: the path follows an answered initiation only once the
@@ -550,6 +565,7 @@ impl Peer {
         self.transmits.push_back(Transmit {
             to: via,
             bytes: msg.to_vec(),
+            hop_limit: None,
         });
         Ok(())
     }
@@ -603,7 +619,11 @@ impl Peer {
         if !f.cookied {
             f.cookied = true;
             let bytes = cookie::with_mac2(&f.msg, &c);
-            self.transmits.push_back(Transmit { to: via, bytes });
+            self.transmits.push_back(Transmit {
+                to: via,
+                bytes,
+                hop_limit: None,
+            });
         }
         Ok(())
     }
@@ -668,6 +688,12 @@ impl Peer {
     /// Runs the timers and path rules due at `now`.
     pub fn handle_timeout(&mut self, now: Instant, env: &mut dyn Env) {
         self.last_now = Some(now);
+        if !self.deferred.is_empty() {
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.deferred.drain(..).partition(|(t, _)| *t <= now);
+            self.deferred = later;
+            self.transmits.extend(due.into_iter().map(|(_, t)| t));
+        }
         // Forget sessions past their reject age.
         let (old, live): (Vec<_>, Vec<_>) = self
             .sessions
@@ -705,11 +731,18 @@ impl Peer {
                 self.start_handshake(now, HandshakeVia::Direct(c), env);
                 return;
             }
+            PathAction::KeepMapping(c) => {
+                // Not counted as sent either: it dies at our own NAT.
+                let msg = self.heartbeat_msg();
+                for a in c {
+                    self.seal_to(Path::Direct(a), &msg, Some(KEEP_TTL));
+                }
+            }
             PathAction::PingDirect(addr) => {
                 // Not counted as sent: it may well be lost, and the relay
                 // path still needs its keepalives.
                 let msg = self.heartbeat_msg();
-                self.seal_to(Path::Direct(addr), &msg);
+                self.seal_to(Path::Direct(addr), &msg, None);
             }
         }
         match self.timers.poll(now) {
@@ -803,6 +836,7 @@ impl Peer {
         self.initiators.clear();
         self.queue.clear();
         self.transmits.clear();
+        self.deferred.clear();
         self.timers = PeerTimers::new(self.timing);
     }
 
@@ -861,7 +895,7 @@ impl Peer {
                     self.set_endpoint(Path::Relay, true);
                     HandshakeVia::Relay
                 }
-                PathAction::Idle | PathAction::PingDirect(_) => return,
+                PathAction::Idle | PathAction::PingDirect(_) | PathAction::KeepMapping(_) => return,
             },
         };
         self.start_handshake(now, via, env);
@@ -899,13 +933,27 @@ impl Peer {
             self.transmits.push_back(Transmit {
                 to: Path::Relay,
                 bytes: bytes.clone(),
+                hop_limit: None,
             });
         }
+        // The first probe of a punch burst opens our own NAT only; the full
+        // probes follow a moment later (see `crate::path`).
+        let opens = !dests.is_empty() && self.path.opens(now);
         for d in dests {
-            self.transmits.push_back(Transmit {
+            let t = Transmit {
                 to: Path::Direct(d),
                 bytes: bytes.clone(),
-            });
+                hop_limit: None,
+            };
+            if opens {
+                self.transmits.push_back(Transmit {
+                    hop_limit: Some(OPENER_TTL),
+                    ..t.clone()
+                });
+                self.deferred.push((now + OPEN_LEAD, t));
+            } else {
+                self.transmits.push_back(t);
+            }
         }
         if self.initiators.len() >= MAX_INITIATORS {
             self.initiators.remove(0);
@@ -1006,8 +1054,8 @@ impl Peer {
     }
 
     /// Seals `msg` with the current session and sends it to `to`, whatever
-    /// the endpoint in use.
-    fn seal_to(&mut self, to: Path, msg: &[u8]) {
+    /// the endpoint in use, with the IP TTL `hop_limit` if given.
+    fn seal_to(&mut self, to: Path, msg: &[u8], hop_limit: Option<u8>) {
         let Some(session) = self.current.clone() else {
             return;
         };
@@ -1015,7 +1063,11 @@ impl Peer {
         buf[DATA_HEADER_LEN..DATA_HEADER_LEN + msg.len()].copy_from_slice(msg);
         if let Ok(n) = session.sender.seal(&mut buf, msg.len()) {
             buf.truncate(n);
-            self.transmits.push_back(Transmit { to, bytes: buf });
+            self.transmits.push_back(Transmit {
+                to,
+                bytes: buf,
+                hop_limit,
+            });
         }
     }
 
@@ -1041,7 +1093,11 @@ impl Peer {
             buf[DATA_HEADER_LEN..DATA_HEADER_LEN + p.len()].copy_from_slice(&p);
             if let Ok(n) = session.sender.seal(&mut buf, p.len()) {
                 buf.truncate(n);
-                self.transmits.push_back(Transmit { to, bytes: buf });
+                self.transmits.push_back(Transmit {
+                    to,
+                    bytes: buf,
+                    hop_limit: None,
+                });
             }
         }
         self.timers.on_sent(now);

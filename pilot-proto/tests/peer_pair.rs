@@ -189,7 +189,14 @@ impl Pair {
                 let len = s.sender.seal(&mut buf, pkt.len()).unwrap();
                 buf.truncate(len);
                 node.activity.last_tx = Some(now);
-                self.put(i, Transmit { to, bytes: buf });
+                self.put(
+                    i,
+                    Transmit {
+                        to,
+                        bytes: buf,
+                        hop_limit: None,
+                    },
+                );
                 self.wake(i);
             }
             _ => {
@@ -310,6 +317,7 @@ impl Pair {
                             let t = Transmit {
                                 to: back,
                                 bytes: reply.to_vec(),
+                                hop_limit: None,
                             };
                             self.put(i, t);
                             return;

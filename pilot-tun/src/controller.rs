@@ -970,7 +970,10 @@ async fn send_all<T: Tun>(ctx: &Context<T>, out: Vec<Outgoing>) {
     for o in out {
         match o.to {
             Path::Direct(a) => {
-                let _ = udp.send_to(&o.bytes, a).await;
+                let _ = match o.hop_limit {
+                    Some(ttl) => udp.send_to_ttl(&o.bytes, a, ttl).await,
+                    None => udp.send_to(&o.bytes, a).await,
+                };
             }
             Path::Relay => {
                 let mut buf = vec![0u8; RELAY_HEADER_LEN + o.bytes.len()];

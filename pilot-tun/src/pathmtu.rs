@@ -309,6 +309,7 @@ pub(crate) fn answer_probe(data: &PeerData, msg: &[u8], now: Instant) -> Option<
     Some(Outgoing {
         bytes: seal_control(&session, &ack)?,
         to: ep,
+        hop_limit: None,
     })
 }
 
@@ -327,7 +328,11 @@ fn pump(st: &mut PeerPmtu, data: &PeerData, session: &Session, now: Instant) -> 
         let mut msg = vec![0u8; len];
         pmtu::write_probe(&mut msg);
         if let Some(bytes) = seal_control(session, &msg) {
-            out.push(Outgoing { bytes, to: ep });
+            out.push(Outgoing {
+                bytes,
+                to: ep,
+                hop_limit: None,
+            });
         }
     }
     let now_state = (p.mtu(), p.state());

@@ -38,6 +38,9 @@ pub struct Outgoing {
     pub to: Path,
     /// The peer it is for (names the relay's destination).
     pub peer: NodeId,
+    /// Send it with this IP TTL, not the socket's (NAT traversal: a probe
+    /// that must die at or just past our own NAT).
+    pub hop_limit: Option<u8>,
 }
 
 /// The I/O that driving the machines asks for, done by the control task.
@@ -268,6 +271,9 @@ impl Tunnels {
         let last = outside_overlay(ctx, rec.last_endpoint.into_iter().collect());
         let mut machine = Peer::with_timing(id, static_public, last.first().copied(), ctx.timing);
         machine.restore_last_init_timestamp(rec.last_init_timestamp);
+        // Who keeps first when punching fails (see pilot_proto::path): both
+        // sides compare the same two ids.
+        machine.set_lead(ctx.identity.node_id() < id);
         self.peers.insert(id, PeerRuntime::new(data, machine));
     }
 
@@ -336,6 +342,7 @@ impl Tunnels {
                 bytes: t.bytes,
                 to: t.to,
                 peer: *id,
+                hop_limit: t.hop_limit,
             });
         }
         while let Some(e) = rt.machine.poll_event() {
@@ -398,6 +405,7 @@ impl Tunnels {
                 bytes: t.bytes,
                 to: t.to,
                 peer: *id,
+                hop_limit: t.hop_limit,
             });
         }
         // Data after a quiet spell wakes the machine (it schedules no sync
@@ -480,6 +488,7 @@ impl Tunnels {
                     bytes: t.bytes,
                     to: t.to,
                     peer: *id,
+                    hop_limit: t.hop_limit,
                 }));
                 return fx;
             }
@@ -606,11 +615,13 @@ impl Tunnels {
                         bytes: reply.to_vec(),
                         to: via,
                         peer: NodeId([0; 16]),
+                        hop_limit: None,
                     },
                     (Path::Relay, Some(node)) => Outgoing {
                         bytes: reply.to_vec(),
                         to: Path::Relay,
                         peer: node,
+                        hop_limit: None,
                     },
                     (Path::Relay, None) => return fx,
                 };

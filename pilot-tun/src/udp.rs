@@ -175,6 +175,22 @@ impl Udp {
             .await
     }
 
+    /// Sends one datagram over UDP whose IP TTL (hop limit) is `ttl`, the
+    /// socket's own left as it is: a NAT traversal probe that must die at
+    /// or just past our own NAT (`pilot_proto::path`). Same socket, so the
+    /// same 5-tuple as every other datagram to `to`.
+    pub async fn send_to_ttl(&self, buf: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+        if self.divert.diverts(to) {
+            return Ok(());
+        }
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                let _df = self.df.read();
+                send_to_ttl(self.socket.as_fd(), buf, to, ttl)
+            })
+            .await
+    }
+
     /// Sends one datagram without "don't fragment": larger than the path
     /// (or the interface) allows, it arrives in IP fragments instead of
     /// being dropped. Slow (three system calls and an exclusive lock); only
@@ -211,6 +227,33 @@ fn send_to(fd: BorrowedFd<'_>, buf: &[u8], to: SocketAddr) -> io::Result<()> {
         buf,
         &addr,
         nix::sys::socket::MsgFlags::empty(),
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// One `sendmsg` with the TTL in a control message (`IP_TTL`, or
+/// `IPV6_HOPLIMIT` for a native IPv6 destination): only this datagram gets it.
+fn send_to_ttl(fd: BorrowedFd<'_>, buf: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    let addr = SockaddrStorage::from(to);
+    let hops = libc::c_int::from(ttl);
+    let iov = [std::io::IoSlice::new(buf)];
+    let v4 = match to {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    let cmsg = if v4 {
+        ControlMessage::Ipv4Ttl(&hops)
+    } else {
+        ControlMessage::Ipv6HopLimit(&hops)
+    };
+    sendmsg(
+        fd.as_raw_fd(),
+        &iov,
+        &[cmsg],
+        MsgFlags::empty(),
+        Some(&addr),
     )
     .map(|_| ())
     .map_err(io::Error::from)
