@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-timeout: 240
 # Bare Linux masquerade NATs: nftables masquerade and nothing else (no
 # stateful firewall, accepting input and forward policies), as on container
 # hosts and VM hosts. Two cells:
