@@ -121,11 +121,11 @@ CREATE TABLE tombstones (
     // trigger every registration and endpoint change), and what approved
     // each tombstone's old id.
     r#"
-ALTER TABLE nodes ADD COLUMN last_seen BIGINT NOT NULL DEFAULT (extract(epoch FROM now())::bigint);
+ALTER TABLE nodes ADD COLUMN last_seen BIGINT NOT NULL DEFAULT (floor(extract(epoch FROM now()))::bigint);
 CREATE INDEX nodes_last_seen ON nodes (last_seen);
 CREATE FUNCTION nodes_seen() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.last_seen := extract(epoch FROM now())::bigint;
+    NEW.last_seen := floor(extract(epoch FROM now()))::bigint;
     RETURN NEW;
 END
 $$;
