@@ -320,6 +320,23 @@ node_restart() {
   node_up "$ns" "$name" "$@"
 }
 
+# ttfb_cold NS_A A NS_B B LABEL: serve a page on B's overlay address, restart
+# A's daemon, and time an HTTP GET from A to B (curl's time_starttransfer:
+# handshake, punching or relay fallback included). Sets TTFB_S (seconds)
+# and TTFB_PATH (A's path to B right after). For scripts/nat-bench.sh.
+ttfb_cold() {
+  local na=$1 a=$2 nb=$3 b=$4 label=$5 addr
+  addr=$(addr_of "$nb" "$b")
+  mkdir -p "$WORK/www-$label"; echo hi >"$WORK/www-$label/index.html"
+  bg "$nb" "http-$label" python3 -m http.server 8080 --bind "$addr" --directory "$WORK/www-$label"
+  wait_listen 5 "$nb" 8080 "$addr"
+  node_restart "$na" "$a" >/dev/null
+  TTFB_S=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$addr:8080/")
+  TTFB_PATH=$(peer_of "$na" "$a" "$b" path)
+  log "cell $label: time to first byte after a cold start: ${TTFB_S}s ($TTFB_PATH)"
+  stop_bg "http-$label"
+}
+
 # pt NS NAME ARGS...: run a pilot-tun command against NAME's daemon.
 pt() { local ns=$1 name=$2; shift 2; on "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" "$@"; }
 ptq() { local ns=$1 name=$2; shift 2; onq "$ns" "$BIN/pilot-tun" --state-dir "$WORK/$name" "$@"; }

@@ -22,6 +22,8 @@
 #   miniupnpd installed it;
 # - hM <-> hH goes direct, both ends, with a checksummed transfer;
 # - `down` on hM removes the mapping at the router.
+# TTFB_JSON=<file> also writes the time from a cold start of hH to the first
+# byte of an HTTP GET from hM (used by scripts/nat-bench.sh).
 SCENARIO=s27_port_mapping
 source "$(dirname "$0")/lib.sh"
 setup_lab
@@ -127,6 +129,14 @@ EP=$(peer_of hH hh hm endpoint)
 [ "$EP" = "$MAP" ] || fail "hh reaches hm at $EP, not at the mapped endpoint $MAP"
 transfer_ok hH hM "$HM" 3000000 mapped
 pass "two hard NATs, one with a port-mapping router: direct both ways ($EP), 3 MB identical"
+
+# Time to first byte from a cold start of the host behind the plain hard NAT,
+# to the one behind the mapping router (scripts/nat-bench.sh).
+if [ -n "${TTFB_JSON:-}" ]; then
+  ttfb_cold hH hh hM hm mapped-hard
+  [ "$TTFB_PATH" = direct ] || fail "after a cold start hh's path to hm is $TTFB_PATH, not direct"
+  echo "[{\"cell\":\"mapped-hard\",\"path\":\"$TTFB_PATH\",\"ttfb_s\":$TTFB_S,\"iperf_mbps\":null}]" >"$TTFB_JSON"
+fi
 
 # --- down removes the mapping ---------------------------------------------------------
 node_down hM hm

@@ -128,23 +128,9 @@ log "cell bare-side-by-side: 3 MB transfer identical over the direct path"
 
 if [ -n "${TTFB_JSON:-}" ]; then
   CELLS=()
-  # ttfb NS_A A NS_B B LABEL: time to first byte after restarting A.
-  ttfb() {
-    local na=$1 a=$2 nb=$3 b=$4 label=$5 B t
-    B=$(addr_of "$nb" "$b")
-    mkdir -p "$WORK/www-$label"; echo hi >"$WORK/www-$label/index.html"
-    bg "$nb" "http-$label" python3 -m http.server 8080 --bind "$B" --directory "$WORK/www-$label"
-    wait_listen 5 "$nb" 8080 "$B"
-    node_restart "$na" "$a" >/dev/null
-    t=$(onq "$na" curl -s -o /dev/null -w '%{time_starttransfer}' --max-time 15 "http://$B:8080/")
-    TTFB_PATH=$(path_of "$na" "$a" "$b")
-    log "cell $label: time to first byte after a cold start: ${t}s ($TTFB_PATH)"
-    stop_bg "http-$label"
-    TTFB_S=$t
-  }
-  ttfb hA1 ha1 hB1 hb1 bare-routers
+  ttfb_cold hA1 ha1 hB1 hb1 bare-routers
   CELLS+=("{\"cell\":\"bare-routers\",\"path\":\"$TTFB_PATH\",\"ttfb_s\":$TTFB_S,\"iperf_mbps\":null}")
-  ttfb hA2 ha2 hB2 hb2 bare-side-by-side
+  ttfb_cold hA2 ha2 hB2 hb2 bare-side-by-side
   CELLS+=("{\"cell\":\"bare-side-by-side\",\"path\":\"$TTFB_PATH\",\"ttfb_s\":$TTFB_S,\"iperf_mbps\":null,\"direct_after_s\":$(awk -v m="$UPGRADE_MS" 'BEGIN { printf "%.1f", m / 1000 }')}")
   (IFS=,; echo "[${CELLS[*]}]") >"$TTFB_JSON"
 fi

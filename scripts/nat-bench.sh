@@ -56,39 +56,32 @@ if ! TTFB_JSON=$(realpath -m "$out") netns-tests/s06_nat_matrix.sh >"$log" 2>&1;
   exit 1
 fi
 grep -E 'PASS|time to first byte' "$log"
-# The UDP-blocked cell (relay over TCP with TLS) is its own scenario.
-if [ "$blocked" -eq 1 ]; then
-  blocked=$(mktemp /tmp/nat-bench.XXXX.json)
-  if ! TTFB_JSON=$blocked netns-tests/s29_udp_blocked.sh >"$log" 2>&1; then
-    tail -n 80 "$log" >&2
-    echo "the UDP-blocked scenario failed, so there is no figure for it (its whole output: $log)" >&2
+rm -f "$log"
+# more_cells SCENARIO WHAT: run a scenario that writes cells of its own
+# (TTFB_JSON) and add them to the table.
+more_cells() {
+  local cells mlog
+  cells=$(mktemp /tmp/nat-bench.XXXX.json); mlog=$(mktemp /tmp/nat-bench.XXXX.log)
+  if ! TTFB_JSON=$cells "netns-tests/$1.sh" >"$mlog" 2>&1; then
+    tail -n 80 "$mlog" >&2
+    echo "$2 failed, so there are no figures for it (its whole output: $mlog)" >&2
     exit 1
   fi
-  grep -E 'PASS|time to first byte' "$log"
-  python3 - "$out" "$blocked" <<'PY'
+  grep -E 'PASS|time to first byte|direct after' "$mlog"
+  python3 - "$out" "$cells" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1])) + json.load(open(sys.argv[2]))
 json.dump(cells, open(sys.argv[1], "w"))
 PY
-  rm -f "$blocked"
-fi
-rm -f "$log"
+  rm -f "$cells" "$mlog"
+}
+# The UDP-blocked cell (relay over TCP with TLS) is its own scenario.
+[ "$blocked" -eq 0 ] || more_cells s29_udp_blocked "the UDP-blocked scenario"
+# A hard NAT whose router maps a port (PCP, from miniupnpd) to a hard NAT.
+more_cells s27_port_mapping "the port-mapping scenario"
 # The bare masquerade cells (no stateful firewall: routers between, and side
-# by side, which goes direct only after a reopening round) are their own
-# scenario.
-bare=$(mktemp /tmp/nat-bench.XXXX.json); barelog=$(mktemp /tmp/nat-bench.XXXX.log)
-if ! TTFB_JSON=$bare netns-tests/s32_bare_nats.sh >"$barelog" 2>&1; then
-  tail -n 80 "$barelog" >&2
-  echo "the bare-NAT scenario failed, so there are no figures for it (its whole output: $barelog)" >&2
-  exit 1
-fi
-grep -E 'PASS|time to first byte|direct after' "$barelog"
-python3 - "$out" "$bare" <<'PY'
-import json, sys
-cells = json.load(open(sys.argv[1])) + json.load(open(sys.argv[2]))
-json.dump(cells, open(sys.argv[1], "w"))
-PY
-rm -f "$bare" "$barelog"
+# by side, which goes direct only after a reopening round).
+more_cells s32_bare_nats "the bare-NAT scenario"
 python3 - "$out" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1]))
