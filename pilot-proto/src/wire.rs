@@ -12,7 +12,12 @@
 //! data     (32 B + inner) | A4 | 0 0 0 | receiver idx u32le | counter u64le | ciphertext | tag (16) |
 //! relay to       (20 B + d) | A5 | 0 0 0 | destination node id (16) | tunnel datagram d |
 //! relay from     (20 B + d) | A6 | 0 0 0 | source node id (16)      | tunnel datagram d |
+//! instance       (44 B + r) | A7 | 0 0 0 | recipient node id (16) | unix ms u64le | tag (16) | relay-from datagram r |
 //! ```
+//! The instance frame passes a relayed datagram between two registry
+//! instances that share one database (the recipient is attached to the
+//! other one); the tag is keyed by the registry's secret, so only an
+//! instance can make one. Nodes never see it.
 //! A relay forwards the tunnel datagram untouched: it holds no key to it.
 //! The cookie reply and `mac2` are how a responder under load makes an
 //! initiator prove it receives where it sends from (see [`crate::cookie`]).
@@ -32,6 +37,8 @@ pub const MSG_DATA: u8 = 0xA4;
 pub const MSG_RELAY_TO: u8 = 0xA5;
 /// Type byte of a datagram the relay delivers from another node.
 pub const MSG_RELAY_FROM: u8 = 0xA6;
+/// Type byte of a relayed datagram passed between registry instances.
+pub const MSG_INSTANCE: u8 = 0xA7;
 /// Length of the relay header: type, reserved, the other node's id.
 pub const RELAY_HEADER_LEN: usize = 4 + 16;
 
@@ -79,6 +86,8 @@ pub enum Kind {
     RelayTo,
     /// [`RelayHeader`] from the relay.
     RelayFrom,
+    /// A relayed datagram from another registry instance.
+    Instance,
     /// Anything else: drop it.
     Unknown,
 }
@@ -92,6 +101,7 @@ pub fn classify(buf: &[u8]) -> Kind {
         Some(&MSG_DATA) => Kind::Data,
         Some(&MSG_RELAY_TO) => Kind::RelayTo,
         Some(&MSG_RELAY_FROM) => Kind::RelayFrom,
+        Some(&MSG_INSTANCE) => Kind::Instance,
         Some(_) if stun::looks_like_stun(buf) => Kind::Stun,
         _ => Kind::Unknown,
     }

@@ -28,10 +28,13 @@
 //! - [`operator`]: the operator's offline commands (join tokens, nodes).
 //! - [`stats`], [`state`]: counters; the key file and join URL.
 //! - [`audit`]: the audit log's writer thread and per-minute counts.
+//! - [`cluster`]: several instances on one database: their events
+//!   (LISTEN/NOTIFY) and the relayed datagrams passed between them.
 
 pub mod admission;
 pub mod audit;
 pub mod batch;
+pub mod cluster;
 pub mod expiry;
 pub mod fleet;
 pub mod mailbox;

@@ -546,6 +546,15 @@ fn run() -> Result<()> {
     }
     let secret = state::load_or_create_key(&cli.state_dir)?;
     let sweeper_db = (cli.database.clone(), cli.state_dir.join("registry.db"));
+    // On PostgreSQL, several instances may share the database: each
+    // listens for the others' events with a connection of its own.
+    let cluster = match (&cli.database, cli.relay_only) {
+        (Some(url), false) => Some((
+            url.clone(),
+            pilot_registry::cluster::Cluster::new(&secret, advertise),
+        )),
+        _ => None,
+    };
     let (storage, database) = open_storage(&mut cli)?;
     // Dropped (stopped) when the registry returns.
     let _sweeper = if cli.expire_unused > 0 && !cli.relay_only {
@@ -606,7 +615,16 @@ fn run() -> Result<()> {
             },
             storage,
         )
-        .with_audit(&cli.state_dir)
+        .with_audit(&cli.state_dir);
+        if let Some((url, c)) = cluster {
+            let (tx, rx) = tokio::sync::mpsc::channel(pilot_registry::cluster::HEARD_QUEUE);
+            // The thread ends once the registry (the receiver) is gone; it
+            // logs when it listens, and keeps trying if it cannot.
+            let _listening = pilot_registry::cluster::listen(url, c.clone(), tx)
+                .context("cannot start the thread that listens for the other instances")?;
+            registry = registry.with_cluster(c, rx);
+        }
+        registry = registry
         .with_limits(Limits {
             control_rate: cli.control_rate,
             relay_total_rate: cli.relay_total_mbps.saturating_mul(125_000),

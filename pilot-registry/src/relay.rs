@@ -20,6 +20,7 @@ use pilot_proto::identity::NodeId;
 use pilot_proto::ratelimit::RateLimiter;
 use pilot_proto::wire::{RelayHeader, MSG_RELAY_FROM};
 
+use crate::cluster::Cluster;
 use crate::sessions::Sessions;
 use crate::stats::{bump, Stats};
 use crate::store::{Job, Store};
@@ -42,6 +43,12 @@ const MAX_APPROVALS: usize = 1 << 16;
 /// Questions to the storage thread at once: a node that sprays datagrams at
 /// many peers cannot fill the storage queue that registrations need.
 const MAX_ASKED: usize = 64;
+/// How long where a node is attached (another instance) is trusted as read
+/// from storage; an [`crate::cluster::Event::Attached`] updates it sooner.
+const LOCATION_TTL: Duration = Duration::from_secs(10);
+/// Locations kept (several instances); when full, the stale ones go, and
+/// if none is stale a new one is not kept.
+const MAX_LOCATED: usize = 1 << 16;
 
 /// What to do with a relayed datagram.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,6 +57,9 @@ pub enum Verdict {
     Forward(SocketAddr),
     /// Kept until the relay knows whether the pair approved each other.
     Held,
+    /// Send these bytes (an instance frame) to the instance there: the
+    /// recipient is attached to another instance.
+    ToInstance(SocketAddr, Vec<u8>),
     /// Dropped (counted).
     Drop,
 }
@@ -77,6 +87,10 @@ pub struct Relay {
     /// When each pair last had a datagram forwarded (for the gauge of pairs
     /// in use; forgotten after [`ACTIVE_FOR`]).
     active: HashMap<Pair, Instant>,
+    /// Several instances: this one, and where nodes not online here are
+    /// attached (`None`: nowhere), as read when.
+    cluster: Option<Cluster>,
+    located: HashMap<NodeId, (Option<SocketAddr>, Instant)>,
 }
 
 /// A pair counts as relayed through for this long after its last datagram.
@@ -102,7 +116,47 @@ impl Relay {
             total: None,
             off: rate == 0,
             active: HashMap::new(),
+            cluster: None,
+            located: HashMap::new(),
         }
+    }
+
+    /// Relays to nodes attached to the other instances of `cluster` too.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Where `node` is attached, as an event or storage said (`None`:
+    /// nowhere). Our own address means "here": nothing to remember.
+    pub fn locate(&mut self, node: NodeId, at: Option<SocketAddr>, now: Instant) {
+        let Some(me) = self.cluster.as_ref().map(|c| c.me) else {
+            return;
+        };
+        if at == Some(me) {
+            self.located.remove(&node);
+            return;
+        }
+        if self.located.len() >= MAX_LOCATED && !self.located.contains_key(&node) {
+            self.located
+                .retain(|_, (_, t)| now.saturating_duration_since(*t) < LOCATION_TTL);
+            if self.located.len() >= MAX_LOCATED {
+                return;
+            }
+        }
+        self.located.insert(node, (at, now));
+    }
+
+    /// Forgets every location (events may have been missed).
+    pub fn forget_locations(&mut self) {
+        self.located.clear();
+    }
+
+    /// Where a node not online here is, if that is known and fresh:
+    /// `Some(None)` for "attached nowhere, or here".
+    fn location(&self, node: &NodeId, now: Instant) -> Option<Option<SocketAddr>> {
+        let (at, t) = self.located.get(node)?;
+        (now.saturating_duration_since(*t) < LOCATION_TTL).then_some(*at)
     }
 
     /// Also caps the bytes per second relayed for all nodes together
@@ -162,7 +216,15 @@ impl Relay {
         (known, stale)
     }
 
-    fn ask(&mut self, a: NodeId, b: NodeId, now: Instant, store: &Store, stats: &Stats) -> bool {
+    fn ask(
+        &mut self,
+        a: NodeId,
+        b: NodeId,
+        locate: bool,
+        now: Instant,
+        store: &Store,
+        stats: &Stats,
+    ) -> bool {
         if self
             .asked
             .get(&(a, b))
@@ -177,6 +239,7 @@ impl Relay {
         if store
             .submit(Job::Approvals {
                 pairs: vec![(a, b), (b, a)],
+                locate: locate.then_some(b),
             })
             .is_err()
         {
@@ -213,11 +276,26 @@ impl Relay {
             return Verdict::Drop;
         };
         let dst = h.node;
+        // Not online here: perhaps attached to another instance.
+        let mut locate = false;
         if sessions.online(&dst).is_none() {
-            bump(&stats.relay_refused);
-            return Verdict::Drop;
+            if self.cluster.is_none() {
+                bump(&stats.relay_refused);
+                return Verdict::Drop;
+            }
+            match self.location(&dst, now) {
+                Some(None) => {
+                    bump(&stats.relay_refused);
+                    return Verdict::Drop;
+                }
+                Some(Some(_)) => {}
+                None => locate = true,
+            }
         }
-        let (known, stale) = self.mutual(src, dst, now);
+        let (mut known, stale) = self.mutual(src, dst, now);
+        if locate && matches!(known, Known::Yes) {
+            known = Known::Unknown;
+        }
         match known {
             Known::No => {
                 bump(&stats.relay_refused);
@@ -229,7 +307,7 @@ impl Relay {
                     bump(&stats.relay_refused);
                     return Verdict::Drop;
                 }
-                if !self.ask(src, dst, now, store, stats) {
+                if !self.ask(src, dst, locate, now, store, stats) {
                     return Verdict::Drop;
                 }
                 self.held.entry((src, dst)).or_default().push(buf.to_vec());
@@ -239,7 +317,7 @@ impl Relay {
             }
             Known::Yes if stale => {
                 // Keep flowing; refresh in the background (best effort).
-                let _ = self.ask(src, dst, now, store, stats);
+                let _ = self.ask(src, dst, false, now, store, stats);
             }
             Known::Yes => {}
         }
@@ -255,11 +333,16 @@ impl Relay {
         sessions: &Sessions,
         stats: &Stats,
     ) -> Verdict {
-        let Some((_, to)) = sessions.online(&dst) else {
-            bump(&stats.relay_refused);
-            return Verdict::Drop;
+        // Online here: its session's address; attached to another
+        // instance: that instance, in a frame.
+        let to = match (sessions.online(&dst), self.location(&dst, now)) {
+            (Some((_, c)), _) => Ok(c.addr),
+            (None, Some(Some(instance))) if self.cluster.is_some() => Err(instance),
+            _ => {
+                bump(&stats.relay_refused);
+                return Verdict::Drop;
+            }
         };
-        let to = to.addr;
         let len = buf.len() as u32;
         if !self.limiter.allow_n(&src, len, now)
             || !self.total.as_mut().is_none_or(|t| t.allow_n(&(), len, now))
@@ -277,7 +360,11 @@ impl Relay {
             .relayed_bytes
             .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.active.insert((src, dst), now);
-        Verdict::Forward(to)
+        match (to, &self.cluster) {
+            (Ok(to), _) => Verdict::Forward(to),
+            (Err(instance), Some(c)) => Verdict::ToInstance(instance, c.frame(&dst, buf)),
+            (Err(_), None) => Verdict::Drop,
+        }
     }
 
     /// The storage thread read these approvals: record them and decide on
@@ -285,10 +372,14 @@ impl Relay {
     pub fn learned(
         &mut self,
         approvals: Vec<(Pair, bool)>,
+        located: Option<(NodeId, Option<SocketAddr>)>,
         now: Instant,
         sessions: &Sessions,
         stats: &Stats,
     ) -> Vec<(SocketAddr, Vec<u8>)> {
+        if let Some((node, at)) = located {
+            self.locate(node, at, now);
+        }
         for ((from, to), approves) in approvals {
             self.set(from, to, approves, now);
             self.asked.remove(&(from, to));
@@ -309,8 +400,10 @@ impl Relay {
                     bump(&stats.relay_refused);
                     continue;
                 }
-                if let Verdict::Forward(to) = self.forward(&mut d, src, dst, now, sessions, stats) {
-                    out.push((to, d));
+                match self.forward(&mut d, src, dst, now, sessions, stats) {
+                    Verdict::Forward(to) => out.push((to, d)),
+                    Verdict::ToInstance(to, frame) => out.push((to, frame)),
+                    Verdict::Held | Verdict::Drop => {}
                 }
             }
         }
@@ -354,7 +447,13 @@ impl Relay {
                     e.used = false;
                 }
             }
-            if store.submit(Job::Approvals { pairs: due.clone() }).is_ok() {
+            if store
+                .submit(Job::Approvals {
+                    pairs: due.clone(),
+                    locate: None,
+                })
+                .is_ok()
+            {
                 for p in due {
                     self.asked.insert(p, now);
                 }
@@ -471,11 +570,11 @@ mod tests {
         }
 
         async fn learn(&mut self, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
-            let Some(Done::Approvals { approvals }) = self.done.recv().await else {
+            let Some(Done::Approvals { approvals, .. }) = self.done.recv().await else {
                 panic!("expected approvals")
             };
             self.relay
-                .learned(approvals, now, &self.sessions, &self.stats)
+                .learned(approvals, None, now, &self.sessions, &self.stats)
         }
     }
 
@@ -537,7 +636,7 @@ mod tests {
             Verdict::Forward(addr(2))
         );
         l.relay.on_tick(t1, &l.store, &l.stats);
-        let Some(Done::Approvals { approvals }) = l.done.recv().await else {
+        let Some(Done::Approvals { approvals, .. }) = l.done.recv().await else {
             panic!()
         };
         assert!(!approvals.is_empty());
@@ -599,7 +698,10 @@ mod tests {
         // the questions they raise are capped (asked directly here, as only
         // two nodes are online in this lab).
         let asked = (0..(MAX_ASKED as u8 + 10))
-            .filter(|n| l.relay.ask(l.a, NodeId([*n; 16]), now, &l.store, &l.stats))
+            .filter(|n| {
+                l.relay
+                    .ask(l.a, NodeId([*n; 16]), false, now, &l.store, &l.stats)
+            })
             .count();
         assert_eq!(asked, MAX_ASKED);
         assert_eq!(l.stats.dropped_busy.load(Relaxed), 10);

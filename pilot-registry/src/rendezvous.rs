@@ -15,6 +15,7 @@ use pilot_proto::identity::NodeId;
 use pilot_proto::messages::{self, ErrorCode, FromRegistry, NatType, PeerInfo, ToRegistry};
 use tracing::{debug, info, warn};
 
+use crate::cluster::{Cluster, Event};
 use crate::fleet::{CertOutcome, Page, RevocationOutcome};
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
@@ -39,6 +40,22 @@ pub struct Cx<'a> {
     pub now: Instant,
     /// Now, as Unix seconds (certificate expiry).
     pub unix: u64,
+    /// This instance, when several share the database.
+    pub cluster: Option<&'a Cluster>,
+}
+
+impl Cx<'_> {
+    /// Tells the other instances `event` (through the storage thread,
+    /// after what it queued before: a mail event follows its commit). No
+    /// other instances: nothing.
+    pub fn tell(&self, event: Event) {
+        let Some(payload) = self.cluster.and_then(|c| c.payload(&event)) else {
+            return;
+        };
+        if self.store.submit(Job::Notify { payload }).is_err() {
+            bump(&self.stats.dropped_busy);
+        }
+    }
 }
 
 /// The registry role's own state.
@@ -367,6 +384,10 @@ impl Rendezvous {
                         cx.relay.set(from, to, approves, cx.now);
                         info!(%from, %to, kind, "trust statement");
                         cx.mailbox.note(to);
+                        if cx.sessions.online(&to).is_none() {
+                            // Perhaps online at another instance.
+                            cx.tell(Event::Mail { to });
+                        }
                         let mut out = cx.mailbox.deliver(&to, mail, cx.sessions);
                         out.push(Reply {
                             to: ticket.index,
@@ -471,6 +492,9 @@ impl Rendezvous {
                         info!(owner = %facts.owner, node = %facts.node, by = %from, "owner revocation kept");
                         // Every node online hears of it once, now; the
                         // others ask when they connect.
+                        cx.tell(Event::Revoked {
+                            revocation: pilot_proto::hex::encode(&facts.bytes),
+                        });
                         let mut online: Vec<u32> = cx.sessions.registered().collect();
                         online.sort_unstable();
                         let mut out = one(ticket.index, FromRegistry::Ok { req });
@@ -629,22 +653,30 @@ impl Rendezvous {
             },
         );
         let mine = cx.sessions.online(&me).map(|(_, c)| (c.addr, c.nat));
-        if let (true, Some((their_index, _, _)), Some((my_addr, my_nat))) = (approved, theirs, mine)
-        {
+        if let (true, Some((my_addr, my_nat))) = (approved, mine) {
             let mut eps = vec![my_addr];
             for e in my_endpoints {
                 if !eps.contains(&e) && eps.len() < messages::MAX_ENDPOINTS {
                     eps.push(e);
                 }
             }
-            out.push(Reply {
-                to: their_index,
-                msg: FromRegistry::Punch {
-                    peer: me,
-                    endpoints: eps,
+            match theirs {
+                Some((their_index, _, _)) => out.push(Reply {
+                    to: their_index,
+                    msg: FromRegistry::Punch {
+                        peer: me,
+                        endpoints: eps,
+                        nat: my_nat,
+                    },
+                }),
+                // Perhaps online at another instance: it tells the peer.
+                None => cx.tell(Event::Punch {
+                    to: their_id,
+                    from: me,
                     nat: my_nat,
-                },
-            });
+                    endpoints: eps,
+                }),
+            }
         }
         out
     }
@@ -721,6 +753,7 @@ mod tests {
             (
                 &mut self.role,
                 Cx {
+                    cluster: None,
                     sessions: &mut self.sessions,
                     relay: &mut self.relay,
                     mailbox: &mut self.mailbox,
@@ -996,12 +1029,12 @@ mod tests {
             Verdict::Held,
             "the relay asks storage whether b approves a"
         );
-        let Some(Done::Approvals { approvals }) = b.done.recv().await else {
+        let Some(Done::Approvals { approvals, .. }) = b.done.recv().await else {
             panic!("expected the approvals")
         };
         let sent = b
             .relay
-            .learned(approvals, Instant::now(), &b.sessions, &b.stats);
+            .learned(approvals, None, Instant::now(), &b.sessions, &b.stats);
         assert!(
             sent.is_empty(),
             "b has not approved a: the held datagram is dropped"

@@ -36,6 +36,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 use crate::admission::{self, Admitted, Gate};
 use crate::audit;
 use crate::batch::{self, Batched, Plan, Step};
+use crate::cluster::{Cluster, Event, Heard};
 use crate::fleet::{CertOutcome, RevocationOutcome};
 use crate::mailbox::Mailbox;
 use crate::registrar::{RegisterOutcome, StatementOutcome};
@@ -48,6 +49,7 @@ use crate::storage::Storage;
 use crate::store::{self, Done, Store};
 use crate::tcp;
 use crate::view::View;
+use pilot_proto::identity::NodeId;
 
 /// What the registry is configured with.
 pub struct Config {
@@ -136,6 +138,7 @@ pub struct Registry<S: Storage> {
     view: Arc<View>,
     audit_dir: Option<std::path::PathBuf>,
     limits: Limits,
+    cluster: Option<(Cluster, tokio::sync::mpsc::Receiver<Heard>)>,
 }
 
 /// Ticks (half seconds) between two counts of the registered nodes.
@@ -160,6 +163,8 @@ struct Core {
     audit: audit::Audit,
     view: Arc<View>,
     ticks: u32,
+    /// This instance, when several share the database.
+    cluster: Option<Cluster>,
 }
 
 impl<S: Storage + 'static> Registry<S> {
@@ -181,7 +186,19 @@ impl<S: Storage + 'static> Registry<S> {
             stats: Arc::new(Stats::default()),
             audit_dir: None,
             limits: Limits::default(),
+            cluster: None,
         }
+    }
+
+    /// One of several instances on one database: `cluster` is this
+    /// instance, `heard` what the others say ([`crate::cluster::listen`]).
+    pub fn with_cluster(
+        mut self,
+        cluster: Cluster,
+        heard: tokio::sync::mpsc::Receiver<Heard>,
+    ) -> Self {
+        self.cluster = Some((cluster, heard));
+        self
     }
 
     /// Applies `limits` instead of the defaults.
@@ -235,7 +252,12 @@ impl<S: Storage + 'static> Registry<S> {
             view,
             audit_dir,
             limits,
+            cluster,
         } = self;
+        let (cluster, mut heard) = match cluster {
+            Some((c, h)) => (Some(c), Some(h)),
+            None => (None, None),
+        };
         let (sink, audit_thread) = match &audit_dir {
             Some(dir) => {
                 let name = match config.relay_only {
@@ -276,7 +298,13 @@ impl<S: Storage + 'static> Registry<S> {
             admission,
             gate,
             sessions: Sessions::new(limits.control_rate, crate::sessions::MAX_SESSIONS),
-            relay: Relay::new(config.relay_rate).with_total(limits.relay_total_rate),
+            relay: {
+                let r = Relay::new(config.relay_rate).with_total(limits.relay_total_rate);
+                match &cluster {
+                    Some(c) => r.with_cluster(c.clone()),
+                    None => r,
+                }
+            },
             mailbox: Mailbox::default(),
             role,
             store,
@@ -284,6 +312,7 @@ impl<S: Storage + 'static> Registry<S> {
             audit: audit::Audit::new(sink),
             view,
             ticks: 0,
+            cluster,
         };
         let tcp_task = tcp.as_ref().map(|t| t.task.abort_handle());
         let result = serve(
@@ -293,6 +322,7 @@ impl<S: Storage + 'static> Registry<S> {
             &mut core,
             &mut done,
             &mut admitted,
+            &mut heard,
             shutdown,
         )
         .await;
@@ -317,6 +347,7 @@ impl<S: Storage + 'static> Registry<S> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     socket: &UdpSocket,
     alt: Option<UdpSocket>,
@@ -324,6 +355,7 @@ async fn serve(
     core: &mut Core,
     done: &mut tokio::sync::mpsc::Receiver<Done>,
     admitted: &mut tokio::sync::mpsc::Receiver<Admitted>,
+    heard: &mut Option<tokio::sync::mpsc::Receiver<Heard>>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -392,8 +424,8 @@ async fn serve(
                     return Err(std::io::Error::other("the storage thread stopped"));
                 };
                 let now = Instant::now();
-                if let Done::Approvals { approvals } = d {
-                    for (to, bytes) in core.relay.learned(approvals, now, &core.sessions, &core.stats) {
+                if let Done::Approvals { approvals, located } = d {
+                    for (to, bytes) in core.relay.learned(approvals, located, now, &core.sessions, &core.stats) {
                         out.send_to(&bytes, to).await;
                     }
                     continue;
@@ -407,6 +439,19 @@ async fn serve(
             _ = tick.tick() => {
                 core.on_tick(Instant::now());
                 continue;
+            }
+            h = async {
+                match heard.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(h) = h else {
+                    // The listening thread ended: serve on without events.
+                    *heard = None;
+                    continue;
+                };
+                core.on_heard(h, Instant::now())
             }
         };
         out.seal_and_send(&replies, &core.sessions, &mut sealed)
@@ -498,6 +543,8 @@ enum Action {
     Send(SocketAddr),
     /// Send these bytes there.
     SendOwned(Vec<u8>, SocketAddr),
+    /// Send the datagram without its first bytes there.
+    SendTail(usize, SocketAddr),
     /// Seal and send these control replies.
     Reply(Vec<Reply>),
     /// Nothing to send.
@@ -521,6 +568,7 @@ impl Core {
             let (start, end) = (range.start, range.end);
             match self.on_datagram(&mut buf[range], from, now) {
                 Action::Send(to) => plan.forward(index, to, start, end),
+                Action::SendTail(skip, to) => plan.forward(index, to, start + skip, end),
                 Action::SendOwned(bytes, to) => plan.steps.push(Step::Owned(bytes, to)),
                 Action::Reply(replies) => plan.steps.push(Step::Replies(replies)),
                 Action::Nothing => {}
@@ -557,7 +605,7 @@ impl Core {
                     &self.stats,
                 );
                 let what = match verdict {
-                    Verdict::Forward(_) => "admitted",
+                    Verdict::Forward(_) | Verdict::ToInstance(..) => "admitted",
                     Verdict::Held => "held",
                     Verdict::Drop => "refused",
                 };
@@ -569,7 +617,30 @@ impl Core {
                 });
                 match verdict {
                     Verdict::Forward(to) => Action::Send(to),
+                    Verdict::ToInstance(to, frame) => Action::SendOwned(frame, to),
                     Verdict::Held | Verdict::Drop => Action::Nothing,
+                }
+            }
+            Kind::Instance => {
+                // A relayed datagram another instance passes on to a node
+                // attached here.
+                let Some(c) = &self.cluster else {
+                    bump(&self.stats.dropped_malformed);
+                    return Action::Nothing;
+                };
+                let Some(to) = c.open_frame(buf, Cluster::now_ms()) else {
+                    bump(&self.stats.relay_refused);
+                    return Action::Nothing;
+                };
+                match self.sessions.online(&to) {
+                    Some((_, conn)) => {
+                        bump(&self.stats.relayed);
+                        Action::SendTail(crate::cluster::FRAME_HEADER_LEN, conn.addr)
+                    }
+                    None => {
+                        bump(&self.stats.relay_refused);
+                        Action::Nothing
+                    }
                 }
             }
             Kind::HandshakeInit => {
@@ -636,6 +707,28 @@ impl Core {
 
     fn on_done(&mut self, done: Done, now: Instant) -> Vec<Reply> {
         self.audit_done(&done);
+        if let (
+            Some(c),
+            Done::Registered {
+                id,
+                outcome: Ok(RegisterOutcome::Ok { .. }),
+                ..
+            },
+        ) = (&self.cluster, &done)
+        {
+            // Attached here now: the database and the other instances
+            // hear it (a full queue: the next registration says it).
+            let _ = self.store.submit(store::Job::Present {
+                id: *id,
+                instance: c.me,
+            });
+            if let Some(payload) = c.payload(&Event::Attached {
+                node: *id,
+                instance: c.me,
+            }) {
+                let _ = self.store.submit(store::Job::Notify { payload });
+            }
+        }
         let (role, mut cx) = self.split(now);
         match role {
             Role::Registry(r) => r.on_done(done, &mut cx),
@@ -724,6 +817,76 @@ impl Core {
         self.ticks = self.ticks.wrapping_add(1);
     }
 
+    /// What another instance said.
+    fn on_heard(&mut self, heard: Heard, now: Instant) -> Vec<Reply> {
+        match heard {
+            Heard::Resync => {
+                // Events may have been missed: read every online node's
+                // mail, and ask storage where nodes are again.
+                let online: Vec<NodeId> = self
+                    .sessions
+                    .registered()
+                    .filter_map(|i| self.sessions.get(i).and_then(|c| c.node))
+                    .collect();
+                for id in online {
+                    self.mailbox.note(id);
+                }
+                self.relay.forget_locations();
+                vec![]
+            }
+            Heard::Event(Event::Mail { to }) => {
+                if self.sessions.online(&to).is_some() {
+                    self.mailbox.note(to);
+                    self.mailbox.on_tick(&self.sessions, &self.store);
+                }
+                vec![]
+            }
+            Heard::Event(Event::Punch {
+                to,
+                from,
+                nat,
+                endpoints,
+            }) => match self.sessions.online(&to) {
+                Some((index, _)) => {
+                    let mut endpoints = endpoints;
+                    endpoints.truncate(pilot_proto::messages::MAX_ENDPOINTS);
+                    vec![Reply {
+                        to: index,
+                        msg: pilot_proto::messages::FromRegistry::Punch {
+                            peer: from,
+                            endpoints,
+                            nat,
+                        },
+                    }]
+                }
+                None => vec![],
+            },
+            Heard::Event(Event::Revoked { revocation }) => {
+                let Some(bytes) = pilot_proto::hex::decode(&revocation) else {
+                    return vec![];
+                };
+                let mut online: Vec<u32> = self.sessions.registered().collect();
+                online.sort_unstable();
+                online
+                    .into_iter()
+                    .map(|to| Reply {
+                        to,
+                        msg: pilot_proto::messages::FromRegistry::Revoked {
+                            revocation: bytes.clone(),
+                        },
+                    })
+                    .collect()
+            }
+            Heard::Event(Event::Attached { node, instance }) => {
+                if self.sessions.detach(&node) {
+                    debug!(%node, %instance, "node attached to another instance");
+                }
+                self.relay.locate(node, Some(instance), now);
+                vec![]
+            }
+        }
+    }
+
     /// The role and the state it may touch, borrowed apart.
     fn split(&mut self, now: Instant) -> (&mut Role, Cx<'_>) {
         (
@@ -736,6 +899,7 @@ impl Core {
                 stats: &self.stats,
                 now,
                 unix: unix_now(),
+                cluster: self.cluster.as_ref(),
             },
         )
     }
@@ -786,6 +950,7 @@ mod tests {
             audit: audit::Audit::new(audit::Sink::off()),
             view: Arc::new(View::new(network, vec![], false, None)),
             ticks: 0,
+            cluster: None,
         };
         let addrs = [
             SocketAddr::from(([203, 0, 113, 7], 5001)),

@@ -213,6 +213,18 @@ impl Sessions {
         }
     }
 
+    /// Node `id` attached to another instance: its session here (if any)
+    /// is forgotten, so nothing goes to it from here any more. True if
+    /// there was one.
+    pub fn detach(&mut self, id: &NodeId) -> bool {
+        let Some(index) = self.online.remove(id) else {
+            return false;
+        };
+        self.conns.remove(&index);
+        self.by_addr.retain(|_, n| n != id);
+        true
+    }
+
     /// Authenticates and decodes a control datagram (a data packet on a
     /// session). Any authenticated datagram, a keepalive too, updates where
     /// the session (and its node) was last heard from.

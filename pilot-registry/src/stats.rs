@@ -71,7 +71,7 @@ impl Default for StorageTimes {
 
 impl StorageTimes {
     /// The kinds of storage job, as the `job` label names them.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "register",
         "attach",
         "lookup",
@@ -83,6 +83,7 @@ impl StorageTimes {
         "census",
         "certificate",
         "revocation",
+        "cluster",
     ];
 
     /// Records a job of kind `kind` (one of [`Self::KINDS`]) that took `d`.

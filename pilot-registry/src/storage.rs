@@ -332,6 +332,24 @@ pub trait Storage: Send {
     fn insert_on_tombstone(&mut self, _row: &NodeRow) -> Result<bool, StorageError> {
         Err(StorageError::Unsupported("tombstone reuse"))
     }
+    /// Records that node `id` is attached to the registry instance at
+    /// `instance` (several instances on one database: the relay of another
+    /// instance sends this node's datagrams there), replacing where it was
+    /// attached before. The default keeps nothing; a wrapper should pass
+    /// it on, like [`Storage::attached`] and [`Storage::notify`].
+    fn attach(&mut self, _id: &NodeId, _instance: SocketAddr) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// The instance node `id` last attached to, if any.
+    fn attached(&self, _id: &NodeId) -> Result<Option<SocketAddr>, StorageError> {
+        Ok(None)
+    }
+    /// Tells every registry instance listening on this database `payload`
+    /// (PostgreSQL's NOTIFY on [`crate::cluster::CHANNEL`]). The default,
+    /// for a database only one instance uses, tells nobody.
+    fn notify(&mut self, _payload: &str) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// Why a token was not used, from its row: `use_token`'s answer when its
@@ -473,10 +491,19 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     fn insert_on_tombstone(&mut self, row: &NodeRow) -> Result<bool, StorageError> {
         (**self).insert_on_tombstone(row)
     }
+    fn attach(&mut self, id: &NodeId, instance: SocketAddr) -> Result<(), StorageError> {
+        (**self).attach(id, instance)
+    }
+    fn attached(&self, id: &NodeId) -> Result<Option<SocketAddr>, StorageError> {
+        (**self).attached(id)
+    }
+    fn notify(&mut self, payload: &str) -> Result<(), StorageError> {
+        (**self).notify(payload)
+    }
 }
 
 /// Current schema version (of both backends: their migrations go in step).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Versioned migrations; entry `i` moves the schema from version `i` to
 /// `i+1`. A new one goes into [`crate::storage_pg::MIGRATIONS`] too.
@@ -582,6 +609,15 @@ CREATE TABLE tombstone_refs (
     PRIMARY KEY (address, from_id)
 ) WITHOUT ROWID;
 CREATE INDEX tombstone_refs_from ON tombstone_refs (from_id);
+"#,
+    // Several instances on one database (PostgreSQL): which instance each
+    // node is attached to. SQLite keeps it too, so both schemas stay one.
+    r#"
+CREATE TABLE attached (
+    node_id  TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    since    INTEGER NOT NULL
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -1215,6 +1251,31 @@ impl Storage for SqliteStorage {
         insert_row(&tx, row)?;
         tx.commit()?;
         Ok(true)
+    }
+
+    fn attach(&mut self, id: &NodeId, instance: SocketAddr) -> Result<(), StorageError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO attached (node_id, instance, since) VALUES (?1, ?2, unixepoch())
+                 ON CONFLICT (node_id) DO UPDATE SET instance = excluded.instance, since = excluded.since",
+            )?
+            .execute(params![id.to_string(), instance.to_string()])?;
+        Ok(())
+    }
+
+    fn attached(&self, id: &NodeId) -> Result<Option<SocketAddr>, StorageError> {
+        let at: Option<String> = self
+            .conn
+            .prepare_cached("SELECT instance FROM attached WHERE node_id = ?1")?
+            .query_row([id.to_string()], |r| r.get(0))
+            .optional()?;
+        at.map(|a| {
+            a.parse().map_err(|_| StorageError::Corrupt {
+                table: "attached",
+                detail: format!("instance {a:?}"),
+            })
+        })
+        .transpose()
     }
 }
 

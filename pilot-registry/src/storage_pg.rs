@@ -140,6 +140,14 @@ CREATE TABLE tombstone_refs (
 );
 CREATE INDEX tombstone_refs_from ON tombstone_refs (from_id);
 "#,
+    // As SQLite's: the instance each node is attached to.
+    r#"
+CREATE TABLE attached (
+    node_id  TEXT COLLATE "C" PRIMARY KEY,
+    instance TEXT NOT NULL,
+    since    BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The advisory lock two instances starting at once take around their
@@ -901,6 +909,45 @@ impl Storage for PgStorage {
             )?;
             Ok(true)
         })
+    }
+
+    fn attach(&mut self, id: &NodeId, instance: SocketAddr) -> Result<(), StorageError> {
+        let mut c = self.conn()?;
+        let upsert = c.stmt(
+            "INSERT INTO attached (node_id, instance, since)
+             VALUES ($1, $2, floor(extract(epoch FROM now()))::bigint)
+             ON CONFLICT (node_id) DO UPDATE SET instance = excluded.instance, since = excluded.since",
+        )?;
+        let (id, instance) = (id.to_string(), instance.to_string());
+        // Where a node is attached is rewritten at its next registration:
+        // losing the last one in a database crash costs nothing, so it
+        // does not wait for the disk.
+        c.transact(|tx| {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")?;
+            tx.execute(&upsert, &[&id, &instance])?;
+            Ok(())
+        })
+    }
+
+    fn attached(&self, id: &NodeId) -> Result<Option<SocketAddr>, StorageError> {
+        let row = self.conn()?.query_opt(
+            "SELECT instance FROM attached WHERE node_id = $1",
+            &[&id.to_string()],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let a: String = row.try_get(0)?;
+        a.parse().map(Some).map_err(|_| StorageError::Corrupt {
+            table: "attached",
+            detail: format!("instance {a:?}"),
+        })
+    }
+
+    fn notify(&mut self, payload: &str) -> Result<(), StorageError> {
+        self.conn()?.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&crate::cluster::CHANNEL, &payload],
+        )?;
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@
 //! `main` holds them, so the box's forwarding is tested too.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 
@@ -187,7 +187,9 @@ suite!(
     a_version_2_database_is_migrated_and_keeps_its_rows,
     a_version_3_database_is_migrated_and_keeps_its_rows,
     a_version_4_database_is_migrated_and_keeps_its_rows,
+    a_version_5_database_is_migrated_and_keeps_its_rows,
     the_previous_version_is_migrated_and_keeps_its_rows,
+    attachments_are_kept_per_node_and_replaced,
     unused_nodes_expire_after_the_time_unless_a_trusted_peer_names_them,
     tombstones_are_reused_oldest_first_and_never_while_named,
     a_full_pool_hands_out_the_oldest_tombstone_nobody_names,
@@ -1012,8 +1014,8 @@ fn ids(mut v: Vec<NodeId>) -> Vec<NodeId> {
     v
 }
 
-fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
-    let previous = SCHEMA_VERSION - 1;
+fn a_version_5_database_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = 5;
     let (a, bb) = (id(1), id(2));
     let st = statement(&a, &bb, StatementKind::Approve, 3);
     {
@@ -1238,4 +1240,75 @@ fn a_full_pool_hands_out_the_oldest_tombstone_nobody_names(b: &dyn Backend) {
     assert_eq!(got(&mut s, 10), Some(addr[&1]));
     assert_eq!(got(&mut s, 11), None);
     assert_eq!(s.node_count().unwrap(), 6);
+}
+
+fn the_previous_version_is_migrated_and_keeps_its_rows(b: &dyn Backend) {
+    let previous = SCHEMA_VERSION - 1;
+    let (a, bb) = (id(1), id(2));
+    let st = statement(&a, &bb, StatementKind::Approve, 3);
+    let instance: SocketAddr = "192.0.2.1:7946".parse().unwrap();
+    {
+        // Schema 6: nowhere to keep which instance a node is attached to.
+        let mut s = b.open_at(previous).unwrap();
+        s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+        s.insert_node(&row(2, 6, None)).unwrap();
+        s.put_statement(&st).unwrap();
+        assert!(
+            s.attach(&a.node_id(), instance).is_err(),
+            "no attached table yet"
+        );
+    }
+    let mut s = b.open();
+    assert_eq!(b.schema_version(), SCHEMA_VERSION);
+    assert_eq!(s.node_count().unwrap(), 2);
+    assert_eq!(s.statement(&a.node_id(), &bb.node_id()).unwrap(), Some(st));
+    assert_eq!(s.inbox(&bb.node_id()).unwrap().len(), 1);
+    assert_eq!(s.attached(&a.node_id()).unwrap(), None);
+    s.attach(&a.node_id(), instance).unwrap();
+    assert_eq!(s.attached(&a.node_id()).unwrap(), Some(instance));
+}
+
+fn attachments_are_kept_per_node_and_replaced(b: &dyn Backend) {
+    let (one, two): (SocketAddr, SocketAddr) = (
+        "192.0.2.1:7946".parse().unwrap(),
+        "[2001:db8::2]:7946".parse().unwrap(),
+    );
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, None)).unwrap();
+    s.insert_node(&row(2, 6, None)).unwrap();
+    assert_eq!(s.attached(&id(1).node_id()).unwrap(), None);
+    s.attach(&id(1).node_id(), one).unwrap();
+    s.attach(&id(2).node_id(), one).unwrap();
+    // The node moved to the other instance: only the newest is kept.
+    s.attach(&id(1).node_id(), two).unwrap();
+    drop(s);
+    let s = b.open();
+    assert_eq!(s.attached(&id(1).node_id()).unwrap(), Some(two));
+    assert_eq!(s.attached(&id(2).node_id()).unwrap(), Some(one));
+    assert_eq!(s.attached(&id(3).node_id()).unwrap(), None);
+}
+
+// PostgreSQL only: the other instances hear what one says, on the
+// channel they listen on.
+#[test]
+fn postgres_a_notification_reaches_a_listening_connection() {
+    let Some(b) = Pg::new() else { return };
+    let mut listener = b.config.connect(postgres::NoTls).unwrap();
+    listener
+        .batch_execute(&format!("LISTEN {}", crate::cluster::CHANNEL))
+        .unwrap();
+    let mut s = b.open();
+    let payload = format!("hello from {}", b.schema);
+    s.notify(&payload).unwrap();
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut heard = vec![];
+    let mut n = listener.notifications();
+    let mut it = n.timeout_iter(std::time::Duration::from_secs(5));
+    while let Some(note) = it.next().unwrap() {
+        heard.push(note.payload().to_string());
+        if heard.contains(&payload) {
+            break;
+        }
+    }
+    assert!(heard.contains(&payload), "heard {heard:?}");
 }

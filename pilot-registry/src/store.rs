@@ -99,6 +99,22 @@ pub enum Job {
     Approvals {
         /// (from, to) pairs: does `from` approve `to`?
         pairs: Vec<(NodeId, NodeId)>,
+        /// Also read which instance this node is attached to (the
+        /// recipient is not online here; several instances).
+        locate: Option<NodeId>,
+    },
+    /// Record that a node is attached to the instance at `instance`
+    /// (several instances on one database).
+    Present {
+        /// The node.
+        id: NodeId,
+        /// This instance.
+        instance: SocketAddr,
+    },
+    /// Tell the other instances (NOTIFY) this payload.
+    Notify {
+        /// A payload made by [`crate::cluster::Cluster::payload`].
+        payload: String,
     },
     /// Check and keep a node's owner certificate ([`fleet::publish_cert`]).
     PublishCert {
@@ -172,6 +188,7 @@ impl Job {
             Job::Ack { .. } => "ack",
             Job::Observed { .. } => "observed",
             Job::Approvals { .. } => "approvals",
+            Job::Present { .. } | Job::Notify { .. } => "cluster",
             Job::Census { .. } => "census",
             Job::PublishCert { .. } | Job::FindCerts { .. } => "certificate",
             Job::PublishRevocation { .. } | Job::FindRevocations { .. } => "revocation",
@@ -260,6 +277,10 @@ pub enum Done {
     Approvals {
         /// ((from, to), approves) for every pair that could be read.
         approvals: Vec<((NodeId, NodeId), bool)>,
+        /// The node asked to locate, and the instance it is attached to
+        /// (`None` inside: attached nowhere; not set if it could not be
+        /// read).
+        located: Option<(NodeId, Option<SocketAddr>)>,
     },
     /// A published certificate was decided.
     CertPublished {
@@ -460,7 +481,26 @@ pub fn run_with(
                 }),
             },
         },
-        Job::Approvals { pairs } => Done::Approvals {
+        Job::Present { id, instance } => {
+            if let Err(e) = s.attach(&id, instance) {
+                warn!("storage: {e}");
+            }
+            return None;
+        }
+        Job::Notify { payload } => {
+            if let Err(e) = s.notify(&payload) {
+                warn!("storage: cannot tell the other instances: {e}");
+            }
+            return None;
+        }
+        Job::Approvals { pairs, locate } => Done::Approvals {
+            located: locate.and_then(|n| match s.attached(&n) {
+                Ok(at) => Some((n, at)),
+                Err(e) => {
+                    warn!("storage: {e}");
+                    None
+                }
+            }),
             approvals: pairs
                 .into_iter()
                 .filter_map(|(from, to)| match s.approves(&from, &to) {
@@ -849,11 +889,12 @@ pub(crate) mod tests {
         let found = found.unwrap().unwrap();
         assert!(found.approves_me);
         assert_eq!(found.my_endpoints, vec!["203.0.113.5:1".parse().unwrap()]);
-        let Some(Done::Approvals { approvals }) = run(
+        let Some(Done::Approvals { approvals, .. }) = run(
             &mut s,
             net,
             Job::Approvals {
                 pairs: vec![(a.node_id(), b.node_id()), (b.node_id(), a.node_id())],
+                locate: None,
             },
         ) else {
             panic!()

@@ -22,7 +22,7 @@ use pilot_proto::messages::{
 use pilot_proto::session::{CipherSuite, Session};
 use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
 use pilot_registry::storage::{CertRow, NodeRow, RevocationRow, StorageError};
-use pilot_registry::{Config, Limits, Registry, SqliteStorage, Storage};
+use pilot_registry::{Config, Limits, PgStorage, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
     DropCounts, Peer, PendingRequest, Reply, Request, Response, Status, TrustEntry, TrustState,
 };
@@ -59,7 +59,7 @@ impl RegistryHandle {
         network: Ipv4Net,
         storage: S,
     ) -> Self {
-        Self::start_inner(dir, addr, network, storage, Limits::default(), None).await
+        Self::start_inner(dir, addr, network, storage, Limits::default(), None, None).await
     }
 
     /// [`RegistryHandle::start_with`] under `limits` (join tokens, rates).
@@ -70,7 +70,7 @@ impl RegistryHandle {
         storage: S,
         limits: Limits,
     ) -> Self {
-        Self::start_inner(dir, addr, network, storage, limits, None).await
+        Self::start_inner(dir, addr, network, storage, limits, None, None).await
     }
 
     /// Like [`RegistryHandle::start`], also accepting nodes over TCP with
@@ -94,8 +94,34 @@ impl RegistryHandle {
             storage,
             Limits::default(),
             Some((listener, limits)),
+            None,
         )
         .await
+    }
+
+    /// One of several instances on one PostgreSQL database (`database`):
+    /// state in `dir`, with a copy of the registry key from `key_from`
+    /// when given (the instances share it), listening for the other
+    /// instances' events; returns once it listens.
+    pub async fn start_instance(
+        dir: &std::path::Path,
+        key_from: Option<&std::path::Path>,
+        database: postgres::Config,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("registry state directory");
+        if let Some(from) = key_from {
+            std::fs::copy(from.join("registry.key"), dir.join("registry.key"))
+                .expect("copy the registry key");
+        }
+        let db = database.clone();
+        let storage = tokio::task::spawn_blocking(move || PgStorage::open(db))
+            .await
+            .unwrap()
+            .expect("open the PostgreSQL database");
+        let network = "10.77.0.0/16".parse().unwrap();
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (limits, tcp) = (Limits::default(), None);
+        Self::start_inner(dir, local, network, storage, limits, tcp, Some(database)).await
     }
 
     async fn start_inner<S: Storage + 'static>(
@@ -105,6 +131,7 @@ impl RegistryHandle {
         storage: S,
         limits: Limits,
         tcp: Option<(tokio::net::TcpListener, pilot_registry::tcp::Limits)>,
+        cluster: Option<postgres::Config>,
     ) -> Self {
         let tcp_port = tcp
             .as_ref()
@@ -130,6 +157,20 @@ impl RegistryHandle {
         .with_limits(limits);
         let reg = match tcp {
             Some((listener, limits)) => reg.with_tcp(listener, limits),
+            None => reg,
+        };
+        let reg = match cluster {
+            Some(database) => {
+                let cluster = pilot_registry::cluster::Cluster::new(&secret, addr);
+                let (tx, rx) = tokio::sync::mpsc::channel(pilot_registry::cluster::HEARD_QUEUE);
+                let listening = pilot_registry::cluster::listen(database, cluster.clone(), tx)
+                    .expect("listen thread");
+                tokio::time::timeout(Duration::from_secs(10), listening.ready)
+                    .await
+                    .expect("the instance listens within 10 s")
+                    .expect("the listening thread runs");
+                reg.with_cluster(cluster, rx)
+            }
             None => reg,
         };
         let stats = reg.stats();
@@ -552,6 +593,25 @@ impl<S: Storage> Storage for Tamper<S> {
 }
 
 /// The node id of the identity kept in a node's state directory.
+/// A trust statement from `from` (signed by it) about `to`.
+pub fn statement(
+    from: &Identity,
+    to: &Identity,
+    kind: pilot_proto::messages::StatementKind,
+    seq: u64,
+) -> Signed<Statement> {
+    Signed::sign(
+        Statement {
+            kind,
+            from: from.public(),
+            to: to.node_id(),
+            seq,
+        },
+        from,
+    )
+}
+
+/// The identity a node keeps in `dir`.
 pub fn identity_of(dir: &std::path::Path) -> Identity {
     StateDir::new(dir)
         .load_or_create_identity()
@@ -691,6 +751,27 @@ impl RawClient {
         }
     }
 
+    /// Sends `bytes` to the registry as they are (a relayed datagram).
+    pub async fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.registry).await.unwrap();
+    }
+
+    /// The next datagram the relay delivers (`MSG_RELAY_FROM`), with where
+    /// it came from, if one comes within `wait`. Anything else is skipped.
+    pub async fn relayed(&mut self, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+        let until = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let (n, from) = tokio::time::timeout_at(until, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            if buf[..n].first() == Some(&wire::MSG_RELAY_FROM) {
+                return Some((buf[..n].to_vec(), from));
+            }
+        }
+    }
+
     /// Hands a signed statement to the registry for delivery.
     pub async fn statement(&mut self, statement: Signed<Statement>) -> FromRegistry {
         self.call(|req| ToRegistry::Statement { req, statement })
@@ -765,5 +846,67 @@ impl DelayProxy {
 impl Drop for DelayProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A schema of its own in the `PILOT_TEST_PG` database, dropped at the
+/// end; `None` (said on stderr) when `PILOT_TEST_PG` is not set.
+pub struct TestPg {
+    /// Connects into the schema.
+    pub config: postgres::Config,
+    admin: Option<postgres::Client>,
+    schema: String,
+}
+
+impl TestPg {
+    /// A fresh schema, or `None` without `PILOT_TEST_PG`.
+    pub fn new(what: &str) -> Option<Self> {
+        let Ok(url) = std::env::var("PILOT_TEST_PG") else {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nSKIPPED: {what} (PILOT_TEST_PG is not set; scripts/test.sh sets it, or run it under scripts/pg.sh)\n"
+            );
+            return None;
+        };
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let schema = format!(
+            "pilot_lab_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut config = pilot_registry::storage_pg::parse_url(&url).expect("PILOT_TEST_PG");
+        // postgres' blocking client must not run on an async worker.
+        let (admin, config) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut admin = config
+                    .connect(postgres::NoTls)
+                    .unwrap_or_else(|e| panic!("PILOT_TEST_PG is set but does not connect: {e:?}"));
+                admin
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .unwrap();
+                config.options(&format!("-c search_path={schema}"));
+                (admin, config)
+            })
+            .join()
+            .unwrap()
+        });
+        Some(TestPg {
+            config,
+            admin: Some(admin),
+            schema,
+        })
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        if let Some(mut admin) = self.admin.take() {
+            let schema = self.schema.clone();
+            let _ = std::thread::spawn(move || {
+                let _ = admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+            })
+            .join();
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pilot_proto::handshake;
 use pilot_proto::identity::Identity;
-use pilot_proto::messages::{FromRegistry, Signed, Statement, StatementKind};
+use pilot_proto::messages::{FromRegistry, StatementKind};
 use pilot_proto::session::CipherSuite;
 use pilot_proto::wire::{self, Kind};
 use pilot_registry::SqliteStorage;
@@ -52,19 +52,6 @@ async fn answered(sock: &tokio::net::UdpSocket) -> bool {
         Ok(Ok(n)) => wire::classify(&buf[..n]) == Kind::HandshakeResp,
         _ => false,
     }
-}
-
-/// A statement from `from` (signed by it) to `to`.
-fn statement(from: &Identity, to: &Identity, kind: StatementKind, seq: u64) -> Signed<Statement> {
-    Signed::sign(
-        Statement {
-            kind,
-            from: from.public(),
-            to: to.node_id(),
-            seq,
-        },
-        from,
-    )
 }
 
 fn fresh_identity(seed: u8) -> Identity {
