@@ -497,13 +497,31 @@ async fn connect_any<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(),
 /// Handshake with the registry, then register (after handing in the
 /// last identity rotation if the registry has not taken it yet).
 async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(), LinkError> {
+    connect_registry_as(ctx, handle, true).await
+}
+
+/// [`connect_registry`]; `measure_nat` false (right after a failover to
+/// another instance) keeps the NAT type measured last instead of waiting
+/// for STUN answers again (the instance's second STUN port may not
+/// answer, which costs more than a second); the next renewal of the
+/// session measures again.
+async fn connect_registry_as<T: Tun>(
+    ctx: &Context<T>,
+    handle: &Handle<T>,
+    measure_nat: bool,
+) -> Result<(), LinkError> {
     let _one_at_a_time = ctx.registering.lock().await;
     let udp = &ctx.shared.udp;
     ctx.link
         .handshake(udp, || ctx.make_init(&ctx.link.join.key))
         .await?;
     announce_succession(ctx, handle).await?;
-    let nat = ctx.detect_nat().await;
+    let nat = match measure_nat {
+        true => ctx.detect_nat().await,
+        // Measured at the first registration (at start, which always
+        // measures), whatever it found.
+        false => *ctx.nat.lock(),
+    };
     let mut reg = handle
         .with(move |c| c.registration(nat))
         .await
@@ -732,16 +750,19 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
     // With several instances: failed reconnections in a row (a full round
     // of them backs off like one instance does).
     let mut misses = 0usize;
+    // Just moved to another instance (see connect_registry_as).
+    let mut moved = false;
     loop {
         let stale = ctx
             .link
             .session()
             .is_none_or(|s| s.created.elapsed() >= ctx.timing.rekey_after);
         if stale {
-            match connect_registry(&ctx, &handle).await {
+            match connect_registry_as(&ctx, &handle, !moved).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
                     misses = 0;
+                    moved = false;
                     // Peers may have moved while we could not ask.
                     handle.submit(|c| c.reconnect_all()).await;
                     controller::flush_outbox(&ctx, &handle).await;
@@ -753,6 +774,7 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                     }
                     if ctx.link.fails_over() && matches!(e, LinkError::Unreachable(_)) {
                         misses += 1;
+                        moved = true;
                         let next = ctx.fail_over();
                         warn!(%next, "registry instance does not answer; moving to the next one");
                         if misses % ctx.link.join.endpoints().len() != 0 {
@@ -766,7 +788,7 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
             }
         }
         if ctx.link.fails_over() {
-            watch_instance(&ctx, &handle).await;
+            moved = watch_instance(&ctx, &handle).await;
             continue;
         }
         ctx.link.nap(Duration::from_secs(10)).await;
@@ -794,17 +816,17 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
 /// waiting), sends the outbox every 10 s, and returns when the session is
 /// gone, due for renewal, or the instance has been silent for
 /// [`FAILOVER_SILENCE`](crate::link::FAILOVER_SILENCE) (it then moves the
-/// link to the next instance).
-async fn watch_instance<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) {
+/// link to the next instance and returns true).
+async fn watch_instance<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> bool {
     use crate::link::{FAILOVER_PING, FAILOVER_SILENCE};
     let mut ticks = 0u32;
     loop {
         ctx.link.nap(FAILOVER_PING).await;
         let Some(session) = ctx.link.session() else {
-            return; // woken: the transport changed
+            return false; // woken: the transport changed
         };
         if session.created.elapsed() >= ctx.timing.rekey_after {
-            return;
+            return false;
         }
         let silent = ctx
             .link
@@ -814,7 +836,7 @@ async fn watch_instance<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) {
             let at = ctx.link.endpoint();
             let next = ctx.fail_over();
             warn!(%at, %next, "registry instance stopped answering; moving to the next one");
-            return;
+            return true;
         }
         ctx.link.ping_nowait(&ctx.shared.udp).await;
         ticks += 1;

@@ -66,27 +66,35 @@ async fn a_node_fails_over_to_the_other_instance_and_keeps_its_tunnels() {
     dying.stop().await;
     let stopped = Instant::now();
     let (mut sent, mut arrived, mut n) = (0u32, 0u32, 0u32);
+    let mut switched = None;
     let moved = loop {
         n += 1;
         sent += 1;
-        if one_packet(&a, &mut b, n, Duration::from_millis(500)).await {
+        if one_packet(&a, &mut b, n, Duration::from_millis(300)).await {
             arrived += 1;
         }
+        // Moved, and registered there (the registration comes after the
+        // handshake that makes the instance reachable).
         let s = a.status().await;
-        if s.registry.endpoint == Some(other.addr) && s.registry.reachable {
+        let registered = other.stats.registrations.load(Ordering::Relaxed) > registered_before;
+        if s.registry.endpoint == Some(other.addr) && switched.is_none() {
+            switched = Some(stopped.elapsed());
+        }
+        if s.registry.endpoint == Some(other.addr) && s.registry.reachable && registered {
             break stopped.elapsed();
         }
         assert!(
             stopped.elapsed() < Duration::from_secs(20),
-            "alpha did not move to {} within 20 s (status: {:?})",
+            "alpha did not move to and register at {} within 20 s (status: {:?})",
             other.addr,
             s.registry
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!(
-        "failover: alpha attached to {} {:.2} s after {} stopped; {arrived} of {sent} packets alpha -> beta arrived meanwhile",
+        "failover: alpha moved to {} {:.2} s and registered there {:.2} s after {} stopped; {arrived} of {sent} packets alpha -> beta arrived meanwhile",
         other.addr,
+        switched.unwrap_or(moved).as_secs_f64(),
         moved.as_secs_f64(),
         first
     );
@@ -96,10 +104,6 @@ async fn a_node_fails_over_to_the_other_instance_and_keeps_its_tunnels() {
     );
     assert_eq!(a.addr(), address, "the same identity keeps its address");
     assert_eq!(a.status().await.address, address);
-    assert!(
-        other.stats.registrations.load(Ordering::Relaxed) > registered_before,
-        "alpha registered at the other instance"
-    );
 
     // After: the tunnel works both ways, and beta (one endpoint) never
     // moved although its instance is gone.
