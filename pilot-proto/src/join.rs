@@ -6,26 +6,41 @@
 //! registry, over UDP or TCP. Query keys are `k=v` pairs joined by `&`; an
 //! unknown key is refused rather than ignored (it would silently change
 //! what a node does).
+//!
+//! A registry that runs as several instances (one database, one key) is
+//! named by all of them, comma-separated, at most [`MAX_ENDPOINTS`]:
+//! `pilot://<key>@192.0.2.1:7946,[2001:db8::1]:7946`. Every instance holds
+//! the same key, so the pin covers them all; the node talks to one at a
+//! time and moves to the next when it stops answering. `?tcp=` names the
+//! TCP port on each endpoint's IP.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 use crate::hex;
+
+/// The most endpoints a join URL names.
+pub const MAX_ENDPOINTS: usize = 8;
+
+/// What fills the unused endpoint slots (never an endpoint: port 0).
+const UNUSED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 /// A parsed join URL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JoinUrl {
     /// The registry's X25519 static public key.
     pub key: [u8; 32],
-    /// Its UDP address.
-    pub addr: SocketAddr,
+    /// Its instances' UDP addresses: the first `count` slots, the rest
+    /// [`UNUSED`] (so that the derived equality compares the list).
+    endpoints: [SocketAddr; MAX_ENDPOINTS],
+    count: u8,
     /// A join token (`?token=`), sent with the node's registration. Not
     /// part of the URL's [`Display`](fmt::Display), which is what a node
     /// keeps and compares; [`JoinUrl::with_query`] has it.
     pub token: Option<JoinToken>,
     /// Its TCP (TLS) port for nodes whose network blocks UDP, on the same
-    /// IP (`?tcp=<port>`); none: the node never dials TCP.
+    /// IP as each endpoint (`?tcp=<port>`); none: the node never dials TCP.
     pub tcp: Option<u16>,
 }
 
@@ -67,9 +82,18 @@ pub enum JoinUrlError {
     /// Key part is not 64 hex digits.
     #[error("the registry key in the join URL must be 64 hex digits")]
     Key,
-    /// Address part is not ip:port.
-    #[error("the join URL must end in @<ip>:<port>")]
+    /// No `@` before the endpoints.
+    #[error("the join URL must end in @<ip>:<port> (several instances: @<ip>:<port>,<ip>:<port>)")]
     Addr,
+    /// An endpoint is not an IP address and a port.
+    #[error("`{0}` in the join URL is not <ip>:<port> (an IPv6 address goes in brackets: [2001:db8::1]:7946)")]
+    Endpoint(String),
+    /// No endpoint, or more than [`MAX_ENDPOINTS`].
+    #[error("the join URL names {0} registry endpoints; it needs 1 to {MAX_ENDPOINTS}")]
+    EndpointCount(usize),
+    /// The same endpoint twice.
+    #[error("the join URL names the endpoint {0} twice")]
+    DuplicateEndpoint(SocketAddr),
     /// The query names a key the URL does not have, or one twice.
     #[error("the join URL has an unknown or repeated query key `{0}` or a bad value (known: tcp=<port>, token=<32 hex digits>)")]
     Query(String),
@@ -93,6 +117,65 @@ fn query<'a>(q: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, Join
 }
 
 impl JoinUrl {
+    /// A URL for registry key `key` at `endpoints` (1 to [`MAX_ENDPOINTS`],
+    /// no two alike), without a token or a TCP port.
+    pub fn new(key: [u8; 32], endpoints: &[SocketAddr]) -> Result<Self, JoinUrlError> {
+        if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS {
+            return Err(JoinUrlError::EndpointCount(endpoints.len()));
+        }
+        let mut list = [UNUSED; MAX_ENDPOINTS];
+        for (i, &e) in endpoints.iter().enumerate() {
+            if e.port() == 0 || e.ip().is_unspecified() {
+                return Err(JoinUrlError::Endpoint(e.to_string()));
+            }
+            if endpoints[..i].contains(&e) {
+                return Err(JoinUrlError::DuplicateEndpoint(e));
+            }
+            list[i] = e;
+        }
+        Ok(JoinUrl {
+            key,
+            endpoints: list,
+            count: endpoints.len() as u8,
+            token: None,
+            tcp: None,
+        })
+    }
+
+    /// A URL for registry key `key` at the one endpoint `addr`.
+    pub fn single(key: [u8; 32], addr: SocketAddr) -> Self {
+        let mut endpoints = [UNUSED; MAX_ENDPOINTS];
+        endpoints[0] = addr;
+        JoinUrl {
+            key,
+            endpoints,
+            count: 1,
+            token: None,
+            tcp: None,
+        }
+    }
+
+    /// The registry's endpoints, in the URL's order (at least one).
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.endpoints[..usize::from(self.count).max(1)]
+    }
+
+    /// The first endpoint.
+    pub fn first(&self) -> SocketAddr {
+        self.endpoints[0]
+    }
+
+    /// True if `addr` is one of the endpoints.
+    pub fn has_endpoint(&self, addr: SocketAddr) -> bool {
+        self.endpoints().contains(&addr)
+    }
+
+    /// True if `other` names the same registry: the same key, whatever
+    /// its endpoints (an instance added or moved is the same network).
+    pub fn same_registry(&self, other: &JoinUrl) -> bool {
+        self.key == other.key
+    }
+
     /// The URL with all of its query (the token too), as an operator hands
     /// it out.
     pub fn with_query(&self) -> String {
@@ -103,9 +186,10 @@ impl JoinUrl {
         }
     }
 
-    /// The TCP relay's address, if the URL names one.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.map(|p| SocketAddr::new(self.addr.ip(), p))
+    /// The TCP relay's address at `endpoint`'s IP, if the URL names a TCP
+    /// port.
+    pub fn tcp_addr(&self, endpoint: SocketAddr) -> Option<SocketAddr> {
+        self.tcp.map(|p| SocketAddr::new(endpoint.ip(), p))
     }
 }
 
@@ -117,18 +201,29 @@ impl FromStr for JoinUrl {
             .strip_prefix("pilot://")
             .ok_or(JoinUrlError::Scheme)?;
         let (rest, q) = rest.split_once('?').unwrap_or((rest, ""));
-        let (key, addr) = rest.split_once('@').ok_or(JoinUrlError::Addr)?;
+        let (key, addrs) = rest.split_once('@').ok_or(JoinUrlError::Addr)?;
         let key = hex::decode_array::<32>(key).ok_or(JoinUrlError::Key)?;
-        let addr = addr
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|_| JoinUrlError::Addr)?;
-        let (mut token, mut tcp) = (None, None);
+        let addrs = addrs.trim_end_matches('/');
+        if addrs.is_empty() {
+            return Err(JoinUrlError::Addr);
+        }
+        let parts: Vec<&str> = addrs.split(',').collect();
+        if parts.len() > MAX_ENDPOINTS {
+            return Err(JoinUrlError::EndpointCount(parts.len()));
+        }
+        let endpoints = parts
+            .iter()
+            .map(|p| {
+                p.parse::<SocketAddr>()
+                    .map_err(|_| JoinUrlError::Endpoint(p.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut url = JoinUrl::new(key, &endpoints)?;
         for (k, v) in query(q, &["token", "tcp"])? {
             match k {
-                "token" => token = Some(v.parse()?),
+                "token" => url.token = Some(v.parse()?),
                 _ => {
-                    tcp = Some(
+                    url.tcp = Some(
                         v.parse::<u16>()
                             .ok()
                             .filter(|p| *p != 0)
@@ -137,18 +232,19 @@ impl FromStr for JoinUrl {
                 }
             }
         }
-        Ok(JoinUrl {
-            key,
-            addr,
-            token,
-            tcp,
-        })
+        Ok(url)
     }
 }
 
 impl fmt::Display for JoinUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pilot://{}@{}", hex::encode(&self.key), self.addr)?;
+        write!(f, "pilot://{}@", hex::encode(&self.key))?;
+        for (i, e) in self.endpoints().iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{e}")?;
+        }
         match self.tcp {
             Some(p) => write!(f, "?tcp={p}"),
             None => Ok(()),
@@ -162,12 +258,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_errors() {
-        let u = JoinUrl {
-            key: [0xab; 32],
-            addr: "192.0.2.1:7000".parse().unwrap(),
-            token: None,
-            tcp: None,
-        };
+        let u = JoinUrl::single([0xab; 32], "192.0.2.1:7000".parse().unwrap());
         let s = u.to_string();
         assert_eq!(s, format!("pilot://{}@192.0.2.1:7000", "ab".repeat(32)));
         assert_eq!(s.parse::<JoinUrl>(), Ok(u));
@@ -178,7 +269,7 @@ mod tests {
         );
         assert_eq!(
             format!("pilot://{}@nowhere", "ab".repeat(32)).parse::<JoinUrl>(),
-            Err(JoinUrlError::Addr)
+            Err(JoinUrlError::Endpoint("nowhere".into()))
         );
     }
 
@@ -223,7 +314,10 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(u.tcp, Some(443));
-        assert_eq!(u.tcp_addr(), Some("192.0.2.1:443".parse().unwrap()));
+        assert_eq!(
+            u.tcp_addr(u.first()),
+            Some("192.0.2.1:443".parse().unwrap())
+        );
         assert_eq!(
             u.to_string(),
             format!("pilot://{key}@192.0.2.1:7000?tcp=443")
@@ -261,5 +355,111 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(v, u);
+    }
+
+    fn key() -> String {
+        "ab".repeat(32)
+    }
+
+    #[test]
+    fn several_endpoints_parse_in_order() {
+        let k = key();
+        let u: JoinUrl = format!("pilot://{k}@192.0.2.1:7946,198.51.100.2:7946,203.0.113.3:8000")
+            .parse()
+            .unwrap();
+        let want: Vec<SocketAddr> = ["192.0.2.1:7946", "198.51.100.2:7946", "203.0.113.3:8000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(u.endpoints(), &want[..]);
+        assert_eq!(u.first(), want[0]);
+        assert!(u.has_endpoint(want[2]));
+        assert!(!u.has_endpoint("192.0.2.9:7946".parse().unwrap()));
+        // Display round-trips, with the query after the list.
+        let t = "0123456789abcdef0123456789abcdef";
+        let v: JoinUrl = format!("pilot://{k}@192.0.2.1:7946,198.51.100.2:7946?tcp=443&token={t}")
+            .parse()
+            .unwrap();
+        assert_eq!(
+            v.to_string(),
+            format!("pilot://{k}@192.0.2.1:7946,198.51.100.2:7946?tcp=443")
+        );
+        assert_eq!(v.with_query().parse::<JoinUrl>(), Ok(v));
+        assert_eq!(u.to_string().parse::<JoinUrl>(), Ok(u));
+        // The TCP port is at each endpoint's own IP.
+        assert_eq!(
+            v.tcp_addr(v.endpoints()[1]),
+            Some("198.51.100.2:443".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_endpoints_go_in_brackets() {
+        let k = key();
+        let s = format!("pilot://{k}@[2001:db8::1]:7946,192.0.2.1:7946");
+        let u: JoinUrl = s.parse().unwrap();
+        assert_eq!(u.first(), "[2001:db8::1]:7946".parse().unwrap());
+        assert_eq!(u.to_string(), s, "shown with the brackets again");
+        assert_eq!(
+            format!("pilot://{k}@2001:db8::1:7946").parse::<JoinUrl>(),
+            Err(JoinUrlError::Endpoint("2001:db8::1:7946".into()))
+        );
+    }
+
+    #[test]
+    fn at_most_eight_distinct_endpoints() {
+        let k = key();
+        let list = |n: usize| {
+            (1..=n)
+                .map(|i| format!("192.0.2.{i}:7946"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let eight: JoinUrl = format!("pilot://{k}@{}", list(8)).parse().unwrap();
+        assert_eq!(eight.endpoints().len(), 8);
+        assert_eq!(eight.to_string().parse::<JoinUrl>(), Ok(eight));
+        let e = format!("pilot://{k}@{}", list(9))
+            .parse::<JoinUrl>()
+            .unwrap_err();
+        assert_eq!(e, JoinUrlError::EndpointCount(9));
+        assert!(e.to_string().contains("1 to 8"), "{e}");
+        let e = format!("pilot://{k}@192.0.2.1:7946,192.0.2.2:7946,192.0.2.1:7946")
+            .parse::<JoinUrl>()
+            .unwrap_err();
+        assert_eq!(
+            e,
+            JoinUrlError::DuplicateEndpoint("192.0.2.1:7946".parse().unwrap())
+        );
+        assert!(e.to_string().contains("192.0.2.1:7946 twice"), "{e}");
+        // Empty entries, none at all, port 0 and no '@'.
+        for (bad, want) in [
+            ("192.0.2.1:7946,", JoinUrlError::Endpoint(String::new())),
+            (",192.0.2.1:7946", JoinUrlError::Endpoint(String::new())),
+            ("", JoinUrlError::Addr),
+            ("192.0.2.1:0", JoinUrlError::Endpoint("192.0.2.1:0".into())),
+        ] {
+            assert_eq!(
+                format!("pilot://{k}@{bad}").parse::<JoinUrl>(),
+                Err(want),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            JoinUrl::new([1; 32], &[]),
+            Err(JoinUrlError::EndpointCount(0))
+        );
+    }
+
+    #[test]
+    fn same_registry_is_the_same_key() {
+        let k = key();
+        let one: JoinUrl = format!("pilot://{k}@192.0.2.1:7946").parse().unwrap();
+        let two: JoinUrl = format!("pilot://{k}@192.0.2.1:7946,192.0.2.2:7946")
+            .parse()
+            .unwrap();
+        assert_ne!(one, two);
+        assert!(one.same_registry(&two) && two.same_registry(&one));
+        let other = JoinUrl::single([0xcd; 32], one.first());
+        assert!(!one.same_registry(&other));
     }
 }

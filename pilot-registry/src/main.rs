@@ -580,12 +580,8 @@ fn run() -> Result<()> {
         let socket = tokio::net::UdpSocket::bind(cli.listen)
             .await
             .map_err(|e| bind_error(cli.listen, e, "--listen"))?;
-        let join = JoinUrl {
-            key: server::public_key(&secret),
-            addr: advertise,
-            token: None,
-            tcp: cli.tcp_listen.map(|a| a.port()),
-        };
+        let mut join = JoinUrl::single(server::public_key(&secret), advertise);
+        join.tcp = cli.tcp_listen.map(|a| a.port());
         if cli.relay_only {
             println!(
                 "relay: {} (key {})",

@@ -541,6 +541,11 @@ pub struct RegistryStatus {
     pub last_contact_secs: Option<u64>,
     /// Our endpoint as the registry sees it.
     pub observed_endpoint: Option<SocketAddr>,
+    /// The registry instance in use ("ip:port"): one of the join URL's
+    /// endpoints (with several, the node moves to the next when this one
+    /// stops answering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// Peer counts, in [`Status`].
@@ -1263,6 +1268,7 @@ mod tests {
                 reachable: true,
                 last_contact_secs: Some(4),
                 observed_endpoint: Some("198.51.100.7:41641".parse().unwrap()),
+                endpoint: Some("203.0.113.5:7946".parse().unwrap()),
             },
             relay: "203.0.113.5:7946".parse().unwrap(),
             nat: Nat::EndpointIndependent,

@@ -402,7 +402,10 @@ enum Cipher {
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
 struct UpArgs {
     /// The registry's join URL (pilot://<key>@<ip:port>). Remembered, so a
-    /// later `up` may leave it out.
+    /// later `up` may leave it out. A registry run as several instances is
+    /// named by all of them (pilot://<key>@<ip:port>,<ip:port>, up to 8,
+    /// IPv6 as [addr]:port): the node uses one and moves to the next within
+    /// about 5 s when it stops answering.
     #[arg(long)]
     registry: Option<String>,
     /// Hostname to claim (first come; peers can use it instead of the
@@ -1279,6 +1282,10 @@ fn print_status(d: &Status) {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into())
     );
+    // With several instances in the join URL: the one in use.
+    if let (Some(e), true) = (r.endpoint, r.url.contains(',')) {
+        say!("instance:  {e} (of the join URL's endpoints; the next one takes over if it stops answering)");
+    }
     if let Some(t) = &d.tcp_relay {
         say!(
             "transport: relay over TCP (TLS) to {} for {}s: {}",

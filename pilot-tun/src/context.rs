@@ -272,7 +272,7 @@ impl<T: Tun> Context<T> {
     /// endpoint for both means endpoint-independent mapping; one of our own
     /// addresses means no NAT.
     pub async fn detect_nat(&self) -> NatType {
-        let primary = self.link.join.addr;
+        let primary = self.link.endpoint();
         let alt = SocketAddr::new(primary.ip(), primary.port().wrapping_add(1));
         let (a, b) = tokio::join!(self.stun(primary), self.stun(alt));
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -376,6 +376,15 @@ impl<T: Tun> Context<T> {
     /// Our overlay address, if known.
     pub fn address(&self) -> Ipv4Addr {
         self.shared.address()
+    }
+
+    /// Moves the registry link to the next instance of the join URL and
+    /// makes the packet loops follow: relayed datagrams go there, and only
+    /// datagrams from there count as the relay's. Returns the new endpoint.
+    pub fn fail_over(&self) -> SocketAddr {
+        let next = self.link.fail_over();
+        self.shared.set_registry(next);
+        next
     }
 }
 

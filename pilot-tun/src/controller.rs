@@ -662,9 +662,11 @@ impl<T: Tun> Controller<T> {
                 keep.push((ip, what));
             }
         };
-        add(self.ctx.link.join.addr, "the registry".into());
+        for &e in self.ctx.link.join.endpoints() {
+            add(e, "the registry".into());
+        }
         if let Some(r) = self.ctx.relay_link.read().as_ref() {
-            add(r.join.addr, "the relay".into());
+            add(r.endpoint(), "the relay".into());
         }
         for (id, r) in self.trust.iter().filter(|_| peers) {
             if let Some(e) = r.last_endpoint {
@@ -805,6 +807,7 @@ impl<T: Tun> Controller<T> {
             listen: ctx.shared.udp.local_addr().ok(),
             registry: api::RegistryStatus {
                 url: ctx.link.join.to_string(),
+                endpoint: Some(ctx.link.endpoint()),
                 reachable: ctx.link.reachable(),
                 last_contact_secs: ctx
                     .link
@@ -1278,7 +1281,7 @@ async fn resolve<T: Tun>(
         return Ok(i);
     }
     ctx.lookup(&r).await.map_err(|e| {
-        let away = LinkError::Unreachable(ctx.link.join.addr).to_string();
+        let away = LinkError::Unreachable(ctx.link.endpoint()).to_string();
         if !ctx.link.reachable() || e == away {
             ApiError::new(
                 ErrorCode::RegistryUnreachable,

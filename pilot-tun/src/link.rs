@@ -1,9 +1,15 @@
 //! The node's control session with the registry: a Noise IK session towards
 //! the pinned registry key, request/response with retries, and pushes.
+//!
+//! A join URL may name several instances of one registry (one key, one
+//! database). The link talks to one of them, its *current endpoint*, picked
+//! at random at start so that a fleet spreads over the instances;
+//! [`RegistryLink::fail_over`] moves it to the next one (round-robin) and
+//! forgets the session, which belonged to the old instance.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +27,12 @@ use crate::udp::Udp;
 const CALL_RETRY: Duration = Duration::from_millis(700);
 /// How many times a request is sent.
 const CALL_TRIES: u32 = 3;
+/// With several endpoints: silence from the current one this long counts
+/// as its failure (the handshake there gives up after as long, too).
+pub const FAILOVER_SILENCE: Duration = Duration::from_secs(3);
+/// With several endpoints: how often the node asks the current one for a
+/// sign of life (a ping it does not wait for).
+pub const FAILOVER_PING: Duration = Duration::from_secs(1);
 
 /// A registry request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -46,8 +58,10 @@ pub enum LinkError {
 
 /// The registry session and the requests waiting on it.
 pub struct RegistryLink {
-    /// The pinned registry key and address.
+    /// The pinned registry key and its endpoints.
     pub join: JoinUrl,
+    /// The index in `join.endpoints()` of the endpoint in use.
+    current: AtomicUsize,
     session: RwLock<Option<Arc<Session>>>,
     pending_handshake: Mutex<Option<(Initiator, oneshot::Sender<Arc<Session>>)>>,
     calls: Mutex<HashMap<u32, oneshot::Sender<FromRegistry>>>,
@@ -62,8 +76,18 @@ pub struct RegistryLink {
 impl RegistryLink {
     /// A link with no session yet.
     pub fn new(join: JoinUrl) -> Self {
+        // Where a fleet starts spreads over the instances.
+        let count = join.endpoints().len();
+        let start = if count > 1 {
+            let mut b = [0u8; 8];
+            let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+            (u64::from_le_bytes(b) % count as u64) as usize
+        } else {
+            0
+        };
         RegistryLink {
             join,
+            current: AtomicUsize::new(start),
             session: RwLock::new(None),
             pending_handshake: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
@@ -73,6 +97,37 @@ impl RegistryLink {
             observed: Mutex::new(None),
             wake: Notify::new(),
         }
+    }
+
+    /// The registry endpoint in use: where control datagrams, STUN and
+    /// relayed datagrams go, and the one address whose datagrams count as
+    /// the registry's.
+    pub fn endpoint(&self) -> SocketAddr {
+        let list = self.join.endpoints();
+        list[self.current.load(Ordering::Relaxed) % list.len()]
+    }
+
+    /// True if the join URL names more than one endpoint (the node then
+    /// checks the current one every [`FAILOVER_PING`] and moves on after
+    /// [`FAILOVER_SILENCE`]).
+    pub fn fails_over(&self) -> bool {
+        self.join.endpoints().len() > 1
+    }
+
+    /// Moves to the next endpoint (round-robin) and forgets the session
+    /// and the pending handshake, which belonged to the old one. Returns
+    /// the new endpoint.
+    pub fn fail_over(&self) -> SocketAddr {
+        let count = self.join.endpoints().len();
+        let _ = self
+            .current
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
+                Some((i + 1) % count)
+            });
+        *self.pending_handshake.lock() = None;
+        *self.last_contact.lock() = None;
+        self.drop_session();
+        self.endpoint()
     }
 
     /// The current session, if any.
@@ -150,14 +205,25 @@ impl RegistryLink {
         udp: &Udp,
         make_init: impl Fn() -> Option<(Initiator, [u8; pilot_proto::wire::INIT_LEN])>,
     ) -> Result<Arc<Session>, LinkError> {
+        // With several endpoints an instance that does not answer within
+        // FAILOVER_SILENCE is given up (the next one may).
+        let wait = match self.fails_over() {
+            true => FAILOVER_SILENCE / CALL_TRIES,
+            false => CALL_RETRY * 2,
+        };
+        let to = self.endpoint();
         for _ in 0..CALL_TRIES {
             let Some((init, msg)) = make_init() else {
                 return Err(LinkError::Protocol);
             };
             let (tx, rx) = oneshot::channel();
             *self.pending_handshake.lock() = Some((init, tx));
-            let _ = udp.send_to(&msg, self.join.addr).await;
-            if let Ok(Ok(s)) = tokio::time::timeout(CALL_RETRY * 2, rx).await {
+            let _ = udp.send_to(&msg, to).await;
+            if let Ok(Ok(s)) = tokio::time::timeout(wait, rx).await {
+                if self.endpoint() != to {
+                    // Moved on meanwhile: the session is the old one's.
+                    break;
+                }
                 *self.session.write() = Some(s.clone());
                 self.contact();
                 return Ok(s);
@@ -165,7 +231,7 @@ impl RegistryLink {
         }
         *self.pending_handshake.lock() = None;
         self.reachable.store(false, Ordering::Relaxed);
-        Err(LinkError::Unreachable(self.join.addr))
+        Err(LinkError::Unreachable(to))
     }
 
     /// Completes the handshake with the registry's response, if it is ours.
@@ -228,7 +294,7 @@ impl RegistryLink {
         let result = async {
             for _ in 0..CALL_TRIES {
                 let Some(session) = self.session() else {
-                    return Err(LinkError::Unreachable(self.join.addr));
+                    return Err(LinkError::Unreachable(self.endpoint()));
                 };
                 sends += 1;
                 self.send_sealed(udp, &session, &bytes).await;
@@ -238,7 +304,7 @@ impl RegistryLink {
                     Err(_) => continue,
                 }
             }
-            Err(LinkError::Unreachable(self.join.addr))
+            Err(LinkError::Unreachable(self.endpoint()))
         }
         .await;
         self.calls.lock().remove(&req);
@@ -254,6 +320,13 @@ impl RegistryLink {
         (result, sends)
     }
 
+    /// Sends a ping without waiting for the pong: the pong counts as
+    /// contact (and brings our observed endpoint) when it comes.
+    pub async fn ping_nowait(&self, udp: &Udp) {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        self.send(udp, &ToRegistry::Ping { req }).await;
+    }
+
     /// Sends a message that expects no answer (acknowledgements).
     pub async fn send(&self, udp: &Udp, msg: &ToRegistry) {
         let (Some(session), Ok(bytes)) = (self.session(), messages::encode(msg)) else {
@@ -266,7 +339,7 @@ impl RegistryLink {
         let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
         out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(bytes);
         if let Ok(n) = session.sender.seal(&mut out, bytes.len()) {
-            let _ = udp.send_to(&out[..n], self.join.addr).await;
+            let _ = udp.send_to(&out[..n], self.endpoint()).await;
         }
     }
 
@@ -292,12 +365,66 @@ impl RegistryLink {
         };
         match req {
             Some(r) => {
-                if let Some(tx) = self.calls.lock().remove(&r) {
-                    let _ = tx.send(msg);
+                match self.calls.lock().remove(&r) {
+                    Some(tx) => {
+                        let _ = tx.send(msg);
+                    }
+                    // The answer to a ping nobody waits for.
+                    None => {
+                        if let FromRegistry::Pong { observed, .. } = msg {
+                            self.set_observed(observed);
+                        }
+                    }
                 }
                 None
             }
             None => Some(msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints() -> Vec<SocketAddr> {
+        ["192.0.2.1:7946", "198.51.100.1:7946", "[2001:db8::1]:7946"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn failing_over_goes_round_robin_and_forgets_the_session() {
+        let eps = endpoints();
+        let link = RegistryLink::new(JoinUrl::new([1; 32], &eps).unwrap());
+        assert!(link.fails_over());
+        let start = eps.iter().position(|e| *e == link.endpoint()).unwrap();
+        link.contact();
+        for k in 1..=4 {
+            let next = link.fail_over();
+            assert_eq!(next, eps[(start + k) % 3]);
+            assert_eq!(link.endpoint(), next);
+            assert!(link.session().is_none() && !link.reachable());
+            assert_eq!(link.last_contact(), None, "no word from the new one yet");
+        }
+    }
+
+    #[test]
+    fn one_endpoint_never_fails_over() {
+        let only = endpoints()[0];
+        let link = RegistryLink::new(JoinUrl::single([1; 32], only));
+        assert!(!link.fails_over());
+        assert_eq!(link.endpoint(), only);
+    }
+
+    #[test]
+    fn the_first_endpoint_is_picked_at_random() {
+        let eps = &endpoints()[..2];
+        let starts: std::collections::HashSet<SocketAddr> = (0..64)
+            .map(|_| RegistryLink::new(JoinUrl::new([1; 32], eps).unwrap()).endpoint())
+            .collect();
+        // Both, but for a chance of 2^-63.
+        assert_eq!(starts.len(), 2, "{starts:?}");
     }
 }

@@ -58,9 +58,16 @@ pub struct Options {
 pub async fn run(state: &StateDir, opts: &Options) -> Result<Netcheck, ApiError> {
     let daemon = daemon_status(state).await;
     let join = registry_url(state, opts, daemon.as_ref())?;
+    // The instance the daemon talks to, if it is one of the URL's; else
+    // the URL's first.
+    let target = daemon
+        .as_ref()
+        .and_then(|s| s.registry.endpoint)
+        .filter(|e| join.has_endpoint(*e))
+        .unwrap_or_else(|| join.first());
     let relay = opts
         .relay
-        .or_else(|| daemon.as_ref().map(|s| s.relay).filter(|r| *r != join.addr));
+        .or_else(|| daemon.as_ref().map(|s| s.relay).filter(|r| *r != target));
     let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
         .await
         .map_err(|e| ApiError::new(ErrorCode::Failed, format!("cannot open a UDP socket: {e}")))?;
@@ -69,13 +76,13 @@ pub async fn run(state: &StateDir, opts: &Options) -> Result<Netcheck, ApiError>
         buf: vec![0u8; 2048],
     };
 
-    let alt = SocketAddr::new(join.addr.ip(), join.addr.port().wrapping_add(1));
-    let public = probe.stun(join.addr).await;
+    let alt = SocketAddr::new(target.ip(), target.port().wrapping_add(1));
+    let public = probe.stun(target).await;
     let public_alt = probe.stun(alt).await;
     let port = probe.socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let nat = nat_type(&local_endpoints(port), public, public_alt);
 
-    let registry = probe.instance(&join.key, join.addr).await;
+    let registry = probe.instance(&join.key, target).await;
     let relay_check = match relay {
         Some(addr) => Some(RelayCheck {
             addr,
@@ -100,25 +107,25 @@ pub async fn run(state: &StateDir, opts: &Options) -> Result<Netcheck, ApiError>
     let problem = if !udp {
         Some(format!(
             "UDP to the registry does not work: {} answered neither STUN nor a handshake within {:.1} s. Is pilot-registry running there, and does a firewall on the way drop UDP to port {}?",
-            join.addr,
+            target,
             (TRY_WAIT * TRIES * 3).as_secs_f64(),
-            join.addr.port()
+            target.port()
         ))
     } else if !registry.session {
         Some(format!(
             "{} answers STUN but not the handshake: the key in the join URL is not this registry's (copy the URL again from its join-url file), or it is overloaded",
-            join.addr
+            target
         ))
     } else if registry.rtt_ms.iter().all(Option::is_none) {
         Some(format!(
             "the registry at {} completed the handshake but answered no ping",
-            join.addr
+            target
         ))
     } else {
         None
     };
     Ok(Netcheck {
-        registry: join.addr,
+        registry: target,
         udp,
         registry_key_ok,
         nat: Nat::from(nat),

@@ -130,7 +130,14 @@ impl<T: Tun> Node<T> {
             }),
         );
         if node_state.registry.as_deref() != Some(&join.to_string()) {
-            if node_state.registry.is_some() && node_state.address.is_some() {
+            // The same key with other endpoints (an instance added, moved
+            // or gone) is the same registry, and the same network.
+            let same = node_state
+                .registry
+                .as_deref()
+                .and_then(|s| s.parse::<JoinUrl>().ok())
+                .is_some_and(|old| old.same_registry(&join));
+            if !same && node_state.registry.is_some() && node_state.address.is_some() {
                 warn!("registry changed; the cached address belongs to the old network");
                 node_state.address = None;
                 node_state.prefix_len = None;
@@ -157,8 +164,13 @@ impl<T: Tun> Node<T> {
             crate::shared::SLOW_QUEUE_ITEMS,
             crate::shared::SLOW_QUEUE_BYTES,
         );
-        let shared = Arc::new(Shared::new(udp, slow_tx, join.addr, cfg.mtu));
+        let shared = Arc::new(Shared::new(udp, slow_tx, join.first(), cfg.mtu));
         let ctx = Arc::new(Context::new(identity, cfg, join, shared.clone()));
+        // The link picked its endpoint (at random among several).
+        shared.set_registry(ctx.link.endpoint());
+        if ctx.link.fails_over() {
+            info!(endpoint = %ctx.link.endpoint(), endpoints = ctx.link.join.endpoints().len(), "registry has several instances; starting with this one");
+        }
         for problem in fleet.sanitize(&ctx.id, &node_state.ancestry(), unix_now()) {
             warn!("fleet.json: dropped {problem}");
         }
@@ -185,9 +197,12 @@ impl<T: Tun> Node<T> {
             let t = tokio::spawn(crate::tcplink::keeper(ctx.clone()));
             node.tasks.lock().push(t);
         }
-        // Register, or fall back to the cached address.
-        let registered =
-            tokio::time::timeout(ctx.cfg.register_timeout, connect_registry(&ctx, &handle)).await;
+        // Register, or fall back to the cached address. With several
+        // instances, each one that does not answer costs FAILOVER_SILENCE
+        // more.
+        let others = ctx.link.join.endpoints().len() as u32 - 1;
+        let wait = ctx.cfg.register_timeout + crate::link::FAILOVER_SILENCE * others;
+        let registered = tokio::time::timeout(wait, connect_any(&ctx, &handle)).await;
         let cached = handle.with(|c| c.cached_address()).await.ok().flatten();
         match (registered, cached) {
             (Ok(Ok(())), _) => {}
@@ -205,7 +220,7 @@ impl<T: Tun> Node<T> {
                 return Err(e);
             }
             (Err(_), None) => {
-                let e = diagnose(&ctx, LinkError::Unreachable(ctx.link.join.addr)).await;
+                let e = diagnose(&ctx, LinkError::Unreachable(ctx.link.endpoint())).await;
                 node.stop_tasks().await;
                 return Err(e);
             }
@@ -463,16 +478,50 @@ async fn diagnose<T: Tun>(ctx: &Context<T>, e: LinkError) -> StartError {
     }
 }
 
+/// [`connect_registry`] at the current endpoint, and with several, at each
+/// of the others in turn while they do not answer.
+async fn connect_any<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(), LinkError> {
+    let mut left = ctx.link.join.endpoints().len();
+    loop {
+        match connect_registry(ctx, handle).await {
+            Err(LinkError::Unreachable(at)) if left > 1 => {
+                let next = ctx.fail_over();
+                warn!(%at, %next, "registry instance does not answer; trying the next one");
+                left -= 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Handshake with the registry, then register (after handing in the
 /// last identity rotation if the registry has not taken it yet).
 async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Result<(), LinkError> {
+    connect_registry_as(ctx, handle, true).await
+}
+
+/// [`connect_registry`]; `measure_nat` false (right after a failover to
+/// another instance) keeps the NAT type measured last instead of waiting
+/// for STUN answers again (the instance's second STUN port may not
+/// answer, which costs more than a second); the next renewal of the
+/// session measures again.
+async fn connect_registry_as<T: Tun>(
+    ctx: &Context<T>,
+    handle: &Handle<T>,
+    measure_nat: bool,
+) -> Result<(), LinkError> {
     let _one_at_a_time = ctx.registering.lock().await;
     let udp = &ctx.shared.udp;
     ctx.link
         .handshake(udp, || ctx.make_init(&ctx.link.join.key))
         .await?;
     announce_succession(ctx, handle).await?;
-    let nat = ctx.detect_nat().await;
+    let nat = match measure_nat {
+        true => ctx.detect_nat().await,
+        // Measured at the first registration (at start, which always
+        // measures), whatever it found.
+        false => *ctx.nat.lock(),
+    };
     let mut reg = handle
         .with(move |c| c.registration(nat))
         .await
@@ -518,13 +567,11 @@ async fn connect_registry<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> Resul
     };
     if let Some(&first) = relays.first() {
         let mut rl = ctx.relay_link.write();
-        if rl.as_ref().is_none_or(|l| l.join.addr != first) {
-            *rl = Some(Arc::new(RegistryLink::new(JoinUrl {
-                key: ctx.link.join.key,
-                addr: first,
-                token: None,
-                tcp: None,
-            })));
+        if rl.as_ref().is_none_or(|l| l.endpoint() != first) {
+            *rl = Some(Arc::new(RegistryLink::new(JoinUrl::single(
+                ctx.link.join.key,
+                first,
+            ))));
             ctx.shared.set_relay_only(Some(first), false);
         }
     }
@@ -693,18 +740,29 @@ async fn connect_relay<T: Tun>(
 
 /// Keeps the registry session alive: pings every 10 s, reconnects with
 /// backoff when it stops answering, and renews the session before its keys
-/// grow old.
+/// grow old. With several instances in the join URL it pings every
+/// [`FAILOVER_PING`](crate::link::FAILOVER_PING) instead, and after
+/// [`FAILOVER_SILENCE`](crate::link::FAILOVER_SILENCE) without a word from
+/// the current instance (or a failed reconnection there) moves on to the
+/// next one and registers there.
 async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
     let mut backoff = Duration::from_secs(1);
+    // With several instances: failed reconnections in a row (a full round
+    // of them backs off like one instance does).
+    let mut misses = 0usize;
+    // Just moved to another instance (see connect_registry_as).
+    let mut moved = false;
     loop {
         let stale = ctx
             .link
             .session()
             .is_none_or(|s| s.created.elapsed() >= ctx.timing.rekey_after);
         if stale {
-            match connect_registry(&ctx, &handle).await {
+            match connect_registry_as(&ctx, &handle, !moved).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
+                    misses = 0;
+                    moved = false;
                     // Peers may have moved while we could not ask.
                     handle.submit(|c| c.reconnect_all()).await;
                     controller::flush_outbox(&ctx, &handle).await;
@@ -714,11 +772,24 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                         LinkError::Assignment(_) => warn!("registry: {e}"),
                         _ => debug!("registry: {e}"),
                     }
+                    if ctx.link.fails_over() && matches!(e, LinkError::Unreachable(_)) {
+                        misses += 1;
+                        moved = true;
+                        let next = ctx.fail_over();
+                        warn!(%next, "registry instance does not answer; moving to the next one");
+                        if misses % ctx.link.join.endpoints().len() != 0 {
+                            continue;
+                        }
+                    }
                     ctx.link.nap(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
             }
+        }
+        if ctx.link.fails_over() {
+            moved = watch_instance(&ctx, &handle).await;
+            continue;
         }
         ctx.link.nap(Duration::from_secs(10)).await;
         if ctx.link.session().is_none() {
@@ -741,6 +812,40 @@ async fn registry_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
     }
 }
 
+/// With several instances: pings the current one every second (without
+/// waiting), sends the outbox every 10 s, and returns when the session is
+/// gone, due for renewal, or the instance has been silent for
+/// [`FAILOVER_SILENCE`](crate::link::FAILOVER_SILENCE) (it then moves the
+/// link to the next instance and returns true).
+async fn watch_instance<T: Tun>(ctx: &Context<T>, handle: &Handle<T>) -> bool {
+    use crate::link::{FAILOVER_PING, FAILOVER_SILENCE};
+    let mut ticks = 0u32;
+    loop {
+        ctx.link.nap(FAILOVER_PING).await;
+        let Some(session) = ctx.link.session() else {
+            return false; // woken: the transport changed
+        };
+        if session.created.elapsed() >= ctx.timing.rekey_after {
+            return false;
+        }
+        let silent = ctx
+            .link
+            .last_contact()
+            .is_none_or(|t| t.elapsed() >= FAILOVER_SILENCE);
+        if silent {
+            let at = ctx.link.endpoint();
+            let next = ctx.fail_over();
+            warn!(%at, %next, "registry instance stopped answering; moving to the next one");
+            return true;
+        }
+        ctx.link.ping_nowait(&ctx.shared.udp).await;
+        ticks += 1;
+        if ticks % 10 == 0 {
+            controller::flush_outbox(ctx, handle).await;
+        }
+    }
+}
+
 /// Keeps a session with the relay-only instance the registry named, if
 /// any: while it is up, relayed traffic goes there instead of the registry.
 async fn relay_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
@@ -755,14 +860,14 @@ async fn relay_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
             .is_none_or(|s| s.created.elapsed() >= ctx.timing.rekey_after);
         if stale {
             if let Err(e) = connect_relay(&ctx, &handle, &link).await {
-                debug!(relay = %link.join.addr, "relay: {e}");
+                debug!(relay = %link.endpoint(), "relay: {e}");
                 link.drop_session();
-                ctx.shared.set_relay_only(Some(link.join.addr), false);
+                ctx.shared.set_relay_only(Some(link.endpoint()), false);
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }
-            ctx.shared.set_relay_only(Some(link.join.addr), true);
-            info!(relay = %link.join.addr, "attached to relay");
+            ctx.shared.set_relay_only(Some(link.endpoint()), true);
+            info!(relay = %link.endpoint(), "attached to relay");
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
         if !matches!(
@@ -770,9 +875,9 @@ async fn relay_keeper<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>) {
                 .await,
             Ok(FromRegistry::Pong { .. })
         ) {
-            warn!(relay = %link.join.addr, "relay stopped answering; relaying through the registry");
+            warn!(relay = %link.endpoint(), "relay stopped answering; relaying through the registry");
             link.drop_session();
-            ctx.shared.set_relay_only(Some(link.join.addr), false);
+            ctx.shared.set_relay_only(Some(link.endpoint()), false);
         }
     }
 }

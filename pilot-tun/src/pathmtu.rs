@@ -86,10 +86,11 @@ pub fn compute_tun_mtu(
 /// Where relayed datagrams may go: the registry, and a relay-only
 /// instance if the registry named one.
 fn relay_addrs<T: Tun>(ctx: &Context<T>) -> Vec<SocketAddr> {
-    let mut v = vec![ctx.link.join.addr];
+    // Every instance of the registry: the node may move to any of them.
+    let mut v = ctx.link.join.endpoints().to_vec();
     if let Some(l) = ctx.relay_link.read().as_ref() {
-        if l.join.addr != ctx.link.join.addr {
-            v.push(l.join.addr);
+        if !v.contains(&l.endpoint()) {
+            v.push(l.endpoint());
         }
     }
     v

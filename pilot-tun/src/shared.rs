@@ -304,6 +304,12 @@ impl<T: Tun> Shared<T> {
         from == r.registry || r.relay_only == Some(from)
     }
 
+    /// The registry endpoint in use (the join URL may name several
+    /// instances; the node talks to one at a time).
+    pub fn set_registry(&self, addr: SocketAddr) {
+        self.relay.write().registry = addr;
+    }
+
     /// The relay-only instance the registry named, and whether we are
     /// attached to it.
     pub fn set_relay_only(&self, addr: Option<SocketAddr>, attached: bool) {
@@ -346,6 +352,24 @@ mod tests {
             "a refused item leaves no bytes counted"
         );
         assert_eq!(tx.refused(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_relay_follows_the_registry_instance() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp = Udp::new(sock, false).unwrap();
+        let (tx, _rx) = slow_queue(4, 1000);
+        let (one, two): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:7946".parse().unwrap(),
+            "192.0.2.2:7946".parse().unwrap(),
+        );
+        let shared: Shared<crate::tun::FakeTun> = Shared::new(udp, tx, one, None);
+        assert!(shared.is_relay(one) && !shared.is_relay(two));
+        assert_eq!(shared.relay_addr(), one);
+        shared.set_registry(two);
+        // The instance left behind no longer counts as the relay.
+        assert!(shared.is_relay(two) && !shared.is_relay(one));
+        assert_eq!(shared.relay_addr(), two);
     }
 
     #[test]

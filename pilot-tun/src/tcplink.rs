@@ -223,10 +223,9 @@ pub async fn run(
 /// whether the registry answers over UDP, moves to the TCP relay when it
 /// does not, and back when it does again.
 pub async fn keeper<T: Tun>(ctx: Arc<Context<T>>) {
-    let Some(tcp) = ctx.link.join.tcp_addr() else {
+    if ctx.link.join.tcp.is_none() {
         return;
-    };
-    let registry = ctx.link.join.addr;
+    }
     let divert = &ctx.shared.udp.divert;
     // At start, and after the TCP link failed: probe at once.
     let mut check_now = true;
@@ -235,6 +234,11 @@ pub async fn keeper<T: Tun>(ctx: Arc<Context<T>>) {
         if !check_now {
             wait_unreachable(&ctx).await;
         }
+        // The instance in use (with several, the node may have moved on).
+        let registry = ctx.link.endpoint();
+        let Some(tcp) = ctx.link.join.tcp_addr(registry) else {
+            return;
+        };
         if ctx.stun_udp(registry).await.is_some() {
             // UDP works: the registry keeper gets through on its own.
             check_now = false;
@@ -259,19 +263,26 @@ pub async fn keeper<T: Tun>(ctx: Arc<Context<T>>) {
         // The registry session moves to the new transport.
         ctx.link.drop_session();
         ctx.link.wake();
+        // Ok(true): UDP answers again; Ok(false): the node moved to
+        // another instance of the registry.
         let ended = tokio::select! {
-            e = run(stream, divert, rx) => Some(e),
-            () = udp_answers(&ctx, registry) => None,
+            e = run(stream, divert, rx) => Err(e),
+            () = udp_answers(&ctx, registry) => Ok(true),
+            () = moved_from(&ctx, registry) => Ok(false),
         };
         divert.release();
         match ended {
-            Some(e) => {
+            Err(e) => {
                 warn!("the TCP relay link ended ({e}); trying UDP, then TCP again");
                 check_now = true;
             }
-            None => {
+            Ok(true) => {
                 info!("UDP to the registry answers again; leaving the TCP relay");
                 check_now = false;
+            }
+            Ok(false) => {
+                info!(%registry, "the node moved to another registry instance; leaving its TCP relay");
+                check_now = true;
             }
         }
         ctx.link.drop_session();
@@ -291,6 +302,14 @@ async fn wait_unreachable<T: Tun>(ctx: &Context<T>) {
         if silent_since.get_or_insert_with(Instant::now).elapsed() >= BLOCKED_AFTER {
             return;
         }
+    }
+}
+
+/// Returns once the registry link has moved away from `registry` (to
+/// another instance of a join URL with several).
+async fn moved_from<T: Tun>(ctx: &Context<T>, registry: SocketAddr) {
+    while ctx.link.endpoint() == registry {
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

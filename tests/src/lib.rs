@@ -62,6 +62,24 @@ impl RegistryHandle {
         Self::start_inner(dir, addr, network, storage, Limits::default(), None, None).await
     }
 
+    /// Another instance of the registry started by [`RegistryHandle::start`]
+    /// in `first`: its key copied into `dir` (where this instance keeps its
+    /// audit log) and the same database file, as instances of one registry
+    /// share a database. On `addr` (port 0 for any).
+    pub async fn start_instance(
+        dir: &std::path::Path,
+        first: &std::path::Path,
+        addr: SocketAddr,
+    ) -> Self {
+        std::fs::create_dir_all(dir).expect("registry state directory");
+        let key = std::fs::read(first.join("registry.key")).expect("the first instance's key");
+        pilot_registry::state::write_private(&dir.join("registry.key"), &key)
+            .expect("copy the key");
+        let storage =
+            SqliteStorage::open(&first.join("registry.db")).expect("the shared registry db");
+        Self::start_with(dir, addr, "10.77.0.0/16".parse().unwrap(), storage).await
+    }
+
     /// [`RegistryHandle::start_with`] under `limits` (join tokens, rates).
     pub async fn start_limited<S: Storage + 'static>(
         dir: &std::path::Path,
@@ -184,11 +202,10 @@ impl RegistryHandle {
         });
         RegistryHandle {
             addr,
-            join: JoinUrl {
-                key: pilot_registry::server::public_key(&secret),
-                addr,
-                token: None,
-                tcp: tcp_port,
+            join: {
+                let mut j = JoinUrl::single(pilot_registry::server::public_key(&secret), addr);
+                j.tcp = tcp_port;
+                j
             },
             stats,
             stop: Some(tx),
@@ -660,7 +677,7 @@ impl RawClient {
             CipherSuite::Aes256Gcm,
         )
         .unwrap();
-        sock.send_to(&msg, join.addr).await.unwrap();
+        sock.send_to(&msg, join.first()).await.unwrap();
         let mut buf = vec![0u8; 2048];
         let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
             .await
@@ -673,7 +690,7 @@ impl RawClient {
             .expect("registry handshake completes");
         let mut c = RawClient {
             sock,
-            registry: join.addr,
+            registry: join.first(),
             session,
             next_req: 1,
         };

@@ -398,12 +398,7 @@ async fn a_late_answer_to_a_stored_statement_is_success() {
     let dir = tempfile::tempdir().unwrap();
     let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
     let proxy = DelayProxy::start(reg.addr).await;
-    let via_proxy = pilot_proto::join::JoinUrl {
-        key: reg.join.key,
-        addr: proxy.addr,
-        token: None,
-        tcp: None,
-    };
+    let via_proxy = pilot_proto::join::JoinUrl::single(reg.join.key, proxy.addr);
     let a = TestNode::start(dir.path().join("a"), "alpha", Some(via_proxy))
         .await
         .unwrap();

@@ -268,12 +268,7 @@ async fn first_start_without_registry_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     // A registry key nobody serves, on a port nobody listens on.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let join = pilot_proto::join::JoinUrl {
-        key: [9; 32],
-        addr: sock.local_addr().unwrap(),
-        token: None,
-        tcp: None,
-    };
+    let join = pilot_proto::join::JoinUrl::single([9; 32], sock.local_addr().unwrap());
     drop(sock);
     let err = TestNode::start(dir.path().join("a"), "alpha", Some(join))
         .await

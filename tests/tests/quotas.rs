@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 
-use pilot_proto::join::JoinUrl;
 use pilot_registry::{Limits, SqliteStorage};
 use pilot_tests::*;
 
@@ -38,9 +37,10 @@ async fn a_new_node_joins_only_with_a_token_that_is_not_used_up() {
         },
     )
     .await;
-    let with = |t| JoinUrl {
-        token: Some(t),
-        ..reg.join
+    let with = |t| {
+        let mut j = reg.join;
+        j.token = Some(t);
+        j
     };
 
     let e = TestNode::start(dir.path().join("a"), "alpha", Some(reg.join))
@@ -98,9 +98,10 @@ async fn an_unused_registration_expires_frees_its_name_and_needs_a_token_again()
         },
     )
     .await;
-    let with = |t| JoinUrl {
-        token: Some(t),
-        ..reg.join
+    let with = |t| {
+        let mut j = reg.join;
+        j.token = Some(t);
+        j
     };
     let b = TestNode::start(dir.path().join("b"), "beta", Some(with(first)))
         .await

@@ -18,18 +18,13 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
     let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
 
     // The registry is there, but the URL carries another key.
-    let wrong = JoinUrl {
-        key: [0x42; 32],
-        addr: reg.join.addr,
-        token: None,
-        tcp: None,
-    };
+    let wrong = JoinUrl::single([0x42; 32], reg.join.first());
     let e = TestNode::start(dir.path().join("a"), "alpha", Some(wrong))
         .await
         .err()
         .expect("no start with the wrong key");
     assert!(
-        matches!(e, StartError::WrongRegistryKey(a) if a == reg.join.addr),
+        matches!(e, StartError::WrongRegistryKey(a) if a == reg.join.first()),
         "{e}"
     );
     assert!(
@@ -40,12 +35,7 @@ async fn a_wrong_registry_key_is_told_apart_from_no_registry() {
 
     // Nothing answers at the address: unreachable, as before.
     let silent = std::net::UdpSocket::bind(lo()).unwrap();
-    let nobody = JoinUrl {
-        key: reg.join.key,
-        addr: silent.local_addr().unwrap(),
-        token: None,
-        tcp: None,
-    };
+    let nobody = JoinUrl::single(reg.join.key, silent.local_addr().unwrap());
     let e = TestNode::start(dir.path().join("b"), "beta", Some(nobody))
         .await
         .err()

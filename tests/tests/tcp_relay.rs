@@ -27,10 +27,8 @@ async fn a_node_without_udp_to_the_registry_registers_over_tcp_and_reaches_a_pee
     // alpha's "registry UDP address" swallows everything: UDP to the
     // registry is blocked, as far as alpha can tell.
     let silent = std::net::UdpSocket::bind(lo()).unwrap();
-    let join_a = JoinUrl {
-        addr: silent.local_addr().unwrap(),
-        ..reg.join
-    };
+    let mut join_a = JoinUrl::single(reg.join.key, silent.local_addr().unwrap());
+    join_a.tcp = reg.join.tcp;
     let mut a = TestNode::start(dir.path().join("a"), "alpha", Some(join_a))
         .await
         .expect("alpha registers over TCP");

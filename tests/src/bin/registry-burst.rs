@@ -265,7 +265,7 @@ async fn register_one(
     let sock = tokio::net::UdpSocket::bind(SocketAddr::new(src, 0))
         .await
         .ok()?;
-    let to = join.addr;
+    let to = join.first();
     let own_mac = MacKey::for_static(&id.static_public());
     let mut buf = vec![0u8; 2048];
     // Timestamps must grow per identity; one shared counter keeps them so.
