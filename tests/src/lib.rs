@@ -121,7 +121,7 @@ impl RegistryHandle {
     /// state in `dir`, with a copy of the registry key from `key_from`
     /// when given (the instances share it), listening for the other
     /// instances' events; returns once it listens.
-    pub async fn start_instance(
+    pub async fn start_pg_instance(
         dir: &std::path::Path,
         key_from: Option<&std::path::Path>,
         database: postgres::Config,

@@ -34,8 +34,8 @@ async fn nodes_on_two_instances_trust_punch_and_relay_through_both() {
     };
     let dir = tempfile::tempdir().unwrap();
     let one =
-        RegistryHandle::start_instance(&dir.path().join("one"), None, pg.config.clone()).await;
-    let two = RegistryHandle::start_instance(
+        RegistryHandle::start_pg_instance(&dir.path().join("one"), None, pg.config.clone()).await;
+    let two = RegistryHandle::start_pg_instance(
         &dir.path().join("two"),
         Some(&dir.path().join("one")),
         pg.config.clone(),
