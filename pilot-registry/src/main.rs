@@ -61,7 +61,12 @@ struct Cli {
     /// Keep nodes, trust statements and certificates in PostgreSQL instead
     /// of the SQLite file in --state-dir: a URL like
     /// postgres://user:password@host:5432/dbname. Its tables are made and
-    /// migrated on start. (The key stays a file in --state-dir.)
+    /// migrated on start. (The key stays a file in --state-dir.) Several
+    /// instances may share one database: give each the same --database and
+    /// --network, a copy of registry.key in its own --state-dir, and its
+    /// own --advertise; they tell each other what concerns their nodes
+    /// (LISTEN/NOTIFY) and relay across, and nodes given all their
+    /// endpoints in the join URL fail over between them.
     #[arg(long, env = "PILOT_REGISTRY_DATABASE", value_name = "URL", value_parser = pilot_registry::storage_pg::parse_url, hide_env_values = true)]
     database: Option<postgres::Config>,
     /// The overlay network addresses are handed out from: part of a private
