@@ -148,7 +148,9 @@ impl Group {
                 queue.push_front((m, op, Some(began)));
             }
             // Fill the window.
-            while flying.len() + shaking.len() < window {
+            // Requests waiting out a "busy" count against the window too: sending
+            // others meanwhile would only meet the same full queue.
+            while flying.len() + shaking.len() + later.len() < window {
                 let Some((m, op, began)) = queue.pop_front() else {
                     break;
                 };

@@ -88,10 +88,10 @@ struct RunArgs {
     #[arg(long, default_value_t = 100.0)]
     relay_mbps: f64,
     /// The database holds this many seeded nodes (`seed`): the lookups
-    /// ask for their addresses instead (phase `seeded-lookups`).
+    /// ask for random ones of them instead (phase `seeded-lookups`).
     #[arg(long, default_value_t = 0)]
     seeded: u64,
-    /// The registry's --network, for the seeded addresses.
+    /// The registry's --network (as `seed` was given).
     #[arg(long, default_value = "10.0.0.0/8")]
     network: Ipv4Net,
     /// Count this process's CPU time under NAME: NAME=PID[,PID...].
@@ -381,27 +381,20 @@ async fn phases(mut run: Run) -> Result<(), String> {
     // seeded database, of seeded addresses all over it).
     let l = run.args.lookups;
     let rounds = s.div_ceil(n).max(1);
-    let (seeded, network) = (run.args.seeded, run.args.network);
+    let seeded = Arc::new(seed::seeded_ids(run.args.seeded, run.args.network));
     let cpu0 = probe::cpu_now(&run.watches);
     let ns = nodes.clone();
     let ops = spread(&groups, n, l, move |g, r| {
-        {
-            if seeded > 0 {
-                let mut x = (g as u64) << 20 | r as u64;
-                let i = seed::splitmix(&mut x) % seeded;
-                match seed::seeded_address(network, i) {
-                    Some(a) => PeerRef::Addr(a),
-                    None => PeerRef::Id(ns[(g + n - 1) % n]),
-                }
-            } else {
-                PeerRef::Id(ns[(g + n - 1 - (r % rounds) % n) % n])
-            }
-        }
-        .into()
+        Op::Lookup(if seeded.is_empty() {
+            PeerRef::Id(ns[(g + n - 1 - (r % rounds) % n) % n])
+        } else {
+            let mut x = ((g as u64) << 20) | r as u64;
+            PeerRef::Id(seeded[(seed::splitmix(&mut x) % seeded.len() as u64) as usize])
+        })
     });
     let (groups, t, secs) = run.phase(groups, ops).await;
     if l > 0 {
-        let name = if seeded > 0 {
+        let name = if run.args.seeded > 0 {
             "seeded-lookups"
         } else {
             "lookups"
@@ -414,12 +407,6 @@ async fn phases(mut run: Run) -> Result<(), String> {
     }
     drop(groups);
     Ok(())
-}
-
-impl From<PeerRef> for Op {
-    fn from(p: PeerRef) -> Op {
-        Op::Lookup(p)
-    }
 }
 
 /// Phase 4: a STUN prober and a relayed stream, quiet for two seconds, then

@@ -6,19 +6,13 @@
 //! stored row's binding when it reads it (it checked it when the node
 //! registered), and a lookup answers with whatever the row holds.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use pilot_proto::identity::NodeId;
-
-/// The `i`-th seeded node's overlay address: hosts .1 to .254 of each /24
-/// of `network`, in order.
-pub fn seeded_address(network: Ipv4Net, i: u64) -> Option<Ipv4Addr> {
-    let host = (i / 254) * 256 + (i % 254) + 1;
-    let size = 1u64 << (32 - network.prefix_len());
-    (host < size).then(|| Ipv4Addr::from(u32::from(network.network()) + host as u32))
-}
+use pilot_registry::pool;
 
 /// splitmix64: cheap, reproducible bytes for throwaway keys.
 pub fn splitmix(x: &mut u64) -> u64 {
@@ -54,6 +48,54 @@ pub enum Format {
 /// The columns written, in order (the others keep their defaults).
 pub const COLUMNS: &str = "node_id, ed_public, static_pub, binding, address, reg_seq, endpoints";
 
+/// The seeded rows, in order: keys from a fixed seed (so the generator can
+/// name the same ids again) and each node's address where the registry's
+/// pool would put it (its first free candidate), so the pool is laid out
+/// as registrations would have left it.
+pub struct Rows {
+    x: u64,
+    network: Ipv4Net,
+    taken: HashSet<Ipv4Addr>,
+    pub ed: [u8; 32],
+    pub st: [u8; 32],
+    pub binding: [u8; 64],
+}
+
+impl Rows {
+    pub fn new(network: Ipv4Net) -> Self {
+        Rows {
+            x: 0x5EED,
+            network,
+            taken: HashSet::new(),
+            ed: [0; 32],
+            st: [0; 32],
+            binding: [0; 64],
+        }
+    }
+
+    /// The next node id (its keys in `ed`, `st`, `binding`).
+    pub fn next_id(&mut self) -> NodeId {
+        self.ed = bytes(&mut self.x);
+        self.st = bytes(&mut self.x);
+        self.binding = bytes(&mut self.x);
+        NodeId::from_ed25519(&self.ed)
+    }
+
+    /// The next row's id and address; `None` when the network is full.
+    fn next_row(&mut self) -> Option<(NodeId, Ipv4Addr)> {
+        let id = self.next_id();
+        let addr = pool::candidates(&id, self.network).find(|a| !self.taken.contains(a))?;
+        self.taken.insert(addr);
+        Some((id, addr))
+    }
+}
+
+/// The first `count` seeded node ids (no addresses: cheap).
+pub fn seeded_ids(count: u64, network: Ipv4Net) -> Vec<NodeId> {
+    let mut rows = Rows::new(network);
+    (0..count).map(|_| rows.next_id()).collect()
+}
+
 /// Writes `count` rows to `out`.
 pub fn write(
     out: &mut impl Write,
@@ -61,20 +103,17 @@ pub fn write(
     network: Ipv4Net,
     format: Format,
 ) -> std::io::Result<()> {
-    let mut x = 0x5EED_u64;
     if let Format::Sqlite = format {
         writeln!(out, "BEGIN;")?;
     }
+    let mut rows = Rows::new(network);
     for i in 0..count {
-        let Some(addr) = seeded_address(network, i) else {
+        let Some((id, addr)) = rows.next_row() else {
             return Err(std::io::Error::other(format!(
                 "{network} holds fewer than {count} addresses; give a wider --network"
             )));
         };
-        let ed: [u8; 32] = bytes(&mut x);
-        let st: [u8; 32] = bytes(&mut x);
-        let binding: [u8; 64] = bytes(&mut x);
-        let id = NodeId::from_ed25519(&ed);
+        let (ed, st, binding) = (rows.ed, rows.st, rows.binding);
         let ep = format!("127.9.{}.{}:4000", (i / 254) % 254 + 1, i % 254 + 1);
         match format {
             Format::Sqlite => {
