@@ -92,7 +92,7 @@ impl Tally {
 }
 
 enum Step {
-    Handshake(Initiator),
+    Handshake(Box<Initiator>),
     Request,
 }
 
@@ -168,7 +168,7 @@ impl Group {
                                 InFlight {
                                     member: m,
                                     op,
-                                    step: Step::Handshake(init),
+                                    step: Step::Handshake(Box::new(init)),
                                     began,
                                     sent: now,
                                 },

@@ -121,7 +121,7 @@ pub fn write(
                     if i > 0 {
                         writeln!(out, ";")?;
                     }
-                    write!(out, "INSERT INTO nodes ({COLUMNS}) VALUES\n")?;
+                    writeln!(out, "INSERT INTO nodes ({COLUMNS}) VALUES")?;
                 } else {
                     writeln!(out, ",")?;
                 }
