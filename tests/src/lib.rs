@@ -5,6 +5,8 @@
 //! ([`RawClient`]), and a UDP proxy that holds back the registry's answers
 //! ([`DelayProxy`]).
 
+pub mod load_report;
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
