@@ -79,6 +79,9 @@ pub struct Sessions {
     conns: HashMap<u32, Conn>,
     online: HashMap<NodeId, u32>,
     by_addr: HashMap<SocketAddr, NodeId>,
+    /// The one address `by_addr` holds for each node, so moving a node
+    /// costs a lookup, not a pass over every node online.
+    addr_of: HashMap<NodeId, SocketAddr>,
     /// Control messages per second per session (0: no limit).
     rate: u32,
     max: usize,
@@ -98,6 +101,7 @@ impl Sessions {
             conns: HashMap::new(),
             online: HashMap::new(),
             by_addr: HashMap::new(),
+            addr_of: HashMap::new(),
             rate,
             max,
         }
@@ -204,11 +208,26 @@ impl Sessions {
         c.node = Some(id);
         c.nat = nat;
         let addr = c.addr;
-        self.by_addr.retain(|_, n| *n != id);
-        self.by_addr.insert(addr, id);
+        self.point(id, addr);
         if let Some(old) = self.online.insert(id, index) {
             if old != index {
                 debug!(%id, "node reconnected");
+            }
+        }
+    }
+
+    /// Node `id` is at `addr` now (and nowhere else).
+    fn point(&mut self, id: NodeId, addr: SocketAddr) {
+        if let Some(old) = self.addr_of.insert(id, addr) {
+            if self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+        }
+        if let Some(other) = self.by_addr.insert(addr, id) {
+            // Another node was last seen at this address: it is not there
+            // any more.
+            if other != id && self.addr_of.get(&other) == Some(&addr) {
+                self.addr_of.remove(&other);
             }
         }
     }
@@ -221,7 +240,11 @@ impl Sessions {
             return false;
         };
         self.conns.remove(&index);
-        self.by_addr.retain(|_, n| n != id);
+        if let Some(addr) = self.addr_of.remove(id) {
+            if self.by_addr.get(&addr) == Some(id) {
+                self.by_addr.remove(&addr);
+            }
+        }
         true
     }
 
@@ -264,8 +287,7 @@ impl Sessions {
         let node = conn.node;
         let roamed = node.filter(|_| moved);
         if let Some(id) = roamed {
-            self.by_addr.retain(|_, n| *n != id);
-            self.by_addr.insert(from, id);
+            self.point(id, from);
         }
         let msg = if n == 0 {
             None // keepalive
@@ -316,6 +338,7 @@ impl Sessions {
         self.online.retain(|_, i| conns.contains_key(i));
         let online = &self.online;
         self.by_addr.retain(|_, n| online.contains_key(n));
+        self.addr_of.retain(|n, _| online.contains_key(n));
     }
 }
 
@@ -469,6 +492,44 @@ pub(crate) mod tests {
             .msg
             .is_none());
         assert_eq!(stats.refused.load(Relaxed), 1);
+    }
+
+    /// Who is at which address, through reconnects, an address that
+    /// passes to another node, and a node leaving for another instance.
+    #[test]
+    fn each_node_is_at_one_address_and_each_address_names_one_node() {
+        let now = Instant::now();
+        let mut s = Sessions::default();
+        let (a, b) = (NodeId([1; 16]), NodeId([2; 16]));
+        for (index, port) in [(1, 1), (2, 2), (3, 3)] {
+            let (reg, _) = pair(index, now);
+            assert!(s.install(reg, [index as u8; 32], addr(port), now));
+        }
+        s.attach(1, a, NatType::None);
+        s.attach(2, b, NatType::None);
+        assert_eq!((s.node_at(&addr(1)), s.node_at(&addr(2))), (Some(a), Some(b)));
+        // a reconnects on a new session at port 3: port 1 is nobody's.
+        s.attach(3, a, NatType::None);
+        assert_eq!(s.node_at(&addr(1)), None);
+        assert_eq!(s.node_at(&addr(3)), Some(a));
+        assert_eq!(s.online(&a).map(|(i, _)| i), Some(3));
+        // b's port is taken over by a new session of a (a NAT reused it):
+        // the address names a only, and b is at no address any more.
+        let (reg, _) = pair(4, now);
+        assert!(s.install(reg, [4; 32], addr(2), now));
+        s.attach(4, a, NatType::None);
+        assert_eq!(s.node_at(&addr(2)), Some(a));
+        assert_eq!(s.node_at(&addr(3)), None);
+        // b comes back at port 5; a leaves for another instance.
+        let (reg, _) = pair(5, now);
+        assert!(s.install(reg, [5; 32], addr(5), now));
+        s.attach(5, b, NatType::None);
+        assert_eq!(s.node_at(&addr(5)), Some(b));
+        assert!(s.detach(&a));
+        assert!(!s.detach(&a), "once");
+        assert_eq!(s.node_at(&addr(2)), None);
+        assert!(s.online(&a).is_none());
+        assert_eq!(s.node_at(&addr(5)), Some(b), "b untouched");
     }
 
     /// A datagram held back by someone on the path and sent from another
