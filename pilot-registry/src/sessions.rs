@@ -507,7 +507,10 @@ pub(crate) mod tests {
         }
         s.attach(1, a, NatType::None);
         s.attach(2, b, NatType::None);
-        assert_eq!((s.node_at(&addr(1)), s.node_at(&addr(2))), (Some(a), Some(b)));
+        assert_eq!(
+            (s.node_at(&addr(1)), s.node_at(&addr(2))),
+            (Some(a), Some(b))
+        );
         // a reconnects on a new session at port 3: port 1 is nobody's.
         s.attach(3, a, NatType::None);
         assert_eq!(s.node_at(&addr(1)), None);
