@@ -335,13 +335,17 @@ impl Relay {
     ) -> Verdict {
         // Online here: its session's address; attached to another
         // instance: that instance, in a frame.
-        let to = match (sessions.online(&dst), self.location(&dst, now)) {
-            (Some((_, c)), _) => Ok(c.addr),
-            (None, Some(Some(instance))) if self.cluster.is_some() => Err(instance),
-            _ => {
-                bump(&stats.relay_refused);
-                return Verdict::Drop;
-            }
+        // (The location map is read only for a recipient not online here:
+        // nothing more per datagram on one instance.)
+        let to = match sessions.online(&dst) {
+            Some((_, c)) => Ok(c.addr),
+            None => match self.location(&dst, now) {
+                Some(Some(instance)) if self.cluster.is_some() => Err(instance),
+                _ => {
+                    bump(&stats.relay_refused);
+                    return Verdict::Drop;
+                }
+            },
         };
         let len = buf.len() as u32;
         if !self.limiter.allow_n(&src, len, now)
