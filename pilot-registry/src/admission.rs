@@ -64,6 +64,7 @@ impl Gate {
         let thread = std::thread::Builder::new()
             .name("registry-admission".into())
             .spawn(move || {
+                crate::priority::background("admission");
                 let rng = ring::rand::SystemRandom::new();
                 let mut last = Timestamps::new(MAX_TIMESTAMPS);
                 while let Ok(w) = waiting.recv() {

@@ -144,6 +144,7 @@ impl Sink {
         let thread = std::thread::Builder::new()
             .name("registry-audit".into())
             .spawn(move || {
+                crate::priority::background("audit");
                 let write = |log: &mut LogFile, t: u64, kind: &str, d: &Value| {
                     if let Err(e) = log.append(&signer, t, kind, d) {
                         warn!("audit entry '{kind}' not written: {e}");

@@ -55,6 +55,7 @@ pub fn spawn(mut open: Opener, unused: u64, every: Duration) -> std::io::Result<
     let thread = std::thread::Builder::new()
         .name("expiry".into())
         .spawn(move || {
+            crate::priority::background("expiry");
             let mut storage: Option<Box<dyn Storage>> = None;
             loop {
                 match stopped.recv_timeout(every) {

@@ -30,6 +30,7 @@
 //! - [`audit`]: the audit log's writer thread and per-minute counts.
 //! - [`cluster`]: several instances on one database: their events
 //!   (LISTEN/NOTIFY) and the relayed datagrams passed between them.
+//! - [`priority`]: the threads beside the socket loop yield to it.
 
 pub mod admission;
 pub mod audit;
@@ -41,6 +42,7 @@ pub mod mailbox;
 pub mod names;
 pub mod operator;
 pub mod pool;
+pub mod priority;
 pub mod registrar;
 pub mod relay;
 pub mod relay_only;

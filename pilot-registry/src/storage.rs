@@ -13,7 +13,7 @@ use std::path::Path;
 
 use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::{NodeId, PublicIdentity};
-use pilot_proto::messages::{self, Signed, Statement};
+use pilot_proto::messages::{self, PeerRef, Signed, Statement};
 use rusqlite::{params, Connection, ErrorCode as SqlErrorCode, OptionalExtension};
 
 /// Storage failed.
@@ -155,6 +155,17 @@ pub enum TokenUse {
     Revoked,
 }
 
+/// A peer found by a lookup ([`Storage::lookup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The peer as stored.
+    pub row: NodeRow,
+    /// The peer approves the asker (so the asker may learn its endpoints).
+    pub approves_me: bool,
+    /// The asker's own stored endpoints (for the peer's punch request).
+    pub my_endpoints: Vec<SocketAddr>,
+}
+
 /// What the registry keeps. One implementation per database; persistence
 /// only, no rules.
 pub trait Storage: Send {
@@ -164,6 +175,26 @@ pub trait Storage: Send {
     fn node_by_address(&self, a: Ipv4Addr) -> Result<Option<NodeRow>, StorageError>;
     /// A node by hostname.
     fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError>;
+    /// A lookup: the peer's row, whether it approves `me`, and `me`'s own
+    /// endpoints. The default asks three questions; a backend answers in
+    /// one read (on PostgreSQL each question is a round trip).
+    fn lookup(&self, peer: &PeerRef, me: &NodeId) -> Result<Option<Found>, StorageError> {
+        let row = match peer {
+            PeerRef::Id(id) => self.node(id)?,
+            PeerRef::Addr(a) => self.node_by_address(*a)?,
+            PeerRef::Name(n) => self.node_by_name(n)?,
+        };
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let approves_me = self.approves(&row.identity.node_id(), me)?;
+        let my_endpoints = self.node(me)?.map(|r| r.endpoints).unwrap_or_default();
+        Ok(Some(Found {
+            row,
+            approves_me,
+            my_endpoints,
+        }))
+    }
     /// True if some node holds the address.
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError>;
     /// Stores a new node. [`StorageError::Conflict`] if its id, address or
@@ -376,6 +407,9 @@ impl<T: Storage + ?Sized> Storage for Box<T> {
     }
     fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
         (**self).node_by_name(name)
+    }
+    fn lookup(&self, peer: &PeerRef, me: &NodeId) -> Result<Option<Found>, StorageError> {
+        (**self).lookup(peer, me)
     }
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {
         (**self).address_taken(a)
@@ -711,11 +745,51 @@ impl SqliteStorage {
         let sql = format!(
             "SELECT ed_public, static_pub, binding, address, hostname, reg_seq, endpoints, reg_digest FROM nodes WHERE {where_}"
         );
+        // Cached: the text is the same for each `where_`, and preparing
+        // costs more than the read itself.
         let raw = self
             .conn
-            .query_row(&sql, [p], Self::row_to_node)
+            .prepare_cached(&sql)?
+            .query_row([p], Self::row_to_node)
             .optional()?;
         raw.map(RawNode::decode).transpose()
+    }
+
+    /// [`Storage::lookup`] in one statement, the peer picked by `where_`
+    /// (on `n`, parameter 1; the asker is parameter 2).
+    fn lookup_where(
+        &self,
+        where_: &str,
+        p: &dyn rusqlite::ToSql,
+        me: &NodeId,
+    ) -> Result<Option<Found>, StorageError> {
+        let sql = format!(
+            "SELECT n.ed_public, n.static_pub, n.binding, n.address, n.hostname, n.reg_seq, n.endpoints, n.reg_digest, \
+             COALESCE((SELECT s.approves FROM statements s WHERE s.from_id = n.node_id AND s.to_id = ?2), 0), \
+             (SELECT m.endpoints FROM nodes m WHERE m.node_id = ?2) \
+             FROM nodes n WHERE {where_}"
+        );
+        let me = me.to_string();
+        let found = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(rusqlite::params![p, me], |r| {
+                Ok((
+                    Self::row_to_node(r)?,
+                    r.get::<_, bool>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                ))
+            })
+            .optional()?;
+        found
+            .map(|(raw, approves_me, mine)| {
+                Ok(Found {
+                    row: raw.decode()?,
+                    approves_me,
+                    my_endpoints: split_endpoints(mine.as_deref().unwrap_or(""))?,
+                })
+            })
+            .transpose()
     }
 }
 
@@ -745,12 +819,7 @@ impl RawNode {
             },
             address: Ipv4Addr::from(self.address),
             hostname: self.hostname,
-            endpoints: self
-                .endpoints
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().map_err(|_| corrupt("endpoints")))
-                .collect::<Result<_, _>>()?,
+            endpoints: split_endpoints(&self.endpoints)?,
             reg_seq: self.reg_seq as u64,
             reg_digest: self
                 .reg_digest
@@ -780,6 +849,19 @@ fn insert_row(conn: &Connection, row: &NodeRow) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// A stored endpoint list (`join_endpoints`) read back.
+pub(crate) fn split_endpoints(s: &str) -> Result<Vec<SocketAddr>, StorageError> {
+    s.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| StorageError::Corrupt {
+                table: "nodes",
+                detail: "endpoints".to_string(),
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn join_endpoints(endpoints: &[SocketAddr]) -> String {
     endpoints
         .iter()
@@ -799,6 +881,14 @@ impl Storage for SqliteStorage {
 
     fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
         self.query_node("hostname = ?1", &name)
+    }
+
+    fn lookup(&self, peer: &PeerRef, me: &NodeId) -> Result<Option<Found>, StorageError> {
+        match peer {
+            PeerRef::Id(id) => self.lookup_where("n.node_id = ?1", &id.to_string(), me),
+            PeerRef::Addr(a) => self.lookup_where("n.address = ?1", &u32::from(*a), me),
+            PeerRef::Name(n) => self.lookup_where("n.hostname = ?1", n, me),
+        }
     }
 
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {

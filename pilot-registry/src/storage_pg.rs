@@ -28,14 +28,15 @@ use std::time::Duration;
 
 use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::NodeId;
-use pilot_proto::messages::{self, Signed, Statement};
+use pilot_proto::messages::{self, PeerRef, Signed, Statement};
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Row, Statement as Prepared};
 use tracing::warn;
 
 use crate::storage::{
-    after_key, join_endpoints, pg_detail, sql_u64, token_refusal, token_row, CertRow, NodeRow,
-    RawNode, RevocationRow, Storage, StorageError, TokenRow, TokenUse, SCHEMA_VERSION,
+    after_key, join_endpoints, pg_detail, split_endpoints, sql_u64, token_refusal, token_row,
+    CertRow, Found, NodeRow, RawNode, RevocationRow, Storage, StorageError, TokenRow, TokenUse,
+    SCHEMA_VERSION,
 };
 
 /// Versioned migrations, as [`crate::storage`]'s for SQLite: entry `i`
@@ -421,6 +422,40 @@ macro_rules! select_node {
     };
 }
 
+/// A lookup in one round trip: the peer (picked by `$where`, parameter 1),
+/// whether it approves the asker (parameter 2), the asker's endpoints.
+macro_rules! lookup_node {
+    ($where:literal) => {
+        concat!(
+            "SELECT n.ed_public, n.static_pub, n.binding, n.address, n.hostname, n.reg_seq, n.endpoints, n.reg_digest, ",
+            "COALESCE((SELECT s.approves FROM statements s WHERE s.from_id = n.node_id AND s.to_id = $2), false), ",
+            "(SELECT m.endpoints FROM nodes m WHERE m.node_id = $2) ",
+            "FROM nodes n WHERE ",
+            $where
+        )
+    };
+}
+
+impl PgStorage {
+    fn query_lookup(
+        &self,
+        sql: &'static str,
+        p: &(dyn postgres::types::ToSql + Sync),
+        me: &NodeId,
+    ) -> Result<Option<Found>, StorageError> {
+        let row = self.conn()?.query_opt(sql, &[p, &me.to_string()])?;
+        row.map(|r| {
+            let mine: Option<String> = r.try_get(9)?;
+            Ok(Found {
+                row: raw_node(&r)?.decode()?,
+                approves_me: r.try_get(8)?,
+                my_endpoints: split_endpoints(mine.as_deref().unwrap_or(""))?,
+            })
+        })
+        .transpose()
+    }
+}
+
 impl Storage for PgStorage {
     fn node(&self, id: &NodeId) -> Result<Option<NodeRow>, StorageError> {
         self.query_node(select_node!("node_id = $1"), &id.to_string())
@@ -432,6 +467,20 @@ impl Storage for PgStorage {
 
     fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>, StorageError> {
         self.query_node(select_node!("hostname = $1"), &name)
+    }
+
+    fn lookup(&self, peer: &PeerRef, me: &NodeId) -> Result<Option<Found>, StorageError> {
+        match peer {
+            PeerRef::Id(id) => {
+                self.query_lookup(lookup_node!("n.node_id = $1"), &id.to_string(), me)
+            }
+            PeerRef::Addr(a) => self.query_lookup(
+                lookup_node!("n.address = $1"),
+                &i64::from(u32::from(*a)),
+                me,
+            ),
+            PeerRef::Name(n) => self.query_lookup(lookup_node!("n.hostname = $1"), n, me),
+        }
     }
 
     fn address_taken(&self, a: Ipv4Addr) -> Result<bool, StorageError> {

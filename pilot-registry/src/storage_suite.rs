@@ -19,12 +19,12 @@ use std::sync::Once;
 
 use pilot_proto::cert::{OwnerPublic, Tag};
 use pilot_proto::identity::{Identity, NodeId};
-use pilot_proto::messages::{Signed, Statement, StatementKind};
+use pilot_proto::messages::{PeerRef, Signed, Statement, StatementKind};
 
 use crate::registrar::{self, RegisterOutcome};
 use crate::storage::{
-    CertRow, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, TokenRow, TokenUse,
-    SCHEMA_VERSION,
+    CertRow, Found, NodeRow, RevocationRow, SqliteStorage, Storage, StorageError, TokenRow,
+    TokenUse, SCHEMA_VERSION,
 };
 use crate::storage_pg::PgStorage;
 
@@ -175,6 +175,7 @@ macro_rules! suite {
 suite!(
     nodes_survive_a_reopen_and_are_found_three_ways,
     nodes_are_listed_by_address_up_to_the_limit,
+    a_lookup_answers_in_one_read_what_three_questions_would,
     unique_id_address_and_hostname_are_conflicts,
     update_keeps_the_address_and_replaces_the_rest,
     statements_are_stored_per_pair_and_queued,
@@ -354,6 +355,82 @@ fn nodes_survive_a_reopen_and_are_found_three_ways(b: &dyn Backend) {
         s.node_by_address(Ipv4Addr::new(10, 77, 0, 7)).unwrap(),
         None
     );
+}
+
+/// What [`Storage::lookup`] must answer: the peer's row, its approval of
+/// the asker, the asker's endpoints, asked one at a time.
+fn three_questions(s: &dyn Storage, peer: &PeerRef, me: &NodeId) -> Option<Found> {
+    let row = match peer {
+        PeerRef::Id(id) => s.node(id).unwrap(),
+        PeerRef::Addr(a) => s.node_by_address(*a).unwrap(),
+        PeerRef::Name(n) => s.node_by_name(n).unwrap(),
+    }?;
+    Some(Found {
+        approves_me: s.approves(&row.identity.node_id(), me).unwrap(),
+        my_endpoints: s.node(me).unwrap().map(|r| r.endpoints).unwrap_or_default(),
+        row,
+    })
+}
+
+fn a_lookup_answers_in_one_read_what_three_questions_would(b: &dyn Backend) {
+    let mut s = b.open();
+    s.insert_node(&row(1, 5, Some("alpha"))).unwrap();
+    let mut quiet = row(2, 6, None);
+    quiet.endpoints = vec!["198.51.100.7:7000".parse().unwrap()];
+    s.insert_node(&quiet).unwrap();
+    let mut none = row(4, 8, Some("delta"));
+    none.endpoints.clear();
+    s.insert_node(&none).unwrap();
+    let (one, two) = (id(1).node_id(), id(2).node_id());
+    let alpha = [
+        PeerRef::Id(one),
+        PeerRef::Addr(Ipv4Addr::new(10, 77, 0, 5)),
+        PeerRef::Name("alpha".into()),
+    ];
+    let check = |s: &dyn Storage, peer: &PeerRef, me: &NodeId| {
+        let got = s.lookup(peer, me).unwrap();
+        assert_eq!(got, three_questions(s, peer, me), "{peer:?} asked by {me}");
+        got
+    };
+    // No statement yet: found, not approved; the asker's endpoints come along.
+    for p in &alpha {
+        let f = check(&*s, p, &two).expect("alpha is stored");
+        assert_eq!(f.row, row(1, 5, Some("alpha")));
+        assert!(!f.approves_me);
+        assert_eq!(f.my_endpoints, quiet.endpoints);
+    }
+    s.put_statement(&statement(&id(1), &id(2), StatementKind::Approve, 3))
+        .unwrap();
+    for p in &alpha {
+        assert!(check(&*s, p, &two).unwrap().approves_me, "{p:?}");
+        // The approval is of node 2 only, and one way.
+        assert!(!check(&*s, p, &id(4).node_id()).unwrap().approves_me);
+    }
+    assert!(!check(&*s, &PeerRef::Id(two), &one).unwrap().approves_me);
+    // An asker with no endpoints, and one not stored at all.
+    assert_eq!(
+        check(&*s, &alpha[0], &id(4).node_id())
+            .unwrap()
+            .my_endpoints,
+        vec![]
+    );
+    assert_eq!(
+        check(&*s, &alpha[2], &id(9).node_id())
+            .unwrap()
+            .my_endpoints,
+        vec![]
+    );
+    s.put_statement(&statement(&id(1), &id(2), StatementKind::Revoke, 4))
+        .unwrap();
+    assert!(!check(&*s, &alpha[1], &two).unwrap().approves_me);
+    // Nobody there.
+    for p in [
+        PeerRef::Id(id(9).node_id()),
+        PeerRef::Addr(Ipv4Addr::new(10, 77, 0, 9)),
+        PeerRef::Name("nobody".into()),
+    ] {
+        assert_eq!(check(&*s, &p, &two), None);
+    }
 }
 
 fn nodes_are_listed_by_address_up_to_the_limit(b: &dyn Backend) {

@@ -196,16 +196,7 @@ impl Job {
     }
 }
 
-/// A peer found by a lookup.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Found {
-    /// The peer as stored.
-    pub row: NodeRow,
-    /// The peer approves the asker (so the asker may learn its endpoints).
-    pub approves_me: bool,
-    /// The asker's own stored endpoints (for the peer's punch request).
-    pub my_endpoints: Vec<SocketAddr>,
-}
+pub use crate::storage::Found;
 
 /// A finished job, committed.
 #[derive(Debug)]
@@ -384,7 +375,7 @@ pub fn run_with(
             },
         },
         Job::Lookup { ticket, peer, me } => {
-            let found = lookup(s, &peer, &me);
+            let found = s.lookup(&peer, &me);
             Done::Looked {
                 ticket,
                 me,
@@ -515,24 +506,6 @@ pub fn run_with(
     })
 }
 
-fn lookup(s: &mut dyn Storage, peer: &PeerRef, me: &NodeId) -> Result<Option<Found>, StorageError> {
-    let row = match peer {
-        PeerRef::Id(id) => s.node(id)?,
-        PeerRef::Addr(a) => s.node_by_address(*a)?,
-        PeerRef::Name(n) => s.node_by_name(n)?,
-    };
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let approves_me = s.approves(&row.identity.node_id(), me)?;
-    let my_endpoints = s.node(me)?.map(|r| r.endpoints).unwrap_or_default();
-    Ok(Some(Found {
-        row,
-        approves_me,
-        my_endpoints,
-    }))
-}
-
 /// The storage queue is full: nothing was queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the storage queue is full")]
@@ -581,6 +554,7 @@ impl Store {
         let thread = std::thread::Builder::new()
             .name("registry-storage".into())
             .spawn(move || {
+                crate::priority::background("storage");
                 while let Ok(job) = queue.recv() {
                     let (kind, started) = (job.kind(), Instant::now());
                     let done = run_with(&mut storage, network, &mut joining, job);
