@@ -41,6 +41,7 @@ fn verify_to(m: &ToRegistry) -> Vec<bool> {
             .is_ok_and(|s| s.verify().is_ok())],
         ToRegistry::Lookup { .. }
         | ToRegistry::Ack { .. }
+        | ToRegistry::PathConfirm { .. }
         | ToRegistry::Ping { .. }
         | ToRegistry::FindCerts { .. }
         | ToRegistry::FindRevocations { .. } => vec![],

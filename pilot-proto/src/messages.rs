@@ -467,6 +467,12 @@ pub enum ToRegistry {
         /// The join token.
         token: [u8; 16],
     },
+    /// The answer to [`FromRegistry::PathCheck`], sent from where the
+    /// check arrived. Not answered. Added last, as `RegisterWithToken`.
+    PathConfirm {
+        /// The check's token.
+        token: u64,
+    },
 }
 
 /// Why the registry refused a request.
@@ -585,6 +591,17 @@ pub enum FromRegistry {
     Revoked {
         /// The revocation, unverified.
         revocation: Vec<u8>,
+    },
+    /// A return-routability check: the registry heard the node's newest
+    /// datagram from this address and moves the node there (its pushes,
+    /// its relayed traffic) only once the node answers `PathConfirm` with
+    /// the token from that address. Also sent once on each new session: a
+    /// node that answers it is held to the check from then on (a node
+    /// that predates it ignores the message, and moves as before). Added
+    /// last, so the variants above keep their wire encoding.
+    PathCheck {
+        /// Echoed in `PathConfirm`.
+        token: u64,
     },
 }
 

@@ -71,7 +71,7 @@ impl RelayOnly {
                 ErrorCode::Invalid,
                 "this instance only relays; ask the registry",
             ),
-            ToRegistry::Ack { .. } => return vec![],
+            ToRegistry::Ack { .. } | ToRegistry::PathConfirm { .. } => return vec![],
         };
         vec![Reply { to: index, msg }]
     }

@@ -208,6 +208,8 @@ impl Rendezvous {
                 error(req, ErrorCode::NotRegistered, "register first"),
             ),
             (ToRegistry::Ack { .. }, None) => vec![],
+            // Answered on opening (`Sessions::open`); never gets here.
+            (ToRegistry::PathConfirm { .. }, _) => vec![],
             // Everything about certificates and revocations is checked on
             // the storage thread (signatures are not checked on this loop).
             (ToRegistry::PublishCert { req, cert }, Some(me)) => {

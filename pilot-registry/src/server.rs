@@ -165,6 +165,9 @@ struct Core {
     ticks: u32,
     /// This instance, when several share the database.
     cluster: Option<Cluster>,
+    /// A path check a datagram asked for (sealed, with where it goes),
+    /// sent before the datagram's own answer.
+    check: Option<(Vec<u8>, SocketAddr)>,
 }
 
 impl<S: Storage + 'static> Registry<S> {
@@ -313,6 +316,7 @@ impl<S: Storage + 'static> Registry<S> {
             view,
             ticks: 0,
             cluster,
+            check: None,
         };
         let tcp_task = tcp.as_ref().map(|t| t.task.abort_handle());
         let result = serve(
@@ -473,7 +477,7 @@ fn request_id(msg: &ToRegistry) -> Option<u32> {
         | ToRegistry::PublishRevocation { req, .. }
         | ToRegistry::FindRevocations { req, .. }
         | ToRegistry::Succeed { req, .. } => Some(*req),
-        ToRegistry::Ack { .. } => None,
+        ToRegistry::Ack { .. } | ToRegistry::PathConfirm { .. } => None,
     }
 }
 
@@ -566,7 +570,11 @@ impl Core {
     ) {
         for range in batch::datagrams(buf.len(), stride) {
             let (start, end) = (range.start, range.end);
-            match self.on_datagram(&mut buf[range], from, now) {
+            let action = self.on_datagram(&mut buf[range], from, now);
+            if let Some((bytes, to)) = self.check.take() {
+                plan.steps.push(Step::Owned(bytes, to));
+            }
+            match action {
                 Action::Send(to) => plan.forward(index, to, start, end),
                 Action::SendTail(skip, to) => plan.forward(index, to, start + skip, end),
                 Action::SendOwned(bytes, to) => plan.steps.push(Step::Owned(bytes, to)),
@@ -659,6 +667,12 @@ impl Core {
                 let Some(opened) = self.sessions.open(buf, from, now, &self.stats) else {
                     return Action::Nothing;
                 };
+                if let Some((to, token)) = opened.check {
+                    let mut sealed = Vec::with_capacity(64);
+                    if self.sessions.seal_check(opened.index, token, &mut sealed) {
+                        self.check = Some((sealed, to));
+                    }
+                }
                 if let Some(id) = opened.roamed {
                     // Where a node is matters to peers looking it up; a full
                     // queue loses this update until the node's next roam or
@@ -951,6 +965,7 @@ mod tests {
             view: Arc::new(View::new(network, vec![], false, None)),
             ticks: 0,
             cluster: None,
+            check: None,
         };
         let addrs = [
             SocketAddr::from(([203, 0, 113, 7], 5001)),

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pilot_proto::frame;
 use pilot_proto::identity::NodeId;
@@ -29,6 +29,19 @@ pub const DEFAULT_CONTROL_RATE: u32 = 50;
 /// and sessions expire after [`REJECT_AFTER`] without traffic. At the cap
 /// a new handshake goes unanswered (its node retries) until one expires.
 pub const MAX_SESSIONS: usize = 1 << 18;
+
+/// How long a path check waits for its answer before a newer datagram
+/// from the same address sends it again (it or its answer was lost).
+pub const CHECK_AGAIN_AFTER: Duration = Duration::from_millis(500);
+
+/// A return-routability check on its way: the node moves to `addr` once
+/// it answers `token` from there.
+#[derive(Clone, Copy, Debug)]
+struct PathCheck {
+    addr: SocketAddr,
+    token: u64,
+    sent: Instant,
+}
 
 /// A control message for the node on session `to`: what every role hands
 /// the socket loop instead of sending it itself.
@@ -59,6 +72,13 @@ pub struct Conn {
     /// The highest packet counter authenticated on it: only a datagram
     /// above it may move the session to a new address.
     newest: Option<u64>,
+    /// The node answered a path check on this session: it moves only to
+    /// an address it showed it receives at. A node that predates the
+    /// checks never answers one and moves with its newest datagram.
+    pub checks_paths: bool,
+    /// The check waiting for its answer (the first is sent with the
+    /// session's first datagram, to learn whether the node answers).
+    check: Option<PathCheck>,
 }
 
 /// An authenticated datagram on a session.
@@ -72,6 +92,9 @@ pub struct Opened {
     /// The node, if the session belongs to one and it moved to a new
     /// endpoint with this datagram (roaming).
     pub roamed: Option<NodeId>,
+    /// A path check to send, sealed on this session
+    /// ([`Sessions::seal_check`]): to this address, with this token.
+    pub check: Option<(SocketAddr, u64)>,
 }
 
 /// Every control session, by index, node and address.
@@ -85,6 +108,8 @@ pub struct Sessions {
     /// Control messages per second per session (0: no limit).
     rate: u32,
     max: usize,
+    /// The next path check's token (sealed: nobody else reads it).
+    tokens: u64,
 }
 
 impl Default for Sessions {
@@ -104,6 +129,7 @@ impl Sessions {
             addr_of: HashMap::new(),
             rate,
             max,
+            tokens: 1,
         }
     }
 
@@ -154,6 +180,8 @@ impl Sessions {
                 nat: NatType::Unknown,
                 budget: (2.0 * f64::from(self.rate), now),
                 newest: None,
+                checks_paths: false,
+                check: None,
             },
         );
         true
@@ -280,16 +308,7 @@ impl Sessions {
         if newest {
             conn.newest = Some(h.counter);
         }
-        let moved = newest && conn.addr != from;
-        if moved {
-            conn.addr = from;
-        }
-        let node = conn.node;
-        let roamed = node.filter(|_| moved);
-        if let Some(id) = roamed {
-            self.point(id, from);
-        }
-        let msg = if n == 0 {
+        let mut msg = if n == 0 {
             None // keepalive
         } else {
             match messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + n]) {
@@ -304,11 +323,84 @@ impl Sessions {
                 }
             }
         };
+        // And a node that answers path checks moves only once it answered
+        // one from the new address: someone who rewrites the source of
+        // one of its datagrams (on the path) cannot point its traffic at
+        // a third host that never asked for it.
+        let mut moved = false;
+        let mut check = None;
+        if let Some(ToRegistry::PathConfirm { token }) = msg {
+            msg = None; // answered here
+            match conn.check {
+                Some(c) if c.token == token && c.addr == from => {
+                    conn.check = None;
+                    conn.checks_paths = true;
+                    moved = conn.addr != from;
+                }
+                _ => bump(&stats.refused),
+            }
+        } else if newest && conn.addr != from {
+            if conn.checks_paths {
+                let token = match conn.check {
+                    // Asked already: again only if the answer is late.
+                    Some(c) if c.addr == from => (now.saturating_duration_since(c.sent)
+                        >= CHECK_AGAIN_AFTER)
+                        .then_some(c.token),
+                    _ => {
+                        self.tokens += 1;
+                        Some(self.tokens)
+                    }
+                };
+                if let Some(token) = token {
+                    conn.check = Some(PathCheck {
+                        addr: from,
+                        token,
+                        sent: now,
+                    });
+                    check = Some((from, token));
+                }
+            } else {
+                moved = true;
+            }
+        }
+        if moved {
+            conn.addr = from;
+        }
+        // The first datagram of a session asks whether the node answers
+        // path checks (at the address the handshake came from).
+        if !conn.checks_paths && conn.check.is_none() {
+            self.tokens += 1;
+            conn.check = Some(PathCheck {
+                addr: conn.addr,
+                token: self.tokens,
+                sent: now,
+            });
+            check = Some((conn.addr, self.tokens));
+        }
+        let node = conn.node;
+        let roamed = node.filter(|_| moved);
+        if let Some(id) = roamed {
+            self.point(id, from);
+        }
         Some(Opened {
             index: h.receiver_index,
             msg,
             roamed,
+            check,
         })
+    }
+
+    /// Seals a path check (`Opened::check`) on session `index` into `out`
+    /// (cleared first); false if the session is gone.
+    pub fn seal_check(&self, index: u32, token: u64, out: &mut Vec<u8>) -> bool {
+        let Some(conn) = self.conns.get(&index) else {
+            return false;
+        };
+        let Ok(bytes) = messages::encode(&FromRegistry::PathCheck { token }) else {
+            return false;
+        };
+        out.clear();
+        frame::push_sealed(out, &conn.session.sender, None, &bytes).is_ok()
     }
 
     /// Seals a reply into `out` (cleared first) and says where it goes;
@@ -387,6 +479,126 @@ pub(crate) mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([198, 51, 100, 1], port))
+    }
+
+    /// What the node reads of a path check the registry sealed for it.
+    fn check_token(s: &Sessions, index: u32, token: u64, node: &Session) -> u64 {
+        let mut out = vec![];
+        assert!(s.seal_check(index, token, &mut out));
+        let n = node.open(&mut out).expect("the node opens the check");
+        match messages::decode(&out[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).unwrap() {
+            FromRegistry::PathCheck { token } => token,
+            other => panic!("not a path check: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_that_answers_path_checks_moves_only_once_it_answered_from_there() {
+        let now = Instant::now();
+        let stats = Stats::default();
+        let mut s = Sessions::default();
+        let (reg, node) = pair(6, now);
+        assert!(s.install(reg, [1; 32], addr(1), now));
+        // The session's first datagram asks whether the node answers checks.
+        let o = s
+            .open(
+                &mut sealed(&node, &ToRegistry::Ping { req: 1 }),
+                addr(1),
+                now,
+                &stats,
+            )
+            .unwrap();
+        let (to, t1) = o.check.expect("a check with the first datagram");
+        assert_eq!(to, addr(1));
+        assert!(!s.get(6).unwrap().checks_paths);
+        let t1 = check_token(&s, 6, t1, &node);
+        let confirm = |t| sealed(&node, &ToRegistry::PathConfirm { token: t });
+        let o = s.open(&mut confirm(t1), addr(1), now, &stats).unwrap();
+        assert_eq!(
+            (o.msg, o.roamed, o.check),
+            (None, None, None),
+            "answered here"
+        );
+        assert!(s.get(6).unwrap().checks_paths);
+        let id = NodeId([8; 16]);
+        s.attach(6, id, NatType::None);
+
+        // Its newest datagram from elsewhere (a new NAT mapping, or a
+        // source rewritten on the path): a check goes there, nothing moves.
+        let o = s
+            .open(
+                &mut sealed(&node, &ToRegistry::Ping { req: 2 }),
+                addr(9),
+                now,
+                &stats,
+            )
+            .unwrap();
+        assert_eq!(o.msg, Some(ToRegistry::Ping { req: 2 }), "still read");
+        assert_eq!(o.roamed, None);
+        let (to, t2) = o.check.expect("a check to the new address");
+        assert_eq!(to, addr(9));
+        assert_ne!(t2, t1);
+        assert_eq!(s.node_at(&addr(1)), Some(id));
+        assert_eq!(
+            s.node_at(&addr(9)),
+            None,
+            "relayed datagrams from there are refused"
+        );
+        let mut out = vec![];
+        let reply = Reply {
+            to: 6,
+            msg: FromRegistry::Ok { req: 2 },
+        };
+        assert_eq!(
+            s.seal(&reply, &mut out),
+            Some(addr(1)),
+            "answers go where it was"
+        );
+        // More from there: asked once, again only when the answer is late.
+        let o = s.open(&mut confirm(99), addr(9), now, &stats).unwrap();
+        assert_eq!(
+            (o.roamed, o.check),
+            (None, None),
+            "a wrong token moves nothing"
+        );
+        let mut k = vec![];
+        frame::push_sealed(&mut k, &node.sender, None, &[]).unwrap();
+        assert_eq!(s.open(&mut k, addr(9), now, &stats).unwrap().check, None);
+        let later = now + CHECK_AGAIN_AFTER;
+        let mut k = vec![];
+        frame::push_sealed(&mut k, &node.sender, None, &[]).unwrap();
+        assert_eq!(
+            s.open(&mut k, addr(9), later, &stats).unwrap().check,
+            Some((addr(9), t2))
+        );
+        // The right token from another address moves nothing either.
+        let o = s.open(&mut confirm(t2), addr(3), later, &stats).unwrap();
+        assert_eq!(o.roamed, None);
+        assert_eq!(s.node_at(&addr(1)), Some(id));
+
+        // The node at addr(2) for real: checked, answered from there, moved.
+        let o = s
+            .open(
+                &mut sealed(&node, &ToRegistry::Ping { req: 3 }),
+                addr(2),
+                later,
+                &stats,
+            )
+            .unwrap();
+        let (to, t3) = o.check.unwrap();
+        assert_eq!(to, addr(2));
+        let t3 = check_token(&s, 6, t3, &node);
+        let mut answer = confirm(t3);
+        let copy = answer.clone();
+        let o = s.open(&mut answer, addr(2), later, &stats).unwrap();
+        assert_eq!((o.msg, o.roamed), (None, Some(id)));
+        assert_eq!(s.node_at(&addr(2)), Some(id));
+        assert_eq!(s.node_at(&addr(1)), None);
+        assert_eq!(s.seal(&reply, &mut out), Some(addr(2)));
+        // A captured answer replayed from elsewhere is refused by the
+        // session's replay window.
+        assert!(s.open(&mut copy.clone(), addr(4), later, &stats).is_none());
+        assert_eq!(s.node_at(&addr(2)), Some(id));
     }
 
     #[test]

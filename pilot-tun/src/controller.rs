@@ -293,10 +293,18 @@ impl<T: Tun> Controller<T> {
                 Kind::Data => {
                     let index = wire::DataHeader::parse(&buf).map(|h| h.receiver_index).ok();
                     let relay = ctx.relay_link.read().clone();
-                    let msg = match (index, relay) {
-                        (Some(i), Some(r)) if r.session_index_is(i) => r.on_data(&mut buf),
-                        _ => ctx.link.on_data(&mut buf),
+                    let link = match (index, &relay) {
+                        (Some(i), Some(r)) if r.session_index_is(i) => &**r,
+                        _ => &ctx.link,
                     };
+                    let msg = link.on_data(&mut buf);
+                    if let Some(FromRegistry::PathCheck { token }) = msg {
+                        // The registry asks whether we receive here: answer
+                        // from this socket (it moves us only then).
+                        link.send(&ctx.shared.udp, &ToRegistry::PathConfirm { token })
+                            .await;
+                        return Effects::default();
+                    }
                     match msg {
                         Some(msg) => self.on_registry_message(msg).await,
                         None => Effects::default(),

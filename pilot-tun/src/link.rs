@@ -361,7 +361,8 @@ impl RegistryLink {
             | FromRegistry::Revocations { req, .. } => Some(*req),
             FromRegistry::Push { .. }
             | FromRegistry::Punch { .. }
-            | FromRegistry::Revoked { .. } => None,
+            | FromRegistry::Revoked { .. }
+            | FromRegistry::PathCheck { .. } => None,
         };
         match req {
             Some(r) => {

@@ -10,6 +10,7 @@ pub mod load_report;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use pilot_proto::messages::{
     self, FromRegistry, NatType, Registration, Signed, Statement, ToRegistry,
 };
 use pilot_proto::session::{CipherSuite, Session};
-use pilot_proto::wire::{self, DATA_HEADER_LEN, TAG_LEN};
+use pilot_proto::wire::{self, Kind, DATA_HEADER_LEN, TAG_LEN};
 use pilot_registry::storage::{CertRow, NodeRow, RevocationRow, StorageError};
 use pilot_registry::{Config, Limits, PgStorage, Registry, SqliteStorage, Storage};
 use pilot_tun::api::{
@@ -645,6 +646,9 @@ pub struct RawClient {
     registry: SocketAddr,
     session: Session,
     next_req: u32,
+    /// Answers the registry's path checks, as nodes do (false: as a node
+    /// from before them).
+    answers_checks: bool,
 }
 
 impl RawClient {
@@ -665,6 +669,31 @@ impl RawClient {
         join: JoinUrl,
         identity: &Identity,
         hostname: &str,
+    ) -> (Self, FromRegistry) {
+        Self::try_register_as(join, identity, hostname, true).await
+    }
+
+    /// [`register`](Self::register) as a node from before path checks: it
+    /// never answers one (so the registry moves it with its newest
+    /// datagram, as it always did).
+    pub async fn register_without_checks(
+        join: JoinUrl,
+        identity: &Identity,
+        hostname: &str,
+    ) -> Self {
+        let (c, answer) = Self::try_register_as(join, identity, hostname, false).await;
+        assert!(
+            matches!(answer, FromRegistry::Registered { .. }),
+            "{answer:?}"
+        );
+        c
+    }
+
+    async fn try_register_as(
+        join: JoinUrl,
+        identity: &Identity,
+        hostname: &str,
+        answers_checks: bool,
     ) -> (Self, FromRegistry) {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let ts = std::time::SystemTime::now()
@@ -695,6 +724,7 @@ impl RawClient {
             registry: join.first(),
             session,
             next_req: 1,
+            answers_checks,
         };
         let reg = Signed::sign(
             Registration {
@@ -710,15 +740,61 @@ impl RawClient {
         (c, answer)
     }
 
+    /// A control message sealed on the session, as the client would send
+    /// it (a test may send it from elsewhere: a source rewritten on the
+    /// path).
+    pub fn sealed(&self, msg: &ToRegistry) -> Vec<u8> {
+        let bytes = messages::encode(msg).unwrap();
+        let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
+        out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(&bytes);
+        let n = self.session.sender.seal(&mut out, bytes.len()).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    /// Sends a message and waits for nothing.
+    pub async fn send(&self, msg: &ToRegistry) {
+        self.sock
+            .send_to(&self.sealed(msg), self.registry)
+            .await
+            .unwrap();
+    }
+
+    /// Opens a datagram sealed for this client (one a test caught
+    /// elsewhere); `None` if it is not one.
+    pub fn open(&self, datagram: &mut [u8]) -> Option<FromRegistry> {
+        let n = self.session.open(datagram).ok()?;
+        messages::decode(&datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + n]).ok()
+    }
+
+    /// Moves to a new socket (a NAT that gave the client a new mapping);
+    /// the old one is closed.
+    pub async fn rebind(&mut self) {
+        self.sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    }
+
+    /// Where the client sends from.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    /// Answers a path check if the client answers them; true if `msg` was
+    /// one (it is nobody's answer).
+    async fn on_check(&self, msg: &FromRegistry) -> bool {
+        let FromRegistry::PathCheck { token } = *msg else {
+            return false;
+        };
+        if self.answers_checks {
+            self.send(&ToRegistry::PathConfirm { token }).await;
+        }
+        true
+    }
+
     /// Sends a request and returns the registry's answer to it.
     pub async fn call(&mut self, make: impl FnOnce(u32) -> ToRegistry) -> FromRegistry {
         let req = self.next_req;
         self.next_req += 1;
-        let bytes = messages::encode(&make(req)).unwrap();
-        let mut out = vec![0u8; DATA_HEADER_LEN + bytes.len() + TAG_LEN];
-        out[DATA_HEADER_LEN..DATA_HEADER_LEN + bytes.len()].copy_from_slice(&bytes);
-        let n = self.session.sender.seal(&mut out, bytes.len()).unwrap();
-        self.sock.send_to(&out[..n], self.registry).await.unwrap();
+        self.send(&make(req)).await;
         let mut buf = vec![0u8; 2048];
         loop {
             let n = tokio::time::timeout(Duration::from_secs(3), self.sock.recv(&mut buf))
@@ -730,6 +806,9 @@ impl RawClient {
             };
             let msg: FromRegistry =
                 messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain]).unwrap();
+            if self.on_check(&msg).await {
+                continue;
+            }
             match &msg {
                 FromRegistry::Ok { req: r }
                 | FromRegistry::Error { req: r, .. }
@@ -761,6 +840,9 @@ impl RawClient {
             };
             let msg: FromRegistry =
                 messages::decode(&buf[DATA_HEADER_LEN..DATA_HEADER_LEN + plain]).ok()?;
+            if self.on_check(&msg).await {
+                continue;
+            }
             if let FromRegistry::Push { .. }
             | FromRegistry::Punch { .. }
             | FromRegistry::Revoked { .. } = msg
@@ -865,6 +947,136 @@ impl DelayProxy {
 impl Drop for DelayProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A UDP proxy in front of a registry for one node, as its NAT: the node
+/// uses [`NatProxy::addr`] as the registry's address, and the registry
+/// sees the proxy's outside socket. [`NatProxy::rebind`] gives the node a
+/// new mapping (a new outside socket; the old one closes), and
+/// [`NatProxy::rewrite_next`] plays an attacker on the path: the node's
+/// next control datagram reaches the registry from a third socket instead
+/// (the original is dropped), and what comes back there is only counted.
+pub struct NatProxy {
+    /// The address the node sends to.
+    pub addr: SocketAddr,
+    nat: Arc<Nat>,
+    task: tokio::task::JoinHandle<()>,
+    attacker: tokio::task::JoinHandle<()>,
+}
+
+struct Nat {
+    front: Arc<tokio::net::UdpSocket>,
+    node: Mutex<Option<SocketAddr>>,
+    outside: Mutex<(
+        Arc<tokio::net::UdpSocket>,
+        Option<tokio::task::JoinHandle<()>>,
+    )>,
+    attacker: Arc<tokio::net::UdpSocket>,
+    rewrite: std::sync::atomic::AtomicBool,
+    caught: std::sync::atomic::AtomicUsize,
+}
+
+impl Nat {
+    /// A new outside socket, whose datagrams go back to the node.
+    async fn map(self: &Arc<Self>) {
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let (nat, inside) = (self.clone(), sock.clone());
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, _)) = inside.recv_from(&mut buf).await {
+                let to = *nat.node.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = nat.front.send_to(&buf[..len], to).await;
+                }
+            }
+        });
+        let old = std::mem::replace(&mut *self.outside.lock().unwrap(), (sock, Some(reader)));
+        if let Some(t) = old.1 {
+            t.abort();
+        }
+    }
+}
+
+impl NatProxy {
+    /// A proxy to the registry at `registry`.
+    pub async fn start(registry: SocketAddr) -> Self {
+        let bind = || async { Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()) };
+        let (front, first, attacker) = (bind().await, bind().await, bind().await);
+        let nat = Arc::new(Nat {
+            front: front.clone(),
+            node: Mutex::new(None),
+            outside: Mutex::new((first, None)),
+            attacker: attacker.clone(),
+            rewrite: false.into(),
+            caught: 0.into(),
+        });
+        nat.map().await;
+        let addr = front.local_addr().unwrap();
+        let n = nat.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, from)) = front.recv_from(&mut buf).await {
+                *n.node.lock().unwrap() = Some(from);
+                let data = matches!(wire::classify(&buf[..len]), Kind::Data);
+                let out = if data && n.rewrite.swap(false, Ordering::SeqCst) {
+                    n.attacker.clone()
+                } else {
+                    n.outside.lock().unwrap().0.clone()
+                };
+                let _ = out.send_to(&buf[..len], registry).await;
+            }
+        });
+        let n = nat.clone();
+        let attacker = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while n.attacker.recv_from(&mut buf).await.is_ok() {
+                n.caught.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        NatProxy {
+            addr,
+            nat,
+            task,
+            attacker,
+        }
+    }
+
+    /// Where the registry sees the node now.
+    pub fn outside(&self) -> SocketAddr {
+        self.nat.outside.lock().unwrap().0.local_addr().unwrap()
+    }
+
+    /// A new mapping: from now on the node's datagrams leave from a new
+    /// socket, and the old one is closed.
+    pub async fn rebind(&self) {
+        self.nat.map().await;
+    }
+
+    /// The node's next control datagram (a data-type datagram on its
+    /// session) leaves from the attacker's socket; the original is dropped.
+    pub fn rewrite_next(&self) {
+        self.nat.rewrite.store(true, Ordering::SeqCst);
+    }
+
+    /// True while the next control datagram is still to be rewritten.
+    pub fn rewrite_pending(&self) -> bool {
+        self.nat.rewrite.load(Ordering::SeqCst)
+    }
+
+    /// Datagrams the registry sent to the attacker's socket.
+    pub fn caught(&self) -> usize {
+        self.nat.caught.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for NatProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.attacker.abort();
+        if let Some(t) = self.nat.outside.lock().unwrap().1.take() {
+            t.abort();
+        }
     }
 }
 
