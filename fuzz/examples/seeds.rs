@@ -263,6 +263,7 @@ fn main() {
         ),
         ("ack", ToRegistry::Ack { push: 300 }),
         ("ping", ToRegistry::Ping { req: 70000 }),
+        ("path-confirm", ToRegistry::PathConfirm { token: 300 }),
     ];
     for (name, m) in to {
         out.put(
@@ -332,6 +333,7 @@ fn main() {
                 observed: v6,
             },
         ),
+        ("path-check", FromRegistry::PathCheck { token: 300 }),
     ];
     for (name, m) in from {
         out.put(

@@ -739,6 +739,22 @@ mod tests {
     }
 
     #[test]
+    fn path_checks_are_added_last_so_older_variants_keep_their_bytes() {
+        // Variant 10 of `FromRegistry` (after `Revoked`) and 11 of
+        // `ToRegistry` (after `RegisterWithToken`), then the token as a
+        // varint (300 = 0xac 0x02).
+        let check = FromRegistry::PathCheck { token: 300 };
+        let confirm = ToRegistry::PathConfirm { token: 300 };
+        assert_eq!(encode(&check).unwrap(), [10, 0xac, 0x02]);
+        assert_eq!(encode(&confirm).unwrap(), [11, 0xac, 0x02]);
+        assert_eq!(decode::<FromRegistry>(&[10, 0xac, 0x02]).unwrap(), check);
+        assert_eq!(decode::<ToRegistry>(&[11, 0xac, 0x02]).unwrap(), confirm);
+        // A variant past the last is an error the reader drops, not a
+        // panic: what a node from before the checks does with `PathCheck`.
+        assert!(decode::<ToRegistry>(&[12, 1]).is_err());
+    }
+
+    #[test]
     fn error_codes_keep_their_wire_bytes() {
         // Variant index on the wire: a new code goes last, the old ones keep
         // their bytes, so older nodes still read every earlier error.
