@@ -44,7 +44,9 @@ step "Debian package (cargo deb on the binaries just built, checked with dpkg-de
 scripts/package.sh --no-build >/dev/null
 
 step "unit and in-process tests (the storage suite also on a throwaway PostgreSQL: scripts/pg.sh)"
-scripts/pg.sh cargo test --locked --release --workspace
+# The test-release profile (Cargo.toml): release settings without LTO, so
+# the test binaries link in seconds; the binaries above keep `release`.
+scripts/pg.sh cargo test --locked --profile test-release --workspace
 
 if [ "${SKIP_NETNS:-0}" != 1 ]; then
   step "netns scenarios"
