@@ -71,7 +71,8 @@ fn verify_from(m: &FromRegistry) -> Vec<bool> {
         | FromRegistry::Punch { .. }
         | FromRegistry::Ok { .. }
         | FromRegistry::Error { .. }
-        | FromRegistry::Pong { .. } => vec![],
+        | FromRegistry::Pong { .. }
+        | FromRegistry::PathCheck { .. } => vec![],
         FromRegistry::Certs { certs, .. } => certs.iter().map(|c| cert_ok(c)).collect(),
         FromRegistry::Revocations { revocations, .. } => {
             revocations.iter().map(|r| revocation_ok(r)).collect()
