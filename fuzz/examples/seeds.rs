@@ -423,6 +423,33 @@ fn main() {
         &cookie::with_mac2(init, &[6; 16]),
     );
 
+    // Gossip from alpha to beta: its endpoints, a "where is" with an
+    // approval, a revocation of beta to apply.
+    let record = Signed::sign(
+        pilot_proto::gossip::EndpointRecord {
+            node: a.public(),
+            endpoints: vec![v4, v6],
+            nat: NatType::EndpointIndependent,
+            seq: 1_796_127_225_905,
+        },
+        &a,
+    );
+    for (name, g) in [
+        ("endpoints", pilot_proto::gossip::Gossip::Endpoints(record)),
+        (
+            "where",
+            pilot_proto::gossip::Gossip::Where {
+                proof: statement(StatementKind::Approve, 8),
+            },
+        ),
+        (
+            "pass-revoke",
+            pilot_proto::gossip::Gossip::Pass(statement(StatementKind::Revoke, 9)),
+        ),
+    ] {
+        out.put("gossip", name, &g.to_control().expect("fits"));
+    }
+
     // DNS questions for the `dns` target's table (alpha, cache in pilot).
     for (name, qname, qtype, edns) in [
         ("a-cache", "cache.pilot", 1, false),

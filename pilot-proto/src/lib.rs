@@ -58,6 +58,7 @@ pub mod dns;
 pub mod filter;
 pub mod flow;
 pub mod frame;
+pub mod gossip;
 pub mod handshake;
 pub mod hex;
 pub mod identity;

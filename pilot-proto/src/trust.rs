@@ -108,6 +108,11 @@ pub struct TrustRecord {
     /// operator approved by hand).
     #[serde(default)]
     pub by_rules: Vec<RuleId>,
+    /// Its signed statement approving us, while `theirs` is approved: the
+    /// proof a common peer asks before it says where the peer is
+    /// ([`crate::gossip`]).
+    #[serde(default)]
+    pub their_approval: Option<Signed<Statement>>,
 }
 
 impl TrustRecord {
@@ -132,6 +137,7 @@ impl TrustRecord {
             want_out: None,
             cert: None,
             by_rules: Vec::new(),
+            their_approval: None,
         }
     }
 
@@ -490,6 +496,7 @@ impl TrustStore {
         if let Some(g) = st.body.kind.grant() {
             rec.granted_us = g;
         }
+        rec.their_approval = st.body.kind.approves().then(|| st.clone());
         rec.updated = now_unix;
         Ok(Change {
             was_trusted: was,
@@ -590,6 +597,7 @@ impl TrustStore {
                 let mut moved = rec;
                 moved.identity = st.body.new.clone();
                 moved.their_seq = 0;
+                moved.their_approval = None;
                 moved.key_proven = false;
                 moved.last_init_timestamp = 0;
                 moved.updated = now_unix;
@@ -922,9 +930,17 @@ mod tests {
         let approve = statement(&b, &a, StatementKind::Approve, 5);
         sa.receive(&a.node_id(), &approve, ADDR, None, 1).unwrap();
         assert!(sa.is_trusted(&b.node_id()));
+        // Its approval is kept as the proof gossip asks for.
+        let kept = sa.get(&b.node_id()).unwrap().their_approval.clone();
+        assert_eq!(kept.as_ref(), Some(&approve));
+        let json = serde_json::to_string(&sa).unwrap();
+        let back: TrustStore = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.get(&b.node_id()).unwrap().their_approval, kept);
         let revoke = statement(&b, &a, StatementKind::Revoke, 6);
         let c = sa.receive(&a.node_id(), &revoke, ADDR, None, 2).unwrap();
         assert!(c.was_trusted && !c.now_trusted);
+        // A withdrawn approval is no proof any more.
+        assert!(sa.get(&b.node_id()).unwrap().their_approval.is_none());
         // A malicious registry replays the old approval.
         assert_eq!(
             sa.receive(&a.node_id(), &approve, ADDR, None, 3),
