@@ -478,6 +478,31 @@ pub struct Status {
     /// from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_relay: Option<TcpRelayStatus>,
+    /// Gossip with trusted peers (left out with `--no-gossip`, and by
+    /// daemons from before gossip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<GossipStatus>,
+}
+
+/// Gossip with trusted peers, in [`Status`]: what it holds and what came
+/// of it since the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipStatus {
+    /// Peers' signed endpoint records held.
+    pub records: u64,
+    /// Records taken from peers (newer, signed, of a node we trust).
+    pub records_taken: u64,
+    /// "Where is" questions we answered.
+    pub answered: u64,
+    /// Peers without a session found through another peer.
+    pub found: u64,
+    /// Withdrawals passed on to their subject.
+    pub passed_on: u64,
+    /// Withdrawals about us applied.
+    pub applied: u64,
+    /// Messages refused: malformed, forged, old, over a peer's rate, or
+    /// asking for what the asker is not entitled to.
+    pub refused: u64,
 }
 
 /// The TCP relay in use, in [`Status`].
@@ -1324,6 +1349,15 @@ mod tests {
                 address: "203.0.113.5:443".parse().unwrap(),
                 since_secs: 95,
                 why: TCP_WHY_EXAMPLE.into(),
+            }),
+            gossip: Some(GossipStatus {
+                records: 2,
+                records_taken: 5,
+                answered: 1,
+                found: 1,
+                passed_on: 0,
+                applied: 0,
+                refused: 0,
             }),
         }
     }

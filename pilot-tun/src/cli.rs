@@ -464,6 +464,13 @@ struct UpArgs {
     /// lets peers reach this node directly.
     #[arg(long)]
     no_port_mapping: bool,
+    /// Do not gossip with trusted peers. By default the node gives its
+    /// signed endpoints to the peers it has a session with, asks them
+    /// where a peer is when the registry cannot say, and hands them its
+    /// withdrawals of trust to pass on: so the network heals while the
+    /// registry is away. Gossip never creates trust.
+    #[arg(long)]
+    no_gossip: bool,
     /// Log filter, e.g. `info` or `pilot_tun=debug`.
     #[arg(long, env = "PILOT_LOG", default_value = "info")]
     log: String,
@@ -1294,6 +1301,15 @@ fn print_status(d: &Status) {
             printable(&t.why)
         );
     }
+    if let Some(g) = &d.gossip {
+        say!(
+            "gossip:    {} peer records held; {} peers found and {} withdrawals passed on through peers, {} refused",
+            g.records,
+            g.found,
+            g.passed_on,
+            g.refused
+        );
+    }
     let p = &d.peers;
     say!(
         "peers:     {} trusted, {} connected, {} known, {} pending request(s)",
@@ -1495,6 +1511,7 @@ fn up_foreground(common: &Common, args: UpArgs) -> Outcome {
         mtu: args.mtu,
         rotate_every: args.rotate_identity_every.map(Duration::from_secs),
         port_mapping: !args.no_port_mapping,
+        gossip: !args.no_gossip,
     };
     // One worker per core (the TUN and UDP loops run in parallel);
     // PILOT_THREADS overrides it for experiments.

@@ -54,6 +54,9 @@ pub struct NodeConfig {
     /// Ask the gateway to map a public port to the tunnel port (NAT-PMP);
     /// off with `--no-port-mapping`.
     pub port_mapping: bool,
+    /// Gossip with trusted peers ([`crate::gossip`]); off with
+    /// `--no-gossip`.
+    pub gossip: bool,
 }
 
 /// Seconds since the Unix epoch.

@@ -120,6 +120,8 @@ pub struct Controller<T: Tun> {
     pub fleet: crate::fleet::FleetState,
     /// Policy approvals chosen but not yet recorded.
     pub pending: crate::fleet::PolicyPending,
+    /// Gossip among trusted peers ([`crate::gossip`]).
+    pub gossip: crate::gossip::NodeGossip,
     pub(crate) handle: Handle<T>,
 }
 
@@ -136,6 +138,7 @@ impl<T: Tun> Controller<T> {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let handle = Handle { tx };
         let tunnels = Tunnels::new(*ctx.identity.static_secret(), &ctx.identity.static_public());
+        let gossip = crate::gossip::NodeGossip::new(ctx.id, ctx.cfg.gossip);
         let c = Controller {
             ctx,
             trust,
@@ -145,6 +148,7 @@ impl<T: Tun> Controller<T> {
             audit,
             fleet,
             pending: Default::default(),
+            gossip,
             handle: handle.clone(),
         };
         (c, handle, rx)
@@ -158,6 +162,8 @@ impl<T: Tun> Controller<T> {
         let mut audit_tick = tokio::time::interval(AUDIT_TICK);
         let mut fleet_tick = tokio::time::interval(crate::fleet::FLEET_SYNC_EVERY);
         fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gossip_tick = tokio::time::interval(crate::gossip::TICK);
+        gossip_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.tunnels.next_deadline();
             let sleep = async move {
@@ -193,6 +199,16 @@ impl<T: Tun> Controller<T> {
                         self.fleet_sync_soon();
                     }
                     Effects::default()
+                }
+                _ = gossip_tick.tick() => {
+                    names_may_change = false;
+                    let out = self.gossip.tick(
+                        &self.ctx,
+                        &self.tunnels,
+                        &self.node_state.outbox,
+                        Instant::now(),
+                    );
+                    Effects { out, ..Effects::default() }
                 }
                 _ = audit_tick.tick() => {
                     self.flush_decisions(false);
@@ -235,6 +251,11 @@ impl<T: Tun> Controller<T> {
             }
         }
         let mut dirty = false;
+        let mut out = fx.out;
+        let now = Instant::now();
+        for id in &fx.proven {
+            out.extend(self.gossip.established(&self.ctx, &self.tunnels, id, now));
+        }
         for (id, ts) in fx.init_timestamps {
             dirty |= self.trust.set_last_init_timestamp(&id, ts);
         }
@@ -252,7 +273,7 @@ impl<T: Tun> Controller<T> {
                 warn!("cannot save trust store: {e}");
             }
         }
-        send_all(&self.ctx, fx.out).await;
+        send_all(&self.ctx, out).await;
         for id in fx.lookups {
             spawn_lookup(self.ctx.clone(), self.handle.clone(), id);
         }
@@ -268,6 +289,9 @@ impl<T: Tun> Controller<T> {
             Slow::Noted(id, n) => {
                 self.audit.decision(&ctx.identity, unix_now(), &id, n);
                 Effects::default()
+            }
+            Slow::Control(id, msg) if msg.first() == Some(&pilot_proto::gossip::CTL_GOSSIP) => {
+                self.on_gossip(id, &msg, now)
             }
             Slow::Control(id, msg) => self.tunnels.on_control(&ctx, &id, &msg, now),
             Slow::Datagram(mut buf, from) => match wire::classify(&buf) {
@@ -375,6 +399,57 @@ impl<T: Tun> Controller<T> {
             }
             _ => Effects::default(),
         }
+    }
+
+    /// A gossip message from a trusted peer.
+    fn on_gossip(&mut self, from: NodeId, msg: &[u8], now: Instant) -> Effects {
+        let ctx = self.ctx.clone();
+        let heard = self.gossip.on_message(&self.tunnels, &from, msg, now);
+        let mut fx = Effects {
+            out: heard.out,
+            ..Effects::default()
+        };
+        if let Some((node, endpoints, nat)) = heard.found {
+            fx.extend(
+                self.tunnels
+                    .on_lookup(&ctx, &node, Some((endpoints, nat)), now),
+            );
+        }
+        if let Some(statement) = heard.apply {
+            let signer = statement.body.from.node_id();
+            // Only a node we hold a record of can withdraw anything here;
+            // its address and name stay as recorded.
+            if let Some(r) = self.trust.get(&signer) {
+                let (address, hostname) = (r.address, r.hostname.clone());
+                info!(peer = %signer, via = %from, kind = statement.body.kind.name(), "trust withdrawal heard from a trusted peer");
+                let (_, applied) = self.on_push(PushItem::Statement {
+                    statement,
+                    address,
+                    hostname,
+                });
+                fx.extend(applied);
+            }
+        }
+        fx
+    }
+
+    /// The registry's answer to a lookup of `id`, or `None` when it gave
+    /// none: then what gossip knows or can ask stands in for it.
+    pub(crate) fn lookup_answered(
+        &mut self,
+        id: NodeId,
+        answer: Option<(Vec<std::net::SocketAddr>, pilot_proto::messages::NatType)>,
+    ) -> Effects {
+        let ctx = self.ctx.clone();
+        let now = Instant::now();
+        if answer.is_some() {
+            return self.tunnels.on_lookup(&ctx, &id, answer, now);
+        }
+        let proof = self.trust.get(&id).and_then(|r| r.their_approval.clone());
+        let (held, ask) = self.gossip.lookup_failed(&self.tunnels, &id, proof, now);
+        let mut fx = self.tunnels.on_lookup(&ctx, &id, held, now);
+        fx.out.extend(ask);
+        fx
     }
 
     /// A trust statement pushed by the registry. Returns whether to
@@ -868,6 +943,7 @@ impl<T: Tun> Controller<T> {
                         .map_or(0, |d| d.as_secs()),
                     why: e.why,
                 }),
+            gossip: self.gossip.status(),
         }
     }
 
@@ -1011,12 +1087,7 @@ fn spawn_lookup<T: Tun>(ctx: Arc<Context<T>>, handle: Handle<T>, id: NodeId) {
                 None
             }
         };
-        handle
-            .submit(move |c| {
-                let ctx = c.ctx.clone();
-                c.tunnels.on_lookup(&ctx, &id, answer, Instant::now())
-            })
-            .await;
+        handle.submit(move |c| c.lookup_answered(id, answer)).await;
     });
 }
 
@@ -1371,10 +1442,22 @@ pub(crate) async fn trust_statement<T: Tun>(
     if !grants {
         change = Some(record(info.clone(), kind.clone()).await?);
         let queued = statement.clone();
-        h.with(move |c| c.queue_withdrawal(queued))
-            .await
-            .map_err(stopped)?
-            .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
+        h.with_fx(move |c| {
+            let r = c.queue_withdrawal(queued.clone());
+            // Peers that trust the subject pass it on, in case the
+            // registry is away.
+            let out = c.gossip.withdrawal(&c.tunnels, &queued, Instant::now());
+            (
+                r,
+                Effects {
+                    out,
+                    ..Effects::default()
+                },
+            )
+        })
+        .await
+        .map_err(stopped)?
+        .map_err(|e| ApiError::new(ErrorCode::Failed, e.to_string()))?;
     }
     let delivered = send_statement(ctx, &statement).await;
     if delivered.is_ok() {

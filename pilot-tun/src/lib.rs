@@ -14,6 +14,7 @@ pub mod divert;
 pub mod dns;
 pub mod fleet;
 pub mod fleetctl;
+pub mod gossip;
 pub mod hostname;
 pub mod ipv6;
 pub mod link;

@@ -246,6 +246,16 @@ impl TestNode {
         name: &str,
         join: Option<JoinUrl>,
     ) -> Result<Self, pilot_tun::StartError> {
+        Self::start_gossip(dir, name, join, true).await
+    }
+
+    /// Like [`TestNode::start`], with gossip on or off (`--no-gossip`).
+    pub async fn start_gossip(
+        dir: PathBuf,
+        name: &str,
+        join: Option<JoinUrl>,
+        gossip: bool,
+    ) -> Result<Self, pilot_tun::StartError> {
         let (fake, handle) = FakeTun::new();
         let cfg = NodeConfig {
             state: StateDir::new(&dir),
@@ -258,6 +268,7 @@ impl TestNode {
             mtu: None,
             rotate_every: None,
             port_mapping: false,
+            gossip,
         };
         let node = Node::start(cfg, move |_, _| Ok(fake)).await?;
         Ok(TestNode {

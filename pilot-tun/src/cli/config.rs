@@ -44,6 +44,7 @@ pub(super) struct UpFile {
     metrics_per_peer: Option<bool>,
     rotate_identity_every: Option<Spanned<String>>,
     no_port_mapping: Option<bool>,
+    no_gossip: Option<bool>,
 }
 
 /// True if the argument `id` was given on the command line or by its
@@ -197,6 +198,9 @@ fn apply_up(file: &ConfigFile<UpFile>, up: &mut UpArgs, m: &ArgMatches) -> Resul
     }
     if let (Some(b), false) = (v.no_port_mapping, given(m, "no_port_mapping")) {
         up.no_port_mapping = b;
+    }
+    if let (Some(b), false) = (v.no_gossip, given(m, "no_gossip")) {
+        up.no_gossip = b;
     }
     if let (Some(a), false) = (&v.rotate_identity_every, given(m, "rotate_identity_every")) {
         up.rotate_identity_every = Some(
