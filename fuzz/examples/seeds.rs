@@ -446,6 +446,13 @@ fn main() {
             "pass-revoke",
             pilot_proto::gossip::Gossip::Pass(statement(StatementKind::Revoke, 9)),
         ),
+        (
+            "owner-revoked",
+            pilot_proto::gossip::Gossip::OwnerRevoked(
+                Revocation::sign(&OwnerKey::from_secret(&[7; 32]), b.node_id(), 1_796_000_000)
+                    .to_bytes(),
+            ),
+        ),
     ] {
         out.put("gossip", name, &g.to_control().expect("fits"));
     }

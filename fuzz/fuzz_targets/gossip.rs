@@ -56,5 +56,10 @@ fuzz_target!(|input: &[u8]| {
             }
             Err(_) => {}
         },
+        // Checked by the node against its rules (the fleet target reads
+        // revocations).
+        Gossip::OwnerRevoked(bytes) => {
+            let _ = pilot_proto::cert::Revocation::from_bytes(&bytes);
+        }
     }
 });

@@ -22,6 +22,11 @@
 //!   to a peer it trusts itself; the subject applies it as if the registry
 //!   had delivered it (same signature and sequence checks).
 //!
+//! - [`Gossip::OwnerRevoked`]: an owner's signed revocation of a node,
+//!   handed on to the peers whose certificate the same owner signed; each
+//!   checks it against its own rules, and only one it did not hold yet
+//!   goes further.
+//!
 //! Gossip never creates trust: records are accepted only from peers the
 //! receiver already trusts, the only trust statements it carries withdraw
 //! trust, and a forwarder adds nothing of its own. Every message is checked
@@ -87,6 +92,12 @@ pub enum Gossip {
     },
     /// A withdrawal for its subject, from its signer.
     Pass(Signed<Statement>),
+    /// An owner's revocation of a node ([`crate::cert::Revocation::to_bytes`]),
+    /// for the peers whose certificate that owner signed. Each receiver
+    /// checks it against its own rules and passes on only one it did not
+    /// hold, so it spreads through a fleet once. Added last, so the
+    /// messages above keep their encoding.
+    OwnerRevoked(Vec<u8>),
 }
 
 /// Why a gossip message was not taken.
@@ -386,6 +397,7 @@ mod tests {
                 proof: statement(&a, &b, StatementKind::Approve, 3),
             },
             Gossip::Pass(statement(&a, &b, StatementKind::Revoke, 4)),
+            Gossip::OwnerRevoked(vec![1, 2, 3]),
         ] {
             let bytes = g.to_control().unwrap();
             assert_eq!(bytes[0], CTL_GOSSIP);

@@ -252,6 +252,7 @@ impl<T: Tun> Controller<T> {
         }
         let mut dirty = false;
         let mut out = fx.out;
+        out.extend(self.gossip.take_later());
         let now = Instant::now();
         for id in &fx.proven {
             out.extend(self.gossip.established(&self.ctx, &self.tunnels, id, now));
@@ -414,6 +415,15 @@ impl<T: Tun> Controller<T> {
                 self.tunnels
                     .on_lookup(&ctx, &node, Some((endpoints, nat)), now),
             );
+        }
+        if let Some(bytes) = heard.owner_revoked {
+            match Revocation::from_bytes(&bytes) {
+                Ok(r) => {
+                    debug!(via = %from, node = %r.body.node, "owner revocation heard from a trusted peer");
+                    self.on_revocation(r);
+                }
+                Err(e) => debug!(via = %from, "unreadable owner revocation from a peer: {e}"),
+            }
         }
         if let Some(statement) = heard.apply {
             let signer = statement.body.from.node_id();

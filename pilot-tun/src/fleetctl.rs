@@ -159,8 +159,26 @@ impl<T: Tun> Controller<T> {
     pub fn on_revocation(&mut self, r: Revocation) -> (bool, Vec<NodeId>) {
         let node = r.body.node;
         let owner = r.body.owner;
+        let bytes = r.to_bytes();
         match self.fleet.add_revocation(r) {
             Ok(true) => {
+                // New here: the peers in the same owner's fleet hear it
+                // too (gossip), in case the registry cannot tell them.
+                let trust = &self.trust;
+                let entitled = |id: &NodeId| {
+                    *id != node
+                        && trust
+                            .get(id)
+                            .and_then(|r| r.cert.as_deref())
+                            .and_then(|c| Certificate::from_bytes(c).ok())
+                            .is_some_and(|c| c.body.owner == owner)
+                };
+                self.gossip.owner_revocation(
+                    &self.tunnels,
+                    bytes,
+                    entitled,
+                    std::time::Instant::now(),
+                );
                 if let Err(e) = self.save_fleet() {
                     warn!("{}", e.error);
                 }

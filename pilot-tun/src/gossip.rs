@@ -14,6 +14,8 @@
 //! - A withdrawal of trust we made goes to every live peer at once and
 //!   again every [`PASS_AGAIN`] while the registry has not taken it; a peer
 //!   that trusts its subject passes it on.
+//! - An owner's revocation new here goes to the live peers whose
+//!   certificate the same owner signed.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -42,6 +44,8 @@ pub const LOST_FOR: Duration = Duration::from_secs(60);
 
 /// Most peers asked about at once.
 const MAX_LOST: usize = 1024;
+/// Most live peers one "where is" round asks.
+pub const ASK_FANOUT: usize = 8;
 
 /// What a gossip message asks of the control task beyond sending.
 #[derive(Default)]
@@ -52,6 +56,9 @@ pub struct Heard {
     pub found: Option<(NodeId, Vec<SocketAddr>, NatType)>,
     /// A withdrawal about us, to apply through the trust store.
     pub apply: Option<Signed<Statement>>,
+    /// An owner's revocation, to check against our rules (and pass on if
+    /// it is new here).
+    pub owner_revoked: Option<Vec<u8>>,
 }
 
 /// The node's gossip state.
@@ -65,6 +72,10 @@ pub struct NodeGossip {
     /// Peers the registry could not find, with when and the proof to ask
     /// with.
     lost: HashMap<NodeId, (Instant, Signed<Statement>)>,
+    /// Datagrams queued by [`NodeGossip::owner_revocation`].
+    later: Vec<Outgoing>,
+    /// Where the next "where is" round starts among the live peers.
+    ask_round: usize,
     /// What happened so far (`records` is filled in by
     /// [`NodeGossip::status`]).
     pub counts: GossipStatus,
@@ -88,6 +99,8 @@ impl NodeGossip {
             sent_to: HashSet::new(),
             last_pass: None,
             lost: HashMap::new(),
+            later: Vec::new(),
+            ask_round: 0,
             counts: GossipStatus::default(),
         }
     }
@@ -240,6 +253,35 @@ impl NodeGossip {
         self.pass_out(tunnels, st, now)
     }
 
+    /// An owner's revocation new here: to the live peers `entitled` to it
+    /// (those whose certificate the same owner signed).
+    pub fn owner_revocation(
+        &mut self,
+        tunnels: &Tunnels,
+        bytes: Vec<u8>,
+        entitled: impl Fn(&NodeId) -> bool,
+        now: Instant,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let Some(msg) = Gossip::OwnerRevoked(bytes).to_control() else {
+            return;
+        };
+        let out: Vec<Outgoing> = live(tunnels, now)
+            .filter(|id| entitled(id))
+            .filter_map(|id| seal_to(tunnels, &id, &msg, now))
+            .collect();
+        self.counts.passed_on += out.len() as u64;
+        self.later.extend(out);
+    }
+
+    /// What was queued to send outside a message's own effects (owner
+    /// revocations, decided deep in the fleet code).
+    pub fn take_later(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.later)
+    }
+
     fn pass_out(&self, tunnels: &Tunnels, st: &Signed<Statement>, now: Instant) -> Vec<Outgoing> {
         let Some(msg) = Gossip::Pass(st.clone()).to_control() else {
             return vec![];
@@ -285,15 +327,23 @@ impl NodeGossip {
         proof: Signed<Statement>,
         now: Instant,
     ) -> Vec<Outgoing> {
-        let peers: Vec<NodeId> = live(tunnels, now).filter(|id| id != target).collect();
+        let mut peers: Vec<NodeId> = live(tunnels, now).filter(|id| id != target).collect();
         if peers.is_empty() || !self.book.may_ask(target, now) {
             return vec![];
         }
         let Some(msg) = (Gossip::Where { proof }).to_control() else {
             return vec![];
         };
+        // At most ASK_FANOUT peers a round, other ones each round (in a
+        // large fleet a question must not cost a datagram per peer).
+        peers.sort_unstable();
+        let start = self.ask_round % peers.len();
+        self.ask_round = self.ask_round.wrapping_add(ASK_FANOUT);
         let out: Vec<Outgoing> = peers
             .iter()
+            .cycle()
+            .skip(start)
+            .take(peers.len().min(ASK_FANOUT))
             .filter_map(|id| seal_to(tunnels, id, &msg, now))
             .collect();
         debug!(peer = %target, asked = out.len(), "registry unreachable: asking trusted peers where the peer is");
@@ -356,6 +406,7 @@ impl NodeGossip {
                     heard.out.push(o);
                 }
             }
+            Gossip::OwnerRevoked(bytes) => heard.owner_revoked = Some(bytes),
             Gossip::Pass(st) => match self.book.pass(from, &st, |id| tunnels.contains(id))? {
                 PassAction::Apply => {
                     self.counts.applied += 1;

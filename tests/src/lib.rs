@@ -1152,3 +1152,51 @@ impl Drop for TestPg {
         }
     }
 }
+
+/// The node id of a test node (from its key file).
+pub fn id_of(n: &TestNode) -> pilot_proto::identity::NodeId {
+    identity_of(&n.dir).node_id()
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Issues `n` a certificate from `owner` with `tags` and installs it.
+pub async fn install_cert(n: &TestNode, owner: &pilot_proto::cert::OwnerKey, tags: &str) {
+    let cert = pilot_proto::cert::Certificate::issue(
+        owner,
+        id_of(n),
+        pilot_proto::cert::parse_tags(tags).unwrap(),
+        now(),
+        30 * 86_400,
+    )
+    .unwrap();
+    let info: pilot_tun::api::CertInfo = n
+        .get(pilot_tun::api::Request::CertInstall {
+            cert: cert.to_armored(),
+        })
+        .await;
+    assert_eq!(info.tags.join(","), tags);
+    assert!(info.valid);
+}
+
+/// Adds a policy rule on `n`: `owner`'s nodes tagged `tag` may open `ports`.
+pub async fn allow(
+    n: &TestNode,
+    owner: &pilot_proto::cert::OwnerKey,
+    tag: &str,
+    ports: &str,
+) -> pilot_tun::api::PolicyRule {
+    n.get(pilot_tun::api::Request::PolicyAllow {
+        owner: owner.public().to_string(),
+        tag: tag.into(),
+        ports: Some(ports.parse().unwrap()),
+        expires_in_secs: None,
+    })
+    .await
+}

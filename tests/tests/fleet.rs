@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pilot_proto::cert::{Certificate, OwnerKey, Revocation};
 use pilot_tests::*;
-use pilot_tun::api::{CertInfo, PolicyRule, Request, RevocationReport, TrustState};
+use pilot_tun::api::{Request, RevocationReport, TrustState};
 
 fn lo() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -20,45 +20,6 @@ fn udp(src: Ipv4Addr, dst: Ipv4Addr, dp: u16, payload: &[u8]) -> Vec<u8> {
     let mut p = udp_packet(src, dst, payload);
     p[22..24].copy_from_slice(&dp.to_be_bytes());
     p
-}
-
-fn id_of(n: &TestNode) -> pilot_proto::identity::NodeId {
-    identity_of(&n.dir).node_id()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-async fn install_cert(n: &TestNode, owner: &OwnerKey, tags: &str) {
-    let cert = Certificate::issue(
-        owner,
-        id_of(n),
-        pilot_proto::cert::parse_tags(tags).unwrap(),
-        now(),
-        30 * 86_400,
-    )
-    .unwrap();
-    let info: CertInfo = n
-        .get(Request::CertInstall {
-            cert: cert.to_armored(),
-        })
-        .await;
-    assert_eq!(info.tags.join(","), tags);
-    assert!(info.valid);
-}
-
-async fn allow(n: &TestNode, owner: &OwnerKey, tag: &str, ports: &str) -> PolicyRule {
-    n.get(Request::PolicyAllow {
-        owner: owner.public().to_string(),
-        tag: tag.into(),
-        ports: Some(ports.parse().unwrap()),
-        expires_in_secs: None,
-    })
-    .await
 }
 
 /// Sends until `b` gets it.

@@ -1,13 +1,17 @@
 //! Gossip among trusted peers (issue 12), in process on loopback: with the
 //! registry stopped, two nodes that both moved (restarted on new ports)
-//! find each other again through a common trusted peer, and a withdrawal of trust reaches a node that has
-//! no session with its signer through a common peer. Each case runs a
+//! find each other again through a common trusted peer, a withdrawal of
+//! trust reaches a node that has no session with its signer through a
+//! common peer, and an owner's revocation handed to one node reaches the
+//! rest of the fleet. Each case runs a
 //! second time with the common peer's gossip off (`--no-gossip`) and shows
 //! that then nothing gets through: nothing else carries it.
 
 use std::time::Duration;
 
-use pilot_tests::{blocked, deliver, eventually, trust, RegistryHandle, TestNode};
+use pilot_tests::{
+    allow, blocked, deliver, eventually, id_of, install_cert, now, trust, RegistryHandle, TestNode,
+};
 use pilot_tun::api::{GossipStatus, Request, TrustState};
 
 fn lo() -> std::net::SocketAddr {
@@ -181,6 +185,76 @@ async fn a_revocation_reaches_its_subject_through_a_common_peer_without_the_regi
 async fn without_gossip_at_the_common_peer_the_revocation_waits_for_the_registry() {
     assert_eq!(
         revocation_through_common_peer(false).await,
+        TrustState::Trusted
+    );
+}
+
+/// An owner certifies alpha, gamma and beta ("fleet"), whose rules admit
+/// each other; with the registry down the owner hands its revocation of
+/// beta to gamma's daemon. Returns alpha's view of beta after a while:
+/// alpha has no session with the owner, only with gamma.
+async fn owner_revocation_through_common_peer(common_gossips: bool) -> TrustState {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = RegistryHandle::start(&dir.path().join("registry"), lo()).await;
+    let join = Some(reg.join);
+    let a = TestNode::start(dir.path().join("a"), "alpha", join)
+        .await
+        .unwrap();
+    let mut c = TestNode::start_gossip(dir.path().join("c"), "gamma", join, common_gossips)
+        .await
+        .unwrap();
+    let b = TestNode::start(dir.path().join("b"), "beta", join)
+        .await
+        .unwrap();
+    let owner = pilot_proto::cert::OwnerKey::from_secret(&[7; 32]);
+    for n in [&a, &c, &b] {
+        install_cert(n, &owner, "fleet").await;
+        allow(n, &owner, "fleet", "udp/5000").await;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the fleet trusts itself",
+        || async {
+            a.trust_state("beta").await == TrustState::Trusted
+                && a.trust_state("gamma").await == TrustState::Trusted
+                && c.trust_state("beta").await == TrustState::Trusted
+        },
+    )
+    .await;
+    deliver(&a, &mut c, b"a to c").await;
+    reg.stop().await;
+    let revocation = pilot_proto::cert::Revocation::sign(&owner, id_of(&b), now());
+    let report: pilot_tun::api::RevocationReport = c
+        .get(Request::OwnerRevoke {
+            revocation: revocation.to_armored(),
+        })
+        .await;
+    assert!(report.kept_here && !report.delivered, "{report:?}");
+    // Gamma's own rules withdraw beta there at once.
+    eventually(Duration::from_secs(5), "gamma withdraws beta", || async {
+        c.trust_state("beta").await == TrustState::Revoked
+    })
+    .await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until && a.trust_state("beta").await != TrustState::Revoked
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.trust_state("beta").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_revocation_reaches_the_fleet_through_a_common_peer_without_the_registry() {
+    assert_eq!(
+        owner_revocation_through_common_peer(true).await,
+        TrustState::Revoked
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_gossip_an_owner_revocation_waits_for_the_registry() {
+    assert_eq!(
+        owner_revocation_through_common_peer(false).await,
         TrustState::Trusted
     );
 }
