@@ -10,8 +10,9 @@
 # `netns: N passed, M failed`; the exit status is non-zero if any failed.
 #
 # Environment: PILOT_BIN (default <repo>/target/release), NETNS_TIMEOUT
-# (seconds per scenario, default 120), NETNS_KEEP=1 keeps each scenario's
-# work directory, NETNS_LOGS (where the per-scenario logs go).
+# (seconds per scenario, default 120), NETNS_JOBS (light scenarios run at
+# once, default 2; 1 runs them one by one), NETNS_KEEP=1 keeps each
+# scenario's work directory, NETNS_LOGS (where the per-scenario logs go).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -95,7 +96,16 @@ reap() {
 
 passed=0; failed=0; failed_names=()
 run_id=$$
-for script in "${scenarios[@]}"; do
+# /etc/netns exists before any scenario starts, so none of them makes (or
+# removes) it while another one runs; removed at the end if we made it.
+etc_netns_made=no
+[ -d /etc/netns ] || etc_netns_made=yes
+mkdir -p /etc/netns
+
+# run_one SCRIPT: one scenario under its time limit; writes its exit status
+# and duration next to its log.
+run_one() {
+  local script=$1 name pfx log t0 limit rc
   name=$(basename "$script" .sh)
   pfx="nt${run_id}${name%%_*}"          # e.g. nt4242s01: short, unique per run
   log="$LOGS/$name.log"
@@ -106,9 +116,19 @@ for script in "${scenarios[@]}"; do
   limit=${limit:-$TIMEOUT}; [ "$limit" -ge "$TIMEOUT" ] || limit=$TIMEOUT
   PFX=$pfx timeout -k 15 "$limit" bash "$script" >"$log" 2>&1
   rc=$?
-  secs=$(awk -v d=$(( $(date +%s%N) - t0 )) 'BEGIN { printf "%.1f", d / 1e9 }')
+  awk -v d=$(( $(date +%s%N) - t0 )) 'BEGIN { printf "%.1f\n", d / 1e9 }' >"$LOGS/$name.secs"
   reap "$pfx"
   [ "$rc" -eq 124 ] && echo "[$name] FAIL: timed out after ${limit}s" >>"$log"
+  echo "$rc" >"$LOGS/$name.rc"
+}
+
+# report SCRIPT: the verdict of a finished scenario.
+report() {
+  local name rc secs log
+  name=$(basename "$1" .sh)
+  log="$LOGS/$name.log"
+  rc=$(cat "$LOGS/$name.rc" 2>/dev/null || echo 1)
+  secs=$(cat "$LOGS/$name.secs" 2>/dev/null || echo "?")
   if [ "$rc" -eq 0 ]; then
     passed=$((passed + 1))
     printf 'PASS  %-36s %6ss\n' "$name" "$secs"
@@ -120,7 +140,46 @@ for script in "${scenarios[@]}"; do
     tail -n 150 "$log" | sed 's/\x1b\[[0-9;]*m//g' >&2
     echo "----- end of $name" >&2
   fi
+}
+
+# Light scenarios run NETNS_JOBS at a time (default 2: most of a scenario's
+# time is spent waiting on timers and handshakes); one with a
+# `# netns-serial` line (it loads the CPU: bulk transfers, floods) runs
+# alone. Verdicts are printed in the scenarios' order.
+JOBS=${NETNS_JOBS:-2}
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "netns-tests/run.sh: NETNS_JOBS must be a positive number" >&2; exit 2; }
+running=()   # pids of scenarios in the background
+started=()   # scripts started, in order, not yet reported
+wait_all() {
+  local p
+  for p in "${running[@]}"; do wait "$p" 2>/dev/null; done
+  running=()
+}
+report_started() {
+  local s
+  for s in "${started[@]}"; do report "$s"; done
+  started=()
+}
+for script in "${scenarios[@]}"; do
+  if [ "$JOBS" -eq 1 ] || grep -q '^# netns-serial' "$script"; then
+    wait_all; report_started
+    run_one "$script"
+    report "$script"
+    continue
+  fi
+  while [ "${#running[@]}" -ge "$JOBS" ]; do
+    wait -n 2>/dev/null
+    alive_pids=()
+    for p in "${running[@]}"; do kill -0 "$p" 2>/dev/null && alive_pids+=("$p"); done
+    running=("${alive_pids[@]}")
+  done
+  run_one "$script" &
+  running+=("$!")
+  started+=("$script")
 done
+wait_all; report_started
+
+[ "$etc_netns_made" = yes ] && rmdir /etc/netns 2>/dev/null
 
 ten_after=$(root_ten_routes)
 if [ "$ten_before" != "$ten_after" ]; then

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s01 — trust, then traffic: ordinary TCP programs over the 10.x addresses.
 #
 #              192.0.2.0/24 (one L2 segment, bridge in namespace "sw")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s02 — joined is not trusted: an untrusted node gets nothing.
 #
 #                    192.0.2.0/24 (bridge br0 in namespace "sw")

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # NAT matrix: which path (direct or relay) each pair of hosts ends up on,
 # with an ordinary TCP transfer and iperf3 over 10.x for every cell.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # Roaming and registry outage.
 #
 #   reg 203.0.113.1 ---- inet (bridge) ---- pubA 203.0.113.10 -> 203.0.113.30 (moves)

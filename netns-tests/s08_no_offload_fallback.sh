@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # The per-packet fallback: both daemons with --no-offload (no IFF_VNET_HDR on
 # the TUN, no UDP GSO: one packet per system call), as when a kernel refuses
 # the offloads. Traffic must work exactly as with them.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # A relay-only instance next to the registry carries the relayed traffic.
 #
 #   reg 203.0.113.1 (registry, --relay 203.0.113.2:7946)

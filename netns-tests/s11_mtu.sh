@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s11 — the overlay works on every underlay MTU, with no flag: 1460 (Google
 # Cloud's default), 1450 (VXLAN pod networks), 1400 and 1280 (VPNs and
 # tunnels), 1500; and it follows the underlay when the MTU changes under it.

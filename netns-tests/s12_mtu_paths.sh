@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s12 — a narrower link somewhere on the path, with and without ICMP, and a
 # relayed pair on a 1460 underlay.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s13 — rekeys under traffic, in real daemons, with every tunnel timer 20x
 # shorter (PILOT_TEST_TIME_SCALE=20: rekey every 6 s, keys refused after
 # 9 s, keepalive every 1.25 s), so minutes of protocol time fit in seconds.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s17 — random loss on the underlay: TCP over the tunnel keeps working and
 # handshakes complete, at 1 % and at 5 % loss.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s20 — a flood of handshake initiations whose cheap MAC checks (issue 10,
 # finding 4): beta answers them with cookie replies, not Diffie-Hellman,
 # and keeps serving the peers it trusts. (scripts/flood-bench.sh measures

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s27 — port mapping: a host behind a hard NAT whose router runs miniupnpd
 # (PCP and NAT-PMP on UDP 5351) gets a direct path to a host behind another
 # hard NAT; it maps with PCP, the first protocol it tries. (UPnP IGD, and

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# netns-serial: loads the CPU (bulk transfers or floods): runs alone
 # s29 — a network that blocks UDP: the host's router drops every UDP
 # datagram leaving its LAN (TCP passes), so the node reaches the registry
 # over TCP with TLS (the join URL's ?tcp=443) and is relayed over it.
