@@ -37,6 +37,17 @@ const MAX_SEGMENTS: usize = 64;
 /// Bytes in one GSO send at most (an IP packet's length field).
 const MAX_RUN_BYTES: usize = 65_000;
 
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// The batching state of the registry's socket.
 pub struct Batched {
     state: UdpSocketState,
@@ -87,7 +98,16 @@ impl Batched {
             tokio::select! {
                 r = socket.async_io(Interest::READABLE, || {
                     self.state.recv(socket.into(), &mut iovs, metas)
-                }) => return r,
+                }) => {
+                    // On a socket bound to [::], IPv4 senders arrive as
+                    // ::ffff:a.b.c.d: kept (and told to nodes) as IPv4.
+                    if let Ok(n) = r {
+                        for m in &mut metas[..n] {
+                            m.addr = canonical(m.addr);
+                        }
+                    }
+                    return r;
+                }
                 Some(d) = from_tcp => d,
             }
         };
@@ -385,6 +405,41 @@ mod tests {
         };
         assert!(end - start <= MAX_RUN_BYTES);
         assert_eq!(p.steps.len(), 2);
+    }
+
+    /// A registry on `[::]` (IPv6, taking IPv4 too): an IPv4 sender is
+    /// reported as IPv4, and a GSO run goes back to it.
+    #[tokio::test]
+    async fn on_a_dual_stack_socket_ipv4_stays_ipv4() {
+        let Ok(sock) = UdpSocket::bind("[::]:0").await else {
+            eprintln!("no IPv6 on this host: nothing to test");
+            return;
+        };
+        let port = sock.local_addr().unwrap().port();
+        let io = Batched::new(&sock).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = client.local_addr().unwrap();
+        client.send_to(b"hello", ("127.0.0.1", port)).await.unwrap();
+        let mut bufs = vec![vec![0u8; RECV_BUF]; 1];
+        let mut metas = vec![RecvMeta::default(); 1];
+        let mut tcp = None;
+        let n = io
+            .recv(&sock, &mut tcp, &mut bufs, &mut metas)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(metas[0].addr, from, "not ::ffff:127.0.0.1");
+        let contents: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        io.send(&sock, metas[0].addr, &contents, 1000)
+            .await
+            .unwrap();
+        let mut b = [0u8; 2000];
+        let mut total = 0;
+        for _ in 0..3 {
+            let (n, _) = client.recv_from(&mut b).await.unwrap();
+            total += n;
+        }
+        assert_eq!(total, contents.len());
     }
 
     /// Over real loopback sockets: a GSO send arrives as its datagrams,

@@ -392,6 +392,7 @@ async fn serve(
             _ = &mut shutdown => return Ok(()),
             r = alt_recv(&mut alt_buf) => {
                 if let (Ok((n, from)), Some(s)) = (r, &alt) {
+                    let from = crate::batch::canonical(from);
                     if let Some(tid) = stun::parse_binding_request(&alt_buf[..n]) {
                         bump(&core.stats.stun);
                         let _ = s.send_to(&stun::binding_response(&tid, from), from).await;

@@ -205,7 +205,7 @@ impl<T: Tun> Context<T> {
         nat: NatType,
     ) -> Signed<Registration> {
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let mut endpoints = local_endpoints(port);
+        let mut endpoints = local_endpoints(port, self.shared.udp.is_ipv6());
         let mapped = self.mapped.lock().as_ref().map(|m| m.external);
         if let Some(m) = mapped {
             // The mapped endpoint first: it is the one that works from
@@ -279,7 +279,8 @@ impl<T: Tun> Context<T> {
         let alt = SocketAddr::new(primary.ip(), primary.port().wrapping_add(1));
         let (a, b) = tokio::join!(self.stun(primary), self.stun(alt));
         let port = self.shared.udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let nat = self.mapped_nat(nat_type(&local_endpoints(port), a, b));
+        let own = local_endpoints(port, self.shared.udp.is_ipv6());
+        let nat = self.mapped_nat(nat_type(&own, a, b));
         if let Some(a) = a {
             self.link.set_observed(a);
         }
@@ -432,18 +433,43 @@ pub(crate) fn nat_type(
     }
 }
 
-/// UDP endpoints on this host's own interfaces, as candidates for peers.
-pub(crate) fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+/// UDP endpoints on this host's own interfaces, as candidates for peers:
+/// IPv4 addresses, and with `v6` (an IPv6 tunnel socket) global IPv6 ones
+/// too. Loopback, link-local and IPv6 unique-local addresses are left out
+/// (the overlay's own IPv6 /48 is unique-local).
+pub(crate) fn local_endpoints(port: u16, v6: bool) -> Vec<SocketAddr> {
     let mut out = vec![];
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
-            let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+            let Some(s) = a.address.as_ref() else {
                 continue;
             };
-            let ip = sin.ip();
-            if ip.is_loopback() || ip.is_unspecified() || ip.is_link_local() {
-                continue;
-            }
+            let ip: std::net::IpAddr = match (s.as_sockaddr_in(), s.as_sockaddr_in6()) {
+                (Some(sin), _) => {
+                    let ip = sin.ip();
+                    if ip.is_loopback() || ip.is_unspecified() || ip.is_link_local() {
+                        continue;
+                    }
+                    ip.into()
+                }
+                (None, Some(sin6)) if v6 => {
+                    let ip = sin6.ip();
+                    let first = ip.segments()[0];
+                    let link_local = first & 0xffc0 == 0xfe80;
+                    let unique_local = first & 0xfe00 == 0xfc00;
+                    if ip.is_loopback()
+                        || ip.is_unspecified()
+                        || ip.is_multicast()
+                        || link_local
+                        || unique_local
+                        || ip.to_ipv4_mapped().is_some()
+                    {
+                        continue;
+                    }
+                    ip.into()
+                }
+                _ => continue,
+            };
             let e = SocketAddr::from((ip, port));
             if !out.contains(&e) && out.len() < pilot_proto::messages::MAX_ENDPOINTS - 1 {
                 out.push(e);
@@ -451,4 +477,30 @@ pub(crate) fn local_endpoints(port: u16) -> Vec<SocketAddr> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_endpoints_leave_out_what_peers_cannot_reach() {
+        for v6 in [false, true] {
+            for e in local_endpoints(4000, v6) {
+                assert_eq!(e.port(), 4000);
+                match e.ip() {
+                    std::net::IpAddr::V4(a) => {
+                        assert!(!a.is_loopback() && !a.is_link_local(), "{e}")
+                    }
+                    std::net::IpAddr::V6(a) => {
+                        assert!(v6, "IPv6 endpoint {e} for an IPv4 socket");
+                        let first = a.segments()[0];
+                        let link_local = first & 0xffc0 == 0xfe80;
+                        let unique_local = first & 0xfe00 == 0xfc00;
+                        assert!(!a.is_loopback() && !link_local && !unique_local, "{e}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -123,7 +123,7 @@ impl NodeGossip {
         // only; one bound to any, on every interface.
         let locals = match bound {
             Some(b) if !b.ip().is_unspecified() => vec![b],
-            _ => local_endpoints(port),
+            _ => local_endpoints(port, ctx.shared.udp.is_ipv6()),
         };
         for e in locals {
             if !eps.contains(&e) {

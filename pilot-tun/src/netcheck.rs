@@ -80,7 +80,7 @@ pub async fn run(state: &StateDir, opts: &Options) -> Result<Netcheck, ApiError>
     let public = probe.stun(target).await;
     let public_alt = probe.stun(alt).await;
     let port = probe.socket.local_addr().map(|a| a.port()).unwrap_or(0);
-    let nat = nat_type(&local_endpoints(port), public, public_alt);
+    let nat = nat_type(&local_endpoints(port, false), public, public_alt);
 
     let registry = probe.instance(&join.key, target).await;
     let relay_check = match relay {
@@ -617,9 +617,9 @@ mod tests {
         assert_eq!(nat_type(&[own], Some(public), None), NatType::Unknown);
         assert_eq!(nat_type(&[own], None, Some(public)), NatType::Unknown);
         // Through the list of this host's own endpoints, as `run` does.
-        if let Some(mine) = local_endpoints(1).first().copied() {
+        if let Some(mine) = local_endpoints(1, false).first().copied() {
             assert_eq!(
-                nat_type(&local_endpoints(1), Some(mine), None),
+                nat_type(&local_endpoints(1, false), Some(mine), None),
                 NatType::None
             );
         }

@@ -146,7 +146,10 @@ impl<T: Tun> Node<T> {
             cfg.state.save_node(&node_state)?;
         }
 
-        let socket = bind_udp(cfg.listen, node_state.port)?;
+        // A registry reached over IPv6 needs an IPv6 socket: one on [::]
+        // that takes IPv4 too, so peers of either family reach us.
+        let dual = join.endpoints().iter().any(|e| e.is_ipv6());
+        let socket = bind_udp(cfg.listen, node_state.port, dual)?;
         let udp = Udp::new(socket, cfg.offload).map_err(|e| {
             bind_error(
                 cfg.listen
@@ -427,17 +430,52 @@ impl<T: Tun> Node<T> {
     }
 }
 
+/// The tunnel socket: `--listen` as given; otherwise any address, on the
+/// port used last time if it is free. With `dual` (the registry has an
+/// IPv6 endpoint) it is an IPv6 socket that takes IPv4 as well (IPv4
+/// addresses show as `::ffff:a.b.c.d`, which [`crate::udp::Udp`] maps back
+/// and forth); on a host without IPv6 it falls back to IPv4.
 fn bind_udp(
     listen: Option<SocketAddr>,
     last_port: Option<u16>,
+    dual: bool,
 ) -> Result<std::net::UdpSocket, StartError> {
-    let bind = |a: SocketAddr| std::net::UdpSocket::bind(a).map_err(|e| bind_error(a, e));
+    let bind = |a: SocketAddr| {
+        let made = if a.is_ipv6() && a.ip().is_unspecified() {
+            bind_dual(a)
+        } else {
+            std::net::UdpSocket::bind(a)
+        };
+        made.map_err(|e| bind_error(a, e))
+    };
+    let any = |port: u16| -> SocketAddr {
+        match dual {
+            true => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+            false => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+        }
+    };
+    let v4_any = |port: u16| SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
     match (listen, last_port) {
         (Some(a), _) => bind(a),
-        (None, Some(p)) => bind(SocketAddr::from(([0, 0, 0, 0], p)))
-            .or_else(|_| bind(SocketAddr::from(([0, 0, 0, 0], 0)))),
-        (None, None) => bind(SocketAddr::from(([0, 0, 0, 0], 0))),
+        (None, Some(p)) => bind(any(p)).or_else(|_| bind(any(0))).or_else(|e| {
+            if dual {
+                bind(v4_any(p)).or_else(|_| bind(v4_any(0)))
+            } else {
+                Err(e)
+            }
+        }),
+        (None, None) => bind(any(0)).or_else(|e| if dual { bind(v4_any(0)) } else { Err(e) }),
     }
+}
+
+/// An IPv6 UDP socket bound to `a` that also takes IPv4 (`IPV6_V6ONLY`
+/// off, whatever the host's `net.ipv6.bindv6only` says).
+fn bind_dual(a: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(false)?;
+    s.bind(&a.into())?;
+    Ok(s.into())
 }
 
 /// A bind failure; a busy port names the process holding it.

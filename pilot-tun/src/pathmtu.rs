@@ -57,8 +57,32 @@ pub fn route_mtu(dest: SocketAddr) -> Option<u16> {
     };
     let s = std::net::UdpSocket::bind(bind).ok()?;
     s.connect(dest).ok()?;
-    let v = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::IpMtu).ok()?;
+    let v = match dest {
+        SocketAddr::V4(_) => {
+            nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::IpMtu).ok()?
+        }
+        SocketAddr::V6(_) => ipv6_mtu(&s)?,
+    };
     (v > 0).then(|| u16::try_from(v).unwrap_or(u16::MAX))
+}
+
+/// `IPV6_MTU` of a connected IPv6 socket: its route's MTU.
+fn ipv6_mtu(s: &std::net::UdpSocket) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of the sizes given, and
+    // the descriptor is open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
 }
 
 /// The TUN MTU for routes to `relays` (the registry and a relay-only
@@ -363,6 +387,17 @@ mod tests {
         assert!(m >= 1500, "{m}");
         let t = compute_tun_mtu(&["127.0.0.1:7946".parse().unwrap()], &[], Some(1400));
         assert_eq!((t.mtu, t.capped), (1400, true));
+    }
+
+    #[test]
+    fn ipv6_route_mtu() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback here: nothing to test");
+            return;
+        }
+        // IPV6_MTU, not IP_MTU (which an IPv6 socket does not answer).
+        let m = route_mtu("[::1]:9".parse().unwrap()).expect("the IPv6 loopback route's MTU");
+        assert!(m >= 1280, "{m}");
     }
 
     #[test]

@@ -721,15 +721,17 @@ impl Tunnels {
     }
 }
 
-/// Drops candidate endpoints inside our overlay: a tunnel sent there would
-/// be routed into the tunnel device itself.
+/// Drops candidate endpoints inside our overlay (a tunnel sent there would
+/// be routed into the tunnel device itself), in the overlay's IPv6 /48,
+/// and IPv6 ones when our socket is IPv4 only (it cannot send there).
 fn outside_overlay<T: Tun>(ctx: &Context<T>, mut endpoints: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    if let Some(net) = ctx.shared.network() {
-        endpoints.retain(|e| match e.ip() {
-            IpAddr::V4(ip) => !net.contains(&ip),
-            IpAddr::V6(_) => true,
-        });
-    }
+    let net = ctx.shared.network();
+    let ula = ctx.shared.ula();
+    let v6 = ctx.shared.udp.is_ipv6();
+    endpoints.retain(|e| match e.ip() {
+        IpAddr::V4(ip) => !net.is_some_and(|n| n.contains(&ip)),
+        IpAddr::V6(ip) => v6 && !ula.as_ref().is_some_and(|u| u.contains(&ip)),
+    });
     endpoints
 }
 

@@ -21,7 +21,7 @@
 //! receive also returns what the stream delivered.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use parking_lot::RwLock;
@@ -47,6 +47,9 @@ pub struct Udp {
     df: RwLock<()>,
     /// Datagrams for the registry over the TCP relay, while UDP is blocked.
     pub divert: Divert,
+    /// An IPv6 socket (that also takes IPv4): IPv4 destinations are sent
+    /// as `::ffff:a.b.c.d`, and such sources are reported as IPv4.
+    v6: bool,
 }
 
 impl Udp {
@@ -58,7 +61,9 @@ impl Udp {
         let _ = state.set_recv_buffer_size((&socket).into(), 8 << 20);
         let _ = state.set_send_buffer_size((&socket).into(), 8 << 20);
         let gso = offload && state.max_gso_segments() > 1;
+        let v6 = socket.local_addr()?.is_ipv6();
         Ok(Udp {
+            v6,
             socket: UdpSocket::from_std(socket)?,
             state,
             gso,
@@ -70,6 +75,23 @@ impl Udp {
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// True if the socket is IPv6 (and takes IPv4 too, unless bound to one
+    /// IPv6 address).
+    pub fn is_ipv6(&self) -> bool {
+        self.v6
+    }
+
+    /// `to` as this socket's family spells it: an IPv4 address becomes
+    /// `::ffff:a.b.c.d` on an IPv6 socket.
+    fn wire(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(a) if self.v6 => {
+                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+            }
+            other => other,
+        }
     }
 
     /// True if sends use UDP GSO.
@@ -104,7 +126,19 @@ impl Udp {
                 biased;
                 r = self.socket.async_io(Interest::READABLE, || {
                     self.state.recv((&self.socket).into(), &mut iovs, metas)
-                }) => return r,
+                }) => {
+                    // IPv4 sources on an IPv6 socket, as IPv4: every table
+                    // (endpoints, candidates, the registry's address) holds
+                    // them that way.
+                    if let Ok(n) = r {
+                        if self.v6 {
+                            for m in &mut metas[..n] {
+                                m.addr = canonical(m.addr);
+                            }
+                        }
+                    }
+                    return r;
+                }
                 () = self.divert.arrived() => {}
             }
         }
@@ -141,7 +175,7 @@ impl Udp {
         segment_size: Option<usize>,
     ) -> io::Result<()> {
         let t = Transmit {
-            destination: to,
+            destination: self.wire(to),
             ecn: None,
             contents,
             segment_size,
@@ -170,7 +204,7 @@ impl Udp {
         self.socket
             .async_io(Interest::WRITABLE, || {
                 let _df = self.df.read();
-                send_to(self.socket.as_fd(), buf, to)
+                send_to(self.socket.as_fd(), buf, self.wire(to))
             })
             .await
     }
@@ -186,7 +220,7 @@ impl Udp {
         self.socket
             .async_io(Interest::WRITABLE, || {
                 let _df = self.df.read();
-                send_to_ttl(self.socket.as_fd(), buf, to, ttl)
+                send_to_ttl(self.socket.as_fd(), buf, self.wire(to), ttl)
             })
             .await
     }
@@ -206,7 +240,7 @@ impl Udp {
                 let fd = self.socket.as_fd();
                 let v6 = self.socket.local_addr()?.is_ipv6();
                 set_pmtu_discover(fd, v6, false)?;
-                let sent = send_to(fd, buf, to);
+                let sent = send_to(fd, buf, self.wire(to));
                 // Back to DF for everything else; if that failed, the socket
                 // would fragment instead of dropping: no harm, but say so.
                 if let Err(e) = set_pmtu_discover(fd, v6, true) {
@@ -215,6 +249,17 @@ impl Udp {
                 sent
             })
             .await
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
     }
 }
 
@@ -375,5 +420,74 @@ impl SendBatch {
         }
         self.clear();
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv6 socket that takes IPv4 too, as the node binds one for a
+    /// registry with an IPv6 endpoint; `None` on a host without IPv6.
+    fn dual_stack() -> Option<std::net::UdpSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).ok()?;
+        s.set_only_v6(false).ok()?;
+        let any: SocketAddr = "[::]:0".parse().unwrap();
+        s.bind(&any.into()).ok()?;
+        Some(s.into())
+    }
+
+    #[test]
+    fn mapped_addresses_read_as_ipv4() {
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        assert_eq!(canonical(mapped), v4);
+        assert_eq!(canonical(v4), v4);
+        assert_eq!(canonical(v6), v6);
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_speaks_ipv4_as_ipv4() {
+        let Some(sock) = dual_stack() else {
+            eprintln!("no IPv6 on this host: nothing to test");
+            return;
+        };
+        for offload in [false, true] {
+            let udp = Udp::new(sock.try_clone().unwrap(), offload).unwrap();
+            assert!(udp.is_ipv6());
+            let port = udp.local_addr().unwrap().port();
+            let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let peer_addr = peer.local_addr().unwrap();
+            peer.send_to(b"hello", ("127.0.0.1", port)).await.unwrap();
+            let mut bufs = vec![vec![0u8; 2048]];
+            let mut metas = vec![RecvMeta::default()];
+            let n = udp.recv_batch(&mut bufs, &mut metas).await.unwrap();
+            assert_eq!(n, 1);
+            // The sender as the IPv4 address it is, not ::ffff:127.0.0.1.
+            assert_eq!(metas[0].addr, peer_addr);
+            assert_eq!(&bufs[0][..metas[0].len], b"hello");
+            // Every send path takes an IPv4 destination.
+            udp.send_to(b"one", peer_addr).await.unwrap();
+            udp.send_to_ttl(b"two", peer_addr, 9).await.unwrap();
+            udp.send_fragmentable(b"three", peer_addr).await.unwrap();
+            udp.send(peer_addr, b"fourfive", Some(4)).await.unwrap();
+            let mut got = vec![];
+            let mut buf = [0u8; 64];
+            for _ in 0..5 {
+                let (n, from) = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    peer.recv_from(&mut buf),
+                )
+                .await
+                .expect("a datagram in time")
+                .unwrap();
+                assert_eq!(from.port(), port);
+                got.push(buf[..n].to_vec());
+            }
+            let want: Vec<&[u8]> = vec![b"one", b"two", b"three", b"four", b"five"];
+            assert_eq!(got, want);
+        }
     }
 }
