@@ -115,9 +115,13 @@ pub enum Refused {
     /// A record of a node we do not trust, or of ourselves.
     #[error("record of a node we do not trust")]
     NotTrusted,
-    /// Not newer than the record we hold.
+    /// Older than the record we hold, or as old and different.
     #[error("not newer than the record held")]
     Old,
+    /// The very record we hold, again (a peer sends its record at every
+    /// handshake): nothing wrong, nothing new.
+    #[error("the record held, again")]
+    Duplicate,
     /// A proof that does not name the asker, does not grant trust, or
     /// names the asker as its own signer.
     #[error("proof does not entitle the asker")]
@@ -216,12 +220,13 @@ impl Book {
         if rec.body.endpoints.len() > MAX_ENDPOINTS {
             return Err(Refused::Malformed);
         }
-        if self
-            .records
-            .get(&node)
-            .is_some_and(|held| held.body.seq >= rec.body.seq)
-        {
-            return Err(Refused::Old);
+        if let Some(held) = self.records.get(&node) {
+            if held == &rec {
+                return Err(Refused::Duplicate);
+            }
+            if held.body.seq >= rec.body.seq {
+                return Err(Refused::Old);
+            }
         }
         if !rec.verify() {
             return Err(Refused::BadSignature);
@@ -453,6 +458,11 @@ mod tests {
         assert_eq!(
             book.record(&b.node_id()).unwrap().body.endpoints[0].port(),
             5000
+        );
+        // The same record again is a repeat, not a refusal.
+        assert_eq!(
+            book.accept(record(&b, 10, 5000), trusted),
+            Err(Refused::Duplicate)
         );
         // Too many endpoints.
         let mut many = record(&b, 11, 1).body;

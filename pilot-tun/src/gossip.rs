@@ -366,9 +366,12 @@ impl NodeGossip {
             .book
             .read(from, msg, now)
             .and_then(|g| self.take(tunnels, from, g, now, &mut heard));
-        if let Err(why) = result {
-            self.counts.refused += 1;
-            debug!(peer = %from, "gossip refused: {why}");
+        match result {
+            Ok(()) | Err(Refused::Duplicate) => {}
+            Err(why) => {
+                self.counts.refused += 1;
+                debug!(peer = %from, "gossip refused: {why}");
+            }
         }
         heard
     }
