@@ -59,6 +59,7 @@ pub mod filter;
 pub mod flow;
 pub mod frame;
 pub mod gossip;
+pub mod gro;
 pub mod handshake;
 pub mod hex;
 pub mod identity;

@@ -3,7 +3,10 @@
 //! fake for in-process tests.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+
+use pilot_proto::gro::{self, Plan};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tokio::sync::mpsc;
@@ -13,6 +16,11 @@ use tokio::sync::mpsc;
 /// exactly our data header, so a datagram decrypted in place is written to
 /// the TUN without moving it.
 pub const TUN_OFFSET: usize = pilot_proto::wire::DATA_HEADER_LEN;
+
+// Our coalescing writes the same header tun-rs does, in the room before
+// each packet.
+const _: () = assert!(gro::VNET_HDR_LEN == tun_rs::VIRTIO_NET_HDR_LEN);
+const _: () = assert!(TUN_OFFSET >= gro::VNET_HDR_LEN);
 
 /// Most packets one read or write batch carries.
 pub const BATCH: usize = 128;
@@ -56,9 +64,18 @@ pub struct KernelTun {
     offload: bool,
     // Async mutexes: each is used by one task only (the reader, the writer),
     // and the guard is held across the device await, so the buffers and the
-    // GRO table (about a megabyte of pooled vectors) are reused, never rebuilt.
+    // GRO tables (about a megabyte of pooled vectors) are reused, never rebuilt.
     read_scratch: tokio::sync::Mutex<Vec<u8>>,
-    gro: tokio::sync::Mutex<tun_rs::GROTable>,
+    writer: tokio::sync::Mutex<Writer>,
+}
+
+/// What the writing side reuses from batch to batch: our TCP coalescing
+/// plan, and tun-rs's GRO table for the packets that are not TCP (UDP
+/// runs become USO super-packets there) or for a device without offloads.
+#[derive(Default)]
+struct Writer {
+    plan: Plan,
+    gro: tun_rs::GROTable,
 }
 
 /// How a TUN device is set up.
@@ -105,7 +122,7 @@ impl KernelTun {
             dev,
             offload,
             read_scratch: tokio::sync::Mutex::new(vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535]),
-            gro: tokio::sync::Mutex::new(tun_rs::GROTable::new()),
+            writer: tokio::sync::Mutex::new(Writer::default()),
         })
     }
 
@@ -155,11 +172,51 @@ impl Tun for KernelTun {
         if bufs.is_empty() {
             return Ok(());
         }
-        let mut gro = self.gro.lock().await;
-        self.dev
-            .send_multiple(&mut gro, bufs, TUN_OFFSET)
-            .await
-            .map(|_| ())
+        let mut w = self.writer.lock().await;
+        let Writer { plan, gro } = &mut *w;
+        if !self.offload {
+            return self
+                .dev
+                .send_multiple(gro, bufs, TUN_OFFSET)
+                .await
+                .map(|_| ());
+        }
+        // TCP: runs of segments become one super-packet each, gathered
+        // from the decrypted packets where they lie (pilot_proto::gro).
+        plan.build(bufs, TUN_OFFSET);
+        plan.finish(bufs, TUN_OFFSET);
+        let mut result = Ok(());
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(usize::from(gro::MAX_SEGMENTS));
+        for run in plan.runs() {
+            iov.clear();
+            iov.extend(plan.parts(run, bufs, TUN_OFFSET).map(IoSlice::new));
+            let mut r = writev(self.dev.as_raw_fd(), &iov);
+            if r.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+            {
+                // A TUN write does not wait for room; if it ever asks to,
+                // wait once.
+                self.dev.writable().await?;
+                r = writev(self.dev.as_raw_fd(), &iov);
+            }
+            if let Err(e) = r {
+                result = Err(e);
+            }
+        }
+        // Everything else through tun-rs, in order.
+        if !plan.others().is_empty() {
+            let others = plan.others();
+            let mut rest: Vec<&mut Vec<u8>> = bufs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| others.binary_search(i).is_ok())
+                .map(|(_, b)| b)
+                .collect();
+            if let Err(e) = self.dev.send_multiple(gro, &mut rest, TUN_OFFSET).await {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     fn set_mtu(&self, mtu: u16) -> io::Result<()> {
@@ -171,6 +228,20 @@ impl Tun for KernelTun {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
         }
+    }
+}
+
+/// One gathered write of `parts` to the device `fd`.
+fn writev(fd: RawFd, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    let count = libc::c_int::try_from(parts.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many parts"))?;
+    // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix, and
+    // every slice it points to outlives the call.
+    let n = unsafe { libc::writev(fd, parts.as_ptr().cast::<libc::iovec>(), count) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
