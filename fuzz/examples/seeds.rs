@@ -365,6 +365,23 @@ fn main() {
     out.put("packet", "fragment", &ipv4(17, 0x2001, 5, &[0; 8]));
     out.put("packet", "options-ihl15", &ipv4(6, 0, 15, &tcp_syn));
     out.put("packet", "header-only", &ipv4(6, 0, 5, &[]));
+    // A batch for the TUN write's coalescing: three consecutive segments
+    // of one stream (PSH on the last), each behind its two-byte length.
+    let mut run = Vec::new();
+    for k in 0..3u32 {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
+        tcp[4..8].copy_from_slice(&(1000 + k * 40).to_be_bytes());
+        tcp[8..12].copy_from_slice(&777u32.to_be_bytes());
+        tcp[12] = 0x50;
+        tcp[13] = if k == 2 { 0x18 } else { 0x10 };
+        tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+        tcp.extend((0..40u8).map(|i| i.wrapping_add(k as u8 * 40)));
+        let p = ipv4(6, 0x4000, 5, &tcp);
+        run.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        run.extend_from_slice(&p);
+    }
+    out.put("packet", "tcp-run", &run);
 
     // Fleet trust: a certificate, a revocation and a succession (binary and
     // armored), scopes and lifetimes, a TCP packet for the grant's

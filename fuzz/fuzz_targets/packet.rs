@@ -7,13 +7,59 @@
 //! original payload. The same for inner IPv6 packets: the extension-header
 //! walk, and ICMPv6 "administratively prohibited" and "packet too big"
 //! answers, which must verify (pseudo-header checksum), stay within 1280
-//! bytes, go back to the sender and quote the original.
+//! bytes, go back to the sender and quote the original. And the TUN
+//! write's TCP coalescing over a batch cut from the input: every packet
+//! is written once, and a super-packet's lengths add up.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use pilot_proto::packet::{self, ICMP_ADMIN_PROHIBITED};
+use pilot_proto::gro::{Plan, VNET_HDR_LEN};
 use pilot_proto::{ipv6, mtu, pmtu};
+
+/// The batch: the input cut at two-byte big-endian lengths (the rest is
+/// the last packet), each behind the room the TUN write keeps.
+fn checks_gro(data: &[u8]) {
+    const OFF: usize = 16;
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() && bufs.len() < 64 {
+        let (len, body) = match rest.split_first_chunk::<2>() {
+            Some((l, body)) => (usize::from(u16::from_be_bytes(*l)).min(body.len()), body),
+            None => (rest.len(), rest),
+        };
+        let mut b = vec![0u8; OFF];
+        b.extend_from_slice(&body[..len]);
+        bufs.push(b);
+        rest = &body[len..];
+    }
+    let mut plan = Plan::new();
+    plan.build(&bufs, OFF);
+    plan.finish(&mut bufs, OFF);
+    let runs: Vec<_> = plan.runs().collect();
+    let written: usize = runs.iter().map(|r| r.count).sum::<usize>() + plan.others().len();
+    assert_eq!(written, bufs.len(), "every packet written once");
+    for r in runs {
+        let parts: Vec<&[u8]> = plan.parts(r, &bufs, OFF).collect();
+        assert_eq!(parts.len(), r.count);
+        let hdr = &parts[0][..VNET_HDR_LEN];
+        let pkt = &parts[0][VNET_HDR_LEN..];
+        if r.count == 1 {
+            assert_eq!(hdr, &[0; VNET_HDR_LEN]);
+            continue;
+        }
+        let total = pkt.len() + parts[1..].iter().map(|p| p.len()).sum::<usize>();
+        let gso = usize::from(u16::from_ne_bytes([hdr[4], hdr[5]]));
+        assert!(gso > 0 && parts[1..].iter().all(|p| p.len() <= gso));
+        if pkt[0] >> 4 == 4 {
+            assert_eq!(usize::from(u16::from_be_bytes([pkt[2], pkt[3]])), total);
+            assert_eq!(packet::checksum(&pkt[..20]), 0);
+        } else {
+            assert_eq!(usize::from(u16::from_be_bytes([pkt[4], pkt[5]])), total - 40);
+        }
+    }
+}
 
 /// The IPv6 readers and ICMPv6 answers, on `data` as an IPv6 packet.
 fn checks_v6(data: &[u8]) {
@@ -106,6 +152,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = pmtu::parse_ack(data);
     checks_with_mtu(data);
     checks_v6(data);
+    checks_gro(data);
 
     let addrs = packet::ipv4_addrs(data);
     assert_eq!(packet::ipv4_dst(data), addrs.map(|(_, d)| d));
