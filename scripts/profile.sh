@@ -12,10 +12,10 @@
 #   perf record + perf stat attached to alpha's and beta's daemon (by pid)
 #
 # The lab and the pilot-tun pair come from scripts/bench/lab.sh, the same
-# functions bench.sh uses. While iperf3 runs one stream from a to b for
-# PROFILE_SECONDS, each daemon is sampled by `perf record` (with call
+# functions bench.sh uses. While iperf3 runs from a to b for
+# PROFILE_SECONDS (one TCP stream unless PROFILE_TEST says otherwise), each daemon is sampled by `perf record` (with call
 # graphs) and counted by `perf stat -e task-clock,context-switches,
-# cpu-migrations`. For each daemon (alpha sends: TUN -> seal -> UDP; beta
+# cpu-migrations,syscalls:sys_enter_{read,write,writev}`. For each daemon (alpha sends: TUN -> seal -> UDP; beta
 # receives: UDP -> open -> TUN) it prints
 #   - the 15 symbols with the most self time (samples in the symbol itself),
 #   - the 15 symbols with the most inclusive time (samples with the symbol
@@ -25,7 +25,10 @@
 #     and showing one frame of a chain of wrappers with the same figure,
 #   - the share of samples in the kernel and in user space, and the share
 #     whose call chain passes through the scheduler (__schedule),
-#   - context switches and CPU migrations per second, and CPUs used
+#   - context switches and CPU migrations per second, and CPUs used,
+#   - read, write and writev calls per second and per MB received (the
+#     TUN's: the sender reads it, the receiver writes it; one call per
+#     packet or super-packet)
 #     (task-clock / wall time),
 # and the run's throughput and daemon CPU seconds per GB (as bench.sh counts
 # it). The figures depend on the shared machine's load; nothing is asserted.
@@ -38,6 +41,9 @@
 #
 # Usage:   sudo scripts/profile.sh
 # Env:     PROFILE_SECONDS   seconds of iperf3 under the profiler (default 5)
+#          PROFILE_TEST      tcp1 (default: TCP, 1 stream), tcp4 (TCP, 4
+#                            streams) or udp64 (UDP datagrams of 64 B at full
+#                            speed, as bench.sh's small-packet test)
 #          PROFILE_FREQ      samples per second per thread (default 499)
 #          PROFILE_CALLGRAPH dwarf (default) or fp
 #          PROFILE_OUT       also keep the perf.data files in this directory
@@ -53,6 +59,13 @@ ROOT=$(cd "$HERE/.." && pwd)
 SECS=${PROFILE_SECONDS:-5}
 FREQ=${PROFILE_FREQ:-499}
 CALLGRAPH=${PROFILE_CALLGRAPH:-dwarf}
+TEST=${PROFILE_TEST:-tcp1}
+case "$TEST" in
+  tcp1) TEST_ARGS=(); TEST_NAME="TCP 1 stream" ;;
+  tcp4) TEST_ARGS=(-P 4); TEST_NAME="TCP 4 streams" ;;
+  udp64) TEST_ARGS=(-u -b 0 -l 64); TEST_NAME="UDP 64 B datagrams" ;;
+  *) echo "PROFILE_TEST must be tcp1, tcp4 or udp64 (got '$TEST')" >&2; exit 2 ;;
+esac
 [[ $SECS =~ ^[0-9]+$ && $SECS -ge 1 ]] || { echo "PROFILE_SECONDS must be a positive integer (got '$SECS')" >&2; exit 2; }
 [[ $FREQ =~ ^[0-9]+$ && $FREQ -ge 1 ]] || { echo "PROFILE_FREQ must be a positive integer (got '$FREQ')" >&2; exit 2; }
 # shellcheck disable=SC2054  # "dwarf,16384" is one argument
@@ -96,14 +109,14 @@ sleep 2   # settle after the handshake, as bench.sh does
 # The profilers run a little longer than iperf3 (which starts after them
 # and waits for its server), so the whole transfer is sampled.
 PSECS=$(( SECS + 2 ))
-step "perf on both daemons (${CALLGRAPH} call graphs, ${FREQ} Hz), iperf3 1 stream for ${SECS}s"
+step "perf on both daemons (${CALLGRAPH} call graphs, ${FREQ} Hz), iperf3 ${TEST_NAME} for ${SECS}s"
 for side in a b; do
   p=$PA; [ $side = b ] && p=$PB
   bg a "perf-record-$side" perf record -F "$FREQ" "${CG[@]}" -p "$p" -o "$WORK/perf-$side.data" -- sleep "$PSECS"
-  bg a "perf-stat-$side" perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$p" -o "$WORK/stat-$side.csv" -- sleep "$PSECS"
+  bg a "perf-stat-$side" perf stat -x, -e task-clock,context-switches,cpu-migrations,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_writev -p "$p" -o "$WORK/stat-$side.csv" -- sleep "$PSECS"
 done
 T0=$(date +%s%N)
-iperf pilot-tun tcp1 "$B" "$PA $PB" --
+iperf pilot-tun "$TEST" "$B" "$PA $PB" -- "${TEST_ARGS[@]}"
 for side in a b; do
   wait_bg_exit $(( PSECS + 30 )) "perf-record-$side"
   wait_bg_exit 30 "perf-stat-$side"
@@ -122,10 +135,10 @@ if [ -n "${PROFILE_OUT:-}" ]; then
   cp "$WORK"/perf-?.data "$WORK"/stat-?.csv "$RES"/*.txt "$PROFILE_OUT"/
 fi
 
-python3 - "$RES" "$WORK" "$PSECS" "$(getconf CLK_TCK)" "$CALLGRAPH" "$FREQ" <<'EOF'
+python3 - "$RES" "$WORK" "$PSECS" "$(getconf CLK_TCK)" "$CALLGRAPH" "$FREQ" "$TEST" "$TEST_NAME" <<'EOF'
 import json, os, re, sys
 
-res, work, psecs, clk, callgraph, freq = sys.argv[1:7]
+res, work, psecs, clk, callgraph, freq, test, test_name = sys.argv[1:9]
 psecs, clk = float(psecs), float(clk)
 
 def rows(path):
@@ -161,9 +174,16 @@ def stat(path):
 
 tcp = {}
 try:
-    with open(os.path.join(res, "pilot-tun", "tcp1.json")) as f:
-        r = json.load(f)["end"]["sum_received"]
-    tcp = {"bps": r["bits_per_second"], "bytes": r["bytes"]}
+    with open(os.path.join(res, "pilot-tun", f"{test}.json")) as f:
+        end = json.load(f)["end"]
+    if test == "udp64":
+        r = end["sum"]
+        arrived = r["packets"] - r["lost_packets"]
+        tcp = {"bps": r["bits_per_second"], "bytes": arrived * 64,
+               "pps": arrived / r["seconds"]}
+    else:
+        r = end["sum_received"]
+        tcp = {"bps": r["bits_per_second"], "bytes": r["bytes"]}
 except (OSError, ValueError, KeyError):
     pass
 facts = {}
@@ -173,12 +193,14 @@ if os.path.exists(p):
         k, _, v = line.strip().partition(" ")
         facts[k] = v
 print()
-print(f"pilot-tun profile: TCP 1 stream a -> b, perf record -F {freq} ({callgraph} call graphs), "
+print(f"pilot-tun profile: {test_name} a -> b, perf record -F {freq} ({callgraph} call graphs), "
       f"perf stat over {psecs:.0f} s")
 if tcp:
     line = f"throughput {tcp['bps'] / 1e9:.2f} Gbit/s"
-    if facts.get("cpu_ticks_tcp1"):
-        cpu = int(facts["cpu_ticks_tcp1"]) / clk
+    if "pps" in tcp:
+        line = f"{tcp['pps'] / 1e3:.0f} kpps arrived"
+    if facts.get(f"cpu_ticks_{test}"):
+        cpu = int(facts[f"cpu_ticks_{test}"]) / clk
         line += f"; daemons' CPU (both) {cpu:.2f} s = {cpu / (tcp['bytes'] / 1e9):.2f} s/GB"
     print(line)
 for side, name, role in (("a", "alpha", "sender: TUN -> seal -> UDP"),
@@ -201,6 +223,11 @@ for side, name, role in (("a", "alpha", "sender: TUN -> seal -> UDP"),
         # task-clock in ms (what perf stat -x, prints), over the whole window
         print(f"perf stat over {psecs:.0f} s: {tc / 1000:.2f} CPU s ({tc / 1000 / psecs:.2f} CPUs); "
               f"{(cs or 0) / psecs:,.0f} context switches/s; {(mig or 0) / psecs:,.0f} CPU migrations/s")
+    calls = [(n, st.get(f"syscalls:sys_enter_{n}")) for n in ("read", "write", "writev")]
+    if all(c is not None for _, c in calls):
+        mb = tcp.get("bytes", 0) / 1e6
+        per = lambda c: f", {c / mb:,.1f}/MB" if mb else ""
+        print("system calls: " + "; ".join(f"{n} {c / psecs:,.0f}/s{per(c)}" for n, c in calls))
     print(f"  top 15 by self time        self%  mode  symbol")
     for pcts, mode, sym in self_rows[:15]:
         print(f"  {'':24}  {pcts[0]:5.1f}%  {'kern' if mode == 'k' else 'user':4}  {short(sym)}")
