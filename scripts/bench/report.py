@@ -299,46 +299,51 @@ def table_loss(figs, pct):
 
 
 def comparison(figs):
-    pt, wg = figs.get("pilot-tun", {}), figs.get("wireguard-go", {})
-    items = []  # (name, key, value-text, target-text, pass/None, ratio)
+    """pilot-tun against wireguard-go (and, for some targets, raw veth) in
+    this run, with the targets of issue 14 (throughput round two)."""
+    pt, wg, veth = figs.get("pilot-tun", {}), figs.get("wireguard-go", {}), figs.get("veth", {})
+    items = []
 
-    def ratio_item(name, key, target_text, test):
-        r = ratio(pt.get(key), wg.get(key))
+    def ratio_item(name, key, target_text, test, other=wg, vs="wireguard-go"):
+        r = ratio(pt.get(key), other.get(key))
         ok = None if r is None or test is None else bool(test(r))
-        items.append({"name": name, "metric": key, "ratio": r,
-                      "pilot_tun": pt.get(key), "wireguard_go": wg.get(key),
+        items.append({"name": name, "metric": key, "ratio": r, "vs": vs,
+                      "pilot_tun": pt.get(key), "other": other.get(key),
                       "target": target_text, "pass": ok})
 
-    ratio_item("TCP 1 stream", "tcp1_bps", ">= 5x", lambda r: r >= 5)
-    ratio_item("TCP 4 streams", "tcp4_bps", ">= 5x", lambda r: r >= 5)
+    ratio_item("TCP 1 stream", "tcp1_bps", ">= 8x", lambda r: r >= 8)
+    ratio_item("TCP 4 streams", "tcp4_bps", None, None)
     ratio_item("ping RTT avg", "ping_avg_ms", "< 1x (lower)", lambda r: r < 1)
     ratio_item("ping RTT p99", "ping_p99_ms", None, None)
-    ratio_item("UDP 64 B pps", "udp_pps", None, None)
-    ratio_item("CPU s/GB (1 stream)", "cpu_s_per_gb", "<= 1/3 (0.333x)", lambda r: r <= 1 / 3)
+    ratio_item("UDP 64 B pps", "udp_pps", ">= 5x", lambda r: r >= 5)
+    ratio_item("CPU s/GB (1 stream)", "cpu_s_per_gb", "<= 0.2x", lambda r: r <= 0.2)
     ratio_item("CPU s/GB (4 streams)", "cpu_s_per_gb_tcp4", None, None)
     ratio_item("RSS peak after load", "rss_peak_mb", None, None)
+    ratio_item("TCP 1 stream", "tcp1_bps", ">= 0.25x", lambda r: r >= 0.25, veth, "raw veth")
+    ratio_item("TCP 4 streams", "tcp4_bps", ">= 0.30x", lambda r: r >= 0.30, veth, "raw veth")
+    ratio_item("ping RTT avg", "ping_avg_ms", "<= 3x (lower)", lambda r: r <= 3, veth, "raw veth")
     rss = pt.get("rss_idle_mb")
-    items.append({"name": "RSS idle, one peer", "metric": "rss_idle_mb",
-                  "ratio": None, "pilot_tun": rss, "wireguard_go": wg.get("rss_idle_mb"),
+    items.append({"name": "RSS idle, one peer", "metric": "rss_idle_mb", "vs": None,
+                  "ratio": None, "pilot_tun": rss, "other": None,
                   "absolute": True, "target": "< 20 MB",
                   "pass": None if rss is None else rss < 20})
     return items
 
 
 def comparison_text(items):
-    out = ["pilot-tun ÷ wireguard-go      pilot-tun    wireguard-go   ratio    target           result",
-           "----------------------------  -----------  -------------  -------  ---------------  ------"]
+    out = ["pilot-tun ÷ other             vs            pilot-tun        other   ratio  target         result",
+           "----------------------------  ------------  -----------  -----------  -------  -------------  ------"]
     fmts = {m[0]: m[2] for m in METRICS}
     fmts["rss_idle_mb"] = fmts["rss_peak_mb"] = lambda v: f"{v:.1f} MB"
     fmts["cpu_s_per_gb_tcp4"] = fmts["cpu_s_per_gb"]
     for it in items:
         f = fmts.get(it["metric"], lambda v: f"{v:.3g}")
         a = "n/a" if it["pilot_tun"] is None else f(it["pilot_tun"])
-        b = "n/a" if it["wireguard_go"] is None else f(it["wireguard_go"])
+        b = "" if it.get("absolute") else ("n/a" if it["other"] is None else f(it["other"]))
         r = "" if it.get("absolute") else fmt_ratio(it["ratio"])
         tgt = it["target"] or "-"
         res = "" if it["target"] is None else ("n/a" if it["pass"] is None else ("pass" if it["pass"] else "MISS"))
-        out.append(f"{it['name']:<28}  {a:>11}  {b:>13}  {r:>7}  {tgt:<15}  {res}")
+        out.append(f"{it['name']:<28}  {it['vs'] or '':<12}  {a:>11}  {b:>11}  {r:>7}  {tgt:<13}  {res}")
     return "\n".join(out)
 
 
@@ -431,7 +436,7 @@ def report(res, out_path):
         ratios_veth[s] = {k: ratio(figs[s].get(k), figs.get("veth", {}).get(k))
                           for k, _, _, _ in METRICS if k not in ("cpu_s_per_gb", "rss_idle_mb")}
     doc = {
-        "schema": "pilot-tun-bench/1",
+        "schema": "pilot-tun-bench/2",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "meta": meta,
         "units": {"bps": "bit/s (receiver)", "pps": "datagrams/s received", "ms": "milliseconds",
