@@ -62,7 +62,7 @@ rm -f "$log"
 more_cells() {
   local cells mlog
   cells=$(mktemp /tmp/nat-bench.XXXX.json); mlog=$(mktemp /tmp/nat-bench.XXXX.log)
-  if ! TTFB_JSON=$cells "netns-tests/$1.sh" >"$mlog" 2>&1; then
+  if ! TTFB_JSON=$cells bash "netns-tests/$1.sh" >"$mlog" 2>&1; then
     tail -n 80 "$mlog" >&2
     echo "$2 failed, so there are no figures for it (its whole output: $mlog)" >&2
     exit 1
