@@ -76,6 +76,10 @@ wait_listen 5 b 8080 "[$B6]"
 body=$(on a curl -6 -sf --max-time 5 "http://[$B6]:8080/") || fail "curl -6 http://[$B6]:8080/ failed"
 [ "$body" = "hello over IPv6" ] || fail "curl -6 got '$body'"
 pass "curl -6 http://[$B6]:8080/ from alpha: '$body'"
+# A bulk transfer over IPv6: the receiving node hands runs of TCP segments
+# to its kernel as IPv6 super-packets (GSO TCPV6); the bytes must match.
+xfer_10mb a b "$B6" bulk6
+pass "10 MB over TCP/IPv6 alpha -> beta arrived identical (sha256) in ${XFER_MS} ms"
 
 # --- the stranger gets nothing ----------------------------------------------------------
 bg a http-a python3 -m http.server 8081 --bind "$A6" --directory "$WORK/www"
