@@ -16,7 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how long the suite has run so far (SECONDS: bash's clock).
+step() { printf '\n==> %s  [%dm%02ds]\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 if [ "${SKIP_NETNS:-0}" != 1 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "the netns scenarios need root: run 'sudo scripts/test.sh' (or SKIP_NETNS=1 for the rest)" >&2; exit 1; }
@@ -56,4 +57,4 @@ fi
 step "fuzz smoke (${FUZZ_SECONDS:-10} s per target)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-10} fuzz/smoke.sh
 
-printf '\nall tests passed\n'
+printf '\nall tests passed in %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
