@@ -48,6 +48,9 @@ wait_for 5 "TCP connect alpha -> beta:8080 after trust" onq a nc -z -w 2 "$B" 80
 
 # --- 10 MB over TCP, checksums match ----------------------------------------
 head -c 10M /dev/urandom >"$WORK/send.bin"
+# What beta's daemon writes into its TUN (one count per write).
+rx_packets0=$(onq b cat /sys/class/net/pilot0/statistics/rx_packets)
+rx_bytes0=$(onq b cat /sys/class/net/pilot0/statistics/rx_bytes)
 bg b nc-recv sh -c "exec nc -l $B 9000 >$WORK/recv.bin"
 wait_listen 5 b 9000
 t0=$(now_ms)
@@ -60,6 +63,15 @@ size=$(stat -c %s "$WORK/recv.bin")
 [ "$size" -eq $((10 * 1024 * 1024)) ] || fail "beta received $size bytes, expected 10485760"
 [ "$want" = "$got" ] || fail "sha256 mismatch: sent $want, received $got"
 pass "10 MB alpha -> beta over TCP in ${ms} ms, sha256 $want"
+# Beta hands its kernel runs of segments as one super-packet each
+# (pilot_proto::gro): the TUN counts one packet per write, so the average
+# write is far above the MTU. One write per segment averages under it.
+rx_packets=$(( $(onq b cat /sys/class/net/pilot0/statistics/rx_packets) - rx_packets0 ))
+rx_bytes=$(( $(onq b cat /sys/class/net/pilot0/statistics/rx_bytes) - rx_bytes0 ))
+[ "$rx_packets" -gt 0 ] || fail "beta's pilot0 counted no packets written for the transfer"
+avg=$(( rx_bytes / rx_packets ))
+[ "$avg" -ge 4000 ] || fail "beta's TUN writes average $avg bytes ($rx_packets writes, $rx_bytes bytes): segments were not coalesced"
+pass "beta's TUN took the transfer in $rx_packets writes, $avg bytes on average (coalesced)"
 
 # --- ping both ways ---------------------------------------------------------
 on a ping -c3 -i0.2 -W2 "$B" >/dev/null || fail "ping alpha -> beta failed after trust"
